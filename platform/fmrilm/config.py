@@ -1,0 +1,109 @@
+"""One config system: pydantic models loaded from YAML, with dotted ``key=value`` overrides.
+
+Unknown keys are rejected with the key's full dotted path in the message, so a typo in a spec
+or an override never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fmrilm import storage
+
+
+class ConfigError(ValueError):
+    """A spec or override is malformed; the message names the file and the key path."""
+
+
+class Strict(BaseModel):
+    """Base for every spec model: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"a.b.c=value"`` into (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` with dotted overrides applied (nested dicts are created)."""
+    data = yaml.safe_load(yaml.safe_dump(data)) if data else {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a section"
+                )
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each with the full dotted key path."""
+    lines = [f"invalid spec {source}:"]
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "<root>"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see the spec's documented keys)")
+        else:
+            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def build(model: type[M], data: dict, source: str = "<spec>") -> M:
+    """Validate ``data`` into ``model``; raise :class:`ConfigError` naming every bad key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_yaml(uri: str) -> dict:
+    """Read a YAML mapping from any URI."""
+    try:
+        text = storage.read_text(storage.resolve(uri))
+    except FileNotFoundError:
+        raise ConfigError(f"spec file {uri} does not exist") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{uri} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{uri} must hold a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def load(model: type[M], uri: str, overrides: list[str] | None = None) -> M:
+    """Load a spec of type ``model`` from a YAML URI with dotted overrides applied."""
+    data = apply_overrides(load_yaml(uri), overrides or [])
+    return build(model, data, uri)
+
+
+def dump(spec: BaseModel) -> str:
+    """The spec as YAML (round-trips through :func:`load`)."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

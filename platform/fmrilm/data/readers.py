@@ -1,0 +1,314 @@
+"""Readers: turn one input (a 4D NIfTI, an array file, a synthetic subject) into ``[rois, time]``.
+
+A :class:`ScanSource` describes one scan before it is read: where it is, how to read it, and the
+row metadata (ids, site, phenotypes) it will carry. ``sources_from_card`` discovers the sources
+of a dataset card; ``read_timeseries`` reads one of them. Both are pure of Ray, so ingestion can
+run them inline or as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from fmrilm import storage
+from fmrilm.data.cards import DatasetCard
+
+
+class InputError(ValueError):
+    """One input cannot be read; the message names the file and what is wrong."""
+
+
+@dataclass
+class ScanSource:
+    """One scan to ingest. ``kind`` is ``nifti``, ``array`` or ``synth``; ``uri`` the input file."""
+
+    scan_id: str
+    subject_id: str
+    dataset: str
+    atlas: str
+    kind: str
+    uri: str
+    tr: float | None = None
+    session: str | None = None
+    run: str | None = None
+    task: str | None = None
+    site: str | None = None
+    age: float | None = None
+    sex: str | None = None
+    diagnosis: str | None = None
+    phenotypes: dict[str, str] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+    def row(self, ts: np.ndarray, tr: float) -> dict:
+        """The scan-table row for this source with series ``ts`` ``[rois, time]``."""
+        return {
+            "scan_id": self.scan_id, "subject_id": self.subject_id, "session": self.session,
+            "run": self.run, "dataset": self.dataset, "site": self.site, "task": self.task,
+            "atlas": self.atlas, "tr": tr, "timeseries": ts, "age": self.age, "sex": self.sex,
+            "diagnosis": self.diagnosis, "phenotypes": self.phenotypes,
+        }
+
+
+def make_scan_id(dataset: str, subject: str, session: str | None, task: str | None, run: str | None) -> str:
+    """``<dataset>_sub-<s>[_ses-<x>][_task-<t>][_run-<r>]``: unique within a cohort by BIDS."""
+    parts = [dataset, f"sub-{subject}"]
+    parts += [f"{k}-{v}" for k, v in (("ses", session), ("task", task), ("run", run)) if v]
+    return "_".join(parts)
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def _list_files(root: str, pattern: str) -> list[str]:
+    """URIs of files below ``root`` whose relative path matches the glob ``pattern``."""
+    import pyarrow.fs as pafs
+
+    loc = storage.resolve(root)
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise storage.StorageError(f"cannot list {root}: {err}") from err
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(loc.path):].lstrip("/")
+        if glob_match(rel, pattern):
+            out.append(storage.join(root, rel))
+    return sorted(out)
+
+
+def glob_match(rel_path: str, pattern: str) -> bool:
+    """Match a relative path against a glob where ``*`` stays inside one folder and a ``**``
+    segment spans any number of folders."""
+    parts, pats = rel_path.split("/"), pattern.strip("/").split("/")
+
+    def match(i: int, j: int) -> bool:
+        if j == len(pats):
+            return i == len(parts)
+        if pats[j] == "**":
+            return any(match(k, j + 1) for k in range(i, len(parts) + 1))
+        return i < len(parts) and fnmatch.fnmatchcase(parts[i], pats[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+def load_phenotypes(card: DatasetCard) -> dict[str, dict]:
+    """Map subject id -> {age, sex, diagnosis, site, phenotypes} from the card's phenotype table.
+
+    Raises InputError naming the file and column when a mapped column is missing, and the row
+    when a value cannot be converted.
+    """
+    pc = card.phenotypes
+    if pc is None:
+        return {}
+    try:
+        raw = storage.read_bytes(storage.resolve(pc.file))
+    except FileNotFoundError:
+        raise InputError(f"phenotype table {pc.file} does not exist") from None
+    sep = "," if pc.file.endswith(".csv") else "\t"
+    df = pd.read_csv(io.BytesIO(raw), sep=sep, dtype=str, keep_default_na=False)
+    needed = [pc.subject_column, *pc.columns.values(), *pc.extra]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise InputError(
+            f"phenotype table {pc.file} has no column(s) {missing} named in the card "
+            f"(its columns: {list(df.columns)})"
+        )
+    out, errors = {}, []
+    for i, rec in df.iterrows():
+        sub = str(rec[pc.subject_column]).removeprefix("sub-")
+        entry = {"phenotypes": {c: str(rec[c]) for c in pc.extra if rec[c] != ""}}
+        line = f"{pc.file} row {i + 2}"  # +1 header, +1 one-based
+        for target, col in pc.columns.items():
+            value = str(rec[col]).strip()
+            if value in ("", "n/a", "NA", "nan"):
+                entry[target] = None
+            elif target == "age":
+                try:
+                    entry["age"] = float(value)
+                except ValueError:
+                    errors.append(f"{line} column {col!r}: age {value!r} is not a number")
+            elif target == "sex":
+                if value not in pc.sex_values:
+                    errors.append(f"{line} column {col!r}: sex {value!r} is not in sex_values {sorted(pc.sex_values)}")
+                entry["sex"] = pc.sex_values.get(value)
+            elif target == "diagnosis":
+                entry["diagnosis"] = pc.diagnosis_values.get(value, value) if pc.diagnosis_values else value
+            else:
+                entry[target] = value
+        out[sub] = entry
+    if errors:
+        raise InputError("bad phenotype values:\n  " + "\n  ".join(errors))
+    return out
+
+
+def sources_from_card(card: DatasetCard) -> list[ScanSource]:
+    """Discover every scan a card describes (glob + BIDS entities + phenotypes)."""
+    files = _list_files(card.root, card.glob)
+    if not files:
+        raise InputError(f"dataset card {card.name!r}: no file under {card.root} matches {card.glob!r}")
+    pheno = load_phenotypes(card)
+    entity_re = re.compile(card.entity_pattern)
+    labels = atlas_labels(card)
+    sources = []
+    for uri in files:
+        m = entity_re.search(os.path.basename(uri))
+        if not m or not m.groupdict().get("subject"):
+            raise InputError(f"{uri}: file name does not match the card's entity_pattern (need at least a subject)")
+        ent = m.groupdict()
+        subject = ent["subject"]
+        task = ent.get("task") or card.task
+        p = pheno.get(subject, {})
+        sources.append(ScanSource(
+            scan_id=make_scan_id(card.name, subject, ent.get("session"), task, ent.get("run")),
+            subject_id=subject, dataset=card.name, atlas=card.atlas.name,
+            kind="nifti" if card.format == "nifti" else "array", uri=uri, tr=card.tr,
+            session=ent.get("session"), run=ent.get("run"), task=task,
+            site=p.get("site") or card.site, age=p.get("age"), sex=p.get("sex"),
+            diagnosis=p.get("diagnosis"), phenotypes=p.get("phenotypes", {}),
+            options={
+                "labels": labels, "layout": card.arrays.layout, "mat_key": card.arrays.mat_key,
+                "header": card.arrays.header, "labels_img": card.atlas.labels_img,
+                "maps_img": card.atlas.maps_img, "masker": card.masker.model_dump(),
+                "confounds": card.confounds.model_dump() if card.confounds else None,
+            },
+        ))
+    return sources
+
+
+def atlas_labels(card: DatasetCard) -> list[str] | None:
+    """ROI labels from the card (inline list or a one-label-per-line file), else None."""
+    if card.atlas.labels:
+        return list(card.atlas.labels)
+    if card.atlas.labels_file:
+        text = storage.read_text(storage.resolve(card.atlas.labels_file))
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    return None
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _local_copy(uri: str, workdir: str) -> str:
+    """A local path for ``uri`` (downloaded into ``workdir`` when it is remote)."""
+    if not storage.is_remote(uri):
+        return storage.resolve(uri).path
+    dest = os.path.join(workdir, os.path.basename(uri))
+    with open(dest, "wb") as f:
+        f.write(storage.read_bytes(storage.resolve(uri)))
+    return dest
+
+
+def read_array(uri: str, layout: str = "time_by_rois", mat_key: str | None = None, header: bool = False) -> np.ndarray:
+    """Read a per-scan array file (``.npy``, ``.csv``, ``.tsv``, ``.txt``, ``.mat``) -> ``[rois, time]``."""
+    try:
+        raw = storage.read_bytes(storage.resolve(uri))
+    except FileNotFoundError:
+        raise InputError(f"{uri}: file does not exist") from None
+    name = uri.lower()
+    try:
+        if name.endswith(".npy"):
+            arr = np.load(io.BytesIO(raw), allow_pickle=False)
+        elif name.endswith((".csv", ".tsv", ".txt")):
+            sep = "," if name.endswith(".csv") else "\t" if name.endswith(".tsv") else r"\s+"
+            df = pd.read_csv(io.BytesIO(raw), sep=sep, header=0 if header else None)
+            non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+            if non_numeric:
+                raise InputError(f"{uri}: column(s) {non_numeric[:5]} are not numeric (wrong dtype; set arrays.header if the first row holds labels)")
+            arr = df.to_numpy()
+        elif name.endswith(".mat"):
+            from scipy.io import loadmat
+
+            mat = loadmat(io.BytesIO(raw))
+            keys = [k for k in mat if not k.startswith("__")]
+            key = mat_key or (keys[0] if len(keys) == 1 else None)
+            if key is None or key not in mat:
+                raise InputError(f"{uri}: set arrays.mat_key to one of {keys}")
+            arr = np.asarray(mat[key])
+        else:
+            raise InputError(f"{uri}: unsupported array format (use .npy, .csv, .tsv, .txt or .mat)")
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any parser failure is an unreadable input
+        raise InputError(f"{uri}: unreadable ({type(err).__name__}: {err})") from err
+    if arr.ndim != 2:
+        raise InputError(f"{uri}: expected a 2-D array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise InputError(f"{uri}: expected real numbers, got dtype {arr.dtype} (wrong dtype)")
+    return arr.T if layout == "time_by_rois" else arr
+
+
+def read_nifti(source: ScanSource) -> tuple[np.ndarray, float]:
+    """Extract ``[rois, time]`` from a 4D NIfTI with a labels or maps atlas; returns (series, TR)."""
+    import nibabel as nib
+    from nilearn.maskers import NiftiLabelsMasker, NiftiMapsMasker
+
+    opts = source.options
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            img_path = _local_copy(source.uri, tmp)
+            img = nib.load(img_path)
+        except FileNotFoundError:
+            raise InputError(f"{source.uri}: file does not exist") from None
+        except Exception as err:  # noqa: BLE001
+            raise InputError(f"{source.uri}: unreadable NIfTI ({type(err).__name__}: {err})") from err
+        if len(img.shape) != 4:
+            raise InputError(f"{source.uri}: expected a 4D image, got shape {img.shape}")
+        tr = source.tr or float(img.header.get_zooms()[3])
+        if not tr or tr <= 0:
+            raise InputError(f"{source.uri}: no TR in the header; set tr in the dataset card")
+        atlas_uri = opts.get("labels_img") or opts.get("maps_img")
+        atlas_img = nib.load(_local_copy(atlas_uri, tmp))
+        if atlas_img.shape[:3] != img.shape[:3] or not np.allclose(atlas_img.affine, img.affine, atol=1e-3):
+            raise InputError(
+                f"{source.uri}: image grid {img.shape[:3]} does not match atlas {atlas_uri} grid "
+                f"{atlas_img.shape[:3]} (resample the atlas to the image space first)"
+            )
+        m = opts.get("masker") or {}
+        kwargs = dict(t_r=tr, detrend=m.get("detrend", True), standardize=m.get("standardize", False),
+                      low_pass=m.get("low_pass"), high_pass=m.get("high_pass"), smoothing_fwhm=m.get("smoothing_fwhm"))
+        if opts.get("labels_img"):
+            masker = NiftiLabelsMasker(labels_img=atlas_img, **kwargs)
+        else:
+            masker = NiftiMapsMasker(maps_img=atlas_img, **kwargs)
+        confounds = None
+        if opts.get("confounds"):
+            confounds = _fmriprep_confounds(img_path, opts["confounds"], source.uri)
+        try:
+            ts = masker.fit_transform(img, confounds=confounds)
+        except Exception as err:  # noqa: BLE001
+            raise InputError(f"{source.uri}: ROI extraction failed ({type(err).__name__}: {err})") from err
+    return np.asarray(ts, dtype=np.float64).T, tr
+
+
+def _fmriprep_confounds(img_path: str, conf: dict, uri: str):
+    from nilearn.interfaces.fmriprep import load_confounds
+
+    try:
+        confounds, _ = load_confounds(img_path, strategy=tuple(conf["strategy"]), motion=conf["motion"], wm_csf=conf["wm_csf"])
+    except Exception as err:  # noqa: BLE001
+        raise InputError(f"{uri}: cannot load fMRIPrep confounds ({type(err).__name__}: {err})") from err
+    return confounds
+
+
+def read_timeseries(source: ScanSource) -> tuple[np.ndarray, float]:
+    """Read one source into (``[rois, time]`` float64 array, TR seconds)."""
+    if source.kind == "nifti":
+        return read_nifti(source)
+    if source.kind == "array":
+        o = source.options
+        return read_array(source.uri, o.get("layout", "time_by_rois"), o.get("mat_key"), o.get("header", False)), float(source.tr)
+    if source.kind == "synth":
+        from fmrilm.data import synth
+
+        return synth.simulate_scan(source.options["params"], source.options["index"], source.options.get("session", 0)), float(source.tr)
+    raise InputError(f"{source.uri}: unknown source kind {source.kind!r}")

@@ -1,0 +1,58 @@
+"""Dataset summaries for ``fmrilm data inspect``: counts, splits, phenotype coverage."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from fmrilm.data import table
+from fmrilm.data.splits import SplitPolicy, split_of
+
+PHENOTYPES = ("age", "sex", "diagnosis")
+
+
+def summarize(uri: str) -> dict:
+    """Summarise every dataset under ``uri``.
+
+    Returns a dict with top-level keys ``rows``, ``subjects``, ``n_rois``, ``datasets``,
+    ``atlas``, ``splits``, ``phenotype_coverage`` (plus ``quarantined``). Splits use each
+    dataset's own split policy from its manifest.
+    """
+    found = table.find_datasets(uri)
+    frames, per_dataset = [], {}
+    for loc, manifest in found:
+        meta = table.read_meta(loc, manifest).to_pandas()
+        policy = SplitPolicy(**manifest.get("split", {}))
+        meta["split"] = split_of(policy, meta["subject_id"].to_numpy(), meta["dataset"].to_numpy(),
+                                 _file_mapping(policy))
+        frames.append(meta)
+        per_dataset[manifest["dataset"]] = {
+            "uri": loc.uri, "rows": int(len(meta)), "subjects": int(meta["subject_id"].nunique()),
+            "n_rois": manifest["n_rois"], "atlas": manifest["atlas"], "tr": manifest["tr"],
+            "timepoints": manifest.get("timepoints"), "sites": manifest.get("sites"),
+            "version": manifest["version"], "shards": len(manifest["shards"]),
+            "quarantined": len(manifest.get("quarantined", [])),
+        }
+    meta = pd.concat(frames, ignore_index=True)
+    subject_key = meta["dataset"] + "/" + meta["subject_id"]
+    splits = {
+        name: {"scans": int((meta["split"] == name).sum()), "subjects": int(subject_key[meta["split"] == name].nunique())}
+        for name in sorted(meta["split"].unique())
+    }
+    return {
+        "rows": int(len(meta)),
+        "subjects": int(subject_key.nunique()),
+        "n_rois": sorted({m["n_rois"] for _, m in found}),
+        "datasets": per_dataset,
+        "atlas": sorted({m["atlas"] for _, m in found}),
+        "splits": splits,
+        "phenotype_coverage": {p: round(float(meta[p].notna().mean()), 4) for p in PHENOTYPES},
+        "quarantined": sum(len(m.get("quarantined", [])) for _, m in found),
+    }
+
+
+def _file_mapping(policy: SplitPolicy):
+    if policy.method != "file":
+        return None
+    from fmrilm.data.splits import load_split_file
+
+    return load_split_file(policy.file)

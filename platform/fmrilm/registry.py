@@ -1,0 +1,30 @@
+"""Job kinds: a spec's ``kind`` names the pydantic model that validates it and the function
+``run(spec) -> artifacts`` that executes it. The CLI and a Ray Jobs entrypoint both go through
+here, so a spec runs the same way locally and on a cluster."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from fmrilm.config import ConfigError
+
+# kinds that later stages add; a spec naming one fails clearly instead of running a stand-in
+PLANNED = ("features", "tokenizer", "tokenize", "pretrain", "instruct", "eval", "sweep")
+
+
+def _quickstart():
+    from fmrilm.quickstart import QuickstartSpec, run
+
+    return QuickstartSpec, run
+
+
+KINDS: dict[str, Callable] = {"quickstart": _quickstart}
+
+
+def job_for(kind: str | None, source: str = "<spec>"):
+    """Return ``(spec model, run function)`` for a job kind."""
+    if kind in KINDS:
+        return KINDS[kind]()
+    if kind in PLANNED:
+        raise NotImplementedError(f"{source}: job kind {kind!r} is not built yet (built: {sorted(KINDS)})")
+    raise ConfigError(f"{source}: kind: {kind!r} is not a job kind; use one of {sorted(KINDS) + list(PLANNED)}")

@@ -1,0 +1,83 @@
+"""Ray runtime: connect to a cluster or start a safe local one, and run work in parallel.
+
+Local defaults follow ../shared/STACK_NOTES.md: every Ray listener and the torch/gloo sockets
+stay on loopback, and tasks leave CPU for Ray Data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Iterable, TypeVar
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+log = logging.getLogger("fmrilm")
+T = TypeVar("T")
+R = TypeVar("R")
+
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+# Only these variables travel to workers through runtime_env: endpoints and regions, never keys.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "GLOO_SOCKET_IFNAME", "FMRILM_S3_MAX_ATTEMPTS", "FMRILM_S3_CONNECT_TIMEOUT", "FMRILM_S3_REQUEST_TIMEOUT")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The non-secret environment variables workers need (object-store endpoint, region)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local loopback-only Ray.
+
+    A no-op when Ray is already initialised in this process.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        for key, value in LOOPBACK_ENV.items():
+            os.environ.setdefault(key, value)
+    ray.init(
+        address=address,
+        num_cpus=None if address else (num_cpus or max(4, os.cpu_count() or 1)),
+        include_dashboard=False if not address else None,
+        runtime_env={"env_vars": forwarded_env()} if forwarded_env() else None,
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+
+
+def progress() -> Progress:
+    """A rich progress bar with count and elapsed time."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False)
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], description: str, use_ray: bool = True, num_cpus: float = 1) -> list[R]:
+    """Apply ``fn`` to each item (as Ray tasks when ``use_ray``), with a progress bar.
+
+    Results come back in input order. Exceptions raised by ``fn`` propagate.
+    """
+    items = list(items)
+    results: list = [None] * len(items)
+    with progress() as bar:
+        task = bar.add_task(description, total=len(items))
+        if not use_ray:
+            for i, item in enumerate(items):
+                results[i] = fn(item)
+                bar.advance(task)
+            return results
+        import ray
+
+        init_ray()
+        remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+        pending = {remote.remote(item): i for i, item in enumerate(items)}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                results[pending.pop(ref)] = ray.get(ref)
+                bar.advance(task)
+    return results

@@ -1,0 +1,184 @@
+"""One storage layer: every location is a URI.
+
+Supported forms:
+  * plain paths (``./data``, ``/mnt/x``) and ``file://`` URIs -> the local filesystem;
+  * ``s3://bucket/key`` -> pyarrow's S3 filesystem. The endpoint comes from ``AWS_ENDPOINT_URL``
+    (or ``AWS_ENDPOINT_URL_S3``; MinIO, moto), the region from ``AWS_REGION`` /
+    ``AWS_DEFAULT_REGION``; credentials are never passed in code: pyarrow's AWS SDK reads them
+    from the environment, the shared config files or the instance/pod role;
+  * ``gs://bucket/key`` -> pyarrow's GCS filesystem (application default credentials).
+
+``resolve(uri)`` returns the ``(pyarrow.fs.FileSystem, path)`` pair that Ray Data, pyarrow and
+our writers all share. Writes of small documents (manifests) are atomic: a single PUT on object
+stores, write-then-rename locally.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """A storage location could not be resolved, read or written."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: the filesystem, the path inside it, and the URI it came from."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    def join(self, *parts: str) -> "Location":
+        """Return the location of ``parts`` below this one."""
+        return Location(self.fs, posixpath.join(self.path, *parts), join(self.uri, *parts))
+
+
+def scheme_of(uri: str) -> str:
+    """Return ``"file"``, ``"s3"`` or ``"gs"`` for a URI or plain path."""
+    parsed = urlparse(str(uri))
+    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # "C:" on Windows
+        return "file"
+    if parsed.scheme in ("s3", "s3a"):
+        return "s3"
+    if parsed.scheme in ("gs", "gcs"):
+        return "gs"
+    raise StorageError(
+        f"unsupported storage URI {uri!r}: use a local path, file://, s3:// or gs://"
+    )
+
+
+def is_remote(uri: str) -> bool:
+    """True when ``uri`` lives on an object store."""
+    return scheme_of(uri) != "file"
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path components onto a URI without touching its scheme."""
+    uri = str(uri)
+    if scheme_of(uri) == "file" and not uri.startswith("file://"):
+        return os.path.join(uri, *parts)
+    return posixpath.join(uri, *parts)
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint override from the environment, if any (MinIO, moto, a VPC endpoint)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """Build pyarrow's S3 filesystem from the environment (never from explicit credentials)."""
+    kwargs: dict = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=int(os.environ.get("FMRILM_S3_MAX_ATTEMPTS", "4"))),
+        "connect_timeout": float(os.environ.get("FMRILM_S3_CONNECT_TIMEOUT", "5")),
+        "request_timeout": float(os.environ.get("FMRILM_S3_REQUEST_TIMEOUT", "60")),
+    }
+    endpoint = s3_endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> Location:
+    """Resolve a URI to the filesystem + path pair shared by Ray Data, pyarrow and our writers.
+
+    Takes a plain path, ``file://``, ``s3://`` or ``gs://`` URI; returns a :class:`Location`.
+    """
+    uri = str(uri)
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        path = urlparse(uri).path if uri.startswith("file://") else uri
+        path = os.path.abspath(os.path.expanduser(path))
+        return Location(pafs.LocalFileSystem(), path, uri)
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise StorageError(f"storage URI {uri!r} names no bucket")
+    path = f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if scheme == "s3":
+        return Location(s3_filesystem(), path, uri)
+    return Location(pafs.GcsFileSystem(), path, uri)
+
+
+def _describe(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def exists(loc: Location) -> bool:
+    """True when a file or directory exists at ``loc``."""
+    try:
+        return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+    except OSError as err:
+        raise StorageError(f"cannot reach {loc.uri}: {_describe(err)}") from err
+
+
+def read_bytes(loc: Location) -> bytes:
+    """Read a whole object/file."""
+    try:
+        with loc.fs.open_input_stream(loc.path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if "not found" in str(err).lower() or "does not exist" in str(err).lower():
+            raise FileNotFoundError(loc.uri) from err
+        raise StorageError(f"cannot read {loc.uri}: {_describe(err)}") from err
+
+
+def read_text(loc: Location) -> str:
+    return read_bytes(loc).decode("utf-8")
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    """Write ``data`` atomically: readers see the old object or the new one, never a part."""
+    try:
+        if isinstance(loc.fs, pafs.LocalFileSystem):
+            parent = posixpath.dirname(loc.path)
+            loc.fs.create_dir(parent, recursive=True)
+            tmp = posixpath.join(parent, f".{posixpath.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
+            with loc.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, loc.path)
+        else:
+            with loc.fs.open_output_stream(loc.path) as f:  # one PUT: atomic on object stores
+                f.write(data)
+    except OSError as err:
+        raise StorageError(f"cannot write {loc.uri}: {_describe(err)}") from err
+
+
+def write_text(loc: Location, text: str) -> None:
+    write_bytes(loc, text.encode("utf-8"))
+
+
+def makedirs(loc: Location) -> None:
+    try:
+        loc.fs.create_dir(loc.path, recursive=True)
+    except OSError as err:
+        raise StorageError(f"cannot create {loc.uri}: {_describe(err)}") from err
+
+
+def list_dir(loc: Location) -> list[str]:
+    """Names (not paths) directly below ``loc``; empty when it does not exist."""
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    except OSError as err:
+        raise StorageError(f"cannot list {loc.uri}: {_describe(err)}") from err
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+
+def delete_dir(loc: Location) -> None:
+    """Delete a directory tree (a prefix on object stores); missing is fine."""
+    try:
+        if loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound:
+            loc.fs.delete_dir(loc.path)
+    except OSError as err:
+        raise StorageError(f"cannot delete {loc.uri}: {_describe(err)}") from err
