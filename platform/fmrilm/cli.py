@@ -206,9 +206,9 @@ def quickstart(
 @bench_app.command("ingest")
 def bench_ingest(
     as_json: bool = typer.Option(False, "--json", help="print the JSON result"),
-    subjects: int = typer.Option(64, help="synthetic subjects in the benchmark"),
-    timepoints: int = typer.Option(600, help="timepoints per scan"),
-    rois: int = typer.Option(100, help="ROIs per scan"),
+    subjects: int = typer.Option(256, help="synthetic subjects in the benchmark"),
+    timepoints: int = typer.Option(1200, help="timepoints per scan"),
+    rois: int = typer.Option(200, help="ROIs per scan"),
     repeats: int = typer.Option(3, help="timed repetitions of each side"),
     out_file: Optional[str] = typer.Option(None, "--out", help="also write the JSON here"),
 ) -> None:

@@ -73,7 +73,8 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], description: str, use
         import ray
 
         init_ray()
-        remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+        # tasks see this process's storage settings (endpoint, region), whatever the cluster had
+        remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn).options(runtime_env={"env_vars": forwarded_env()})
         pending = {remote.remote(item): i for i, item in enumerate(items)}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

@@ -46,7 +46,8 @@ class MaskerCard(Strict):
     """Signal clean-up applied by the nilearn masker while extracting ROI series."""
 
     detrend: bool = True
-    standardize: bool = False
+    standardize: Literal["zscore_sample", "zscore", "psc"] | None = Field(
+        None, description="per-ROI standardisation by the masker (fmrilm scales robustly later)")
     low_pass: float | None = None
     high_pass: float | None = None
     smoothing_fwhm: float | None = None

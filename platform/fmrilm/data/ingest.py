@@ -81,7 +81,7 @@ def _extract_chunk(job: dict) -> dict:
             continue
         rows.append(row)
         digests[source.scan_id] = row_digest(row)
-        meta.append({"subject_id": row["subject_id"], "site": row["site"], "tr": row["tr"], "n_timepoints": row["timeseries"].shape[1]})
+        meta.append(schema.meta_row(row))
     shards = table.write_sharded(rows, dataset, f"{job['version']}/part-{job['chunk']:05d}", job["shard_bytes"])
     return {"shards": table.shard_dicts(shards), "bad": bad, "digests": digests, "meta": meta}
 
@@ -174,6 +174,7 @@ def ingest(
         log.info("%s: content unchanged, kept version %s", name, previous["version"])
         return IngestResult(previous, written=False, dataset_uri=dataset.uri)
 
+    index = table.write_shard(schema.meta_table(sorted(meta, key=lambda m: m["scan_id"])), dataset, f"{version}/index.parquet")
     manifest = {
         "dataset": name,
         "version": version,
@@ -187,6 +188,7 @@ def ingest(
         "timepoints": {"min": min(m["n_timepoints"] for m in meta), "max": max(m["n_timepoints"] for m in meta)},
         "content_sha256": content_sha,
         "shards": shards,
+        "index": table.shard_dicts([index])[0],
         "quarantined": bad,
         **(extra or {}),
     }

@@ -274,7 +274,7 @@ def read_nifti(source: ScanSource) -> tuple[np.ndarray, float]:
                 f"{atlas_img.shape[:3]} (resample the atlas to the image space first)"
             )
         m = opts.get("masker") or {}
-        kwargs = dict(t_r=tr, detrend=m.get("detrend", True), standardize=m.get("standardize", False),
+        kwargs = dict(t_r=tr, detrend=m.get("detrend", True), standardize=m.get("standardize"),
                       low_pass=m.get("low_pass"), high_pass=m.get("high_pass"), smoothing_fwhm=m.get("smoothing_fwhm"))
         if opts.get("labels_img"):
             masker = NiftiLabelsMasker(labels_img=atlas_img, **kwargs)

@@ -44,6 +44,7 @@ SCAN_SCHEMA = pa.schema(
 )
 COLUMNS = [f.name for f in _FIELDS]
 META_COLUMNS = [c for c in COLUMNS if c != "timeseries"]
+META_SCHEMA = pa.schema([f for f in _FIELDS if f.name != "timeseries"], metadata=SCAN_SCHEMA.metadata)
 
 
 class SchemaError(ValueError):
@@ -191,3 +192,17 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
         else:
             arrays.append(pa.array(cols[field.name], type=field.type))
     return pa.Table.from_arrays(arrays, schema=SCAN_SCHEMA)
+
+
+def meta_row(row: dict) -> dict:
+    """The metadata of a scan row (everything but the series), for the dataset index."""
+    ts = row["timeseries"]
+    out = {c: row.get(c) for c in META_COLUMNS}
+    out["n_rois"], out["n_timepoints"] = int(ts.shape[0]), int(ts.shape[1])
+    out["phenotypes"] = list((row.get("phenotypes") or {}).items())
+    return out
+
+
+def meta_table(rows: list[dict]) -> pa.Table:
+    """An index table (``META_SCHEMA``) from :func:`meta_row` dicts."""
+    return pa.Table.from_pylist(rows, schema=META_SCHEMA)

@@ -49,7 +49,7 @@ def new_version() -> str:
 
 
 def write_shard(table: pa.Table, dataset: storage.Location, rel_path: str) -> Shard:
-    """Write one parquet shard (zstd) and return its row count, size and sha256."""
+    """Write one parquet file (zstd) and return its row count, size and sha256."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=256)
     data = buf.getvalue()
@@ -135,9 +135,12 @@ def shard_paths(dataset: storage.Location, manifest: dict) -> list[str]:
 
 
 def read_meta(dataset: storage.Location, manifest: dict) -> pa.Table:
-    """All scan rows of a dataset without the heavy ``timeseries`` column (for summaries)."""
+    """All scan rows of a dataset without the heavy ``timeseries`` column (for summaries and
+    splits): the version's ``index.parquet`` (one read), else the shards' metadata columns."""
+    if manifest.get("index"):
+        return pq.read_table(posixpath.join(dataset.path, manifest["index"]["path"]), filesystem=dataset.fs)
     tables = [pq.read_table(p, columns=schema.META_COLUMNS, filesystem=dataset.fs) for p in shard_paths(dataset, manifest)]
-    return pa.concat_tables(tables) if tables else schema.SCAN_SCHEMA.empty_table().select(schema.META_COLUMNS)
+    return pa.concat_tables(tables) if tables else schema.META_SCHEMA.empty_table()
 
 
 def verify(dataset: storage.Location, manifest: dict) -> list[schema.Problem]:

@@ -1,0 +1,47 @@
+import json
+
+from typer.testing import CliRunner
+
+from fmrilm.cli import app
+
+runner = CliRunner()
+
+
+def test_synth_then_inspect_json(tmp_path):
+    out = str(tmp_path / "store")
+    r = runner.invoke(app, ["data", "synth", "--subjects", "10", "--rois", "14", "--timepoints", "40", "--out", out, "--no-ray"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["data", "inspect", out, "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert {"rows", "subjects", "n_rois", "datasets", "atlas", "splits", "phenotype_coverage"} <= set(summary)
+    assert summary["rows"] == 10 and summary["subjects"] == 10 and summary["n_rois"] == [14]
+    assert sum(v["subjects"] for v in summary["splits"].values()) == 10
+    assert summary["phenotype_coverage"]["sex"] == 1.0 and summary["phenotype_coverage"]["diagnosis"] == 0.0
+    r = runner.invoke(app, ["data", "inspect", out])
+    assert r.exit_code == 0 and "subject-level splits" in r.stdout
+
+
+def test_user_errors_exit_2_with_a_message(tmp_path):
+    r = runner.invoke(app, ["data", "inspect", str(tmp_path)])
+    assert r.exit_code == 2 and "no dataset under" in r.output
+    r = runner.invoke(app, ["data", "sample", "other", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown sample" in r.output
+    spec = tmp_path / "job.yaml"
+    spec.write_text("kind: pretrain\n")
+    r = runner.invoke(app, ["run", str(spec)])
+    assert r.exit_code == 2 and "not built yet" in r.output
+    spec.write_text("kind: quickstart\nsynth: {subjects: 0}\n")
+    r = runner.invoke(app, ["run", str(spec)])
+    assert r.exit_code == 2 and "synth.subjects" in r.output
+
+
+def test_quickstart_runs_and_reuses_finished_work(tmp_path):
+    args = ["quickstart", f"storage={tmp_path}", "synth.subjects=6", "synth.n_timepoints=40", "use_ray=false", "--spec", "jobs/quickstart.yaml"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "18 scans" in r.stdout  # 6 synthetic + 7 HCP + 5 second site
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "unchanged" in r.output
+    r = runner.invoke(app, [*args[:-2], "stages=[ingest,pretrain]"])
+    assert r.exit_code == 2 and "not built yet" in r.output

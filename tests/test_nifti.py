@@ -1,0 +1,119 @@
+"""NIfTI ingestion with nilearn maskers on images made in the test (offline)."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from fmrilm.data.ingest import IngestError, ingest_card
+from fmrilm.data.table import find_datasets, read_meta
+
+SHAPE, T, TR = (6, 6, 4), 30, 1.5
+
+
+def _regions():
+    labels = np.zeros(SHAPE, dtype=np.int16)
+    labels[:3, :, :] = 1
+    labels[3:, :3, :] = 2
+    labels[3:, 3:, :] = 3
+    return labels
+
+
+def _bold(seed):
+    """A 4D image whose voxels in region r carry signal_r(t) (+ small voxel noise)."""
+    rng = np.random.default_rng(seed)
+    signals = rng.normal(0, 1, size=(3, T)).cumsum(axis=1) + 500
+    labels = _regions()
+    data = np.zeros(SHAPE + (T,), dtype=np.float32)
+    for r in range(3):
+        data[labels == r + 1] = signals[r] + rng.normal(0, 0.01, size=((labels == r + 1).sum(), T))
+    return data, signals
+
+
+def make_bids(root, n=3, maps=False, confounds=False):
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    signals = {}
+    for i in range(1, n + 1):
+        d = root / "fmriprep" / f"sub-{i:02d}" / "ses-1" / "func"
+        d.mkdir(parents=True)
+        data, signals[i] = _bold(i)
+        img = nib.Nifti1Image(data, affine)
+        img.header.set_zooms((3.0, 3.0, 3.0, TR))
+        name = f"sub-{i:02d}_ses-1_task-rest_space-MNI_desc-preproc_bold.nii.gz"
+        nib.save(img, d / name)
+        if confounds:
+            rng = np.random.default_rng(100 + i)
+            cols = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "white_matter", "csf"]
+            rows = ["\t".join(cols)] + ["\t".join(f"{v:.5f}" for v in rng.normal(size=len(cols))) for _ in range(T)]
+            (d / f"sub-{i:02d}_ses-1_task-rest_desc-confounds_timeseries.tsv").write_text("\n".join(rows) + "\n")
+            (d / f"sub-{i:02d}_ses-1_task-rest_desc-confounds_timeseries.json").write_text("{}")
+    atlas_dir = root / "atlas"
+    atlas_dir.mkdir()
+    if maps:
+        maps_data = np.stack([(_regions() == r + 1).astype(np.float32) for r in range(3)], axis=-1)
+        nib.save(nib.Nifti1Image(maps_data, affine), atlas_dir / "maps.nii.gz")
+    else:
+        nib.save(nib.Nifti1Image(_regions(), affine), atlas_dir / "labels.nii.gz")
+    (root / "participants.tsv").write_text("participant_id\tage\tsex\n" + "".join(f"sub-{i:02d}\t{30 + i}\t{'F' if i % 2 else 'M'}\n" for i in range(1, n + 1)))
+    card = {
+        "name": "niftitoy", "format": "nifti", "root": "fmriprep", "glob": "sub-*/ses-*/func/*_desc-preproc_bold.nii.gz",
+        "atlas": {"name": "toy3", ("maps_img" if maps else "labels_img"): f"atlas/{'maps' if maps else 'labels'}.nii.gz", "labels": ["A", "B", "C"]},
+        "masker": {"detrend": False},
+        "phenotypes": {"file": "participants.tsv", "columns": {"age": "age", "sex": "sex"}},
+    }
+    if confounds:
+        card["confounds"] = {"strategy": ["motion", "wm_csf"]}
+    (root / "card.yaml").write_text(yaml.safe_dump(card))
+    return str(root / "card.yaml"), signals
+
+
+def _stored(out):
+    import pyarrow.parquet as pq
+
+    loc, m = find_datasets(out)[0]
+    rows = []
+    for p in [f"{loc.path}/{s['path']}" for s in m["shards"]]:
+        rows += pq.read_table(p).to_pylist()
+    return m, {r["subject_id"]: r for r in rows}
+
+
+@pytest.mark.parametrize("maps", [False, True])
+def test_nifti_labels_and_maps_extract_region_signals(tmp_path, maps):
+    card, signals = make_bids(tmp_path, maps=maps)
+    result = ingest_card(card, str(tmp_path / "store"), use_ray=False)
+    m, rows = _stored(str(tmp_path / "store"))
+    assert m["rows"] == 3 and m["tr"] == [TR] and m["n_rois"] == 3
+    for sub, row in rows.items():
+        ts = np.array(row["timeseries"]).reshape(3, T)
+        np.testing.assert_allclose(ts, signals[int(sub)], atol=0.05)
+        assert row["session"] == "1" and row["task"] == "rest"
+    assert rows["01"]["sex"] == "F" and rows["02"]["age"] == 32
+    assert result.written
+
+
+def test_fmriprep_confounds_are_regressed(tmp_path):
+    card, signals = make_bids(tmp_path, confounds=True)
+    ingest_card(card, str(tmp_path / "store"), use_ray=False)
+    _, rows = _stored(str(tmp_path / "store"))
+    ts = np.array(rows["01"]["timeseries"]).reshape(3, T)
+    assert not np.allclose(ts, signals[1], atol=0.05)
+    conf = np.loadtxt(next((tmp_path / "fmriprep" / "sub-01").rglob("*confounds_timeseries.tsv")), skiprows=1)
+    resid = ts - ts.mean(axis=1, keepdims=True)
+    conf = conf - conf.mean(axis=0)
+    # the cleaned series are orthogonal to every confound regressor
+    assert np.abs(resid @ conf).max() / (np.linalg.norm(resid) * np.linalg.norm(conf, axis=0).max()) < 1e-3
+
+
+def test_atlas_grid_mismatch_is_a_clear_error(tmp_path):
+    card, _ = make_bids(tmp_path)
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.int16), np.eye(4)), tmp_path / "atlas" / "labels.nii.gz")
+    with pytest.raises(IngestError, match=r"image grid \(6, 6, 4\) does not match atlas .* grid \(5, 5, 5\)"):
+        ingest_card(card, str(tmp_path / "store"), use_ray=False)
+
+
+def test_not_4d_is_a_clear_error(tmp_path):
+    card, _ = make_bids(tmp_path, n=2)
+    bad = next((tmp_path / "fmriprep" / "sub-02").rglob("*.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones(SHAPE, np.float32), np.diag([3.0, 3.0, 3.0, 1.0])), bad)
+    with pytest.raises(IngestError, match="expected a 4D image"):
+        ingest_card(card, str(tmp_path / "store"), use_ray=False)
