@@ -59,3 +59,14 @@ def test_shipped_job_specs_validate():
     data = config.load_yaml("jobs/quickstart.yaml")
     model, _ = job_for(data["kind"])
     config.build(model, data, "jobs/quickstart.yaml")
+
+
+def test_shipped_dataset_cards_validate():
+    import glob
+
+    from fmrilm.data.cards import DatasetCard
+
+    cards = sorted(glob.glob("datasets/*.yaml"))
+    assert cards
+    for path in cards:
+        config.build(DatasetCard, config.load_yaml(path), path)
