@@ -217,3 +217,22 @@ def test_card_errors(tmp_path):
         ingest_card(card, str(tmp_path / "store"), overrides=["atlas.labelz=[a]"], use_ray=False)
     with pytest.raises(ConfigError, match="needs atlas.labels_img or atlas.maps_img"):
         ingest_card(card, str(tmp_path / "store"), overrides=["format=nifti"], use_ray=False)
+
+
+def test_verify_detects_a_corrupted_shard(tmp_path, small_synth):
+    out = str(tmp_path / "store")
+    result = ingest_synthetic(small_synth, out, use_ray=False)
+    loc, m = table.find_datasets(out)[0]
+    assert table.verify(loc, m) == []
+    shard = tmp_path / "store" / "tiny" / m["shards"][0]["path"]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    problems = [str(p) for p in table.verify(loc, m)]
+    assert len(problems) == 1 and "checksum differs from the manifest" in problems[0]
+    assert result.manifest["index"]["rows"] == small_synth.subjects
+
+
+def test_quarantine_records_every_copy_of_a_duplicate(tmp_path):
+    card, _ = _break(tmp_path, "duplicate")
+    m = ingest_card(card, str(tmp_path / "store"), quarantine=True, use_ray=False).manifest
+    assert m["rows"] == 3 and len(m["quarantined"]) == 2
+    assert all("duplicate scan_id" in q["reason"] for q in m["quarantined"])

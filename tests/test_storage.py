@@ -27,6 +27,11 @@ def test_resolve_s3_uses_environment_endpoint_and_no_explicit_keys(monkeypatch):
     assert opts["access_key"] is None and opts["secret_key"] is None  # never passed in code
 
 
+def test_resolve_gcs():
+    loc = storage.resolve("gs://bucket/a")
+    assert isinstance(loc.fs, pafs.GcsFileSystem) and loc.path == "bucket/a"
+
+
 def test_bad_uris():
     with pytest.raises(storage.StorageError, match="unsupported storage URI"):
         storage.resolve("ftp://host/x")

@@ -146,7 +146,8 @@ def read_meta(dataset: storage.Location, manifest: dict) -> pa.Table:
 def verify(dataset: storage.Location, manifest: dict) -> list[schema.Problem]:
     """Re-read every shard: checksums, row counts against the manifest, schema and row contents."""
     problems = []
-    for shard in shards_of(manifest):
+    files = shards_of(manifest) + ([Shard(**manifest["index"])] if manifest.get("index") else [])
+    for shard in files:
         loc = dataset.join(shard.path)
         try:
             data = storage.read_bytes(loc)
@@ -163,5 +164,6 @@ def verify(dataset: storage.Location, manifest: dict) -> list[schema.Problem]:
             continue
         if table.num_rows != shard.rows:
             problems.append(schema.Problem(loc.uri, f"has {table.num_rows} rows, the manifest says {shard.rows}"))
-        problems += schema.table_problems(table, loc.uri)
+        if not shard.path.endswith("/index.parquet"):  # the index holds metadata only
+            problems += schema.table_problems(table, loc.uri)
     return problems
