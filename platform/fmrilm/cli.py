@@ -15,8 +15,10 @@ from rich.table import Table
 
 app = typer.Typer(help="fmrilm: a language-aligned foundation model for fMRI, on Ray.", no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Build, ingest and inspect scan tables.", no_args_is_help=True)
+features_app = typer.Typer(help="Imaging descriptors and synthetic fMRI-text captions.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (each reports a ratio against a baseline measured in the same run).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(features_app, name="features")
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 out = Console()
@@ -32,9 +34,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fmrilm.data.schema import SchemaError
     from fmrilm.data.splits import SplitError
     from fmrilm.data.table import ManifestError
+    from fmrilm.features.job import FeaturesError
 
     return (ConfigError, IngestError, InputError, SchemaError, ManifestError, storage.StorageError,
-            PipelineError, SplitError, SampleUnavailable, NotImplementedError, FileNotFoundError)
+            PipelineError, SplitError, SampleUnavailable, FeaturesError, NotImplementedError, FileNotFoundError)
 
 
 def _guard(fn, *args, **kwargs):
@@ -180,8 +183,43 @@ def run_job(
     """Run a job spec locally (the same function a cluster job runs)."""
     job, fn = _guard(_load_job, spec, overrides or [])
     result = _guard(fn, job)
-    if isinstance(result, dict) and "summary" in result:
+    if job.kind == "quickstart":
         print_summary(result["summary"])
+    elif job.kind == "features":
+        print_features(result)
+
+
+@features_app.command("build")
+def features_build(
+    spec: str = typer.Argument("jobs/features.yaml", help="features spec YAML"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
+) -> None:
+    """Compute descriptors (FC, gradients, ICA, graph) and captions for every scan."""
+    from fmrilm import config
+    from fmrilm.features.job import FeaturesSpec, run
+
+    job = _guard(config.load, FeaturesSpec, spec, overrides or [])
+    print_features(_guard(run, job))
+
+
+def print_features(result: dict) -> None:
+    """Print a features build summary as a rich table, then one example caption per dataset."""
+    t = Table(title="descriptors and captions")
+    for col in ("dataset", "scans", "described", "failed", "descriptors", "captions", "resumed shards"):
+        t.add_column(col)
+    for name, s in result.items():
+        t.add_row(name, str(s["scans"]), str(s["described"]), str(len(s["failed"])), str(s["descriptors"]),
+                  str(s["captions"]), str(s.get("resumed_shards", 0)))
+    out.print(t)
+    for name, s in result.items():
+        for f in s["failed"]:
+            console.print(f"[yellow]{escape(name)}: no descriptors for {escape(f['scan_id'])}[/]: {escape(f['error'])}")
+        if s.get("example_caption"):
+            out.print(f"[bold]{escape(name)}[/]: {escape(s['example_caption'])}")
+        if s.get("sex_probe"):
+            p = s["sex_probe"]
+            out.print(f"{escape(name)} sex probe (balanced accuracy, {p['n_train']} train -> {p['n_test']} held-out scans): "
+                      f"descriptors + logistic {p['descriptors_logistic']:.2f}, FC + logistic {p['fc_logistic']:.2f}, chance 0.50")
 
 
 @app.command("quickstart")

@@ -9,7 +9,7 @@ from typing import Callable
 from fmrilm.config import ConfigError
 
 # kinds that later stages add; a spec naming one fails clearly instead of running a stand-in
-PLANNED = ("features", "tokenizer", "tokenize", "pretrain", "instruct", "eval", "sweep")
+PLANNED = ("tokenizer", "tokenize", "pretrain", "instruct", "eval", "sweep")
 
 
 def _quickstart():
@@ -18,7 +18,13 @@ def _quickstart():
     return QuickstartSpec, run
 
 
-KINDS: dict[str, Callable] = {"quickstart": _quickstart}
+def _features():
+    from fmrilm.features.job import FeaturesSpec, run
+
+    return FeaturesSpec, run
+
+
+KINDS: dict[str, Callable] = {"quickstart": _quickstart, "features": _features}
 
 
 def job_for(kind: str | None, source: str = "<spec>"):

@@ -36,6 +36,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    _quiet_ray_data()
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         for key, value in LOOPBACK_ENV.items():
@@ -49,6 +50,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         logging_level=logging.WARNING,
         configure_logging=True,
     )
+
+
+def _quiet_ray_data() -> None:
+    """Our own progress bars report long work; Ray Data's per-operator bars and INFO lines
+    would drown them. (Ray's logs stay in /tmp/ray/session_*/logs.)"""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def progress() -> Progress:
@@ -81,4 +91,28 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], description: str, use
             for ref in done:
                 results[pending.pop(ref)] = ray.get(ref)
                 bar.advance(task)
+    return results
+
+
+def data_map(fn: Callable[[dict], dict], items: list[dict], description: str, use_ray: bool = True, num_cpus: float = 1) -> list[dict]:
+    """Apply ``fn`` to each item as a Ray Data map (one block per item), with a progress bar.
+
+    Items and results are flat dicts of Arrow-friendly values (strings, numbers). Without
+    ``use_ray`` the same function runs inline. Results come back in completion order.
+    """
+    if not use_ray:
+        return parallel_map(fn, items, description, use_ray=False)
+    import ray
+
+    init_ray()
+    results = []
+    with progress() as bar:
+        task = bar.add_task(description, total=len(items))
+        if not items:
+            return results
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+            fn, num_cpus=num_cpus, runtime_env={"env_vars": forwarded_env()})
+        for row in ds.iter_rows():
+            results.append(dict(row))
+            bar.advance(task)
     return results

@@ -1,0 +1,50 @@
+"""Functional connectivity: full and partial correlation, and network-level summaries."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pearson_fc(ts: np.ndarray) -> np.ndarray:
+    """Pearson correlation between ROIs: ``[rois, time]`` -> ``[rois, rois]`` (nilearn's
+    ``ConnectivityMeasure(kind="correlation")`` with the empirical covariance)."""
+    from nilearn.connectome import ConnectivityMeasure
+    from sklearn.covariance import EmpiricalCovariance
+
+    fc = ConnectivityMeasure(kind="correlation", cov_estimator=EmpiricalCovariance(), standardize=False)
+    return fc.fit_transform([np.asarray(ts, dtype=np.float64).T])[0]
+
+
+def partial_fc(ts: np.ndarray) -> np.ndarray:
+    """Partial correlation with Ledoit-Wolf shrinkage: ``[rois, time]`` -> ``[rois, rois]``."""
+    from nilearn.connectome import ConnectivityMeasure
+    from sklearn.covariance import LedoitWolf
+
+    fc = ConnectivityMeasure(kind="partial correlation", cov_estimator=LedoitWolf(store_precision=False), standardize=False)
+    return fc.fit_transform([np.asarray(ts, dtype=np.float64).T])[0]
+
+
+def network_means(fc: np.ndarray, networks: list[str]) -> tuple[list[str], np.ndarray]:
+    """Mean connectivity within (off-diagonal ROI pairs) and between networks.
+
+    Takes ``fc [rois, rois]`` and the network of each ROI; returns ``(names, [nets, nets])``
+    with names in first-appearance order. A single-ROI network has NaN within-connectivity.
+    """
+    names = list(dict.fromkeys(networks))
+    idx = [np.flatnonzero(np.asarray(networks) == n) for n in names]
+    out = np.full((len(names), len(names)), np.nan)
+    for a, ia in enumerate(idx):
+        for b, ib in enumerate(idx):
+            block = fc[np.ix_(ia, ib)]
+            if a == b:
+                mask = ~np.eye(len(ia), dtype=bool)
+                out[a, b] = block[mask].mean() if mask.any() else np.nan
+            else:
+                out[a, b] = block.mean()
+    return names, out
+
+
+def extreme_pairs(values: dict[str, float], k: int = 1) -> tuple[list[str], list[str]]:
+    """The ``k`` largest and ``k`` smallest entries of a name -> value map (NaNs ignored)."""
+    items = sorted(((v, n) for n, v in values.items() if np.isfinite(v)))
+    return [n for _, n in items[::-1][:k]], [n for _, n in items[:k]]
