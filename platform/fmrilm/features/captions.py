@@ -99,14 +99,15 @@ def phrase(name: str, z: float, variant: int = 0) -> str:
 
 
 def caption(z: dict[str, float], rng: np.random.Generator, n: int = 4) -> tuple[str, list[str]]:
-    """A caption from ``n`` descriptors sampled with probability growing with |z|.
+    """A caption from ``n`` descriptors sampled with probability growing with z^2, so unusual
+    features dominate and typical ones fill in.
 
     Returns ``(text, descriptor names used)``.
     """
     names = [k for k, v in z.items() if np.isfinite(v)]
     if not names:
         return "No descriptor could be computed for this scan.", []
-    weight = np.array([abs(z[k]) + 0.25 for k in names])
+    weight = np.array([z[k] ** 2 + 0.05 for k in names])
     chosen = list(rng.choice(names, size=min(n, len(names)), replace=False, p=weight / weight.sum()))
     items = [phrase(k, z[k], int(rng.integers(8))) for k in chosen]
     joined = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
