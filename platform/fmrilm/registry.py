@@ -9,7 +9,7 @@ from typing import Callable
 from fmrilm.config import ConfigError
 
 # kinds that later stages add; a spec naming one fails clearly instead of running a stand-in
-PLANNED = ("tokenizer", "tokenize", "pretrain", "instruct", "eval", "sweep")
+PLANNED = ("tokenize", "pretrain", "instruct", "eval", "sweep")
 
 
 def _quickstart():
@@ -24,7 +24,13 @@ def _features():
     return FeaturesSpec, run
 
 
-KINDS: dict[str, Callable] = {"quickstart": _quickstart, "features": _features}
+def _tokenizer():
+    from fmrilm.train.tokenizer import TokenizerStageSpec, run
+
+    return TokenizerStageSpec, run
+
+
+KINDS: dict[str, Callable] = {"quickstart": _quickstart, "features": _features, "tokenizer": _tokenizer}
 
 
 def job_for(kind: str | None, source: str = "<spec>"):

@@ -215,6 +215,10 @@ def build_windows(spec: PipelineSpec, split: str | None):
     keep = set(index["scan_id"])
     paths = [p for loc, m in found for p in table.shard_paths(loc, m)]
     ds = read_shards(paths, found[0][0].fs)
+    if split is not None:  # rows of other splits never reach the window map (no empty batches)
+        from ray.data.expressions import col
+
+        ds = ds.filter(expr=col("scan_id").is_in(sorted(keep)))
     ds = ds.map_batches(window_batch, batch_format="pyarrow", fn_kwargs={"spec": spec, "keep": keep},
                         batch_size=scans_per_map_batch(index, spec), zero_copy_batch=True)
     return ds, int(index["n_windows"].sum())

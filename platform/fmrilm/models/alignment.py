@@ -1,0 +1,102 @@
+"""Alignment of fMRI embeddings with text (the Yale poster; fMRI-LM stage 1).
+
+* A gradient reversal layer (identity forward, ``-coef x`` gradient backward) feeds a domain
+  classifier ``Linear(H, 256) -> GELU -> Linear(256, 2)`` that tells projected fMRI tokens from
+  text-token embeddings; the reversed gradient pushes the fMRI side to be indistinguishable from
+  text. The coefficient follows DANN: ``2 / (1 + exp(-10 p)) - 1`` with training progress p.
+* Optionally a SigLIP-style sigmoid contrastive loss between pooled fMRI embeddings and
+  embeddings of the paired captions (windows of the same scan are all positives of its caption).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from fmrilm.config import Strict
+
+
+class AlignmentConfig(Strict):
+    """Loss weights and sizes of the alignment branch (all weights 0: a plain VQ autoencoder)."""
+
+    domain_weight: float = Field(0.5, ge=0, description="weight of the domain-classifier loss")
+    contrastive_weight: float = Field(0.0, ge=0, description="weight of the SigLIP loss (needs captions)")
+    text_source: str = Field("minilm", description="'minilm' (the offline all-MiniLM-L6-v2), or a folder/URI of a Hugging Face model "
+                                                   "whose input embeddings give text tokens (e.g. the stage-2 LM)")
+    classifier_hidden: int = 256
+    contrastive_dim: int = 512
+    temperature: float = Field(0.125, gt=0)
+    tokens_per_step: int = Field(512, ge=8, description="fMRI and text tokens each fed to the classifier per step")
+
+    @property
+    def enabled(self) -> bool:
+        return self.domain_weight > 0 or self.contrastive_weight > 0
+
+
+def dann_coefficient(progress: float) -> float:
+    """DANN schedule ``2 / (1 + exp(-10 p)) - 1`` for training progress ``p`` in [0, 1]."""
+    return 2.0 / (1.0 + math.exp(-10.0 * float(progress))) - 1.0
+
+
+class _Reverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, coef):
+        ctx.coef = coef
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.coef * grad, None
+
+
+def grad_reverse(x: torch.Tensor, coef: float) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``-coef`` in the backward pass."""
+    return _Reverse.apply(x, coef)
+
+
+class AlignmentHead(nn.Module):
+    """Projection to the text width, domain classifier and contrastive projections."""
+
+    def __init__(self, width: int, text_dim: int, cfg: AlignmentConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.project = nn.Linear(width, text_dim)
+        self.classifier = nn.Sequential(nn.Linear(text_dim, cfg.classifier_hidden), nn.GELU(), nn.Linear(cfg.classifier_hidden, 2))
+        self.fmri_proj = nn.Linear(width, cfg.contrastive_dim)
+        self.text_proj = nn.Linear(text_dim, cfg.contrastive_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+    def domain_loss(self, feats: torch.Tensor, text_tokens: torch.Tensor, coef: float, valid: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of fMRI (label 1) vs text (label 0) tokens through the reversal layer.
+
+        ``feats [batch, tokens, width]``, ``text_tokens [m, text_dim]`` (frozen). Returns
+        ``(loss, accuracy)``; accuracy near 0.5 means the domains are confused (aligned).
+        """
+        f = feats[valid] if valid is not None else feats
+        f = f.reshape(-1, feats.shape[-1])
+        k = min(self.cfg.tokens_per_step, f.shape[0], text_tokens.shape[0])
+        f = f[torch.randperm(f.shape[0], generator=generator, device="cpu")[:k].to(f.device)]
+        t = text_tokens[torch.randperm(text_tokens.shape[0], generator=generator, device="cpu")[:k].to(text_tokens.device)]
+        x = torch.cat([self.project(f), t.to(f.dtype)])
+        labels = torch.cat([torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)]).to(f.device)
+        logits = self.classifier(grad_reverse(x, coef))
+        return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
+
+    def contrastive_loss(self, feats: torch.Tensor, text_emb: torch.Tensor, groups: list[str], mask: torch.Tensor) -> torch.Tensor:
+        """SigLIP loss between pooled fMRI ``[batch, tokens, width]`` and caption embeddings
+        ``[batch, text_dim]``; rows with the same ``groups`` entry (scan) are positives."""
+        idx = torch.nonzero(mask).flatten()
+        if idx.numel() < 2:
+            return feats.sum() * 0.0
+        f = F.normalize(self.fmri_proj(feats[idx].mean(1)), dim=-1)
+        t = F.normalize(self.text_proj(text_emb[idx].to(f.dtype)), dim=-1)
+        logits = self.logit_scale.exp() * f @ t.T + self.logit_bias
+        g = [groups[i] for i in idx.tolist()]
+        labels = torch.tensor([[1.0 if a == b else -1.0 for b in g] for a in g], device=f.device)
+        return -F.logsigmoid(labels * logits).sum() / len(g)

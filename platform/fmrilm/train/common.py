@@ -1,0 +1,115 @@
+"""What every training stage shares: scaling/run specs, LR schedule, checkpoints, metric logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from fmrilm import storage
+from fmrilm.config import Strict
+
+
+class ScalingSpec(Strict):
+    """Ray Train workers. On this 2-core machine keep cpus_per_worker fractional (STACK_NOTES)."""
+
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+
+
+class RunSpec(Strict):
+    """Where a run lives: ``<storage>/<name>/`` (re-running the same name resumes)."""
+
+    storage: str = "./fmrilm-data/runs"
+    name: str = Field("tokenizer", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    max_failures: int = Field(0, ge=-1, description="worker failures to recover from (-1: unlimited)")
+    keep_checkpoints: int = Field(2, ge=1)
+    logger: Literal["tensorboard", "none"] = "tensorboard"
+    log_dir: str = Field("./fmrilm-data/tensorboard", description="local folder for TensorBoard event files")
+
+
+class OptimSpec(Strict):
+    """AdamW with linear warm-up then cosine decay."""
+
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (and validations)")
+    log_every: int = Field(10, ge=1, description="steps between metric reports")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps in total")
+    seed: int = 0
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def run_config(run: RunSpec):
+    """Ray Train ``RunConfig`` on our storage layer (any URI), with failure recovery."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    loc = storage.resolve(run.storage)
+    storage.makedirs(loc)
+    return RunConfig(name=run.name, storage_path=loc.path, storage_filesystem=loc.fs,
+                     failure_config=FailureConfig(max_failures=run.max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints))
+
+
+@contextmanager
+def checkpoint_dir():
+    """A temporary folder to write a checkpoint into before ``ray.train.report`` uploads it."""
+    with tempfile.TemporaryDirectory(prefix="fmrilm-ckpt-") as d:
+        yield d
+
+
+def save_state(directory: str, state: dict, meta: dict) -> None:
+    torch.save(state, os.path.join(directory, "state.pt"))
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def load_state(checkpoint) -> tuple[dict, dict]:
+    """``(state, meta)`` of a Ray Train checkpoint written by :func:`save_state`."""
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+        with open(os.path.join(d, "meta.json")) as f:
+            meta = json.load(f)
+    return state, meta
+
+
+class MetricLog:
+    """Rank-0 TensorBoard event files (a no-op elsewhere or when disabled)."""
+
+    def __init__(self, run: RunSpec, rank: int):
+        self.writer = None
+        if run.logger == "tensorboard" and rank == 0:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run.log_dir, run.name))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
