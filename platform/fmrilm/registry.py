@@ -9,7 +9,7 @@ from typing import Callable
 from fmrilm.config import ConfigError
 
 # kinds that later stages add; a spec naming one fails clearly instead of running a stand-in
-PLANNED = ("tokenize", "pretrain", "instruct", "eval", "sweep")
+PLANNED = ("pretrain", "instruct", "eval", "sweep")
 
 
 def _quickstart():
@@ -30,7 +30,13 @@ def _tokenizer():
     return TokenizerStageSpec, run
 
 
-KINDS: dict[str, Callable] = {"quickstart": _quickstart, "features": _features, "tokenizer": _tokenizer}
+def _tokenize():
+    from fmrilm.tokenize import TokenizeSpec, run
+
+    return TokenizeSpec, run
+
+
+KINDS: dict[str, Callable] = {"quickstart": _quickstart, "features": _features, "tokenizer": _tokenizer, "tokenize": _tokenize}
 
 
 def job_for(kind: str | None, source: str = "<spec>"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from typing import Literal
 
@@ -152,7 +153,7 @@ def train_loop(config: dict) -> None:
     per_epoch = math.ceil(config["rows_per_rank"] / spec.train.batch_size)
     total = min(spec.train.epochs * per_epoch, spec.train.max_steps or 10**12)
     sched = cosine_schedule(opt, spec.train.warmup_steps, total)
-    step = 0
+    step, resumed = 0, {}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         state, meta = load_state(ckpt)
@@ -160,8 +161,10 @@ def train_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = meta["step"]
+        resumed = {"resumed_from_step": step, "resumed_codebook_sum": float(objective.tokenizer.quantizer.codebook.sum())}
         if rank == 0:
             log.info("resumed at step %d from %s", step, ckpt.path)
+    fail_at = config.get("fault_step", 0)  # reliability tests: raise once at this step (never after a resume)
     model = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": True})
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
@@ -171,7 +174,7 @@ def train_loop(config: dict) -> None:
 
     def report(final: bool = False) -> None:
         metrics = {k: v / max(running.get("_n", 1), 1) for k, v in running.items() if k != "_n"}
-        metrics |= {"step": step, "epoch": step / per_epoch, "lr": sched.get_last_lr()[0],
+        metrics |= resumed | {"step": step, "epoch": step / per_epoch, "lr": sched.get_last_lr()[0],
                     "samples_per_s": timed_samples / timed_seconds if timed_seconds else 0.0}
         checkpoint_now = final or step % spec.train.checkpoint_every == 0
         if checkpoint_now and val_shard is not None:
@@ -219,6 +222,8 @@ def train_loop(config: dict) -> None:
                 break
             if step % spec.train.log_every == 0 or step % spec.train.checkpoint_every == 0:
                 report()
+            if fail_at and step == fail_at and not resumed:
+                raise RuntimeError(f"injected fault at step {step} (FMRILM_FAULT_STEP)")
         epoch += 1
     report(final=True)
     metrics_log.close()
@@ -286,7 +291,8 @@ def run(spec: TokenizerStageSpec) -> dict:
     text_tokens, caption_emb = text_inputs(spec)
     rows = prepared["sizes"]["train"]
     config = {"spec": spec.model_dump(mode="json"), "text_tokens": text_tokens, "captions": caption_emb,
-              "rows_per_rank": math.ceil(rows / world), "has_val": "val" in prepared["datasets"]}
+              "rows_per_rank": math.ceil(rows / world), "has_val": "val" in prepared["datasets"],
+              "fault_step": int(os.environ.get("FMRILM_FAULT_STEP", "0") or 0)}
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=world, use_gpu=spec.scaling.use_gpu,

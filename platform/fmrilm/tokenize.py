@@ -1,0 +1,97 @@
+"""``fmrilm tokenize SPEC``: scans -> ``tokens`` table (code ids per window) with a trained tokenizer.
+
+A Ray Data map over the window stream, with the tokenizer loaded once per worker (an actor
+pool). Rows: ``scan_id``, ``subject_id``, ``start`` (window start, timepoints), ``n_rois``,
+``n_patches``, ``codes`` (``list<int32>``, ROI-major: ``reshape(n_rois, n_patches)``). Token ids
+are deterministic for a given artifact and input (eval mode, nearest code, no updates).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from fmrilm import runtime, storage
+from fmrilm.config import Strict
+from fmrilm.data.pipeline import PipelineSpec, build_windows
+
+log = logging.getLogger("fmrilm.tokenize")
+
+
+class TokenizeSpec(Strict):
+    """Spec of ``jobs/tokenize.yaml``. ``data.window``/``stride`` default to the artifact's."""
+
+    kind: Literal["tokenize"] = "tokenize"
+    tokenizer: str = Field("./fmrilm-data/runs/tokenizer/tokenizer", description="tokenizer artifact folder URI")
+    data: PipelineSpec = PipelineSpec()
+    out: str | None = Field(None, description="tokens table folder (default: <artifact>/../tokens)")
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(1, ge=1, description="tokenizer replicas (actors)")
+    use_window_from_artifact: bool = True
+
+
+class TokenizeBatch:
+    """Ray Data callable class: loads the tokenizer once, maps window batches to code ids."""
+
+    def __init__(self, artifact: str):
+        import torch
+
+        from fmrilm.train.tokenizer import load_artifact
+
+        torch.set_num_threads(1)
+        self.model, self.cfg = load_artifact(artifact)
+
+    def __call__(self, batch: dict):
+        import pyarrow as pa
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch["x"], dtype=np.float32))
+        codes = self.model.tokenize(x).numpy().astype(np.int32)  # [b, rois, patches]
+        b, r, n = codes.shape
+        flat = pa.ListArray.from_arrays(pa.array(np.arange(b + 1, dtype=np.int32) * (r * n)), pa.array(codes.ravel()))
+        return pa.table({
+            "scan_id": pa.array(batch["scan_id"].tolist(), pa.string()),
+            "subject_id": pa.array(batch["subject_id"].tolist(), pa.string()),
+            "start": pa.array(batch["start"], pa.int64()), "n_rois": pa.array(np.full(b, r, np.int32)),
+            "n_patches": pa.array(np.full(b, n, np.int32)), "codes": flat,
+        })
+
+
+def run(spec: TokenizeSpec) -> dict:
+    """Tokenize every window of the selected datasets; returns the table URI and counts."""
+    from ray.data import ActorPoolStrategy
+
+    artifact = storage.resolve(spec.tokenizer)
+    try:
+        cfg = json.loads(storage.read_text(artifact.join("config.json")))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no tokenizer artifact at {spec.tokenizer} (config.json missing): train one with `fmrilm run jobs/tokenizer.yaml`") from None
+    data = spec.data
+    if spec.use_window_from_artifact:
+        data = data.model_copy(update={k: cfg["data"][k] for k in ("window", "stride", "normalise", "target_tr")})
+    runtime.init_ray()
+    ds, n = build_windows(data, None)
+    out = storage.resolve(spec.out or storage.join(spec.tokenizer.rstrip("/").rsplit("/", 1)[0], "tokens"))
+    storage.delete_dir(out)  # a re-run replaces the table
+    ds = ds.select_columns(["x", "scan_id", "subject_id", "start"]).map_batches(
+        TokenizeBatch, fn_constructor_kwargs={"artifact": artifact.uri}, batch_size=spec.batch_size,
+        compute=ActorPoolStrategy(size=spec.workers), num_cpus=1, batch_format="numpy")
+    ds.write_parquet(out.path, filesystem=out.fs)
+    summary = {"tokens": out.uri, "windows": n, "artifact": artifact.uri, "window": data.window, "stride": data.stride,
+               "num_codes": cfg["model"]["num_codes"]}
+    storage.write_text(out.join("manifest.json"), json.dumps(summary, indent=1))
+    log.info("tokenized %d windows -> %s", n, out.uri)
+    return summary
+
+
+def read_tokens(uri: str):
+    """The tokens table as pandas, sorted by (scan_id, start)."""
+    import pyarrow.dataset as pads
+
+    loc = storage.resolve(uri)
+    t = pads.dataset(loc.path, filesystem=loc.fs, format="parquet", exclude_invalid_files=True).to_table()
+    return t.to_pandas().sort_values(["scan_id", "start"]).reset_index(drop=True)

@@ -1,0 +1,158 @@
+"""Quantizer, gradient reversal and tokenizer model: unit tests with hand computations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmrilm.models.alignment import AlignmentConfig, AlignmentHead, dann_coefficient, grad_reverse
+from fmrilm.models.quantizer import VectorQuantizer, perplexity, spherical_kmeans
+from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig, r2_per_roi
+
+
+def _vq(k=4, dim=3, **kw):
+    vq = VectorQuantizer(k, dim, **kw)
+    vq.initialized.fill_(True)
+    return vq
+
+
+def test_straight_through_gradient():
+    torch.manual_seed(0)
+    vq = _vq(beta=0.0)
+    z = torch.randn(6, 3, requires_grad=True)
+    g = torch.randn(6, 3)
+    (vq(z).quantized * g).sum().backward()
+    z2 = z.detach().clone().requires_grad_(True)
+    (F.normalize(z2, dim=-1) * g).sum().backward()  # the quantizer passes gradients straight through
+    torch.testing.assert_close(z.grad, z2.grad)
+
+
+def test_quantized_values_are_codes_and_commitment_is_beta_mse():
+    vq = _vq(beta=0.25).eval()
+    z = F.normalize(torch.randn(5, 3), dim=-1)
+    out = vq(z)
+    torch.testing.assert_close(out.quantized, vq.codebook[out.codes])
+    assert out.commitment_loss.item() == pytest.approx(0.25 * F.mse_loss(z, vq.codebook[out.codes]).item(), rel=1e-5)
+    assert torch.equal(out.codes, (z @ vq.codebook.T).argmax(1))
+
+
+def test_ema_update_matches_a_hand_computation():
+    vq = _vq(k=2, dim=2, decay=0.5, eps=0.0, dead_threshold=0.0).train()
+    vq.codebook.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    vq.embed_sum.copy_(vq.codebook)
+    vq.cluster_size.fill_(1.0)
+    z = F.normalize(torch.tensor([[1.0, 0.2], [1.0, -0.1], [0.1, 1.0]]), dim=-1)
+    vq(z)
+    counts = torch.tensor([2.0, 1.0])
+    sums = torch.stack([z[0] + z[1], z[2]])
+    size = 0.5 * 1.0 + 0.5 * counts
+    embed = 0.5 * torch.eye(2) + 0.5 * sums
+    torch.testing.assert_close(vq.cluster_size, size)
+    torch.testing.assert_close(vq.embed_sum, embed)
+    torch.testing.assert_close(vq.codebook, F.normalize(embed / size[:, None], dim=-1))
+    torch.testing.assert_close(vq.usage, counts)
+
+
+def test_kmeans_init_finds_the_clusters():
+    torch.manual_seed(1)
+    centers = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), dim=-1)
+    z = torch.cat([centers[0] + 0.05 * torch.randn(50, 3), centers[1] + 0.05 * torch.randn(50, 3)])
+    vq = VectorQuantizer(2, 3).train()
+    assert not bool(vq.initialized)
+    vq(z)
+    assert bool(vq.initialized)
+    sim = vq.codebook @ centers.T
+    assert sorted(sim.max(dim=1).values.tolist())[0] > 0.95
+    c = spherical_kmeans(F.normalize(z, dim=-1), 5)  # more codes than clusters still works
+    assert c.shape == (5, 3) and torch.allclose(c.norm(dim=1), torch.ones(5))
+
+
+def test_dead_codes_are_restarted_from_the_batch():
+    torch.manual_seed(2)
+    vq = _vq(k=8, dim=3, decay=0.5, dead_threshold=0.3).train()
+    vq.codebook.copy_(F.normalize(torch.tensor([[1.0, 0, 0]] + [[-1.0, 0.01 * i, 0] for i in range(7)]), dim=-1))
+    vq.embed_sum.copy_(vq.codebook)
+    z = F.normalize(torch.tensor([[1.0, 0.1, 0.0]] * 10) + 0.01 * torch.randn(10, 3), dim=-1)
+    vq(z)  # codes 1..7 get nothing: EMA size 1 -> 0.5, still above the threshold
+    out = vq(z)  # 0.5 -> 0.25, below 0.3: all seven restart
+    assert out.restarted == 7
+    assert (vq.codebook[1:] @ z.T).max(dim=1).values.min() > 0.95  # restarted near batch vectors
+
+
+def test_perplexity_formula():
+    assert perplexity(torch.tensor([5.0, 5.0, 5.0, 5.0])).item() == pytest.approx(4.0)
+    assert perplexity(torch.tensor([7.0, 0.0, 0.0])).item() == pytest.approx(1.0)
+    p = torch.tensor([0.5, 0.25, 0.25])
+    assert perplexity(p * 8).item() == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+
+
+def test_gradient_reversal_and_dann_schedule():
+    x = torch.randn(4, 3, requires_grad=True)
+    y = grad_reverse(x, 0.7)
+    torch.testing.assert_close(y, x)
+    g = torch.randn(4, 3)
+    (y * g).sum().backward()
+    torch.testing.assert_close(x.grad, -0.7 * g)
+    assert dann_coefficient(0.0) == 0.0
+    assert dann_coefficient(0.5) == pytest.approx(2 / (1 + math.exp(-5)) - 1)
+    assert dann_coefficient(1.0) > 0.999
+
+
+def test_domain_classifier_gradient_is_reversed_for_the_fmri_side():
+    torch.manual_seed(3)
+    head = AlignmentHead(8, 6, AlignmentConfig(tokens_per_step=16))
+    feats = torch.randn(2, 8, 8, requires_grad=True)
+    text = torch.randn(20, 6)
+    loss, acc = head.domain_loss(feats, text, coef=1.0, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    g_rev = feats.grad.clone()
+    feats.grad = None
+    head.zero_grad()
+    loss0, _ = head.domain_loss(feats, text, coef=-1.0, generator=torch.Generator().manual_seed(0))
+    loss0.backward()
+    torch.testing.assert_close(g_rev, -feats.grad)  # same loss, opposite encoder gradient
+    assert 0.0 <= acc.item() <= 1.0
+
+
+def test_contrastive_loss_prefers_matching_pairs():
+    torch.manual_seed(4)
+    head = AlignmentHead(4, 4, AlignmentConfig(contrastive_dim=4))
+    with torch.no_grad():
+        head.fmri_proj.weight.copy_(torch.eye(4))
+        head.fmri_proj.bias.zero_()
+        head.text_proj.weight.copy_(torch.eye(4))
+        head.text_proj.bias.zero_()
+    emb = torch.eye(4)
+    feats = emb[:, None, :].repeat(1, 3, 1)
+    mask = torch.ones(4, dtype=torch.bool)
+    matched = head.contrastive_loss(feats, emb, ["a", "b", "c", "d"], mask)
+    shuffled = head.contrastive_loss(feats, emb[[1, 2, 3, 0]], ["a", "b", "c", "d"], mask)
+    assert matched < shuffled
+
+
+def test_tokenizer_shapes_any_rois_and_patch_errors():
+    m = FMRITokenizer(TokenizerConfig(patch=8, width=16, heads=2, depth=1, code_dim=8, num_codes=16))
+    for rois in (3, 11):
+        out = m(torch.randn(2, rois, 24))
+        assert out.recon.shape == (2, rois, 24) and out.codes.shape == (2, rois, 3) and out.features.shape == (2, rois * 3, 16)
+        assert m.tokenize(torch.randn(2, rois, 24)).shape == (2, rois, 3)
+    with pytest.raises(ValueError, match="not a multiple of the patch length"):
+        m(torch.randn(1, 3, 20))
+
+
+def test_tiny_tokenizer_overfits_a_handful_of_windows():
+    torch.manual_seed(0)
+    t = torch.linspace(0, 6.28, 32)
+    x = torch.stack([torch.stack([torch.sin(t * (1 + r) + w) for r in range(4)]) for w in range(4)])  # [4, 4, 32]
+    m = FMRITokenizer(TokenizerConfig(patch=8, width=32, heads=2, depth=1, code_dim=16, num_codes=64, beta=0.25))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(400):
+        out = m(x)
+        loss = F.mse_loss(out.recon, x) + out.quant.commitment_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    r2 = r2_per_roi(x, m(x).recon).mean().item()
+    assert r2 > 0.9
