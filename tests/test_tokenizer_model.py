@@ -156,3 +156,27 @@ def test_tiny_tokenizer_overfits_a_handful_of_windows():
     m.eval()
     r2 = r2_per_roi(x, m(x).recon).mean().item()
     assert r2 > 0.9
+
+
+def test_nonsaturating_adversary_trains_the_classifier_and_fools_it_from_the_fmri_side():
+    torch.manual_seed(5)
+    head = AlignmentHead(8, 6, AlignmentConfig(tokens_per_step=16, adversary="nonsaturating"))
+    feats = torch.randn(2, 8, 8, requires_grad=True)
+    text = torch.randn(20, 6)
+    loss, acc = head.domain_loss(feats, text, coef=0.0, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert feats.grad is None or feats.grad.abs().sum() == 0  # coef 0: only the classifier learns
+    assert head.classifier[0].weight.grad.abs().sum() > 0
+    head.zero_grad()
+    loss, _ = head.domain_loss(feats, text, coef=1.0, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    g_classifier = head.classifier[0].weight.grad.clone()
+    # the fMRI side descends "called text": a small step along -grad lowers the fMRI logit margin
+    with torch.no_grad():
+        before = head.classifier(head.project(feats.reshape(-1, 8)))
+        after = head.classifier(head.project((feats - 0.1 * feats.grad).reshape(-1, 8)))
+    assert (after[:, 0] - after[:, 1]).mean() > (before[:, 0] - before[:, 1]).mean()
+    # the classifier's gradient is the same as without the fooling term (its weights are not pushed to be fooled)
+    head.zero_grad()
+    head.domain_loss(feats, text, coef=0.0, generator=torch.Generator().manual_seed(0))[0].backward()
+    torch.testing.assert_close(head.classifier[0].weight.grad, g_classifier)

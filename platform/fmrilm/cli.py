@@ -19,7 +19,9 @@ features_app = typer.Typer(help="Imaging descriptors and synthetic fMRI-text cap
 bench_app = typer.Typer(help="Benchmarks (each reports a ratio against a baseline measured in the same run).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
+tokenizer_app = typer.Typer(help="Stage 1: the adversarially aligned VQ tokenizer.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(tokenizer_app, name="tokenizer")
 console = Console(stderr=True)
 out = Console()
 
@@ -35,9 +37,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fmrilm.data.splits import SplitError
     from fmrilm.data.table import ManifestError
     from fmrilm.features.job import FeaturesError
+    from fmrilm.models.text import TextUnavailable
 
     return (ConfigError, IngestError, InputError, SchemaError, ManifestError, storage.StorageError,
-            PipelineError, SplitError, SampleUnavailable, FeaturesError, NotImplementedError, FileNotFoundError)
+            PipelineError, SplitError, SampleUnavailable, FeaturesError, TextUnavailable, NotImplementedError, FileNotFoundError)
 
 
 def _guard(fn, *args, **kwargs):
@@ -187,6 +190,10 @@ def run_job(
         print_summary(result["summary"])
     elif job.kind == "features":
         print_features(result)
+    elif job.kind == "tokenizer":
+        print_tokenizer(result)
+    elif job.kind == "tokenize":
+        out.print(f"tokenized {result['windows']} windows -> {escape(result['tokens'])}")
 
 
 @features_app.command("build")
@@ -222,6 +229,69 @@ def print_features(result: dict) -> None:
                       f"descriptors + logistic {p['descriptors_logistic']:.2f}, FC + logistic {p['fc_logistic']:.2f}, chance 0.50")
 
 
+@tokenizer_app.command("train")
+def tokenizer_train(
+    spec: str = typer.Argument("jobs/tokenizer.yaml", help="tokenizer stage spec YAML"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
+) -> None:
+    """Train (or resume, same run name) the tokenizer on Ray Train; export its artifact."""
+    from fmrilm import config
+    from fmrilm.train.tokenizer import TokenizerStageSpec, run
+
+    job = _guard(config.load, TokenizerStageSpec, spec, overrides or [])
+    print_tokenizer(_guard(run, job))
+
+
+@tokenizer_app.command("eval")
+def tokenizer_eval(
+    artifact: str = typer.Argument(..., help="tokenizer artifact folder URI"),
+    data: str = typer.Option("./fmrilm-data/datasets", help="dataset folder or root URI"),
+    datasets: Optional[List[str]] = typer.Option(None, "--dataset", help="dataset name (repeatable; default all)"),
+    split: Optional[str] = typer.Option(None, help="split to evaluate (default: every scan)"),
+    split_file: Optional[str] = typer.Option(None, help="subject -> split CSV/TSV (default: the seeded hash split)"),
+    as_json: bool = typer.Option(False, "--json", help="print the JSON result"),
+) -> None:
+    """Held-out reconstruction R^2, code usage/perplexity and domain accuracy of a tokenizer."""
+    from fmrilm.data.pipeline import PipelineSpec
+    from fmrilm.tokenize import evaluate
+
+    policy = {"method": "file", "file": split_file} if split_file else {}
+    spec = _guard(PipelineSpec, data=data, datasets=datasets or None, split=policy)
+    result = _guard(evaluate, artifact, spec, split)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    t = Table(title=f"tokenizer on {result['windows']} windows ({escape(str(split or 'all scans'))})")
+    for col in ("R^2", "MSE", "perplexity", "used codes", "domain acc"):
+        t.add_column(col)
+    t.add_row(f"{result['r2']:.3f}", f"{result['mse']:.3f}", f"{result['perplexity']:.1f}",
+              f"{result['used_fraction']:.0%} of {result['num_codes']}",
+              f"{result['domain_acc']:.2f}" if "domain_acc" in result else "-")
+    out.print(t)
+
+
+def print_tokenizer(result: dict) -> None:
+    """One line per figure of a finished tokenizer run."""
+    m = result["metrics"]
+    out.print(f"tokenizer artifact: {escape(result['artifact'])} (step {m.get('step')}, {result['train_windows']} train windows)")
+    parts = [f"{k} {m[k]:.3f}" for k in ("val/r2", "val/perplexity", "val/used_fraction", "val/domain_acc", "samples_per_s") if k in m]
+    out.print("  " + ", ".join(parts))
+
+
+@app.command("tokenize")
+def tokenize(
+    spec: str = typer.Argument("jobs/tokenize.yaml", help="tokenize spec YAML"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
+) -> None:
+    """Scans -> tokens table (code ids per window) with a trained tokenizer."""
+    from fmrilm import config
+    from fmrilm.tokenize import TokenizeSpec, run
+
+    job = _guard(config.load, TokenizeSpec, spec, overrides or [])
+    result = _guard(run, job)
+    out.print(f"tokenized {result['windows']} windows -> {escape(result['tokens'])}")
+
+
 @app.command("quickstart")
 def quickstart(
     overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
@@ -254,6 +324,29 @@ def bench_ingest(
     from fmrilm.bench.ingest import run_benchmark
 
     result = _guard(run_benchmark, subjects=subjects, timepoints=timepoints, rois=rois, repeats=repeats)
+    _report_bench(result, as_json, out_file)
+
+
+@bench_app.command("tokenizer")
+def bench_tokenizer(
+    as_json: bool = typer.Option(False, "--json", help="print the JSON result"),
+    subjects: int = typer.Option(48, help="synthetic subjects in the benchmark"),
+    rois: int = typer.Option(100, help="ROIs per scan"),
+    timepoints: int = typer.Option(256, help="timepoints per scan"),
+    epochs: int = typer.Option(4, help="epochs per run"),
+    batch_size: int = typer.Option(32, help="windows per step"),
+    repeats: int = typer.Option(2, help="interleaved runs of each side"),
+    out_file: Optional[str] = typer.Option(None, "--out", help="also write the JSON here"),
+) -> None:
+    """Tokenizer stage on Ray Train (1 worker) vs a plain PyTorch loop: in-loop samples/s ratio."""
+    from fmrilm.bench.tokenizer import run_benchmark
+
+    result = _guard(run_benchmark, subjects=subjects, rois=rois, timepoints=timepoints, epochs=epochs,
+                    batch_size=batch_size, repeats=repeats)
+    _report_bench(result, as_json, out_file)
+
+
+def _report_bench(result: dict, as_json: bool, out_file: str | None) -> None:
     if out_file:
         from fmrilm import storage
 

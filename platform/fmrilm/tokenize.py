@@ -61,18 +61,26 @@ class TokenizeBatch:
         })
 
 
+def artifact_config(uri: str) -> dict:
+    """``config.json`` of a tokenizer artifact, or a clear error when there is none."""
+    try:
+        return json.loads(storage.read_text(storage.resolve(uri).join("config.json")))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no tokenizer artifact at {uri} (config.json missing): train one with `fmrilm run jobs/tokenizer.yaml`") from None
+
+
+def with_artifact_windows(data: PipelineSpec, cfg: dict) -> PipelineSpec:
+    """``data`` windowed, normalised and resampled the way the artifact was trained."""
+    return data.model_copy(update={k: cfg["data"][k] for k in ("window", "stride", "normalise", "target_tr")})
+
+
 def run(spec: TokenizeSpec) -> dict:
     """Tokenize every window of the selected datasets; returns the table URI and counts."""
     from ray.data import ActorPoolStrategy
 
     artifact = storage.resolve(spec.tokenizer)
-    try:
-        cfg = json.loads(storage.read_text(artifact.join("config.json")))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no tokenizer artifact at {spec.tokenizer} (config.json missing): train one with `fmrilm run jobs/tokenizer.yaml`") from None
-    data = spec.data
-    if spec.use_window_from_artifact:
-        data = data.model_copy(update={k: cfg["data"][k] for k in ("window", "stride", "normalise", "target_tr")})
+    cfg = artifact_config(spec.tokenizer)
+    data = with_artifact_windows(spec.data, cfg) if spec.use_window_from_artifact else spec.data
     runtime.init_ray()
     ds, n = build_windows(data, None)
     out = storage.resolve(spec.out or storage.join(spec.tokenizer.rstrip("/").rsplit("/", 1)[0], "tokens"))
@@ -95,3 +103,33 @@ def read_tokens(uri: str):
     loc = storage.resolve(uri)
     t = pads.dataset(loc.path, filesystem=loc.fs, format="parquet", exclude_invalid_files=True).to_table()
     return t.to_pandas().sort_values(["scan_id", "start"]).reset_index(drop=True)
+
+
+def evaluate(uri: str, data: PipelineSpec, split: str | None = None, batch_size: int = 64) -> dict:
+    """Held-out metrics of a tokenizer artifact on the windows of ``split`` (None: every scan):
+    reconstruction R^2 (mean over windows x ROIs) and MSE, code perplexity and used fraction, and,
+    when the artifact has its alignment head, the domain classifier's accuracy (fMRI vs text tokens;
+    0.5 means the two are indistinguishable)."""
+    import torch
+    from safetensors.torch import load
+
+    from fmrilm.models.alignment import AlignmentConfig
+    from fmrilm.models.tokenizer import TokenizerConfig
+    from fmrilm.train.tokenizer import TokenizerObjective, TokenizerStageSpec, text_inputs, validate
+
+    cfg = artifact_config(uri)
+    loc = storage.resolve(uri)
+    data = with_artifact_windows(data, cfg)
+    stage = TokenizerStageSpec(data=data, model=TokenizerConfig(**cfg["model"]), alignment=AlignmentConfig(**cfg["alignment"]))
+    has_head = storage.exists(loc.join("alignment.safetensors"))
+    text_tokens = text_inputs(stage)[0] if has_head else None
+    objective = TokenizerObjective(stage.model, stage.alignment if has_head else AlignmentConfig(domain_weight=0), cfg["text_dim"])
+    objective.tokenizer.load_state_dict(load(storage.read_bytes(loc.join("model.safetensors"))))
+    if has_head:
+        objective.align.load_state_dict(load(storage.read_bytes(loc.join("alignment.safetensors"))))
+    runtime.init_ray()
+    ds, n = build_windows(data, split)
+    if n == 0:
+        raise ValueError(f"no windows to evaluate in split {split!r} of {data.data} (datasets {data.datasets or 'all'})")
+    metrics = validate(objective, ds, batch_size, torch.from_numpy(text_tokens) if text_tokens is not None else None)
+    return {k.removeprefix("val/"): v for k, v in metrics.items()} | {"windows": n, "split": split, "num_codes": stage.model.num_codes}

@@ -17,3 +17,15 @@ def test_bench_ingest_reports_a_ratio_of_the_same_work(ray_cluster, tmp_path):
     assert result["ray_data"]["windows"] == result["pyarrow"]["windows"] == 8 * 3
     assert result["ratio"] == pytest.approx(result["ray_data"]["windows_per_s"] / result["pyarrow"]["windows_per_s"])
     assert result["machine"]["cpus"] >= 1 and "ratio" in result["summary"]
+
+
+def test_bench_tokenizer_compares_the_same_steps(ray_cluster, tmp_path):
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, ["bench", "tokenizer", "--json", "--subjects", "6", "--rois", "8", "--timepoints", "128",
+                                 "--epochs", "2", "--batch-size", "4", "--repeats", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "tokenizer" and result["data"]["windows"] == 6 * 4
+    ours, base = result["ray_train"]["runs"][0], result["plain_pytorch"]["runs"][0]
+    assert ours["steps"] == base["steps"] == 2 * 6 and ours["threads"] == base["threads"]
+    assert result["ratio"] == pytest.approx(ours["samples_per_s"] / base["samples_per_s"])

@@ -112,3 +112,43 @@ def test_padding_makes_rows_divisible_without_dropping(ray_cluster):
     [t.start() for t in threads]
     [t.join(60) for t in threads]
     assert counts == [2, 2, 2]
+
+
+def _windows(n: int, fail_at: int | None = None):
+    import numpy as np
+    import ray
+
+    def maybe_fail(row):
+        if row["start"] == fail_at:
+            raise ValueError(f"bad window {fail_at}")
+        return row
+
+    ds = ray.data.from_items([{"x": np.full((2, 4), i, np.float32), "scan_id": f"s{i}", "subject_id": "a", "start": i, "valid": True} for i in range(n)])
+    return ds.map(maybe_fail) if fail_at is not None else ds
+
+
+def test_epoch_stream_yields_every_epoch_in_order_and_resumes_mid_run(ray_cluster):
+    from fmrilm.data.pipeline import epoch_stream
+
+    got = [(e, i, b["start"]) for e, i, b in epoch_stream(_windows(5), 2, 1, 3)]
+    assert [(e, i) for e, i, _ in got] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    assert sorted(s for e, _, b in got if e == 1 for s in b) == [0, 1, 2, 3, 4]
+    assert list(epoch_stream(_windows(5), 2, 3, 3)) == []  # nothing left to train
+
+
+def test_epoch_stream_raises_producer_errors_and_stops_when_left(ray_cluster):
+    import threading
+
+    from fmrilm.data.pipeline import epoch_stream
+
+    with pytest.raises(Exception, match="bad window 3"):
+        list(epoch_stream(_windows(6, fail_at=3), 2, 0, 2))
+    for e, _, _ in epoch_stream(_windows(50), 1, 0, 100, ready=1):
+        if e == 1:
+            break
+    import time
+
+    deadline = time.time() + 10
+    while any(t.name == "fmrilm-epoch-stream" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(t.name == "fmrilm-epoch-stream" for t in threading.enumerate())

