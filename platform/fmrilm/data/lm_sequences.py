@@ -1,0 +1,134 @@
+"""Stage-2 training sequences: fMRI->fMRI, fMRI->text and text->text examples, packed.
+
+Pure numpy; the LM stage maps these over Ray Data batches. An :class:`Example` carries, per
+token: ``ids``, ``targets`` (the id this position must predict, ``IGNORE`` for none: the labels
+are already shifted), ``groups`` (non-decreasing; a token may attend to every earlier-or-equal
+group of its own example), ``positions`` and ``objective`` (which loss a target counts for).
+
+* **fMRI->fMRI** (multi-channel autoregression, NeuroLM/fMRI-LM): ``<fmri>`` then the codes of
+  time step 0 for every ROI, step 1 for every ROI, ... ``</fmri>``. The tokens of one step share a
+  group and a position (the ROIs of a step see each other and every earlier step); the token of
+  ROI r at step w predicts the code of ROI r at step w + 1.
+* **fMRI->text**: the scan's fMRI block, then its caption; loss on the caption only.
+* **text->text**: the caption alone, to keep the language model's language.
+
+:func:`pack` fills fixed-length rows with whole examples (segment ids keep them apart);
+:func:`attention_mask` turns segments + groups into the ``[batch, 1, L, L]`` boolean mask that
+Hugging Face decoders take as ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE = -100
+OBJECTIVES = ("fmri_fmri", "fmri_text", "text_text")
+F2F, F2T, T2T = 0, 1, 2
+
+
+@dataclass
+class Example:
+    ids: np.ndarray  # [n] int64
+    targets: np.ndarray  # [n] int64, IGNORE where nothing is predicted
+    groups: np.ndarray  # [n] int32, non-decreasing
+    positions: np.ndarray  # [n] int64
+    objective: np.ndarray  # [n] int8, -1 where there is no target
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _fmri_block(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int, predict_next: bool):
+    """Token arrays of ``<fmri> steps </fmri>`` for ``codes [rois, steps]`` (code indices)."""
+    rois, steps = codes.shape
+    step_ids = codes.T.astype(np.int64) + first_code_id  # [steps, rois], step-major
+    ids = np.concatenate([[open_id], step_ids.ravel(), [close_id]])
+    targets = np.full(len(ids), IGNORE, np.int64)
+    if predict_next and steps > 1:
+        targets[1 : 1 + rois * (steps - 1)] = step_ids[1:].ravel()
+    groups = np.concatenate([[0], np.repeat(np.arange(1, steps + 1), rois), [steps + 1]]).astype(np.int32)
+    return ids, targets, groups, groups.astype(np.int64).copy()
+
+
+def fmri_to_fmri(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int) -> Example:
+    """Next-step code prediction over ``codes [rois, steps]`` (see the module docstring)."""
+    ids, targets, groups, positions = _fmri_block(codes, first_code_id, open_id, close_id, predict_next=True)
+    return Example(ids, targets, groups, positions, np.where(targets != IGNORE, F2F, -1).astype(np.int8))
+
+
+def fmri_to_text(codes: np.ndarray, caption_ids: np.ndarray, first_code_id: int, open_id: int, close_id: int, eos_id: int) -> Example:
+    """Caption conditioned on the fMRI block; targets on the caption and its end only."""
+    ids, targets, groups, positions = _fmri_block(codes, first_code_id, open_id, close_id, predict_next=False)
+    text = np.concatenate([np.asarray(caption_ids, np.int64), [eos_id]])
+    n = len(ids)
+    ids = np.concatenate([ids, text])
+    targets = np.concatenate([targets, np.full(len(text), IGNORE, np.int64)])
+    targets[n - 1 : n - 1 + len(text)] = text  # </fmri> predicts the first word, ... the last word predicts eos
+    last_group, last_pos = groups[-1], positions[-1]
+    groups = np.concatenate([groups, last_group + 1 + np.arange(len(text), dtype=np.int32)])
+    positions = np.concatenate([positions, last_pos + 1 + np.arange(len(text), dtype=np.int64)])
+    return Example(ids, targets, groups, positions, np.where(targets != IGNORE, F2T, -1).astype(np.int8))
+
+
+def text_to_text(caption_ids: np.ndarray, bos_id: int, eos_id: int) -> Example:
+    """Plain causal language modelling of ``bos caption eos``."""
+    ids = np.concatenate([[bos_id], np.asarray(caption_ids, np.int64), [eos_id]])
+    targets = np.concatenate([ids[1:], [IGNORE]]).astype(np.int64)
+    n = len(ids)
+    return Example(ids, targets, np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int64),
+                   np.where(targets != IGNORE, T2T, -1).astype(np.int8))
+
+
+def steps_that_fit(rois: int, seq_len: int, extra: int = 0) -> int:
+    """Time steps of a ``rois``-wide fMRI block that fit in ``seq_len`` with ``extra`` other tokens."""
+    return max(0, (seq_len - 2 - extra) // max(1, rois))
+
+
+def pack(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Greedy in-order packing of whole examples into rows of ``seq_len``.
+
+    Returns ``ids, targets, groups, positions, objective`` and ``segments`` (1, 2, ... per example
+    in a row; 0 for padding), each ``[rows, seq_len]``. An example longer than ``seq_len`` is an
+    error naming its length (build examples with :func:`steps_that_fit`).
+    """
+    rows: list[list[Example]] = []
+    used = seq_len
+    for ex in examples:
+        if len(ex) > seq_len:
+            raise ValueError(f"an example of {len(ex)} tokens does not fit seq_len={seq_len}")
+        if used + len(ex) > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(ex)
+        used += len(ex)
+    n = len(rows)
+    out = {"ids": np.full((n, seq_len), pad_id, np.int64), "targets": np.full((n, seq_len), IGNORE, np.int64),
+           "groups": np.zeros((n, seq_len), np.int32), "positions": np.zeros((n, seq_len), np.int64),
+           "objective": np.full((n, seq_len), -1, np.int8), "segments": np.zeros((n, seq_len), np.int32)}
+    for r, row in enumerate(rows):
+        at = 0
+        for s, ex in enumerate(row, start=1):
+            sl = slice(at, at + len(ex))
+            out["ids"][r, sl], out["targets"][r, sl] = ex.ids, ex.targets
+            out["groups"][r, sl], out["positions"][r, sl] = ex.groups, ex.positions
+            out["objective"][r, sl], out["segments"][r, sl] = ex.objective, s
+            at += len(ex)
+    return out
+
+
+def attention_mask(segments, groups):
+    """``[batch, 1, L, L]`` boolean mask: query i may attend key j iff both are in the same
+    example and ``groups[j] <= groups[i]``; padding attends only to itself (no empty rows).
+    Works on numpy arrays or torch tensors."""
+    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+    allowed = (seg_q == seg_k) & (seg_k > 0) & (groups[:, None, :] <= groups[:, :, None])
+    n = segments.shape[-1]
+    if isinstance(segments, np.ndarray):
+        allowed |= np.eye(n, dtype=bool)[None] & (segments == 0)[:, :, None]
+    else:
+        import torch
+
+        allowed = allowed | (torch.eye(n, dtype=torch.bool, device=segments.device)[None] & (segments == 0)[:, :, None])
+    return allowed[:, None]

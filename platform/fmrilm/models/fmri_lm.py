@@ -1,0 +1,257 @@
+"""Stage-2 backbone: a Hugging Face causal LM that gets the fMRI vocabulary.
+
+* :func:`load_backbone` loads any causal LM (GPT-2, Llama, Qwen, ...) from a local folder, an
+  object-store URI (copied once per node into a local cache), or a hub id where the network
+  allows. ``tiny-gpt2`` / ``tiny-llama`` / ``tiny-qwen`` build a small decoder from a config in
+  code with the offline all-MiniLM-L6-v2 WordPiece tokenizer: NOT pretrained (said in the logs
+  and in ``info["pretrained"]``); they exist for the quickstart and the tests.
+* :func:`add_fmri_vocab` appends ``<fmri_0..K-1>`` and the delimiters ``<fmri>``/``</fmri>``
+  after every existing id, so text ids and text logits stay what they were, and grows the input
+  and output embeddings. Call it before DeepSpeed partitions the model (ZeRO-3 then shards the
+  grown tables like any other parameter).
+* :func:`init_code_embeddings` sets the new input rows from the tokenizer's codebook through a
+  least-squares linear map into the LM's embedding space when paired examples exist (code
+  vectors -> the aligned, projected fMRI features, which live in the LM's embedding space when
+  the tokenizer was aligned against this LM), else to the mean embedding plus small noise; it
+  returns which init it used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fmrilm import storage
+
+log = logging.getLogger("fmrilm.lm")
+
+BUILTIN = ("tiny-gpt2", "tiny-llama", "tiny-qwen")
+OPEN, CLOSE = "<fmri>", "</fmri>"
+MAX_CODES = 65536
+
+
+class BackboneError(ValueError):
+    """The backbone cannot be found or loaded as a causal LM."""
+
+
+def code_token(i: int) -> str:
+    return f"<fmri_{i}>"
+
+
+def _cache_dir() -> str:
+    return os.path.expanduser(os.environ.get("FMRILM_CACHE", "~/.cache/fmrilm"))
+
+
+def sync_to_local(uri: str, cache_dir: str | None = None) -> str:
+    """Copy a model folder from object storage into a per-node cache once; returns the local folder.
+
+    Concurrent callers on one node (several workers) wait on a file lock; a finished copy is
+    marked by ``.complete`` and reused.
+    """
+    loc = storage.resolve(uri)
+    target = os.path.join(cache_dir or _cache_dir(), "backbones", hashlib.sha256(loc.uri.encode()).hexdigest()[:16])
+    os.makedirs(target, exist_ok=True)
+    done = os.path.join(target, ".complete")
+    with open(os.path.join(target, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(done):
+            import pyarrow.fs as pafs
+
+            infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+            files = [i for i in infos if i.type == pafs.FileType.File]
+            if not any(os.path.basename(i.path) == "config.json" for i in files):
+                raise BackboneError(f"backbone {uri}: no config.json under that URI (is it a Hugging Face model folder?)")
+            for info in files:
+                rel = os.path.relpath(info.path, loc.path)
+                dest = os.path.join(target, rel)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with loc.fs.open_input_stream(info.path) as src, open(dest + ".part", "wb") as out:
+                    while chunk := src.read(16 * 2**20):
+                        out.write(chunk)
+                os.replace(dest + ".part", dest)
+            open(done, "w").close()
+            log.info("copied backbone %s -> %s (%d files)", uri, target, len(files))
+    return target
+
+
+def locate_backbone(source: str) -> tuple[str, str]:
+    """``(kind, where)`` of a backbone source without loading it: ``builtin``, ``folder``, ``uri``
+    or ``hub``. Raises :class:`BackboneError` for a local path that is not a model folder."""
+    if source in BUILTIN:
+        return "builtin", source
+    if storage.is_remote(source):
+        return "uri", source
+    path = source[len("file://"):] if source.startswith("file://") else source
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
+    if looks_local:
+        path = os.path.expanduser(path)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise BackboneError(f"backbone {source}: {path} is not a Hugging Face model folder (no config.json)")
+        return "folder", path
+    if source.count("/") > 1:
+        raise BackboneError(f"backbone {source}: neither a built-in ({', '.join(BUILTIN)}), a local folder, a URI, nor a hub id")
+    return "hub", source
+
+
+def _minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from fmrilm.models.text import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token
+    return tok
+
+
+def builtin_config(name: str, vocab_size: int, tokenizer, width: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 1024):
+    """The transformers config of a built-in tiny decoder (random weights)."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if name == "tiny-gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_positions=max_positions, n_embd=width, n_layer=layers, n_head=heads, **ids)
+    common = dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions, **ids)
+    if name == "tiny-llama":
+        return LlamaConfig(**common)
+    return Qwen2Config(**common, tie_word_embeddings=True)
+
+
+def load_backbone(source: str, seed: int = 0, tiny_width: int = 64, tiny_layers: int = 2):
+    """Load a causal LM and its tokenizer. Returns ``(model, tokenizer, info)`` with ``info`` =
+    ``{"source", "kind", "family", "pretrained"}``; the tokenizer always has a pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, where = locate_backbone(source)
+    if kind == "builtin":
+        tok = _minilm_tokenizer()
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(builtin_config(where, len(tok), tok, tiny_width, tiny_layers))
+        log.warning("backbone %s: a %d-layer decoder built from a config in code, NOT pretrained "
+                    "(quickstart/tests only; set backbone.source to a real model for science)", source, tiny_layers)
+        pretrained = False
+    else:
+        path = sync_to_local(where) if kind == "uri" else where
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            hint = " (hub ids need network access; use a local folder or an s3:// copy offline)" if kind == "hub" else ""
+            raise BackboneError(f"backbone {source}: cannot load a causal LM: {err}{hint}") from err
+        pretrained = True
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    info = {"source": source, "kind": kind, "family": model.config.model_type, "pretrained": pretrained}
+    return model, tok, info
+
+
+@dataclass(frozen=True)
+class FMRIVocab:
+    """Where the fMRI tokens sit in the extended vocabulary."""
+
+    num_codes: int
+    first_code_id: int  # <fmri_i> has id first_code_id + i
+    open_id: int
+    close_id: int
+    base_vocab: int  # ids below this are the original text vocabulary
+
+    def code_ids(self) -> torch.Tensor:
+        return torch.arange(self.first_code_id, self.first_code_id + self.num_codes)
+
+    def new_ids(self) -> list[int]:
+        return [self.open_id, self.close_id, *range(self.first_code_id, self.first_code_id + self.num_codes)]
+
+
+def add_fmri_vocab(model, tokenizer, num_codes: int) -> FMRIVocab:
+    """Append the fMRI tokens to ``tokenizer`` and grow ``model``'s input/output embeddings.
+
+    Existing ids keep their rows; new output rows start at zero bias/weights of the mean so text
+    logits over the original vocabulary do not change. Returns the :class:`FMRIVocab`.
+    """
+    if not 1 <= num_codes <= MAX_CODES:
+        raise BackboneError(f"codebook of {num_codes} codes: the fMRI vocabulary allows 1..{MAX_CODES}")
+    base = len(tokenizer)
+    if tokenizer.convert_tokens_to_ids(OPEN) not in (None, tokenizer.unk_token_id):
+        raise BackboneError("this tokenizer already has fMRI tokens (add_fmri_vocab was applied twice?)")
+    tokenizer.add_special_tokens({"additional_special_tokens": [OPEN, CLOSE]}, replace_extra_special_tokens=False)
+    tokenizer.add_tokens([code_token(i) for i in range(num_codes)], special_tokens=True)
+    first = tokenizer.convert_tokens_to_ids(code_token(0))
+    vocab = FMRIVocab(num_codes, first, tokenizer.convert_tokens_to_ids(OPEN), tokenizer.convert_tokens_to_ids(CLOSE), base)
+    if first + num_codes - 1 != tokenizer.convert_tokens_to_ids(code_token(num_codes - 1)):
+        raise BackboneError("fMRI code tokens did not get consecutive ids")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not model.get_input_embeddings().weight:
+        with torch.no_grad():  # untied head: new rows start at zero (no effect on text logits' argmax order)
+            out.weight[base:].zero_()
+            if getattr(out, "bias", None) is not None:
+                out.bias[base:].zero_()
+    model.config.fmri_vocab = {"num_codes": num_codes, "first_code_id": first, "open_id": vocab.open_id,
+                               "close_id": vocab.close_id, "base_vocab": base}
+    return vocab
+
+
+def fit_linear_map(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge least squares ``y ~ x @ w + b``: ``x [n, d]``, ``y [n, h]`` -> ``(w [d, h], b [h])``."""
+    xm, ym = x.mean(0), y.mean(0)
+    xc, yc = (x - xm).double(), (y - ym).double()
+    w = torch.linalg.solve(xc.T @ xc + ridge * len(x) * torch.eye(x.shape[1], dtype=torch.float64), xc.T @ yc)
+    return w.float(), (ym - xm @ w.float())
+
+
+@torch.no_grad()
+def init_code_embeddings(model, vocab: FMRIVocab, codebook: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         seed: int = 0) -> str:
+    """Initialise the new input-embedding rows; returns ``"linear-map"`` or ``"mean"``.
+
+    ``codebook [K, d]``; ``pairs = (code vectors [n, d], LM-space targets [n, hidden])``. With
+    pairs whose width is the LM's hidden size, codes go through the fitted map and are rescaled
+    to the mean norm of the text embeddings; otherwise every new row is the mean text embedding
+    plus noise of 1 % of its per-dimension spread (rows must differ to be learnable apart).
+    """
+    table = model.get_input_embeddings().weight
+    text = table[: vocab.base_vocab].float()
+    hidden = table.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    delim = text.mean(0) + 0.01 * text.std(0) * torch.randn(2, hidden, generator=g)
+    table[[vocab.open_id, vocab.close_id]] = delim.to(table.dtype)
+    if pairs is not None and pairs[1].shape[1] == hidden and len(pairs[0]) > codebook.shape[1]:
+        w, b = fit_linear_map(pairs[0].float(), pairs[1].float())
+        rows = codebook.float() @ w + b
+        rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8) * text.norm(dim=-1).mean()
+        method = "linear-map"
+    else:
+        if pairs is not None:
+            log.warning("codebook init: %s; using the mean embedding",
+                        f"targets have width {pairs[1].shape[1]}, the LM {hidden}" if pairs[1].shape[1] != hidden else "too few pairs")
+        rows = text.mean(0) + 0.01 * text.std(0) * torch.randn(vocab.num_codes, hidden, generator=g)
+        method = "mean"
+    table[vocab.first_code_id : vocab.first_code_id + vocab.num_codes] = rows.to(table.dtype)
+    model.config.fmri_code_init = method
+    return method
+
+
+def objective_losses(logits: torch.Tensor, targets: torch.Tensor, objective: torch.Tensor, weights: dict[int, float]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Weighted sum of per-objective mean cross-entropies.
+
+    ``logits [batch, L, vocab]``; ``targets [batch, L]`` already aligned to positions (no shift;
+    ``-100`` ignored); ``objective [batch, L]`` ids of :mod:`fmrilm.data.lm_sequences`. Returns
+    ``(total, {objective id: mean loss})`` over the objectives present in the batch.
+    """
+    ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    obj = objective.flatten()
+    total = logits.new_zeros((), dtype=torch.float32)
+    parts = {}
+    for k, w in weights.items():
+        sel = obj == k
+        if sel.any():
+            parts[k] = ce[sel].mean()
+            total = total + w * parts[k]
+    return total, parts
