@@ -9,7 +9,7 @@ from typing import Callable
 from fmrilm.config import ConfigError
 
 # kinds that later stages add; a spec naming one fails clearly instead of running a stand-in
-PLANNED = ("pretrain", "instruct", "eval", "sweep")
+PLANNED = ("instruct", "eval", "sweep")
 
 
 def _quickstart():
@@ -36,7 +36,14 @@ def _tokenize():
     return TokenizeSpec, run
 
 
-KINDS: dict[str, Callable] = {"quickstart": _quickstart, "features": _features, "tokenizer": _tokenizer, "tokenize": _tokenize}
+def _pretrain():
+    from fmrilm.train.lm import PretrainSpec, run
+
+    return PretrainSpec, run
+
+
+KINDS: dict[str, Callable] = {"quickstart": _quickstart, "features": _features, "tokenizer": _tokenizer, "tokenize": _tokenize,
+                              "pretrain": _pretrain}
 
 
 def job_for(kind: str | None, source: str = "<spec>"):

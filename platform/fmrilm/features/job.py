@@ -243,3 +243,20 @@ def run(spec: FeaturesSpec) -> dict:
             raise FeaturesError(f"dataset(s) {unknown} not found under {spec.data}")
         found = [(loc, m) for loc, m in found if m["dataset"] in spec.datasets]
     return {m["dataset"]: build_dataset(loc, m, spec) for loc, m in found}
+
+
+def read_captions(data: str, datasets: list[str] | None = None) -> dict[str, list[str]]:
+    """Captions per scan (``scan_id -> [caption 0, caption 1, ...]``) from the committed features
+    builds of the datasets under ``data``; datasets without a build contribute nothing."""
+    out: dict[str, list[str]] = {}
+    for loc, manifest in table.find_datasets(data):
+        if datasets and manifest["dataset"] not in datasets:
+            continue
+        fm = _read_json(loc.join("features", "manifest.json"))
+        if fm is None:
+            continue
+        where = storage.resolve(fm["summary"]["captions_table"])
+        caps = pd.read_parquet(where.path, filesystem=where.fs).sort_values(["scan_id", "caption_index"])
+        for scan_id, group in caps.groupby("scan_id", sort=False):
+            out[scan_id] = group["caption"].tolist()
+    return out

@@ -167,12 +167,8 @@ class FMRIVocab:
         return [self.open_id, self.close_id, *range(self.first_code_id, self.first_code_id + self.num_codes)]
 
 
-def add_fmri_vocab(model, tokenizer, num_codes: int) -> FMRIVocab:
-    """Append the fMRI tokens to ``tokenizer`` and grow ``model``'s input/output embeddings.
-
-    Existing ids keep their rows; new output rows start at zero bias/weights of the mean so text
-    logits over the original vocabulary do not change. Returns the :class:`FMRIVocab`.
-    """
+def extend_tokenizer(tokenizer, num_codes: int) -> FMRIVocab:
+    """Append ``<fmri>``, ``</fmri>`` and ``<fmri_0..K-1>`` to ``tokenizer`` (after every existing id)."""
     if not 1 <= num_codes <= MAX_CODES:
         raise BackboneError(f"codebook of {num_codes} codes: the fMRI vocabulary allows 1..{MAX_CODES}")
     base = len(tokenizer)
@@ -181,9 +177,19 @@ def add_fmri_vocab(model, tokenizer, num_codes: int) -> FMRIVocab:
     tokenizer.add_special_tokens({"additional_special_tokens": [OPEN, CLOSE]}, replace_extra_special_tokens=False)
     tokenizer.add_tokens([code_token(i) for i in range(num_codes)], special_tokens=True)
     first = tokenizer.convert_tokens_to_ids(code_token(0))
-    vocab = FMRIVocab(num_codes, first, tokenizer.convert_tokens_to_ids(OPEN), tokenizer.convert_tokens_to_ids(CLOSE), base)
     if first + num_codes - 1 != tokenizer.convert_tokens_to_ids(code_token(num_codes - 1)):
         raise BackboneError("fMRI code tokens did not get consecutive ids")
+    return FMRIVocab(num_codes, first, tokenizer.convert_tokens_to_ids(OPEN), tokenizer.convert_tokens_to_ids(CLOSE), base)
+
+
+def add_fmri_vocab(model, tokenizer, num_codes: int) -> FMRIVocab:
+    """:func:`extend_tokenizer`, then grow ``model``'s input/output embeddings to match.
+
+    Existing ids keep their rows; the new rows of an untied output head start at zero, so text
+    logits over the original vocabulary do not change. Returns the :class:`FMRIVocab`.
+    """
+    vocab = extend_tokenizer(tokenizer, num_codes)
+    base, first = vocab.base_vocab, vocab.first_code_id
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -247,7 +253,7 @@ def objective_losses(logits: torch.Tensor, targets: torch.Tensor, objective: tor
     """
     ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
     obj = objective.flatten()
-    total = logits.new_zeros((), dtype=torch.float32)
+    total = logits.sum() * 0.0  # keeps the graph when a (padding-only) batch has no targets
     parts = {}
     for k, w in weights.items():
         sel = obj == k

@@ -1,0 +1,524 @@
+"""Stage 2: joint fMRI/text pretraining of a Hugging Face causal LM with DeepSpeed on Ray Train.
+
+Driver: checks the spec before any worker starts (backbone, codebook size, LoRA targets), builds
+the training sequences from the tokens table (``fmrilm tokenize``) and the captions (``fmrilm
+features build``) of the training-split scans (fMRI->fMRI, fMRI->text, text->text; packed to
+``seq_len``; see :mod:`fmrilm.data.lm_sequences`), and runs a ``TorchTrainer``.
+
+Worker: loads the backbone (identically on every rank), adds the fMRI vocabulary and initialises
+its embeddings, optionally wraps it in LoRA (peft; the new token rows stay trainable), hands it
+to ``deepspeed.initialize`` (ZeRO 0-3, :mod:`fmrilm.train.deepspeed`) and trains with the
+block-causal mask and per-objective losses. Every ``checkpoint_every`` steps every rank saves its
+DeepSpeed shard and reports it; re-running the same run name resumes from the newest one. At the
+end the model is exported as a Hugging Face folder under ``<storage>/<run>/model`` (ZeRO-3
+parameters gathered first): the full model, or with LoRA ``base/`` + ``adapter/`` (merge with
+``fmrilm lm merge``), plus ``fmri_lm.json`` and ``probe.pt`` (inputs and logits of the trained
+model, so any reload can be checked against it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from fmrilm import runtime, storage
+from fmrilm.config import Strict
+from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, attention_mask, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
+from fmrilm.models.fmri_lm import MAX_CODES, BackboneError, add_fmri_vocab, init_code_embeddings, load_backbone, locate_backbone, objective_losses
+from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule
+from fmrilm.train.deepspeed import DeepSpeedSpec, build_config
+
+log = logging.getLogger("fmrilm.lm")
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+class BackboneSpec(Strict):
+    """Which causal LM: a built-in tiny decoder (not pretrained), a folder, a URI or a hub id."""
+
+    source: str = Field("tiny-gpt2", description="tiny-gpt2 | tiny-llama | tiny-qwen | local folder | s3://... | hub id")
+    tiny_width: int = Field(64, ge=8, description="hidden size of a built-in decoder")
+    tiny_layers: int = Field(2, ge=1, description="layers of a built-in decoder")
+
+
+class LoraSpec(Strict):
+    """LoRA adapters (peft). The fMRI token rows of the embeddings stay trainable."""
+
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="default: attention + MLP projections of the family")
+
+
+class ObjectiveWeights(Strict):
+    """``L = fmri_text * L_f->t + fmri_fmri * L_f->f + text_text * L_t->t`` (fMRI-LM's weights)."""
+
+    fmri_text: float = Field(1.0, ge=0)
+    fmri_fmri: float = Field(0.1, ge=0)
+    text_text: float = Field(0.5, ge=0)
+
+    def by_id(self) -> dict[int, float]:
+        return {F2F: self.fmri_fmri, F2T: self.fmri_text, T2T: self.text_text}
+
+
+class PretrainSpec(Strict):
+    """Spec of ``jobs/pretrain.yaml``."""
+
+    kind: Literal["pretrain"] = "pretrain"
+    tokenizer: str = Field("./fmrilm-data/runs/tokenizer/tokenizer", description="tokenizer artifact URI")
+    tokens: str | None = Field(None, description="tokens table URI (default: <tokenizer>/../tokens)")
+    data: str = Field("./fmrilm-data/datasets", description="dataset root: captions and the subject split")
+    datasets: list[str] | None = None
+    backbone: BackboneSpec = BackboneSpec()
+    input_mode: Literal["tokens", "features"] = Field("tokens", description="tokens: codes as vocabulary; features: projector (not built yet)")
+    objectives: ObjectiveWeights = ObjectiveWeights()
+    seq_len: int = Field(256, ge=16)
+    lora: LoraSpec = LoraSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    train: OptimSpec = OptimSpec(epochs=2, lr=5e-4, warmup_steps=5, checkpoint_every=50, log_every=5)
+    scaling: ScalingSpec = ScalingSpec(num_workers=2, cpus_per_worker=0.5)
+    run: RunSpec = RunSpec(name="pretrain")
+
+
+# ---------------------------------------------------------------- driver side: checks
+
+
+def _skeleton(spec: PretrainSpec):
+    """The backbone's module tree on the meta device (no weights), for checking LoRA targets."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fmrilm.models.fmri_lm import _minilm_tokenizer, builtin_config, sync_to_local
+
+    kind, where = locate_backbone(spec.backbone.source)
+    if kind == "builtin":
+        tok = _minilm_tokenizer()
+        cfg = builtin_config(where, len(tok), tok, spec.backbone.tiny_width, spec.backbone.tiny_layers)
+    else:
+        path = sync_to_local(where) if kind == "uri" else where
+        try:
+            cfg = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise BackboneError(f"backbone {spec.backbone.source}: cannot read its config: {err}") from err
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def lora_targets(spec: PretrainSpec, model) -> list[str]:
+    """The LoRA target module names, checked against ``model``; a clear error if any is absent."""
+    family = model.config.model_type
+    targets = spec.lora.target_modules or LORA_TARGETS.get(family)
+    if not targets:
+        raise BackboneError(f"no default LoRA targets for model family {family!r}: set lora.target_modules")
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaves]
+    if missing:
+        sample = sorted(n for n in leaves if n)[:12]
+        raise BackboneError(f"lora.target_modules {missing} are not modules of this {family} model (it has e.g. {sample})")
+    return targets
+
+
+def check(spec: PretrainSpec) -> dict:
+    """Every check that can fail before a worker starts; returns the tokenizer artifact's config."""
+    from fmrilm.tokenize import artifact_config
+
+    if spec.input_mode == "features":
+        raise NotImplementedError("input_mode 'features' (encoder features through a projector as inputs_embeds) is not built yet; "
+                                  "use input_mode: tokens")
+    locate_backbone(spec.backbone.source)
+    cfg = artifact_config(spec.tokenizer)
+    k = cfg["model"]["num_codes"]
+    if k > MAX_CODES:
+        raise BackboneError(f"the tokenizer has {k} codes; the fMRI vocabulary allows at most {MAX_CODES}")
+    skeleton = _skeleton(spec)
+    if spec.lora.enabled:
+        lora_targets(spec, skeleton)
+    if spec.seq_len > getattr(skeleton.config, "max_position_embeddings", getattr(skeleton.config, "n_positions", 10**9)):
+        raise BackboneError(f"seq_len {spec.seq_len} exceeds the backbone's maximum positions")
+    return cfg
+
+
+# ---------------------------------------------------------------- driver side: sequences
+
+
+def scan_codes(tokens, window: int, patch: int) -> dict[str, np.ndarray]:
+    """Per scan, the codes of consecutive non-overlapping windows joined along time:
+    ``scan_id -> [rois, steps]`` (code indices)."""
+    out = {}
+    for scan_id, group in tokens.sort_values(["scan_id", "start"]).groupby("scan_id", sort=False):
+        blocks, end = [], -1
+        for start, n_rois, n_patches, codes in zip(group["start"], group["n_rois"], group["n_patches"], group["codes"]):
+            if start >= end:
+                blocks.append(np.asarray(codes).reshape(n_rois, n_patches))
+                end = start + window
+        out[scan_id] = np.concatenate(blocks, axis=1)
+    return out
+
+
+def build_examples(codes: dict[str, np.ndarray], captions: dict[str, list[str]], tokenizer, vocab, seq_len: int,
+                   weights: ObjectiveWeights) -> list:
+    """fMRI->fMRI chunks of every scan, fMRI->text pairs (each caption with a chunk of its scan)
+    and text->text captions, in a fixed interleaved order; objectives with weight 0 are left out."""
+    examples = []
+    for scan_id in sorted(codes):
+        c = codes[scan_id]
+        rois = c.shape[0]
+        s = steps_that_fit(rois, seq_len)
+        if s < 2:
+            raise ValueError(f"seq_len {seq_len} holds fewer than 2 time steps of {rois} ROIs (scan {scan_id}): raise seq_len")
+        chunks = [c[:, i : i + s] for i in range(0, c.shape[1] - 1, s) if c[:, i : i + s].shape[1] >= 2]
+        if weights.fmri_fmri > 0:
+            examples += [fmri_to_fmri(ch, vocab.first_code_id, vocab.open_id, vocab.close_id) for ch in chunks]
+        for j, caption in enumerate(captions.get(scan_id, [])):
+            ids = np.asarray(tokenizer(caption, add_special_tokens=False)["input_ids"], np.int64)
+            if weights.fmri_text > 0:
+                st = steps_that_fit(rois, seq_len, extra=len(ids) + 1)
+                if st >= 1:
+                    chunk = chunks[j % len(chunks)] if chunks else c
+                    examples.append(fmri_to_text(chunk[:, :st], ids, vocab.first_code_id, vocab.open_id, vocab.close_id, tokenizer.eos_token_id))
+            if weights.text_text > 0 and len(ids) + 2 <= seq_len:
+                examples.append(text_to_text(ids, tokenizer.bos_token_id, tokenizer.eos_token_id))
+    return examples
+
+
+def split_scans(spec: PretrainSpec) -> dict[str, str]:
+    """``scan_id -> split`` from the datasets' subject-level split policy."""
+    from fmrilm.data.pipeline import PipelineSpec, scan_index
+
+    index = scan_index(PipelineSpec(data=spec.data, datasets=spec.datasets))
+    return dict(zip(index["scan_id"], index["split"]))
+
+
+def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
+    """Packed train (and val) sequences, padded so every rank gets the same number of rows."""
+    from fmrilm.features.job import read_captions
+    from fmrilm.tokenize import read_tokens
+
+    tokens_uri = spec.tokens or storage.join(spec.tokenizer.rstrip("/").rsplit("/", 1)[0], "tokens")
+    try:
+        tokens = read_tokens(tokens_uri)
+    except (FileNotFoundError, OSError) as err:
+        raise FileNotFoundError(f"no tokens table at {tokens_uri}: run `fmrilm tokenize jobs/tokenize.yaml` first ({err})") from None
+    split = split_scans(spec)
+    tokens = tokens[tokens["scan_id"].isin(split)]
+    captions = read_captions(spec.data, spec.datasets)
+    if spec.objectives.fmri_text > 0 and not captions:
+        log.warning("no captions under %s: fMRI->text and text->text objectives have no data (run `fmrilm features build`)", spec.data)
+    from fmrilm.models.fmri_lm import extend_tokenizer
+
+    tok = _text_tokenizer(spec)
+    vocab = extend_tokenizer(tok, art_cfg["model"]["num_codes"])  # the same ids the workers' add_fmri_vocab assigns
+    codes = scan_codes(tokens, art_cfg["data"]["window"], art_cfg["model"]["patch"])
+    world = spec.scaling.num_workers
+    out = {}
+    for name in ("train", "val"):
+        ids = {s for s, sp in split.items() if sp == name}
+        ex = build_examples({k: v for k, v in codes.items() if k in ids}, {k: v for k, v in captions.items() if k in ids},
+                            tok, vocab, spec.seq_len, spec.objectives)
+        if not ex:
+            continue
+        packed = pack(ex, spec.seq_len, tok.pad_token_id)
+        pad = (-len(packed["ids"])) % world
+        if pad:
+            packed = {k: np.concatenate([v, np.repeat(_empty_row(k, spec.seq_len, tok.pad_token_id), pad, axis=0)]) for k, v in packed.items()}
+        out[name] = {"packed": packed, "examples": len(ex), "counts": {o: sum(int((e.objective == i).any()) for e in ex) for i, o in enumerate(OBJECTIVES)}}
+    if "train" not in out:
+        raise ValueError(f"no training sequences: the tokens table {tokens_uri} has no scans of the training split")
+    return out
+
+
+def _empty_row(key: str, seq_len: int, pad_id: int) -> np.ndarray:
+    fill = {"ids": (pad_id, np.int64), "targets": (-100, np.int64), "groups": (0, np.int32), "positions": (0, np.int64),
+            "objective": (-1, np.int8), "segments": (0, np.int32)}[key]
+    return np.full((1, seq_len), fill[0], fill[1])
+
+
+def _text_tokenizer(spec: PretrainSpec):
+    """The backbone's tokenizer alone (no weights), with a pad token."""
+    from transformers import AutoTokenizer
+
+    from fmrilm.models.fmri_lm import _minilm_tokenizer, sync_to_local
+
+    kind, where = locate_backbone(spec.backbone.source)
+    if kind == "builtin":
+        return _minilm_tokenizer()
+    tok = AutoTokenizer.from_pretrained(sync_to_local(where) if kind == "uri" else where)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def to_dataset(packed: dict[str, np.ndarray]):
+    """A Ray Dataset with one packed row per record (tensor columns)."""
+    import ray
+
+    n = len(packed["ids"])
+    return ray.data.from_items([{k: v[i] for k, v in packed.items()} for i in range(n)])
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _collate():
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class PackedCollate(NumpyBatchCollateFn):
+        def __call__(self, batch):
+            return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+    return PackedCollate()
+
+
+def build_model(spec: PretrainSpec, num_codes: int, codebook: torch.Tensor):
+    """Backbone + fMRI vocabulary (+ LoRA); returns ``(model, tokenizer, vocab, info)``."""
+    model, tok, info = load_backbone(spec.backbone.source, seed=spec.train.seed, tiny_width=spec.backbone.tiny_width,
+                                     tiny_layers=spec.backbone.tiny_layers)
+    vocab = add_fmri_vocab(model, tok, num_codes)
+    info["code_init"] = init_code_embeddings(model, vocab, codebook, seed=spec.train.seed)
+    if spec.deepspeed.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model, tok, vocab, info
+
+
+def wrap_lora(spec: PretrainSpec, model, vocab):
+    """LoRA on the family's projections; the fMRI rows of the embeddings (and an untied head) train."""
+    from peft import LoraConfig, get_peft_model
+
+    new = vocab.new_ids()
+    emb_name = _module_name(model, model.get_input_embeddings())
+    tokens = {emb_name: new}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        tokens[_module_name(model, head)] = new
+    cfg = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout, task_type="CAUSAL_LM",
+                     target_modules=lora_targets(spec, model), trainable_token_indices=tokens)
+    return get_peft_model(model, cfg)
+
+
+def _module_name(model, module) -> str:
+    return next(name for name, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
+
+
+METRIC_KEYS = ("loss", *(f"loss/{o}" for o in OBJECTIVES))
+
+
+def _mean_across_ranks(sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+    """Means of ``METRIC_KEYS`` over every rank's micro-steps (a fixed-size all-reduce: ranks may
+    have seen different objectives); keys no rank saw are left out."""
+    import torch.distributed as dist
+
+    t = torch.tensor([sums.get(k, 0.0) for k in METRIC_KEYS] + [counts.get(k, 0.0) for k in METRIC_KEYS], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    n = len(METRIC_KEYS)
+    return {k: t[i].item() / t[n + i].item() for i, k in enumerate(METRIC_KEYS) if t[n + i] > 0}
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker: the LM training loop (see the module docstring)."""
+    import deepspeed
+    import ray.train
+
+    from fmrilm.data.pipeline import epoch_stream
+
+    spec = PretrainSpec(**config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = spec.scaling.use_gpu and torch.cuda.is_available()
+    model, tok, vocab, info = build_model(spec, config["num_codes"], torch.from_numpy(config["codebook"].copy()))
+    export_base = None
+    if spec.lora.enabled:
+        export_base = tempfile.mkdtemp(prefix="fmrilm-base-")
+        if rank == 0:  # the vocabulary-extended, initialised model LoRA trains on top of
+            model.save_pretrained(export_base)
+            tok.save_pretrained(export_base)
+        model = wrap_lora(spec, model, vocab)
+    weights = spec.objectives.by_id()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+    per_epoch = math.ceil(config["rows_per_rank"] / (spec.deepspeed.micro_batch_size * spec.deepspeed.grad_accum))
+    total = min(spec.train.epochs * per_epoch, spec.train.max_steps or 10**12)
+    sched = cosine_schedule(opt, spec.train.warmup_steps, total)
+    ds_config = build_config(spec.deepspeed, world, spec.train.grad_clip, on_gpu)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False)
+    device = engine.device
+    step, resumed = 0, {}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag="ds", load_module_strict=not spec.lora.enabled)
+        step = int(client["step"])
+        resumed = {"resumed_from_step": step}
+        if rank == 0:
+            log.info("resumed at step %d", step)
+    fail_at = config.get("fault_step", 0)
+    shard = ray.train.get_dataset_shard("train")
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    tokens_done, seconds = 0, 0.0
+
+    def add(key: str, value: float) -> None:
+        sums[key] = sums.get(key, 0.0) + value
+        counts[key] = counts.get(key, 0.0) + 1
+
+    def report(final: bool = False) -> None:
+        metrics = _mean_across_ranks(sums, counts)
+        metrics |= resumed | {"step": step, "epoch": step / per_epoch, "lr": sched.get_last_lr()[0],
+                              "tokens_per_s": tokens_done / seconds if seconds else 0.0, "code_init": info["code_init"],
+                              "pretrained_backbone": info["pretrained"]}
+        sums.clear()
+        counts.clear()
+        checkpoint_now = final or step % spec.train.checkpoint_every == 0
+        if not checkpoint_now:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="fmrilm-lm-ckpt-") as d:
+            engine.save_checkpoint(d, tag="ds", client_state={"step": step}, exclude_frozen_parameters=spec.lora.enabled)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{step:07d}")
+
+    first_epoch = step // per_epoch
+    skip = (step - first_epoch * per_epoch) * spec.deepspeed.grad_accum
+    micro = 0
+    last = time.perf_counter()
+    engine.train()
+    for epoch, i, batch in epoch_stream(shard, spec.deepspeed.micro_batch_size, first_epoch, spec.train.epochs, collate_fn=_collate()):
+        if step >= total:
+            break
+        if epoch == first_epoch and i < skip:
+            continue
+        batch = {k: v.to(device) for k, v in batch.items()}
+        mask = attention_mask(batch["segments"], batch["groups"])
+        out = engine(input_ids=batch["ids"], attention_mask=mask, position_ids=batch["positions"], use_cache=False)
+        loss, parts = objective_losses(out.logits, batch["targets"], batch["objective"], weights)
+        engine.backward(loss)
+        engine.step()
+        micro += 1
+        add("loss", loss.item())
+        for k, v in parts.items():
+            add(f"loss/{OBJECTIVES[k]}", v.item())
+        if micro % spec.deepspeed.grad_accum:
+            continue
+        step += 1
+        now = time.perf_counter()
+        if step > 2:
+            seconds += now - last
+            tokens_done += int((batch["segments"] > 0).sum())
+        if step < total and (step % spec.train.log_every == 0 or step % spec.train.checkpoint_every == 0):
+            report()
+        if fail_at and step == fail_at and not resumed:
+            raise RuntimeError(f"injected fault at step {step} (FMRILM_FAULT_STEP)")
+        last = time.perf_counter()
+    report(final=True)
+    export(engine, tok, spec, info, vocab, config["probe"], export_base, rank)
+
+
+def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base_dir: str | None, rank: int) -> None:
+    """Write the Hugging Face folder (see the module docstring); every rank takes part (ZeRO-3 gathers)."""
+    import deepspeed
+
+    model = engine.module
+    model.eval()
+    gather = spec.deepspeed.zero_stage == 3
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
+        inputs = {k: torch.from_numpy(v).to(engine.device) for k, v in probe.items()}
+        with torch.no_grad():
+            logits = model(input_ids=inputs["ids"], attention_mask=attention_mask(inputs["segments"], inputs["groups"]),
+                           position_ids=inputs["positions"], use_cache=False).logits.float().cpu()
+        if rank == 0:
+            with tempfile.TemporaryDirectory(prefix="fmrilm-export-") as d:
+                if spec.lora.enabled:
+                    model.save_pretrained(os.path.join(d, "adapter"))
+                    _copy_tree(base_dir, os.path.join(d, "base"))
+                else:
+                    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    model.save_pretrained(os.path.join(d, "full"), state_dict=state)
+                    tok.save_pretrained(os.path.join(d, "full"))
+                torch.save({"inputs": probe, "logits": logits}, os.path.join(d, "probe.pt"))
+                with open(os.path.join(d, "fmri_lm.json"), "w") as f:
+                    json.dump({"backbone": info, "vocab": vars(vocab), "lora": spec.lora.enabled, "seq_len": spec.seq_len,
+                               "layout": "base+adapter" if spec.lora.enabled else "full", "tokenizer": spec.tokenizer}, f, indent=1)
+                target = storage.join(spec.run.storage, spec.run.name, "model")
+                storage.delete_dir(storage.resolve(target))
+                _upload_tree(d, target)
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    import shutil
+
+    shutil.copytree(src, dst)
+
+
+def _upload_tree(local: str, uri: str) -> None:
+    for root, _, files in os.walk(local):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, local)
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.resolve(storage.join(uri, *rel.split(os.sep))), f.read())
+
+
+# ---------------------------------------------------------------- driver entry
+
+
+def run(spec: PretrainSpec) -> dict:
+    """Check, build sequences, train (or resume), export; returns metrics, counts and the model URI."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from safetensors.torch import load
+
+    from fmrilm.train.common import run_config
+
+    art_cfg = check(spec)
+    runtime.init_ray()
+    prepared = prepare_sequences(spec, art_cfg)
+    train = prepared["train"]
+    codebook = load(storage.read_bytes(storage.resolve(spec.tokenizer).join("model.safetensors")))["quantizer.codebook"]
+    world = spec.scaling.num_workers
+    rows = len(train["packed"]["ids"])
+    probe = {k: v[:1] for k, v in train["packed"].items() if k in ("ids", "segments", "groups", "positions")}
+    config = {"spec": spec.model_dump(mode="json"), "num_codes": art_cfg["model"]["num_codes"], "codebook": codebook.numpy(),
+              "rows_per_rank": math.ceil(rows / world), "probe": probe,
+              "fault_step": int(os.environ.get("FMRILM_FAULT_STEP", "0") or 0)}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
+        datasets={"train": to_dataset(train["packed"])}, run_config=run_config(spec.run),
+    )
+    result = trainer.fit()
+    return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
+            "sequences": rows, "examples": train["examples"], "objective_examples": train["counts"]}
+
+
+def load_exported(uri: str):
+    """A plain transformers (+ peft) model and tokenizer from an export folder (eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fmrilm.models.fmri_lm import sync_to_local
+
+    loc = storage.resolve(uri)
+    local = sync_to_local(uri) if storage.is_remote(uri) else loc.path
+    meta = json.loads(storage.read_text(loc.join("fmri_lm.json")))
+    if meta["layout"] == "full":
+        path = os.path.join(local, "full")
+        return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path), meta
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(local, "base"))
+    model = PeftModel.from_pretrained(base, os.path.join(local, "adapter"))
+    return model.eval(), AutoTokenizer.from_pretrained(os.path.join(local, "base")), meta

@@ -1,0 +1,103 @@
+"""The LM stage on Ray Train + DeepSpeed (2 CPU workers, gloo): ZeRO-2 and ZeRO-3, with and
+without LoRA; losses fall; a fault then a resume by run name; export reloaded with plain
+transformers (+ peft) gives the in-training logits; bad specs fail before any worker starts."""
+
+import os
+
+import pytest
+import torch
+
+from fmrilm.data.ingest import ingest_synthetic
+from fmrilm.data.pipeline import PipelineSpec
+from fmrilm.data.synth import SynthParams
+from fmrilm.models.fmri_lm import BackboneError
+from fmrilm.models.tokenizer import TokenizerConfig
+from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
+from fmrilm.train.deepspeed import DeepSpeedSpec
+from fmrilm.train.lm import BackboneSpec, LoraSpec, PretrainSpec, load_exported, run
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def lm_inputs(ray_cluster, tmp_path_factory):
+    """A synthetic cohort with captions, a (briefly) trained tokenizer and its tokens table."""
+    from fmrilm.features.job import FeaturesSpec
+    from fmrilm.features.job import run as features
+    from fmrilm.models.alignment import AlignmentConfig
+    from fmrilm.tokenize import TokenizeSpec
+    from fmrilm.tokenize import run as tokenize
+    from fmrilm.train.tokenizer import TokenizerStageSpec
+    from fmrilm.train.tokenizer import run as train_tokenizer
+
+    root = tmp_path_factory.mktemp("lm")
+    data = str(root / "datasets")
+    ingest_synthetic(SynthParams(name="lmtest", subjects=12, n_rois=8, n_networks=4, n_timepoints=96, seed=3), data)
+    features(FeaturesSpec(data=data, ica_components=3, captions_per_scan=2, plot=False, probe=False))
+    tok = train_tokenizer(TokenizerStageSpec(
+        data=PipelineSpec(data=data, window=32, stride=32), model=TokenizerConfig(patch=16, width=16, heads=2, depth=1, code_dim=8, num_codes=16),
+        alignment=AlignmentConfig(domain_weight=0), train=OptimSpec(epochs=1, batch_size=8, max_steps=3, checkpoint_every=3),
+        scaling=ScalingSpec(num_workers=1, cpus_per_worker=0.5), run=RunSpec(storage=str(root / "runs"), name="tok", logger="none")))
+    tokenize(TokenizeSpec(tokenizer=tok["artifact"], data=PipelineSpec(data=data)))
+    return {"root": root, "data": data, "tokenizer": tok["artifact"]}
+
+
+def _spec(inputs, name, zero=2, lora=False, source="tiny-gpt2", **train):
+    return PretrainSpec(
+        tokenizer=inputs["tokenizer"], data=inputs["data"], backbone=BackboneSpec(source=source, tiny_width=32),
+        seq_len=64, lora=LoraSpec(enabled=lora, r=4, alpha=8),
+        deepspeed=DeepSpeedSpec(zero_stage=zero, micro_batch_size=2),
+        train=OptimSpec(**({"epochs": 2, "lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 100, "log_every": 2} | train)),
+        scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5),
+        run=RunSpec(storage=str(inputs["root"] / "runs"), name=name, logger="none"))
+
+
+def _check_export(result):
+    model, tok, meta = load_exported(result["model"])
+    probe = torch.load(os.path.join(result["model"], "probe.pt"), weights_only=False)
+    from fmrilm.data.lm_sequences import attention_mask
+
+    x = {k: torch.from_numpy(v) for k, v in probe["inputs"].items()}
+    with torch.no_grad():
+        logits = model(input_ids=x["ids"], attention_mask=attention_mask(x["segments"], x["groups"]), position_ids=x["positions"]).logits
+    torch.testing.assert_close(logits.float(), probe["logits"], atol=1e-4, rtol=1e-4)
+    assert meta["vocab"]["num_codes"] == 16 and tok.convert_tokens_to_ids("<fmri_15>") == meta["vocab"]["first_code_id"] + 15
+    return meta
+
+
+@pytest.mark.parametrize("zero,lora,source", [(2, False, "tiny-gpt2"), (3, True, "tiny-llama")])
+def test_two_workers_train_export_and_reload(lm_inputs, zero, lora, source):
+    result = run(_spec(lm_inputs, f"lm-z{zero}-{int(lora)}", zero=zero, lora=lora, source=source))
+    m = result["metrics"]
+    assert result["examples"] > 0 and all(v > 0 for v in result["objective_examples"].values())
+    for k in ("loss/fmri_fmri", "loss/fmri_text", "loss/text_text"):
+        assert k in m and m[k] > 0
+    assert m["code_init"] == "mean" and m["pretrained_backbone"] is False
+    meta = _check_export(result)
+    assert meta["layout"] == ("base+adapter" if lora else "full")
+
+
+def test_loss_decreases(lm_inputs):
+    first = run(_spec(lm_inputs, "lm-short", max_steps=1, epochs=1))["metrics"]["loss"]
+    later = run(_spec(lm_inputs, "lm-long", epochs=4))["metrics"]["loss"]
+    assert later < first
+
+
+def test_fault_then_resume_by_run_name(lm_inputs, monkeypatch):
+    spec = _spec(lm_inputs, "lm-resume", checkpoint_every=2, epochs=3)
+    monkeypatch.setenv("FMRILM_FAULT_STEP", "3")
+    with pytest.raises(Exception, match="injected fault at step 3"):
+        run(spec)
+    monkeypatch.delenv("FMRILM_FAULT_STEP")
+    m = run(spec)["metrics"]
+    assert m["resumed_from_step"] == 2 and m["step"] > 3
+
+
+def test_bad_specs_fail_before_workers_start(lm_inputs):
+    with pytest.raises(BackboneError, match="no config.json"):
+        run(_spec(lm_inputs, "bad1", source=str(lm_inputs["root"])))
+    with pytest.raises(BackboneError, match="not modules of this gpt2 model"):
+        run(_spec(lm_inputs, "bad2", lora=True).model_copy(update={"lora": LoraSpec(enabled=True, target_modules=["q_proj"])}))
+    with pytest.raises(NotImplementedError, match="not built yet"):
+        run(_spec(lm_inputs, "bad3").model_copy(update={"input_mode": "features"}))
+    assert not (lm_inputs["root"] / "runs" / "bad1").exists() and not (lm_inputs["root"] / "runs" / "bad2").exists()
