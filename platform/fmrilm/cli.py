@@ -20,6 +20,8 @@ bench_app = typer.Typer(help="Benchmarks (each reports a ratio against a baselin
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
 tokenizer_app = typer.Typer(help="Stage 1: the adversarially aligned VQ tokenizer.", no_args_is_help=True)
+lm_app = typer.Typer(help="Stage 2: the fMRI-language model.", no_args_is_help=True)
+app.add_typer(lm_app, name="lm")
 app.add_typer(bench_app, name="bench")
 app.add_typer(tokenizer_app, name="tokenizer")
 console = Console(stderr=True)
@@ -194,6 +196,8 @@ def run_job(
         print_tokenizer(result)
     elif job.kind == "tokenize":
         out.print(f"tokenized {result['windows']} windows -> {escape(result['tokens'])}")
+    elif job.kind == "pretrain":
+        print_pretrain(result)
 
 
 @features_app.command("build")
@@ -278,6 +282,41 @@ def print_tokenizer(result: dict) -> None:
     out.print("  " + ", ".join(parts))
 
 
+@lm_app.command("pretrain")
+def lm_pretrain(
+    spec: str = typer.Argument("jobs/pretrain.yaml", help="pretrain spec YAML"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
+) -> None:
+    """Joint fMRI/text pretraining with DeepSpeed on Ray Train (same run name resumes); exports a HF folder."""
+    from fmrilm import config
+    from fmrilm.train.lm import PretrainSpec, run
+
+    job = _guard(config.load, PretrainSpec, spec, overrides or [])
+    print_pretrain(_guard(run, job))
+
+
+@lm_app.command("merge")
+def lm_merge(
+    model: str = typer.Argument(..., help="an exported model folder with a LoRA adapter (base/ + adapter/)"),
+    out: str = typer.Argument(..., help="where to write the merged full model"),
+) -> None:
+    """Merge a LoRA adapter into its base and write a plain Hugging Face folder."""
+    from fmrilm.train.lm import merge_adapter
+
+    console.print(f"merged -> {escape(_guard(merge_adapter, model, out))}")
+
+
+def print_pretrain(result: dict) -> None:
+    """Losses per objective and where the model went."""
+    m = result["metrics"]
+    out.print(f"model: {escape(result['model'])} (step {m.get('step')}, {result['sequences']} packed sequences, "
+              f"examples per objective {result['objective_examples']})")
+    parts = [f"{k} {m[k]:.3f}" for k in ("loss", "loss/fmri_text", "loss/fmri_fmri", "loss/text_text", "tokens_per_s") if k in m]
+    out.print("  " + ", ".join(parts) + f"; code embeddings init: {m.get('code_init')}")
+    if m.get("pretrained_backbone") is False:
+        console.print("[yellow]the backbone was a built-in decoder, not pretrained: set backbone.source to a real model for science[/]")
+
+
 @app.command("tokenize")
 def tokenize(
     spec: str = typer.Argument("jobs/tokenize.yaml", help="tokenize spec YAML"),
@@ -343,6 +382,26 @@ def bench_tokenizer(
 
     result = _guard(run_benchmark, subjects=subjects, rois=rois, timepoints=timepoints, epochs=epochs,
                     batch_size=batch_size, repeats=repeats)
+    _report_bench(result, as_json, out_file)
+
+
+@bench_app.command("lm")
+def bench_lm(
+    as_json: bool = typer.Option(False, "--json", help="print the JSON result"),
+    width: int = typer.Option(128, help="hidden size of the built-in decoder"),
+    layers: int = typer.Option(4, help="layers of the built-in decoder"),
+    seq_len: int = typer.Option(256, help="packed sequence length"),
+    micro_batch: int = typer.Option(4, help="sequences per step"),
+    epochs: int = typer.Option(2, help="epochs over the synthetic sequences"),
+    scans: int = typer.Option(48, help="synthetic scans (each gives fMRI and caption sequences)"),
+    rois: int = typer.Option(32, help="ROIs per synthetic scan"),
+    out_file: Optional[str] = typer.Option(None, "--out", help="also write the JSON here"),
+) -> None:
+    """LM stage on Ray Train + DeepSpeed ZeRO-0 (1 worker) vs a plain PyTorch loop: tokens/s, memory, MFU on GPU."""
+    from fmrilm.bench.lm import run_benchmark
+
+    result = _guard(run_benchmark, width=width, layers=layers, seq_len=seq_len, micro_batch=micro_batch, epochs=epochs,
+                    scans=scans, rois=rois)
     _report_bench(result, as_json, out_file)
 
 

@@ -29,3 +29,15 @@ def test_bench_tokenizer_compares_the_same_steps(ray_cluster, tmp_path):
     ours, base = result["ray_train"]["runs"][0], result["plain_pytorch"]["runs"][0]
     assert ours["steps"] == base["steps"] == 2 * 6 and ours["threads"] == base["threads"]
     assert result["ratio"] == pytest.approx(ours["samples_per_s"] / base["samples_per_s"])
+
+
+def test_bench_lm_compares_the_same_steps(ray_cluster, tmp_path):
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, ["bench", "lm", "--json", "--width", "32", "--layers", "1", "--seq-len", "64",
+                                 "--micro-batch", "2", "--epochs", "1", "--scans", "4", "--rois", "8", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    ours, base = result["ray_train_deepspeed"], result["plain_pytorch"]
+    assert result["benchmark"] == "lm" and ours["steps"] == base["steps"] > 2 and ours["threads"] == base["threads"]
+    assert result["ratio"] == pytest.approx(ours["tokens_per_s"] / base["tokens_per_s"])
+    assert ours["peak_rss_mb"] > 0 and base["peak_rss_mb"] > 0 and "mfu" not in result  # no GPU here

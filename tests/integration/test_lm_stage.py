@@ -75,6 +75,11 @@ def test_two_workers_train_export_and_reload(lm_inputs, zero, lora, source):
     assert m["code_init"] == "mean" and m["pretrained_backbone"] is False
     meta = _check_export(result)
     assert meta["layout"] == ("base+adapter" if lora else "full")
+    if lora:  # merged into a plain model: same logits without peft
+        from fmrilm.train.lm import merge_adapter
+
+        merged = merge_adapter(result["model"], result["model"] + "-merged")
+        assert _check_export({"model": merged})["layout"] == "full"
 
 
 def test_loss_decreases(lm_inputs):

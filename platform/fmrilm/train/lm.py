@@ -272,6 +272,16 @@ def to_dataset(packed: dict[str, np.ndarray]):
 # ---------------------------------------------------------------- worker side
 
 
+def peak_memory(on_gpu: bool) -> dict[str, float]:
+    """Peak resident memory of this process (MiB) and, on a GPU, peak allocated GPU memory."""
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if on_gpu:
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def _collate():
     from ray.data.collate_fn import NumpyBatchCollateFn
 
@@ -328,6 +338,14 @@ def _mean_across_ranks(sums: dict[str, float], counts: dict[str, float]) -> dict
     return {k: t[i].item() / t[n + i].item() for i, k in enumerate(METRIC_KEYS) if t[n + i] > 0}
 
 
+def forward_loss(model, batch: dict[str, torch.Tensor], weights: dict[int, float]):
+    """Forward one packed batch (``ids/targets/groups/positions/objective/segments [batch, L]``)
+    through a causal LM with the block-causal mask; returns ``(loss, {objective: loss})``."""
+    mask = attention_mask(batch["segments"], batch["groups"])
+    out = model(input_ids=batch["ids"], attention_mask=mask, position_ids=batch["positions"], use_cache=False)
+    return objective_losses(out.logits, batch["targets"], batch["objective"], weights)
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker: the LM training loop (see the module docstring)."""
     import deepspeed
@@ -379,6 +397,7 @@ def train_loop(config: dict) -> None:
         metrics = _mean_across_ranks(sums, counts)
         metrics |= resumed | {"step": step, "epoch": step / per_epoch, "lr": sched.get_last_lr()[0],
                               "tokens_per_s": tokens_done / seconds if seconds else 0.0, "code_init": info["code_init"],
+                              "torch_threads": torch.get_num_threads(), **peak_memory(on_gpu),
                               "pretrained_backbone": info["pretrained"]}
         sums.clear()
         counts.clear()
@@ -400,10 +419,7 @@ def train_loop(config: dict) -> None:
             break
         if epoch == first_epoch and i < skip:
             continue
-        batch = {k: v.to(device) for k, v in batch.items()}
-        mask = attention_mask(batch["segments"], batch["groups"])
-        out = engine(input_ids=batch["ids"], attention_mask=mask, position_ids=batch["positions"], use_cache=False)
-        loss, parts = objective_losses(out.logits, batch["targets"], batch["objective"], weights)
+        loss, parts = forward_loss(engine, {k: v.to(device) for k, v in batch.items()}, weights)
         engine.backward(loss)
         engine.step()
         micro += 1
@@ -477,32 +493,38 @@ def _upload_tree(local: str, uri: str) -> None:
 
 def run(spec: PretrainSpec) -> dict:
     """Check, build sequences, train (or resume), export; returns metrics, counts and the model URI."""
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
     from safetensors.torch import load
-
-    from fmrilm.train.common import run_config
 
     art_cfg = check(spec)
     runtime.init_ray()
     prepared = prepare_sequences(spec, art_cfg)
     train = prepared["train"]
     codebook = load(storage.read_bytes(storage.resolve(spec.tokenizer).join("model.safetensors")))["quantizer.codebook"]
+    result = fit(spec, train["packed"], codebook)
+    return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
+            "sequences": len(train["packed"]["ids"]), "examples": train["examples"], "objective_examples": train["counts"]}
+
+
+def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tensor):
+    """Run the ``TorchTrainer`` on packed sequences (rows a multiple of the world size) with a
+    codebook ``[K, d]``; returns the Ray Train result."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from fmrilm.train.common import run_config
+
     world = spec.scaling.num_workers
-    rows = len(train["packed"]["ids"])
-    probe = {k: v[:1] for k, v in train["packed"].items() if k in ("ids", "segments", "groups", "positions")}
-    config = {"spec": spec.model_dump(mode="json"), "num_codes": art_cfg["model"]["num_codes"], "codebook": codebook.numpy(),
-              "rows_per_rank": math.ceil(rows / world), "probe": probe,
+    probe = {k: v[:1] for k, v in packed.items() if k in ("ids", "segments", "groups", "positions")}
+    config = {"spec": spec.model_dump(mode="json"), "num_codes": int(codebook.shape[0]), "codebook": codebook.numpy(),
+              "rows_per_rank": math.ceil(len(packed["ids"]) / world), "probe": probe,
               "fault_step": int(os.environ.get("FMRILM_FAULT_STEP", "0") or 0)}
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=world, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
-        datasets={"train": to_dataset(train["packed"])}, run_config=run_config(spec.run),
+        datasets={"train": to_dataset(packed)}, run_config=run_config(spec.run),
     )
-    result = trainer.fit()
-    return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
-            "sequences": rows, "examples": train["examples"], "objective_examples": train["counts"]}
+    return trainer.fit()
 
 
 def load_exported(uri: str):
@@ -522,3 +544,24 @@ def load_exported(uri: str):
     base = AutoModelForCausalLM.from_pretrained(os.path.join(local, "base"))
     model = PeftModel.from_pretrained(base, os.path.join(local, "adapter"))
     return model.eval(), AutoTokenizer.from_pretrained(os.path.join(local, "base")), meta
+
+
+def merge_adapter(uri: str, out: str) -> str:
+    """Merge an exported LoRA adapter into its base (``base+adapter`` layout) and write a ``full``
+    export at ``out``; returns ``out``."""
+    model, tok, meta = load_exported(uri)
+    if meta["layout"] != "base+adapter":
+        raise ValueError(f"{uri} is already a full model (layout {meta['layout']!r}); nothing to merge")
+    merged = model.merge_and_unload()
+    with tempfile.TemporaryDirectory(prefix="fmrilm-merge-") as d:
+        merged.save_pretrained(os.path.join(d, "full"))
+        tok.save_pretrained(os.path.join(d, "full"))
+        with open(os.path.join(d, "fmri_lm.json"), "w") as f:
+            json.dump(meta | {"layout": "full", "merged_from": uri}, f, indent=1)
+        probe = storage.resolve(uri).join("probe.pt")
+        if storage.exists(probe):
+            with open(os.path.join(d, "probe.pt"), "wb") as f:
+                f.write(storage.read_bytes(probe))
+        storage.delete_dir(storage.resolve(out))
+        _upload_tree(d, out)
+    return out

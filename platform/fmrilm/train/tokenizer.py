@@ -243,34 +243,15 @@ def train_loop(config: dict) -> None:
 # ---------------------------------------------------------------- driver side
 
 
-def _captions(spec: PipelineSpec) -> dict[str, str]:
-    """First caption per scan from each dataset's features build (empty when there is none)."""
-    import pandas as pd
-
-    from fmrilm.data import table
-
-    out = {}
-    for loc, manifest in table.find_datasets(spec.data):
-        if spec.datasets and manifest["dataset"] not in spec.datasets:
-            continue
-        try:
-            fm = json.loads(storage.read_text(loc.join("features", "manifest.json")))
-        except FileNotFoundError:
-            continue
-        caps = pd.read_parquet(storage.resolve(fm["summary"]["captions_table"]).path,
-                               filesystem=storage.resolve(fm["summary"]["captions_table"]).fs)
-        first = caps[caps["caption_index"] == 0]
-        out.update(dict(zip(first["scan_id"], first["caption"])))
-    return out
-
-
 def text_inputs(spec: TokenizerStageSpec) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
     """The frozen text side: token-embedding bank and per-scan caption embeddings."""
     from fmrilm.models.text import FALLBACK_CORPUS, embed_texts
 
     if not spec.alignment.enabled:
         return None, {}
-    captions = _captions(spec.data)
+    from fmrilm.features.job import read_captions
+
+    captions = {scan: texts[0] for scan, texts in read_captions(spec.data.data, spec.data.datasets).items()}
     if spec.alignment.contrastive_weight > 0 and not captions:
         raise ValueError("alignment.contrastive_weight > 0 needs captions: run `fmrilm features build` on these datasets first")
     texts = sorted(set(captions.values()))[:2000] or FALLBACK_CORPUS

@@ -1,0 +1,145 @@
+"""``fmrilm bench lm``: the LM stage (Ray Train, 1 worker, DeepSpeed ZeRO-0) vs a plain PyTorch loop.
+
+Same backbone (built-in decoder, same seed), same fMRI vocabulary and packed batches (synthetic
+codes and captions, so no earlier stage is needed), same micro-batch, optimizer, schedule, step
+count and torch thread count. Ours: :func:`fmrilm.train.lm.fit`; its in-loop tokens/s counts
+non-padding tokens per second from step 3 on, waiting for data included, checkpoints excluded.
+Baseline: :func:`plain_loop` in a fresh process over the same batches held in memory, timed the
+same way. Peak memory: resident set (CPU) or peak allocated GPU memory of each side's process.
+On a GPU, MFU = 6 x parameters x tokens/s / the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from fmrilm.bench.common import machine
+from fmrilm.data.lm_sequences import pack
+from fmrilm.models.fmri_lm import extend_tokenizer
+from fmrilm.models.text import FALLBACK_CORPUS
+from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule
+from fmrilm.train.deepspeed import DeepSpeedSpec
+from fmrilm.train.lm import BackboneSpec, PretrainSpec, _collate, _empty_row, _text_tokenizer, build_examples, build_model, fit, forward_loss, peak_memory
+
+TARGET = 0.95
+WARM_STEPS = 2
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def synthetic_packed(spec: PretrainSpec, num_codes: int, scans: int, rois: int, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Packed sequences of all three objectives from random codes and the fallback captions."""
+    rng = np.random.default_rng(seed)
+    tok = _text_tokenizer(spec)
+    vocab = extend_tokenizer(tok, num_codes)
+    codes = {f"s{i:04d}": rng.integers(0, num_codes, (rois, steps)) for i in range(scans)}
+    captions = {sid: [FALLBACK_CORPUS[i % len(FALLBACK_CORPUS)]] for i, sid in enumerate(codes)}
+    packed = pack(build_examples(codes, captions, tok, vocab, spec.seq_len, spec.objectives), spec.seq_len, tok.pad_token_id)
+    pad = (-len(packed["ids"])) % spec.scaling.num_workers
+    if pad:
+        packed = {k: np.concatenate([v, np.repeat(_empty_row(k, spec.seq_len, tok.pad_token_id), pad, 0)]) for k, v in packed.items()}
+    return packed
+
+
+def plain_loop(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tensor, threads: int, on_gpu: bool) -> dict:
+    """The baseline: the same model and batches with torch AdamW, no Ray and no DeepSpeed."""
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    model, _, _, _ = build_model(spec, int(codebook.shape[0]), codebook)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    model.to(device=device, dtype=dtype).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+    mb = spec.deepspeed.micro_batch_size
+    per_epoch = math.ceil(len(packed["ids"]) / mb)
+    total = spec.train.epochs * per_epoch
+    sched = cosine_schedule(opt, spec.train.warmup_steps, total)
+    collate = _collate()
+    batches = [collate({k: v[i : i + mb] for k, v in packed.items()}) for i in range(0, len(packed["ids"]), mb)]
+    weights = spec.objectives.by_id()
+    step, tokens, seconds = 0, 0, 0.0
+    last = time.perf_counter()
+    for _ in range(spec.train.epochs):
+        for batch in batches:
+            loss, _ = forward_loss(model, {k: v.to(device) for k, v in batch.items()}, weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
+            opt.step()
+            sched.step()
+            if on_gpu:
+                torch.cuda.synchronize()
+            step += 1
+            now = time.perf_counter()
+            if step > WARM_STEPS:
+                seconds += now - last
+                tokens += int((batch["segments"] > 0).sum())
+            last = time.perf_counter()
+    return {"tokens_per_s": tokens / seconds, "steps": step, "threads": threads,
+            "params": sum(p.numel() for p in model.parameters()), **peak_memory(on_gpu)}
+
+
+def _child(queue, *args) -> None:
+    try:
+        queue.put(plain_loop(*args))
+    except BaseException as err:  # reported by the parent
+        queue.put(err)
+
+
+def baseline_in_fresh_process(*args) -> dict:
+    """:func:`plain_loop` in a spawned process, so its peak memory is its own."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, *args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def run_benchmark(width: int = 128, layers: int = 4, seq_len: int = 256, micro_batch: int = 4, epochs: int = 2,
+                  scans: int = 48, rois: int = 32, steps: int = 24, num_codes: int = 256) -> dict:
+    """Time both sides on the same synthetic batches; returns the result dict."""
+    from fmrilm import runtime
+
+    on_gpu = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(prefix="fmrilm-bench-lm-") as tmp:
+        spec = PretrainSpec(
+            backbone=BackboneSpec(source="tiny-gpt2", tiny_width=width, tiny_layers=layers), seq_len=seq_len,
+            deepspeed=DeepSpeedSpec(zero_stage=0, micro_batch_size=micro_batch),
+            train=OptimSpec(epochs=epochs, lr=5e-4, warmup_steps=2, checkpoint_every=10**6, log_every=10**6),
+            scaling=ScalingSpec(num_workers=1, cpus_per_worker=1, use_gpu=on_gpu), run=RunSpec(storage=tmp, name="bench-lm", logger="none"))
+        codebook = torch.nn.functional.normalize(torch.randn(num_codes, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+        packed = synthetic_packed(spec, num_codes, scans, rois, steps)
+        runtime.init_ray()
+        m = fit(spec, packed, codebook).metrics
+        ours = {"tokens_per_s": m["tokens_per_s"], "steps": m["step"], "threads": int(m["torch_threads"]),
+                "peak_rss_mb": m["peak_rss_mb"], **({"peak_gpu_mb": m["peak_gpu_mb"]} if on_gpu else {})}
+        base = baseline_in_fresh_process(spec, packed, codebook, ours["threads"], on_gpu)
+    if ours["steps"] != base["steps"]:
+        raise RuntimeError(f"the two sides ran different step counts: {ours['steps']} vs {base['steps']}")
+    ratio = ours["tokens_per_s"] / base["tokens_per_s"]
+    result = {"benchmark": "lm", "ratio": ratio, "target": TARGET, "machine": machine(),
+              "model": {"backbone": "tiny-gpt2", "width": width, "layers": layers, "params": base["params"], "seq_len": seq_len},
+              "data": {"sequences": len(packed["ids"]), "micro_batch": micro_batch, "epochs": epochs,
+                       "tokens": int((packed["segments"] > 0).sum()) * epochs},
+              "ray_train_deepspeed": ours, "plain_pytorch": base}
+    mem = "peak_gpu_mb" if on_gpu else "peak_rss_mb"
+    summary = (f"bench lm: Ray Train + DeepSpeed ZeRO-0 (1 worker) {ours['tokens_per_s']:.0f} tokens/s, plain PyTorch "
+               f"{base['tokens_per_s']:.0f} tokens/s; ratio {ratio:.2f} (target >= {TARGET}); peak memory {ours[mem]:.0f} vs "
+               f"{base[mem]:.0f} MiB ({mem}); {base['params'] / 1e6:.1f}M parameters, {ours['steps']} steps of "
+               f"{micro_batch} x {seq_len} tokens, {ours['threads']} torch thread(s), {machine()['cpus']} CPUs")
+    if on_gpu:
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        if peak:
+            result["mfu"] = {side: 6 * base["params"] * r["tokens_per_s"] / peak for side, r in (("ray_train_deepspeed", ours), ("plain_pytorch", base))}
+            summary += f"; MFU {result['mfu']['ray_train_deepspeed']:.1%} vs {result['mfu']['plain_pytorch']:.1%} on {name}"
+    result["summary"] = summary
+    return result
