@@ -28,9 +28,17 @@ def test_user_errors_exit_2_with_a_message(tmp_path):
     r = runner.invoke(app, ["data", "sample", "other", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown sample" in r.output
     spec = tmp_path / "job.yaml"
-    spec.write_text("kind: pretrain\n")
+    spec.write_text("kind: instruct\n")
     r = runner.invoke(app, ["run", str(spec)])
     assert r.exit_code == 2 and "not built yet" in r.output
+    spec.write_text(f"kind: pretrain\ntokenizer: {tmp_path}/none\n")
+    r = runner.invoke(app, ["lm", "pretrain", str(spec)])
+    assert r.exit_code == 2 and "no tokenizer artifact" in r.output
+    r = runner.invoke(app, ["tokenize", str(spec)])
+    assert r.exit_code == 2 and "this command runs 'tokenize' specs" in r.output
+    spec.write_text("backbone: {source: ./no/such/folder}\n")
+    r = runner.invoke(app, ["lm", "pretrain", str(spec)])
+    assert r.exit_code == 2 and "not a Hugging Face model" in r.output
     spec.write_text("kind: quickstart\nsynth: {subjects: 0}\n")
     r = runner.invoke(app, ["run", str(spec)])
     assert r.exit_code == 2 and "synth.subjects" in r.output

@@ -39,10 +39,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fmrilm.data.splits import SplitError
     from fmrilm.data.table import ManifestError
     from fmrilm.features.job import FeaturesError
+    from fmrilm.models.fmri_lm import BackboneError
     from fmrilm.models.text import TextUnavailable
 
     return (ConfigError, IngestError, InputError, SchemaError, ManifestError, storage.StorageError,
-            PipelineError, SplitError, SampleUnavailable, FeaturesError, TextUnavailable, NotImplementedError, FileNotFoundError)
+            PipelineError, SplitError, SampleUnavailable, FeaturesError, TextUnavailable, BackboneError, NotImplementedError, FileNotFoundError)
 
 
 def _guard(fn, *args, **kwargs):
@@ -171,13 +172,28 @@ def print_summary(summary: dict) -> None:
 # ---------------------------------------------------------------- jobs
 
 
-def _load_job(spec_uri: str, overrides: list[str]):
+def _load_job(spec_uri: str, overrides: list[str], kind: str | None = None):
+    """``(spec, run function)`` of a job YAML; ``kind`` is what a stage command expects (the
+    YAML may leave it out, but may not name another)."""
     from fmrilm import config
     from fmrilm.registry import job_for
 
     data = config.apply_overrides(config.load_yaml(spec_uri), overrides)
+    if kind is not None:
+        if data.setdefault("kind", kind) != kind:
+            raise config.ConfigError(f"{spec_uri}: kind {data['kind']!r}, but this command runs {kind!r} specs (use `fmrilm run`)")
     model, fn = job_for(data.get("kind"), spec_uri)
     return config.build(model, data, spec_uri), fn
+
+
+def _run_spec(spec: str, overrides: list[str] | None, kind: str | None = None) -> None:
+    """Load, run and print any job spec (the one path every stage command takes)."""
+    job, fn = _guard(_load_job, spec, overrides or [], kind)
+    result = _guard(fn, job)
+    printers = {"quickstart": lambda r: print_summary(r["summary"]), "features": print_features, "tokenizer": print_tokenizer,
+                "tokenize": lambda r: out.print(f"tokenized {r['windows']} windows -> {escape(r['tokens'])}"),
+                "pretrain": print_pretrain}
+    printers.get(job.kind, lambda r: None)(result)
 
 
 @app.command("run")
@@ -186,18 +202,7 @@ def run_job(
     overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
 ) -> None:
     """Run a job spec locally (the same function a cluster job runs)."""
-    job, fn = _guard(_load_job, spec, overrides or [])
-    result = _guard(fn, job)
-    if job.kind == "quickstart":
-        print_summary(result["summary"])
-    elif job.kind == "features":
-        print_features(result)
-    elif job.kind == "tokenizer":
-        print_tokenizer(result)
-    elif job.kind == "tokenize":
-        out.print(f"tokenized {result['windows']} windows -> {escape(result['tokens'])}")
-    elif job.kind == "pretrain":
-        print_pretrain(result)
+    _run_spec(spec, overrides)
 
 
 @features_app.command("build")
@@ -206,11 +211,7 @@ def features_build(
     overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
 ) -> None:
     """Compute descriptors (FC, gradients, ICA, graph) and captions for every scan."""
-    from fmrilm import config
-    from fmrilm.features.job import FeaturesSpec, run
-
-    job = _guard(config.load, FeaturesSpec, spec, overrides or [])
-    print_features(_guard(run, job))
+    _run_spec(spec, overrides, "features")
 
 
 def print_features(result: dict) -> None:
@@ -239,11 +240,7 @@ def tokenizer_train(
     overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
 ) -> None:
     """Train (or resume, same run name) the tokenizer on Ray Train; export its artifact."""
-    from fmrilm import config
-    from fmrilm.train.tokenizer import TokenizerStageSpec, run
-
-    job = _guard(config.load, TokenizerStageSpec, spec, overrides or [])
-    print_tokenizer(_guard(run, job))
+    _run_spec(spec, overrides, "tokenizer")
 
 
 @tokenizer_app.command("eval")
@@ -288,22 +285,18 @@ def lm_pretrain(
     overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
 ) -> None:
     """Joint fMRI/text pretraining with DeepSpeed on Ray Train (same run name resumes); exports a HF folder."""
-    from fmrilm import config
-    from fmrilm.train.lm import PretrainSpec, run
-
-    job = _guard(config.load, PretrainSpec, spec, overrides or [])
-    print_pretrain(_guard(run, job))
+    _run_spec(spec, overrides, "pretrain")
 
 
 @lm_app.command("merge")
 def lm_merge(
     model: str = typer.Argument(..., help="an exported model folder with a LoRA adapter (base/ + adapter/)"),
-    out: str = typer.Argument(..., help="where to write the merged full model"),
+    dest: str = typer.Argument(..., help="where to write the merged full model"),
 ) -> None:
     """Merge a LoRA adapter into its base and write a plain Hugging Face folder."""
     from fmrilm.train.lm import merge_adapter
 
-    console.print(f"merged -> {escape(_guard(merge_adapter, model, out))}")
+    out.print(f"merged -> {escape(_guard(merge_adapter, model, dest))}")
 
 
 def print_pretrain(result: dict) -> None:
@@ -323,12 +316,7 @@ def tokenize(
     overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
 ) -> None:
     """Scans -> tokens table (code ids per window) with a trained tokenizer."""
-    from fmrilm import config
-    from fmrilm.tokenize import TokenizeSpec, run
-
-    job = _guard(config.load, TokenizeSpec, spec, overrides or [])
-    result = _guard(run, job)
-    out.print(f"tokenized {result['windows']} windows -> {escape(result['tokens'])}")
+    _run_spec(spec, overrides, "tokenize")
 
 
 @app.command("quickstart")
