@@ -7,7 +7,7 @@ import torch
 
 from fmrilm.data.lm_sequences import (F2F, F2T, IGNORE, T2T, attention_mask, fmri_to_fmri, fmri_to_text, pack,
                                       steps_that_fit, text_to_text)
-from fmrilm.models.fmri_lm import (BackboneError, add_fmri_vocab, fit_linear_map, init_code_embeddings, load_backbone,
+from fmrilm.models.fmri_lm import (BackboneError, FeatureInputLM, add_fmri_vocab, fit_linear_map, init_code_embeddings, load_backbone,
                                    locate_backbone, objective_losses, sync_to_local)
 
 
@@ -94,7 +94,12 @@ def test_fmri_to_fmri_predicts_the_next_step_of_each_roi():
     ex = fmri_to_fmri(codes, first_code_id=100, open_id=90, close_id=91)
     assert ex.ids.tolist() == [90, 101, 104, 102, 105, 103, 106, 91]
     assert ex.targets.tolist() == [IGNORE, 102, 105, 103, 106, IGNORE, IGNORE, IGNORE]
-    assert ex.groups.tolist() == [0, 1, 1, 2, 2, 3, 3, 4] and ex.positions.tolist() == ex.groups.tolist()
+    assert ex.groups.tolist() == [0, 1, 1, 2, 2, 3, 3, 4] and ex.positions.tolist() == list(range(8))
+    assert ex.feats is None
+    feats = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # [rois, steps, width]
+    fx = fmri_to_fmri(codes, 100, 90, 91, feats=feats)
+    assert fx.roi.tolist() == [-1, 0, 1, 0, 1, 0, 1, -1]
+    assert (fx.feats[2] == feats[1, 0]).all() and (fx.feats[3] == feats[0, 1]).all() and (fx.feats[0] == 0).all()
     assert set(ex.objective[ex.targets != IGNORE]) == {F2F}
 
 
@@ -103,7 +108,7 @@ def test_fmri_to_text_and_text_to_text_targets():
     ex = fmri_to_text(codes, np.array([7, 8]), first_code_id=100, open_id=90, close_id=91, eos_id=2)
     assert ex.ids.tolist() == [90, 101, 103, 102, 104, 91, 7, 8, 2]
     assert ex.targets.tolist() == [IGNORE] * 5 + [7, 8, 2, IGNORE]
-    assert (np.diff(ex.positions) >= 0).all() and ex.positions[-1] == ex.positions[5] + 3
+    assert ex.positions.tolist() == list(range(9))
     assert set(ex.objective[ex.targets != IGNORE]) == {F2T}
     t = text_to_text(np.array([7, 8]), bos_id=1, eos_id=2)
     assert t.ids.tolist() == [1, 7, 8, 2] and t.targets.tolist() == [7, 8, 2, IGNORE]
@@ -130,6 +135,10 @@ def test_packing_and_block_causal_mask():
     assert torch.equal(torch_mask, torch.from_numpy(attention_mask(packed["segments"], packed["groups"])))
     with pytest.raises(ValueError, match="does not fit seq_len=4"):
         pack([a], 4, 0)
+    f = fmri_to_text(np.array([[1, 2]]), np.array([7]), 100, 90, 91, 2, feats=np.ones((1, 2, 3), np.float32))
+    both = pack([f, b], seq_len=10, pad_id=0)
+    assert both["feats"].shape == (1, 10, 3) and both["roi"][0].tolist() == [-1, 0, 0, -1, -1, -1, -1, -1, -1, -1]
+    assert both["feats"][0, 1:3].sum() == 6 and both["feats"][0, 3:].sum() == 0
 
 
 def test_packed_rows_equal_separate_forward_passes():
@@ -162,3 +171,21 @@ def test_objective_losses_weight_each_objective_mean():
     torch.testing.assert_close(parts[T2T], ce_uniform)
     assert parts[F2F] < 0.1
     torch.testing.assert_close(total, 0.1 * parts[F2F] + 0.5 * parts[T2T])
+
+
+def test_feature_inputs_replace_embeddings_at_fmri_positions_only():
+    model, tok, _ = load_backbone("tiny-gpt2")
+    vocab = add_fmri_vocab(model, tok, 8)
+    wrapped = FeatureInputLM(model, width=5, max_rois=4).eval()
+    ex = fmri_to_fmri(np.array([[1, 2, 3], [4, 5, 6]]), vocab.first_code_id, vocab.open_id, vocab.close_id,
+                      feats=np.random.default_rng(0).normal(size=(2, 3, 5)).astype(np.float32))
+    row = {k: torch.from_numpy(v) for k, v in pack([ex], len(ex), tok.pad_token_id).items()}
+    mask = attention_mask(row["segments"], row["groups"])
+    with torch.no_grad():
+        plain = model.eval()(input_ids=row["ids"], attention_mask=mask, position_ids=row["positions"]).logits
+        no_fmri = wrapped(row["ids"], mask, row["positions"], row["feats"], torch.full_like(row["roi"], -1)).logits
+        with_feats = wrapped(row["ids"], mask, row["positions"], row["feats"], row["roi"]).logits
+    torch.testing.assert_close(no_fmri, plain)
+    assert not torch.allclose(with_feats[0, 1], plain[0, 1])  # an fMRI position now sees its features
+    torch.testing.assert_close(with_feats[0, 0], plain[0, 0])  # <fmri> sees only itself: unchanged
+    assert set(wrapped.input_state()) == {"projector.0.weight", "projector.0.bias", "roi_embed.weight"}

@@ -2,8 +2,10 @@
 
 A Ray Data map over the window stream, with the tokenizer loaded once per worker (an actor
 pool). Rows: ``scan_id``, ``subject_id``, ``start`` (window start, timepoints), ``n_rois``,
-``n_patches``, ``codes`` (``list<int32>``, ROI-major: ``reshape(n_rois, n_patches)``). Token ids
-are deterministic for a given artifact and input (eval mode, nearest code, no updates).
+``n_patches``, ``codes`` (``list<int32>``, ROI-major: ``reshape(n_rois, n_patches)``) and, with
+``features: true``, ``features`` (``list<float32>``, ``reshape(n_rois, n_patches, width)``: the
+encoder features the LM's ``features`` input mode projects). Token ids are deterministic for a
+given artifact and input (eval mode, nearest code, no updates).
 """
 
 from __future__ import annotations
@@ -31,33 +33,41 @@ class TokenizeSpec(Strict):
     out: str | None = Field(None, description="tokens table folder (default: <artifact>/../tokens)")
     batch_size: int = Field(64, ge=1)
     workers: int = Field(1, ge=1, description="tokenizer replicas (actors)")
+    features: bool = Field(False, description="also store encoder features (for the LM's features input mode)")
     use_window_from_artifact: bool = True
 
 
 class TokenizeBatch:
     """Ray Data callable class: loads the tokenizer once, maps window batches to code ids."""
 
-    def __init__(self, artifact: str):
+    def __init__(self, artifact: str, features: bool = False):
         import torch
 
         from fmrilm.train.tokenizer import load_artifact
 
         torch.set_num_threads(1)
         self.model, self.cfg = load_artifact(artifact)
+        self.features = features
 
     def __call__(self, batch: dict):
         import pyarrow as pa
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(batch["x"], dtype=np.float32))
-        codes = self.model.tokenize(x).numpy().astype(np.int32)  # [b, rois, patches]
+        codes, feats = self.model.tokenize_with_features(x)
+        codes = codes.numpy().astype(np.int32)  # [b, rois, patches]
         b, r, n = codes.shape
         flat = pa.ListArray.from_arrays(pa.array(np.arange(b + 1, dtype=np.int32) * (r * n)), pa.array(codes.ravel()))
+        extra = {}
+        if self.features:
+            w = feats.shape[-1]
+            extra["features"] = pa.ListArray.from_arrays(pa.array(np.arange(b + 1, dtype=np.int32) * (r * n * w)),
+                                                         pa.array(feats.numpy().astype(np.float32).ravel()))
         return pa.table({
             "scan_id": pa.array(batch["scan_id"].tolist(), pa.string()),
             "subject_id": pa.array(batch["subject_id"].tolist(), pa.string()),
             "start": pa.array(batch["start"], pa.int64()), "n_rois": pa.array(np.full(b, r, np.int32)),
-            "n_patches": pa.array(np.full(b, n, np.int32)), "codes": flat,
+            "n_patches": pa.array(np.full(b, n, np.int32)), "codes": flat, **extra,
         })
 
 
@@ -86,11 +96,11 @@ def run(spec: TokenizeSpec) -> dict:
     out = storage.resolve(spec.out or storage.join(spec.tokenizer.rstrip("/").rsplit("/", 1)[0], "tokens"))
     storage.delete_dir(out)  # a re-run replaces the table
     ds = ds.select_columns(["x", "scan_id", "subject_id", "start"]).map_batches(
-        TokenizeBatch, fn_constructor_kwargs={"artifact": artifact.uri}, batch_size=spec.batch_size,
+        TokenizeBatch, fn_constructor_kwargs={"artifact": artifact.uri, "features": spec.features}, batch_size=spec.batch_size,
         compute=ActorPoolStrategy(size=spec.workers), num_cpus=1, batch_format="numpy")
     ds.write_parquet(out.path, filesystem=out.fs)
     summary = {"tokens": out.uri, "windows": n, "artifact": artifact.uri, "window": data.window, "stride": data.stride,
-               "num_codes": cfg["model"]["num_codes"]}
+               "num_codes": cfg["model"]["num_codes"], "features": spec.features, "width": cfg["model"]["width"]}
     storage.write_text(out.join("manifest.json"), json.dumps(summary, indent=1))
     log.info("tokenized %d windows -> %s", n, out.uri)
     return summary
@@ -111,25 +121,65 @@ def evaluate(uri: str, data: PipelineSpec, split: str | None = None, batch_size:
     when the artifact has its alignment head, the domain classifier's accuracy (fMRI vs text tokens;
     0.5 means the two are indistinguishable)."""
     import torch
-    from safetensors.torch import load
 
-    from fmrilm.models.alignment import AlignmentConfig
-    from fmrilm.models.tokenizer import TokenizerConfig
-    from fmrilm.train.tokenizer import TokenizerObjective, TokenizerStageSpec, text_inputs, validate
+    from fmrilm.train.tokenizer import text_inputs, validate
 
-    cfg = artifact_config(uri)
-    loc = storage.resolve(uri)
-    data = with_artifact_windows(data, cfg)
-    stage = TokenizerStageSpec(data=data, model=TokenizerConfig(**cfg["model"]), alignment=AlignmentConfig(**cfg["alignment"]))
-    has_head = storage.exists(loc.join("alignment.safetensors"))
+    data = with_artifact_windows(data, artifact_config(uri))
+    objective, stage = load_objective(uri, data)
+    has_head = objective.align is not None
     text_tokens = text_inputs(stage)[0] if has_head else None
-    objective = TokenizerObjective(stage.model, stage.alignment if has_head else AlignmentConfig(domain_weight=0), cfg["text_dim"])
-    objective.tokenizer.load_state_dict(load(storage.read_bytes(loc.join("model.safetensors"))))
-    if has_head:
-        objective.align.load_state_dict(load(storage.read_bytes(loc.join("alignment.safetensors"))))
     runtime.init_ray()
     ds, n = build_windows(data, split)
     if n == 0:
         raise ValueError(f"no windows to evaluate in split {split!r} of {data.data} (datasets {data.datasets or 'all'})")
     metrics = validate(objective, ds, batch_size, torch.from_numpy(text_tokens) if text_tokens is not None else None)
     return {k.removeprefix("val/"): v for k, v in metrics.items()} | {"windows": n, "split": split, "num_codes": stage.model.num_codes}
+
+
+def load_objective(uri: str, data: PipelineSpec | None = None):
+    """The artifact's tokenizer with its alignment head (when it has one), eval mode, and the stage
+    spec it implies: ``(TokenizerObjective, TokenizerStageSpec)``."""
+    from safetensors.torch import load
+
+    from fmrilm.models.alignment import AlignmentConfig
+    from fmrilm.models.tokenizer import TokenizerConfig
+    from fmrilm.train.tokenizer import TokenizerObjective, TokenizerStageSpec
+
+    cfg = artifact_config(uri)
+    loc = storage.resolve(uri)
+    has_head = storage.exists(loc.join("alignment.safetensors"))
+    align = AlignmentConfig(**cfg["alignment"]) if has_head else AlignmentConfig(domain_weight=0, contrastive_weight=0)
+    stage = TokenizerStageSpec(data=data or with_artifact_windows(PipelineSpec(), cfg), model=TokenizerConfig(**cfg["model"]), alignment=align)
+    objective = TokenizerObjective(stage.model, align, cfg["text_dim"])
+    objective.tokenizer.load_state_dict(load(storage.read_bytes(loc.join("model.safetensors"))))
+    if has_head:
+        objective.align.load_state_dict(load(storage.read_bytes(loc.join("alignment.safetensors"))))
+    return objective.eval(), stage
+
+
+def codebook_pairs(uri: str, data: PipelineSpec, max_windows: int = 256):
+    """Paired examples for mapping the codebook into the text space the tokenizer was aligned to:
+    ``(code vectors [n, code_dim], projected encoder features [n, text_dim])`` over up to
+    ``max_windows`` training windows, each encoder token paired with its nearest code. ``None``
+    when the artifact has no alignment head."""
+    import torch
+    import torch.nn.functional as F
+
+    data = with_artifact_windows(data, artifact_config(uri))
+    objective, _ = load_objective(uri, data)
+    if objective.align is None:
+        return None
+    runtime.init_ray()
+    ds, n = build_windows(data, "train")
+    if n == 0:
+        return None
+    tok = objective.tokenizer
+    xs, ys = [], []
+    with torch.no_grad():
+        for batch in ds.limit(max_windows).iter_batches(batch_size=64, batch_format="numpy"):
+            x = torch.from_numpy(np.require(batch["x"], np.float32, ["C", "W"]))
+            feats = tok.encode(x).reshape(-1, tok.cfg.width)
+            codes = tok.quantizer.nearest(F.normalize(tok.to_code(feats), dim=-1))
+            xs.append(tok.quantizer.codebook[codes])
+            ys.append(objective.align.project(feats))
+    return torch.cat(xs), torch.cat(ys)

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def lm_inputs(ray_cluster, tmp_path_factory):
-    """A synthetic cohort with captions, a (briefly) trained tokenizer and its tokens table."""
+    """A synthetic cohort with captions, a (briefly) trained tokenizer aligned against the tiny
+    LM's own input embeddings (so its codebook can be mapped into them), and its tokens table."""
+    from fmrilm.models.fmri_lm import load_backbone
     from fmrilm.features.job import FeaturesSpec
     from fmrilm.features.job import run as features
     from fmrilm.models.alignment import AlignmentConfig
@@ -34,16 +36,19 @@ def lm_inputs(ray_cluster, tmp_path_factory):
     data = str(root / "datasets")
     ingest_synthetic(SynthParams(name="lmtest", subjects=12, n_rois=8, n_networks=4, n_timepoints=96, seed=3), data)
     features(FeaturesSpec(data=data, ica_components=3, captions_per_scan=2, plot=False, probe=False))
+    lm, lm_tok, _ = load_backbone("tiny-gpt2", tiny_width=32)
+    lm.save_pretrained(root / "tiny-gpt2")
+    lm_tok.save_pretrained(root / "tiny-gpt2")
     tok = train_tokenizer(TokenizerStageSpec(
         data=PipelineSpec(data=data, window=32, stride=32), model=TokenizerConfig(patch=16, width=16, heads=2, depth=1, code_dim=8, num_codes=16),
-        alignment=AlignmentConfig(domain_weight=0), train=OptimSpec(epochs=1, batch_size=8, max_steps=3, checkpoint_every=3),
+        alignment=AlignmentConfig(domain_weight=0.5, text_source=str(root / "tiny-gpt2")), train=OptimSpec(epochs=1, batch_size=8, max_steps=3, checkpoint_every=3),
         scaling=ScalingSpec(num_workers=1, cpus_per_worker=0.5), run=RunSpec(storage=str(root / "runs"), name="tok", logger="none")))
-    tokenize(TokenizeSpec(tokenizer=tok["artifact"], data=PipelineSpec(data=data)))
+    tokenize(TokenizeSpec(tokenizer=tok["artifact"], data=PipelineSpec(data=data), features=True))
     return {"root": root, "data": data, "tokenizer": tok["artifact"]}
 
 
-def _spec(inputs, name, zero=2, lora=False, source="tiny-gpt2", **train):
-    return PretrainSpec(
+def _spec(inputs, name, zero=2, lora=False, source="tiny-gpt2", input_mode="tokens", **train):
+    return PretrainSpec(input_mode=input_mode,
         tokenizer=inputs["tokenizer"], data=inputs["data"], backbone=BackboneSpec(source=source, tiny_width=32),
         seq_len=64, lora=LoraSpec(enabled=lora, r=4, alpha=8),
         deepspeed=DeepSpeedSpec(zero_stage=zero, micro_batch_size=2),
@@ -54,38 +59,31 @@ def _spec(inputs, name, zero=2, lora=False, source="tiny-gpt2", **train):
 
 def _check_export(result):
     model, tok, meta = load_exported(result["model"])
-    probe = torch.load(os.path.join(result["model"], "probe.pt"), weights_only=False)
-    from fmrilm.data.lm_sequences import attention_mask
+    from fmrilm.train.lm import probe_logits
 
-    x = {k: torch.from_numpy(v) for k, v in probe["inputs"].items()}
-    with torch.no_grad():
-        logits = model(input_ids=x["ids"], attention_mask=attention_mask(x["segments"], x["groups"]), position_ids=x["positions"]).logits
-    torch.testing.assert_close(logits.float(), probe["logits"], atol=1e-4, rtol=1e-4)
+    probe = torch.load(os.path.join(result["model"], "probe.pt"), weights_only=False)
+    torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=1e-4, rtol=1e-4)
     assert meta["vocab"]["num_codes"] == 16 and tok.convert_tokens_to_ids("<fmri_15>") == meta["vocab"]["first_code_id"] + 15
     return meta
 
 
-@pytest.mark.parametrize("zero,lora,source", [(2, False, "tiny-gpt2"), (3, True, "tiny-llama")])
-def test_two_workers_train_export_and_reload(lm_inputs, zero, lora, source):
-    result = run(_spec(lm_inputs, f"lm-z{zero}-{int(lora)}", zero=zero, lora=lora, source=source))
+@pytest.mark.parametrize("zero,lora,source,mode", [(2, False, "tiny-gpt2", "tokens"), (2, True, "tiny-qwen", "features"),
+                                                   (3, False, "tiny-gpt2", "features"), (3, True, "tiny-llama", "tokens")])
+def test_two_workers_train_export_and_reload(lm_inputs, zero, lora, source, mode):
+    result = run(_spec(lm_inputs, f"lm-z{zero}-{int(lora)}-{mode}", zero=zero, lora=lora, source=source, input_mode=mode, epochs=3))
     m = result["metrics"]
+    assert m["loss"] < m["first_loss"]  # the loss falls over a few steps
     assert result["examples"] > 0 and all(v > 0 for v in result["objective_examples"].values())
     for k in ("loss/fmri_fmri", "loss/fmri_text", "loss/text_text"):
         assert k in m and m[k] > 0
-    assert m["code_init"] == "mean" and m["pretrained_backbone"] is False
+    assert m["code_init"] == "linear-map" and m["pretrained_backbone"] is False  # codebook mapped into the 32-wide LM space
     meta = _check_export(result)
-    assert meta["layout"] == ("base+adapter" if lora else "full")
+    assert meta["layout"] == ("base+adapter" if lora else "full") and meta["input_mode"] == mode
     if lora:  # merged into a plain model: same logits without peft
         from fmrilm.train.lm import merge_adapter
 
         merged = merge_adapter(result["model"], result["model"] + "-merged")
         assert _check_export({"model": merged})["layout"] == "full"
-
-
-def test_loss_decreases(lm_inputs):
-    first = run(_spec(lm_inputs, "lm-short", max_steps=1, epochs=1))["metrics"]["loss"]
-    later = run(_spec(lm_inputs, "lm-long", epochs=4))["metrics"]["loss"]
-    assert later < first
 
 
 def test_fault_then_resume_by_run_name(lm_inputs, monkeypatch):
@@ -103,6 +101,6 @@ def test_bad_specs_fail_before_workers_start(lm_inputs):
         run(_spec(lm_inputs, "bad1", source=str(lm_inputs["root"])))
     with pytest.raises(BackboneError, match="not modules of this gpt2 model"):
         run(_spec(lm_inputs, "bad2", lora=True).model_copy(update={"lora": LoraSpec(enabled=True, target_modules=["q_proj"])}))
-    with pytest.raises(NotImplementedError, match="not built yet"):
-        run(_spec(lm_inputs, "bad3").model_copy(update={"input_mode": "features"}))
+    with pytest.raises(BackboneError, match="exceeds the backbone's maximum positions"):
+        run(_spec(lm_inputs, "bad3").model_copy(update={"seq_len": 5000}))
     assert not (lm_inputs["root"] / "runs" / "bad1").exists() and not (lm_inputs["root"] / "runs" / "bad2").exists()

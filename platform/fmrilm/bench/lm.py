@@ -25,7 +25,7 @@ from fmrilm.models.fmri_lm import extend_tokenizer
 from fmrilm.models.text import FALLBACK_CORPUS
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule
 from fmrilm.train.deepspeed import DeepSpeedSpec
-from fmrilm.train.lm import BackboneSpec, PretrainSpec, _collate, _empty_row, _text_tokenizer, build_examples, build_model, fit, forward_loss, peak_memory
+from fmrilm.train.lm import BackboneSpec, PretrainSpec, _collate, _text_tokenizer, build_examples, build_model, fit, forward_loss, pad_rows, peak_memory
 
 TARGET = 0.95
 WARM_STEPS = 2
@@ -40,10 +40,7 @@ def synthetic_packed(spec: PretrainSpec, num_codes: int, scans: int, rois: int, 
     codes = {f"s{i:04d}": rng.integers(0, num_codes, (rois, steps)) for i in range(scans)}
     captions = {sid: [FALLBACK_CORPUS[i % len(FALLBACK_CORPUS)]] for i, sid in enumerate(codes)}
     packed = pack(build_examples(codes, captions, tok, vocab, spec.seq_len, spec.objectives), spec.seq_len, tok.pad_token_id)
-    pad = (-len(packed["ids"])) % spec.scaling.num_workers
-    if pad:
-        packed = {k: np.concatenate([v, np.repeat(_empty_row(k, spec.seq_len, tok.pad_token_id), pad, 0)]) for k, v in packed.items()}
-    return packed
+    return pad_rows(packed, spec.scaling.num_workers, tok.pad_token_id)
 
 
 def plain_loop(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tensor, threads: int, on_gpu: bool) -> dict:

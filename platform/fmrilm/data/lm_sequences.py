@@ -7,8 +7,12 @@ group of its own example), ``positions`` and ``objective`` (which loss a target 
 
 * **fMRI->fMRI** (multi-channel autoregression, NeuroLM/fMRI-LM): ``<fmri>`` then the codes of
   time step 0 for every ROI, step 1 for every ROI, ... ``</fmri>``. The tokens of one step share a
-  group and a position (the ROIs of a step see each other and every earlier step); the token of
-  ROI r at step w predicts the code of ROI r at step w + 1.
+  group (the ROIs of a step see each other and every earlier step); the token of ROI r at step w
+  predicts the code of ROI r at step w + 1. Positions run over tokens as usual, so a position
+  names a (step, ROI) pair: the model can tell the ROIs of a step apart.
+* In the ``features`` input mode an example also carries, per fMRI token, the tokenizer
+  encoder's feature vector (``feats [n, width]``) and its ROI index (``roi``, -1 elsewhere); the
+  LM stage feeds them through a projector instead of the code embeddings (codes stay targets).
 * **fMRI->text**: the scan's fMRI block, then its caption; loss on the caption only.
 * **text->text**: the caption alone, to keep the language model's language.
 
@@ -35,13 +39,16 @@ class Example:
     groups: np.ndarray  # [n] int32, non-decreasing
     positions: np.ndarray  # [n] int64
     objective: np.ndarray  # [n] int8, -1 where there is no target
+    feats: np.ndarray | None = None  # [n, width] float32 encoder features (features input mode)
+    roi: np.ndarray | None = None  # [n] int32 ROI index of fMRI tokens, -1 elsewhere
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def _fmri_block(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int, predict_next: bool):
-    """Token arrays of ``<fmri> steps </fmri>`` for ``codes [rois, steps]`` (code indices)."""
+def _fmri_block(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int, predict_next: bool, feats: np.ndarray | None):
+    """Token arrays of ``<fmri> steps </fmri>`` for ``codes [rois, steps]`` (code indices) and
+    optional encoder ``feats [rois, steps, width]``."""
     rois, steps = codes.shape
     step_ids = codes.T.astype(np.int64) + first_code_id  # [steps, rois], step-major
     ids = np.concatenate([[open_id], step_ids.ravel(), [close_id]])
@@ -49,27 +56,68 @@ def _fmri_block(codes: np.ndarray, first_code_id: int, open_id: int, close_id: i
     if predict_next and steps > 1:
         targets[1 : 1 + rois * (steps - 1)] = step_ids[1:].ravel()
     groups = np.concatenate([[0], np.repeat(np.arange(1, steps + 1), rois), [steps + 1]]).astype(np.int32)
-    return ids, targets, groups, groups.astype(np.int64).copy()
+    extra = {}
+    if feats is not None:
+        width = feats.shape[-1]
+        step_feats = feats.transpose(1, 0, 2).reshape(rois * steps, width)
+        extra["feats"] = np.concatenate([np.zeros((1, width), np.float32), step_feats, np.zeros((1, width), np.float32)]).astype(np.float32)
+        extra["roi"] = np.concatenate([[-1], np.tile(np.arange(rois), steps), [-1]]).astype(np.int32)
+    return ids, targets, groups, extra
 
 
-def fmri_to_fmri(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int) -> Example:
+def fmri_to_fmri(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int, feats: np.ndarray | None = None) -> Example:
     """Next-step code prediction over ``codes [rois, steps]`` (see the module docstring)."""
-    ids, targets, groups, positions = _fmri_block(codes, first_code_id, open_id, close_id, predict_next=True)
-    return Example(ids, targets, groups, positions, np.where(targets != IGNORE, F2F, -1).astype(np.int8))
+    ids, targets, groups, extra = _fmri_block(codes, first_code_id, open_id, close_id, True, feats)
+    return Example(ids, targets, groups, np.arange(len(ids), dtype=np.int64), np.where(targets != IGNORE, F2F, -1).astype(np.int8), **extra)
 
 
-def fmri_to_text(codes: np.ndarray, caption_ids: np.ndarray, first_code_id: int, open_id: int, close_id: int, eos_id: int) -> Example:
+def fmri_to_text(codes: np.ndarray, caption_ids: np.ndarray, first_code_id: int, open_id: int, close_id: int, eos_id: int,
+                 feats: np.ndarray | None = None) -> Example:
     """Caption conditioned on the fMRI block; targets on the caption and its end only."""
-    ids, targets, groups, positions = _fmri_block(codes, first_code_id, open_id, close_id, predict_next=False)
-    text = np.concatenate([np.asarray(caption_ids, np.int64), [eos_id]])
-    n = len(ids)
-    ids = np.concatenate([ids, text])
-    targets = np.concatenate([targets, np.full(len(text), IGNORE, np.int64)])
-    targets[n - 1 : n - 1 + len(text)] = text  # </fmri> predicts the first word, ... the last word predicts eos
-    last_group, last_pos = groups[-1], positions[-1]
-    groups = np.concatenate([groups, last_group + 1 + np.arange(len(text), dtype=np.int32)])
-    positions = np.concatenate([positions, last_pos + 1 + np.arange(len(text), dtype=np.int64)])
-    return Example(ids, targets, groups, positions, np.where(targets != IGNORE, F2T, -1).astype(np.int8))
+    block = fmri_part(codes, first_code_id, open_id, close_id, feats)
+    return compose([block, ("answer", np.concatenate([np.asarray(caption_ids, np.int64), [eos_id]]))], F2T)
+
+
+def fmri_part(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int, feats: np.ndarray | None = None) -> tuple:
+    """A :func:`compose` part: the ``<fmri> ... </fmri>`` block of ``codes [rois, steps]``."""
+    return ("fmri", *_fmri_block(codes, first_code_id, open_id, close_id, False, feats))
+
+
+def compose(parts: list[tuple], objective: int) -> Example:
+    """One example from parts in order: ``fmri_part(...)`` blocks, ``("text", ids)`` (context,
+    no targets) and ``("answer", ids)`` (every token a target, predicted by the token before it).
+    Text tokens get a group each (plain causal attention); fMRI blocks keep their step groups.
+    Targets count for ``objective``."""
+    ids, targets, groups, feats, roi = [], [], [], [], []
+    width = next((p[4]["feats"].shape[1] for p in parts if p[0] == "fmri" and p[4]), None)
+    next_group = 0
+    for part in parts:
+        if part[0] == "fmri":
+            _, b_ids, b_targets, b_groups, extra = part
+            b_groups = b_groups + next_group
+            if width is not None:
+                feats.append(extra["feats"])
+                roi.append(extra["roi"])
+        else:
+            b_ids = np.asarray(part[1], np.int64)
+            b_targets = np.full(len(b_ids), IGNORE, np.int64)
+            b_groups = next_group + np.arange(len(b_ids), dtype=np.int32)
+            if width is not None:
+                feats.append(np.zeros((len(b_ids), width), np.float32))
+                roi.append(np.full(len(b_ids), -1, np.int32))
+            if part[0] == "answer" and len(b_ids):
+                if not ids:
+                    raise ValueError("an answer needs something before it to be predicted from")
+                targets[-1] = np.concatenate([targets[-1][:-1], b_ids[:1]])  # the last context token predicts the first answer token
+                b_targets = np.concatenate([b_ids[1:], [IGNORE]])
+        ids.append(b_ids)
+        targets.append(b_targets)
+        groups.append(b_groups.astype(np.int32))
+        next_group = int(groups[-1][-1]) + 1 if len(b_ids) else next_group
+    ids_a, targets_a = np.concatenate(ids), np.concatenate(targets)
+    extra = {"feats": np.concatenate(feats), "roi": np.concatenate(roi)} if width is not None else {}
+    return Example(ids_a, targets_a, np.concatenate(groups), np.arange(len(ids_a), dtype=np.int64),
+                   np.where(targets_a != IGNORE, objective, -1).astype(np.int8), **extra)
 
 
 def text_to_text(caption_ids: np.ndarray, bos_id: int, eos_id: int) -> Example:
@@ -90,7 +138,8 @@ def pack(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, np.nda
     """Greedy in-order packing of whole examples into rows of ``seq_len``.
 
     Returns ``ids, targets, groups, positions, objective`` and ``segments`` (1, 2, ... per example
-    in a row; 0 for padding), each ``[rows, seq_len]``. An example longer than ``seq_len`` is an
+    in a row; 0 for padding), each ``[rows, seq_len]``, plus ``feats [rows, seq_len, width]`` and
+    ``roi [rows, seq_len]`` when examples carry encoder features. An example longer than ``seq_len`` is an
     error naming its length (build examples with :func:`steps_that_fit`).
     """
     rows: list[list[Example]] = []
@@ -104,9 +153,12 @@ def pack(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, np.nda
         rows[-1].append(ex)
         used += len(ex)
     n = len(rows)
+    width = next((ex.feats.shape[1] for ex in examples if ex.feats is not None), None)
     out = {"ids": np.full((n, seq_len), pad_id, np.int64), "targets": np.full((n, seq_len), IGNORE, np.int64),
            "groups": np.zeros((n, seq_len), np.int32), "positions": np.zeros((n, seq_len), np.int64),
            "objective": np.full((n, seq_len), -1, np.int8), "segments": np.zeros((n, seq_len), np.int32)}
+    if width is not None:
+        out |= {"feats": np.zeros((n, seq_len, width), np.float32), "roi": np.full((n, seq_len), -1, np.int32)}
     for r, row in enumerate(rows):
         at = 0
         for s, ex in enumerate(row, start=1):
@@ -114,6 +166,8 @@ def pack(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, np.nda
             out["ids"][r, sl], out["targets"][r, sl] = ex.ids, ex.targets
             out["groups"][r, sl], out["positions"][r, sl] = ex.groups, ex.positions
             out["objective"][r, sl], out["segments"][r, sl] = ex.objective, s
+            if width is not None and ex.feats is not None:
+                out["feats"][r, sl], out["roi"][r, sl] = ex.feats, ex.roi
             at += len(ex)
     return out
 

@@ -261,3 +261,31 @@ def objective_losses(logits: torch.Tensor, targets: torch.Tensor, objective: tor
             parts[k] = ce[sel].mean()
             total = total + w * parts[k]
     return total, parts
+
+
+class FeatureInputLM(torch.nn.Module):
+    """A causal LM whose fMRI positions take the tokenizer encoder's features instead of code
+    embeddings (the NeuroLM / fMRI-LM input path): ``Linear(width, hidden) -> GELU`` plus a learned
+    ROI embedding; code ids remain the targets. Other positions use the LM's own embeddings."""
+
+    def __init__(self, lm, width: int, max_rois: int = 512):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.get_input_embeddings().weight.shape[1]
+        self.projector = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU())
+        self.roi_embed = torch.nn.Embedding(max_rois, hidden)
+        torch.nn.init.normal_(self.roi_embed.weight, std=0.02)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, feats=None, roi=None, use_cache: bool = False):
+        """``input_ids [batch, L]``; ``feats [batch, L, width]`` and ``roi [batch, L]`` (-1 where a
+        position is not fMRI). Returns the LM's output (``.logits [batch, L, vocab]``)."""
+        emb = self.lm.get_input_embeddings()(input_ids)
+        if feats is not None:
+            fmri = (roi >= 0)[..., None]
+            projected = self.projector(feats.to(emb.dtype)) + self.roi_embed(roi.clamp_min(0))
+            emb = torch.where(fmri, projected, emb)
+        return self.lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
+
+    def input_state(self) -> dict[str, torch.Tensor]:
+        """The projector and ROI embedding weights (saved beside the LM as ``inputs.safetensors``)."""
+        return {f"projector.{k}": v for k, v in self.projector.state_dict().items()} | {"roi_embed.weight": self.roi_embed.weight}

@@ -120,10 +120,16 @@ class FMRITokenizer(nn.Module):
     @torch.no_grad()
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """Code ids ``[batch, rois, patches]`` of windows ``[batch, rois, time]`` (no updates)."""
+        return self.tokenize_with_features(x)[0]
+
+    @torch.no_grad()
+    def tokenize_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Code ids ``[batch, rois, patches]`` and encoder features ``[batch, rois, patches, width]``."""
         b, r, t = x.shape
+        n = t // self.cfg.patch
         feats = self.encode(x)
-        z = F.normalize(self.to_code(feats).reshape(b * r * (t // self.cfg.patch), -1), dim=-1)
-        return self.quantizer.nearest(z).reshape(b, r, -1)
+        z = F.normalize(self.to_code(feats).reshape(b * r * n, -1), dim=-1)
+        return self.quantizer.nearest(z).reshape(b, r, n), feats.reshape(b, r, n, -1)
 
 
 def r2_per_roi(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ from pydantic import Field
 from fmrilm import runtime, storage
 from fmrilm.config import Strict
 from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, attention_mask, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
-from fmrilm.models.fmri_lm import MAX_CODES, BackboneError, add_fmri_vocab, init_code_embeddings, load_backbone, locate_backbone, objective_losses
+from fmrilm.models.fmri_lm import (MAX_CODES, BackboneError, FeatureInputLM, add_fmri_vocab, init_code_embeddings, load_backbone, locate_backbone,
+                                   objective_losses)
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule
 from fmrilm.train.deepspeed import DeepSpeedSpec, build_config
 
@@ -84,7 +85,8 @@ class PretrainSpec(Strict):
     data: str = Field("./fmrilm-data/datasets", description="dataset root: captions and the subject split")
     datasets: list[str] | None = None
     backbone: BackboneSpec = BackboneSpec()
-    input_mode: Literal["tokens", "features"] = Field("tokens", description="tokens: codes as vocabulary; features: projector (not built yet)")
+    input_mode: Literal["tokens", "features"] = Field(
+        "tokens", description="tokens: codes as input vocabulary (the poster); features: encoder features through a projector (NeuroLM/fMRI-LM)")
     objectives: ObjectiveWeights = ObjectiveWeights()
     seq_len: int = Field(256, ge=16)
     lora: LoraSpec = LoraSpec()
@@ -117,10 +119,10 @@ def _skeleton(spec: PretrainSpec):
         return AutoModelForCausalLM.from_config(cfg)
 
 
-def lora_targets(spec: PretrainSpec, model) -> list[str]:
+def lora_targets(lora: LoraSpec, model) -> list[str]:
     """The LoRA target module names, checked against ``model``; a clear error if any is absent."""
     family = model.config.model_type
-    targets = spec.lora.target_modules or LORA_TARGETS.get(family)
+    targets = lora.target_modules or LORA_TARGETS.get(family)
     if not targets:
         raise BackboneError(f"no default LoRA targets for model family {family!r}: set lora.target_modules")
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -135,9 +137,6 @@ def check(spec: PretrainSpec) -> dict:
     """Every check that can fail before a worker starts; returns the tokenizer artifact's config."""
     from fmrilm.tokenize import artifact_config
 
-    if spec.input_mode == "features":
-        raise NotImplementedError("input_mode 'features' (encoder features through a projector as inputs_embeds) is not built yet; "
-                                  "use input_mode: tokens")
     locate_backbone(spec.backbone.source)
     cfg = artifact_config(spec.tokenizer)
     k = cfg["model"]["num_codes"]
@@ -145,7 +144,7 @@ def check(spec: PretrainSpec) -> dict:
         raise BackboneError(f"the tokenizer has {k} codes; the fMRI vocabulary allows at most {MAX_CODES}")
     skeleton = _skeleton(spec)
     if spec.lora.enabled:
-        lora_targets(spec, skeleton)
+        lora_targets(spec.lora, skeleton)
     if spec.seq_len > getattr(skeleton.config, "max_position_embeddings", getattr(skeleton.config, "n_positions", 10**9)):
         raise BackboneError(f"seq_len {spec.seq_len} exceeds the backbone's maximum positions")
     return cfg
@@ -154,41 +153,56 @@ def check(spec: PretrainSpec) -> dict:
 # ---------------------------------------------------------------- driver side: sequences
 
 
-def scan_codes(tokens, window: int, patch: int) -> dict[str, np.ndarray]:
-    """Per scan, the codes of consecutive non-overlapping windows joined along time:
-    ``scan_id -> [rois, steps]`` (code indices)."""
-    out = {}
+def scan_codes(tokens, window: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per scan, the codes of consecutive non-overlapping windows joined along time,
+    ``scan_id -> [rois, steps]`` (code indices), and, when the tokens table has them, the encoder
+    features the same way, ``scan_id -> [rois, steps, width]``."""
+    has_feats = "features" in tokens.columns
+    codes, feats = {}, {}
     for scan_id, group in tokens.sort_values(["scan_id", "start"]).groupby("scan_id", sort=False):
-        blocks, end = [], -1
-        for start, n_rois, n_patches, codes in zip(group["start"], group["n_rois"], group["n_patches"], group["codes"]):
-            if start >= end:
-                blocks.append(np.asarray(codes).reshape(n_rois, n_patches))
-                end = start + window
-        out[scan_id] = np.concatenate(blocks, axis=1)
-    return out
+        blocks, fblocks, end = [], [], -1
+        for row in group.itertuples(index=False):
+            if row.start >= end:
+                blocks.append(np.asarray(row.codes).reshape(row.n_rois, row.n_patches))
+                if has_feats:
+                    fblocks.append(np.asarray(row.features, np.float32).reshape(row.n_rois, row.n_patches, -1))
+                end = row.start + window
+        codes[scan_id] = np.concatenate(blocks, axis=1)
+        if has_feats:
+            feats[scan_id] = np.concatenate(fblocks, axis=1)
+    return codes, feats
 
 
 def build_examples(codes: dict[str, np.ndarray], captions: dict[str, list[str]], tokenizer, vocab, seq_len: int,
-                   weights: ObjectiveWeights) -> list:
+                   weights: ObjectiveWeights, feats: dict[str, np.ndarray] | None = None) -> list:
     """fMRI->fMRI chunks of every scan, fMRI->text pairs (each caption with a chunk of its scan)
-    and text->text captions, in a fixed interleaved order; objectives with weight 0 are left out."""
+    and text->text captions, in a fixed interleaved order; objectives with weight 0 are left out.
+    With ``feats`` (features input mode) every fMRI example carries its encoder features."""
+    ids_of = {"first_code_id": vocab.first_code_id, "open_id": vocab.open_id, "close_id": vocab.close_id}
     examples = []
     for scan_id in sorted(codes):
         c = codes[scan_id]
+        f = feats.get(scan_id) if feats else None
         rois = c.shape[0]
         s = steps_that_fit(rois, seq_len)
         if s < 2:
             raise ValueError(f"seq_len {seq_len} holds fewer than 2 time steps of {rois} ROIs (scan {scan_id}): raise seq_len")
-        chunks = [c[:, i : i + s] for i in range(0, c.shape[1] - 1, s) if c[:, i : i + s].shape[1] >= 2]
+
+        def chunk(start: int, steps: int):
+            return c[:, start : start + steps], (f[:, start : start + steps] if f is not None else None)
+
+        starts = [i for i in range(0, c.shape[1] - 1, s) if chunk(i, s)[0].shape[1] >= 2] or [0]
         if weights.fmri_fmri > 0:
-            examples += [fmri_to_fmri(ch, vocab.first_code_id, vocab.open_id, vocab.close_id) for ch in chunks]
+            for i in starts:
+                cc, ff = chunk(i, s)
+                if cc.shape[1] >= 2:
+                    examples.append(fmri_to_fmri(cc, **ids_of, feats=ff))
         for j, caption in enumerate(captions.get(scan_id, [])):
             ids = np.asarray(tokenizer(caption, add_special_tokens=False)["input_ids"], np.int64)
-            if weights.fmri_text > 0:
-                st = steps_that_fit(rois, seq_len, extra=len(ids) + 1)
-                if st >= 1:
-                    chunk = chunks[j % len(chunks)] if chunks else c
-                    examples.append(fmri_to_text(chunk[:, :st], ids, vocab.first_code_id, vocab.open_id, vocab.close_id, tokenizer.eos_token_id))
+            steps = steps_that_fit(rois, seq_len, extra=len(ids) + 1)
+            if weights.fmri_text > 0 and steps >= 1:
+                cc, ff = chunk(starts[j % len(starts)], steps)
+                examples.append(fmri_to_text(cc, ids, **ids_of, eos_id=tokenizer.eos_token_id, feats=ff))
             if weights.text_text > 0 and len(ids) + 2 <= seq_len:
                 examples.append(text_to_text(ids, tokenizer.bos_token_id, tokenizer.eos_token_id))
     return examples
@@ -214,6 +228,9 @@ def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
         raise FileNotFoundError(f"no tokens table at {tokens_uri}: run `fmrilm tokenize jobs/tokenize.yaml` first ({err})") from None
     split = split_scans(spec)
     tokens = tokens[tokens["scan_id"].isin(split)]
+    if spec.input_mode == "features" and "features" not in tokens.columns:
+        raise ValueError(f"input_mode 'features' needs encoder features in the tokens table {tokens_uri}: "
+                         "re-run `fmrilm tokenize jobs/tokenize.yaml features=true`")
     captions = read_captions(spec.data, spec.datasets)
     if spec.objectives.fmri_text > 0 and not captions:
         log.warning("no captions under %s: fMRI->text and text->text objectives have no data (run `fmrilm features build`)", spec.data)
@@ -221,29 +238,30 @@ def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
 
     tok = _text_tokenizer(spec)
     vocab = extend_tokenizer(tok, art_cfg["model"]["num_codes"])  # the same ids the workers' add_fmri_vocab assigns
-    codes = scan_codes(tokens, art_cfg["data"]["window"], art_cfg["model"]["patch"])
+    codes, feats = scan_codes(tokens, art_cfg["data"]["window"])
+    feats = feats if spec.input_mode == "features" else {}
     world = spec.scaling.num_workers
     out = {}
     for name in ("train", "val"):
         ids = {s for s, sp in split.items() if sp == name}
         ex = build_examples({k: v for k, v in codes.items() if k in ids}, {k: v for k, v in captions.items() if k in ids},
-                            tok, vocab, spec.seq_len, spec.objectives)
+                            tok, vocab, spec.seq_len, spec.objectives, {k: v for k, v in feats.items() if k in ids})
         if not ex:
             continue
-        packed = pack(ex, spec.seq_len, tok.pad_token_id)
-        pad = (-len(packed["ids"])) % world
-        if pad:
-            packed = {k: np.concatenate([v, np.repeat(_empty_row(k, spec.seq_len, tok.pad_token_id), pad, axis=0)]) for k, v in packed.items()}
+        packed = pad_rows(pack(ex, spec.seq_len, tok.pad_token_id), world, tok.pad_token_id)
         out[name] = {"packed": packed, "examples": len(ex), "counts": {o: sum(int((e.objective == i).any()) for e in ex) for i, o in enumerate(OBJECTIVES)}}
     if "train" not in out:
         raise ValueError(f"no training sequences: the tokens table {tokens_uri} has no scans of the training split")
     return out
 
 
-def _empty_row(key: str, seq_len: int, pad_id: int) -> np.ndarray:
-    fill = {"ids": (pad_id, np.int64), "targets": (-100, np.int64), "groups": (0, np.int32), "positions": (0, np.int64),
-            "objective": (-1, np.int8), "segments": (0, np.int32)}[key]
-    return np.full((1, seq_len), fill[0], fill[1])
+def pad_rows(packed: dict[str, np.ndarray], world: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Append empty rows (no targets, one padding segment) so the row count divides ``world``."""
+    pad = (-len(packed["ids"])) % world
+    if not pad:
+        return packed
+    fill = {"ids": pad_id, "targets": -100, "groups": 0, "positions": 0, "objective": -1, "segments": 0, "feats": 0, "roi": -1}
+    return {k: np.concatenate([v, np.full((pad, *v.shape[1:]), fill[k], v.dtype)]) for k, v in packed.items()}
 
 
 def _text_tokenizer(spec: PretrainSpec):
@@ -292,30 +310,31 @@ def _collate():
     return PackedCollate()
 
 
-def build_model(spec: PretrainSpec, num_codes: int, codebook: torch.Tensor):
-    """Backbone + fMRI vocabulary (+ LoRA); returns ``(model, tokenizer, vocab, info)``."""
+def build_model(spec: PretrainSpec, num_codes: int, codebook: torch.Tensor, pairs=None):
+    """Backbone + fMRI vocabulary with initialised rows; returns ``(model, tokenizer, vocab, info)``."""
     model, tok, info = load_backbone(spec.backbone.source, seed=spec.train.seed, tiny_width=spec.backbone.tiny_width,
                                      tiny_layers=spec.backbone.tiny_layers)
     vocab = add_fmri_vocab(model, tok, num_codes)
-    info["code_init"] = init_code_embeddings(model, vocab, codebook, seed=spec.train.seed)
+    info["code_init"] = init_code_embeddings(model, vocab, codebook, pairs, seed=spec.train.seed)
     if spec.deepspeed.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model, tok, vocab, info
 
 
-def wrap_lora(spec: PretrainSpec, model, vocab):
-    """LoRA on the family's projections; the fMRI rows of the embeddings (and an untied head) train."""
+def wrap_lora(lora: LoraSpec, model, new_ids: list[int] | None = None):
+    """LoRA on the family's projections; with ``new_ids`` those rows of the embeddings (and of an
+    untied head) train too (the fMRI vocabulary during pretraining)."""
     from peft import LoraConfig, get_peft_model
 
-    new = vocab.new_ids()
-    emb_name = _module_name(model, model.get_input_embeddings())
-    tokens = {emb_name: new}
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is not model.get_input_embeddings().weight:
-        tokens[_module_name(model, head)] = new
-    cfg = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout, task_type="CAUSAL_LM",
-                     target_modules=lora_targets(spec, model), trainable_token_indices=tokens)
+    tokens = None
+    if new_ids:
+        tokens = {_module_name(model, model.get_input_embeddings()): new_ids}
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not model.get_input_embeddings().weight:
+            tokens[_module_name(model, head)] = new_ids
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                     target_modules=lora_targets(lora, model), trainable_token_indices=tokens)
     return get_peft_model(model, cfg)
 
 
@@ -323,49 +342,64 @@ def _module_name(model, module) -> str:
     return next(name for name, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
 
 
-METRIC_KEYS = ("loss", *(f"loss/{o}" for o in OBJECTIVES))
-
-
-def _mean_across_ranks(sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
-    """Means of ``METRIC_KEYS`` over every rank's micro-steps (a fixed-size all-reduce: ranks may
-    have seen different objectives); keys no rank saw are left out."""
+def _mean_across_ranks(sums: dict[str, float], counts: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """Means of ``keys`` over every rank's micro-steps (a fixed-size all-reduce: ranks may have
+    seen different objectives); keys no rank saw are left out."""
     import torch.distributed as dist
 
-    t = torch.tensor([sums.get(k, 0.0) for k in METRIC_KEYS] + [counts.get(k, 0.0) for k in METRIC_KEYS], dtype=torch.float64)
+    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0.0) for k in keys], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
-    n = len(METRIC_KEYS)
-    return {k: t[i].item() / t[n + i].item() for i, k in enumerate(METRIC_KEYS) if t[n + i] > 0}
+    n = len(keys)
+    return {k: t[i].item() / t[n + i].item() for i, k in enumerate(keys) if t[n + i] > 0}
 
 
 def forward_loss(model, batch: dict[str, torch.Tensor], weights: dict[int, float]):
     """Forward one packed batch (``ids/targets/groups/positions/objective/segments [batch, L]``)
     through a causal LM with the block-causal mask; returns ``(loss, {objective: loss})``."""
     mask = attention_mask(batch["segments"], batch["groups"])
-    out = model(input_ids=batch["ids"], attention_mask=mask, position_ids=batch["positions"], use_cache=False)
+    extra = {"feats": batch["feats"], "roi": batch["roi"]} if "feats" in batch else {}
+    out = model(input_ids=batch["ids"], attention_mask=mask, position_ids=batch["positions"], use_cache=False, **extra)
     return objective_losses(out.logits, batch["targets"], batch["objective"], weights)
 
 
 def train_loop(config: dict) -> None:
     """Ray Train worker: the LM training loop (see the module docstring)."""
-    import deepspeed
     import ray.train
 
-    from fmrilm.data.pipeline import epoch_stream
-
     spec = PretrainSpec(**config["spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    on_gpu = spec.scaling.use_gpu and torch.cuda.is_available()
-    model, tok, vocab, info = build_model(spec, config["num_codes"], torch.from_numpy(config["codebook"].copy()))
+    rank = ray.train.get_context().get_world_rank()
+    pairs = tuple(torch.from_numpy(p.copy()) for p in config["pairs"]) if config.get("pairs") is not None else None
+    model, tok, vocab, info = build_model(spec, config["num_codes"], torch.from_numpy(config["codebook"].copy()), pairs)
     export_base = None
     if spec.lora.enabled:
         export_base = tempfile.mkdtemp(prefix="fmrilm-base-")
         if rank == 0:  # the vocabulary-extended, initialised model LoRA trains on top of
             model.save_pretrained(export_base)
             tok.save_pretrained(export_base)
-        model = wrap_lora(spec, model, vocab)
-    weights = spec.objectives.by_id()
+        model = wrap_lora(spec.lora, model, vocab.new_ids())
+    if spec.input_mode == "features":
+        model = FeatureInputLM(model, config["feature_width"], config["max_rois"])
+    static = {"code_init": info["code_init"], "pretrained_backbone": info["pretrained"]}
+    engine = deepspeed_train(spec, model, config, OBJECTIVES, spec.objectives.by_id(), static)
+    export(engine, tok, spec, info, vocab, config["probe"], export_base, rank)
+
+
+def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weights: dict[int, float], static: dict):
+    """The shared DeepSpeed loop of the LM stages on a Ray Train worker: optimizer and cosine
+    schedule over the ``train`` dataset shard, resume from the run's newest checkpoint, the mean
+    loss and one loss per objective name reported every ``log_every`` steps (plus ``static``),
+    a checkpoint every ``checkpoint_every`` steps and at the end. ``spec`` has ``train``,
+    ``deepspeed``, ``lora`` and ``scaling``. Returns the DeepSpeed engine after the last step."""
+    import deepspeed
+    import ray.train
+
+    from fmrilm.data.pipeline import epoch_stream
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = spec.scaling.use_gpu and torch.cuda.is_available()
+    keys = ("loss", *(f"loss/{o}" for o in objectives))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
     per_epoch = math.ceil(config["rows_per_rank"] / (spec.deepspeed.micro_batch_size * spec.deepspeed.grad_accum))
@@ -393,12 +427,16 @@ def train_loop(config: dict) -> None:
         sums[key] = sums.get(key, 0.0) + value
         counts[key] = counts.get(key, 0.0) + 1
 
+    first: dict[str, float] = {}
+
     def report(final: bool = False) -> None:
-        metrics = _mean_across_ranks(sums, counts)
+        metrics = _mean_across_ranks(sums, counts, keys)
+        if not first and "loss" in metrics:
+            first["first_loss"] = metrics["loss"]  # the mean over the first log interval, to see the fall
+        metrics |= first
         metrics |= resumed | {"step": step, "epoch": step / per_epoch, "lr": sched.get_last_lr()[0],
-                              "tokens_per_s": tokens_done / seconds if seconds else 0.0, "code_init": info["code_init"],
-                              "torch_threads": torch.get_num_threads(), **peak_memory(on_gpu),
-                              "pretrained_backbone": info["pretrained"]}
+                              "tokens_per_s": tokens_done / seconds if seconds else 0.0,
+                              "torch_threads": torch.get_num_threads(), **peak_memory(on_gpu), **static}
         sums.clear()
         counts.clear()
         checkpoint_now = final or step % spec.train.checkpoint_every == 0
@@ -425,7 +463,7 @@ def train_loop(config: dict) -> None:
         micro += 1
         add("loss", loss.item())
         for k, v in parts.items():
-            add(f"loss/{OBJECTIVES[k]}", v.item())
+            add(f"loss/{objectives[k]}", v.item())
         if micro % spec.deepspeed.grad_accum:
             continue
         step += 1
@@ -439,38 +477,48 @@ def train_loop(config: dict) -> None:
             raise RuntimeError(f"injected fault at step {step} (FMRILM_FAULT_STEP)")
         last = time.perf_counter()
     report(final=True)
-    export(engine, tok, spec, info, vocab, config["probe"], export_base, rank)
+    return engine
 
 
 def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base_dir: str | None, rank: int) -> None:
     """Write the Hugging Face folder (see the module docstring); every rank takes part (ZeRO-3 gathers)."""
     import deepspeed
+    from safetensors.torch import save_file
 
     model = engine.module
     model.eval()
-    gather = spec.deepspeed.zero_stage == 3
-    params = list(model.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
-        inputs = {k: torch.from_numpy(v).to(engine.device) for k, v in probe.items()}
-        with torch.no_grad():
-            logits = model(input_ids=inputs["ids"], attention_mask=attention_mask(inputs["segments"], inputs["groups"]),
-                           position_ids=inputs["positions"], use_cache=False).logits.float().cpu()
-        if rank == 0:
-            with tempfile.TemporaryDirectory(prefix="fmrilm-export-") as d:
-                if spec.lora.enabled:
-                    model.save_pretrained(os.path.join(d, "adapter"))
-                    _copy_tree(base_dir, os.path.join(d, "base"))
-                else:
-                    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                    model.save_pretrained(os.path.join(d, "full"), state_dict=state)
-                    tok.save_pretrained(os.path.join(d, "full"))
-                torch.save({"inputs": probe, "logits": logits}, os.path.join(d, "probe.pt"))
-                with open(os.path.join(d, "fmri_lm.json"), "w") as f:
-                    json.dump({"backbone": info, "vocab": vars(vocab), "lora": spec.lora.enabled, "seq_len": spec.seq_len,
-                               "layout": "base+adapter" if spec.lora.enabled else "full", "tokenizer": spec.tokenizer}, f, indent=1)
-                target = storage.join(spec.run.storage, spec.run.name, "model")
-                storage.delete_dir(storage.resolve(target))
-                _upload_tree(d, target)
+    lm = model.lm if isinstance(model, FeatureInputLM) else model
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=spec.deepspeed.zero_stage == 3):
+        logits = probe_logits(model, probe, engine.device)
+        if rank != 0:
+            return
+        with tempfile.TemporaryDirectory(prefix="fmrilm-export-") as d:
+            if spec.lora.enabled:
+                lm.save_pretrained(os.path.join(d, "adapter"))
+                _copy_tree(base_dir, os.path.join(d, "base"))
+            else:
+                lm.save_pretrained(os.path.join(d, "full"), state_dict={k: v.detach().cpu().clone() for k, v in lm.state_dict().items()})
+                tok.save_pretrained(os.path.join(d, "full"))
+            meta = {"backbone": info, "vocab": vars(vocab), "lora": spec.lora.enabled, "seq_len": spec.seq_len,
+                    "layout": "base+adapter" if spec.lora.enabled else "full", "tokenizer": spec.tokenizer, "input_mode": spec.input_mode}
+            if isinstance(model, FeatureInputLM):
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.input_state().items()}, os.path.join(d, "inputs.safetensors"))
+                meta |= {"feature_width": model.projector[0].in_features, "max_rois": model.roi_embed.num_embeddings}
+            torch.save({"inputs": probe, "logits": logits}, os.path.join(d, "probe.pt"))
+            with open(os.path.join(d, "fmri_lm.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+            target = storage.join(spec.run.storage, spec.run.name, "model")
+            storage.delete_dir(storage.resolve(target))
+            _upload_tree(d, target)
+
+
+@torch.no_grad()
+def probe_logits(model, probe: dict[str, np.ndarray], device="cpu") -> torch.Tensor:
+    """Logits ``[1, L, vocab]`` (float32, CPU) of a model on a probe row of packed arrays."""
+    batch = {k: torch.from_numpy(v).to(device) for k, v in probe.items()}
+    extra = {"feats": batch["feats"], "roi": batch["roi"]} if "feats" in batch else {}
+    return model(input_ids=batch["ids"], attention_mask=attention_mask(batch["segments"], batch["groups"]),
+                 position_ids=batch["positions"], use_cache=False, **extra).logits.float().cpu()
 
 
 def _copy_tree(src: str, dst: str) -> None:
@@ -500,24 +548,38 @@ def run(spec: PretrainSpec) -> dict:
     prepared = prepare_sequences(spec, art_cfg)
     train = prepared["train"]
     codebook = load(storage.read_bytes(storage.resolve(spec.tokenizer).join("model.safetensors")))["quantizer.codebook"]
-    result = fit(spec, train["packed"], codebook)
+    result = fit(spec, train["packed"], codebook, code_pairs(spec), art_cfg["model"]["max_rois"])
     return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
             "sequences": len(train["packed"]["ids"]), "examples": train["examples"], "objective_examples": train["counts"]}
 
 
-def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tensor):
+def code_pairs(spec: PretrainSpec):
+    """Pairs for the codebook -> LM embedding map (:func:`fmrilm.tokenize.codebook_pairs`) on the
+    training windows, or ``None`` with the reason logged."""
+    from fmrilm.data.pipeline import PipelineSpec
+    from fmrilm.tokenize import codebook_pairs
+
+    pairs = codebook_pairs(spec.tokenizer, PipelineSpec(data=spec.data, datasets=spec.datasets))
+    if pairs is None:
+        log.info("codebook init: the tokenizer has no alignment head; fMRI embeddings start at the mean text embedding")
+    return pairs
+
+
+def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tensor, pairs=None, max_rois: int = 512):
     """Run the ``TorchTrainer`` on packed sequences (rows a multiple of the world size) with a
-    codebook ``[K, d]``; returns the Ray Train result."""
+    codebook ``[K, d]`` and optional codebook-map pairs; returns the Ray Train result."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from fmrilm.train.common import run_config
 
     world = spec.scaling.num_workers
-    probe = {k: v[:1] for k, v in packed.items() if k in ("ids", "segments", "groups", "positions")}
+    probe = {k: v[:1] for k, v in packed.items() if k in ("ids", "segments", "groups", "positions", "feats", "roi")}
     config = {"spec": spec.model_dump(mode="json"), "num_codes": int(codebook.shape[0]), "codebook": codebook.numpy(),
+              "pairs": tuple(p.numpy() for p in pairs) if pairs is not None else None,
               "rows_per_rank": math.ceil(len(packed["ids"]) / world), "probe": probe,
-              "fault_step": int(os.environ.get("FMRILM_FAULT_STEP", "0") or 0)}
+              "fault_step": int(os.environ.get("FMRILM_FAULT_STEP", "0") or 0),
+              "feature_width": int(packed["feats"].shape[-1]) if "feats" in packed else None, "max_rois": max_rois}
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=world, use_gpu=spec.scaling.use_gpu,
@@ -527,8 +589,14 @@ def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tenso
     return trainer.fit()
 
 
-def load_exported(uri: str):
-    """A plain transformers (+ peft) model and tokenizer from an export folder (eval mode)."""
+def load_exported(uri: str, merged: bool = False):
+    """A plain transformers (+ peft) model and tokenizer from an export folder (eval mode);
+    returns ``(model, tokenizer, meta)``. Layouts: ``full``, ``base+adapter`` (pretraining with
+    LoRA) and ``adapter`` (instruction tuning: adapters over another export, named in
+    ``base_model``). In the features input mode the model is wrapped in :class:`FeatureInputLM`
+    with its saved projector. ``merged=True`` folds every LoRA adapter into plain weights."""
+    from peft import PeftModel
+    from safetensors.torch import load
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fmrilm.models.fmri_lm import sync_to_local
@@ -537,31 +605,41 @@ def load_exported(uri: str):
     local = sync_to_local(uri) if storage.is_remote(uri) else loc.path
     meta = json.loads(storage.read_text(loc.join("fmri_lm.json")))
     if meta["layout"] == "full":
-        path = os.path.join(local, "full")
-        return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path), meta
-    from peft import PeftModel
-
-    base = AutoModelForCausalLM.from_pretrained(os.path.join(local, "base"))
-    model = PeftModel.from_pretrained(base, os.path.join(local, "adapter"))
-    return model.eval(), AutoTokenizer.from_pretrained(os.path.join(local, "base")), meta
+        model, tok = AutoModelForCausalLM.from_pretrained(os.path.join(local, "full")), AutoTokenizer.from_pretrained(os.path.join(local, "full"))
+    elif meta["layout"] == "base+adapter":
+        base = AutoModelForCausalLM.from_pretrained(os.path.join(local, "base"))
+        model, tok = PeftModel.from_pretrained(base, os.path.join(local, "adapter")), AutoTokenizer.from_pretrained(os.path.join(local, "base"))
+    else:
+        base, _, _ = load_exported(meta["base_model"], merged=True)
+        base = base.lm if isinstance(base, FeatureInputLM) else base
+        model, tok = PeftModel.from_pretrained(base, os.path.join(local, "adapter")), AutoTokenizer.from_pretrained(os.path.join(local, "adapter"))
+    if merged and isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    if meta.get("input_mode") == "features":
+        model = FeatureInputLM(model, meta["feature_width"], meta["max_rois"])
+        state = load(storage.read_bytes(loc.join("inputs.safetensors")))
+        model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")})
+        model.roi_embed.weight.data.copy_(state["roi_embed.weight"])
+    return model.eval(), tok, meta
 
 
 def merge_adapter(uri: str, out: str) -> str:
-    """Merge an exported LoRA adapter into its base (``base+adapter`` layout) and write a ``full``
+    """Merge exported LoRA adapters into their base (``base+adapter`` or ``adapter`` layout) and write a ``full``
     export at ``out``; returns ``out``."""
-    model, tok, meta = load_exported(uri)
-    if meta["layout"] != "base+adapter":
-        raise ValueError(f"{uri} is already a full model (layout {meta['layout']!r}); nothing to merge")
-    merged = model.merge_and_unload()
+    model, tok, meta = load_exported(uri, merged=True)
+    if meta["layout"] == "full":
+        raise ValueError(f"{uri} is already a full model (layout 'full'); nothing to merge")
+    merged = model.lm if isinstance(model, FeatureInputLM) else model
     with tempfile.TemporaryDirectory(prefix="fmrilm-merge-") as d:
         merged.save_pretrained(os.path.join(d, "full"))
         tok.save_pretrained(os.path.join(d, "full"))
         with open(os.path.join(d, "fmri_lm.json"), "w") as f:
             json.dump(meta | {"layout": "full", "merged_from": uri}, f, indent=1)
-        probe = storage.resolve(uri).join("probe.pt")
-        if storage.exists(probe):
-            with open(os.path.join(d, "probe.pt"), "wb") as f:
-                f.write(storage.read_bytes(probe))
+        for name in ("probe.pt", "inputs.safetensors"):
+            src = storage.resolve(uri).join(name)
+            if storage.exists(src):
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(storage.read_bytes(src))
         storage.delete_dir(storage.resolve(out))
         _upload_tree(d, out)
     return out
