@@ -28,9 +28,15 @@ def test_user_errors_exit_2_with_a_message(tmp_path):
     r = runner.invoke(app, ["data", "sample", "other", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown sample" in r.output
     spec = tmp_path / "job.yaml"
-    spec.write_text("kind: instruct\n")
+    spec.write_text("kind: sweep\n")
     r = runner.invoke(app, ["run", str(spec)])
     assert r.exit_code == 2 and "not built yet" in r.output
+    spec.write_text(f"kind: instruct\nmodel: {tmp_path}/none\n")
+    r = runner.invoke(app, ["lm", "instruct", str(spec)])
+    assert r.exit_code == 2 and "(no fmri_lm.json)" in r.output
+    spec.write_text(f"kind: eval\nmodel: null\npretrained: {tmp_path}/none\n")
+    r = runner.invoke(app, ["eval", str(spec)])
+    assert r.exit_code == 2 and "(no fmri_lm.json)" in r.output
     spec.write_text(f"kind: pretrain\ntokenizer: {tmp_path}/none\n")
     r = runner.invoke(app, ["lm", "pretrain", str(spec)])
     assert r.exit_code == 2 and "no tokenizer artifact" in r.output

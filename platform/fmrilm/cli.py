@@ -192,7 +192,7 @@ def _run_spec(spec: str, overrides: list[str] | None, kind: str | None = None) -
     result = _guard(fn, job)
     printers = {"quickstart": lambda r: print_summary(r["summary"]), "features": print_features, "tokenizer": print_tokenizer,
                 "tokenize": lambda r: out.print(f"tokenized {r['windows']} windows -> {escape(r['tokens'])}"),
-                "pretrain": print_pretrain}
+                "pretrain": print_pretrain, "instruct": print_instruct, "eval": print_eval}
     printers.get(job.kind, lambda r: None)(result)
 
 
@@ -308,6 +308,49 @@ def print_pretrain(result: dict) -> None:
     out.print("  " + ", ".join(parts) + f"; code embeddings init: {m.get('code_init')}")
     if m.get("pretrained_backbone") is False:
         console.print("[yellow]the backbone was a built-in decoder, not pretrained: set backbone.source to a real model for science[/]")
+
+
+@lm_app.command("instruct")
+def lm_instruct(
+    spec: str = typer.Argument("jobs/instruct.yaml", help="instruct spec YAML"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
+) -> None:
+    """Multi-task LoRA instruction tuning of a pretrained export (same run name resumes)."""
+    _run_spec(spec, overrides, "instruct")
+
+
+def print_instruct(result: dict) -> None:
+    """Losses per task and where the adapter went."""
+    m = result["metrics"]
+    out.print(f"adapter: {escape(result['model'])} (step {m.get('step')}, {result['rows']} instruction rows; "
+              f"table {escape(result['instructions'])})")
+    out.print("  " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("loss")))
+
+
+@app.command("eval")
+def evaluate(
+    spec: str = typer.Argument("jobs/eval.yaml", help="eval spec YAML"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
+) -> None:
+    """Zero-/few-shot and fully tuned answers on held-out scans, beside FC + linear baselines."""
+    _run_spec(spec, overrides, "eval")
+
+
+def print_eval(report: dict) -> None:
+    """One rich table per test group, then where the report went."""
+    from fmrilm.eval.report import table_rows
+
+    for group in report["groups"]:
+        if group == "train":
+            continue
+        header, rows = table_rows(report, group)
+        t = Table(title=f"{group.replace('_', ' ')} ({report['groups'][group]} scans)")
+        for col in header:
+            t.add_column(col)
+        for row in rows:
+            t.add_row(*row)
+        out.print(t)
+    out.print(f"report: {escape(report['files']['report.md'])}")
 
 
 @app.command("tokenize")

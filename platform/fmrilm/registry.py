@@ -9,7 +9,7 @@ from typing import Callable
 from fmrilm.config import ConfigError
 
 # kinds that later stages add; a spec naming one fails clearly instead of running a stand-in
-PLANNED = ("instruct", "eval", "sweep")
+PLANNED = ("sweep",)
 
 
 def _quickstart():
@@ -42,8 +42,20 @@ def _pretrain():
     return PretrainSpec, run
 
 
+def _instruct():
+    from fmrilm.train.instruct import InstructSpec, run
+
+    return InstructSpec, run
+
+
+def _eval():
+    from fmrilm.eval.run import EvalSpec, run
+
+    return EvalSpec, run
+
+
 KINDS: dict[str, Callable] = {"quickstart": _quickstart, "features": _features, "tokenizer": _tokenizer, "tokenize": _tokenize,
-                              "pretrain": _pretrain}
+                              "pretrain": _pretrain, "instruct": _instruct, "eval": _eval}
 
 
 def job_for(kind: str | None, source: str = "<spec>"):

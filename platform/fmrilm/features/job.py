@@ -80,6 +80,8 @@ def networks_of(manifest: dict) -> list[str]:
 def read_series(loc: storage.Location, manifest: dict, scan_ids: set[str]) -> dict[str, tuple[np.ndarray, float]]:
     """``scan_id -> ([rois, time], TR)`` for the requested scans of a dataset."""
     out = {}
+    if not scan_ids:
+        return out
     for path in table.shard_paths(loc, manifest):
         t = pq.read_table(path, filesystem=loc.fs, columns=["scan_id", "n_rois", "n_timepoints", "tr", "timeseries"],
                           filters=[("scan_id", "in", sorted(scan_ids))])
@@ -260,3 +262,19 @@ def read_captions(data: str, datasets: list[str] | None = None) -> dict[str, lis
         for scan_id, group in caps.groupby("scan_id", sort=False):
             out[scan_id] = group["caption"].tolist()
     return out
+
+
+def read_descriptors(data: str, datasets: list[str] | None = None) -> pd.DataFrame:
+    """Descriptor z-scores (``scan_id`` + ``z.*`` columns) of the committed features builds under
+    ``data``; scans whose descriptors failed are left out. Empty if no dataset has a build."""
+    parts = []
+    for loc, manifest in table.find_datasets(data):
+        if datasets and manifest["dataset"] not in datasets:
+            continue
+        fm = _read_json(loc.join("features", "manifest.json"))
+        if fm is None:
+            continue
+        where = storage.resolve(fm["summary"]["features"])
+        df = pd.read_parquet(where.path, filesystem=where.fs)
+        parts.append(df[df["error"].isna()][["scan_id", *[c for c in df.columns if c.startswith("z.")]]])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["scan_id"])

@@ -488,8 +488,10 @@ def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base
     model = engine.module
     model.eval()
     lm = model.lm if isinstance(model, FeatureInputLM) else model
+    # the probe forward first (under ZeRO-3 its own hooks gather and release each layer: inside a
+    # gather they would release the weights save_pretrained needs), then gather everything to save
+    logits = probe_logits(model, probe, engine.device)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=spec.deepspeed.zero_stage == 3):
-        logits = probe_logits(model, probe, engine.device)
         if rank != 0:
             return
         with tempfile.TemporaryDirectory(prefix="fmrilm-export-") as d:
@@ -515,7 +517,7 @@ def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base
 @torch.no_grad()
 def probe_logits(model, probe: dict[str, np.ndarray], device="cpu") -> torch.Tensor:
     """Logits ``[1, L, vocab]`` (float32, CPU) of a model on a probe row of packed arrays."""
-    batch = {k: torch.from_numpy(v).to(device) for k, v in probe.items()}
+    batch = {k: torch.from_numpy(np.array(v)).to(device) for k, v in probe.items()}
     extra = {"feats": batch["feats"], "roi": batch["roi"]} if "feats" in batch else {}
     return model(input_ids=batch["ids"], attention_mask=attention_mask(batch["segments"], batch["groups"]),
                  position_ids=batch["positions"], use_cache=False, **extra).logits.float().cpu()

@@ -1,0 +1,1 @@
+"""Evaluation: zero-/few-shot scoring of the LM, baselines on the same splits, metrics, report."""

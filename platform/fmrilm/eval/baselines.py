@@ -1,0 +1,88 @@
+"""Baselines on the same train/test scans as the LM (Brainmarks: FC + linear is hard to beat).
+
+* ``majority`` / ``mean``: the training split's most frequent class or mean value.
+* ``fc_linear``: upper-triangle Pearson FC of the robust-scaled series, standardised, then a
+  logistic regression (classification) or ridge regression (regression) whose penalty is chosen
+  by cross-validation on the training subjects only (nested inside the train/test split).
+* ``descriptors_linear``: the same models on the descriptor z-scores of ``fmrilm features``.
+* ``oracle`` (synthetic cohorts): the generator's true effect pattern projected onto each scan's
+  FC (:func:`fmrilm.data.synth.oracle_scores`), calibrated on the training scans by a
+  one-feature logistic/linear fit; the best any FC-linear model can expect.
+
+Each baseline returns predictions (and class scores) for the test scans.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+
+def _quiet(fit, *args):
+    with warnings.catch_warnings():  # convergence chatter and scikit-learn's announcements of future defaults
+        warnings.simplefilter("ignore")
+        return fit(*args)
+
+
+def majority(y_train: np.ndarray, n_test: int, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The most frequent training class for every test scan, with one-hot scores."""
+    values, counts = np.unique(y_train, return_counts=True)
+    top = values[np.argmax(counts)]
+    scores = np.tile([1.0 if c == top else 0.0 for c in classes], (n_test, 1))
+    return np.full(n_test, top, dtype=object), scores
+
+
+def linear_classifier(x_train, y_train, x_test, classes: list[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Impute missing values with the training mean, standardise, then logistic regression with
+    the L2 penalty chosen by inner stratified CV on the training rows; returns ``(predicted classes, log-probabilities [test, classes])``."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = int(max(2, min(5, np.unique(y_train, return_counts=True)[1].min())))
+    model = make_pipeline(SimpleImputer(keep_empty_features=True), StandardScaler(), LogisticRegressionCV(Cs=10, cv=folds, max_iter=3000, scoring="neg_log_loss", random_state=seed))
+    _quiet(model.fit, x_train, y_train)
+    proba = model.predict_proba(x_test)
+    order = list(model.classes_)
+    scores = np.full((len(x_test), len(classes)), -np.inf)
+    for j, c in enumerate(classes):
+        if c in order:
+            scores[:, j] = np.log(np.clip(proba[:, order.index(c)], 1e-12, 1))
+    return np.asarray(model.predict(x_test), dtype=object), scores
+
+
+def linear_regressor(x_train, y_train, x_test) -> np.ndarray:
+    """Training-mean imputation, standardisation and ridge regression with the penalty chosen by
+    leave-one-out CV on the training rows."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(SimpleImputer(keep_empty_features=True), StandardScaler(), RidgeCV(alphas=np.logspace(-3, 4, 15)))
+    _quiet(model.fit, x_train, np.asarray(y_train, float))
+    return model.predict(x_test)
+
+
+def fc_matrix(series: np.ndarray) -> np.ndarray:
+    """Pearson FC ``[rois, rois]`` of a robust-scaled series ``[rois, time]``."""
+    from fmrilm.data.pipeline import robust_scale
+    from fmrilm.features.connectivity import pearson_fc
+
+    return pearson_fc(robust_scale(series))
+
+
+def upper(fc: np.ndarray) -> np.ndarray:
+    """Upper triangle (no diagonal) of ``[..., rois, rois]`` as ``[..., rois*(rois-1)/2]``."""
+    iu = np.triu_indices(fc.shape[-1], 1)
+    return fc[..., iu[0], iu[1]]
+
+
+def oracle_scores(params: dict, fcs: np.ndarray) -> dict[str, np.ndarray]:
+    """The synthetic generator's true linear scores (``sex``: higher = more female, ``age``:
+    higher = older) for FC matrices ``[scans, rois, rois]``."""
+    from fmrilm.data.synth import SynthParams, oracle_scores as truth
+
+    return truth(SynthParams(**params), fcs)

@@ -1,0 +1,59 @@
+"""Metrics with bootstrap confidence intervals (pure numpy/scikit-learn).
+
+Classification: accuracy, balanced accuracy, one-vs-rest macro AUC (from per-class scores).
+Regression: MAE and Pearson r. ``bootstrap`` resamples test scans with replacement.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def classification(y_true, y_pred, scores: np.ndarray | None = None, classes: list | None = None) -> dict[str, float]:
+    """``accuracy``, ``balanced_accuracy`` and (with ``scores [n, classes]``) ``auc`` (binary: of
+    the second class; more: one-vs-rest macro). ``classes`` orders the score columns."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    out = {"accuracy": float(accuracy_score(y_true, y_pred)), "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred))}
+    if scores is not None and classes is not None and len(set(y_true)) > 1:
+        present = [c for c in classes if c in set(y_true)]
+        if len(classes) == 2:
+            out["auc"] = float(roc_auc_score(y_true == classes[1], scores[:, 1] - scores[:, 0]))
+        elif len(present) == len(classes):
+            order = np.argsort(classes)  # scikit-learn wants the labels sorted
+            p = _softmax(scores)[:, order]
+            out["auc"] = float(roc_auc_score(y_true, p, multi_class="ovr", labels=[classes[i] for i in order]))
+    return out
+
+
+def regression(y_true, y_pred) -> dict[str, float]:
+    """``mae`` and ``pearson_r`` (NaN when either side is constant)."""
+    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
+    r = float(np.corrcoef(y_true, y_pred)[0, 1]) if y_true.std() > 0 and y_pred.std() > 0 else float("nan")
+    return {"mae": float(np.abs(y_true - y_pred).mean()), "pearson_r": r}
+
+
+def bootstrap(metric, arrays: list[np.ndarray], n: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile confidence intervals of every key of ``metric(*arrays)`` over ``n`` resamples
+    of the rows; keys undefined in a resample (e.g. AUC with one class) skip it."""
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(a) for a in arrays]
+    m = len(arrays[0])
+    draws: dict[str, list[float]] = {}
+    for _ in range(n):
+        idx = rng.integers(0, m, m)
+        try:
+            values = metric(*(a[idx] for a in arrays))
+        except ValueError:
+            continue
+        for k, v in values.items():
+            if np.isfinite(v):
+                draws.setdefault(k, []).append(v)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return {k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for k, v in draws.items() if len(v) >= n // 2}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)

@@ -1,0 +1,199 @@
+"""The evaluation report: ``report.json``, ``predictions.json``, ``report.md`` and plots.
+
+One table per test group: rows are task x paradigm of the LM, columns the LM's headline metric
+(balanced accuracy for classification, MAE for the age number) with its 95 % bootstrap CI, and
+every baseline on the same scans. k-shot rows show the mean over seeds (and their range).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+
+from fmrilm import storage
+
+HEADLINE = {"classification": "balanced_accuracy", "regression": "mae"}
+BASELINES = ("majority", "mean", "fc_linear", "descriptors_linear", "oracle")
+
+
+def headline(task: str) -> str:
+    from fmrilm.data.instructions import REGRESSION
+
+    return HEADLINE["regression" if task in REGRESSION else "classification"]
+
+
+def _fmt(res: dict | None, key: str, ci: bool = True) -> str:
+    if not res or key not in res["metrics"]:
+        return "-"
+    text = f"{res['metrics'][key]:.3f}"
+    if ci and key in res.get("ci", {}):
+        lo, hi = res["ci"][key]
+        text += f" [{lo:.2f}, {hi:.2f}]"
+    return text
+
+
+def table_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one group's table (see the module docstring)."""
+    results = [r for r in report["results"] if r["group"] == group]
+    header = ["task", "metric", "paradigm", "fmrilm", "majority/mean", "fc_linear", "descriptors_linear", "oracle"]
+    rows = []
+    for task in dict.fromkeys(r["task"] for r in results):
+        key = headline(task)
+        base = {r["method"]: r for r in results if r["task"] == task and r["paradigm"] == "baseline"}
+        cols = [_fmt(base.get("majority") or base.get("mean"), key, False), _fmt(base.get("fc_linear"), key),
+                _fmt(base.get("descriptors_linear"), key), _fmt(base.get("oracle"), key)]
+        lm = [r for r in results if r["task"] == task and r["method"] == "fmrilm"]
+        for paradigm in ("zero_shot", "in_context", "kshot_lora", "full"):
+            runs = [r for r in lm if r["paradigm"] == paradigm]
+            for k in sorted({r["k"] for r in runs}, key=lambda v: -1 if v is None else v):
+                same = [r for r in runs if r["k"] == k]
+                name = paradigm if k is None else f"{paradigm} k={k}"
+                if len(same) == 1:
+                    cell = _fmt(same[0], key)
+                else:
+                    vals = [r["metrics"][key] for r in same if key in r["metrics"]]
+                    cell = f"{np.mean(vals):.3f} (seeds {min(vals):.2f}-{max(vals):.2f})" if vals else "-"
+                rows.append([task, key, name, cell, *cols])
+        if not lm:
+            rows.append([task, key, "(baselines only)", "-", *cols])
+    return header, rows
+
+
+def markdown(report: dict) -> str:
+    """``report.md``: a table per group, the figures, and how to read them."""
+    lines = ["# fmrilm evaluation", "",
+             f"Pretrained export: `{report['pretrained']}`; instruct export: `{report['spec']['model']}`.",
+             f"Scans: {report['groups']}. Headline metric: balanced accuracy (classification), MAE in years (age).",
+             "Baselines are fitted on every training subject; 95 % bootstrap CIs over test scans in brackets.", ""]
+    for group in report["groups"]:
+        if group == "train":
+            continue
+        header, rows = table_rows(report, group)
+        lines += [f"## {group.replace('_', ' ')}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines.append("")
+    parse = [r for r in report["results"] if "parse_rate" in r]
+    if parse:
+        lines += ["Age numbers the LM generated that parse as a number: "
+                  + ", ".join(f"{r['paradigm']}{'' if r['k'] is None else ' k=' + str(r['k'])}: {r['parse_rate']:.0%}" for r in parse[:8])
+                  + " (unparsed answers count as the training mean).", ""]
+    for name in report.get("figures", []):
+        lines += [f"![{name}]({name})", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, predictions: list[dict], where: str) -> dict[str, str]:
+    """Write the report files under ``where`` (a URI); returns ``{file: uri}``."""
+    loc = storage.resolve(where)
+    figures = plots(report, predictions)
+    report["figures"] = sorted(figures)
+    files = {}
+    for name, png in figures.items():
+        storage.write_bytes(loc.join(name), png)
+        files[name] = loc.join(name).uri
+    storage.write_bytes(loc.join("predictions.json"), json.dumps(predictions, default=_json).encode())
+    storage.write_bytes(loc.join("report.md"), markdown(report).encode())
+    files |= {"predictions.json": loc.join("predictions.json").uri, "report.md": loc.join("report.md").uri,
+              "report.json": loc.join("report.json").uri}
+    storage.write_bytes(loc.join("report.json"), json.dumps(report | {"files": files}, indent=1, default=_json).encode())
+    return files
+
+
+def _json(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(type(v))
+
+
+def plots(report: dict, predictions: list[dict]) -> dict[str, bytes]:
+    """``fewshot.png`` (metric vs k per task, baselines as lines), ``confusion.png`` (the full
+    or best k-shot paradigm per classification task), ``age.png`` (predicted vs true age)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    res = report["results"]
+    tasks = list(dict.fromkeys(r["task"] for r in res))
+    group = "heldout_subjects" if any(r["group"] == "heldout_subjects" for r in res) else (res[0]["group"] if res else None)
+    kshot = [r for r in res if r["paradigm"] == "kshot_lora" and r["group"] == group]
+    if kshot:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            key = headline(task)
+            pts = [(r["k"], r["metrics"][key]) for r in kshot if r["task"] == task and key in r["metrics"]]
+            if pts:
+                ks = sorted({k for k, _ in pts})
+                ax.scatter(*zip(*pts), s=12, alpha=0.5, color="C0")
+                ax.plot(ks, [np.mean([v for k2, v in pts if k2 == k]) for k in ks], "-o", color="C0", label="fmrilm k-shot LoRA")
+                ax.set_xscale("log", base=2)
+            for i, r in enumerate(x for x in res if x["task"] == task and x["group"] == group and x["paradigm"] in ("baseline", "full")):
+                if key in r["metrics"]:
+                    label = r["method"] if r["paradigm"] == "baseline" else "fmrilm full"
+                    ax.axhline(r["metrics"][key], ls="--", lw=1, color=f"C{i + 1}", label=label)
+            ax.set_title(f"{task} ({group})", fontsize=9)
+            ax.set_xlabel("training scans per class (k)")
+            ax.set_ylabel(key)
+        axes[0][0].legend(fontsize=6)
+        fig.tight_layout()
+        out["fewshot.png"] = _png(fig, plt)
+    cls = [t for t in tasks if headline(t) == "balanced_accuracy"]
+    if cls:
+        fig, axes = plt.subplots(1, len(cls), figsize=(3.6 * len(cls), 3.2), squeeze=False)
+        for ax, task in zip(axes[0], cls):
+            p = _best_predictions(predictions, task, group)
+            if p is None:
+                ax.axis("off")
+                continue
+            classes = report["classes"][task]
+            m = np.zeros((len(classes), len(classes)), int)
+            for t, q in zip(p["true"], p["pred"]):
+                if t in classes and q in classes:
+                    m[classes.index(t), classes.index(q)] += 1
+            ax.imshow(m, cmap="Blues")
+            for (i, j), v in np.ndenumerate(m):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(classes)), classes, fontsize=7, rotation=30)
+            ax.set_yticks(range(len(classes)), classes, fontsize=7)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            ax.set_title(f"{task}: {p['paradigm']}{'' if p['k'] is None else ' k=' + str(p['k'])}", fontsize=8)
+        fig.tight_layout()
+        out["confusion.png"] = _png(fig, plt)
+    if "age" in tasks:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        for i, (paradigm, method) in enumerate((("full", "fmrilm"), ("baseline", "fc_linear"), ("baseline", "oracle"))):
+            p = next((q for q in predictions if q["task"] == "age" and q["group"] == group and q["paradigm"] == paradigm
+                      and q["method"] == method), None)
+            if p:
+                ax.scatter(p["true"], p["pred"], s=14, alpha=0.7, color=f"C{i}", label=method if paradigm == "baseline" else "fmrilm full")
+        lim = ax.get_xlim()
+        ax.plot(lim, lim, "k:", lw=1)
+        ax.set_xlabel("true age")
+        ax.set_ylabel("predicted age")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        out["age.png"] = _png(fig, plt)
+    return out
+
+
+def _best_predictions(predictions: list[dict], task: str, group: str) -> dict | None:
+    """The full paradigm's predictions, else those of the largest k-shot."""
+    mine = [p for p in predictions if p["task"] == task and p["group"] == group and p["method"] == "fmrilm"]
+    full = [p for p in mine if p["paradigm"] == "full"]
+    if full:
+        return full[0]
+    shots = sorted((p for p in mine if p["paradigm"] == "kshot_lora"), key=lambda p: (p["k"], -(p["seed"] or 0)))
+    return shots[-1] if shots else (mine[0] if mine else None)
+
+
+def _png(fig, plt) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,407 @@
+"""``fmrilm eval SPEC``: the LM's answers on held-out scans beside baselines on the same scans.
+
+Test groups: ``heldout_subjects`` (scans of the ``test_splits`` of the training datasets) and
+``heldout_dataset`` (every scan of ``heldout_datasets``, whose subjects never reach training).
+Paradigms of the LM, each on the same test scans:
+
+* ``zero_shot``: the pretrained export (no task training) asked the question;
+* ``in_context``: ``in_context_k`` training subjects' scans and answers before the query;
+* ``kshot_lora``: LoRA tuned in-process on ``k`` training scans per class (per age tertile for
+  the age number) for each ``k`` and seed, from the pretrained export;
+* ``full``: the instruct stage's export (multi-task LoRA on every training subject).
+
+Classification is constrained scoring over the allowed answers; the age number is generated and
+parsed. Baselines (:mod:`fmrilm.eval.baselines`) are fitted on every training subject. Every
+metric carries a bootstrap confidence interval over test scans. Writes ``report.json``,
+``report.md`` and plots under ``<storage>/<run>/eval/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field, field_validator
+
+from fmrilm import storage
+from fmrilm.config import Strict
+from fmrilm.data.instructions import CLASSIFICATION, QUESTIONS, REGRESSION, Labeller, fewshot_context, fit_labeller, question_prompt
+from fmrilm.eval import baselines, metrics
+from fmrilm.train.lm import LoraSpec
+
+log = logging.getLogger("fmrilm.eval")
+PARADIGMS = ("zero_shot", "in_context", "kshot_lora", "full")
+
+
+class KShotSpec(Strict):
+    """k-shot LoRA tuning: ``k`` training scans per class, several seeds (no cap at one per class)."""
+
+    k: list[int] = Field([1, 2, 4, 8, 16], description="scans per class")
+    seeds: list[int] = [0, 1]
+    steps: int = Field(30, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    lora: LoraSpec = LoraSpec(enabled=True, r=8, alpha=16, dropout=0.0)
+
+
+class EvalRunSpec(Strict):
+    storage: str = "./fmrilm-data/runs"
+    name: str = Field("eval", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class EvalSpec(Strict):
+    """Spec of ``jobs/eval.yaml``."""
+
+    kind: Literal["eval"] = "eval"
+    model: str | None = Field("./fmrilm-data/runs/instruct/model", description="instruct export (the 'full' paradigm); null: skip it")
+    pretrained: str | None = Field(None, description="pretrained export for zero-shot and k-shot (default: the instruct export's base)")
+    tokens: str | None = None
+    data: str = "./fmrilm-data/datasets"
+    datasets: list[str] | None = None
+    heldout_datasets: list[str] = Field([], description="datasets evaluated as a whole, never trained on")
+    test_splits: list[str] = ["val", "test"]
+    tasks: list[str] = ["sex", "age_bin", "age"]
+    paradigms: list[str] = list(PARADIGMS)
+    in_context_k: int = Field(2, ge=1)
+    kshot: KShotSpec = KShotSpec()
+    fmri_steps: int = Field(4, ge=1)
+    seq_len: int = Field(512, ge=32)
+    bootstrap: int = Field(1000, ge=0)
+    baselines: bool = True
+    seed: int = 0
+    run: EvalRunSpec = EvalRunSpec()
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v):
+        bad = sorted(set(v) - set(CLASSIFICATION) - set(REGRESSION))
+        if bad or not v:
+            raise ValueError(f"unknown or no eval task(s) {bad}; known: {list(CLASSIFICATION) + list(REGRESSION)}")
+        return v
+
+    @field_validator("paradigms")
+    @classmethod
+    def _paradigms(cls, v):
+        bad = sorted(set(v) - set(PARADIGMS))
+        if bad or not v:
+            raise ValueError(f"unknown or no paradigm(s) {bad}; known: {list(PARADIGMS)}")
+        return v
+
+
+# ---------------------------------------------------------------- data
+
+
+def eval_meta(spec: EvalSpec, scans_with_tokens: set[str]) -> pd.DataFrame:
+    """The scan index with a ``group`` column: ``train``, ``heldout_subjects``, ``heldout_dataset``
+    or ``unused``; only scans with tokens."""
+    from fmrilm.train.instruct import scan_meta
+
+    datasets = None if spec.datasets is None else sorted(set(spec.datasets) | set(spec.heldout_datasets))
+    meta = scan_meta(spec.data, datasets)
+    unknown = sorted(set(spec.heldout_datasets) - set(meta["dataset"]))
+    if unknown:
+        raise ValueError(f"heldout_datasets {unknown} are not under {spec.data} (found {sorted(set(meta['dataset']))})")
+    meta = meta[meta["scan_id"].isin(scans_with_tokens)].copy()
+    held = meta["dataset"].isin(spec.heldout_datasets)
+    meta.loc[held, "split"] = "heldout_dataset"  # its subjects are never training subjects, nor in-context examples
+    meta["group"] = np.select([held, meta["split"] == "train", meta["split"].isin(spec.test_splits)],
+                              ["heldout_dataset", "train", "heldout_subjects"], "unused")
+    return meta.sort_values("scan_id").reset_index(drop=True)
+
+
+def truth(task: str, rows: pd.DataFrame, labeller: Labeller) -> np.ndarray:
+    """True answers of ``rows`` (class words, or ages as floats; ``None``/NaN where unknown)."""
+    if task in REGRESSION:
+        return pd.to_numeric(rows["age"], errors="coerce").to_numpy(float)
+    return np.array([labeller.label(task, r) for r in rows.itertuples(index=False)], dtype=object)
+
+
+# ---------------------------------------------------------------- the LM's answers
+
+
+class Answerer:
+    """Encodes prompts for one model and answers them (constrained scoring / number parsing)."""
+
+    def __init__(self, model, tokenizer, blocks, spec: EvalSpec):
+        self.model, self.tok, self.blocks, self.spec = model, tokenizer, blocks, spec
+
+    def prompts(self, texts: list[str]):
+        from fmrilm.train.instruct import encode_rows
+
+        rows = pd.DataFrame({"prompt": texts, "answer": "", "task": "x"})
+        examples, kept = encode_rows(rows, self.blocks, self.tok, self.spec.fmri_steps, self.spec.seq_len - 8, with_answer=False)
+        if len(kept) != len(texts):
+            raise ValueError(f"{len(texts) - len(kept)} evaluation prompts do not fit seq_len={self.spec.seq_len}: raise seq_len")
+        return examples
+
+    def answer(self, task: str, texts: list[str], labeller: Labeller, fallback: float) -> dict:
+        from fmrilm.eval.scoring import predict_numbers, score_choices
+
+        prompts = self.prompts(texts)
+        if task in REGRESSION:
+            values, rate = predict_numbers(self.model, prompts, self.tok, fallback)
+            return {"pred": values, "parse_rate": rate}
+        choices = labeller.choices(task)
+        scores = score_choices(self.model, prompts, choices, self.tok, self.spec.seq_len)
+        return {"pred": np.array([choices[i].strip() for i in scores.argmax(1)], dtype=object), "scores": scores}
+
+
+def task_prompts(task: str, test: pd.DataFrame, train: pd.DataFrame, labeller: Labeller, k: int, seed: int) -> list[str]:
+    """The evaluation prompt of every test scan (the first wording of the question); with ``k``,
+    ``k`` label-balanced training examples before it (drawn per scan, seeded)."""
+    from fmrilm.data.instructions import is_missing
+
+    question = QUESTIONS[task][0]
+    rng = np.random.default_rng(seed)
+    out = []
+    for row in test.itertuples(index=False):
+        shots = ""
+        if k:
+            context = fewshot_context(task, row, train, labeller, k, rng) or []
+            for c in context:
+                a = f" {int(round(float(c.age)))}" if task in REGRESSION and not is_missing(c.age) else f" {labeller.label(task, c)}"
+                shots += f"{question_prompt(c.scan_id, question)}{a}\n\n"
+        out.append(shots + question_prompt(row.scan_id, question))
+    return out
+
+
+def kshot_rows(task: str, train: pd.DataFrame, labeller: Labeller, k: int, seed: int) -> pd.DataFrame:
+    """``k`` training scans per class (per age tertile for the age number) as single-question
+    instruction rows with every paraphrase drawn in turn."""
+    from fmrilm.data.instructions import is_missing
+
+    rng = np.random.default_rng(seed)
+    key = "age_bin" if task in REGRESSION else task
+    by_class: dict[str, list] = {}
+    for r in train.itertuples(index=False):
+        label = labeller.label(key, r)
+        if label is not None and not (task in REGRESSION and is_missing(r.age)):
+            by_class.setdefault(label, []).append(r)
+    rows = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        for j in rng.permutation(len(members))[:k]:
+            r = members[j]
+            answer = f" {int(round(float(r.age)))}" if task in REGRESSION else f" {label}"
+            q = QUESTIONS[task][int(rng.integers(len(QUESTIONS[task])))]
+            rows.append({"prompt": question_prompt(r.scan_id, q), "answer": answer, "task": task})
+    return pd.DataFrame(rows, columns=["prompt", "answer", "task"])
+
+
+def kshot_tune(pretrained: str, rows: pd.DataFrame, blocks, spec: EvalSpec, seed: int):
+    """LoRA tuned in this process on a handful of instruction rows (full batch, AdamW, loss on
+    the answers); returns ``(model, tokenizer)`` in eval mode."""
+    from fmrilm.data.lm_sequences import pack
+    from fmrilm.train.instruct import add_adapters, encode_rows, load_model
+    from fmrilm.train.lm import forward_loss
+
+    torch.manual_seed(seed)
+    model, tok, _ = load_model(pretrained)
+    model = add_adapters(model, spec.kshot.lora)
+    examples, _ = encode_rows(rows, blocks, tok, spec.fmri_steps, spec.seq_len)
+    packed = {k: torch.from_numpy(v) for k, v in pack(examples, spec.seq_len, tok.pad_token_id).items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.kshot.lr)
+    model.train()
+    for _ in range(spec.kshot.steps):
+        loss, _ = forward_loss(model, packed, {0: 1.0})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), tok
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def score(task: str, y_true: np.ndarray, pred: np.ndarray, scores: np.ndarray | None, classes: list[str], n_boot: int, seed: int) -> dict:
+    """Metrics and bootstrap CIs of one set of predictions."""
+    if task in REGRESSION:
+        fn = metrics.regression
+        arrays = [y_true.astype(float), np.asarray(pred, float)]
+    else:
+        def fn(t, p, s=None):
+            return metrics.classification(t, p, s, classes)
+        arrays = [y_true, pred] + ([scores] if scores is not None else [])
+    out = {"n": int(len(y_true)), "metrics": fn(*arrays)}
+    if n_boot:
+        out["ci"] = metrics.bootstrap(fn, arrays, n=n_boot, seed=seed)
+    return out
+
+
+def run(spec: EvalSpec) -> dict:
+    """Evaluate every task x paradigm and the baselines; write the report; return it."""
+    from fmrilm.eval.report import write_report
+    from fmrilm.features.job import read_descriptors
+    from fmrilm.train.instruct import ScanBlocks, export_meta, load_model
+
+    if spec.model is None and spec.pretrained is None:
+        raise ValueError("eval needs model (an instruct export) or pretrained (a pretrain export)")
+    pretrained = spec.pretrained or export_meta(spec.model)["base_model"]
+    export_meta(pretrained)
+    blocks = ScanBlocks(pretrained, spec.data, spec.datasets, spec.tokens)
+    meta = eval_meta(spec, set(blocks.codes))
+    train = meta[meta["group"] == "train"]
+    groups = [g for g in ("heldout_subjects", "heldout_dataset") if (meta["group"] == g).any()]
+    if train.empty or not groups:
+        raise ValueError(f"eval needs training scans and held-out scans with tokens; found groups {meta['group'].value_counts().to_dict()}")
+    labeller = fit_labeller(meta)
+    results: list[dict] = []
+    predictions: list[dict] = []
+    models = {}
+
+    def model_for(name: str):
+        if name not in models:
+            models[name] = load_model(pretrained if name == "pretrained" else spec.model)[:2]
+        return models[name]
+
+    tasks = [t for t in spec.tasks if t in REGRESSION or len(labeller.classes.get(t, [])) >= 2]
+    for task in sorted(set(spec.tasks) - set(tasks)):
+        log.warning("task %s has fewer than two classes among the training scans: skipped", task)
+    age_mean = float(pd.to_numeric(train["age"], errors="coerce").mean())
+    descriptors = read_descriptors(spec.data, None) if spec.baselines else pd.DataFrame()
+    from rich.progress import track
+
+    plan = [(task, group) for task in tasks for group in groups]
+    for task, group in track(plan, description="evaluating"):
+        test = meta[meta["group"] == group]
+        y_all = truth(task, test, labeller)
+        known = np.array([not (v is None or (isinstance(v, float) and np.isnan(v))) for v in y_all])
+        test, y = test[known], y_all[known]
+        if task not in REGRESSION:
+            keep = np.isin(y, labeller.classes[task])
+            test, y = test[keep], y[keep]
+        if len(test) == 0:
+            continue
+        classes = labeller.classes.get(task, [])
+
+        def record(paradigm, method, out, k=None, seed=None, extra=None):
+            res = score(task, y, out["pred"], out.get("scores"), classes, spec.bootstrap, spec.seed)
+            results.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
+                            **res, **(extra or {})})
+            predictions.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
+                                "scan_id": list(test["scan_id"]), "true": [_plain(v) for v in y], "pred": [_plain(v) for v in out["pred"]]})
+
+        def lm(model_name, k_context, paradigm, k=None):
+            model, tok = model_for(model_name)
+            out = Answerer(model, tok, blocks, spec).answer(task, task_prompts(task, test, train, labeller, k_context, spec.seed), labeller, age_mean)
+            record(paradigm, "fmrilm", out, k=k, extra={"parse_rate": out["parse_rate"]} if "parse_rate" in out else None)
+
+        if "zero_shot" in spec.paradigms:
+            lm("pretrained", 0, "zero_shot")
+        if "in_context" in spec.paradigms:
+            lm("instruct" if spec.model else "pretrained", spec.in_context_k, "in_context", k=spec.in_context_k)
+        if "full" in spec.paradigms and spec.model:
+            lm("instruct", 0, "full")
+        if "kshot_lora" in spec.paradigms:
+            for k in spec.kshot.k:
+                for seed in spec.kshot.seeds:
+                    rows = kshot_rows(task, train, labeller, k, seed)
+                    model, tok = kshot_tune(pretrained, rows, blocks, spec, seed)
+                    out = Answerer(model, tok, blocks, spec).answer(task, task_prompts(task, test, train, labeller, 0, seed), labeller, age_mean)
+                    record("kshot_lora", "fmrilm", out, k=k, seed=seed, extra={"train_rows": len(rows)})
+        if spec.baselines:
+            for method, out in baseline_predictions(task, train, test, labeller, descriptors, spec, blocks).items():
+                record("baseline", method, out)
+    report = {"spec": spec.model_dump(mode="json"), "pretrained": pretrained, "results": results,
+              "groups": {g: int((meta["group"] == g).sum()) for g in ("train", *groups)}, "classes": labeller.classes,
+              "age_cuts": labeller.age_cuts}
+    where = storage.join(spec.run.storage, spec.run.name, "eval")
+    report["files"] = write_report(report, predictions, where)
+    return report
+
+
+def _plain(v):
+    return float(v) if isinstance(v, (float, np.floating)) else v
+
+
+def baseline_predictions(task: str, train: pd.DataFrame, test: pd.DataFrame, labeller: Labeller, descriptors: pd.DataFrame,
+                         spec: EvalSpec, blocks) -> dict[str, dict]:
+    """Predictions of every baseline that applies (see :mod:`fmrilm.eval.baselines`)."""
+    y_train_all = truth(task, train, labeller)
+    ok = np.array([not (v is None or (isinstance(v, float) and np.isnan(v))) for v in y_train_all])
+    tr, y_tr = train[ok], y_train_all[ok]
+    classes = labeller.classes.get(task, [])
+    out: dict[str, dict] = {}
+    if task in REGRESSION:
+        out["mean"] = {"pred": np.full(len(test), float(np.mean(y_tr.astype(float))))}
+    else:
+        pred, scores = baselines.majority(y_tr, len(test), classes)
+        out["majority"] = {"pred": pred, "scores": scores}
+    features = {"fc_linear": _fc_features(spec, pd.concat([tr, test]))}
+    if not descriptors.empty:
+        d = descriptors.set_index("scan_id")
+        if set(tr["scan_id"]) <= set(d.index) and set(test["scan_id"]) <= set(d.index):
+            features["descriptors_linear"] = {s: d.loc[s].to_numpy(float) for s in pd.concat([tr, test])["scan_id"]}
+    for name, feats in features.items():
+        if feats is None:
+            continue
+        x_tr = np.stack([feats[s] for s in tr["scan_id"]])
+        x_te = np.stack([feats[s] for s in test["scan_id"]])
+        if task in REGRESSION:
+            out[name] = {"pred": baselines.linear_regressor(x_tr, y_tr.astype(float), x_te)}
+        elif len(set(y_tr)) >= 2:
+            pred, scores = baselines.linear_classifier(x_tr, y_tr, x_te, classes, spec.seed)
+            out[name] = {"pred": pred, "scores": scores}
+    oracle = _oracle(task, tr, y_tr, test, spec, labeller)
+    if oracle is not None:
+        out["oracle"] = oracle
+    return out
+
+
+_FC_CACHE: dict[tuple[str, str], np.ndarray] = {}
+
+
+def _series(spec: EvalSpec, scan_ids: list[str]) -> dict[str, np.ndarray]:
+    from fmrilm.data import table
+    from fmrilm.features.job import read_series
+
+    want = set(scan_ids)
+    out = {}
+    for loc, manifest in table.find_datasets(spec.data):
+        for sid, (x, _) in read_series(loc, manifest, want).items():
+            out[sid] = x
+    return out
+
+
+def _fc_features(spec: EvalSpec, rows: pd.DataFrame) -> dict[str, np.ndarray] | None:
+    """Upper-triangle FC per scan; ``None`` when scans differ in ROI count (mixed atlases)."""
+    need = [s for s in rows["scan_id"] if (spec.data, s) not in _FC_CACHE]
+    for sid, x in _series(spec, need).items():
+        _FC_CACHE[(spec.data, sid)] = baselines.fc_matrix(x)
+    fcs = {s: _FC_CACHE[(spec.data, s)] for s in rows["scan_id"]}
+    if len({v.shape for v in fcs.values()}) != 1:
+        log.warning("FC baseline skipped: the scans have different ROI counts")
+        return None
+    return {s: baselines.upper(v) for s, v in fcs.items()}
+
+
+def _oracle(task: str, tr: pd.DataFrame, y_tr: np.ndarray, test: pd.DataFrame, spec: EvalSpec, labeller: Labeller) -> dict | None:
+    """The synthetic generator's truth, calibrated on the training scans (one dataset only)."""
+    from fmrilm.data import table
+
+    effect = {"sex": "sex", "age": "age", "age_bin": "age"}.get(task)
+    names = set(tr["dataset"]) | set(test["dataset"])
+    if effect is None or len(names) != 1:
+        return None
+    manifest = next((m for _, m in table.find_datasets(spec.data) if m["dataset"] in names), None)
+    params = (manifest or {}).get("synthetic", {}).get("params")
+    if params is None:
+        return None
+    fcs = {s: _FC_CACHE[(spec.data, s)] for s in pd.concat([tr, test])["scan_id"] if (spec.data, s) in _FC_CACHE}
+    if len(fcs) < len(tr) + len(test):
+        return None
+    s_tr = baselines.oracle_scores(params, np.stack([fcs[s] for s in tr["scan_id"]]))[effect][:, None]
+    s_te = baselines.oracle_scores(params, np.stack([fcs[s] for s in test["scan_id"]]))[effect][:, None]
+    classes = labeller.classes.get(task, [])
+    if task == "age":
+        return {"pred": baselines.linear_regressor(s_tr, y_tr.astype(float), s_te)}
+    if task == "age_bin":
+        ages = pd.to_numeric(tr["age"], errors="coerce").to_numpy(float)
+        pred_age = baselines.linear_regressor(s_tr, ages, s_te)
+        cuts = labeller.age_cuts
+        pred = np.array([classes[int(np.searchsorted(cuts, a, side="right"))] for a in pred_age], dtype=object)
+        return {"pred": pred}
+    pred, scores = baselines.linear_classifier(s_tr, y_tr, s_te, classes, spec.seed)
+    return {"pred": pred, "scores": scores}

@@ -1,0 +1,293 @@
+"""Stage 3: multi-task instruction tuning with LoRA (peft) and DeepSpeed on Ray Train.
+
+Driver: reads the pretrained LM export (``fmrilm run jobs/pretrain.yaml``), builds the
+``instructions`` table of the *training* subjects (:mod:`fmrilm.data.instructions`; written to
+``<storage>/<run>/instructions.parquet`` for inspection), encodes each row with the scan's fMRI
+block and packs them (loss on answer tokens only; one objective per task, so the loss is
+reported per task and ``instructions.tasks`` weights mix them), and runs a ``TorchTrainer``.
+
+Worker: loads the export (a LoRA-pretrained export is merged first), puts fresh LoRA adapters
+on it and trains them with :func:`fmrilm.train.lm.deepspeed_train` (ZeRO 0-3, resume by run
+name, every rank checkpoints). Export: ``<storage>/<run>/model`` in the ``adapter`` layout
+(``adapter/`` + ``fmri_lm.json`` naming the base export, + the projector in the features input
+mode), which :func:`fmrilm.train.lm.load_exported` loads and ``fmrilm lm merge`` merges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+
+from fmrilm import runtime, storage
+from fmrilm.config import Strict
+from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions, encode, fit_labeller
+from fmrilm.data.lm_sequences import fmri_part, pack
+from fmrilm.models.fmri_lm import BackboneError, FeatureInputLM
+from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
+from fmrilm.train.deepspeed import DeepSpeedSpec
+from fmrilm.train.lm import LoraSpec
+
+log = logging.getLogger("fmrilm.instruct")
+
+
+class InstructSpec(Strict):
+    """Spec of ``jobs/instruct.yaml``."""
+
+    kind: Literal["instruct"] = "instruct"
+    model: str = Field("./fmrilm-data/runs/pretrain/model", description="the pretrained LM export (pretrain stage)")
+    tokens: str | None = Field(None, description="tokens table URI (default: beside the export's tokenizer)")
+    data: str = Field("./fmrilm-data/datasets", description="dataset root: phenotypes, captions, subject split")
+    datasets: list[str] | None = None
+    instructions: InstructionSpec = InstructionSpec()
+    fmri_steps: int = Field(4, ge=1, description="time steps of each scan's fMRI block in a prompt (fewer if the row would not fit)")
+    seq_len: int = Field(512, ge=32)
+    lora: LoraSpec = LoraSpec(enabled=True, r=8, alpha=16, dropout=0.1)
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec(zero_stage=2)
+    train: OptimSpec = OptimSpec(epochs=3, lr=5e-4, warmup_steps=5, checkpoint_every=50, log_every=5)
+    scaling: ScalingSpec = ScalingSpec(num_workers=2, cpus_per_worker=0.5)
+    run: RunSpec = RunSpec(name="instruct")
+
+
+# ---------------------------------------------------------------- shared with evaluation
+
+
+def export_meta(uri: str) -> dict:
+    """``fmri_lm.json`` of an LM export, or a clear error if ``uri`` is not one."""
+    loc = storage.resolve(uri).join("fmri_lm.json")
+    if not storage.exists(loc):
+        raise FileNotFoundError(f"{uri} is not an fmrilm model export (no fmri_lm.json): run `fmrilm run jobs/pretrain.yaml` first")
+    return json.loads(storage.read_text(loc))
+
+
+def root_export(uri: str) -> str:
+    """The pretrained export at the bottom of a chain of adapter exports."""
+    while export_meta(uri)["layout"] == "adapter":
+        uri = export_meta(uri)["base_model"]
+    return uri
+
+
+class ScanBlocks:
+    """fMRI blocks of scans for prompts: ``part(scan_id, steps)`` is a
+    :func:`~fmrilm.data.lm_sequences.fmri_part` of the scan's first ``steps`` time steps, with
+    encoder features in the features input mode."""
+
+    def __init__(self, model_uri: str, data: str, datasets: list[str] | None, tokens_uri: str | None = None):
+        from fmrilm.tokenize import artifact_config, read_tokens
+        from fmrilm.train.lm import scan_codes
+
+        meta = export_meta(root_export(model_uri))
+        self.vocab = meta["vocab"]
+        self.features = meta.get("input_mode") == "features"
+        uri = tokens_uri or storage.join(meta["tokenizer"].rstrip("/").rsplit("/", 1)[0], "tokens")
+        try:
+            tokens = read_tokens(uri)
+        except (FileNotFoundError, OSError) as err:
+            raise FileNotFoundError(f"no tokens table at {uri}: run `fmrilm tokenize jobs/tokenize.yaml` first ({err})") from None
+        if self.features and "features" not in tokens.columns:
+            raise ValueError(f"the model takes encoder features but the tokens table {uri} has none: re-run tokenize with features=true")
+        self.codes, self.feats = scan_codes(tokens, artifact_config(meta["tokenizer"])["data"]["window"])
+
+    def part(self, scan_id: str, steps: int):
+        if scan_id not in self.codes:
+            raise KeyError(f"scan {scan_id!r} has no tokens: re-run `fmrilm tokenize` over its dataset")
+        c = self.codes[scan_id][:, :steps]
+        f = self.feats[scan_id][:, :steps] if self.features else None
+        v = self.vocab
+        return fmri_part(c, v["first_code_id"], v["open_id"], v["close_id"], f)
+
+
+def encode_rows(rows: pd.DataFrame, blocks: ScanBlocks, tokenizer, steps: int, seq_len: int, objective_of: dict[str, int] | None = None,
+                with_answer: bool = True) -> tuple[list, list[int]]:
+    """Encode instruction rows with fMRI blocks of up to ``steps`` time steps, shrinking the
+    blocks of a row that would not fit ``seq_len``; returns ``(examples, kept row positions)``
+    (rows that do not fit even with one step are left out and counted in the log)."""
+    examples, kept, dropped = [], [], 0
+    for i, row in enumerate(rows.itertuples(index=False)):
+        obj = objective_of[row.task] if objective_of else 0
+        for s in range(steps, 0, -1):
+            ex = encode(row.prompt, row.answer, lambda sid: blocks.part(sid, s), tokenizer, obj, with_answer)
+            if len(ex) <= seq_len:
+                examples.append(ex)
+                kept.append(i)
+                break
+        else:
+            dropped += 1
+    if dropped:
+        log.warning("%d of %d instruction rows do not fit seq_len=%d even with one fMRI step per scan: left out (raise seq_len)",
+                    dropped, len(rows), seq_len)
+    return examples, kept
+
+
+def scan_meta(data: str, datasets: list[str] | None) -> pd.DataFrame:
+    """The scan index (ids, phenotypes, subject-level split) of the datasets under ``data``."""
+    from fmrilm.data.pipeline import PipelineSpec, scan_index
+
+    return scan_index(PipelineSpec(data=data, datasets=datasets))
+
+
+# ---------------------------------------------------------------- driver
+
+
+def check(spec: InstructSpec) -> dict:
+    """Checks before any worker starts: the export exists, LoRA targets exist; returns its meta."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fmrilm.models.fmri_lm import sync_to_local
+    from fmrilm.train.lm import lora_targets
+
+    meta = export_meta(spec.model)
+    root = root_export(spec.model)
+    sub = "full" if export_meta(root)["layout"] == "full" else "base"
+    local = sync_to_local(root) if storage.is_remote(root) else storage.resolve(root).path
+    cfg = AutoConfig.from_pretrained(os.path.join(local, sub))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    if not spec.lora.enabled:
+        raise BackboneError("the instruct stage trains LoRA adapters: set lora.enabled=true")
+    lora_targets(spec.lora, skeleton)
+    limit = getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", 10**9))
+    if spec.seq_len > limit:
+        raise BackboneError(f"seq_len {spec.seq_len} exceeds the backbone's maximum positions ({limit})")
+    return meta
+
+
+def prepare(spec: InstructSpec, tokenizer) -> dict:
+    """Instructions of the training subjects, encoded and packed; also written as a table."""
+    from fmrilm.features.job import read_captions
+
+    meta = scan_meta(spec.data, spec.datasets)
+    blocks = ScanBlocks(spec.model, spec.data, spec.datasets, spec.tokens)
+    meta = meta[meta["scan_id"].isin(blocks.codes)]
+    captions = read_captions(spec.data, spec.datasets)
+    rows = build_instructions(meta, captions, spec.instructions, fit_labeller(meta), splits=("train",))
+    if rows.empty:
+        raise ValueError(f"no instructions: the training split of {spec.data} has no scan with tokens and a known answer "
+                         f"for tasks {sorted(spec.instructions.tasks)}")
+    leaked = set(rows["split"]) - {"train"}
+    if leaked:
+        raise RuntimeError(f"instruction rows of split(s) {sorted(leaked)} reached training")  # build_instructions guarantees this
+    where = storage.resolve(storage.join(spec.run.storage, spec.run.name, "instructions.parquet"))
+    storage.write_bytes(where, _parquet_bytes(rows))
+    objective_of = {t: i for i, t in enumerate(TASKS)}
+    examples, kept = encode_rows(rows, blocks, tokenizer, spec.fmri_steps, spec.seq_len, objective_of)
+    from fmrilm.train.lm import pad_rows
+
+    packed = pad_rows(pack(examples, spec.seq_len, tokenizer.pad_token_id), spec.scaling.num_workers, tokenizer.pad_token_id)
+    counts = rows.iloc[kept].groupby(["task", "paradigm"]).size()
+    return {"packed": packed, "rows": len(kept), "table": where.uri, "counts": {f"{t}/{p}": int(n) for (t, p), n in counts.items()}}
+
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def run(spec: InstructSpec) -> dict:
+    """Check, build instructions, tune LoRA (or resume), export; returns metrics and the model URI."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from fmrilm.train.common import run_config
+    from fmrilm.train.lm import to_dataset
+
+    check(spec)
+    runtime.init_ray()
+    _, tok, _ = load_model(spec.model)
+    prepared = prepare(spec, tok)
+    packed = prepared["packed"]
+    probe = {k: v[:1] for k, v in packed.items() if k in ("ids", "segments", "groups", "positions", "feats", "roi")}
+    config = {"spec": spec.model_dump(mode="json"), "rows_per_rank": math.ceil(len(packed["ids"]) / spec.scaling.num_workers),
+              "probe": probe, "fault_step": int(os.environ.get("FMRILM_FAULT_STEP", "0") or 0)}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
+        datasets={"train": to_dataset(packed)}, run_config=run_config(spec.run),
+    )
+    result = trainer.fit()
+    return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
+            "instructions": prepared["table"], "rows": prepared["rows"], "task_rows": prepared["counts"]}
+
+
+# ---------------------------------------------------------------- worker
+
+
+def load_model(uri: str):
+    """An export loaded for further tuning: LoRA adapters merged into plain weights (the features
+    wrapper kept); returns ``(model, tokenizer, meta)``."""
+    from fmrilm.train.lm import load_exported
+
+    model, tok, meta = load_exported(uri, merged=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, meta
+
+
+def add_adapters(model, lora: LoraSpec):
+    """Fresh LoRA adapters on an LM (inside the features wrapper, whose projector keeps training)."""
+    from fmrilm.train.lm import wrap_lora
+
+    if isinstance(model, FeatureInputLM):
+        model.lm = wrap_lora(lora, model.lm)
+        return model
+    return wrap_lora(lora, model)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker of the instruct stage (see the module docstring)."""
+    import ray.train
+
+    from fmrilm.train.lm import deepspeed_train
+
+    spec = InstructSpec(**config["spec"])
+    torch.manual_seed(spec.train.seed)
+    model, tok, meta = load_model(spec.model)
+    model = add_adapters(model, spec.lora)
+    weights = {i: spec.instructions.tasks.get(t, 0.0) for i, t in enumerate(TASKS)}
+    engine = deepspeed_train(spec, model, config, TASKS, weights, {})
+    export(engine, tok, spec, meta, config["probe"], ray.train.get_context().get_world_rank())
+
+
+def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: int) -> None:
+    """Write the adapter export (ZeRO-3 parameters gathered on every rank first)."""
+    import deepspeed
+    from safetensors.torch import save_file
+
+    from fmrilm.train.lm import _upload_tree, probe_logits
+
+    model = engine.module
+    model.eval()
+    lm = model.lm if isinstance(model, FeatureInputLM) else model
+    # the probe forward first (under ZeRO-3 its own hooks gather and release each layer: inside a
+    # gather they would release the weights save_pretrained needs), then gather everything to save
+    logits = probe_logits(model, probe, engine.device)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=spec.deepspeed.zero_stage == 3):
+        if rank != 0:
+            return
+        with tempfile.TemporaryDirectory(prefix="fmrilm-instruct-") as d:
+            lm.save_pretrained(os.path.join(d, "adapter"))
+            tok.save_pretrained(os.path.join(d, "adapter"))
+            meta = {k: base_meta[k] for k in ("backbone", "vocab", "tokenizer", "input_mode") if k in base_meta}
+            meta |= {"layout": "adapter", "base_model": spec.model, "lora": True, "seq_len": spec.seq_len, "stage": "instruct",
+                     "fmri_steps": spec.fmri_steps, "tasks": spec.instructions.tasks}
+            if isinstance(model, FeatureInputLM):
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.input_state().items()}, os.path.join(d, "inputs.safetensors"))
+                meta |= {"feature_width": model.projector[0].in_features, "max_rois": model.roi_embed.num_embeddings}
+            torch.save({"inputs": probe, "logits": logits}, os.path.join(d, "probe.pt"))
+            with open(os.path.join(d, "fmri_lm.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+            target = storage.join(spec.run.storage, spec.run.name, "model")
+            storage.delete_dir(storage.resolve(target))
+            _upload_tree(d, target)

@@ -1,0 +1,128 @@
+"""Tokens -> pretrain -> instruct (LoRA, DeepSpeed on 2 Ray Train workers) -> eval on CPU: the
+instruct stage trains on training subjects only and exports an adapter that reloads with the
+in-training logits; the eval report has every paradigm and baseline column, for held-out
+subjects and a held-out dataset; re-running the same run name resumes; bad specs fail early."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from fmrilm.data.ingest import ingest_synthetic
+from fmrilm.data.pipeline import PipelineSpec
+from fmrilm.data.synth import SynthParams
+from fmrilm.models.tokenizer import TokenizerConfig
+from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
+from fmrilm.train.deepspeed import DeepSpeedSpec
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_cluster, tmp_path_factory):
+    """Two tiny synthetic datasets (one held out), captions, tokenizer, tokens, a pretrained LM."""
+    from fmrilm.features.job import FeaturesSpec
+    from fmrilm.features.job import run as features
+    from fmrilm.tokenize import TokenizeSpec
+    from fmrilm.tokenize import run as tokenize
+    from fmrilm.train.lm import BackboneSpec, PretrainSpec
+    from fmrilm.train.lm import run as pretrain
+    from fmrilm.train.tokenizer import TokenizerStageSpec
+    from fmrilm.train.tokenizer import run as train_tokenizer
+
+    root = tmp_path_factory.mktemp("instruct")
+    data = str(root / "datasets")
+    ingest_synthetic(SynthParams(name="cohort", subjects=30, n_rois=8, n_networks=4, n_timepoints=96, seed=5, sex_effect=0.6), data)
+    ingest_synthetic(SynthParams(name="other", subjects=6, n_rois=8, n_networks=4, n_timepoints=96, seed=9), data)
+    features(FeaturesSpec(data=data, ica_components=3, captions_per_scan=1, plot=False, probe=False))
+    runs = str(root / "runs")
+    tok = train_tokenizer(TokenizerStageSpec(
+        data=PipelineSpec(data=data, window=32, stride=32), model=TokenizerConfig(patch=16, width=16, heads=2, depth=1, code_dim=8, num_codes=16),
+        train=OptimSpec(epochs=1, batch_size=8, max_steps=2, checkpoint_every=2),
+        scaling=ScalingSpec(num_workers=1, cpus_per_worker=0.5), run=RunSpec(storage=runs, name="tok", logger="none")))
+    tokenize(TokenizeSpec(tokenizer=tok["artifact"], data=PipelineSpec(data=data)))
+    lm = pretrain(PretrainSpec(
+        tokenizer=tok["artifact"], data=data, datasets=["cohort"], backbone=BackboneSpec(source="tiny-gpt2", tiny_width=32), seq_len=64,
+        deepspeed=DeepSpeedSpec(zero_stage=0, micro_batch_size=4), train=OptimSpec(epochs=1, lr=3e-3, warmup_steps=1, max_steps=4, log_every=2),
+        scaling=ScalingSpec(num_workers=1, cpus_per_worker=0.5), run=RunSpec(storage=runs, name="lm", logger="none")))
+    return {"root": root, "data": data, "runs": runs, "model": lm["model"]}
+
+
+def _instruct_spec(p, name="instruct", **update):
+    from fmrilm.data.instructions import InstructionSpec
+    from fmrilm.train.instruct import InstructSpec
+    from fmrilm.train.lm import LoraSpec
+
+    spec = InstructSpec(model=p["model"], data=p["data"], datasets=["cohort"], fmri_steps=2, seq_len=160,
+                        instructions=InstructionSpec(tasks={"sex": 1.0, "age_bin": 1.0, "age": 0.5, "description": 0.5}, fewshot_k=2),
+                        lora=LoraSpec(enabled=True, r=4, alpha=8), deepspeed=DeepSpeedSpec(zero_stage=3, micro_batch_size=4),
+                        train=OptimSpec(epochs=2, lr=3e-3, warmup_steps=1, log_every=2, checkpoint_every=100),
+                        scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5), run=RunSpec(storage=p["runs"], name=name, logger="none"))
+    return spec.model_copy(update=update)
+
+
+def test_instruct_then_eval_report(pretrained):
+    from fmrilm.eval.run import EvalSpec, KShotSpec
+    from fmrilm.eval.run import run as evaluate
+    from fmrilm.train.instruct import run as instruct
+    from fmrilm.train.lm import load_exported, probe_logits
+
+    result = instruct(_instruct_spec(pretrained))
+    m = result["metrics"]
+    assert m["loss"] < m["first_loss"]
+    for task in ("sex", "age_bin", "age", "description"):
+        assert m[f"loss/{task}"] > 0
+    table = pd.read_parquet(result["instructions"])
+    assert set(table["split"]) == {"train"} and set(table["paradigm"]) == {"single", "multi", "fewshot"}
+    model, tok, meta = load_exported(result["model"])  # base export + adapter, gathered from ZeRO-3
+    assert meta["layout"] == "adapter" and meta["base_model"] == pretrained["model"]
+    probe = torch.load(os.path.join(result["model"], "probe.pt"), weights_only=False)
+    torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=1e-4, rtol=1e-4)
+
+    again = instruct(_instruct_spec(pretrained))  # same run name: resumes from the final checkpoint
+    assert again["metrics"]["resumed_from_step"] == m["step"]
+
+    spec = EvalSpec(model=result["model"], data=pretrained["data"], datasets=["cohort"], heldout_datasets=["other"], fmri_steps=2,
+                    seq_len=160, kshot=KShotSpec(k=[1, 2], seeds=[0], steps=3), bootstrap=50,
+                    run={"storage": pretrained["runs"], "name": "eval"})
+    report = evaluate(spec)
+    methods = {(r["group"], r["task"], r["paradigm"], r["method"]) for r in report["results"]}
+    for group in ("heldout_subjects", "heldout_dataset"):
+        for task in ("sex", "age_bin", "age"):
+            for paradigm in ("zero_shot", "in_context", "kshot_lora", "full"):
+                assert (group, task, paradigm, "fmrilm") in methods
+            assert (group, task, "baseline", "fc_linear") in methods and (group, task, "baseline", "descriptors_linear") in methods
+            assert (group, task, "baseline", "majority" if task != "age" else "mean") in methods
+    assert ("heldout_subjects", "sex", "baseline", "oracle") in methods  # planted truth of the synthetic cohort
+    sex = next(r for r in report["results"] if r["task"] == "sex" and r["method"] == "fc_linear" and r["group"] == "heldout_subjects")
+    assert {"accuracy", "balanced_accuracy", "auc"} <= set(sex["metrics"]) and "balanced_accuracy" in sex["ci"]
+    age = next(r for r in report["results"] if r["task"] == "age" and r["paradigm"] == "full")
+    assert {"mae", "pearson_r"} <= set(age["metrics"]) and 0 <= age["parse_rate"] <= 1
+    files = report["files"]
+    for name in ("report.json", "report.md", "predictions.json", "fewshot.png", "confusion.png", "age.png"):
+        assert os.path.getsize(files[name]) > 0
+    md = open(files["report.md"]).read()
+    assert "| task | metric | paradigm | fmrilm | majority/mean | fc_linear | descriptors_linear | oracle |" in md
+    assert "kshot_lora k=2" in md and "## heldout dataset" in md
+    saved = json.load(open(files["report.json"]))
+    assert saved["groups"]["heldout_dataset"] == 6
+
+
+def test_bad_instruct_and_eval_specs_fail_early(pretrained):
+    from fmrilm.eval.run import EvalSpec
+    from fmrilm.eval.run import run as evaluate
+    from fmrilm.models.fmri_lm import BackboneError
+    from fmrilm.train.instruct import run as instruct
+    from fmrilm.train.lm import LoraSpec
+
+    with pytest.raises(FileNotFoundError, match="not an fmrilm model export"):
+        instruct(_instruct_spec(pretrained, "bad1", model=str(pretrained["root"])))
+    with pytest.raises(BackboneError, match="not modules of this gpt2 model"):
+        instruct(_instruct_spec(pretrained, "bad2", lora=LoraSpec(enabled=True, target_modules=["q_proj"])))
+    with pytest.raises(ValueError, match="heldout_datasets"):
+        evaluate(EvalSpec(model=None, pretrained=pretrained["model"], data=pretrained["data"], heldout_datasets=["nope"]))
+    with pytest.raises(ValueError, match="unknown or no eval task"):
+        EvalSpec(tasks=["description"])
+    assert not (pretrained["root"] / "runs" / "bad1").exists() and not (pretrained["root"] / "runs" / "bad2").exists()

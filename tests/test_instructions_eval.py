@@ -1,0 +1,192 @@
+"""Stage-3 building blocks without a cluster: the instruction builder (answers, leakage,
+paraphrases, few-shot balance), encoding, constrained scoring, generation and the metrics."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fmrilm.data.instructions import (AGE_BINS, InstructionSpec, build_instructions, encode, fewshot_context, fit_labeller)
+from fmrilm.data.lm_sequences import IGNORE, Example, fmri_part
+from fmrilm.eval import metrics
+from fmrilm.eval.scoring import generate, parse_number, score_choices, sequence_logprobs
+from fmrilm.models.fmri_lm import add_fmri_vocab, load_backbone
+
+
+def cohort(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    splits = np.array(["train"] * (n - 10) + ["val"] * 5 + ["test"] * 5)
+    return pd.DataFrame({
+        "scan_id": [f"ds_sub-{i:03d}_rest" for i in range(n)], "subject_id": [f"{i:03d}" for i in range(n)],
+        "split": splits, "dataset": "ds", "site": [f"site{i % 2}" for i in range(n)],
+        "age": rng.uniform(10, 70, n).round(1), "sex": np.where(np.arange(n) % 3 == 0, "F", "M"), "diagnosis": None,
+    })
+
+
+def test_answers_match_phenotypes():
+    meta = cohort()
+    lab = fit_labeller(meta)
+    rows = build_instructions(meta, {}, InstructionSpec(tasks={"sex": 1, "age_bin": 1, "age": 1}, paradigms=["single"]))
+    by_id = meta.set_index("scan_id")
+    train_ages = meta[meta.split == "train"]["age"]
+    cuts = np.quantile(train_ages, [1 / 3, 2 / 3])
+    assert lab.age_cuts == pytest.approx(tuple(cuts))
+    assert set(rows["task"]) == {"sex", "age_bin", "age"} and len(rows) == 3 * len(meta)
+    for r in rows.itertuples():
+        truth = by_id.loc[r.scan_id]
+        if r.task == "sex":
+            assert r.answer == (" Female" if truth.sex == "F" else " Male") and list(r.choices) == [" Male", " Female"]
+        elif r.task == "age":
+            assert r.answer == f" {int(round(truth.age))}" and r.target == truth.age
+        else:
+            assert r.answer == " " + AGE_BINS[int(truth.age >= cuts[0]) + int(truth.age >= cuts[1])]
+        assert r.prompt.startswith(f"<scan:{r.scan_id}>### Question: ") and r.prompt.endswith("### Answer:")
+    # a site with one class in training is skipped, diagnosis (all unknown) gives no rows
+    none = build_instructions(meta, {}, InstructionSpec(tasks={"diagnosis": 1}, paradigms=["single"]))
+    assert none.empty
+
+
+def test_no_heldout_subject_in_training_prompts_or_contexts():
+    meta = cohort()
+    spec = InstructionSpec(tasks={"sex": 1, "age": 1, "age_bin": 1}, paradigms=["single", "multi", "fewshot"], fewshot_k=4, per_scan=2)
+    train_rows = build_instructions(meta, {}, spec, splits=("train",))
+    heldout_ids = set(meta[meta.split != "train"]["scan_id"])
+    import re
+
+    for r in train_rows.itertuples():
+        mentioned = set(re.findall(r"<scan:([^>]+)>", r.prompt))
+        assert not mentioned & heldout_ids, r.prompt
+    # queries from held-out scans still take their in-context examples from training subjects only
+    all_rows = build_instructions(meta, {}, spec)
+    fewshot = all_rows[all_rows.paradigm == "fewshot"]
+    assert len(fewshot) and set(fewshot["split"]) >= {"val", "test"}
+    split_of = dict(zip(meta.scan_id, meta.split))
+    subject_of = dict(zip(meta.scan_id, meta.subject_id))
+    for r in fewshot.itertuples():
+        assert len(r.context) == 4
+        assert all(split_of[c] == "train" and subject_of[c] != r.subject_id for c in r.context)
+
+
+def test_fewshot_is_label_balanced_beyond_one_per_class():
+    meta = cohort()
+    lab = fit_labeller(meta)
+    train = meta[meta.split == "train"]
+    query = next(meta[meta.split == "test"].itertuples(index=False))
+    for k in (2, 4, 8):
+        ctx = fewshot_context("sex", query, train, lab, k, np.random.default_rng(k))
+        sexes = [c.sex for c in ctx]
+        assert len(ctx) == k and sexes.count("F") == sexes.count("M") == k // 2  # fMRI-LM's code capped this at 1
+
+
+def test_paraphrase_sampling_is_seeded():
+    meta = cohort()
+    a = build_instructions(meta, {}, InstructionSpec(tasks={"sex": 1}, paradigms=["single"], seed=1))
+    b = build_instructions(meta, {}, InstructionSpec(tasks={"sex": 1}, paradigms=["single"], seed=1))
+    c = build_instructions(meta, {}, InstructionSpec(tasks={"sex": 1}, paradigms=["single"], seed=2))
+    fixed = build_instructions(meta, {}, InstructionSpec(tasks={"sex": 1}, paradigms=["single"], paraphrases=False))
+    assert a["prompt"].tolist() == b["prompt"].tolist() != c["prompt"].tolist()
+    assert a["prompt"].str.split("Question: ").str[1].nunique() > 1
+    assert fixed["prompt"].str.split("Question: ").str[1].nunique() == 1
+
+
+def test_bad_instruction_specs_fail_clearly():
+    with pytest.raises(ValueError, match="unknown task"):
+        InstructionSpec(tasks={"handedness": 1})
+    with pytest.raises(ValueError, match="paradigm"):
+        InstructionSpec(paradigms=["chain-of-thought"])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, tok, _ = load_backbone("tiny-gpt2")
+    vocab = add_fmri_vocab(model, tok, 16)
+    return model.eval(), tok, vocab
+
+
+def _part(vocab, rois=3, steps=2, seed=0):
+    codes = np.random.default_rng(seed).integers(0, 16, (rois, steps))
+    return fmri_part(codes, vocab.first_code_id, vocab.open_id, vocab.close_id)
+
+
+def test_encode_targets_only_the_answer(tiny):
+    model, tok, vocab = tiny
+    ex = encode("<scan:a>### Question: sex?\n### Answer:", " Female", lambda sid: _part(vocab), tok, objective=3)
+    answer = tok(" Female", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ex.targets[ex.targets != IGNORE].tolist() == answer
+    assert set(ex.objective[ex.targets != IGNORE]) == {3} and (ex.objective[ex.targets == IGNORE] == -1).all()
+    assert ex.ids[0] == vocab.open_id and (np.diff(ex.groups) >= 0).all()
+    first = int(np.argmax(ex.targets != IGNORE))
+    assert ex.ids[first + 1] == answer[0]  # the token before an answer token predicts it
+
+
+def test_packed_scoring_equals_one_sequence_at_a_time(tiny):
+    model, tok, vocab = tiny
+    prompts = [encode(f"<scan:{i}>### Question: which?\n### Answer:", "", lambda sid, i=i: _part(vocab, seed=i), tok, with_answer=False)
+               for i in range(3)]
+    choices = [" lower", " mean", " higher"]
+    packed = score_choices(model, prompts, choices, tok, seq_len=128)
+    for i, p in enumerate(prompts):
+        for j, c in enumerate(choices):
+            ids = tok(c, add_special_tokens=False)["input_ids"]
+            alone = score_choices(model, [p], [c], tok, seq_len=len(p) + len(ids))[0, 0]  # one unpadded row
+            assert packed[i, j] == pytest.approx(alone, abs=1e-4) and packed[i, j] < 0
+
+
+class ToyLM(torch.nn.Module):
+    """Puts all next-token probability on ``favourite`` after any token."""
+
+    def __init__(self, vocab_size, favourite):
+        super().__init__()
+        self.vocab_size, self.favourite = vocab_size, favourite
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        logits = torch.full((*input_ids.shape, self.vocab_size), -10.0)
+        logits[..., self.favourite] = 10.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_constrained_scoring_picks_the_likelier_answer(tiny):
+    _, tok, _ = tiny
+    male, female = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" male", " female"))
+    prompt = Example(np.array([5, 6, 7]), np.full(3, IGNORE), np.arange(3, dtype=np.int32), np.arange(3), np.full(3, -1, np.int8))
+    for fav, want in ((male, 0), (female, 1)):
+        scores = score_choices(ToyLM(len(tok), fav), [prompt, prompt], [" male", " female"], tok, seq_len=16)
+        assert (scores.argmax(1) == want).all() and scores[0, want] == pytest.approx(0.0, abs=1e-3)
+    digits = tok("42", add_special_tokens=False)["input_ids"][0]
+    new = generate(ToyLM(len(tok), digits), prompt, 3, tok.eos_token_id)
+    assert new == [digits] * 3 and parse_number(tok.decode(new)) == 42  # the first number of "42 42 42"
+    assert parse_number(" about 34 years") == 34 and parse_number("no idea") is None
+
+
+def test_sequence_logprobs_matches_a_plain_forward(tiny):
+    model, tok, _ = tiny
+    ids = np.array(tok("strong default mode coupling", add_special_tokens=False)["input_ids"])
+    ex = Example(ids, np.concatenate([ids[1:], [IGNORE]]), np.arange(len(ids), dtype=np.int32), np.arange(len(ids)),
+                 np.zeros(len(ids), np.int8))
+    got = sequence_logprobs(model, [ex, ex], 64, tok.pad_token_id)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.from_numpy(ids)[None]).logits[0], -1)
+    want = float(logp[torch.arange(len(ids) - 1), torch.from_numpy(ids[1:])].sum())
+    assert got == pytest.approx([want, want], abs=1e-4)
+
+
+def test_metrics_agree_with_sklearn():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.choice(["Male", "Female"], 60)
+    scores = rng.normal(size=(60, 2)) + np.stack([y == "Male", y == "Female"], 1)
+    pred = np.where(scores[:, 1] > scores[:, 0], "Female", "Male")
+    m = metrics.classification(y, pred, scores, ["Male", "Female"])
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["auc"] == pytest.approx(roc_auc_score(y == "Female", scores[:, 1] - scores[:, 0]))
+    age = rng.uniform(10, 70, 50)
+    guess = age + rng.normal(0, 5, 50)
+    r = metrics.regression(age, guess)
+    assert r["mae"] == pytest.approx(np.abs(age - guess).mean()) and r["pearson_r"] == pytest.approx(np.corrcoef(age, guess)[0, 1])
+    ci = metrics.bootstrap(metrics.regression, [age, guess], n=300)
+    assert ci["mae"][0] < r["mae"] < ci["mae"][1]
+    wide = metrics.bootstrap(metrics.regression, [age[:10], guess[:10]], n=300)
+    assert (wide["mae"][1] - wide["mae"][0]) > (ci["mae"][1] - ci["mae"][0])
