@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from fmrilm.data.ingest import IngestError, ingest_card
-from fmrilm.data.table import find_datasets, read_meta
+from fmrilm.data.table import find_datasets
 
 SHAPE, T, TR = (6, 6, 4), 30, 1.5
 

@@ -205,8 +205,6 @@ def build_windows(spec: PipelineSpec, split: str | None):
     Columns: ``x`` float32 ``[rois, window]``, ``scan_id``, ``subject_id``, ``start``, ``valid``.
     Returns ``(dataset, n_windows)``; ``n_windows`` is known from the metadata alone.
     """
-    import ray
-
     found = _manifests(spec)
     check_shards(found)
     index = scan_index(spec, found)

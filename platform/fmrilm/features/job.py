@@ -247,16 +247,21 @@ def run(spec: FeaturesSpec) -> dict:
     return {m["dataset"]: build_dataset(loc, m, spec) for loc, m in found}
 
 
-def read_captions(data: str, datasets: list[str] | None = None) -> dict[str, list[str]]:
-    """Captions per scan (``scan_id -> [caption 0, caption 1, ...]``) from the committed features
-    builds of the datasets under ``data``; datasets without a build contribute nothing."""
-    out: dict[str, list[str]] = {}
+def _builds(data: str, datasets: list[str] | None):
+    """``(dataset location, features manifest)`` of every committed features build under ``data``."""
     for loc, manifest in table.find_datasets(data):
         if datasets and manifest["dataset"] not in datasets:
             continue
         fm = _read_json(loc.join("features", "manifest.json"))
-        if fm is None:
-            continue
+        if fm is not None:
+            yield loc, fm
+
+
+def read_captions(data: str, datasets: list[str] | None = None) -> dict[str, list[str]]:
+    """Captions per scan (``scan_id -> [caption 0, caption 1, ...]``) from the committed features
+    builds of the datasets under ``data``; datasets without a build contribute nothing."""
+    out: dict[str, list[str]] = {}
+    for _, fm in _builds(data, datasets):
         where = storage.resolve(fm["summary"]["captions_table"])
         caps = pd.read_parquet(where.path, filesystem=where.fs).sort_values(["scan_id", "caption_index"])
         for scan_id, group in caps.groupby("scan_id", sort=False):
@@ -268,12 +273,7 @@ def read_descriptors(data: str, datasets: list[str] | None = None) -> pd.DataFra
     """Descriptor z-scores (``scan_id`` + ``z.*`` columns) of the committed features builds under
     ``data``; scans whose descriptors failed are left out. Empty if no dataset has a build."""
     parts = []
-    for loc, manifest in table.find_datasets(data):
-        if datasets and manifest["dataset"] not in datasets:
-            continue
-        fm = _read_json(loc.join("features", "manifest.json"))
-        if fm is None:
-            continue
+    for _, fm in _builds(data, datasets):
         where = storage.resolve(fm["summary"]["features"])
         df = pd.read_parquet(where.path, filesystem=where.fs)
         parts.append(df[df["error"].isna()][["scan_id", *[c for c in df.columns if c.startswith("z.")]]])

@@ -19,10 +19,8 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field
@@ -261,33 +259,14 @@ def train_loop(config: dict) -> None:
 
 
 def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: int) -> None:
-    """Write the adapter export (ZeRO-3 parameters gathered on every rank first)."""
-    import deepspeed
-    from safetensors.torch import save_file
+    """Write the adapter export (every rank takes part: ZeRO-3 gathers)."""
+    from fmrilm.train.lm import write_export
 
-    from fmrilm.train.lm import _upload_tree, probe_logits
+    def write(d: str, lm) -> dict:
+        lm.save_pretrained(os.path.join(d, "adapter"))
+        tok.save_pretrained(os.path.join(d, "adapter"))
+        meta = {k: base_meta[k] for k in ("backbone", "vocab", "tokenizer", "input_mode") if k in base_meta}
+        return meta | {"layout": "adapter", "base_model": spec.model, "lora": True, "seq_len": spec.seq_len, "stage": "instruct",
+                       "fmri_steps": spec.fmri_steps, "tasks": spec.instructions.tasks}
 
-    model = engine.module
-    model.eval()
-    lm = model.lm if isinstance(model, FeatureInputLM) else model
-    # the probe forward first (under ZeRO-3 its own hooks gather and release each layer: inside a
-    # gather they would release the weights save_pretrained needs), then gather everything to save
-    logits = probe_logits(model, probe, engine.device)
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=spec.deepspeed.zero_stage == 3):
-        if rank != 0:
-            return
-        with tempfile.TemporaryDirectory(prefix="fmrilm-instruct-") as d:
-            lm.save_pretrained(os.path.join(d, "adapter"))
-            tok.save_pretrained(os.path.join(d, "adapter"))
-            meta = {k: base_meta[k] for k in ("backbone", "vocab", "tokenizer", "input_mode") if k in base_meta}
-            meta |= {"layout": "adapter", "base_model": spec.model, "lora": True, "seq_len": spec.seq_len, "stage": "instruct",
-                     "fmri_steps": spec.fmri_steps, "tasks": spec.instructions.tasks}
-            if isinstance(model, FeatureInputLM):
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.input_state().items()}, os.path.join(d, "inputs.safetensors"))
-                meta |= {"feature_width": model.projector[0].in_features, "max_rois": model.roi_embed.num_embeddings}
-            torch.save({"inputs": probe, "logits": logits}, os.path.join(d, "probe.pt"))
-            with open(os.path.join(d, "fmri_lm.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-            target = storage.join(spec.run.storage, spec.run.name, "model")
-            storage.delete_dir(storage.resolve(target))
-            _upload_tree(d, target)
+    write_export(engine, spec.deepspeed.zero_stage, probe, rank, storage.join(spec.run.storage, spec.run.name, "model"), write)

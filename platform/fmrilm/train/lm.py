@@ -482,34 +482,43 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
 
 def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base_dir: str | None, rank: int) -> None:
     """Write the Hugging Face folder (see the module docstring); every rank takes part (ZeRO-3 gathers)."""
+    def write(d: str, lm) -> dict:
+        if spec.lora.enabled:
+            lm.save_pretrained(os.path.join(d, "adapter"))
+            _copy_tree(base_dir, os.path.join(d, "base"))
+        else:
+            lm.save_pretrained(os.path.join(d, "full"), state_dict={k: v.detach().cpu().clone() for k, v in lm.state_dict().items()})
+            tok.save_pretrained(os.path.join(d, "full"))
+        return {"backbone": info, "vocab": vars(vocab), "lora": spec.lora.enabled, "seq_len": spec.seq_len,
+                "layout": "base+adapter" if spec.lora.enabled else "full", "tokenizer": spec.tokenizer, "input_mode": spec.input_mode}
+
+    write_export(engine, spec.deepspeed.zero_stage, probe, rank, storage.join(spec.run.storage, spec.run.name, "model"), write)
+
+
+def write_export(engine, zero_stage: int, probe: dict, rank: int, target: str, write) -> None:
+    """The export protocol of the LM stages, on every rank: the probe forward (under ZeRO-3 its
+    own hooks gather and release each layer; inside a gather they would release the weights
+    ``save_pretrained`` needs), then every parameter gathered while rank 0 calls ``write(dir, lm)``
+    (model files; returns the metadata) and adds ``inputs.safetensors`` (features input mode),
+    ``probe.pt`` and ``fmri_lm.json``, and replaces ``target`` with the folder."""
     import deepspeed
     from safetensors.torch import save_file
 
     model = engine.module
     model.eval()
     lm = model.lm if isinstance(model, FeatureInputLM) else model
-    # the probe forward first (under ZeRO-3 its own hooks gather and release each layer: inside a
-    # gather they would release the weights save_pretrained needs), then gather everything to save
     logits = probe_logits(model, probe, engine.device)
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=spec.deepspeed.zero_stage == 3):
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=zero_stage == 3):
         if rank != 0:
             return
         with tempfile.TemporaryDirectory(prefix="fmrilm-export-") as d:
-            if spec.lora.enabled:
-                lm.save_pretrained(os.path.join(d, "adapter"))
-                _copy_tree(base_dir, os.path.join(d, "base"))
-            else:
-                lm.save_pretrained(os.path.join(d, "full"), state_dict={k: v.detach().cpu().clone() for k, v in lm.state_dict().items()})
-                tok.save_pretrained(os.path.join(d, "full"))
-            meta = {"backbone": info, "vocab": vars(vocab), "lora": spec.lora.enabled, "seq_len": spec.seq_len,
-                    "layout": "base+adapter" if spec.lora.enabled else "full", "tokenizer": spec.tokenizer, "input_mode": spec.input_mode}
+            meta = write(d, lm)
             if isinstance(model, FeatureInputLM):
                 save_file({k: v.detach().cpu().contiguous() for k, v in model.input_state().items()}, os.path.join(d, "inputs.safetensors"))
                 meta |= {"feature_width": model.projector[0].in_features, "max_rois": model.roi_embed.num_embeddings}
             torch.save({"inputs": probe, "logits": logits}, os.path.join(d, "probe.pt"))
             with open(os.path.join(d, "fmri_lm.json"), "w") as f:
                 json.dump(meta, f, indent=1)
-            target = storage.join(spec.run.storage, spec.run.name, "model")
             storage.delete_dir(storage.resolve(target))
             _upload_tree(d, target)
 

@@ -22,7 +22,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
@@ -161,7 +160,7 @@ def train_loop(config: dict) -> None:
 
     spec = TokenizerStageSpec(**config["spec"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     torch.manual_seed(spec.train.seed)
     text_tokens = torch.from_numpy(config["text_tokens"]) if config.get("text_tokens") is not None else None
     captions = {k: torch.from_numpy(v) for k, v in (config.get("captions") or {}).items()}
