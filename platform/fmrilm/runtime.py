@@ -16,7 +16,7 @@ log = logging.getLogger("fmrilm")
 T = TypeVar("T")
 R = TypeVar("R")
 
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+from fmrilm import LOOPBACK_ENV
 # Only these variables travel to workers through runtime_env: endpoints and regions, never keys.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                  "GLOO_SOCKET_IFNAME", "FMRILM_S3_MAX_ATTEMPTS", "FMRILM_S3_CONNECT_TIMEOUT", "FMRILM_S3_REQUEST_TIMEOUT")
@@ -38,7 +38,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     _quiet_ray_data()
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    if not address:  # also set when fmrilm is imported, before Ray reads it (see fmrilm/__init__.py)
         for key, value in LOOPBACK_ENV.items():
             os.environ.setdefault(key, value)
     ray.init(

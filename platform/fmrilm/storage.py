@@ -60,6 +60,17 @@ def is_remote(uri: str) -> bool:
     return scheme_of(uri) != "file"
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a relative local path made absolute against this process's working directory
+    (Ray workers run elsewhere); remote URIs unchanged."""
+    uri = str(uri)
+    if scheme_of(uri) != "file":
+        return uri
+    if uri.startswith("file://"):
+        return "file://" + os.path.abspath(os.path.expanduser(uri[len("file://"):]))
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path components onto a URI without touching its scheme."""
     uri = str(uri)

@@ -60,15 +60,40 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def worker_spec(spec) -> dict:
+    """A spec as the dict Ray workers rebuild it from, local paths made absolute: a worker's
+    working directory is not the driver's, so ``./fmrilm-data/...`` would land elsewhere. A string
+    counts as a local path when it has no URI scheme and starts with ``.``, ``/`` or ``~``, or
+    names something that exists here (a hub id such as ``Qwen/Qwen3-0.6B`` does not)."""
+    def fix(value):
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, str) and value and storage.scheme_of(value) == "file" and (
+                value.startswith((".", "/", "~", "file://")) or ("/" in value and os.path.exists(value))):
+            return storage.absolute(value)
+        return value
+
+    return fix(spec.model_dump(mode="json"))
+
+
 def run_config(run: RunSpec):
-    """Ray Train ``RunConfig`` on our storage layer (any URI), with failure recovery."""
+    """Ray Train ``RunConfig`` on our storage layer (any URI), with failure recovery; inside a Ray
+    Tune trial it also forwards every report to Tune (``TuneReportCallback``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
     loc = storage.resolve(run.storage)
     storage.makedirs(loc)
+    callbacks = []
+    if _in_tune_session():
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
     return RunConfig(name=run.name, storage_path=loc.path, storage_filesystem=loc.fs,
                      failure_config=FailureConfig(max_failures=run.max_failures),
-                     checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints))
+                     checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints), callbacks=callbacks)
 
 
 @contextmanager

@@ -35,7 +35,7 @@ from fmrilm.config import Strict
 from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, attention_mask, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
 from fmrilm.models.fmri_lm import (MAX_CODES, BackboneError, FeatureInputLM, add_fmri_vocab, init_code_embeddings, load_backbone, locate_backbone,
                                    objective_losses)
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule
+from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule, worker_spec
 from fmrilm.train.deepspeed import DeepSpeedSpec, build_config
 
 log = logging.getLogger("fmrilm.lm")
@@ -586,7 +586,7 @@ def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tenso
 
     world = spec.scaling.num_workers
     probe = {k: v[:1] for k, v in packed.items() if k in ("ids", "segments", "groups", "positions", "feats", "roi")}
-    config = {"spec": spec.model_dump(mode="json"), "num_codes": int(codebook.shape[0]), "codebook": codebook.numpy(),
+    config = {"spec": worker_spec(spec), "num_codes": int(codebook.shape[0]), "codebook": codebook.numpy(),
               "pairs": tuple(p.numpy() for p in pairs) if pairs is not None else None,
               "rows_per_rank": math.ceil(len(packed["ids"]) / world), "probe": probe,
               "fault_step": int(os.environ.get("FMRILM_FAULT_STEP", "0") or 0),

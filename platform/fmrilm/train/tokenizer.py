@@ -30,7 +30,7 @@ from fmrilm.config import Strict
 from fmrilm.data.pipeline import PipelineSpec, epoch_stream, torch_batches, train_datasets
 from fmrilm.models.alignment import AlignmentConfig, AlignmentHead, dann_coefficient
 from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig, r2_per_roi
-from fmrilm.train.common import MetricLog, OptimSpec, RunSpec, ScalingSpec, checkpoint_dir, cosine_schedule, load_state, run_config, save_state
+from fmrilm.train.common import MetricLog, OptimSpec, RunSpec, ScalingSpec, checkpoint_dir, cosine_schedule, load_state, run_config, save_state, worker_spec
 
 log = logging.getLogger("fmrilm.tokenizer")
 ARTIFACT = "tokenizer"
@@ -281,7 +281,7 @@ def run(spec: TokenizerStageSpec) -> dict:
         prepared = train_datasets(spec.data, world, ("train",))
     text_tokens, caption_emb = text_inputs(spec)
     rows = prepared["sizes"]["train"]
-    config = {"spec": spec.model_dump(mode="json"), "text_tokens": text_tokens, "captions": caption_emb,
+    config = {"spec": worker_spec(spec), "text_tokens": text_tokens, "captions": caption_emb,
               "rows_per_rank": math.ceil(rows / world), "has_val": "val" in prepared["datasets"],
               "fault_step": int(os.environ.get("FMRILM_FAULT_STEP", "0") or 0)}
     trainer = TorchTrainer(
