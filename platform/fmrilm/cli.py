@@ -192,7 +192,7 @@ def _run_spec(spec: str, overrides: list[str] | None, kind: str | None = None) -
     result = _guard(fn, job)
     printers = {"quickstart": lambda r: print_summary(r["summary"]), "features": print_features, "tokenizer": print_tokenizer,
                 "tokenize": lambda r: out.print(f"tokenized {r['windows']} windows -> {escape(r['tokens'])}"),
-                "pretrain": print_pretrain, "instruct": print_instruct, "eval": print_eval}
+                "pretrain": print_pretrain, "instruct": print_instruct, "eval": print_eval, "sweep": print_sweep}
     printers.get(job.kind, lambda r: None)(result)
 
 
@@ -351,6 +351,28 @@ def print_eval(report: dict) -> None:
             t.add_row(*row)
         out.print(t)
     out.print(f"report: {escape(report['files']['report.md'])}")
+
+
+@app.command("tune")
+def tune(
+    spec: str = typer.Argument("jobs/sweep_tokenizer.yaml", help="sweep spec YAML"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
+) -> None:
+    """Ray Tune sweep over stage-spec keys (ASHA by default); re-running the same spec resumes it."""
+    _run_spec(spec, overrides, "sweep")
+
+
+def print_sweep(result: dict) -> None:
+    """The results table, how many trials ASHA stopped, and the best spec."""
+    table = result["table"]
+    t = Table(title=f"{result['trials']} trials, {result['stopped_early']} stopped early, {result['errored']} errored "
+                    f"(up to {result['max_concurrent_trials']} at once)")
+    for col in table.columns:
+        t.add_column(str(col))
+    for _, row in table.iterrows():
+        t.add_row(*(f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in row))
+    out.print(t)
+    out.print(f"results: {escape(result['files']['results.md'])}; best spec: {escape(str(result['best']))}")
 
 
 @app.command("tokenize")

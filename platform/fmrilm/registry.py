@@ -9,7 +9,7 @@ from typing import Callable
 from fmrilm.config import ConfigError
 
 # kinds that later stages add; a spec naming one fails clearly instead of running a stand-in
-PLANNED = ("sweep",)
+PLANNED: tuple[str, ...] = ()
 
 
 def _quickstart():
@@ -54,8 +54,14 @@ def _eval():
     return EvalSpec, run
 
 
+def _sweep():
+    from fmrilm.tune.sweep import SweepSpec, run
+
+    return SweepSpec, run
+
+
 KINDS: dict[str, Callable] = {"quickstart": _quickstart, "features": _features, "tokenizer": _tokenizer, "tokenize": _tokenize,
-                              "pretrain": _pretrain, "instruct": _instruct, "eval": _eval}
+                              "pretrain": _pretrain, "instruct": _instruct, "eval": _eval, "sweep": _sweep}
 
 
 def job_for(kind: str | None, source: str = "<spec>"):
