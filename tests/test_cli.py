@@ -28,9 +28,12 @@ def test_user_errors_exit_2_with_a_message(tmp_path):
     r = runner.invoke(app, ["data", "sample", "other", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown sample" in r.output
     spec = tmp_path / "job.yaml"
+    spec.write_text("kind: sweep\nstage: instruct\nspace: {lora.r: {grid: [4, 8]}}\n")
+    r = runner.invoke(app, ["tune", str(spec)])
+    assert r.exit_code == 2 and "not built yet" in r.output
     spec.write_text("kind: sweep\n")
     r = runner.invoke(app, ["run", str(spec)])
-    assert r.exit_code == 2 and "not built yet" in r.output
+    assert r.exit_code == 2 and "space: Field required" in r.output
     spec.write_text(f"kind: instruct\nmodel: {tmp_path}/none\n")
     r = runner.invoke(app, ["lm", "instruct", str(spec)])
     assert r.exit_code == 2 and "(no fmri_lm.json)" in r.output
