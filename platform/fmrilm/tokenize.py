@@ -115,6 +115,21 @@ def read_tokens(uri: str):
     return t.to_pandas().sort_values(["scan_id", "start"]).reset_index(drop=True)
 
 
+def tokens_for(tokenizer_uri: str, tokens_uri: str | None = None, need_features: bool = False):
+    """``(tokens table, its URI)`` of a tokenizer artifact: ``tokens_uri`` or the ``tokens`` folder
+    beside the artifact (where ``fmrilm tokenize`` writes it); clear errors when it is missing or
+    lacks the encoder features the features input mode needs."""
+    uri = tokens_uri or storage.join(tokenizer_uri.rstrip("/").rsplit("/", 1)[0], "tokens")
+    try:
+        tokens = read_tokens(uri)
+    except (FileNotFoundError, OSError) as err:
+        raise FileNotFoundError(f"no tokens table at {uri}: run `fmrilm tokenize jobs/tokenize.yaml` first ({err})") from None
+    if need_features and "features" not in tokens.columns:
+        raise ValueError(f"the features input mode needs encoder features in the tokens table {uri}: "
+                         "re-run `fmrilm tokenize jobs/tokenize.yaml features=true`")
+    return tokens, uri
+
+
 def evaluate(uri: str, data: PipelineSpec, split: str | None = None, batch_size: int = 64) -> dict:
     """Held-out metrics of a tokenizer artifact on the windows of ``split`` (None: every scan):
     reconstruction R^2 (mean over windows x ROIs) and MSE, code perplexity and used fraction, and,

@@ -74,11 +74,15 @@ def markdown(report: dict) -> str:
         lines += [f"## {group.replace('_', ' ')}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
-    parse = [r for r in report["results"] if "parse_rate" in r]
-    if parse:
-        lines += ["Age numbers the LM generated that parse as a number: "
-                  + ", ".join(f"{r['paradigm']}{'' if r['k'] is None else ' k=' + str(r['k'])}: {r['parse_rate']:.0%}" for r in parse[:8])
-                  + " (unparsed answers count as the training mean).", ""]
+    for group in report["groups"]:
+        rates: dict[str, list[float]] = {}
+        for r in report["results"]:
+            if r["group"] == group and "parse_rate" in r:
+                rates.setdefault(r["paradigm"] + ("" if r["k"] is None else f" k={r['k']}"), []).append(r["parse_rate"])
+        if rates:
+            lines += [f"Age answers that parse as a number ({group.replace('_', ' ')}): "
+                      + ", ".join(f"{name} {np.mean(v):.0%}" for name, v in rates.items())
+                      + " (unparsed answers count as the training mean).", ""]
     for name in report.get("figures", []):
         lines += [f"![{name}]({name})", ""]
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from fmrilm.train.lm import LoraSpec
 
 log = logging.getLogger("fmrilm.eval")
 PARADIGMS = ("zero_shot", "in_context", "kshot_lora", "full")
+ANSWER_ROOM = 8  # tokens kept free after an evaluation prompt for the scored or generated answer
 
 
 class KShotSpec(Strict):
@@ -111,11 +112,16 @@ def eval_meta(spec: EvalSpec, scans_with_tokens: set[str]) -> pd.DataFrame:
     return meta.sort_values("scan_id").reset_index(drop=True)
 
 
-def truth(task: str, rows: pd.DataFrame, labeller: Labeller) -> np.ndarray:
-    """True answers of ``rows`` (class words, or ages as floats; ``None``/NaN where unknown)."""
+def truth(task: str, rows: pd.DataFrame, labeller: Labeller) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows with a known answer and their true answers (class words, or ages as floats)."""
+    from fmrilm.data.instructions import is_missing
+
     if task in REGRESSION:
-        return pd.to_numeric(rows["age"], errors="coerce").to_numpy(float)
-    return np.array([labeller.label(task, r) for r in rows.itertuples(index=False)], dtype=object)
+        y = pd.to_numeric(rows["age"], errors="coerce").to_numpy(float)
+    else:
+        y = np.array([labeller.label(task, r) for r in rows.itertuples(index=False)], dtype=object)
+    known = np.array([not is_missing(v) for v in y], dtype=bool)
+    return rows[known], y[known]
 
 
 # ---------------------------------------------------------------- the LM's answers
@@ -131,7 +137,7 @@ class Answerer:
         from fmrilm.train.instruct import encode_rows
 
         rows = pd.DataFrame({"prompt": texts, "answer": "", "task": "x"})
-        examples, kept = encode_rows(rows, self.blocks, self.tok, self.spec.fmri_steps, self.spec.seq_len - 8, with_answer=False)
+        examples, kept = encode_rows(rows, self.blocks, self.tok, self.spec.fmri_steps, self.spec.seq_len - ANSWER_ROOM, with_answer=False)
         if len(kept) != len(texts):
             raise ValueError(f"{len(texts) - len(kept)} evaluation prompts do not fit seq_len={self.spec.seq_len}: raise seq_len")
         return examples
@@ -151,8 +157,6 @@ class Answerer:
 def task_prompts(task: str, test: pd.DataFrame, train: pd.DataFrame, labeller: Labeller, k: int, seed: int) -> list[str]:
     """The evaluation prompt of every test scan (the first wording of the question); with ``k``,
     ``k`` label-balanced training examples before it (drawn per scan, seeded)."""
-    from fmrilm.data.instructions import is_missing
-
     question = QUESTIONS[task][0]
     rng = np.random.default_rng(seed)
     out = []
@@ -161,8 +165,7 @@ def task_prompts(task: str, test: pd.DataFrame, train: pd.DataFrame, labeller: L
         if k:
             context = fewshot_context(task, row, train, labeller, k, rng) or []
             for c in context:
-                a = f" {int(round(float(c.age)))}" if task in REGRESSION and not is_missing(c.age) else f" {labeller.label(task, c)}"
-                shots += f"{question_prompt(c.scan_id, question)}{a}\n\n"
+                shots += f"{question_prompt(c.scan_id, question)}{labeller.answer(task, c, {}, rng)}\n\n"
         out.append(shots + question_prompt(row.scan_id, question))
     return out
 
@@ -184,7 +187,7 @@ def kshot_rows(task: str, train: pd.DataFrame, labeller: Labeller, k: int, seed:
         members = by_class[label]
         for j in rng.permutation(len(members))[:k]:
             r = members[j]
-            answer = f" {int(round(float(r.age)))}" if task in REGRESSION else f" {label}"
+            answer = labeller.answer(task, r, {}, rng)
             q = QUESTIONS[task][int(rng.integers(len(QUESTIONS[task])))]
             rows.append({"prompt": question_prompt(r.scan_id, q), "answer": answer, "task": task})
     return pd.DataFrame(rows, columns=["prompt", "answer", "task"])
@@ -261,14 +264,12 @@ def run(spec: EvalSpec) -> dict:
         log.warning("task %s has fewer than two classes among the training scans: skipped", task)
     age_mean = float(pd.to_numeric(train["age"], errors="coerce").mean())
     descriptors = read_descriptors(spec.data, None) if spec.baselines else pd.DataFrame()
+    fcs = fc_matrices(spec, meta[meta["group"] != "unused"]["scan_id"]) if spec.baselines else {}
     from rich.progress import track
 
     plan = [(task, group) for task in tasks for group in groups]
     for task, group in track(plan, description="evaluating"):
-        test = meta[meta["group"] == group]
-        y_all = truth(task, test, labeller)
-        known = np.array([not (v is None or (isinstance(v, float) and np.isnan(v))) for v in y_all])
-        test, y = test[known], y_all[known]
+        test, y = truth(task, meta[meta["group"] == group], labeller)
         if task not in REGRESSION:
             keep = np.isin(y, labeller.classes[task])
             test, y = test[keep], y[keep]
@@ -300,9 +301,10 @@ def run(spec: EvalSpec) -> dict:
                     rows = kshot_rows(task, train, labeller, k, seed)
                     model, tok = kshot_tune(pretrained, rows, blocks, spec, seed)
                     out = Answerer(model, tok, blocks, spec).answer(task, task_prompts(task, test, train, labeller, 0, seed), labeller, age_mean)
-                    record("kshot_lora", "fmrilm", out, k=k, seed=seed, extra={"train_rows": len(rows)})
+                    record("kshot_lora", "fmrilm", out, k=k, seed=seed,
+                           extra={"train_rows": len(rows)} | ({"parse_rate": out["parse_rate"]} if "parse_rate" in out else {}))
         if spec.baselines:
-            for method, out in baseline_predictions(task, train, test, labeller, descriptors, spec, blocks).items():
+            for method, out in baseline_predictions(task, train, test, labeller, descriptors, fcs, spec).items():
                 record("baseline", method, out)
     report = {"spec": spec.model_dump(mode="json"), "pretrained": pretrained, "results": results,
               "groups": {g: int((meta["group"] == g).sum()) for g in ("train", *groups)}, "classes": labeller.classes,
@@ -317,11 +319,10 @@ def _plain(v):
 
 
 def baseline_predictions(task: str, train: pd.DataFrame, test: pd.DataFrame, labeller: Labeller, descriptors: pd.DataFrame,
-                         spec: EvalSpec, blocks) -> dict[str, dict]:
-    """Predictions of every baseline that applies (see :mod:`fmrilm.eval.baselines`)."""
-    y_train_all = truth(task, train, labeller)
-    ok = np.array([not (v is None or (isinstance(v, float) and np.isnan(v))) for v in y_train_all])
-    tr, y_tr = train[ok], y_train_all[ok]
+                         fcs: dict[str, np.ndarray], spec: EvalSpec) -> dict[str, dict]:
+    """Predictions of every baseline that applies (see :mod:`fmrilm.eval.baselines`); ``fcs``
+    maps scan_id to its FC matrix."""
+    tr, y_tr = truth(task, train, labeller)
     classes = labeller.classes.get(task, [])
     out: dict[str, dict] = {}
     if task in REGRESSION:
@@ -329,14 +330,17 @@ def baseline_predictions(task: str, train: pd.DataFrame, test: pd.DataFrame, lab
     else:
         pred, scores = baselines.majority(y_tr, len(test), classes)
         out["majority"] = {"pred": pred, "scores": scores}
-    features = {"fc_linear": _fc_features(spec, pd.concat([tr, test]))}
+    scans = pd.concat([tr, test])["scan_id"]
+    features = {}
+    if fcs and len({fcs[s].shape for s in scans}) == 1:
+        features["fc_linear"] = {s: baselines.upper(fcs[s]) for s in scans}
+    elif fcs:
+        log.warning("FC baseline skipped: the scans have different ROI counts")
     if not descriptors.empty:
         d = descriptors.set_index("scan_id")
-        if set(tr["scan_id"]) <= set(d.index) and set(test["scan_id"]) <= set(d.index):
-            features["descriptors_linear"] = {s: d.loc[s].to_numpy(float) for s in pd.concat([tr, test])["scan_id"]}
+        if set(scans) <= set(d.index):
+            features["descriptors_linear"] = {s: d.loc[s].to_numpy(float) for s in scans}
     for name, feats in features.items():
-        if feats is None:
-            continue
         x_tr = np.stack([feats[s] for s in tr["scan_id"]])
         x_te = np.stack([feats[s] for s in test["scan_id"]])
         if task in REGRESSION:
@@ -344,16 +348,14 @@ def baseline_predictions(task: str, train: pd.DataFrame, test: pd.DataFrame, lab
         elif len(set(y_tr)) >= 2:
             pred, scores = baselines.linear_classifier(x_tr, y_tr, x_te, classes, spec.seed)
             out[name] = {"pred": pred, "scores": scores}
-    oracle = _oracle(task, tr, y_tr, test, spec, labeller)
+    oracle = _oracle(task, tr, y_tr, test, fcs, spec, labeller)
     if oracle is not None:
         out["oracle"] = oracle
     return out
 
 
-_FC_CACHE: dict[tuple[str, str], np.ndarray] = {}
-
-
-def _series(spec: EvalSpec, scan_ids: list[str]) -> dict[str, np.ndarray]:
+def fc_matrices(spec: EvalSpec, scan_ids) -> dict[str, np.ndarray]:
+    """Pearson FC of every listed scan (robust-scaled series), read from the scan tables once."""
     from fmrilm.data import table
     from fmrilm.features.job import read_series
 
@@ -361,36 +363,22 @@ def _series(spec: EvalSpec, scan_ids: list[str]) -> dict[str, np.ndarray]:
     out = {}
     for loc, manifest in table.find_datasets(spec.data):
         for sid, (x, _) in read_series(loc, manifest, want).items():
-            out[sid] = x
+            out[sid] = baselines.fc_matrix(x)
     return out
 
 
-def _fc_features(spec: EvalSpec, rows: pd.DataFrame) -> dict[str, np.ndarray] | None:
-    """Upper-triangle FC per scan; ``None`` when scans differ in ROI count (mixed atlases)."""
-    need = [s for s in rows["scan_id"] if (spec.data, s) not in _FC_CACHE]
-    for sid, x in _series(spec, need).items():
-        _FC_CACHE[(spec.data, sid)] = baselines.fc_matrix(x)
-    fcs = {s: _FC_CACHE[(spec.data, s)] for s in rows["scan_id"]}
-    if len({v.shape for v in fcs.values()}) != 1:
-        log.warning("FC baseline skipped: the scans have different ROI counts")
-        return None
-    return {s: baselines.upper(v) for s, v in fcs.items()}
-
-
-def _oracle(task: str, tr: pd.DataFrame, y_tr: np.ndarray, test: pd.DataFrame, spec: EvalSpec, labeller: Labeller) -> dict | None:
+def _oracle(task: str, tr: pd.DataFrame, y_tr: np.ndarray, test: pd.DataFrame, fcs: dict[str, np.ndarray], spec: EvalSpec,
+            labeller: Labeller) -> dict | None:
     """The synthetic generator's truth, calibrated on the training scans (one dataset only)."""
     from fmrilm.data import table
 
     effect = {"sex": "sex", "age": "age", "age_bin": "age"}.get(task)
     names = set(tr["dataset"]) | set(test["dataset"])
-    if effect is None or len(names) != 1:
+    if effect is None or len(names) != 1 or not fcs:
         return None
     manifest = next((m for _, m in table.find_datasets(spec.data) if m["dataset"] in names), None)
     params = (manifest or {}).get("synthetic", {}).get("params")
     if params is None:
-        return None
-    fcs = {s: _FC_CACHE[(spec.data, s)] for s in pd.concat([tr, test])["scan_id"] if (spec.data, s) in _FC_CACHE}
-    if len(fcs) < len(tr) + len(test):
         return None
     s_tr = baselines.oracle_scores(params, np.stack([fcs[s] for s in tr["scan_id"]]))[effect][:, None]
     s_te = baselines.oracle_scores(params, np.stack([fcs[s] for s in test["scan_id"]]))[effect][:, None]
@@ -400,8 +388,7 @@ def _oracle(task: str, tr: pd.DataFrame, y_tr: np.ndarray, test: pd.DataFrame, s
     if task == "age_bin":
         ages = pd.to_numeric(tr["age"], errors="coerce").to_numpy(float)
         pred_age = baselines.linear_regressor(s_tr, ages, s_te)
-        cuts = labeller.age_cuts
-        pred = np.array([classes[int(np.searchsorted(cuts, a, side="right"))] for a in pred_age], dtype=object)
+        pred = np.array([classes[int(np.searchsorted(labeller.age_cuts, a, side="right"))] for a in pred_age], dtype=object)
         return {"pred": pred}
     pred, scores = baselines.linear_classifier(s_tr, y_tr, s_te, classes, spec.seed)
     return {"pred": pred, "scores": scores}

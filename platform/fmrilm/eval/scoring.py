@@ -32,11 +32,7 @@ def sequence_logprobs(model, examples: list[Example], seq_len: int, pad_id: int,
     if not examples:
         return np.zeros(0)
     packed = pack(examples, seq_len, pad_id)
-    out, k = np.zeros(len(examples)), 0
-    owners = []  # (row, segment) of each example, in order: pack fills rows in example order
-    for r in range(len(packed["ids"])):
-        for s in range(1, int(packed["segments"][r].max()) + 1):
-            owners.append((r, s))
+    out, k = np.zeros(len(examples)), 0  # pack fills rows with whole examples in order: segment s of row r is the next one
     for start in range(0, len(packed["ids"]), batch_size):
         batch = {key: torch.from_numpy(v[start : start + batch_size]) for key, v in packed.items()}
         extra = {"feats": batch["feats"], "roi": batch["roi"]} if "feats" in batch else {}
@@ -49,7 +45,7 @@ def sequence_logprobs(model, examples: list[Example], seq_len: int, pad_id: int,
             for s in range(1, int(batch["segments"][r].max()) + 1):
                 out[k] = float(logp[r][batch["segments"][r] == s].sum())
                 k += 1
-    assert k == len(owners) == len(examples)
+    assert k == len(examples)
     return out
 
 

@@ -79,19 +79,13 @@ class ScanBlocks:
     encoder features in the features input mode."""
 
     def __init__(self, model_uri: str, data: str, datasets: list[str] | None, tokens_uri: str | None = None):
-        from fmrilm.tokenize import artifact_config, read_tokens
+        from fmrilm.tokenize import artifact_config, tokens_for
         from fmrilm.train.lm import scan_codes
 
         meta = export_meta(root_export(model_uri))
         self.vocab = meta["vocab"]
         self.features = meta.get("input_mode") == "features"
-        uri = tokens_uri or storage.join(meta["tokenizer"].rstrip("/").rsplit("/", 1)[0], "tokens")
-        try:
-            tokens = read_tokens(uri)
-        except (FileNotFoundError, OSError) as err:
-            raise FileNotFoundError(f"no tokens table at {uri}: run `fmrilm tokenize jobs/tokenize.yaml` first ({err})") from None
-        if self.features and "features" not in tokens.columns:
-            raise ValueError(f"the model takes encoder features but the tokens table {uri} has none: re-run tokenize with features=true")
+        tokens, _ = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features)
         self.codes, self.feats = scan_codes(tokens, artifact_config(meta["tokenizer"])["data"]["window"])
 
     def part(self, scan_id: str, steps: int):
@@ -170,9 +164,6 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
     if rows.empty:
         raise ValueError(f"no instructions: the training split of {spec.data} has no scan with tokens and a known answer "
                          f"for tasks {sorted(spec.instructions.tasks)}")
-    leaked = set(rows["split"]) - {"train"}
-    if leaked:
-        raise RuntimeError(f"instruction rows of split(s) {sorted(leaked)} reached training")  # build_instructions guarantees this
     where = storage.resolve(storage.join(spec.run.storage, spec.run.name, "instructions.parquet"))
     storage.write_bytes(where, _parquet_bytes(rows))
     objective_of = {t: i for i, t in enumerate(TASKS)}
@@ -200,10 +191,11 @@ def run(spec: InstructSpec) -> dict:
     from fmrilm.train.common import run_config
     from fmrilm.train.lm import to_dataset
 
+    from fmrilm.train.lm import export_tokenizer
+
     check(spec)
     runtime.init_ray()
-    _, tok, _ = load_model(spec.model)
-    prepared = prepare(spec, tok)
+    prepared = prepare(spec, export_tokenizer(spec.model))
     packed = prepared["packed"]
     probe = {k: v[:1] for k, v in packed.items() if k in ("ids", "segments", "groups", "positions", "feats", "roi")}
     config = {"spec": worker_spec(spec), "rows_per_rank": math.ceil(len(packed["ids"]) / spec.scaling.num_workers),

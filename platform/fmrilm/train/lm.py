@@ -219,18 +219,11 @@ def split_scans(spec: PretrainSpec) -> dict[str, str]:
 def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
     """Packed train (and val) sequences, padded so every rank gets the same number of rows."""
     from fmrilm.features.job import read_captions
-    from fmrilm.tokenize import read_tokens
+    from fmrilm.tokenize import tokens_for
 
-    tokens_uri = spec.tokens or storage.join(spec.tokenizer.rstrip("/").rsplit("/", 1)[0], "tokens")
-    try:
-        tokens = read_tokens(tokens_uri)
-    except (FileNotFoundError, OSError) as err:
-        raise FileNotFoundError(f"no tokens table at {tokens_uri}: run `fmrilm tokenize jobs/tokenize.yaml` first ({err})") from None
+    tokens, tokens_uri = tokens_for(spec.tokenizer, spec.tokens, need_features=spec.input_mode == "features")
     split = split_scans(spec)
     tokens = tokens[tokens["scan_id"].isin(split)]
-    if spec.input_mode == "features" and "features" not in tokens.columns:
-        raise ValueError(f"input_mode 'features' needs encoder features in the tokens table {tokens_uri}: "
-                         "re-run `fmrilm tokenize jobs/tokenize.yaml features=true`")
     captions = read_captions(spec.data, spec.datasets)
     if spec.objectives.fmri_text > 0 and not captions:
         log.warning("no captions under %s: fMRI->text and text->text objectives have no data (run `fmrilm features build`)", spec.data)
@@ -632,6 +625,20 @@ def load_exported(uri: str, merged: bool = False):
         model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")})
         model.roi_embed.weight.data.copy_(state["roi_embed.weight"])
     return model.eval(), tok, meta
+
+
+def export_tokenizer(uri: str):
+    """The tokenizer of an LM export (with a pad token), without loading any weights."""
+    from transformers import AutoTokenizer
+
+    from fmrilm.models.fmri_lm import sync_to_local
+
+    meta = json.loads(storage.read_text(storage.resolve(uri).join("fmri_lm.json")))
+    local = sync_to_local(uri) if storage.is_remote(uri) else storage.resolve(uri).path
+    tok = AutoTokenizer.from_pretrained(os.path.join(local, {"full": "full", "base+adapter": "base", "adapter": "adapter"}[meta["layout"]]))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def merge_adapter(uri: str, out: str) -> str:
