@@ -117,6 +117,7 @@ def run_benchmark(width: int = 128, layers: int = 4, seq_len: int = 256, micro_b
         runtime.init_ray()
         m = fit(spec, packed, codebook).metrics
         ours = {"tokens_per_s": m["tokens_per_s"], "steps": m["step"], "threads": int(m["torch_threads"]),
+                "input_wait_fraction": m["input_wait_fraction"], "precision": m["precision"],
                 "peak_rss_mb": m["peak_rss_mb"], **({"peak_gpu_mb": m["peak_gpu_mb"]} if on_gpu else {})}
         base = baseline_in_fresh_process(spec, packed, codebook, ours["threads"], on_gpu)
     if ours["steps"] != base["steps"]:
@@ -131,7 +132,8 @@ def run_benchmark(width: int = 128, layers: int = 4, seq_len: int = 256, micro_b
     summary = (f"bench lm: Ray Train + DeepSpeed ZeRO-0 (1 worker) {ours['tokens_per_s']:.0f} tokens/s, plain PyTorch "
                f"{base['tokens_per_s']:.0f} tokens/s; ratio {ratio:.2f} (target >= {TARGET}); peak memory {ours[mem]:.0f} vs "
                f"{base[mem]:.0f} MiB ({mem}); {base['params'] / 1e6:.1f}M parameters, {ours['steps']} steps of "
-               f"{micro_batch} x {seq_len} tokens, {ours['threads']} torch thread(s), {machine()['cpus']} CPUs")
+               f"{micro_batch} x {seq_len} tokens ({ours['precision']}), {ours['threads']} torch thread(s), {machine()['cpus']} CPUs; "
+               f"ours waited {ours['input_wait_fraction']:.0%} of its time for input")
     if on_gpu:
         name = torch.cuda.get_device_name(0)
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

@@ -335,12 +335,13 @@ def _module_name(model, module) -> str:
     return next(name for name, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
 
 
-def _mean_across_ranks(sums: dict[str, float], counts: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
-    """Means of ``keys`` over every rank's micro-steps (a fixed-size all-reduce: ranks may have
-    seen different objectives); keys no rank saw are left out."""
+def _mean_across_ranks(sums: dict[str, float], counts: dict[str, float], keys: tuple[str, ...], device) -> dict[str, float]:
+    """Means of ``keys`` over every rank's micro-steps (a fixed-size all-reduce on ``device``, as
+    NCCL reduces only CUDA tensors; ranks may have seen different objectives); keys no rank saw
+    are left out."""
     import torch.distributed as dist
 
-    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0.0) for k in keys], dtype=torch.float64)
+    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     n = len(keys)
@@ -399,6 +400,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     total = min(spec.train.epochs * per_epoch, spec.train.max_steps or 10**12)
     sched = cosine_schedule(opt, spec.train.warmup_steps, total)
     ds_config = build_config(spec.deepspeed, world, spec.train.grad_clip, on_gpu)
+    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False)
     device = engine.device
     step, resumed = 0, {}
@@ -414,7 +416,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     shard = ray.train.get_dataset_shard("train")
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
-    tokens_done, seconds = 0, 0.0
+    tokens_done, seconds, waited, pending_wait = 0, 0.0, 0.0, 0.0
 
     def add(key: str, value: float) -> None:
         sums[key] = sums.get(key, 0.0) + value
@@ -423,13 +425,14 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     first: dict[str, float] = {}
 
     def report(final: bool = False) -> None:
-        metrics = _mean_across_ranks(sums, counts, keys)
+        metrics = _mean_across_ranks(sums, counts, keys, device)
         if not first and "loss" in metrics:
             first["first_loss"] = metrics["loss"]  # the mean over the first log interval, to see the fall
         metrics |= first
         metrics |= resumed | {"step": step, "epoch": step / per_epoch, "lr": sched.get_last_lr()[0],
                               "tokens_per_s": tokens_done / seconds if seconds else 0.0,
-                              "torch_threads": torch.get_num_threads(), **peak_memory(on_gpu), **static}
+                              "input_wait_fraction": waited / seconds if seconds else 0.0,
+                              "torch_threads": torch.get_num_threads(), "precision": precision, **peak_memory(on_gpu), **static}
         sums.clear()
         counts.clear()
         checkpoint_now = final or step % spec.train.checkpoint_every == 0
@@ -443,16 +446,18 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     first_epoch = step // per_epoch
     skip = (step - first_epoch * per_epoch) * spec.deepspeed.grad_accum
     micro = 0
-    last = time.perf_counter()
+    last = micro_end = time.perf_counter()
     engine.train()
     for epoch, i, batch in epoch_stream(shard, spec.deepspeed.micro_batch_size, first_epoch, spec.train.epochs, collate_fn=_collate()):
         if step >= total:
             break
         if epoch == first_epoch and i < skip:
             continue
+        pending_wait += time.perf_counter() - micro_end  # waiting for this batch (the input pipeline)
         loss, parts = forward_loss(engine, {k: v.to(device) for k, v in batch.items()}, weights)
         engine.backward(loss)
         engine.step()
+        micro_end = time.perf_counter()
         micro += 1
         add("loss", loss.item())
         for k, v in parts.items():
@@ -463,12 +468,14 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
         now = time.perf_counter()
         if step > 2:
             seconds += now - last
+            waited += pending_wait
             tokens_done += int((batch["segments"] > 0).sum())
+        pending_wait = 0.0
         if step < total and (step % spec.train.log_every == 0 or step % spec.train.checkpoint_every == 0):
             report()
         if fail_at and step == fail_at and not resumed:
             raise RuntimeError(f"injected fault at step {step} (FMRILM_FAULT_STEP)")
-        last = time.perf_counter()
+        last = micro_end = time.perf_counter()
     report(final=True)
     return engine
 

@@ -89,11 +89,12 @@ class TokenizerObjective(nn.Module):
 # ---------------------------------------------------------------- worker side
 
 
-def _sum_across_ranks(values: dict[str, float]) -> dict[str, float]:
+def _sum_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sums over ranks; the tensor lives on ``device`` (NCCL reduces only CUDA tensors)."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
@@ -104,10 +105,11 @@ def validate(objective: TokenizerObjective, shard, batch_size: int, text_tokens)
     windows x ROIs), MSE, code perplexity/usage, domain-classifier accuracy."""
     objective.eval()
     tok = objective.tokenizer
+    device = next(objective.parameters()).device
     sums = {"r2": 0.0, "mse": 0.0, "n": 0.0, "dom_correct": 0.0, "dom_n": 0.0}
-    counts = torch.zeros(tok.cfg.num_codes, dtype=torch.float64)
+    counts = torch.zeros(tok.cfg.num_codes, dtype=torch.float64, device=device)
     for batch in torch_batches(shard, batch_size):
-        x, valid = batch["x"], batch["valid"]
+        x, valid = batch["x"].to(device), batch["valid"].to(device)
         if not valid.any():
             continue
         x = x[valid]
@@ -122,7 +124,7 @@ def validate(objective: TokenizerObjective, shard, batch_size: int, text_tokens)
             k = min(objective.align_cfg.tokens_per_step, out.features.shape[0] * out.features.shape[1], text_tokens.shape[0])
             sums["dom_correct"] += float(acc) * 2 * k
             sums["dom_n"] += 2 * k
-    sums = _sum_across_ranks(sums)
+    sums = _sum_across_ranks(sums, device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
     objective.train()
@@ -138,12 +140,14 @@ def validate(objective: TokenizerObjective, shard, batch_size: int, text_tokens)
 def optimizer_step(model, opt, sched, batch: dict, coef: float, text_tokens, captions: dict, text_dim: int,
                    grad_clip: float) -> dict[str, float]:
     """One training step of a (possibly DDP-wrapped) :class:`TokenizerObjective` on a collated
-    batch (``x [batch, rois, window]``, ``valid``, ``scan_id``); returns the loss terms as floats."""
+    batch (``x [batch, rois, window]``, ``valid``, ``scan_id``) on the CPU, moved to the model's
+    device with the caption embeddings; returns the loss terms as floats."""
+    device = next(model.parameters()).device
     mask = emb = None
     if captions:
-        mask = torch.tensor([s in captions for s in batch["scan_id"]])
-        emb = torch.stack([captions.get(s, torch.zeros(text_dim)) for s in batch["scan_id"]])
-    out = model(batch["x"], batch["valid"], coef, text_tokens, emb, mask, batch["scan_id"])
+        mask = torch.tensor([s in captions for s in batch["scan_id"]], device=device)
+        emb = torch.stack([captions.get(s, torch.zeros(text_dim)) for s in batch["scan_id"]]).to(device)
+    out = model(batch["x"].to(device), batch["valid"].to(device), coef, text_tokens, emb, mask, batch["scan_id"])
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     params = model.module.parameters() if hasattr(model, "module") else model.parameters()
@@ -183,6 +187,8 @@ def train_loop(config: dict) -> None:
             log.info("resumed at step %d from %s", step, ckpt.path)
     fail_at = config.get("fault_step", 0)  # reliability tests: raise once at this step (never after a resume)
     model = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": True})
+    if text_tokens is not None:
+        text_tokens = text_tokens.to(ray.train.torch.get_device())
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     metrics_log = MetricLog(spec.run, rank)
