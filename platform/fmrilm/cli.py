@@ -41,9 +41,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fmrilm.features.job import FeaturesError
     from fmrilm.models.fmri_lm import BackboneError
     from fmrilm.models.text import TextUnavailable
+    from fmrilm.submit import SubmitError
 
     return (ConfigError, IngestError, InputError, SchemaError, ManifestError, storage.StorageError,
-            PipelineError, SplitError, SampleUnavailable, FeaturesError, TextUnavailable, BackboneError, NotImplementedError, FileNotFoundError)
+            PipelineError, SplitError, SampleUnavailable, FeaturesError, TextUnavailable, BackboneError, SubmitError,
+            NotImplementedError, FileNotFoundError)
 
 
 def _guard(fn, *args, **kwargs):
@@ -172,23 +174,11 @@ def print_summary(summary: dict) -> None:
 # ---------------------------------------------------------------- jobs
 
 
-def _load_job(spec_uri: str, overrides: list[str], kind: str | None = None):
-    """``(spec, run function)`` of a job YAML; ``kind`` is what a stage command expects (the
-    YAML may leave it out, but may not name another)."""
-    from fmrilm import config
-    from fmrilm.registry import job_for
-
-    data = config.apply_overrides(config.load_yaml(spec_uri), overrides)
-    if kind is not None:
-        if data.setdefault("kind", kind) != kind:
-            raise config.ConfigError(f"{spec_uri}: kind {data['kind']!r}, but this command runs {kind!r} specs (use `fmrilm run`)")
-    model, fn = job_for(data.get("kind"), spec_uri)
-    return config.build(model, data, spec_uri), fn
-
-
 def _run_spec(spec: str, overrides: list[str] | None, kind: str | None = None) -> None:
     """Load, run and print any job spec (the one path every stage command takes)."""
-    job, fn = _guard(_load_job, spec, overrides or [], kind)
+    from fmrilm.registry import load_job
+
+    job, fn, _ = _guard(load_job, spec, overrides or [], kind)
     result = _guard(fn, job)
     printers = {"quickstart": lambda r: print_summary(r["summary"]), "features": print_features, "tokenizer": print_tokenizer,
                 "tokenize": lambda r: out.print(f"tokenized {r['windows']} windows -> {escape(r['tokens'])}"),
@@ -203,6 +193,92 @@ def run_job(
 ) -> None:
     """Run a job spec locally (the same function a cluster job runs)."""
     _run_spec(spec, overrides)
+
+
+ADDRESS_HELP = "Ray dashboard URL of the cluster (default: RAY_ADDRESS if it is a URL, else http://127.0.0.1:8265)"
+
+
+@app.command("submit")
+def submit_job(
+    spec: str = typer.Argument(..., help="job spec YAML inside this checkout (jobs/*.yaml)"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    name: Optional[str] = typer.Option(None, help="submission id (default: the spec's run name)"),
+    follow_logs: bool = typer.Option(False, "--follow", help="stream the log until the job ends; exit 1 unless it succeeds"),
+) -> None:
+    """Run a job spec on a Ray cluster (Ray Jobs API); the run name is the submission id, and
+    re-submitting a finished run resumes it."""
+    from fmrilm import submit
+
+    r = _guard(submit.submit, spec, overrides or [], address, name)
+    verb = "re-submitted (the run resumes from its checkpoints)" if r["resubmitted"] else "submitted"
+    console.print(f"[bold green]{escape(r['id'])}[/] {verb} to {escape(r['address'])}: {escape(r['entrypoint'])}")
+    if follow_logs:
+        _finish(_guard(submit.follow, r["id"], address, out.print), r["id"])
+    else:
+        console.print(f"follow it: fmrilm logs {r['id']} --follow   status: fmrilm status {r['id']}   stop: fmrilm stop {r['id']}")
+
+
+def _finish(status: str, job_id: str) -> None:
+    console.print(f"{escape(job_id)}: {status}")
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def job_status(
+    name: Optional[str] = typer.Argument(None, help="run name (submission id); all jobs when left out"),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Status of a submitted run, or a table of the cluster's jobs."""
+    from fmrilm import submit
+
+    jobs = [_guard(submit.job_info, name, address)] if name else _guard(submit.list_jobs, address)
+    rows = [{"id": j.submission_id, "status": str(j.status), "kind": (j.metadata or {}).get("fmrilm_kind", ""),
+             "started": _when(j.start_time), "ended": _when(j.end_time), "message": j.message or ""} for j in jobs]
+    if as_json:
+        out.print_json(json.dumps(rows[0] if name else rows))
+        return
+    t = Table(title=f"jobs on {submit.resolve_address(address)}")
+    for col in ("id", "status", "kind", "started", "ended", "message"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*(escape(str(r[c])) for c in ("id", "status", "kind", "started", "ended", "message")))
+    out.print(t)
+
+
+def _when(ms: int | None) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else ""
+
+
+@app.command("logs")
+def job_logs(
+    name: str = typer.Argument(..., help="run name (submission id)"),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    follow_logs: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends; exit 1 unless it succeeds"),
+) -> None:
+    """The log of a submitted run."""
+    from fmrilm import submit
+
+    if follow_logs:
+        _finish(_guard(submit.follow, name, address, out.print), name)
+    else:
+        out.print(_guard(submit.logs, name, address), end="", markup=False, highlight=False)
+
+
+@app.command("stop")
+def job_stop(
+    name: str = typer.Argument(..., help="run name (submission id)"),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    wait_s: float = typer.Option(60.0, "--wait", help="seconds to wait for the job to stop"),
+) -> None:
+    """Stop a submitted run (its checkpoints stay; re-submitting resumes it)."""
+    from fmrilm import submit
+
+    console.print(f"{escape(name)}: {_guard(submit.stop, name, address, wait_s)}")
 
 
 @features_app.command("build")

@@ -71,3 +71,19 @@ def job_for(kind: str | None, source: str = "<spec>"):
     if kind in PLANNED:
         raise NotImplementedError(f"{source}: job kind {kind!r} is not built yet (built: {sorted(KINDS)})")
     raise ConfigError(f"{source}: kind: {kind!r} is not a job kind; use one of {sorted(KINDS) + list(PLANNED)}")
+
+
+def load_job(spec_uri: str, overrides: list[str], kind: str | None = None):
+    """``(spec, run function, submit spec)`` of a job YAML with dotted overrides; ``kind`` is what
+    a stage command expects (the YAML may leave it out, but may not name another). The optional
+    ``submit:`` section is validated here and used only by ``fmrilm submit``."""
+    from fmrilm import config
+    from fmrilm.submit import SubmitSection
+
+    data = config.apply_overrides(config.load_yaml(spec_uri), overrides)
+    if kind is not None:
+        if data.setdefault("kind", kind) != kind:
+            raise ConfigError(f"{spec_uri}: kind {data['kind']!r}, but this command runs {kind!r} specs (use `fmrilm run`)")
+    submit = config.build(SubmitSection, {"submit": data.pop("submit", None) or {}}, spec_uri).submit
+    model, fn = job_for(data.get("kind"), spec_uri)
+    return config.build(model, data, spec_uri), fn, submit

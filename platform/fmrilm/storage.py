@@ -71,6 +71,14 @@ def absolute(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def is_local_path(value: str) -> bool:
+    """Whether a spec string names a local path: no URI scheme and it starts with ``.``, ``/`` or
+    ``~`` (or ``file://``), or it names something that exists here. A hub id such as
+    ``Qwen/Qwen3-0.6B`` or a built-in name such as ``minilm`` does not."""
+    return bool(value) and scheme_of(value) == "file" and (
+        value.startswith((".", "/", "~", "file://")) or ("/" in value and os.path.exists(value)))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path components onto a URI without touching its scheme."""
     uri = str(uri)

@@ -62,16 +62,14 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
 
 def worker_spec(spec) -> dict:
     """A spec as the dict Ray workers rebuild it from, local paths made absolute: a worker's
-    working directory is not the driver's, so ``./fmrilm-data/...`` would land elsewhere. A string
-    counts as a local path when it has no URI scheme and starts with ``.``, ``/`` or ``~``, or
-    names something that exists here (a hub id such as ``Qwen/Qwen3-0.6B`` does not)."""
+    working directory is not the driver's, so ``./fmrilm-data/...`` would land elsewhere (what
+    counts as a local path: :func:`fmrilm.storage.is_local_path`)."""
     def fix(value):
         if isinstance(value, dict):
             return {k: fix(v) for k, v in value.items()}
         if isinstance(value, list):
             return [fix(v) for v in value]
-        if isinstance(value, str) and value and storage.scheme_of(value) == "file" and (
-                value.startswith((".", "/", "~", "file://")) or ("/" in value and os.path.exists(value))):
+        if isinstance(value, str) and storage.is_local_path(value):
             return storage.absolute(value)
         return value
 

@@ -1,0 +1,256 @@
+"""Ray Jobs: run a job spec on a Ray cluster and follow it (``fmrilm submit / status / logs / stop``).
+
+A submission is the same ``fmrilm run SPEC key=value ...`` a user runs locally, started on the
+cluster by the Ray Jobs API (:class:`ray.job_submission.JobSubmissionClient`) with a runtime
+environment holding this checkout (``working_dir``, without data, runs, .git or virtualenvs) and
+the ``fmrilm`` package (``py_modules``, so every worker imports the submitted code, not an older
+copy in the image). The spec is validated here first, so a bad key fails before anything is sent.
+
+The submission id is the run name (``run.name`` of the spec, else its ``name``, else its kind);
+re-submitting a finished or failed run starts attempt ``NAME.2``, ``NAME.3``, ... of the same run,
+which resumes from its checkpoints (Ray keeps each attempt's record and log; reusing one id after
+``delete_job`` races with the old job's monitor in Ray 2.60 and marks the new job FAILED).
+``fmrilm status/logs/stop NAME`` act on the newest attempt of a run (or on one exact id).
+
+Environment variables reach the job only when the spec names them in its ``submit.env`` list;
+names that look like credentials are refused: workers read object storage with their instance or
+pod role. Local paths in a spec mean nothing to a remote cluster and are refused there; on a
+cluster on this machine (127.0.0.1) they are made absolute, as for local Ray workers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import time
+from urllib.parse import urlparse
+
+from pydantic import Field
+
+from fmrilm import storage
+from fmrilm.config import Strict
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# never uploaded: data, run outputs, weights, VCS and environments (Ray's working_dir limit is 500 MiB)
+EXCLUDES = [".git", ".venv", "venv", "fmrilm-data", "runs", "**/__pycache__", ".pytest_cache", "*.egg-info",
+            "*.parquet", "*.safetensors", "*.pt", "*.bin", "*.nii", "*.nii.gz", ".terraform", "*.tfstate*", ".gpu"]
+CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|AUTH", re.IGNORECASE)
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class SubmitError(RuntimeError):
+    """A submission that cannot go ahead (unreachable cluster, local paths, secret env, ...)."""
+
+
+class SubmitSpec(Strict):
+    """The ``submit:`` section of a job spec (ignored by ``fmrilm run``)."""
+
+    env: list[str] = Field(default_factory=list, description="names of environment variables passed to the job (never credentials)")
+    entrypoint_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved for the job's driver process")
+
+
+class SubmitSection(Strict):
+    """Validates ``submit:`` so that errors name the full key (``submit.env``)."""
+
+    submit: SubmitSpec = Field(default_factory=SubmitSpec)
+
+
+def check_env(names: list[str]) -> dict[str, str]:
+    """The named variables from this environment; refuses credential-like names and unset ones."""
+    secret = [n for n in names if CREDENTIAL_NAME.search(n)]
+    if secret:
+        raise SubmitError(f"submit.env names {', '.join(secret)}: credentials are never sent with a job; cluster workers "
+                          "read object storage with their instance profile / pod service account (see cluster/README.md)")
+    unset = [n for n in names if n not in os.environ]
+    if unset:
+        raise SubmitError(f"submit.env names {', '.join(unset)}, which {'is' if len(unset) == 1 else 'are'} not set here")
+    return {n: os.environ[n] for n in names}
+
+
+def resolve_address(address: str | None) -> str:
+    """``address``, else ``RAY_ADDRESS`` when it is a dashboard URL, else the local default."""
+    address = address or (os.environ.get("RAY_ADDRESS", "") if os.environ.get("RAY_ADDRESS", "").startswith("http") else "")
+    return address or DEFAULT_ADDRESS
+
+
+def is_loopback(address: str) -> bool:
+    host = urlparse(address).hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def connect(address: str | None, timeout_s: float = 5.0):
+    """A ``JobSubmissionClient`` for the cluster's dashboard; fails fast with a clear message."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = resolve_address(address)
+    url = urlparse(address)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise SubmitError(f"--address {address!r}: give the Ray dashboard URL, e.g. http://127.0.0.1:8265")
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise SubmitError(f"cannot reach the Ray dashboard at {address} ({err}). Is the cluster up? For a cloud cluster "
+                          "open the tunnel first (`ray dashboard cluster/aws.yaml`, or `kubectl port-forward "
+                          "svc/fmrilm-head-svc 8265`) and use http://127.0.0.1:8265") from None
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError) as err:
+        raise SubmitError(f"{address} answers but is not a Ray dashboard with the Jobs API: {err}") from None
+
+
+def project_root(start: str = ".") -> str:
+    """The checkout that is uploaded: the nearest folder upwards holding ``pyproject.toml`` and
+    ``platform/fmrilm``."""
+    here = os.path.abspath(start)
+    while True:
+        if os.path.isfile(os.path.join(here, "pyproject.toml")) and os.path.isdir(os.path.join(here, "platform", "fmrilm")):
+            return here
+        parent = os.path.dirname(here)
+        if parent == here:
+            raise SubmitError("fmrilm submit runs from an fmrilm checkout (a folder with pyproject.toml and platform/fmrilm)")
+        here = parent
+
+
+def run_name(spec) -> str:
+    """The run name a spec writes under: ``run.name``, else ``name``, else its kind."""
+    run = getattr(spec, "run", None)
+    return getattr(run, "name", None) or getattr(spec, "name", None) or spec.kind
+
+
+def local_paths(data, prefix: str = "") -> list[tuple[str, str]]:
+    """``(dotted key, value)`` of every local path in a dumped spec (lists as whole values)."""
+    found: list[tuple[str, str]] = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            found += local_paths(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}")
+    elif isinstance(data, list):
+        if any(isinstance(v, str) and storage.is_local_path(v) for v in data):
+            found.append((prefix, data))
+    elif isinstance(data, str) and storage.is_local_path(data):
+        found.append((prefix, data))
+    return found
+
+
+def path_overrides(spec, address: str) -> list[str]:
+    """Overrides that make a spec's local paths absolute (a cluster on this machine); refuses them
+    for a remote cluster, whose workers cannot see this machine's files."""
+    import yaml
+
+    found = [(k, v) for k, v in local_paths(spec.model_dump(mode="json")) if _absolute(v) != v]
+    if not found:
+        return []
+    if not is_loopback(address):
+        keys = ", ".join(f"{k}={v}" for k, v in found)
+        raise SubmitError(f"these keys are local paths, which the cluster at {address} cannot see: {keys}. Point them at "
+                          "object storage, e.g. run.storage=s3://BUCKET/fmrilm/runs data.data=s3://BUCKET/fmrilm/datasets")
+
+    return [f"{k}={yaml.safe_dump(_absolute(v), default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in found]
+
+
+def _absolute(value):
+    """A local path (or each in a list) made absolute; anything else unchanged."""
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]
+    return storage.absolute(value) if isinstance(value, str) and storage.is_local_path(value) else value
+
+
+def runtime_env(root: str, env_vars: dict[str, str]) -> dict:
+    """The job's runtime environment: the checkout (minus :data:`EXCLUDES`), the fmrilm package on
+    every worker, and only the named environment variables."""
+    return {"working_dir": root, "excludes": list(EXCLUDES), "py_modules": [os.path.join(root, "platform", "fmrilm")],
+            "env_vars": dict(env_vars)}
+
+
+def entrypoint(spec_path: str, overrides: list[str]) -> str:
+    """The command the job runs: the same ``fmrilm run`` as locally."""
+    return shlex.join(["python", "-m", "fmrilm", "run", spec_path, *overrides])
+
+
+def submit(spec_uri: str, overrides: list[str], address: str | None = None, name: str | None = None) -> dict:
+    """Validate and submit a job spec; returns ``{"id", "address", "entrypoint", "resubmitted"}``."""
+    from fmrilm.registry import load_job
+
+    spec, _, submit_spec = load_job(spec_uri, overrides)
+    env_vars = check_env(submit_spec.env)
+    root = project_root()
+    spec_path = os.path.relpath(os.path.abspath(spec_uri), root)
+    if spec_path.startswith(".."):
+        raise SubmitError(f"{spec_uri} is outside the checkout that is uploaded ({root}); keep job specs in jobs/")
+    address = resolve_address(address)
+    client = connect(address)
+    run = name or run_name(spec)
+    previous = attempts(client, run)
+    if previous and str(previous[-1].status) not in TERMINAL:
+        raise SubmitError(f"run {run} is already {previous[-1].status} on {address} ({previous[-1].submission_id}): follow it "
+                          f"with `fmrilm logs {run} --follow`, or `fmrilm stop {run}` first")
+    taken = {j.submission_id for j in previous}
+    job_id = run if run not in taken else next(f"{run}.{i}" for i in range(len(taken) + 1, 10**6) if f"{run}.{i}" not in taken)
+    command = entrypoint(spec_path, [*overrides, *path_overrides(spec, address)])
+    client.submit_job(entrypoint=command, submission_id=job_id, runtime_env=runtime_env(root, env_vars),
+                      entrypoint_num_cpus=submit_spec.entrypoint_num_cpus or None,
+                      metadata={"fmrilm_run": run, "fmrilm_spec": spec_path, "fmrilm_kind": spec.kind})
+    return {"id": job_id, "run": run, "address": address, "entrypoint": command, "resubmitted": bool(previous)}
+
+
+def attempts(client, run: str) -> list:
+    """The jobs of a run name, oldest first."""
+    jobs = [j for j in client.list_jobs() if (j.metadata or {}).get("fmrilm_run") == run or j.submission_id == run]
+    return sorted(jobs, key=lambda j: j.start_time or 0)
+
+
+def job_info(name: str, address: str | None = None, client=None):
+    """The Ray ``JobDetails`` of a run's newest attempt (or of one exact submission id)."""
+    client = client or connect(address)
+    jobs = attempts(client, name) or [j for j in client.list_jobs() if j.submission_id == name]
+    if not jobs:
+        raise SubmitError(f"no job {name!r} on {resolve_address(address)} (`fmrilm status` lists them)")
+    return jobs[-1]
+
+
+def list_jobs(address: str | None = None) -> list:
+    """Every job the cluster knows, newest first."""
+    return sorted(connect(address).list_jobs(), key=lambda j: j.start_time or 0, reverse=True)
+
+
+def logs(name: str, address: str | None = None) -> str:
+    """The whole log so far of a run's newest attempt."""
+    client = connect(address)
+    return client.get_job_logs(job_info(name, client=client).submission_id)
+
+
+def follow(name: str, address: str | None = None, write=print) -> str:
+    """Stream the log of a run's newest attempt to ``write`` until it ends; returns the final status."""
+    import asyncio
+
+    client = connect(address)
+    job_id = job_info(name, client=client).submission_id
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            write(lines.rstrip("\n"))
+
+    asyncio.run(tail())
+    return wait(job_id, timeout_s=30, client=client)
+
+
+def stop(name: str, address: str | None = None, wait_s: float = 60.0) -> str:
+    """Ask a run's newest attempt to stop and wait (up to ``wait_s``) until it has; returns its status."""
+    client = connect(address)
+    info = job_info(name, client=client)
+    if str(info.status) not in TERMINAL:
+        client.stop_job(info.submission_id)
+    return wait(info.submission_id, timeout_s=wait_s, client=client)
+
+
+def wait(name: str, address: str | None = None, timeout_s: float = 600.0, client=None) -> str:
+    """Poll until a run's newest attempt is SUCCEEDED, FAILED or STOPPED (or ``timeout_s``); returns its status."""
+    client = client or connect(address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = str(job_info(name, client=client).status)
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(1.0)

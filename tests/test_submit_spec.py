@@ -1,0 +1,57 @@
+"""Submission specs without a cluster: what travels in the runtime_env, which environment
+variables may go, which paths a remote cluster can see."""
+
+import os
+
+import pytest
+
+from fmrilm import submit
+from fmrilm.registry import load_job
+
+
+def test_runtime_env_uploads_the_checkout_without_data_runs_or_vcs():
+    root = submit.project_root()
+    env = submit.runtime_env(root, {"A": "1"})
+    assert env["working_dir"] == root and env["py_modules"] == [os.path.join(root, "platform", "fmrilm")]
+    assert {".git", ".venv", "fmrilm-data", "runs", "*.parquet", "*.safetensors"} <= set(env["excludes"])
+    assert env["env_vars"] == {"A": "1"}
+    assert submit.entrypoint("jobs/x.yaml", ["a.b=c d"]) == "python -m fmrilm run jobs/x.yaml 'a.b=c d'"
+
+
+def test_credentials_and_unset_variables_are_refused(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("HF_TOKEN", "x")
+    monkeypatch.setenv("WANDB_PROJECT", "p")
+    with pytest.raises(submit.SubmitError, match="AWS_SECRET_ACCESS_KEY, HF_TOKEN: credentials are never sent"):
+        submit.check_env(["AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "WANDB_PROJECT"])
+    with pytest.raises(submit.SubmitError, match="NOT_SET_ANYWHERE, which is not set"):
+        submit.check_env(["WANDB_PROJECT", "NOT_SET_ANYWHERE"])
+    assert submit.check_env(["WANDB_PROJECT"]) == {"WANDB_PROJECT": "p"}
+    with pytest.raises(submit.SubmitError, match="credentials are never sent"):  # before any cluster is contacted
+        submit.submit("jobs/tokenizer.yaml", ["submit.env=[AWS_SECRET_ACCESS_KEY]"], "http://127.0.0.1:9")
+
+
+def test_local_paths_absolute_on_loopback_refused_on_a_remote_cluster():
+    spec, _, sub = load_job("jobs/tokenizer.yaml", ["run.storage=s3://bucket/runs"])
+    assert sub.env == []
+    fixed = submit.path_overrides(spec, "http://127.0.0.1:8265")
+    assert f"data.data={os.path.abspath('fmrilm-data/datasets')}" in fixed and not any(f.startswith("run.storage") for f in fixed)
+    with pytest.raises(submit.SubmitError, match=r"cannot see: data\.data=\./fmrilm-data/datasets, run\.log_dir="):
+        submit.path_overrides(spec, "http://10.0.0.5:8265")
+    assert submit.run_name(spec) == "tokenizer"
+
+
+def test_submit_section_is_validated_and_ignored_by_run():
+    from fmrilm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="submit.*envs: unknown key"):
+        load_job("jobs/tokenizer.yaml", ["submit.envs=[X]"])
+    spec, _, sub = load_job("jobs/tokenizer.yaml", ["submit.env=[X]"])
+    assert sub.env == ["X"] and not hasattr(spec, "submit")
+
+
+def test_bad_addresses_fail_with_a_clear_message():
+    with pytest.raises(submit.SubmitError, match="give the Ray dashboard URL"):
+        submit.connect("127.0.0.1:8265")
+    with pytest.raises(submit.SubmitError, match="cannot reach the Ray dashboard at http://127.0.0.1:9"):
+        submit.connect("http://127.0.0.1:9", timeout_s=1)
