@@ -32,13 +32,18 @@ def test_credentials_and_unset_variables_are_refused(monkeypatch):
 
 
 def test_local_paths_absolute_on_loopback_refused_on_a_remote_cluster():
+    root = submit.project_root()
     spec, _, sub = load_job("jobs/tokenizer.yaml", ["run.storage=s3://bucket/runs"])
     assert sub.env == []
-    fixed = submit.path_overrides(spec, "http://127.0.0.1:8265")
+    fixed = submit.path_overrides(spec, "http://127.0.0.1:8265", root)
     assert f"data.data={os.path.abspath('fmrilm-data/datasets')}" in fixed and not any(f.startswith("run.storage") for f in fixed)
     with pytest.raises(submit.SubmitError, match=r"cannot see: data\.data=\./fmrilm-data/datasets, run\.log_dir="):
-        submit.path_overrides(spec, "http://10.0.0.5:8265")
+        submit.path_overrides(spec, "http://10.0.0.5:8265", root)
     assert submit.run_name(spec) == "tokenizer"
+    # a file inside the checkout travels with the job (working_dir): the sweep's base spec stays relative
+    sweep, _, _ = load_job("jobs/sweep_tokenizer.yaml", ["storage=s3://bucket/sweeps"])
+    assert submit.path_overrides(sweep, "http://10.0.0.5:8265", root) == []
+    assert submit.travels("jobs/tokenizer.yaml", root) and not submit.travels("fmrilm-data", root)
 
 
 def test_submit_section_is_validated_and_ignored_by_run():

@@ -134,12 +134,27 @@ def local_paths(data, prefix: str = "") -> list[tuple[str, str]]:
     return found
 
 
-def path_overrides(spec, address: str) -> list[str]:
+def travels(value, root: str) -> bool:
+    """Whether a local path (or every one in a list) is uploaded with the job: an existing file or
+    folder inside the checkout, outside the excluded folders (a base spec, a dataset card)."""
+    import fnmatch
+
+    if isinstance(value, list):
+        return all(travels(v, root) for v in value if isinstance(v, str) and storage.is_local_path(v))
+    path = os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
+    rel = os.path.relpath(path, root)
+    if rel.startswith("..") or not os.path.exists(path):
+        return False
+    return not any(fnmatch.fnmatch(part, pattern) for part in rel.split(os.sep) for pattern in EXCLUDES)
+
+
+def path_overrides(spec, address: str, root: str) -> list[str]:
     """Overrides that make a spec's local paths absolute (a cluster on this machine); refuses them
-    for a remote cluster, whose workers cannot see this machine's files."""
+    for a remote cluster, whose workers cannot see this machine's files. Paths to files that travel
+    with the job (:func:`travels`) stay as they are: the job runs in the uploaded checkout."""
     import yaml
 
-    found = [(k, v) for k, v in local_paths(spec.model_dump(mode="json")) if _absolute(v) != v]
+    found = [(k, v) for k, v in local_paths(spec.model_dump(mode="json")) if _absolute(v) != v and not travels(v, root)]
     if not found:
         return []
     if not is_loopback(address):
@@ -188,7 +203,7 @@ def submit(spec_uri: str, overrides: list[str], address: str | None = None, name
                           f"with `fmrilm logs {run} --follow`, or `fmrilm stop {run}` first")
     taken = {j.submission_id for j in previous}
     job_id = run if run not in taken else next(f"{run}.{i}" for i in range(len(taken) + 1, 10**6) if f"{run}.{i}" not in taken)
-    command = entrypoint(spec_path, [*overrides, *path_overrides(spec, address)])
+    command = entrypoint(spec_path, [*overrides, *path_overrides(spec, address, root)])
     client.submit_job(entrypoint=command, submission_id=job_id, runtime_env=runtime_env(root, env_vars),
                       entrypoint_num_cpus=submit_spec.entrypoint_num_cpus or None,
                       metadata={"fmrilm_run": run, "fmrilm_spec": spec_path, "fmrilm_kind": spec.kind})
