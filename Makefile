@@ -37,8 +37,7 @@ test-integration: setup
 	$(BIN)/python -m pytest -q -m integration
 
 bench: setup
-	$(BIN)/fmrilm bench ingest
-	$(BIN)/fmrilm bench tokenizer
+	$(BIN)/fmrilm bench all
 
 clean:
 	rm -rf $(VENV) fmrilm-data .pytest_cache

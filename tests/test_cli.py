@@ -54,11 +54,16 @@ def test_user_errors_exit_2_with_a_message(tmp_path):
 
 
 def test_quickstart_runs_and_reuses_finished_work(tmp_path):
-    args = ["quickstart", f"storage={tmp_path}", "synth.subjects=6", "synth.n_timepoints=40", "use_ray=false", "--spec", "jobs/quickstart.yaml"]
+    args = ["quickstart", f"storage={tmp_path}", "synth.subjects=6", "synth.n_timepoints=40", "use_ray=false", "stages=[ingest]",
+            "--spec", "jobs/quickstart.yaml"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "18 scans" in r.stdout  # 6 synthetic + 7 HCP + 5 second site
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "unchanged" in r.output
-    r = runner.invoke(app, [*args[:-2], "stages=[ingest,pretrain]"])
-    assert r.exit_code == 2 and "not built yet" in r.output
+    r = runner.invoke(app, [*args[:-2], "stages=[ingest,pretraining]"])
+    assert r.exit_code == 2 and "stages.1" in r.output
+    # every stage's spec is validated before the first stage runs
+    r = runner.invoke(app, [*args, f"storage={tmp_path / 'fresh'}", "stages=[ingest,features,tokenizer]", "overrides.tokenizer=[model.bogus=1]"])
+    assert r.exit_code == 2 and "model.bogus: unknown key" in r.output
+    assert not (tmp_path / "fresh").exists()

@@ -180,7 +180,7 @@ def _run_spec(spec: str, overrides: list[str] | None, kind: str | None = None) -
 
     job, fn, _ = _guard(load_job, spec, overrides or [], kind)
     result = _guard(fn, job)
-    printers = {"quickstart": lambda r: print_summary(r["summary"]), "features": print_features, "tokenizer": print_tokenizer,
+    printers = {"quickstart": print_quickstart, "features": print_features, "tokenizer": print_tokenizer,
                 "tokenize": lambda r: out.print(f"tokenized {r['windows']} windows -> {escape(r['tokens'])}"),
                 "pretrain": print_pretrain, "instruct": print_instruct, "eval": print_eval, "sweep": print_sweep}
     printers.get(job.kind, lambda r: None)(result)
@@ -471,9 +471,21 @@ def quickstart(
 
     data = config.load_yaml(spec) if os.path.exists(spec) else {}
     job = _guard(config.build, QuickstartSpec, config.apply_overrides(data, overrides or []), spec)
-    result = _guard(run, job)
-    console.print(f"[bold green]quickstart done[/]: data in {escape(result['data'])}")
+    print_quickstart(_guard(run, job))
+
+
+def print_quickstart(result: dict) -> None:
+    """The dataset summary, one row per stage, the evaluation tables and where the reports went."""
     print_summary(result["summary"])
+    t = Table(title="quickstart stages")
+    for col in ("stage", "status", "seconds", "result"):
+        t.add_column(col)
+    for s in result["stages"]:
+        t.add_row(s["stage"], s["status"], f"{s['seconds']:.0f}", escape(s["note"]))
+    out.print(t)
+    if result.get("report"):
+        print_eval(result["report"])
+    console.print(f"[bold green]quickstart done[/]: data in {escape(result['data'])}; summary {escape(result['files']['report.md'])}")
 
 
 # ---------------------------------------------------------------- bench
@@ -532,6 +544,26 @@ def bench_lm(
     result = _guard(run_benchmark, width=width, layers=layers, seq_len=seq_len, micro_batch=micro_batch, epochs=epochs,
                     scans=scans, rois=rois)
     _report_bench(result, as_json, out_file)
+
+
+@bench_app.command("all")
+def bench_all(
+    out_dir: str = typer.Option("./fmrilm-data/bench", "--out", help="folder (URI) for bench.json and bench.md"),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="run only these (ingest, tokenizer, lm)"),
+) -> None:
+    """Every benchmark with its defaults, one table (ratios and absolute figures, with the machine)."""
+    from fmrilm.bench.all import BENCHMARKS, markdown, run_all, write
+
+    unknown = sorted(set(only or []) - set(BENCHMARKS))
+    if unknown:
+        console.print(f"[bold red]error:[/] unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+        raise typer.Exit(2)
+    summary = run_all(tuple(only) if only else BENCHMARKS)
+    files = write(summary, out_dir)
+    out.print(markdown(summary), markup=False, highlight=False)
+    console.print(f"written: {escape(files['bench.md'])}, {escape(files['bench.json'])}")
+    if any("error" in r for r in summary["rows"]):
+        raise typer.Exit(1)
 
 
 def _report_bench(result: dict, as_json: bool, out_file: str | None) -> None:

