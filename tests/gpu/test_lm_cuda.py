@@ -11,15 +11,6 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.fixture(scope="module")
-def gpu_ray():
-    import ray
-
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
-
-
 def _spec(tmp_path, zero: int, lora: bool):
     from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
     from fmrilm.train.deepspeed import DeepSpeedSpec

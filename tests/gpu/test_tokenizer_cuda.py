@@ -8,15 +8,6 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.fixture(scope="module")
-def gpu_ray():
-    import ray
-
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
-
-
 def test_tokenizer_stage_on_gpu(gpu_ray, tmp_path):
     from fmrilm.data.ingest import ingest_synthetic
     from fmrilm.data.pipeline import PipelineSpec
