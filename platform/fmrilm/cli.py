@@ -141,6 +141,25 @@ def data_inspect(
         print_summary(summary)
 
 
+@data_app.command("verify")
+def data_verify(uri: str = typer.Argument(..., help="dataset folder or storage root URI")) -> None:
+    """Re-read every shard a manifest lists: checksum, parquet, row count, schema and row contents.
+    Exits 1 naming each bad file (re-ingest those datasets), 0 when every dataset is intact."""
+    from fmrilm.data import table
+
+    bad = 0
+    for loc, manifest in _guard(table.find_datasets, uri):
+        problems = _guard(table.verify, loc, manifest)
+        state = f"[red]{len(problems)} problem(s)[/]" if problems else "[green]intact[/]"
+        console.print(f"{escape(manifest['dataset'])}: {manifest['rows']} scans in {len(manifest['shards'])} shard(s), "
+                      f"version {manifest['version']}: {state}")
+        for p in problems:
+            console.print(f"  - {escape(str(p))}")
+        bad += len(problems)
+    if bad:
+        raise typer.Exit(1)
+
+
 def _report_ingest(results) -> None:
     for r in results:
         m = r.manifest

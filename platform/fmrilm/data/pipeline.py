@@ -13,9 +13,11 @@ rank gets the same row count, hence the same batch count. Losses must weight row
 
 from __future__ import annotations
 
-from fractions import Fraction
+import hashlib
+import posixpath
 import queue
 import threading
+from fractions import Fraction
 from typing import Iterator
 
 import numpy as np
@@ -114,24 +116,31 @@ def _manifests(spec: PipelineSpec) -> list[tuple[storage.Location, dict]]:
 
 
 def check_shards(found: list[tuple[storage.Location, dict]]) -> None:
-    """Validate each shard's parquet schema (footers only, read concurrently) before streaming;
-    raise naming every bad file."""
+    """Check every shard against its manifest before streaming (footers only, read concurrently):
+    readable parquet, the scan-table schema and version, and the row count the manifest lists,
+    so a truncated or replaced shard is an error naming the file, never rows silently missing.
+    Raises :class:`fmrilm.data.schema.SchemaError` listing every bad file."""
     from concurrent.futures import ThreadPoolExecutor
 
     def check(item) -> list[schema.Problem]:
-        loc, path = item
-        uri = storage.join(loc.uri, path[len(loc.path):].lstrip("/"))
+        loc, shard = item
+        uri = storage.join(loc.uri, shard["path"])
         try:
-            file_schema = pq.read_schema(path, filesystem=loc.fs)
+            meta = pq.read_metadata(posixpath.join(loc.path, shard["path"]), filesystem=loc.fs)
+        except FileNotFoundError:
+            return [schema.Problem(uri, "is listed in the manifest but missing")]
         except (OSError, pa.ArrowException) as err:
-            return [schema.Problem(uri, f"unreadable parquet shard ({err})")]
-        return schema.schema_problems(file_schema, uri)
+            return [schema.Problem(uri, f"unreadable parquet shard ({err}); run `fmrilm data verify` and re-ingest")]
+        problems = schema.schema_problems(meta.schema.to_arrow_schema(), uri)
+        if meta.num_rows != shard["rows"]:
+            problems.append(schema.Problem(uri, f"has {meta.num_rows} rows, the manifest lists {shard['rows']}; re-ingest it"))
+        return problems
 
-    items = [(loc, p) for loc, m in found for p in table.shard_paths(loc, m)]
+    items = [(loc, shard) for loc, m in found for shard in m["shards"]]
     with ThreadPoolExecutor(max_workers=16) as pool:
         problems = [p for found_problems in pool.map(check, items) for p in found_problems]
     if problems:
-        raise schema.SchemaError(problems, "scan table shards are invalid")
+        raise schema.SchemaError(problems, "scan table shards disagree with their manifests")
 
 
 def scan_index(spec: PipelineSpec, found=None) -> pd.DataFrame:
@@ -149,6 +158,7 @@ def window_batch(batch: pa.Table, spec: PipelineSpec, keep: set[str]) -> dict[st
     """Ray Data map: scan rows (pyarrow) -> windows ``x [n, rois, window]`` with their ids."""
     xs, scan_ids, subjects, starts = [], [], [], []
     cols = batch.select(["scan_id", "subject_id", "n_rois", "n_timepoints", "tr"]).to_pydict()
+    shard = batch.column("path") if "path" in batch.column_names else None
     flat = batch.column("timeseries").combine_chunks()
     offsets, values = flat.offsets.to_numpy(), flat.values.to_numpy(zero_copy_only=False)
     for i, sid in enumerate(cols["scan_id"]):
@@ -156,7 +166,9 @@ def window_batch(batch: pa.Table, spec: PipelineSpec, keep: set[str]) -> dict[st
             continue
         ts = values[offsets[i] : offsets[i + 1]].reshape(cols["n_rois"][i], cols["n_timepoints"][i])
         if not np.isfinite(ts).all():
-            raise PipelineError(f"scan {sid!r} has NaN/Inf values: the shard is corrupt; re-ingest it")
+            where = f" in {shard[i]}" if shard is not None else ""
+            raise PipelineError(f"scan {sid!r}{where} has NaN/Inf values: the shard is corrupt; check it with "
+                                "`fmrilm data verify` and re-ingest the dataset")
         if spec.normalise:
             ts = robust_scale(ts)
         if spec.target_tr is not None:
@@ -176,27 +188,45 @@ def window_batch(batch: pa.Table, spec: PipelineSpec, keep: set[str]) -> dict[st
     }
 
 
-def read_shards(paths: list[str], fs):
-    """``ray.data.read_parquet`` of exactly these shard paths.
+def read_shard(shard: dict, fs) -> pa.Table:
+    """One manifest-listed shard (``{"path", "uri", "rows", "sha256"}``) as a scan table plus a
+    ``path`` column (its URI). The bytes are checked against the manifest's sha256 and row count
+    as they are read, so a corrupt, truncated or replaced shard is a :class:`PipelineError`
+    naming the file, never wrong or missing rows."""
+    uri = shard["uri"]
+    try:
+        with fs.open_input_stream(shard["path"]) as f:
+            data = f.read()
+    except OSError as err:
+        raise storage.StorageError(f"cannot read {uri}: {type(err).__name__}: {err}") from err
+    if shard.get("sha256") and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        raise PipelineError(f"{uri}: checksum differs from the manifest (corrupt or replaced shard); "
+                            "check with `fmrilm data verify` and re-ingest the dataset")
+    try:
+        t = pq.read_table(pa.BufferReader(data), schema=schema.SCAN_SCHEMA)
+    except (OSError, pa.ArrowException) as err:
+        raise PipelineError(f"{uri}: unreadable parquet shard ({err}); re-ingest the dataset") from err
+    if t.num_rows != shard["rows"]:
+        raise PipelineError(f"{uri}: has {t.num_rows} rows, the manifest lists {shard['rows']}; re-ingest the dataset")
+    return t.append_column("path", pa.array([uri] * t.num_rows, pa.string()))
 
-    Uses Ray Data's V1 parquet datasource: in Ray 2.60 the V2 path (``ListFiles -> ReadFiles``)
-    added ~5 s per execution on a 2-core machine (its listing thread pool waits out a 2 s join
-    timeout), 8x the whole read of a 15 MB table; we list the files ourselves from the manifest,
-    so V2's discovery buys nothing here. Measured by ``fmrilm bench ingest``.
+
+def _read_shard_batch(batch: dict, fs) -> pa.Table:
+    return pa.concat_tables([read_shard({k: batch[k][i] for k in batch}, fs) for i in range(len(batch["path"]))])
+
+
+def read_shards(shards: list[dict], fs):
+    """A Ray Dataset of exactly these shards (:func:`read_shard`, one block per shard).
+
+    Our own read rather than ``ray.data.read_parquet``: each shard is verified against its
+    manifest entry while it is read, and every error names the file (``read_parquet``'s V1 path
+    reports a decode error without the file; its V2 path added ~5 s per execution on a 2-core
+    machine in Ray 2.60). One block per shard lets the window map fuse with the read.
     """
     import ray
-    from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    previous = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
-        # one block per shard: Ray's default split each shard into ~1-scan blocks, which kept
-        # the window map from fusing with the read (measured 1.7x slower end to end)
-        return ray.data.read_parquet(paths, filesystem=fs, schema=schema.SCAN_SCHEMA, file_extensions=["parquet"],
-                                     override_num_blocks=len(paths))
-    finally:
-        ctx.use_datasource_v2 = previous
+    return ray.data.from_items(shards, override_num_blocks=max(1, len(shards))).map_batches(
+        _read_shard_batch, batch_size=1, batch_format="numpy", fn_kwargs={"fs": fs}, zero_copy_batch=True)
 
 
 def build_windows(spec: PipelineSpec, split: str | None):
@@ -213,8 +243,9 @@ def build_windows(spec: PipelineSpec, split: str | None):
             raise PipelineError(f"unknown split {split!r}; the policy defines {sorted(spec.split.fractions)}")
         index = index[index["split"] == split]
     keep = set(index["scan_id"])
-    paths = [p for loc, m in found for p in table.shard_paths(loc, m)]
-    ds = read_shards(paths, found[0][0].fs)
+    shards = [{"path": posixpath.join(loc.path, sh["path"]), "uri": storage.join(loc.uri, sh["path"]),
+               "rows": sh["rows"], "sha256": sh.get("sha256", "")} for loc, m in found for sh in m["shards"]]
+    ds = read_shards(shards, found[0][0].fs)
     if split is not None:  # rows of other splits never reach the window map (no empty batches)
         from ray.data.expressions import col
 

@@ -94,6 +94,39 @@ def run_config(run: RunSpec):
                      checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints), callbacks=callbacks)
 
 
+FAULT_ENV = "FMRILM_FAULT_STEP"
+
+
+def fault_plan() -> dict | None:
+    """Fault injection for the reliability tests, read on the driver from ``FMRILM_FAULT_STEP``:
+    ``"6"`` raises in every worker at step 6, ``"kill:6"`` SIGKILLs the last rank's process at
+    step 6 (a worker lost mid-run). Returns ``{"kind", "step"}`` or None when unset."""
+    value = os.environ.get(FAULT_ENV, "").strip()
+    if not value:
+        return None
+    kind, _, step = value.rpartition(":")
+    kind = kind or "raise"
+    if kind not in ("raise", "kill") or not step.isdigit() or int(step) < 1:
+        raise ValueError(f"{FAULT_ENV}={value!r}: expected STEP or kill:STEP (STEP >= 1)")
+    return {"kind": kind, "step": int(step)}
+
+
+def inject_fault(plan: dict | None, step: int, resumed: bool) -> None:
+    """Carry out :func:`fault_plan`'s fault at its step, once: never in a run that resumed from a
+    checkpoint (the retry after the fault)."""
+    if not plan or resumed or step != plan["step"]:
+        return
+    if plan["kind"] == "raise":
+        raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
+    import ray.train
+
+    ctx = ray.train.get_context()
+    if ctx.get_world_rank() == ctx.get_world_size() - 1:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @contextmanager
 def checkpoint_dir():
     """A temporary folder to write a checkpoint into before ``ray.train.report`` uploads it."""

@@ -30,7 +30,7 @@ from fmrilm.config import Strict
 from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions, encode, fit_labeller
 from fmrilm.data.lm_sequences import fmri_part, pack
 from fmrilm.models.fmri_lm import BackboneError, FeatureInputLM
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, worker_spec
+from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, fault_plan, worker_spec
 from fmrilm.train.deepspeed import DeepSpeedSpec
 from fmrilm.train.lm import LoraSpec
 
@@ -199,7 +199,7 @@ def run(spec: InstructSpec) -> dict:
     packed = prepared["packed"]
     probe = {k: v[:1] for k, v in packed.items() if k in ("ids", "segments", "groups", "positions", "feats", "roi")}
     config = {"spec": worker_spec(spec), "rows_per_rank": math.ceil(len(packed["ids"]) / spec.scaling.num_workers),
-              "probe": probe, "fault_step": int(os.environ.get("FMRILM_FAULT_STEP", "0") or 0)}
+              "probe": probe, "fault": fault_plan()}
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,

@@ -35,7 +35,7 @@ from fmrilm.config import Strict
 from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, attention_mask, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
 from fmrilm.models.fmri_lm import (MAX_CODES, BackboneError, FeatureInputLM, add_fmri_vocab, init_code_embeddings, load_backbone, locate_backbone,
                                    objective_losses)
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule, worker_spec
+from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule, fault_plan, inject_fault, worker_spec
 from fmrilm.train.deepspeed import DeepSpeedSpec, build_config
 
 log = logging.getLogger("fmrilm.lm")
@@ -412,7 +412,6 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
         resumed = {"resumed_from_step": step}
         if rank == 0:
             log.info("resumed at step %d", step)
-    fail_at = config.get("fault_step", 0)
     shard = ray.train.get_dataset_shard("train")
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
@@ -473,8 +472,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
         pending_wait = 0.0
         if step < total and (step % spec.train.log_every == 0 or step % spec.train.checkpoint_every == 0):
             report()
-        if fail_at and step == fail_at and not resumed:
-            raise RuntimeError(f"injected fault at step {step} (FMRILM_FAULT_STEP)")
+        inject_fault(config.get("fault"), step, bool(resumed))
         last = micro_end = time.perf_counter()
     report(final=True)
     return engine
@@ -589,7 +587,7 @@ def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tenso
     config = {"spec": worker_spec(spec), "num_codes": int(codebook.shape[0]), "codebook": codebook.numpy(),
               "pairs": tuple(p.numpy() for p in pairs) if pairs is not None else None,
               "rows_per_rank": math.ceil(len(packed["ids"]) / world), "probe": probe,
-              "fault_step": int(os.environ.get("FMRILM_FAULT_STEP", "0") or 0),
+              "fault": fault_plan(),
               "feature_width": int(packed["feats"].shape[-1]) if "feats" in packed else None, "max_rois": max_rois}
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from typing import Literal
 
@@ -30,7 +29,8 @@ from fmrilm.config import Strict
 from fmrilm.data.pipeline import PipelineSpec, epoch_stream, torch_batches, train_datasets
 from fmrilm.models.alignment import AlignmentConfig, AlignmentHead, dann_coefficient
 from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig, r2_per_roi
-from fmrilm.train.common import MetricLog, OptimSpec, RunSpec, ScalingSpec, checkpoint_dir, cosine_schedule, load_state, run_config, save_state, worker_spec
+from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, checkpoint_dir, cosine_schedule, fault_plan,
+                                 inject_fault, load_state, run_config, save_state, worker_spec)
 
 log = logging.getLogger("fmrilm.tokenizer")
 ARTIFACT = "tokenizer"
@@ -185,7 +185,6 @@ def train_loop(config: dict) -> None:
         resumed = {"resumed_from_step": step, "resumed_codebook_sum": float(objective.tokenizer.quantizer.codebook.sum())}
         if rank == 0:
             log.info("resumed at step %d from %s", step, ckpt.path)
-    fail_at = config.get("fault_step", 0)  # reliability tests: raise once at this step (never after a resume)
     model = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": True})
     if text_tokens is not None:
         text_tokens = text_tokens.to(ray.train.torch.get_device())
@@ -238,8 +237,7 @@ def train_loop(config: dict) -> None:
             break
         if step % spec.train.log_every == 0 or step % spec.train.checkpoint_every == 0:
             report()
-        if fail_at and step == fail_at and not resumed:
-            raise RuntimeError(f"injected fault at step {step} (FMRILM_FAULT_STEP)")
+        inject_fault(config.get("fault"), step, bool(resumed))
         last = time.perf_counter()  # reports and checkpoints are not training throughput
     report(final=True)
     metrics_log.close()
@@ -289,7 +287,7 @@ def run(spec: TokenizerStageSpec) -> dict:
     rows = prepared["sizes"]["train"]
     config = {"spec": worker_spec(spec), "text_tokens": text_tokens, "captions": caption_emb,
               "rows_per_rank": math.ceil(rows / world), "has_val": "val" in prepared["datasets"],
-              "fault_step": int(os.environ.get("FMRILM_FAULT_STEP", "0") or 0)}
+              "fault": fault_plan()}
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=world, use_gpu=spec.scaling.use_gpu,
