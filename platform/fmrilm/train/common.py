@@ -113,7 +113,9 @@ def fault_plan() -> dict | None:
 
 def inject_fault(plan: dict | None, step: int, resumed: bool) -> None:
     """Carry out :func:`fault_plan`'s fault at its step, once: never in a run that resumed from a
-    checkpoint (the retry after the fault)."""
+    checkpoint (the retry after the fault). A kill waits out one Ray Train health-check interval
+    first: the controller collects reports (and so registers checkpoints) when it polls the
+    workers, and a worker that dies between a report and the next poll loses that report too."""
     if not plan or resumed or step != plan["step"]:
         return
     if plan["kind"] == "raise":
@@ -123,7 +125,9 @@ def inject_fault(plan: dict | None, step: int, resumed: bool) -> None:
     ctx = ray.train.get_context()
     if ctx.get_world_rank() == ctx.get_world_size() - 1:
         import signal
+        import time
 
+        time.sleep(1.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 0.5)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
