@@ -27,6 +27,14 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
+def root_cause(err: BaseException) -> BaseException:
+    """The exception a Ray task raised, unwrapped from ``RayTaskError`` (else ``err`` itself)."""
+    seen = 0
+    while getattr(err, "cause", None) is not None and seen < 8:  # RayTaskError.cause
+        err, seen = err.cause, seen + 1
+    return err
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local loopback-only Ray.
 

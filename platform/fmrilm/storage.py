@@ -128,8 +128,22 @@ def resolve(uri: str) -> Location:
     return Location(pafs.GcsFileSystem(), path, uri)
 
 
-def _describe(err: Exception) -> str:
-    return f"{type(err).__name__}: {err}"
+UNREACHABLE_SIGNS = ("curlcode: 7", "curlcode: 28", "curlcode: 52", "curlcode: 55", "curlcode: 56", "couldn't connect",
+                     "connection refused", "network_connection", "timed out", "connection reset")
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether a storage error says the object store did not answer (refused, reset, timed out)
+    rather than answering with an error (denied, not found)."""
+    return any(sign in str(err).lower() for sign in UNREACHABLE_SIGNS)
+
+
+def _describe(err: Exception, loc: Location) -> str:
+    text = f"{type(err).__name__}: {err}"
+    if isinstance(loc.fs, pafs.S3FileSystem) and unreachable(err):
+        attempts = os.environ.get("FMRILM_S3_MAX_ATTEMPTS", "4")
+        text += f" [the object store at {s3_endpoint() or 'AWS S3'} is unreachable: no answer after {attempts} attempt(s)]"
+    return text
 
 
 def exists(loc: Location) -> bool:
@@ -137,7 +151,7 @@ def exists(loc: Location) -> bool:
     try:
         return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
     except OSError as err:
-        raise StorageError(f"cannot reach {loc.uri}: {_describe(err)}") from err
+        raise StorageError(f"cannot reach {loc.uri}: {_describe(err, loc)}") from err
 
 
 def read_bytes(loc: Location) -> bytes:
@@ -150,7 +164,7 @@ def read_bytes(loc: Location) -> bytes:
     except OSError as err:
         if "not found" in str(err).lower() or "does not exist" in str(err).lower():
             raise FileNotFoundError(loc.uri) from err
-        raise StorageError(f"cannot read {loc.uri}: {_describe(err)}") from err
+        raise StorageError(f"cannot read {loc.uri}: {_describe(err, loc)}") from err
 
 
 def read_text(loc: Location) -> str:
@@ -171,7 +185,7 @@ def write_bytes(loc: Location, data: bytes) -> None:
             with loc.fs.open_output_stream(loc.path) as f:  # one PUT: atomic on object stores
                 f.write(data)
     except OSError as err:
-        raise StorageError(f"cannot write {loc.uri}: {_describe(err)}") from err
+        raise StorageError(f"cannot write {loc.uri}: {_describe(err, loc)}") from err
 
 
 def write_text(loc: Location, text: str) -> None:
@@ -182,7 +196,7 @@ def makedirs(loc: Location) -> None:
     try:
         loc.fs.create_dir(loc.path, recursive=True)
     except OSError as err:
-        raise StorageError(f"cannot create {loc.uri}: {_describe(err)}") from err
+        raise StorageError(f"cannot create {loc.uri}: {_describe(err, loc)}") from err
 
 
 def list_dir(loc: Location) -> list[str]:
@@ -190,7 +204,7 @@ def list_dir(loc: Location) -> list[str]:
     try:
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
     except OSError as err:
-        raise StorageError(f"cannot list {loc.uri}: {_describe(err)}") from err
+        raise StorageError(f"cannot list {loc.uri}: {_describe(err, loc)}") from err
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
 
@@ -200,4 +214,4 @@ def delete_dir(loc: Location) -> None:
         if loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound:
             loc.fs.delete_dir(loc.path)
     except OSError as err:
-        raise StorageError(f"cannot delete {loc.uri}: {_describe(err)}") from err
+        raise StorageError(f"cannot delete {loc.uri}: {_describe(err, loc)}") from err

@@ -86,6 +86,9 @@ def test_manifest_with_another_schema_version_is_refused(dataset):
     (root / "dmg" / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
     with pytest.raises(table.ManifestError, match="dmg/manifest.json has schema version 99.*re-ingest"):
         build_windows(_spec(root), None)
+    params = SynthParams(name="dmg", subjects=24, n_rois=8, n_networks=2, n_timepoints=48, seed=5)
+    result = ingest(synth.sources(params), str(root), use_ray=False, extra=synth.manifest_extra(params))  # what the error says
+    assert result.written and table.find_datasets(str(root))[0][1]["schema_version"] == schema.SCHEMA_VERSION
 
 
 @pytest.mark.parametrize("where", ["values", "page_headers"])

@@ -86,6 +86,15 @@ def _extract_chunk(job: dict) -> dict:
     return {"shards": table.shard_dicts(shards), "bad": bad, "digests": digests, "meta": meta}
 
 
+def _discard(version: storage.Location) -> None:
+    """Best-effort removal of an uncommitted version folder. When the store is unreachable it
+    stays (unreferenced: readers never see it) until the next commit of the dataset removes it."""
+    try:
+        storage.delete_dir(version)
+    except storage.StorageError as err:
+        log.warning("could not remove the uncommitted %s (%s); the next commit removes it", version.uri, err)
+
+
 def _duplicates(sources: list[ScanSource]) -> list[dict]:
     by_id = defaultdict(list)
     for s in sources:
@@ -139,6 +148,11 @@ def ingest(
         raise IngestError(name, dup)
     todo = [s for s in sources if s.scan_id not in dup_ids]
 
+    try:
+        previous = table.read_manifest(dataset)
+    except table.ManifestError as err:  # an unreadable or older-schema table: this ingest replaces it
+        log.warning("%s; replacing it", err)
+        previous = None
     version = table.new_version()
     per_task = max(1, min(MAX_SOURCES_PER_TASK, len(todo) // 8 or 1))
     jobs = [
@@ -148,8 +162,14 @@ def ingest(
     ]
     try:
         results = runtime.parallel_map(_extract_chunk, jobs, f"ingest {name}", use_ray=use_ray)
-    except BaseException:
-        storage.delete_dir(dataset.join(version))
+    except BaseException as err:
+        _discard(dataset.join(version))
+        cause = runtime.root_cause(err)
+        if isinstance(cause, storage.StorageError):
+            kept = f"version {previous['version']} is unchanged" if previous else "no earlier version existed"
+            raise storage.StorageError(
+                f"ingest of {name!r} stopped: nothing was committed ({kept}). {cause}. Re-run the same command "
+                "once the store is reachable; the next commit removes any partly written version folder.") from err
         raise
     bad = dup + [b for r in results for b in r["bad"]]
     if bad and not quarantine:
@@ -168,7 +188,6 @@ def ingest(
     content.update(json.dumps(sorted(bad, key=lambda b: (b["source"], b["reason"])), sort_keys=True).encode())
     content.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
     content_sha = content.hexdigest()
-    previous = table.read_manifest(dataset)
     if previous is not None and previous.get("content_sha256") == content_sha:
         storage.delete_dir(dataset.join(version))
         log.info("%s: content unchanged, kept version %s", name, previous["version"])

@@ -131,6 +131,28 @@ def inject_fault(plan: dict | None, step: int, resumed: bool) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def run_trainer(trainer, run: RunSpec):
+    """``trainer.fit()``. When the run's object store stopped answering (the error says so, or
+    the run folder cannot be listed afterwards), raise a :class:`fmrilm.storage.StorageError`
+    that says so and how to resume, instead of a worker-group traceback."""
+    try:
+        return trainer.fit()
+    except Exception as err:
+        if not storage.is_remote(run.storage):
+            raise
+        reason = next((ln.strip() for ln in reversed(str(err).splitlines()) if storage.unreachable(ln)), None)
+        if reason is None:
+            try:
+                storage.list_dir(storage.resolve(storage.join(run.storage, run.name)))
+            except storage.StorageError as probe:
+                reason = str(probe) if storage.unreachable(probe) else None
+        if reason is None:
+            raise
+        raise storage.StorageError(
+            f"run {run.name!r} stopped: its storage {run.storage} is unreachable ({reason}). Checkpoints registered "
+            "before the outage are kept: re-run the same command once the store answers to resume from the newest.") from err
+
+
 @contextmanager
 def checkpoint_dir():
     """A temporary folder to write a checkpoint into before ``ray.train.report`` uploads it."""

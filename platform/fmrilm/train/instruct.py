@@ -30,7 +30,7 @@ from fmrilm.config import Strict
 from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions, encode, fit_labeller
 from fmrilm.data.lm_sequences import fmri_part, pack
 from fmrilm.models.fmri_lm import BackboneError, FeatureInputLM
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, fault_plan, worker_spec
+from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, fault_plan, run_trainer, worker_spec
 from fmrilm.train.deepspeed import DeepSpeedSpec
 from fmrilm.train.lm import LoraSpec
 
@@ -206,7 +206,7 @@ def run(spec: InstructSpec) -> dict:
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         datasets={"train": to_dataset(packed)}, run_config=run_config(spec.run),
     )
-    result = trainer.fit()
+    result = run_trainer(trainer, spec.run)
     return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
             "instructions": prepared["table"], "rows": prepared["rows"], "task_rows": prepared["counts"]}
 

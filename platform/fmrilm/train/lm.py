@@ -35,7 +35,7 @@ from fmrilm.config import Strict
 from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, attention_mask, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
 from fmrilm.models.fmri_lm import (MAX_CODES, BackboneError, FeatureInputLM, add_fmri_vocab, init_code_embeddings, load_backbone, locate_backbone,
                                    objective_losses)
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule, fault_plan, inject_fault, worker_spec
+from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule, fault_plan, run_trainer, inject_fault, worker_spec
 from fmrilm.train.deepspeed import DeepSpeedSpec, build_config
 
 log = logging.getLogger("fmrilm.lm")
@@ -595,7 +595,7 @@ def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tenso
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         datasets={"train": to_dataset(packed)}, run_config=run_config(spec.run),
     )
-    return trainer.fit()
+    return run_trainer(trainer, spec.run)
 
 
 def load_exported(uri: str, merged: bool = False):

@@ -29,7 +29,7 @@ from fmrilm.config import Strict
 from fmrilm.data.pipeline import PipelineSpec, epoch_stream, torch_batches, train_datasets
 from fmrilm.models.alignment import AlignmentConfig, AlignmentHead, dann_coefficient
 from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig, r2_per_roi
-from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, checkpoint_dir, cosine_schedule, fault_plan,
+from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, checkpoint_dir, cosine_schedule, fault_plan, run_trainer,
                                  inject_fault, load_state, run_config, save_state, worker_spec)
 
 log = logging.getLogger("fmrilm.tokenizer")
@@ -294,7 +294,7 @@ def run(spec: TokenizerStageSpec) -> dict:
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         datasets=prepared["datasets"], run_config=run_config(spec.run),
     )
-    result = trainer.fit()
+    result = run_trainer(trainer, spec.run)
     if result.checkpoint is None:
         raise RuntimeError(f"run {spec.run.name} finished without a checkpoint")
     uri = export(result.checkpoint, spec)
