@@ -39,13 +39,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fmrilm.data.splits import SplitError
     from fmrilm.data.table import ManifestError
     from fmrilm.features.job import FeaturesError
+    from fmrilm.local_s3 import LocalS3Error
     from fmrilm.models.fmri_lm import BackboneError
     from fmrilm.models.text import TextUnavailable
     from fmrilm.submit import SubmitError
 
     return (ConfigError, IngestError, InputError, SchemaError, ManifestError, storage.StorageError,
             PipelineError, SplitError, SampleUnavailable, FeaturesError, TextUnavailable, BackboneError, SubmitError,
-            NotImplementedError, FileNotFoundError)
+            LocalS3Error, NotImplementedError, FileNotFoundError)
 
 
 def _guard(fn, *args, **kwargs):
@@ -483,14 +484,18 @@ def tokenize(
 def quickstart(
     overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
     spec: str = typer.Option("jobs/quickstart.yaml", help="quickstart spec (defaults when the file is absent)"),
+    s3: bool = typer.Option(False, "--s3", help="run it all against a local S3 server (moto on 127.0.0.1) started for it; "
+                                               "reports are copied to --copy-to, the data goes when the server stops"),
+    copy_to: str = typer.Option("./fmrilm-data/quickstart-s3", help="with --s3: where the reports are copied"),
 ) -> None:
-    """Run the whole pipeline on local defaults (what exists of it so far)."""
+    """Run the whole pipeline on local defaults: ingest -> features -> tokenizer -> tokenize ->
+    pretrain -> instruct -> eval (re-running reuses finished stages)."""
     from fmrilm import config
-    from fmrilm.quickstart import QuickstartSpec, run
+    from fmrilm.quickstart import QuickstartSpec, run, run_on_local_s3
 
     data = config.load_yaml(spec) if os.path.exists(spec) else {}
     job = _guard(config.build, QuickstartSpec, config.apply_overrides(data, overrides or []), spec)
-    print_quickstart(_guard(run, job))
+    print_quickstart(_guard(run_on_local_s3, job, copy_to) if s3 else _guard(run, job))
 
 
 def print_quickstart(result: dict) -> None:

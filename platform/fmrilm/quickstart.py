@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import posixpath
 import time
 from typing import Literal
 
@@ -112,6 +113,27 @@ def run(spec: QuickstartSpec) -> dict:
     storage.write_text(done_dir.join("report.md"), stage_table_md(stages, report))
     return {"data": data_uri, "summary": summary.summarize(data_uri), "stages": stages, "report": report,
             "files": {"report.md": done_dir.join("report.md").uri}}
+
+
+def run_on_local_s3(spec: QuickstartSpec, copy_to: str = "./fmrilm-data/quickstart-s3") -> dict:
+    """The same chain against an S3 API: a moto server started for it on 127.0.0.1 (data in its
+    memory, gone when it stops), everything under ``s3://fmrilm/quickstart``; Ray Data reads and
+    Ray Train checkpoints go through S3. The reports (quickstart summary and the evaluation's
+    Markdown, JSON and plots) are copied to ``copy_to`` before the server stops. Returns
+    :func:`run`'s result with ``files`` pointing at those copies."""
+    from fmrilm import storage
+    from fmrilm.local_s3 import LocalS3
+
+    with LocalS3(bucket="fmrilm") as s3:
+        log.info("local S3 at %s (loopback only): storage %s", s3.endpoint, s3.uri("quickstart"))
+        result = run(spec.model_copy(update={"storage": s3.uri("quickstart")}))
+        storage.copy_tree(s3.uri("quickstart", "quickstart"), copy_to)
+        files = {"report.md": storage.join(copy_to, "report.md")}
+        if result.get("report"):
+            eval_dir = storage.join(copy_to, "eval")
+            storage.copy_tree(posixpath.dirname(result["report"]["files"]["report.md"]), eval_dir)
+            files["eval"] = eval_dir
+    return result | {"files": files, "data": f"{s3.uri('quickstart', 'datasets')} (on the local S3, stopped)"}
 
 
 def stage_table_md(stages: list[dict], report: dict | None) -> str:

@@ -215,3 +215,18 @@ def delete_dir(loc: Location) -> None:
             loc.fs.delete_dir(loc.path)
     except OSError as err:
         raise StorageError(f"cannot delete {loc.uri}: {_describe(err, loc)}") from err
+
+
+def copy_tree(src_uri: str, dst_uri: str) -> int:
+    """Copy every file below ``src_uri`` to the same relative paths below ``dst_uri`` (any two
+    storages); returns the number of files copied (0 when the source does not exist)."""
+    src, dst = resolve(src_uri), resolve(dst_uri)
+    try:
+        infos = [i for i in src.fs.get_file_info(pafs.FileSelector(src.path, recursive=True, allow_not_found=True))
+                 if i.type == pafs.FileType.File]
+    except OSError as err:
+        raise StorageError(f"cannot list {src.uri}: {_describe(err, src)}") from err
+    for info in infos:
+        rel = posixpath.relpath(info.path, src.path)
+        write_bytes(dst.join(rel), read_bytes(Location(src.fs, info.path, join(src.uri, rel))))
+    return len(infos)

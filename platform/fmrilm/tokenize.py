@@ -97,7 +97,8 @@ def run(spec: TokenizeSpec) -> dict:
     storage.delete_dir(out)  # a re-run replaces the table
     ds = ds.select_columns(["x", "scan_id", "subject_id", "start"]).map_batches(
         TokenizeBatch, fn_constructor_kwargs={"artifact": artifact.uri, "features": spec.features}, batch_size=spec.batch_size,
-        compute=ActorPoolStrategy(size=spec.workers), num_cpus=1, batch_format="numpy")
+        compute=ActorPoolStrategy(size=spec.workers), num_cpus=1, batch_format="numpy",
+        runtime_env={"env_vars": runtime.forwarded_env()})  # the actors read the artifact from this process's storage
     ds.write_parquet(out.path, filesystem=out.fs)
     summary = {"tokens": out.uri, "windows": n, "artifact": artifact.uri, "window": data.window, "stride": data.stride,
                "num_codes": cfg["model"]["num_codes"], "features": spec.features, "width": cfg["model"]["width"]}

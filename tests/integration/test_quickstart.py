@@ -3,8 +3,11 @@ features -> tokenizer -> tokenize -> pretrain -> instruct -> eval, then a re-run
 finished stage, and a changed stage re-runs with everything after it."""
 
 import json
+import os
 
 import pytest
+import yaml
+from typer.testing import CliRunner
 
 pytestmark = pytest.mark.integration
 
@@ -42,3 +45,19 @@ def test_quickstart_chain_then_reuse(ray_cluster, tmp_path):
     changed = run(spec.model_copy(update={"overrides": TINY["overrides"] | {"eval": [*TINY["overrides"]["eval"], "paradigms=[zero_shot]"]}}))
     assert [s["status"] for s in changed["stages"]] == ["reused"] * 6 + ["ran"]
     assert json.loads((tmp_path / "quickstart" / "eval.json").read_text())["hash"] != ""
+
+
+def test_quickstart_on_a_local_s3(ray_cluster, local_s3, tmp_path):
+    """`fmrilm quickstart --s3`: the same chain with every read and write on a moto server
+    started for it (datasets, Ray Data streams, checkpoints, exports, reports)."""
+    from fmrilm.cli import app
+
+    spec = tmp_path / "quickstart.yaml"
+    spec.write_text(yaml.safe_dump(TINY))
+    r = CliRunner().invoke(app, ["quickstart", "--s3", "--spec", str(spec), "--copy-to", str(tmp_path / "copy")])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "copy" / "report.md").read_text()
+    assert all(f"| {stage} | ran |" in md for stage in ("ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "eval"))
+    assert (tmp_path / "copy" / "eval" / "report.json").exists() and "sex" in (tmp_path / "copy" / "eval" / "report.md").read_text()
+    assert os.environ["AWS_ENDPOINT_URL"] == local_s3.endpoint  # the session's S3 settings are back
+    assert not (tmp_path / "datasets").exists()  # nothing went to the local disk but the copies

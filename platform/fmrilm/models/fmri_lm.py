@@ -64,7 +64,8 @@ def sync_to_local(uri: str, cache_dir: str | None = None) -> str:
 
             infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
             files = [i for i in infos if i.type == pafs.FileType.File]
-            if not any(os.path.basename(i.path) == "config.json" for i in files):
+            # a Hugging Face folder, or an fmrilm export (whose adapter-only layout has no config.json)
+            if not any(os.path.basename(i.path) in ("config.json", "fmri_lm.json") for i in files):
                 raise BackboneError(f"backbone {uri}: no config.json under that URI (is it a Hugging Face model folder?)")
             for info in files:
                 rel = os.path.relpath(info.path, loc.path)

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from fmrilm import storage
+from fmrilm import runtime, storage
 from fmrilm.config import Strict
 
 
@@ -77,7 +77,8 @@ def worker_spec(spec) -> dict:
 
 
 def run_config(run: RunSpec):
-    """Ray Train ``RunConfig`` on our storage layer (any URI), with failure recovery; inside a Ray
+    """Ray Train ``RunConfig`` on our storage layer (any URI), with failure recovery, workers seeing
+    this process's storage settings (:func:`fmrilm.runtime.forwarded_env`); inside a Ray
     Tune trial it also forwards every report to Tune (``TuneReportCallback``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.tune.trainable.trainable_fn_utils import _in_tune_session
@@ -91,7 +92,9 @@ def run_config(run: RunSpec):
         callbacks.append(TuneReportCallback())
     return RunConfig(name=run.name, storage_path=loc.path, storage_filesystem=loc.fs,
                      failure_config=FailureConfig(max_failures=run.max_failures),
-                     checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints), callbacks=callbacks)
+                     checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints), callbacks=callbacks,
+                     # workers write exports through our storage layer: the same endpoint as this process
+                     worker_runtime_env={"env_vars": runtime.forwarded_env()})
 
 
 FAULT_ENV = "FMRILM_FAULT_STEP"
