@@ -10,7 +10,7 @@ STAMP := $(VENV)/.fmrilm-installed
 TORCH_INDEX_URL ?=
 TORCH_SPEC := torch==2.13.0
 
-.PHONY: setup quickstart test test-unit test-integration bench clean
+.PHONY: setup quickstart test test-unit test-integration test-reliability bench clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,9 @@ test-unit: setup
 
 test-integration: setup
 	$(BIN)/python -m pytest -q -m integration
+
+test-reliability: setup
+	$(BIN)/python -m pytest -q -m reliability
 
 bench: setup
 	$(BIN)/fmrilm bench all

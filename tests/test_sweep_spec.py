@@ -41,8 +41,23 @@ def test_trial_specs_and_early_failures(tmp_path):
         check(_spec(tmp_path, space={"model.num_codes": {"grid": [64, 1]}}))
     with pytest.raises(ConfigError, match="space is empty"):
         _spec(tmp_path, space={})
-    with pytest.raises(NotImplementedError, match="instruct stage"):
-        _spec(tmp_path, stage="instruct")
+    with pytest.raises(ValueError, match="cannot be swept; sweepable: \\['instruct', 'tokenizer'\\]"):
+        _spec(tmp_path, stage="pretrain")
+
+
+def test_instruct_sweeps_select_on_validation_subjects(tmp_path):
+    base = tmp_path / "instruct.yaml"
+    base.write_text(yaml.safe_dump({"kind": "instruct", "model": "./runs/pretrain/model", "train": {"checkpoint_every": 7}}))
+    spec = config.build(SweepSpec, {"stage": "instruct", "base": str(base), "metric": "val/loss", "mode": "min", "storage": str(tmp_path),
+                                    "space": {"lora.r": {"grid": [4, 64]}, "train.lr": {"loguniform": [1e-4, 1e-3]}}})
+    with pytest.raises(ConfigError, match="needs validation subjects: add validation=0.2"):
+        check(spec)
+    spec = spec.model_copy(update={"overrides": ["validation=0.2"]})
+    trial = trial_spec(spec, {"lora.r": 64, "train.lr": 3e-4}, "t2", check(spec))
+    assert trial.lora.r == 64 and trial.train.lr == 3e-4 and trial.validation == 0.2
+    assert trial.train.log_every == 7 and trial.model == os.path.abspath("./runs/pretrain/model")
+    with pytest.raises(ConfigError, match="lora.rank: unknown key"):
+        check(spec.model_copy(update={"space": {"lora.rank": Dimension(grid=[4])}}))
 
 
 def test_concurrency_leaves_room_for_ray_data(tmp_path):

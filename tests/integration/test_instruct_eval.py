@@ -126,3 +126,34 @@ def test_bad_instruct_and_eval_specs_fail_early(pretrained):
     with pytest.raises(ValueError, match="unknown or no eval task"):
         EvalSpec(tasks=["description"])
     assert not (pretrained["root"] / "runs" / "bad1").exists() and not (pretrained["root"] / "runs" / "bad2").exists()
+
+
+def test_lora_sweep_selects_on_validation_subjects(pretrained):
+    """`fmrilm tune` over the instruct stage: trials hold a fraction of the training subjects out
+    of tuning and report their instruction loss (val/loss) at checkpoints; ASHA and the best spec
+    use it; the held-out test subjects never appear."""
+    import yaml
+
+    from fmrilm import config
+    from fmrilm.tune.sweep import SweepSpec
+    from fmrilm.tune.sweep import run as sweep
+
+    base = _instruct_spec(pretrained, name="sweep-base", validation=0.25).model_dump(mode="json")
+    base["deepspeed"]["zero_stage"] = 0
+    base["scaling"]["num_workers"] = 1
+    base["train"] |= {"epochs": 1, "checkpoint_every": 3}
+    path = pretrained["root"] / "instruct_base.yaml"
+    path.write_text(yaml.safe_dump(base))
+    spec = config.build(SweepSpec, {"stage": "instruct", "base": str(path), "name": "lora", "storage": pretrained["runs"],
+                                    "space": {"lora.r": {"grid": [2]}}, "metric": "val/loss", "mode": "min"})
+    result = sweep(spec)  # one trial: choosing among trials is covered by the tokenizer sweep
+    table = result["table"]
+    assert len(table) == 1 and table["error"].isna().all() and (table["val/loss"] > 0).all()
+    best = config.load_yaml(result["best"])
+    assert best["lora"]["r"] == 2 and best["validation"] == 0.25
+    rows = pd.read_parquet(os.path.join(pretrained["runs"], "lora", "trials", f"lora-{table['trial'][0]}", "instructions.parquet"))
+    train, val = (set(rows.loc[rows["split"] == s, "subject_id"]) for s in ("train", "tuning_validation"))
+    assert train and val and not train & val and set(rows["split"]) == {"train", "tuning_validation"}
+    subject_of = dict(zip(rows["scan_id"], rows["subject_id"]))
+    support = {subject_of.get(scan) for ctx in rows.loc[rows["split"] == "tuning_validation", "context"] for scan in ctx}
+    assert support and support <= train  # few-shot support of validation prompts: training subjects only

@@ -67,8 +67,8 @@ def _check_export(result):
     return meta
 
 
-@pytest.mark.parametrize("zero,lora,source,mode", [(2, False, "tiny-gpt2", "tokens"), (2, True, "tiny-qwen", "features"),
-                                                   (3, False, "tiny-gpt2", "features"), (3, True, "tiny-llama", "tokens")])
+@pytest.mark.parametrize("zero,lora,source,mode", [(2, True, "tiny-qwen", "features"), (3, False, "tiny-gpt2", "tokens"),
+                                                   (3, True, "tiny-llama", "tokens")])
 def test_two_workers_train_export_and_reload(lm_inputs, zero, lora, source, mode):
     result = run(_spec(lm_inputs, f"lm-z{zero}-{int(lora)}-{mode}", zero=zero, lora=lora, source=source, input_mode=mode, epochs=3))
     m = result["metrics"]

@@ -59,10 +59,10 @@ def _free_cpus(ray) -> float:
 
 
 def test_killed_driver_then_the_same_spec_resumes_by_run_name(stage_data, ray_cluster, tmp_path):
-    spec = _spec(stage_data, "driver-killed", epochs=12)  # 36 steps
+    spec = _spec(stage_data, "driver-killed", epochs=8)  # 24 steps
     spec_file = tmp_path / "tokenizer.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    cpus = ray_cluster.cluster_resources()["CPU"]
+    cpus = _free_cpus(ray_cluster)  # what this test's driver may use (other tests' actors may hold some)
     env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}  # a second driver on this cluster
     driver = subprocess.Popen([sys.executable, "-m", "fmrilm", "run", str(spec_file)], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -83,7 +83,7 @@ def test_killed_driver_then_the_same_spec_resumes_by_run_name(stage_data, ray_cl
         assert time.monotonic() < deadline, f"the killed driver's workers still hold CPUs ({_free_cpus(ray_cluster)}/{cpus})"
         time.sleep(0.5)
     written = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_0"))
-    assert written[-1] < "checkpoint_0000036"  # it really was stopped part-way
+    assert written[-1] < "checkpoint_0000024"  # it really was stopped part-way
     m = run(spec)["metrics"]
     assert int(written[-1].split("_")[1]) - CHECKPOINT_EVERY <= m["resumed_from_step"] <= int(written[-1].split("_")[1])
-    assert m["step"] == 36
+    assert m["step"] == 24

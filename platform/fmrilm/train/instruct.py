@@ -21,6 +21,7 @@ import math
 import os
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field
@@ -51,6 +52,9 @@ class InstructSpec(Strict):
     lora: LoraSpec = LoraSpec(enabled=True, r=8, alpha=16, dropout=0.1)
     deepspeed: DeepSpeedSpec = DeepSpeedSpec(zero_stage=2)
     train: OptimSpec = OptimSpec(epochs=3, lr=5e-4, warmup_steps=5, checkpoint_every=50, log_every=5)
+    validation: float = Field(0.0, ge=0, lt=1, description="fraction of the training subjects held out of LoRA training; "
+                              "their instruction losses are reported as val/loss, val/loss/<task> at each checkpoint "
+                              "(what sweeps select on; never the held-out test subjects)")
     scaling: ScalingSpec = ScalingSpec(num_workers=2, cpus_per_worker=0.5)
     run: RunSpec = RunSpec(name="instruct")
 
@@ -152,27 +156,56 @@ def check(spec: InstructSpec) -> dict:
     return meta
 
 
+VALIDATION = "tuning_validation"  # the split name of the held-out training subjects in the instructions table
+
+
+def validation_subjects(meta: pd.DataFrame, fraction: float, seed: int) -> set[str]:
+    """A seeded ``fraction`` of the training subjects (at least one when ``fraction > 0`` and
+    there are two or more), held out of LoRA training for validation."""
+    subjects = sorted(set(meta.loc[meta["split"] == "train", "subject_id"]))
+    if fraction <= 0 or len(subjects) < 2:
+        return set()
+    n = min(len(subjects) - 1, max(1, round(fraction * len(subjects))))
+    return set(np.random.default_rng(seed).choice(subjects, size=n, replace=False).tolist())
+
+
 def prepare(spec: InstructSpec, tokenizer) -> dict:
-    """Instructions of the training subjects, encoded and packed; also written as a table."""
+    """Instructions of the training subjects, encoded and packed (``packed``), those of the
+    validation subjects (``val``, when ``spec.validation > 0``); the rows are written as a table
+    (``split``: ``train`` or ``tuning_validation``)."""
     from fmrilm.features.job import read_captions
+    from fmrilm.train.lm import pad_rows
 
     meta = scan_meta(spec.data, spec.datasets)
     blocks = ScanBlocks(spec.model, spec.data, spec.datasets, spec.tokens)
-    meta = meta[meta["scan_id"].isin(blocks.codes)]
+    meta = meta[meta["scan_id"].isin(blocks.codes)].copy()
+    held = validation_subjects(meta, spec.validation, spec.instructions.seed)
+    # a split of its own: the dataset's val/test splits are evaluation's held-out subjects (never tuned on)
+    meta.loc[meta["subject_id"].isin(held) & (meta["split"] == "train"), "split"] = VALIDATION
     captions = read_captions(spec.data, spec.datasets)
-    rows = build_instructions(meta, captions, spec.instructions, fit_labeller(meta), splits=("train",))
-    if rows.empty:
+    labeller = fit_labeller(meta)  # from the remaining training subjects; in-context support comes from them too
+    rows = build_instructions(meta, captions, spec.instructions, labeller, splits=("train", VALIDATION))
+    if not (rows["split"] == "train").any():
         raise ValueError(f"no instructions: the training split of {spec.data} has no scan with tokens and a known answer "
                          f"for tasks {sorted(spec.instructions.tasks)}")
     where = storage.resolve(storage.join(spec.run.storage, spec.run.name, "instructions.parquet"))
     storage.write_bytes(where, _parquet_bytes(rows))
     objective_of = {t: i for i, t in enumerate(TASKS)}
-    examples, kept = encode_rows(rows, blocks, tokenizer, spec.fmri_steps, spec.seq_len, objective_of)
-    from fmrilm.train.lm import pad_rows
-
-    packed = pad_rows(pack(examples, spec.seq_len, tokenizer.pad_token_id), spec.scaling.num_workers, tokenizer.pad_token_id)
-    counts = rows.iloc[kept].groupby(["task", "paradigm"]).size()
-    return {"packed": packed, "rows": len(kept), "table": where.uri, "counts": {f"{t}/{p}": int(n) for (t, p), n in counts.items()}}
+    out = {"table": where.uri}
+    for split in ("train", VALIDATION):
+        part = rows[rows["split"] == split].reset_index(drop=True)
+        if part.empty:
+            continue
+        examples, kept = encode_rows(part, blocks, tokenizer, spec.fmri_steps, spec.seq_len, objective_of)
+        out["packed" if split == "train" else "val"] = pad_rows(pack(examples, spec.seq_len, tokenizer.pad_token_id),
+                                                               spec.scaling.num_workers, tokenizer.pad_token_id)
+        counts = part.iloc[kept].groupby(["task", "paradigm"]).size()
+        out["rows" if split == "train" else "val_rows"] = len(kept)
+        if split == "train":
+            out["counts"] = {f"{t}/{p}": int(n) for (t, p), n in counts.items()}
+    if held and "val" not in out:
+        log.warning("validation subjects %s have no instruction that fits seq_len: no validation metrics", sorted(held))
+    return out
 
 
 def _parquet_bytes(df: pd.DataFrame) -> bytes:
@@ -199,16 +232,18 @@ def run(spec: InstructSpec) -> dict:
     packed = prepared["packed"]
     probe = {k: v[:1] for k, v in packed.items() if k in ("ids", "segments", "groups", "positions", "feats", "roi")}
     config = {"spec": worker_spec(spec), "rows_per_rank": math.ceil(len(packed["ids"]) / spec.scaling.num_workers),
-              "probe": probe, "fault": fault_plan()}
+              "probe": probe, "fault": fault_plan(), "has_val": "val" in prepared}
+    datasets = {"train": to_dataset(packed)} | ({"val": to_dataset(prepared["val"])} if "val" in prepared else {})
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
-        datasets={"train": to_dataset(packed)}, run_config=run_config(spec.run),
+        datasets=datasets, run_config=run_config(spec.run),
     )
     result = run_trainer(trainer, spec.run)
     return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
-            "instructions": prepared["table"], "rows": prepared["rows"], "task_rows": prepared["counts"]}
+            "instructions": prepared["table"], "rows": prepared["rows"], "task_rows": prepared["counts"],
+            "validation_rows": prepared.get("val_rows", 0)}
 
 
 # ---------------------------------------------------------------- worker

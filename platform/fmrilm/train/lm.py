@@ -357,6 +357,27 @@ def forward_loss(model, batch: dict[str, torch.Tensor], weights: dict[int, float
     return objective_losses(out.logits, batch["targets"], batch["objective"], weights)
 
 
+@torch.no_grad()
+def validation_losses(engine, shard, micro_batch: int, objectives: tuple[str, ...], weights: dict[int, float], device) -> dict[str, float]:
+    """Mean loss and loss per objective over a (rank's) validation shard, averaged across ranks,
+    as ``val/loss`` and ``val/loss/<objective>``; every rank takes part (ZeRO-3 gathers)."""
+    from fmrilm.data.pipeline import torch_batches
+
+    keys = ("loss", *(f"loss/{o}" for o in objectives))
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    engine.eval()
+    for batch in torch_batches(shard, micro_batch, collate_fn=_collate()):
+        if not (batch["targets"] != -100).any():
+            continue  # padding rows only
+        loss, parts = forward_loss(engine, {k: v.to(device) for k, v in batch.items()}, weights)
+        for k, v in {"loss": loss, **{f"loss/{objectives[i]}": p for i, p in parts.items()}}.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+            counts[k] = counts.get(k, 0.0) + 1
+    engine.train()
+    return {f"val/{k}": v for k, v in _mean_across_ranks(sums, counts, keys, device).items()}
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker: the LM training loop (see the module docstring)."""
     import ray.train
@@ -383,7 +404,8 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     """The shared DeepSpeed loop of the LM stages on a Ray Train worker: optimizer and cosine
     schedule over the ``train`` dataset shard, resume from the run's newest checkpoint, the mean
     loss and one loss per objective name reported every ``log_every`` steps (plus ``static``),
-    a checkpoint every ``checkpoint_every`` steps and at the end. ``spec`` has ``train``,
+    a checkpoint every ``checkpoint_every`` steps and at the end, with the losses over the ``val``
+    dataset shard at each checkpoint when ``config["has_val"]``. ``spec`` has ``train``,
     ``deepspeed``, ``lora`` and ``scaling``. Returns the DeepSpeed engine after the last step."""
     import deepspeed
     import ray.train
@@ -413,6 +435,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
         if rank == 0:
             log.info("resumed at step %d", step)
     shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     tokens_done, seconds, waited, pending_wait = 0, 0.0, 0.0, 0.0
@@ -438,6 +461,8 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
         if not checkpoint_now:
             ray.train.report(metrics)
             return
+        if val_shard is not None:
+            metrics |= validation_losses(engine, val_shard, spec.deepspeed.micro_batch_size, objectives, weights, device)
         with tempfile.TemporaryDirectory(prefix="fmrilm-lm-ckpt-") as d:
             engine.save_checkpoint(d, tag="ds", client_state={"step": step}, exclude_frozen_parameters=spec.lora.enabled)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{step:07d}")

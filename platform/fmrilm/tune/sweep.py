@@ -33,8 +33,7 @@ from fmrilm import runtime, storage
 from fmrilm.config import Strict
 
 log = logging.getLogger("fmrilm.tune")
-STAGES = {"tokenizer": ("fmrilm.train.tokenizer", "TokenizerStageSpec")}
-PLANNED_STAGES = {"instruct": "the instruct stage reports no validation task metric during training yet"}
+STAGES = {"tokenizer": ("fmrilm.train.tokenizer", "TokenizerStageSpec"), "instruct": ("fmrilm.train.instruct", "InstructSpec")}
 
 
 class Dimension(Strict):
@@ -87,11 +86,11 @@ class SweepSpec(Strict):
     """Spec of ``jobs/sweep_*.yaml``."""
 
     kind: Literal["sweep"] = "sweep"
-    stage: str = Field("tokenizer", description="which stage's spec the trials run: tokenizer")
+    stage: str = Field("tokenizer", description="which stage's spec the trials run: tokenizer or instruct")
     base: str = Field("jobs/tokenizer.yaml", description="the stage spec every trial starts from")
     overrides: list[str] = Field([], description="key=value applied to the base before the trial's values")
     space: dict[str, Dimension] = Field(..., description="dotted key of the stage spec -> its values")
-    metric: str = "val/r2"
+    metric: str = Field("val/r2", description="tokenizer: val/r2, val/mse, ...; instruct: val/loss or val/loss/<task>")
     mode: Literal["min", "max"] = "max"
     usage_floor: float | None = Field(0.05, ge=0, le=1, description="tokenizer: best trial needs val/used_fraction >= this")
     scheduler: Literal["asha", "fifo"] = "asha"
@@ -105,8 +104,6 @@ class SweepSpec(Strict):
 
     @model_validator(mode="after")
     def _stage(self):
-        if self.stage in PLANNED_STAGES:
-            raise NotImplementedError(f"sweeps over the {self.stage} stage are not built yet: {PLANNED_STAGES[self.stage]}")
         if self.stage not in STAGES:
             raise ValueError(f"stage {self.stage!r} cannot be swept; sweepable: {sorted(STAGES)}")
         if not self.space:
@@ -135,7 +132,10 @@ def base_stage(spec: SweepSpec) -> dict:
     data = cfg.apply_overrides(cfg.load_yaml(spec.base), spec.overrides)
     data = worker_spec(cfg.build(model, data, spec.base))
     data["run"] |= {"storage": storage.join(storage.absolute(sweep_dir(spec)), "trials"), "logger": "none"}
-    if spec.stage == "tokenizer" and spec.metric.startswith("val/"):
+    if spec.stage == "instruct" and spec.metric.startswith("val/") and not data.get("validation"):
+        raise cfg.ConfigError(f"an instruct sweep on {spec.metric} needs validation subjects: add validation=0.2 (a fraction "
+                              "of the training subjects) to the sweep's overrides")
+    if spec.metric.startswith("val/"):
         data["train"]["log_every"] = data["train"]["checkpoint_every"]  # validate at every report: ASHA reads it
     return data
 
