@@ -257,12 +257,18 @@ def _builds(data: str, datasets: list[str] | None):
             yield loc, fm
 
 
+def _build_file(dataset: storage.Location, fm: dict, name: str) -> storage.Location:
+    """A file of a committed features build, located from the dataset folder (the URIs recorded
+    in the manifest may be relative to the working directory of the run that wrote them)."""
+    return dataset.join("features", fm["key"], name)
+
+
 def read_captions(data: str, datasets: list[str] | None = None) -> dict[str, list[str]]:
     """Captions per scan (``scan_id -> [caption 0, caption 1, ...]``) from the committed features
     builds of the datasets under ``data``; datasets without a build contribute nothing."""
     out: dict[str, list[str]] = {}
-    for _, fm in _builds(data, datasets):
-        where = storage.resolve(fm["summary"]["captions_table"])
+    for loc, fm in _builds(data, datasets):
+        where = _build_file(loc, fm, "captions.parquet")
         caps = pd.read_parquet(where.path, filesystem=where.fs).sort_values(["scan_id", "caption_index"])
         for scan_id, group in caps.groupby("scan_id", sort=False):
             out[scan_id] = group["caption"].tolist()
@@ -273,8 +279,8 @@ def read_descriptors(data: str, datasets: list[str] | None = None) -> pd.DataFra
     """Descriptor z-scores (``scan_id`` + ``z.*`` columns) of the committed features builds under
     ``data``; scans whose descriptors failed are left out. Empty if no dataset has a build."""
     parts = []
-    for _, fm in _builds(data, datasets):
-        where = storage.resolve(fm["summary"]["features"])
+    for loc, fm in _builds(data, datasets):
+        where = _build_file(loc, fm, "features.parquet")
         df = pd.read_parquet(where.path, filesystem=where.fs)
         parts.append(df[df["error"].isna()][["scan_id", *[c for c in df.columns if c.startswith("z.")]]])
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["scan_id"])
