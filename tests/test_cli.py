@@ -28,9 +28,16 @@ def test_user_errors_exit_2_with_a_message(tmp_path):
     r = runner.invoke(app, ["data", "sample", "other", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown sample" in r.output
     spec = tmp_path / "job.yaml"
-    spec.write_text("kind: sweep\nstage: instruct\nspace: {lora.r: {grid: [4, 8]}}\n")
-    r = runner.invoke(app, ["tune", str(spec)])
-    assert r.exit_code == 2 and "not built yet" in r.output
+    # a sweep checks its stage's inputs before any trial starts (base, metric, mode follow the stage)
+    spec.write_text(f"kind: sweep\nstage: instruct\noverrides: [model={tmp_path}/none, validation=0.2]\nspace: {{lora.r: {{grid: [4, 8]}}}}\n")
+    r = runner.invoke(app, ["tune", str(spec), f"storage={tmp_path}/runs"])
+    assert r.exit_code == 2 and "(no fmri_lm.json)" in r.output
+    r = runner.invoke(app, ["tune", str(spec), f"storage={tmp_path}/runs", "overrides=[]"])
+    assert r.exit_code == 2 and "an instruct sweep on val/loss needs validation subjects" in r.output
+    spec.write_text(f"kind: sweep\noverrides: [data.data={tmp_path}/nodata]\nspace: {{model.num_codes: {{grid: [8]}}}}\n")
+    r = runner.invoke(app, ["tune", str(spec), f"storage={tmp_path}/runs"])
+    assert r.exit_code == 2 and "no dataset under" in r.output
+    assert not (tmp_path / "runs").exists()
     spec.write_text("kind: sweep\n")
     r = runner.invoke(app, ["run", str(spec)])
     assert r.exit_code == 2 and "space: Field required" in r.output

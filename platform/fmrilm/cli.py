@@ -50,12 +50,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _guard(fn, *args, **kwargs):
-    """Run ``fn``; print user-facing errors without a traceback and exit with status 2."""
+    """Run ``fn``; print user-facing errors without a traceback and exit with status 2 (1 for a
+    sweep none of whose trials finished: its table names each trial's error)."""
+    from fmrilm.tune.sweep import SweepFailed
+
     try:
         return fn(*args, **kwargs)
     except _user_errors() as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(2) from None
+    except SweepFailed as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}")
+        raise typer.Exit(1) from None
 
 
 def escape(text: str) -> str:

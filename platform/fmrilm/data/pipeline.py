@@ -99,7 +99,9 @@ def windows(ts: np.ndarray, window: int, stride: int) -> np.ndarray:
 # ---------------------------------------------------------------- Ray wiring
 
 
-def _manifests(spec: PipelineSpec) -> list[tuple[storage.Location, dict]]:
+def selected_datasets(spec: PipelineSpec) -> list[tuple[storage.Location, dict]]:
+    """``[(dataset location, manifest)]`` of the datasets the spec reads; raises
+    :class:`PipelineError` for unknown names or mixed ROI counts."""
     found = table.find_datasets(spec.data)
     if spec.datasets:
         names = {m["dataset"] for _, m in found}
@@ -144,7 +146,7 @@ def check_shards(found: list[tuple[storage.Location, dict]]) -> None:
 
 def scan_index(spec: PipelineSpec, found=None) -> pd.DataFrame:
     """One row per scan (no series): ids, shape, TR, phenotypes, split and window count."""
-    found = found or _manifests(spec)
+    found = found or selected_datasets(spec)
     meta = pd.concat([table.read_meta(loc, m).to_pandas() for loc, m in found], ignore_index=True)
     mapping = load_split_file(spec.split.file) if spec.split.method == "file" else None
     meta["split"] = split_of(spec.split, meta["subject_id"].to_numpy(), meta["dataset"].to_numpy(), mapping)
@@ -243,7 +245,7 @@ def build_windows(spec: PipelineSpec, split: str | None):
     Columns: ``x`` float32 ``[rois, window]``, ``scan_id``, ``subject_id``, ``start``, ``valid``.
     Returns ``(dataset, n_windows)``; ``n_windows`` is known from the metadata alone.
     """
-    found = _manifests(spec)
+    found = selected_datasets(spec)
     check_shards(found)
     index = scan_index(spec, found)
     if split is not None:
@@ -295,7 +297,7 @@ def train_datasets(spec: PipelineSpec, world_size: int, splits: tuple[str, ...] 
     """
     if "train" in splits and spec.split.method == "hash" and "train" not in spec.split.fractions:
         raise PipelineError("the split policy has no 'train' split")
-    found = _manifests(spec)
+    found = selected_datasets(spec)
     n_rois = found[0][1]["n_rois"]
     out, sizes = {}, {}
     for split in splits:

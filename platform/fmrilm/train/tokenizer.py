@@ -26,7 +26,7 @@ from torch import nn
 
 from fmrilm import runtime, storage
 from fmrilm.config import Strict
-from fmrilm.data.pipeline import PipelineSpec, epoch_stream, torch_batches, train_datasets
+from fmrilm.data.pipeline import PipelineSpec, epoch_stream, selected_datasets, torch_batches, train_datasets
 from fmrilm.models.alignment import AlignmentConfig, AlignmentHead, dann_coefficient
 from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig, r2_per_roi
 from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, checkpoint_dir, cosine_schedule, fault_plan, run_trainer,
@@ -265,6 +265,11 @@ def text_inputs(spec: TokenizerStageSpec) -> tuple[np.ndarray | None, dict[str, 
         _, sentences = embed_texts([captions[i] for i in ids], spec.alignment.text_source)
         caption_emb = dict(zip(ids, sentences))
     return tokens, caption_emb
+
+
+def check(spec: TokenizerStageSpec) -> None:
+    """Checks before any worker starts: the datasets the spec reads exist and share an ROI count."""
+    selected_datasets(spec.data)
 
 
 def run(spec: TokenizerStageSpec) -> dict:

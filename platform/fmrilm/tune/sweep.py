@@ -34,6 +34,7 @@ from fmrilm.config import Strict
 
 log = logging.getLogger("fmrilm.tune")
 STAGES = {"tokenizer": ("fmrilm.train.tokenizer", "TokenizerStageSpec"), "instruct": ("fmrilm.train.instruct", "InstructSpec")}
+DEFAULT_METRIC = {"tokenizer": "val/r2", "instruct": "val/loss"}
 
 
 class Dimension(Strict):
@@ -87,11 +88,11 @@ class SweepSpec(Strict):
 
     kind: Literal["sweep"] = "sweep"
     stage: str = Field("tokenizer", description="which stage's spec the trials run: tokenizer or instruct")
-    base: str = Field("jobs/tokenizer.yaml", description="the stage spec every trial starts from")
+    base: str = Field(None, description="the stage spec every trial starts from (default jobs/<stage>.yaml)")
     overrides: list[str] = Field([], description="key=value applied to the base before the trial's values")
     space: dict[str, Dimension] = Field(..., description="dotted key of the stage spec -> its values")
-    metric: str = Field("val/r2", description="tokenizer: val/r2, val/mse, ...; instruct: val/loss or val/loss/<task>")
-    mode: Literal["min", "max"] = "max"
+    metric: str = Field(None, description="tokenizer: val/r2 (default), val/mse, ...; instruct: val/loss (default) or val/loss/<task>")
+    mode: Literal["min", "max"] = Field(None, description="default: max for R^2/accuracy-like metrics, min for losses and errors")
     usage_floor: float | None = Field(0.05, ge=0, le=1, description="tokenizer: best trial needs val/used_fraction >= this")
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial can be stopped")
@@ -102,6 +103,19 @@ class SweepSpec(Strict):
     storage: str = "./fmrilm-data/runs"
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data):
+        """base, metric and mode follow the stage unless given."""
+        if not isinstance(data, dict) or data.get("stage", "tokenizer") not in STAGES:
+            return data
+        stage = data.get("stage", "tokenizer")
+        data = {"base": f"jobs/{stage}.yaml", "metric": DEFAULT_METRIC[stage], **{k: v for k, v in data.items() if v is not None}}
+        if "mode" not in data:
+            lower_is_better = any(w in str(data["metric"]) for w in ("loss", "mse", "mae", "error"))
+            data["mode"] = "min" if lower_is_better else "max"
+        return data
+
     @model_validator(mode="after")
     def _stage(self):
         if self.stage not in STAGES:
@@ -111,12 +125,17 @@ class SweepSpec(Strict):
         return self
 
 
+class SweepFailed(RuntimeError):
+    """No trial of the sweep finished."""
+
+
 def stage_model(stage: str):
+    """``(spec model, run, check)`` of a sweepable stage; ``check(spec)`` is its pre-flight."""
     import importlib
 
     module, name = STAGES[stage]
     mod = importlib.import_module(module)
-    return getattr(mod, name), mod.run
+    return getattr(mod, name), mod.run, mod.check
 
 
 def sweep_dir(spec: SweepSpec) -> str:
@@ -128,7 +147,7 @@ def base_stage(spec: SweepSpec) -> dict:
     run in their own folders), as a dict the trials add their values to."""
     from fmrilm.train.common import worker_spec
 
-    model, _ = stage_model(spec.stage)
+    model = stage_model(spec.stage)[0]
     data = cfg.apply_overrides(cfg.load_yaml(spec.base), spec.overrides)
     data = worker_spec(cfg.build(model, data, spec.base))
     data["run"] |= {"storage": storage.join(storage.absolute(sweep_dir(spec)), "trials"), "logger": "none"}
@@ -142,7 +161,7 @@ def base_stage(spec: SweepSpec) -> dict:
 
 def trial_spec(spec: SweepSpec, values: dict[str, Any], run_name: str, base: dict | None = None):
     """The stage spec of one trial: the base stage (:func:`base_stage`) + the trial's values."""
-    model, _ = stage_model(spec.stage)
+    model = stage_model(spec.stage)[0]
     data = cfg.apply_overrides(base or base_stage(spec), [f"{k}={_yaml_value(v)}" for k, v in values.items()])
     data["run"]["name"] = run_name
     return cfg.build(model, data, f"{spec.base} (trial {run_name})")
@@ -165,6 +184,12 @@ def check(spec: SweepSpec) -> dict:
             except cfg.ConfigError as err:
                 raise cfg.ConfigError(f"sweep space key {key!r} (value {value!r}): {err}") from None
     return base
+
+
+def check_inputs(spec: SweepSpec, base: dict) -> None:
+    """The stage's own pre-flight on a sample trial (its data or model export exists), so missing
+    inputs fail once, before any trial starts."""
+    stage_model(spec.stage)[2](trial_spec(spec, {k: d.sample_value() for k, d in spec.space.items()}, "check", base))
 
 
 def concurrency(spec: SweepSpec, cluster_cpus: float, base: dict) -> tuple[int, float]:
@@ -193,7 +218,7 @@ def _trial(config: dict, sweep: dict, base: dict, env: dict[str, str]) -> None:
             os.environ.pop(key, None)
     spec = SweepSpec(**sweep)
     name = f"{spec.name}-{tune.get_context().get_trial_id()}"
-    _, run = stage_model(spec.stage)
+    run = stage_model(spec.stage)[1]
     run(trial_spec(spec, config, name, base))
 
 
@@ -204,6 +229,7 @@ def run(spec: SweepSpec) -> dict:
     from ray.tune import TuneConfig, Tuner
 
     base = check(spec)
+    check_inputs(spec, base)
     runtime.init_ray()
     limit, per_trial = concurrency(spec, ray.cluster_resources().get("CPU", 1), base)
     loc = storage.resolve(sweep_dir(spec))
@@ -225,6 +251,9 @@ def run(spec: SweepSpec) -> dict:
     grid = tuner.fit()
     table = results_table(spec, grid)
     files = write_results(spec, table, grid)
+    if len(table) and table["error"].notna().all():
+        raise SweepFailed(f"every trial of sweep {spec.name} failed; the first: {table['error'].iloc[0]} "
+                          f"(table: {files['results.md']}; re-running the spec retries them)")
     return {"trials": len(table), "stopped_early": int(table["stopped_early"].sum()), "errored": int(table["error"].notna().sum()),
             "max_concurrent_trials": limit, "files": files, "best": files.get("best.yaml"), "table": table}
 
