@@ -365,8 +365,12 @@ def _plot(spec: SweepSpec, table: pd.DataFrame, grid) -> bytes:
         ok = table[table[spec.metric].notna()]
         x = pd.to_numeric(ok[key], errors="coerce")
         ax.scatter(x, ok[spec.metric], c=["C3" if s else "C0" for s in ok["stopped_early"]])
-        if x.notna().all() and (x > 0).all() and x.max() / max(x.min(), 1e-12) > 10:
+        if x.notna().all() and (x > 0).all() and x.max() / max(x.min(), 1e-12) >= 4:  # codebook sizes, LRs: log grids
             ax.set_xscale("log")
+            values = sorted(set(x))
+            if len(values) <= 8:
+                ax.set_xticks(values, [f"{v:g}" for v in values])
+                ax.minorticks_off()
         ax.set_xlabel(key)
         ax.set_ylabel(spec.metric)
         ax.set_title("red: stopped early by ASHA", fontsize=8)
@@ -374,7 +378,11 @@ def _plot(spec: SweepSpec, table: pd.DataFrame, grid) -> bytes:
     for r in grid:
         df = r.metrics_dataframe
         if df is not None and spec.metric in df:
-            curves.plot(df["training_iteration"], df[spec.metric], alpha=0.7)
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={r.config.get(k):g}" if isinstance(r.config.get(k), (int, float))
+                              else f"{k.rsplit('.', 1)[-1]}={r.config.get(k)}" for k in keys)
+            curves.plot(df["training_iteration"], df[spec.metric], marker="o", markersize=3, alpha=0.8, label=label)
+    if curves.lines and len(curves.lines) <= 12:
+        curves.legend(fontsize=6)
     curves.set_xlabel("report")
     curves.set_ylabel(spec.metric)
     curves.set_title("learning curves", fontsize=9)
