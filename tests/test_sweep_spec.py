@@ -79,3 +79,13 @@ def test_worker_spec_makes_local_paths_absolute(tmp_path, monkeypatch):
     assert d["backbone"]["source"] == str(tmp_path / "models/gpt2") and d["run"]["storage"] == str(tmp_path / "fmrilm-data/runs")
     for keep in ("tiny-gpt2", "Qwen/Qwen3-0.6B"):
         assert worker_spec(spec.model_copy(update={"backbone": BackboneSpec(source=keep)}))["backbone"]["source"] == keep
+
+
+def test_base_metric_and_mode_follow_the_stage():
+    space = {"lora.r": {"grid": [4]}}
+    spec = SweepSpec(stage="instruct", space=space, usage_floor=None)
+    assert (spec.base, spec.metric, spec.mode, spec.usage_floor) == ("jobs/instruct.yaml", "val/loss", "min", None)
+    spec = SweepSpec(space={"model.num_codes": {"grid": [8]}})
+    assert (spec.base, spec.metric, spec.mode) == ("jobs/tokenizer.yaml", "val/r2", "max")
+    assert SweepSpec(space=space, metric="val/mse").mode == "min"
+    assert SweepSpec(space=space, metric="val/mse", mode="max", base="b.yaml").model_dump()["mode"] == "max"

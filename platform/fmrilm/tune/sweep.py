@@ -110,8 +110,10 @@ class SweepSpec(Strict):
         if not isinstance(data, dict) or data.get("stage", "tokenizer") not in STAGES:
             return data
         stage = data.get("stage", "tokenizer")
-        data = {"base": f"jobs/{stage}.yaml", "metric": DEFAULT_METRIC[stage], **{k: v for k, v in data.items() if v is not None}}
-        if "mode" not in data:
+        data = dict(data)
+        data["base"] = data.get("base") or f"jobs/{stage}.yaml"
+        data["metric"] = data.get("metric") or DEFAULT_METRIC[stage]
+        if data.get("mode") is None:
             lower_is_better = any(w in str(data["metric"]) for w in ("loss", "mse", "mae", "error"))
             data["mode"] = "min" if lower_is_better else "max"
         return data
