@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 from fmrilm import submit
 from fmrilm.cli import app
 
+from tests.credentials import fake_aws_credentials
+
 pytestmark = pytest.mark.integration
-FAKE = {"AWS_ACCESS_KEY_ID": "AKIAFAKEFMRILMTEST01", "AWS_SECRET_ACCESS_KEY": "fake/secret+fmrilm/test/0123456789",
-        "AWS_SESSION_TOKEN": "FAKEFMRILMSESSIONTOKEN"}
+FAKE = fake_aws_credentials()
 TINY = ["model.num_codes=16", "model.width=16", "model.depth=1", "model.heads=2", "model.code_dim=8", "train.checkpoint_every=2",
         "scaling.num_workers=1", "run.logger=none"]
 

@@ -5,7 +5,6 @@ server is back, re-running the same thing completes with nothing lost or duplica
 run has fake credentials in its environment: none of them may appear in anything it wrote."""
 
 import os
-import secrets
 import time
 
 import pyarrow.fs as pafs
@@ -20,13 +19,11 @@ from fmrilm.models.tokenizer import TokenizerConfig
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
 from fmrilm.train.tokenizer import TokenizerStageSpec, run
 
+from tests.credentials import fake_aws_credentials
 from tests.reliability.outage import OutageProxy
 
 pytestmark = pytest.mark.reliability
-# made per run in no provider's format: nothing key-shaped is committed, and a leak check cannot pass
-# because some constant happened to be absent
-FAKE = {name: f"fmrilm-fake-{name.lower()}-{secrets.token_hex(8)}"
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+FAKE = fake_aws_credentials()
 BOUND_S = 90  # bounded retries: a failure is reported within this, never a hang
 
 
