@@ -68,6 +68,15 @@ def test_bad_search_space_fails_before_any_trial(base):
     assert not (base["root"] / "runs" / "bad").exists()
 
 
+def test_a_sweep_whose_every_trial_fails_says_so(base, monkeypatch):
+    from fmrilm.tune.sweep import SweepFailed
+
+    monkeypatch.setenv("FMRILM_FAULT_STEP", "1")  # forwarded to the trials: each one fails at its first step
+    with pytest.raises(SweepFailed, match="every trial of sweep failing failed; the first: .*injected fault at step 1"):
+        run(_sweep(base, "failing", space={"model.num_codes": {"grid": [8]}}, overrides=["train.epochs=1"]))
+    assert (base["root"] / "runs" / "failing" / "results.md").exists()  # the table is written first
+
+
 def _finished_trials(trials_dir) -> dict[str, int]:
     """Trial run name -> the step of its exported tokenizer (written when its stage run finished)."""
     out = {}

@@ -119,7 +119,7 @@ def build_dataset(loc: storage.Location, manifest: dict, spec: FeaturesSpec) -> 
     name = manifest["dataset"]
     policy = spec.split or SplitPolicy(**manifest.get("split", {}))
     key = _key(manifest, spec, policy)
-    root = loc.join("features")
+    root = features_root(loc)
     work = root.join(key)
     previous = _read_json(root.join("manifest.json"))
     if previous and previous.get("key") == key:
@@ -172,7 +172,8 @@ def build_dataset(loc: storage.Location, manifest: dict, spec: FeaturesSpec) -> 
     summary = {
         "dataset": name, "key": key, "scans": int(len(raw)), "described": int(ok.sum()), "failed": failed,
         "descriptors": len(names), "captions": len(caption_rows), "train_scans_for_reference": len(ref_ids),
-        "features": work.join("features.parquet").uri, "captions_table": work.join("captions.parquet").uri,
+        "features": storage.absolute(work.join("features.parquet").uri),
+        "captions_table": storage.absolute(work.join("captions.parquet").uri),
         "example_caption": caption_rows[0]["caption"] if caption_rows else None,
         "resumed_shards": sum(1 for r in results if r["scans"] == -1),
         "sex_probe": _probe(loc, manifest, meta, work) if spec.probe else None,
@@ -252,15 +253,21 @@ def _builds(data: str, datasets: list[str] | None):
     for loc, manifest in table.find_datasets(data):
         if datasets and manifest["dataset"] not in datasets:
             continue
-        fm = _read_json(loc.join("features", "manifest.json"))
+        fm = _read_json(features_root(loc).join("manifest.json"))
         if fm is not None:
             yield loc, fm
 
 
+def features_root(dataset: storage.Location) -> storage.Location:
+    """The folder of a dataset's features builds: ``<dataset>/features/`` holding ``manifest.json``
+    (the committed build) and one folder per build key."""
+    return dataset.join("features")
+
+
 def _build_file(dataset: storage.Location, fm: dict, name: str) -> storage.Location:
-    """A file of a committed features build, located from the dataset folder (the URIs recorded
-    in the manifest may be relative to the working directory of the run that wrote them)."""
-    return dataset.join("features", fm["key"], name)
+    """A file of a committed features build, located from the dataset folder (the dataset may
+    have been copied or moved since the URIs in its summary were written)."""
+    return features_root(dataset).join(fm["key"], name)
 
 
 def read_captions(data: str, datasets: list[str] | None = None) -> dict[str, list[str]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -131,13 +131,21 @@ class SweepFailed(RuntimeError):
     """No trial of the sweep finished."""
 
 
-def stage_model(stage: str):
-    """``(spec model, run, check)`` of a sweepable stage; ``check(spec)`` is its pre-flight."""
+class Stage(NamedTuple):
+    """A sweepable stage: its spec model, ``run(spec)`` and ``check(spec)`` (pre-flight)."""
+
+    model: type
+    run: Callable
+    check: Callable
+
+
+def stage_of(name: str) -> Stage:
+    """The :class:`Stage` of a sweepable stage name (a key of ``STAGES``)."""
     import importlib
 
-    module, name = STAGES[stage]
+    module, model = STAGES[name]
     mod = importlib.import_module(module)
-    return getattr(mod, name), mod.run, mod.check
+    return Stage(getattr(mod, model), mod.run, mod.check)
 
 
 def sweep_dir(spec: SweepSpec) -> str:
@@ -149,7 +157,7 @@ def base_stage(spec: SweepSpec) -> dict:
     run in their own folders), as a dict the trials add their values to."""
     from fmrilm.train.common import worker_spec
 
-    model = stage_model(spec.stage)[0]
+    model = stage_of(spec.stage).model
     data = cfg.apply_overrides(cfg.load_yaml(spec.base), spec.overrides)
     data = worker_spec(cfg.build(model, data, spec.base))
     data["run"] |= {"storage": storage.join(storage.absolute(sweep_dir(spec)), "trials"), "logger": "none"}
@@ -163,7 +171,7 @@ def base_stage(spec: SweepSpec) -> dict:
 
 def trial_spec(spec: SweepSpec, values: dict[str, Any], run_name: str, base: dict | None = None):
     """The stage spec of one trial: the base stage (:func:`base_stage`) + the trial's values."""
-    model = stage_model(spec.stage)[0]
+    model = stage_of(spec.stage).model
     data = cfg.apply_overrides(base or base_stage(spec), [f"{k}={_yaml_value(v)}" for k, v in values.items()])
     data["run"]["name"] = run_name
     return cfg.build(model, data, f"{spec.base} (trial {run_name})")
@@ -191,7 +199,7 @@ def check(spec: SweepSpec) -> dict:
 def check_inputs(spec: SweepSpec, base: dict) -> None:
     """The stage's own pre-flight on a sample trial (its data or model export exists), so missing
     inputs fail once, before any trial starts."""
-    stage_model(spec.stage)[2](trial_spec(spec, {k: d.sample_value() for k, d in spec.space.items()}, "check", base))
+    stage_of(spec.stage).check(trial_spec(spec, {k: d.sample_value() for k, d in spec.space.items()}, "check", base))
 
 
 def concurrency(spec: SweepSpec, cluster_cpus: float, base: dict) -> tuple[int, float]:
@@ -220,8 +228,7 @@ def _trial(config: dict, sweep: dict, base: dict, env: dict[str, str]) -> None:
             os.environ.pop(key, None)
     spec = SweepSpec(**sweep)
     name = f"{spec.name}-{tune.get_context().get_trial_id()}"
-    run = stage_model(spec.stage)[1]
-    run(trial_spec(spec, config, name, base))
+    stage_of(spec.stage).run(trial_spec(spec, config, name, base))
 
 
 def run(spec: SweepSpec) -> dict:
@@ -353,6 +360,10 @@ def _markdown(spec: SweepSpec, table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
 def _plot(spec: SweepSpec, table: pd.DataFrame, grid) -> bytes:
     import io
 
@@ -371,7 +382,7 @@ def _plot(spec: SweepSpec, table: pd.DataFrame, grid) -> bytes:
             ax.set_xscale("log")
             values = sorted(set(x))
             if len(values) <= 8:
-                ax.set_xticks(values, [f"{v:g}" for v in values])
+                ax.set_xticks(values, [_short(v) for v in values])
                 ax.minorticks_off()
         ax.set_xlabel(key)
         ax.set_ylabel(spec.metric)
@@ -380,8 +391,7 @@ def _plot(spec: SweepSpec, table: pd.DataFrame, grid) -> bytes:
     for r in grid:
         df = r.metrics_dataframe
         if df is not None and spec.metric in df:
-            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={r.config.get(k):g}" if isinstance(r.config.get(k), (int, float))
-                              else f"{k.rsplit('.', 1)[-1]}={r.config.get(k)}" for k in keys)
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(r.config.get(k))}" for k in keys)
             curves.plot(df["training_iteration"], df[spec.metric], marker="o", markersize=3, alpha=0.8, label=label)
     if curves.lines and len(curves.lines) <= 12:
         curves.legend(fontsize=6)
