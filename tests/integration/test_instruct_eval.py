@@ -82,7 +82,6 @@ def test_instruct_then_eval_report(pretrained):
     probe = torch.load(os.path.join(result["model"], "probe.pt"), weights_only=False)
     torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=1e-4, rtol=1e-4)
 
-
     spec = EvalSpec(model=result["model"], data=pretrained["data"], datasets=["cohort"], heldout_datasets=["other"], fmri_steps=2,
                     seq_len=160, kshot=KShotSpec(k=[1, 2], seeds=[0], steps=3), bootstrap=50,
                     run={"storage": pretrained["runs"], "name": "eval"})

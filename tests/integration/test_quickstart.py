@@ -38,7 +38,7 @@ def test_quickstart_chain_on_s3_then_reuse(ray_cluster, local_s3, tmp_path):
     assert all(s["status"] == "ran" for s in first["stages"])
     report = first["report"]
     assert {r["task"] for r in report["results"]} == {"sex", "age"}
-    assert {r["method"] for r in report["results"]} >= {"fmrilm", "fc_logistic"} or len(report["results"]) > 4
+    assert {r["method"] for r in report["results"]} >= {"fmrilm", "fc_linear", "descriptors_linear", "majority", "mean"}
     md = storage.read_text(storage.resolve(f"{root}/quickstart/report.md"))
     assert "| pretrain | ran |" in md and "sex" in md
 
