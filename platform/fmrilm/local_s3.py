@@ -18,8 +18,10 @@ import subprocess
 import sys
 import time
 
+from fmrilm.errors import UserError
 
-class LocalS3Error(RuntimeError):
+
+class LocalS3Error(UserError, RuntimeError):
     """The local S3 server could not be started."""
 
 

@@ -23,8 +23,10 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from fmrilm.errors import UserError
 
-class StorageError(RuntimeError):
+
+class StorageError(UserError, RuntimeError):
     """A storage location could not be resolved, read or written."""
 
 
@@ -190,6 +192,71 @@ def write_bytes(loc: Location, data: bytes) -> None:
 
 def write_text(loc: Location, text: str) -> None:
     write_bytes(loc, text.encode("utf-8"))
+
+
+def create_exclusive(loc: Location, data: bytes) -> bool:
+    """Create the file at ``loc`` only if nothing is there (one atomic step: ``O_EXCL`` locally, a
+    conditional ``PUT`` with ``If-None-Match: *`` on S3); returns False when it already exists.
+    On GCS (no conditional create here) it checks, then writes: a narrow race remains."""
+    try:
+        if isinstance(loc.fs, pafs.LocalFileSystem):
+            loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
+            try:
+                fd = os.open(loc.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if isinstance(loc.fs, pafs.S3FileSystem):
+            return _s3_put_if_absent(loc, data)
+        if exists(loc):
+            return False
+        write_bytes(loc, data)
+        return True
+    except OSError as err:
+        raise StorageError(f"cannot write {loc.uri}: {_describe(err, loc)}") from err
+
+
+def _s3_put_if_absent(loc: Location, data: bytes) -> bool:
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = loc.path.partition("/")
+    client = boto3.client("s3", endpoint_url=s3_endpoint(), region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                          config=Config(retries={"max_attempts": int(os.environ.get("FMRILM_S3_MAX_ATTEMPTS", "4"))},
+                                        connect_timeout=float(os.environ.get("FMRILM_S3_CONNECT_TIMEOUT", "5"))))
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        return True
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") or \
+                err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+            return False
+        raise StorageError(f"cannot write {loc.uri}: {err}") from err
+    except BotoCoreError as err:
+        raise StorageError(f"cannot write {loc.uri}: {err} [the object store at {s3_endpoint() or 'AWS S3'} is unreachable]") from err
+
+
+def delete_file(loc: Location) -> None:
+    """Delete one file; missing is fine."""
+    try:
+        loc.fs.delete_file(loc.path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        if "not found" in str(err).lower() or "does not exist" in str(err).lower():
+            return
+        raise StorageError(f"cannot delete {loc.uri}: {_describe(err, loc)}") from err
+
+
+def is_dir(loc: Location) -> bool:
+    """True when ``loc`` is a directory (a prefix with objects below it on object stores)."""
+    try:
+        return loc.fs.get_file_info(loc.path).type == pafs.FileType.Directory
+    except OSError as err:
+        raise StorageError(f"cannot reach {loc.uri}: {_describe(err, loc)}") from err
 
 
 def makedirs(loc: Location) -> None:

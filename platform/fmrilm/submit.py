@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field
 
+from fmrilm.errors import UserError
 from fmrilm import storage
 from fmrilm.config import Strict
 
@@ -40,7 +41,7 @@ CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|A
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError, RuntimeError):
     """A submission that cannot go ahead (unreachable cluster, local paths, secret env, ...)."""
 
 

@@ -80,8 +80,12 @@ def artifact_config(uri: str) -> dict:
 
 
 def with_artifact_windows(data: PipelineSpec, cfg: dict) -> PipelineSpec:
-    """``data`` windowed, normalised and resampled the way the artifact was trained."""
-    return data.model_copy(update={k: cfg["data"][k] for k in ("window", "stride", "normalise", "target_tr")})
+    """``data`` windowed, normalised and resampled the way the artifact was trained, split by the
+    policy it was trained with unless ``data`` names one."""
+    from fmrilm.data.splits import inherited
+
+    return data.model_copy(update={**{k: cfg["data"][k] for k in ("window", "stride", "normalise", "target_tr")},
+                                   "split": inherited(data.split, cfg.get("split"))})
 
 
 def run(spec: TokenizeSpec) -> dict:
@@ -138,9 +142,14 @@ def evaluate(uri: str, data: PipelineSpec, split: str | None = None, batch_size:
     0.5 means the two are indistinguishable)."""
     import torch
 
+    from fmrilm.data.pipeline import scan_index
+    from fmrilm.data.splits import check_unseen, subject_keys
     from fmrilm.train.tokenizer import text_inputs, validate
 
-    data = with_artifact_windows(data, artifact_config(uri))
+    cfg = artifact_config(uri)
+    data = with_artifact_windows(data, cfg)
+    if split not in (None, "train"):
+        check_unseen(subject_keys(scan_index(data), (split,)), cfg.get("split"), f"scored as held-out split {split!r}", uri)
     objective, stage = load_objective(uri, data)
     has_head = objective.align is not None
     text_tokens = text_inputs(stage)[0] if has_head else None

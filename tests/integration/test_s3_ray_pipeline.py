@@ -68,7 +68,7 @@ def test_two_worker_trainer_sees_equal_batches_and_every_window_once(s3_data, tm
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     root, _, _ = s3_data
     spec = PipelineSpec(data=root, datasets=["synthetic"], window=20, stride=15)
-    prepared = train_datasets(spec, world_size=2, splits=("train",))
+    prepared = train_datasets(spec, world_size=2, names=("train",))
     expected = scan_index(spec)
     expected = expected[expected["split"] == "train"]
     assert prepared["sizes"]["train"] == expected["n_windows"].sum()

@@ -7,8 +7,16 @@ parquet shards into a fresh version folder and commits by writing ``manifest.jso
   and nothing is committed (the previous table and manifest stay as they were). With
   ``quarantine`` the good scans are committed and the bad ones recorded, with reasons, in the
   manifest's ``quarantined`` list.
+* Every check runs on the values as stored (float32): a value beyond float32's range is an
+  error, not an ``inf`` in the table. Implausible TRs, ages, ROI counts and (without ROI labels)
+  arrays with more ROIs than timepoints are bad inputs too; so are file names that match no
+  subject and bad phenotype rows. ``quarantine`` covers every one of them.
 * Idempotent: re-ingesting the same inputs replaces the table (never appends); when the content
-  is unchanged the existing version is kept and nothing is rewritten.
+  is unchanged and the existing version verifies intact, it is kept and nothing is rewritten; a
+  damaged one (missing, truncated or altered shards) is rewritten.
+* Safe under concurrency: the commit checks that the dataset still holds the version this
+  ingest started from (:func:`fmrilm.data.table.commit`); nothing is deleted (``fmrilm data gc``).
+* A re-ingest that would drop more than half of the previous version's scans needs ``replace``.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fmrilm.errors import UserError
 from fmrilm import runtime, storage
 from fmrilm.data import schema, table
 from fmrilm.data.readers import InputError, ScanSource, read_timeseries
@@ -29,7 +38,7 @@ log = logging.getLogger("fmrilm.ingest")
 MAX_SOURCES_PER_TASK = 16
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """Some inputs are bad; ``problems`` holds ``{scan_id, source, reason}`` for each."""
 
     def __init__(self, dataset: str, problems: list[dict]):
@@ -57,16 +66,23 @@ def row_digest(row: dict) -> str:
 
 def extract(source: ScanSource, labels: list[str] | None) -> dict:
     """Read and validate one source; returns its scan row (float32 ``[rois, time]`` series).
+    What is checked is what is stored: the series after conversion to float32.
 
     Raises InputError with the source and every problem found.
     """
+    if source.problem:
+        raise InputError(source.problem)
     ts, tr = read_timeseries(source)
-    problems = schema.timeseries_problems(ts, labels)
+    with np.errstate(over="ignore", invalid="ignore"):
+        stored = np.asarray(ts).astype(np.float32) if np.issubdtype(np.asarray(ts).dtype, np.number) else ts
+    problems = schema.scan_problems(stored, tr, labels, labels_given=bool(source.options.get("labels")))
     if source.sex is not None and source.sex not in schema.SEXES:
         problems.append(f"sex {source.sex!r} is not one of {schema.SEXES}")
+    if source.age is not None and not (np.isfinite(source.age) and schema.AGE_RANGE[0] <= source.age <= schema.AGE_RANGE[1]):
+        problems.append(f"age {source.age} is outside {schema.AGE_RANGE[0]:g}-{schema.AGE_RANGE[1]:g} years")
     if problems:
         raise InputError("; ".join(problems))
-    return source.row(ts.astype(np.float32), float(tr))
+    return source.row(stored, float(tr))
 
 
 def _extract_chunk(job: dict) -> dict:
@@ -111,6 +127,8 @@ def _infer_labels(sources: list[ScanSource]) -> list[str] | None:
     if labels:
         return list(labels)
     for source in sources:
+        if source.problem:
+            continue
         try:
             ts, _ = read_timeseries(source)
         except InputError:
@@ -127,12 +145,15 @@ def ingest(
     shard_bytes: int = table.DEFAULT_SHARD_BYTES,
     use_ray: bool = True,
     extra: dict | None = None,
+    replace: bool = False,
 ) -> IngestResult:
     """Ingest ``sources`` (one dataset) into ``<out_uri>/<dataset>/``.
 
     ``extra`` is merged into the manifest (e.g. ``roi_networks``, ``split``, ``source``).
     Returns the committed (or unchanged) manifest; raises IngestError on bad inputs unless
-    ``quarantine``.
+    ``quarantine``, :class:`fmrilm.data.table.ConcurrentCommit` when another writer committed
+    first, and IngestError when fewer than half of the previous version's scans remain unless
+    ``replace``.
     """
     if not sources:
         raise InputError("nothing to ingest: no sources")
@@ -173,14 +194,19 @@ def ingest(
         raise
     bad = dup + [b for r in results for b in r["bad"]]
     if bad and not quarantine:
-        storage.delete_dir(dataset.join(version))
+        _discard(dataset.join(version))
         raise IngestError(name, bad)
     shards = [s for r in results for s in r["shards"]]
     digests = {k: v for r in results for k, v in r["digests"].items()}
     meta = [m for r in results for m in r["meta"]]
     if not shards:
-        storage.delete_dir(dataset.join(version))
+        _discard(dataset.join(version))
         raise IngestError(name, bad or [{"scan_id": None, "source": out_uri, "reason": "no scan could be ingested"}])
+    if previous is not None and not replace and len(digests) < previous["rows"] / 2:
+        _discard(dataset.join(version))
+        raise IngestError(name, [{"scan_id": None, "source": dataset.uri, "reason":
+                                  f"this ingest found {len(digests)} good scans where version {previous['version']} has {previous['rows']}: "
+                                  "more than half would be dropped (inputs missing?). Re-run with --replace to replace it anyway"}])
 
     content = hashlib.sha256()
     for sid in sorted(digests):
@@ -189,9 +215,13 @@ def ingest(
     content.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
     content_sha = content.hexdigest()
     if previous is not None and previous.get("content_sha256") == content_sha:
-        storage.delete_dir(dataset.join(version))
-        log.info("%s: content unchanged, kept version %s", name, previous["version"])
-        return IngestResult(previous, written=False, dataset_uri=dataset.uri)
+        damage = table.verify(dataset, previous)
+        if not damage:
+            _discard(dataset.join(version))
+            log.info("%s: content unchanged, kept version %s (verified intact)", name, previous["version"])
+            return IngestResult(previous, written=False, dataset_uri=dataset.uri)
+        log.warning("%s: content unchanged but version %s is damaged (%d problem(s), e.g. %s): rewriting it",
+                    name, previous["version"], len(damage), damage[0])
 
     index = table.write_shard(schema.meta_table(sorted(meta, key=lambda m: m["scan_id"])), dataset, f"{version}/index.parquet")
     manifest = {
@@ -211,19 +241,31 @@ def ingest(
         "quarantined": bad,
         **(extra or {}),
     }
-    return IngestResult(table.commit(dataset, manifest), written=True, dataset_uri=dataset.uri)
+    try:
+        committed = table.commit(dataset, manifest, previous["version"] if previous else None)
+    except table.ConcurrentCommit:
+        _discard(dataset.join(version))
+        raise
+    return IngestResult(committed, written=True, dataset_uri=dataset.uri)
 
 
-def ingest_card(card_uri: str, out_uri: str, *, quarantine: bool = False, overrides: list[str] | None = None, use_ray: bool = True) -> IngestResult:
-    """Ingest the cohort a dataset card describes (NIfTI derivatives or per-scan arrays)."""
+def ingest_card(card_uri: str, out_uri: str, *, quarantine: bool = False, overrides: list[str] | None = None, use_ray: bool = True,
+                replace: bool = False) -> IngestResult:
+    """Ingest the cohort a dataset card describes (NIfTI derivatives or per-scan arrays); the
+    manifest records how its phenotype table matched the scans (``phenotype_report``)."""
     from fmrilm.data.cards import load_card
-    from fmrilm.data.readers import sources_from_card
+    from fmrilm.data.readers import discover
+
+    from fmrilm.data.splits import frozen_policy
 
     card = load_card(card_uri, overrides)
-    extra = {"source": f"card:{card_uri}", "split": card.split.model_dump()}
+    sources, report = discover(card)
+    extra = {"source": f"card:{card_uri}", "split": frozen_policy(card.split)}
+    if report:
+        extra["phenotype_report"] = report
     if card.atlas.networks:
         extra["roi_networks"] = card.atlas.networks
-    return ingest(sources_from_card(card), out_uri, quarantine=quarantine, use_ray=use_ray, extra=extra)
+    return ingest(sources, out_uri, quarantine=quarantine, use_ray=use_ray, extra=extra, replace=replace)
 
 
 def ingest_synthetic(params, out_uri: str, *, use_ray: bool = True) -> IngestResult:

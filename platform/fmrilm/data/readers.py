@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from fmrilm.errors import UserError
 from fmrilm import storage
 from fmrilm.data.cards import DatasetCard
+from fmrilm.data.schema import AGE_RANGE
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """One input cannot be read; the message names the file and what is wrong."""
 
 
@@ -46,6 +48,7 @@ class ScanSource:
     diagnosis: str | None = None
     phenotypes: dict[str, str] = field(default_factory=dict)
     options: dict = field(default_factory=dict)
+    problem: str | None = None  # found before reading (file name, phenotype row): the scan is bad
 
     def row(self, ts: np.ndarray, tr: float) -> dict:
         """The scan-table row for this source with series ``ts`` ``[rois, time]``."""
@@ -101,21 +104,35 @@ def glob_match(rel_path: str, pattern: str) -> bool:
     return match(0, 0)
 
 
-def load_phenotypes(card: DatasetCard) -> dict[str, dict]:
-    """Map subject id -> {age, sex, diagnosis, site, phenotypes} from the card's phenotype table.
+@dataclass
+class Phenotypes:
+    """A card's phenotype table, read: ``by_subject`` maps subject id -> {age, sex, diagnosis,
+    site, phenotypes}; ``problems`` maps subject id -> what is wrong with its row(s) (bad cells,
+    duplicate rows); ``rows`` is the table's row count."""
 
-    Raises InputError naming the file and column when a mapped column is missing, and the row
-    when a value cannot be converted.
-    """
+    by_subject: dict[str, dict]
+    problems: dict[str, list[str]]
+    rows: int
+    file: str | None = None
+
+
+def load_phenotypes(card: DatasetCard) -> Phenotypes:
+    """Read the card's phenotype table. A missing file or a column named in the card but absent
+    is an :class:`InputError` for the whole table; a bad cell (age not a number or outside
+    0-120 years, an unknown sex code) or a subject with several rows is a problem of that subject
+    (its scans are bad inputs, quarantinable), located by file, row and column."""
     pc = card.phenotypes
     if pc is None:
-        return {}
+        return Phenotypes({}, {}, 0)
     try:
         raw = storage.read_bytes(storage.resolve(pc.file))
     except FileNotFoundError:
         raise InputError(f"phenotype table {pc.file} does not exist") from None
     sep = "," if pc.file.endswith(".csv") else "\t"
-    df = pd.read_csv(io.BytesIO(raw), sep=sep, dtype=str, keep_default_na=False)
+    try:
+        df = pd.read_csv(io.BytesIO(raw), sep=sep, dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"phenotype table {pc.file} is not a readable {'CSV' if sep == ',' else 'TSV'} file ({err})") from None
     needed = [pc.subject_column, *pc.columns.values(), *pc.extra]
     missing = [c for c in needed if c not in df.columns]
     if missing:
@@ -123,36 +140,56 @@ def load_phenotypes(card: DatasetCard) -> dict[str, dict]:
             f"phenotype table {pc.file} has no column(s) {missing} named in the card "
             f"(its columns: {list(df.columns)})"
         )
-    out, errors = {}, []
+    out: dict[str, dict] = {}
+    problems: dict[str, list[str]] = {}
+    first_row: dict[str, int] = {}
     for i, rec in df.iterrows():
-        sub = str(rec[pc.subject_column]).removeprefix("sub-")
-        entry = {"phenotypes": {c: str(rec[c]) for c in pc.extra if rec[c] != ""}}
+        sub = str(rec[pc.subject_column]).strip().removeprefix("sub-")
         line = f"{pc.file} row {i + 2}"  # +1 header, +1 one-based
+        if sub in first_row:
+            problems.setdefault(sub, []).append(f"{line}: subject {sub!r} also has row {first_row[sub]} (duplicate phenotype rows)")
+            continue
+        first_row[sub] = i + 2
+        entry = {"phenotypes": {c: str(rec[c]) for c in pc.extra if rec[c] != ""}}
         for target, col in pc.columns.items():
             value = str(rec[col]).strip()
+            where = f"{line} column {col!r}"
             if value in ("", "n/a", "NA", "nan"):
                 entry[target] = None
             elif target == "age":
                 try:
-                    entry["age"] = float(value)
+                    age = float(value)
                 except ValueError:
-                    errors.append(f"{line} column {col!r}: age {value!r} is not a number")
+                    problems.setdefault(sub, []).append(f"{where}: age {value!r} is not a number")
+                    continue
+                if not (np.isfinite(age) and AGE_RANGE[0] <= age <= AGE_RANGE[1]):
+                    problems.setdefault(sub, []).append(f"{where}: age {value} is outside {AGE_RANGE[0]:g}-{AGE_RANGE[1]:g} years")
+                    continue
+                entry["age"] = age
             elif target == "sex":
                 if value not in pc.sex_values:
-                    errors.append(f"{line} column {col!r}: sex {value!r} is not in sex_values {sorted(pc.sex_values)}")
+                    problems.setdefault(sub, []).append(f"{where}: sex {value!r} is not in sex_values {sorted(pc.sex_values)}")
                 entry["sex"] = pc.sex_values.get(value)
             elif target == "diagnosis":
                 entry["diagnosis"] = pc.diagnosis_values.get(value, value) if pc.diagnosis_values else value
             else:
                 entry[target] = value
         out[sub] = entry
-    if errors:
-        raise InputError("bad phenotype values:\n  " + "\n  ".join(errors))
-    return out
+    return Phenotypes(out, problems, int(len(df)), pc.file)
 
 
 def sources_from_card(card: DatasetCard) -> list[ScanSource]:
-    """Discover every scan a card describes (glob + BIDS entities + phenotypes)."""
+    """Discover every scan a card describes (glob + BIDS entities + phenotypes). A file whose
+    name does not match the entity pattern, or whose subject's phenotype row is bad, becomes a
+    source with ``problem`` set (a bad input, reported or quarantined like an unreadable file)."""
+    return discover(card)[0]
+
+
+def discover(card: DatasetCard) -> tuple[list[ScanSource], dict]:
+    """``(sources, phenotype report)``: :func:`sources_from_card`'s sources and how the phenotype
+    table matched them (``rows``, ``matched_subjects``, ``unmatched_rows`` count and examples,
+    ``scans_without_row``). Raises :class:`InputError` when the card has a phenotype table but
+    no row matches any scan's subject (ids spelled differently)."""
     files = _list_files(card.root, card.glob)
     if not files:
         raise InputError(f"dataset card {card.name!r}: no file under {card.root} matches {card.glob!r}")
@@ -163,11 +200,15 @@ def sources_from_card(card: DatasetCard) -> list[ScanSource]:
     for uri in files:
         m = entity_re.search(os.path.basename(uri))
         if not m or not m.groupdict().get("subject"):
-            raise InputError(f"{uri}: file name does not match the card's entity_pattern (need at least a subject)")
+            sources.append(ScanSource(scan_id=f"{card.name}_file-{os.path.basename(uri)}", subject_id="", dataset=card.name,
+                                      atlas=card.atlas.name, kind="array", uri=uri,
+                                      problem="file name does not match the card's entity_pattern (need at least a subject)"))
+            continue
         ent = m.groupdict()
         subject = ent["subject"]
         task = ent.get("task") or card.task
-        p = pheno.get(subject, {})
+        p = pheno.by_subject.get(subject, {})
+        bad = pheno.problems.get(subject)
         sources.append(ScanSource(
             scan_id=make_scan_id(card.name, subject, ent.get("session"), task, ent.get("run")),
             subject_id=subject, dataset=card.name, atlas=card.atlas.name,
@@ -181,8 +222,26 @@ def sources_from_card(card: DatasetCard) -> list[ScanSource]:
                 "maps_img": card.atlas.maps_img, "masker": card.masker.model_dump(),
                 "confounds": card.confounds.model_dump() if card.confounds else None,
             },
+            problem="bad phenotype row: " + "; ".join(bad) if bad else None,
         ))
-    return sources
+    return sources, phenotype_report(card, pheno, sources)
+
+
+def phenotype_report(card: DatasetCard, pheno: Phenotypes, sources: list[ScanSource]) -> dict:
+    """How a phenotype table matched the scans (see :func:`discover`)."""
+    if card.phenotypes is None:
+        return {}
+    subjects = {s.subject_id for s in sources if s.subject_id}
+    listed = set(pheno.by_subject) | set(pheno.problems)
+    unmatched = sorted(listed - subjects)
+    without = sorted({s.scan_id for s in sources if s.subject_id and s.subject_id not in listed})
+    if subjects and listed and not (subjects & listed):
+        raise InputError(
+            f"phenotype table {pheno.file}: no row matches any scan's subject (table ids e.g. {sorted(listed)[:3]}, scan subjects "
+            f"e.g. {sorted(subjects)[:3]}): check phenotypes.subject_column and the card's entity_pattern")
+    return {"file": pheno.file, "rows": pheno.rows, "matched_subjects": len(subjects & listed),
+            "unmatched_rows": len(unmatched), "unmatched_examples": unmatched[:10],
+            "scans_without_row": len(without), "scans_without_row_examples": without[:10]}
 
 
 def atlas_labels(card: DatasetCard) -> list[str] | None:

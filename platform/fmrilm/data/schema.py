@@ -14,10 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from fmrilm.errors import UserError
 
 SCHEMA_VERSION = 1
 VERSION_KEY = b"fmrilm.schema_version"
 SEXES = ("M", "F")
+TR_RANGE = (0.05, 30.0)  # seconds, (low, high]: fMRI repetition times outside it are unit or header errors
+AGE_RANGE = (0.0, 120.0)  # years
 
 _FIELDS = [
     pa.field("scan_id", pa.string(), nullable=False),
@@ -47,7 +50,7 @@ META_COLUMNS = [c for c in COLUMNS if c != "timeseries"]
 META_SCHEMA = pa.schema([f for f in _FIELDS if f.name != "timeseries"], metadata=SCAN_SCHEMA.metadata)
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """One or more rows/files break the scan-table contract; ``problems`` lists each one."""
 
     def __init__(self, problems: list["Problem"], header: str = "scan table is invalid"):
@@ -97,6 +100,32 @@ def timeseries_problems(ts: np.ndarray, roi_labels: list[str] | None = None, min
         const = np.flatnonzero(np.ptp(ts, axis=1) == 0)
         if const.size:
             problems.append(f"ROI(s) {_name_rois(const, roi_labels)} are constant over time")
+    return problems
+
+
+def tr_problem(tr) -> str | None:
+    """Why a repetition time (seconds) is implausible, or None when it is within :data:`TR_RANGE`."""
+    try:
+        ok = tr is not None and np.isfinite(tr) and TR_RANGE[0] < float(tr) <= TR_RANGE[1]
+    except TypeError:
+        ok = False
+    return None if ok else f"TR {tr} s is outside ({TR_RANGE[0]}, {TR_RANGE[1]}] s (a unit or header error? set tr in the dataset card)"
+
+
+def scan_problems(ts: np.ndarray, tr, roi_labels: list[str] | None, labels_given: bool) -> list[str]:
+    """Every check a scan must pass before it is stored (on the array as stored, float32):
+    :func:`timeseries_problems`, a plausible TR, at least one ROI, and no more ROIs than
+    timepoints unless the ROI labels are given (more looks like a transposed array)."""
+    problems = timeseries_problems(ts, roi_labels)
+    if isinstance(ts, np.ndarray) and ts.ndim == 2:
+        n_rois, n_t = ts.shape
+        if n_rois == 0:
+            problems.append("has 0 ROIs")
+        elif n_rois > n_t and not labels_given:
+            problems.append(f"has more ROIs ({n_rois}) than timepoints ({n_t}) and the card names no ROI labels: the array is "
+                            "probably transposed (check arrays.layout) or give atlas.labels")
+    if (p := tr_problem(tr)) is not None:
+        problems.append(p)
     return problems
 
 
@@ -151,12 +180,12 @@ def table_problems(table: pa.Table, source: str, row_offset: int = 0) -> list[Pr
             continue
         ts = values[offsets[i] : offsets[i + 1]].reshape(n_r, n_t)
         problems += [Problem(source, f"scan {sid!r} {msg}", row, "timeseries") for msg in timeseries_problems(ts)]
-        if not (cols["tr"][i] and cols["tr"][i] > 0):
-            problems.append(Problem(source, f"TR must be positive, got {cols['tr'][i]}", row, "tr"))
+        if (p := tr_problem(cols["tr"][i])) is not None:
+            problems.append(Problem(source, p, row, "tr"))
         if cols["sex"][i] is not None and cols["sex"][i] not in SEXES:
             problems.append(Problem(source, f"sex must be one of {SEXES} or null, got {cols['sex'][i]!r}", row, "sex"))
         age = cols["age"][i]
-        if age is not None and not (np.isfinite(age) and 0 <= age < 130):
+        if age is not None and not (np.isfinite(age) and AGE_RANGE[0] <= age <= AGE_RANGE[1]):
             problems.append(Problem(source, f"age {age} is not a plausible age in years", row, "age"))
     return problems
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from fmrilm.data import table
-from fmrilm.data.splits import SplitPolicy, split_of
+from fmrilm.data.splits import assign
 
 PHENOTYPES = ("age", "sex", "diagnosis")
 
@@ -21,9 +21,7 @@ def summarize(uri: str) -> dict:
     frames, per_dataset = [], {}
     for loc, manifest in found:
         meta = table.read_meta(loc, manifest).to_pandas()
-        policy = SplitPolicy(**manifest.get("split", {}))
-        meta["split"] = split_of(policy, meta["subject_id"].to_numpy(), meta["dataset"].to_numpy(),
-                                 _file_mapping(policy))
+        meta["split"] = assign(meta, {manifest["dataset"]: manifest})
         frames.append(meta)
         per_dataset[manifest["dataset"]] = {
             "uri": loc.uri, "rows": int(len(meta)), "subjects": int(meta["subject_id"].nunique()),
@@ -49,10 +47,3 @@ def summarize(uri: str) -> dict:
         "quarantined": sum(len(m.get("quarantined", [])) for _, m in found),
     }
 
-
-def _file_mapping(policy: SplitPolicy):
-    if policy.method != "file":
-        return None
-    from fmrilm.data.splits import load_split_file
-
-    return load_split_file(policy.file)

@@ -5,10 +5,15 @@ Layout::
     <root>/<dataset>/manifest.json              the commit point (one atomic write)
     <root>/<dataset>/v-<version>/part-00000.parquet
 
-Writers put every shard of a new version under a fresh ``v-<version>/`` folder, then write the
-manifest listing those shards (with row counts and sha256 checksums). Readers read exactly the
-shards the manifest lists, so an interrupted ingest leaves the previous table and manifest
-intact; unreferenced version folders are removed after the next successful commit.
+    <root>/<dataset>/versions/v-<version>.json  every committed manifest (the history)
+
+Writers put every shard of a new version under a fresh ``v-<version>/`` folder, then commit:
+under a short commit lock (``_commit.lock``, created exclusively: ``O_EXCL`` locally, a
+conditional PUT on S3) they check that the manifest still names the version they started from
+and write the new manifest. A writer that finds another writer's commit in between commits
+nothing and is told so (:class:`ConcurrentCommit`); its own folder is removed. Commits never
+delete a version: readers stream exactly the shards of the manifest they read, and superseded
+versions stay until :func:`gc` removes those older than a grace period.
 """
 
 from __future__ import annotations
@@ -17,22 +22,35 @@ import datetime as dt
 import hashlib
 import io
 import json
+import logging
+import os
 import posixpath
+import socket
+import time
 import uuid
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fmrilm.errors import UserError
 from fmrilm import storage
 from fmrilm.data import schema
 
 MANIFEST = "manifest.json"
+LOCK = "_commit.lock"
 DEFAULT_SHARD_BYTES = 64 * 2**20
+LOCK_STALE_S = 120.0  # a commit holds the lock for a few requests; an older lock was left by a killed writer
+DEFAULT_GRACE_S = 24 * 3600.0
+log = logging.getLogger("fmrilm.table")
 
 
-class ManifestError(RuntimeError):
+class ManifestError(UserError, RuntimeError):
     """A dataset folder has no readable manifest, or its shards disagree with it."""
+
+
+class ConcurrentCommit(ManifestError):
+    """Another writer committed a version of the dataset after this writer started."""
 
 
 @dataclass(frozen=True)
@@ -92,16 +110,91 @@ def read_manifest(dataset: storage.Location) -> dict | None:
     return manifest
 
 
-def commit(dataset: storage.Location, manifest: dict) -> dict:
-    """Write the manifest (the atomic commit), then delete version folders it no longer lists."""
-    manifest = {**manifest, "schema_version": schema.SCHEMA_VERSION,
+def version_time(version: str) -> float | None:
+    """The UTC start time (epoch seconds) encoded in a version name, None if it has none."""
+    try:
+        return dt.datetime.strptime(version.split("-")[1], "%Y%m%dT%H%M%S").replace(tzinfo=dt.timezone.utc).timestamp()
+    except (IndexError, ValueError):
+        return None
+
+
+def _acquire(dataset: storage.Location, timeout_s: float = 60.0) -> dict:
+    """Take the dataset's commit lock (waiting for another writer's commit, removing a stale lock)."""
+    lock = dataset.join(LOCK)
+    me = {"owner": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", "at": time.time()}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if storage.create_exclusive(lock, json.dumps(me).encode()):
+            return me
+        try:
+            held = json.loads(storage.read_text(lock))
+        except (FileNotFoundError, json.JSONDecodeError):
+            held = {"at": 0.0}
+        if time.time() - float(held.get("at", 0.0)) > LOCK_STALE_S:
+            log.warning("%s: removing a stale commit lock left by %s", dataset.uri, held.get("owner", "a killed writer"))
+            storage.delete_file(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise ConcurrentCommit(f"{dataset.uri}: another writer ({held.get('owner')}) holds the commit lock {lock.uri}; "
+                                   "re-run once it has finished")
+        time.sleep(0.2)
+
+
+def _release(dataset: storage.Location, me: dict) -> None:
+    lock = dataset.join(LOCK)
+    try:
+        held = json.loads(storage.read_text(lock))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return
+    if held.get("owner") == me["owner"]:
+        storage.delete_file(lock)
+
+
+def commit(dataset: storage.Location, manifest: dict, base_version: str | None) -> dict:
+    """Commit ``manifest`` if the dataset's current version is still ``base_version`` (the one this
+    writer started from; None: there was none). Writes ``versions/<version>.json`` and then the
+    manifest under the commit lock; deletes nothing. Raises :class:`ConcurrentCommit` when
+    another writer committed in between."""
+    manifest = {**manifest, "schema_version": schema.SCHEMA_VERSION, "previous_version": base_version,
                 "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    storage.write_text(dataset.join(MANIFEST), json.dumps(manifest, indent=2, sort_keys=False))
-    keep = {s["path"].split("/", 1)[0] for s in manifest["shards"]}
-    for name in storage.list_dir(dataset):
-        if name.startswith("v-") and name not in keep:
-            storage.delete_dir(dataset.join(name))
+    me = _acquire(dataset)
+    try:
+        try:
+            current = read_manifest(dataset)
+        except ManifestError:  # an unreadable or older-schema table is replaced
+            current = None
+        now = current["version"] if current else None
+        if now != base_version:
+            raise ConcurrentCommit(
+                f"{dataset.uri}: another writer committed version {now} (at {current.get('committed_at') if current else '?'}) "
+                f"while this one ran from version {base_version}; this writer's version {manifest['version']} was not committed. "
+                "The dataset holds the other writer's complete version: re-run this command if its inputs should replace it")
+        text = json.dumps(manifest, indent=2, sort_keys=False)
+        storage.write_text(dataset.join("versions", f"{manifest['version']}.json"), text)
+        storage.write_text(dataset.join(MANIFEST), text)
+    finally:
+        _release(dataset, me)
     return manifest
+
+
+def gc(dataset: storage.Location, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> list[str]:
+    """Delete the version folders (and their ``versions/`` records) the current manifest does not
+    list and that were started more than ``grace_s`` seconds ago: a writer still writing a newer
+    folder, or a reader still streaming a superseded version, is younger than that. Returns the
+    removed version names."""
+    manifest = read_manifest(dataset)
+    keep = {s["path"].split("/", 1)[0] for s in manifest["shards"]} if manifest else set()
+    cutoff = time.time() - grace_s
+    removed = []
+    for name in storage.list_dir(dataset):
+        started = version_time(name) if name.startswith("v-") else None
+        if started is None or name in keep or started > cutoff:
+            continue
+        removed.append(name)
+        if not dry_run:
+            storage.delete_dir(dataset.join(name))
+            storage.delete_file(dataset.join("versions", f"{name}.json"))
+    return removed
 
 
 def shards_of(manifest: dict) -> list[Shard]:
@@ -121,6 +214,8 @@ def find_datasets(root_uri: str) -> list[tuple[storage.Location, dict]]:
         return [(root, own)]
     found = []
     for name in storage.list_dir(root):
+        if name.startswith((".", "_")) or not storage.is_dir(root.join(name)):
+            continue  # markers and stray files (".done", "_SUCCESS") are not datasets
         manifest = read_manifest(root.join(name))
         if manifest is not None:
             found.append((root.join(name), manifest))

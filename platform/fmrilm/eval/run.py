@@ -28,6 +28,8 @@ from pydantic import Field, field_validator
 
 from fmrilm import storage
 from fmrilm.config import Strict
+from fmrilm.data import splits
+from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.instructions import CLASSIFICATION, QUESTIONS, REGRESSION, Labeller, fewshot_context, fit_labeller, question_prompt
 from fmrilm.eval import baselines, metrics
 from fmrilm.train.lm import LoraSpec
@@ -61,6 +63,7 @@ class EvalSpec(Strict):
     tokens: str | None = None
     data: str = "./fmrilm-data/datasets"
     datasets: list[str] | None = None
+    split: SplitPolicy | None = Field(None, description="override the subject split (default: the one the models were trained with)")
     heldout_datasets: list[str] = Field([], description="datasets evaluated as a whole, never trained on")
     test_splits: list[str] = ["val", "test"]
     tasks: list[str] = ["sex", "age_bin", "age"]
@@ -94,13 +97,17 @@ class EvalSpec(Strict):
 # ---------------------------------------------------------------- data
 
 
-def eval_meta(spec: EvalSpec, scans_with_tokens: set[str]) -> pd.DataFrame:
+def eval_meta(spec: EvalSpec, scans_with_tokens: set[str], trained: dict[str, dict | None] | None = None) -> pd.DataFrame:
     """The scan index with a ``group`` column: ``train``, ``heldout_subjects``, ``heldout_dataset``
-    or ``unused``; only scans with tokens."""
+    or ``unused``; only scans with tokens. ``trained`` maps each model (or features build) the
+    evaluation reads to its split record: the split is the spec's, else the one the first of
+    them was trained with, and no held-out scan may belong to a subject any of them trained on."""
     from fmrilm.train.instruct import scan_meta
 
+    trained = trained or {}
+    policy = splits.inherited(spec.split, next((r for r in trained.values() if r and r.get("policy")), None))
     datasets = None if spec.datasets is None else sorted(set(spec.datasets) | set(spec.heldout_datasets))
-    meta = scan_meta(spec.data, datasets)
+    meta = scan_meta(spec.data, datasets, policy)
     unknown = sorted(set(spec.heldout_datasets) - set(meta["dataset"]))
     if unknown:
         raise ValueError(f"heldout_datasets {unknown} are not under {spec.data} (found {sorted(set(meta['dataset']))})")
@@ -109,6 +116,9 @@ def eval_meta(spec: EvalSpec, scans_with_tokens: set[str]) -> pd.DataFrame:
     meta.loc[held, "split"] = "heldout_dataset"  # its subjects are never training subjects, nor in-context examples
     meta["group"] = np.select([held, meta["split"] == "train", meta["split"].isin(spec.test_splits)],
                               ["heldout_dataset", "train", "heldout_subjects"], "unused")
+    heldout = splits.subject_keys(meta[meta["group"].isin(["heldout_subjects", "heldout_dataset"])])
+    for source, rec in trained.items():
+        splits.check_unseen(heldout, rec, "scored as held out", source)
     return meta.sort_values("scan_id").reset_index(drop=True)
 
 
@@ -236,7 +246,7 @@ def score(task: str, y_true: np.ndarray, pred: np.ndarray, scores: np.ndarray | 
 def run(spec: EvalSpec) -> dict:
     """Evaluate every task x paradigm and the baselines; write the report; return it."""
     from fmrilm.eval.report import write_report
-    from fmrilm.features.job import read_descriptors
+    from fmrilm.features.job import features_split, read_descriptors
     from fmrilm.train.instruct import ScanBlocks, export_meta, load_model
 
     if spec.model is None and spec.pretrained is None:
@@ -244,7 +254,11 @@ def run(spec: EvalSpec) -> dict:
     pretrained = spec.pretrained or export_meta(spec.model)["base_model"]
     export_meta(pretrained)
     blocks = ScanBlocks(pretrained, spec.data, spec.datasets, spec.tokens)
-    meta = eval_meta(spec, set(blocks.codes))
+    trained = {f"the instruct export {spec.model}": export_meta(spec.model).get("split")} if spec.model else {}
+    trained[f"the pretrained export {pretrained}"] = export_meta(pretrained).get("split")
+    if spec.baselines:
+        trained[f"the features build of {spec.data} (descriptor baselines)"] = features_split(spec.data, None)
+    meta = eval_meta(spec, set(blocks.codes), trained)
     train = meta[meta["group"] == "train"]
     groups = [g for g in ("heldout_subjects", "heldout_dataset") if (meta["group"] == g).any()]
     if train.empty or not groups:

@@ -28,17 +28,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from fmrilm.errors import UserError
 from fmrilm import runtime, storage
 from fmrilm.config import Strict
 from fmrilm.data import schema, table
-from fmrilm.data.splits import SplitPolicy, load_split_file, split_of
+from fmrilm.data import splits
+from fmrilm.data.splits import SplitPolicy
 from fmrilm.features import captions as captions_mod
 from fmrilm.features.descriptors import Reference, build_reference, scan_descriptors, zscore, zscore_stats
 
 log = logging.getLogger("fmrilm.features")
 
 
-class FeaturesError(ValueError):
+class FeaturesError(UserError, ValueError):
     """A dataset cannot be described (no network map, empty train split, ...)."""
 
 
@@ -117,7 +119,7 @@ def describe_shard(item: dict) -> dict:
 def build_dataset(loc: storage.Location, manifest: dict, spec: FeaturesSpec) -> dict:
     """Descriptors + captions for one dataset; returns its summary (see module docstring)."""
     name = manifest["dataset"]
-    policy = spec.split or SplitPolicy(**manifest.get("split", {}))
+    policy = spec.split or splits.manifest_policy(manifest)
     key = _key(manifest, spec, policy)
     root = features_root(loc)
     work = root.join(key)
@@ -128,8 +130,7 @@ def build_dataset(loc: storage.Location, manifest: dict, spec: FeaturesSpec) -> 
 
     networks = networks_of(manifest)
     meta = table.read_meta(loc, manifest).to_pandas()
-    mapping = load_split_file(policy.file) if policy.method == "file" else None
-    meta["split"] = split_of(policy, meta["subject_id"].to_numpy(), meta["dataset"].to_numpy(), mapping)
+    meta["split"] = splits.assign(meta, {name: manifest}, spec.split)
     train_ids = sorted(meta.loc[meta["split"] == "train", "scan_id"])
     if not train_ids:
         raise FeaturesError(f"dataset {name!r} has no training-split scans to fit the reference on")
@@ -177,6 +178,7 @@ def build_dataset(loc: storage.Location, manifest: dict, spec: FeaturesSpec) -> 
         "example_caption": caption_rows[0]["caption"] if caption_rows else None,
         "resumed_shards": sum(1 for r in results if r["scans"] == -1),
         "sex_probe": _probe(loc, manifest, meta, work) if spec.probe else None,
+        "split": splits.record(spec.split, meta, versions={name: manifest["version"]}),
     }
     storage.write_text(root.join("manifest.json"), json.dumps({"key": key, "source_version": manifest["version"],
                                                                "spec": spec.model_dump(mode="json"), "summary": summary}, indent=1))
@@ -280,6 +282,16 @@ def read_captions(data: str, datasets: list[str] | None = None) -> dict[str, lis
         for scan_id, group in caps.groupby("scan_id", sort=False):
             out[scan_id] = group["caption"].tolist()
     return out
+
+
+def features_split(data: str, datasets: list[str] | None = None) -> dict | None:
+    """The split record of the committed features builds under ``data`` (their references and
+    z-score statistics were fitted on these ``trained_subjects``), or None without a build."""
+    recs = [fm["summary"].get("split") or {} for _, fm in _builds(data, datasets)]
+    if not recs:
+        return None
+    return {"policy": next((r.get("policy") for r in recs if r.get("policy")), None),
+            "trained_subjects": sorted({s for r in recs for s in r.get("trained_subjects") or []})}
 
 
 def read_descriptors(data: str, datasets: list[str] | None = None) -> pd.DataFrame:

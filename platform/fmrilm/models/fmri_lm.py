@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fmrilm.errors import UserError
 from fmrilm import storage
 
 log = logging.getLogger("fmrilm.lm")
@@ -35,7 +36,7 @@ OPEN, CLOSE = "<fmri>", "</fmri>"
 MAX_CODES = 65536
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """The backbone cannot be found or loaded as a causal LM."""
 
 

@@ -16,6 +16,8 @@ import os
 import numpy as np
 import torch
 
+from fmrilm.errors import UserError
+
 # Used when a dataset has no captions yet: plain descriptions of resting-state fMRI.
 FALLBACK_CORPUS = [
     "Resting-state functional MRI measures slow fluctuations of the blood-oxygen-level-dependent signal.",
@@ -33,7 +35,7 @@ FALLBACK_CORPUS = [
 ]
 
 
-class TextUnavailable(RuntimeError):
+class TextUnavailable(UserError, RuntimeError):
     """The text source cannot be loaded."""
 
 

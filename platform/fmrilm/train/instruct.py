@@ -28,6 +28,8 @@ from pydantic import Field
 
 from fmrilm import runtime, storage
 from fmrilm.config import Strict
+from fmrilm.data import splits
+from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions, encode, fit_labeller
 from fmrilm.data.lm_sequences import fmri_part, pack
 from fmrilm.models.fmri_lm import BackboneError, FeatureInputLM
@@ -46,6 +48,7 @@ class InstructSpec(Strict):
     tokens: str | None = Field(None, description="tokens table URI (default: beside the export's tokenizer)")
     data: str = Field("./fmrilm-data/datasets", description="dataset root: phenotypes, captions, subject split")
     datasets: list[str] | None = None
+    split: SplitPolicy | None = Field(None, description="override the subject split (default: the one the pretrained export was trained with)")
     instructions: InstructionSpec = InstructionSpec()
     fmri_steps: int = Field(4, ge=1, description="time steps of each scan's fMRI block in a prompt (fewer if the row would not fit)")
     seq_len: int = Field(512, ge=32)
@@ -123,11 +126,28 @@ def encode_rows(rows: pd.DataFrame, blocks: ScanBlocks, tokenizer, steps: int, s
     return examples, kept
 
 
-def scan_meta(data: str, datasets: list[str] | None) -> pd.DataFrame:
-    """The scan index (ids, phenotypes, subject-level split) of the datasets under ``data``."""
-    from fmrilm.data.pipeline import PipelineSpec, scan_index
+def scan_meta(data: str, datasets: list[str] | None, split: SplitPolicy | None = None) -> pd.DataFrame:
+    """The scan index (ids, phenotypes, subject-level split by ``split``, else each dataset's
+    manifest policy) of the datasets under ``data``, with ``attrs["versions"]`` (dataset -> version)."""
+    from fmrilm.data.pipeline import PipelineSpec, dataset_versions, scan_index, selected_datasets
 
-    return scan_index(PipelineSpec(data=data, datasets=datasets))
+    spec = PipelineSpec(data=data, datasets=datasets, split=split)
+    found = selected_datasets(spec)
+    meta = scan_index(spec, found)
+    meta.attrs["versions"] = dataset_versions(found)
+    return meta
+
+
+def training_split(spec: InstructSpec, meta: pd.DataFrame, base_split: dict | None) -> dict:
+    """The split record of this run, after checking that no subject it holds out (``val``,
+    ``test``) trained the pretrained export or the features build (captions)."""
+    from fmrilm.features.job import features_split
+
+    heldout = splits.subject_keys(meta, ("val", "test"))
+    splits.check_unseen(heldout, base_split, "held out", f"the pretrained export {spec.model}")
+    feats = features_split(spec.data, spec.datasets)
+    splits.check_unseen(heldout, feats, "held out", f"the features build of {spec.data}")
+    return splits.record(splits.inherited(spec.split, base_split), meta, [r for r in (base_split, feats) if r], meta.attrs.get("versions"))
 
 
 # ---------------------------------------------------------------- driver
@@ -176,7 +196,9 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
     from fmrilm.features.job import read_captions
     from fmrilm.train.lm import pad_rows
 
-    meta = scan_meta(spec.data, spec.datasets)
+    base_split = export_meta(spec.model).get("split")
+    meta = scan_meta(spec.data, spec.datasets, splits.inherited(spec.split, base_split))
+    record = training_split(spec, meta, base_split)
     blocks = ScanBlocks(spec.model, spec.data, spec.datasets, spec.tokens)
     meta = meta[meta["scan_id"].isin(blocks.codes)].copy()
     held = validation_subjects(meta, spec.validation, spec.instructions.seed)
@@ -191,7 +213,7 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
     where = storage.resolve(storage.join(spec.run.storage, spec.run.name, "instructions.parquet"))
     storage.write_bytes(where, _parquet_bytes(rows))
     objective_of = {t: i for i, t in enumerate(TASKS)}
-    out = {"table": where.uri}
+    out = {"table": where.uri, "split": record}
     for split in ("train", VALIDATION):
         part = rows[rows["split"] == split].reset_index(drop=True)
         if part.empty:
@@ -232,7 +254,7 @@ def run(spec: InstructSpec) -> dict:
     packed = prepared["packed"]
     probe = {k: v[:1] for k, v in packed.items() if k in ("ids", "segments", "groups", "positions", "feats", "roi")}
     config = {"spec": worker_spec(spec), "rows_per_rank": math.ceil(len(packed["ids"]) / spec.scaling.num_workers),
-              "probe": probe, "fault": fault_plan(), "has_val": "val" in prepared}
+              "probe": probe, "fault": fault_plan(), "has_val": "val" in prepared, "split": prepared["split"]}
     datasets = {"train": to_dataset(packed)} | ({"val": to_dataset(prepared["val"])} if "val" in prepared else {})
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
@@ -240,7 +262,7 @@ def run(spec: InstructSpec) -> dict:
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         datasets=datasets, run_config=run_config(spec.run),
     )
-    result = run_trainer(trainer, spec.run)
+    result = run_trainer(trainer, spec.run, prepared["split"]["datasets"])
     return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
             "instructions": prepared["table"], "rows": prepared["rows"], "task_rows": prepared["counts"],
             "validation_rows": prepared.get("val_rows", 0)}
@@ -282,11 +304,12 @@ def train_loop(config: dict) -> None:
     model = add_adapters(model, spec.lora)
     weights = {i: spec.instructions.tasks.get(t, 0.0) for i, t in enumerate(TASKS)}
     engine = deepspeed_train(spec, model, config, TASKS, weights, {})
-    export(engine, tok, spec, meta, config["probe"], ray.train.get_context().get_world_rank())
+    export(engine, tok, spec, meta, config["probe"], ray.train.get_context().get_world_rank(), config.get("split"))
 
 
-def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: int) -> None:
-    """Write the adapter export (every rank takes part: ZeRO-3 gathers)."""
+def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: int, split_rec: dict | None = None) -> None:
+    """Write the adapter export (every rank takes part: ZeRO-3 gathers); ``fmri_lm.json`` carries
+    the split record."""
     from fmrilm.train.lm import write_export
 
     def write(d: str, lm) -> dict:
@@ -294,6 +317,6 @@ def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: 
         tok.save_pretrained(os.path.join(d, "adapter"))
         meta = {k: base_meta[k] for k in ("backbone", "vocab", "tokenizer", "input_mode") if k in base_meta}
         return meta | {"layout": "adapter", "base_model": spec.model, "lora": True, "seq_len": spec.seq_len, "stage": "instruct",
-                       "fmri_steps": spec.fmri_steps, "tasks": spec.instructions.tasks}
+                       "fmri_steps": spec.fmri_steps, "tasks": spec.instructions.tasks, "split": split_rec}
 
     write_export(engine, spec.deepspeed.zero_stage, probe, rank, storage.join(spec.run.storage, spec.run.name, "model"), write)

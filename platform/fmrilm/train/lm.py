@@ -32,7 +32,10 @@ from pydantic import Field
 
 from fmrilm import runtime, storage
 from fmrilm.config import Strict
+from fmrilm.data import splits
 from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, attention_mask, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
+from fmrilm.data.pipeline import PipelineError
+from fmrilm.data.splits import SplitPolicy
 from fmrilm.models.fmri_lm import (MAX_CODES, BackboneError, FeatureInputLM, add_fmri_vocab, init_code_embeddings, load_backbone, locate_backbone,
                                    objective_losses)
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule, fault_plan, run_trainer, inject_fault, worker_spec
@@ -84,6 +87,7 @@ class PretrainSpec(Strict):
     tokens: str | None = Field(None, description="tokens table URI (default: <tokenizer>/../tokens)")
     data: str = Field("./fmrilm-data/datasets", description="dataset root: captions and the subject split")
     datasets: list[str] | None = None
+    split: SplitPolicy | None = Field(None, description="override the subject split (default: the one the tokenizer was trained with)")
     backbone: BackboneSpec = BackboneSpec()
     input_mode: Literal["tokens", "features"] = Field(
         "tokens", description="tokens: codes as input vocabulary (the poster); features: encoder features through a projector (NeuroLM/fMRI-LM)")
@@ -208,21 +212,31 @@ def build_examples(codes: dict[str, np.ndarray], captions: dict[str, list[str]],
     return examples
 
 
-def split_scans(spec: PretrainSpec) -> dict[str, str]:
-    """``scan_id -> split`` from the datasets' subject-level split policy."""
-    from fmrilm.data.pipeline import PipelineSpec, scan_index
+def training_split(spec: PretrainSpec, art_cfg: dict) -> tuple[dict[str, str], dict]:
+    """``(scan_id -> split, split record)``: the spec's policy, else the tokenizer's; refuses to
+    validate on subjects that trained the tokenizer or the features build (captions)."""
+    from fmrilm.data.pipeline import PipelineSpec, dataset_versions, scan_index, selected_datasets
+    from fmrilm.features.job import features_split
 
-    index = scan_index(PipelineSpec(data=spec.data, datasets=spec.datasets))
-    return dict(zip(index["scan_id"], index["split"]))
+    data = PipelineSpec(data=spec.data, datasets=spec.datasets, split=splits.inherited(spec.split, art_cfg.get("split")))
+    found = selected_datasets(data)
+    index = scan_index(data, found)
+    heldout = splits.subject_keys(index, ("val", "test"))
+    splits.check_unseen(heldout, art_cfg.get("split"), "validated on", f"the tokenizer {spec.tokenizer}")
+    feats = features_split(spec.data, spec.datasets)
+    splits.check_unseen(heldout, feats, "validated on", f"the features build of {spec.data}")
+    record = splits.record(data.split, index, [r for r in (art_cfg.get("split"), feats) if r], dataset_versions(found))
+    return dict(zip(index["scan_id"], index["split"])), record
 
 
 def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
-    """Packed train (and val) sequences, padded so every rank gets the same number of rows."""
+    """Packed train (and val) sequences, padded so every rank gets the same number of rows, and
+    the run's split record (``split``)."""
     from fmrilm.features.job import read_captions
     from fmrilm.tokenize import tokens_for
 
     tokens, tokens_uri = tokens_for(spec.tokenizer, spec.tokens, need_features=spec.input_mode == "features")
-    split = split_scans(spec)
+    split, record = training_split(spec, art_cfg)
     tokens = tokens[tokens["scan_id"].isin(split)]
     captions = read_captions(spec.data, spec.datasets)
     if spec.objectives.fmri_text > 0 and not captions:
@@ -234,7 +248,7 @@ def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
     codes, feats = scan_codes(tokens, art_cfg["data"]["window"])
     feats = feats if spec.input_mode == "features" else {}
     world = spec.scaling.num_workers
-    out = {}
+    out = {"split": record}
     for name in ("train", "val"):
         ids = {s for s, sp in split.items() if sp == name}
         ex = build_examples({k: v for k, v in codes.items() if k in ids}, {k: v for k, v in captions.items() if k in ids},
@@ -244,7 +258,7 @@ def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
         packed = pad_rows(pack(ex, spec.seq_len, tok.pad_token_id), world, tok.pad_token_id)
         out[name] = {"packed": packed, "examples": len(ex), "counts": {o: sum(int((e.objective == i).any()) for e in ex) for i, o in enumerate(OBJECTIVES)}}
     if "train" not in out:
-        raise ValueError(f"no training sequences: the tokens table {tokens_uri} has no scans of the training split")
+        raise PipelineError(f"no training sequences: the tokens table {tokens_uri} has no scans of the training split")
     return out
 
 
@@ -397,7 +411,7 @@ def train_loop(config: dict) -> None:
         model = FeatureInputLM(model, config["feature_width"], config["max_rois"])
     static = {"code_init": info["code_init"], "pretrained_backbone": info["pretrained"]}
     engine = deepspeed_train(spec, model, config, OBJECTIVES, spec.objectives.by_id(), static)
-    export(engine, tok, spec, info, vocab, config["probe"], export_base, rank)
+    export(engine, tok, spec, info, vocab, config["probe"], export_base, rank, config.get("split"))
 
 
 def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weights: dict[int, float], static: dict):
@@ -503,8 +517,10 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     return engine
 
 
-def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base_dir: str | None, rank: int) -> None:
-    """Write the Hugging Face folder (see the module docstring); every rank takes part (ZeRO-3 gathers)."""
+def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base_dir: str | None, rank: int,
+           split_rec: dict | None = None) -> None:
+    """Write the Hugging Face folder (see the module docstring; ``fmri_lm.json`` carries the split
+    record); every rank takes part (ZeRO-3 gathers)."""
     def write(d: str, lm) -> dict:
         if spec.lora.enabled:
             lm.save_pretrained(os.path.join(d, "adapter"))
@@ -513,7 +529,8 @@ def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base
             lm.save_pretrained(os.path.join(d, "full"), state_dict={k: v.detach().cpu().clone() for k, v in lm.state_dict().items()})
             tok.save_pretrained(os.path.join(d, "full"))
         return {"backbone": info, "vocab": vars(vocab), "lora": spec.lora.enabled, "seq_len": spec.seq_len,
-                "layout": "base+adapter" if spec.lora.enabled else "full", "tokenizer": spec.tokenizer, "input_mode": spec.input_mode}
+                "layout": "base+adapter" if spec.lora.enabled else "full", "tokenizer": spec.tokenizer, "input_mode": spec.input_mode,
+                "split": split_rec}
 
     write_export(engine, spec.deepspeed.zero_stage, probe, rank, storage.join(spec.run.storage, spec.run.name, "model"), write)
 
@@ -582,26 +599,29 @@ def run(spec: PretrainSpec) -> dict:
     prepared = prepare_sequences(spec, art_cfg)
     train = prepared["train"]
     codebook = load(storage.read_bytes(storage.resolve(spec.tokenizer).join("model.safetensors")))["quantizer.codebook"]
-    result = fit(spec, train["packed"], codebook, code_pairs(spec), art_cfg["model"]["max_rois"])
+    policy = splits.inherited(spec.split, art_cfg.get("split"))
+    result = fit(spec, train["packed"], codebook, code_pairs(spec, policy), art_cfg["model"]["max_rois"], prepared["split"])
     return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
             "sequences": len(train["packed"]["ids"]), "examples": train["examples"], "objective_examples": train["counts"]}
 
 
-def code_pairs(spec: PretrainSpec):
+def code_pairs(spec: PretrainSpec, policy: SplitPolicy | None = None):
     """Pairs for the codebook -> LM embedding map (:func:`fmrilm.tokenize.codebook_pairs`) on the
-    training windows, or ``None`` with the reason logged."""
+    training windows (split by ``policy``), or ``None`` with the reason logged."""
     from fmrilm.data.pipeline import PipelineSpec
     from fmrilm.tokenize import codebook_pairs
 
-    pairs = codebook_pairs(spec.tokenizer, PipelineSpec(data=spec.data, datasets=spec.datasets))
+    pairs = codebook_pairs(spec.tokenizer, PipelineSpec(data=spec.data, datasets=spec.datasets, split=policy))
     if pairs is None:
         log.info("codebook init: the tokenizer has no alignment head; fMRI embeddings start at the mean text embedding")
     return pairs
 
 
-def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tensor, pairs=None, max_rois: int = 512):
+def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tensor, pairs=None, max_rois: int = 512,
+        split_rec: dict | None = None):
     """Run the ``TorchTrainer`` on packed sequences (rows a multiple of the world size) with a
-    codebook ``[K, d]`` and optional codebook-map pairs; returns the Ray Train result."""
+    codebook ``[K, d]``, optional codebook-map pairs and the split record the export carries;
+    returns the Ray Train result."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -613,14 +633,15 @@ def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tenso
               "pairs": tuple(p.numpy() for p in pairs) if pairs is not None else None,
               "rows_per_rank": math.ceil(len(packed["ids"]) / world), "probe": probe,
               "fault": fault_plan(),
-              "feature_width": int(packed["feats"].shape[-1]) if "feats" in packed else None, "max_rois": max_rois}
+              "feature_width": int(packed["feats"].shape[-1]) if "feats" in packed else None, "max_rois": max_rois,
+              "split": split_rec}
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=world, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         datasets={"train": to_dataset(packed)}, run_config=run_config(spec.run),
     )
-    return run_trainer(trainer, spec.run)
+    return run_trainer(trainer, spec.run, (split_rec or {}).get("datasets"))
 
 
 def load_exported(uri: str, merged: bool = False):

@@ -26,7 +26,8 @@ from torch import nn
 
 from fmrilm import runtime, storage
 from fmrilm.config import Strict
-from fmrilm.data.pipeline import PipelineSpec, epoch_stream, selected_datasets, torch_batches, train_datasets
+from fmrilm.data import splits
+from fmrilm.data.pipeline import PipelineSpec, dataset_versions, epoch_stream, scan_index, selected_datasets, torch_batches, train_datasets
 from fmrilm.models.alignment import AlignmentConfig, AlignmentHead, dann_coefficient
 from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig, r2_per_roi
 from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, checkpoint_dir, cosine_schedule, fault_plan, run_trainer,
@@ -246,15 +247,17 @@ def train_loop(config: dict) -> None:
 # ---------------------------------------------------------------- driver side
 
 
-def text_inputs(spec: TokenizerStageSpec) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
-    """The frozen text side: token-embedding bank and per-scan caption embeddings."""
+def text_inputs(spec: TokenizerStageSpec, scans: set[str] | None = None) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    """The frozen text side: token-embedding bank and per-scan caption embeddings, from the
+    captions of ``scans`` (the training scans; None: every scan)."""
     from fmrilm.models.text import FALLBACK_CORPUS, embed_texts
 
     if not spec.alignment.enabled:
         return None, {}
     from fmrilm.features.job import read_captions
 
-    captions = {scan: texts[0] for scan, texts in read_captions(spec.data.data, spec.data.datasets).items()}
+    captions = {scan: texts[0] for scan, texts in read_captions(spec.data.data, spec.data.datasets).items()
+                if scans is None or scan in scans}
     if spec.alignment.contrastive_weight > 0 and not captions:
         raise ValueError("alignment.contrastive_weight > 0 needs captions: run `fmrilm features build` on these datasets first")
     texts = sorted(set(captions.values()))[:2000] or FALLBACK_CORPUS
@@ -280,15 +283,15 @@ def run(spec: TokenizerStageSpec) -> dict:
 
     runtime.init_ray()
     world = spec.scaling.num_workers
-    splits = ("train", "val") if "val" in spec.data.split.fractions else ("train",)
-    try:
-        prepared = train_datasets(spec.data, world, splits)
-    except ValueError as err:
-        if "'val' has no windows" not in str(err):
-            raise
-        log.warning("no validation windows (%s): training without validation", err)
-        prepared = train_datasets(spec.data, world, ("train",))
-    text_tokens, caption_emb = text_inputs(spec)
+    found = selected_datasets(spec.data)
+    index = scan_index(spec.data, found)
+    split_rec = training_split(spec, index, found)
+    has_val = bool(index.loc[index["split"] == "val", "n_windows"].sum())
+    if not has_val:
+        log.warning("no validation windows (no scan of the 'val' split is at least window=%d long): training without validation",
+                    spec.data.window)
+    prepared = train_datasets(spec.data, world, ("train", "val") if has_val else ("train",))
+    text_tokens, caption_emb = text_inputs(spec, set(index.loc[index["split"] == "train", "scan_id"]))
     rows = prepared["sizes"]["train"]
     config = {"spec": worker_spec(spec), "text_tokens": text_tokens, "captions": caption_emb,
               "rows_per_rank": math.ceil(rows / world), "has_val": "val" in prepared["datasets"],
@@ -299,15 +302,27 @@ def run(spec: TokenizerStageSpec) -> dict:
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         datasets=prepared["datasets"], run_config=run_config(spec.run),
     )
-    result = run_trainer(trainer, spec.run)
+    result = run_trainer(trainer, spec.run, split_rec["datasets"])
     if result.checkpoint is None:
         raise RuntimeError(f"run {spec.run.name} finished without a checkpoint")
-    uri = export(result.checkpoint, spec)
+    uri = export(result.checkpoint, spec, split_rec)
     return {"metrics": dict(result.metrics or {}), "artifact": uri, "train_windows": rows}
 
 
-def export(checkpoint, spec: TokenizerStageSpec) -> str:
-    """Write the tokenizer artifact next to the run; returns its URI."""
+def training_split(spec: TokenizerStageSpec, index, found) -> dict:
+    """The split record of this run (:func:`fmrilm.data.splits.record`), after checking that no
+    subject it holds out trained the features build whose captions it reads."""
+    from fmrilm.features.job import features_split
+
+    if spec.alignment.enabled:
+        heldout = splits.subject_keys(index, ("val", "test"))
+        splits.check_unseen(heldout, features_split(spec.data.data, spec.data.datasets), "validated on", f"the features build of {spec.data.data}")
+    return splits.record(spec.data.split, index, versions=dataset_versions(found))
+
+
+def export(checkpoint, spec: TokenizerStageSpec, split_rec: dict | None = None) -> str:
+    """Write the tokenizer artifact next to the run (``config.json`` carries the split record
+    ``split_rec``); returns its URI."""
     from safetensors.torch import save
 
     state, meta = load_state(checkpoint)
@@ -321,7 +336,7 @@ def export(checkpoint, spec: TokenizerStageSpec) -> str:
     storage.write_text(out.join("config.json"), json.dumps({
         "model": spec.model.model_dump(), "alignment": spec.alignment.model_dump(), "text_dim": meta["text_dim"],
         "data": {"window": spec.data.window, "stride": spec.data.stride, "normalise": spec.data.normalise, "target_tr": spec.data.target_tr},
-        "step": meta["step"], "run": spec.run.name}, indent=1))
+        "step": meta["step"], "run": spec.run.name, "split": split_rec}, indent=1))
     storage.write_text(out.join("codebook_stats.json"), json.dumps({**objective.tokenizer.quantizer.stats(),
                                                                    "usage": objective.tokenizer.quantizer.usage.tolist()}))
     return out.uri

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
+from fmrilm.errors import UserError
 from fmrilm import config as cfg
 from fmrilm import runtime, storage
 from fmrilm.config import Strict
@@ -127,7 +128,7 @@ class SweepSpec(Strict):
         return self
 
 
-class SweepFailed(RuntimeError):
+class SweepFailed(UserError, RuntimeError):
     """No trial of the sweep finished."""
 
 
