@@ -26,8 +26,7 @@ pytestmark = pytest.mark.reliability
 def dataset(tmp_path):
     """A 24-scan synthetic table in 8 shards of 3 scans (local), its manifest and the path of each shard."""
     root = tmp_path / "datasets"
-    params = SynthParams(name="dmg", subjects=24, n_rois=8, n_networks=2, n_timepoints=48, seed=5)
-    ingest(synth.sources(params), str(root), use_ray=False, extra=synth.manifest_extra(params))
+    ingest(synth.sources(PARAMS), str(root), use_ray=False, extra=synth.manifest_extra(PARAMS))
     loc, manifest = table.find_datasets(str(root))[0]
     paths = [os.path.join(loc.path, s["path"]) for s in manifest["shards"]]
     assert len(paths) == 8 and {s["rows"] for s in manifest["shards"]} == {3}
@@ -36,6 +35,18 @@ def dataset(tmp_path):
 
 def _spec(root) -> PipelineSpec:
     return PipelineSpec(data=str(root), window=16, stride=16, split={"fractions": {"train": 1.0}})
+
+
+PARAMS = SynthParams(name="dmg", subjects=24, n_rois=8, n_networks=2, n_timepoints=48, seed=5)
+
+
+def _reingest_repairs(root) -> None:
+    """What our errors advise (re-ingest the same inputs) ends with a repaired, verifiable table."""
+    result = ingest(synth.sources(PARAMS), str(root), use_ray=False, extra=synth.manifest_extra(PARAMS))
+    assert result.written
+    loc, manifest = table.find_datasets(str(root))[0]
+    assert table.verify(loc, manifest) == [] and manifest["rows"] == 24
+    check_shards([(loc, manifest)])
 
 
 def _problems(root) -> list[str]:
@@ -62,6 +73,7 @@ def test_truncated_shard_is_named_before_anything_streams(dataset):
     with pytest.raises(schema.SchemaError, match=os.path.basename(paths[1])):
         train_datasets(_spec(root), 2, ("train",))
     assert snapshot(str(root)) == before  # reading never rewrites or deletes anything
+    _reingest_repairs(root)
 
 
 def test_replaced_shard_with_fewer_rows_is_not_a_silent_drop(dataset):
@@ -71,6 +83,7 @@ def test_replaced_shard_with_fewer_rows_is_not_a_silent_drop(dataset):
     problems = _problems(root)
     assert problems == [f"{os.path.join(str(root), 'dmg', manifest['shards'][0]['path'])}: has "
                         f"{manifest['shards'][0]['rows'] - 1} rows, the manifest lists {manifest['shards'][0]['rows']}; re-ingest it"]
+    _reingest_repairs(root)
 
 
 def test_shard_with_another_schema_version_is_refused(dataset):
@@ -79,6 +92,7 @@ def test_shard_with_another_schema_version_is_refused(dataset):
     pq.write_table(t.replace_schema_metadata({**t.schema.metadata, schema.VERSION_KEY: b"2"}), paths[2])
     problems = _problems(root)
     assert len(problems) == 1 and "schema version 2, this fmrilm reads version 1" in problems[0] and paths[2].split("/")[-1] in problems[0]
+    _reingest_repairs(root)
 
 
 def test_manifest_with_another_schema_version_is_refused(dataset):
@@ -86,8 +100,7 @@ def test_manifest_with_another_schema_version_is_refused(dataset):
     (root / "dmg" / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
     with pytest.raises(table.ManifestError, match="dmg/manifest.json has schema version 99.*re-ingest"):
         build_windows(_spec(root), None)
-    params = SynthParams(name="dmg", subjects=24, n_rois=8, n_networks=2, n_timepoints=48, seed=5)
-    result = ingest(synth.sources(params), str(root), use_ray=False, extra=synth.manifest_extra(params))  # what the error says
+    result = ingest(synth.sources(PARAMS), str(root), use_ray=False, extra=synth.manifest_extra(PARAMS))  # what the error says
     assert result.written and table.find_datasets(str(root))[0][1]["schema_version"] == schema.SCHEMA_VERSION
 
 
@@ -109,6 +122,7 @@ def test_corrupted_data_pages_fail_the_stream_naming_the_shard(dataset, ray_clus
     ds, _ = build_windows(_spec(root), None)
     with pytest.raises(Exception, match=os.path.basename(paths[1])):
         ds.take_all()
+    _reingest_repairs(root)
 
 
 def test_verify_names_every_damaged_file(dataset):
@@ -122,6 +136,8 @@ def test_verify_names_every_damaged_file(dataset):
     assert "dmg: 24 scans in 8 shard(s)" in r.output and "2 problem(s)" in r.output
     assert f"{os.path.basename(paths[0])}: checksum differs" in r.output.replace("\n", "")
     assert f"{os.path.basename(paths[2])}: listed in the manifest but unreadable" in r.output.replace("\n", "")
+    _reingest_repairs(root)
+    assert CliRunner().invoke(app, ["data", "verify", str(root)]).exit_code == 0
 
 
 def test_verify_passes_an_intact_table(dataset):
