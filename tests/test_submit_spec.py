@@ -60,3 +60,64 @@ def test_bad_addresses_fail_with_a_clear_message():
         submit.connect("127.0.0.1:8265")
     with pytest.raises(submit.SubmitError, match="cannot reach the Ray dashboard at http://127.0.0.1:9"):
         submit.connect("http://127.0.0.1:9", timeout_s=1)
+
+
+
+def test_credential_files_and_gitignored_paths_never_travel(tmp_path):
+    """What Ray's working_dir upload leaves out, matched the way Ray matches (gitignore patterns)."""
+    from ray._private.thirdparty.pathspec import PathSpec  # what Ray matches runtime_env excludes with
+
+    root = tmp_path / "checkout"
+    (root / "platform" / "fmrilm").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    (root / ".gitignore").write_text("# local notes\nscratch/\n*.local\n")
+    secret_files = [".env", ".env.production", "id_rsa", "id_ed25519.pub", ".netrc", ".aws/credentials", "deploy/key.pem",
+                    "infra/terraform/terraform.tfvars", ".ssh/config", "gcp-service-account.json", "scratch/notes.txt", "x.local"]
+    kept = ["jobs/tokenizer.yaml", "platform/fmrilm/cli.py", "README.md"]
+    for rel in secret_files + kept:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x")
+    spec = PathSpec.from_lines("gitwildmatch", submit.runtime_env(str(root), {})["excludes"])
+    assert [f for f in secret_files if not spec.match_file(f)] == []
+    assert [f for f in kept if spec.match_file(f)] == []
+
+
+@pytest.mark.parametrize("name, value", [
+    ("MY_SERVICE_KEY", "abc"), ("DATABASE_URL", "postgres://u:p@db/x"), ("AZURE_STORAGE_CONNECTION_STRING", "x"), ("PGPASS", "x"),
+    ("PGPASSWORD", "x"), ("SENTRY_DSN", "x"), ("GOOGLE_APPLICATION_CREDENTIALS", "/k.json")])
+def test_env_names_that_look_like_credentials_are_refused(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(submit.SubmitError, match=f"{name}: credentials are never sent"):
+        submit.check_env([name])
+
+
+@pytest.mark.parametrize("value", [
+    "AKIA" + "Q" * 16, "postgresql://admin:hunter2@db.internal:5432/x", "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=zzz",
+    "-----BEGIN RSA PRIVATE KEY-----", "ghp_" + "a1B2" * 9, "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY9x"])
+def test_env_values_that_look_like_credentials_are_refused_unshown(monkeypatch, value):
+    monkeypatch.setenv("MY_SETTING", value)
+    with pytest.raises(submit.SubmitError, match="the value of MY_SETTING looks like a credential") as err:
+        submit.check_env(["MY_SETTING"])
+    assert value not in str(err.value)
+    monkeypatch.setenv("MY_SETTING", "us-east-1")
+    assert submit.check_env(["MY_SETTING"]) == {"MY_SETTING": "us-east-1"}
+
+
+def test_uris_with_embedded_credentials_are_refused_without_echoing_them():
+    from typer.testing import CliRunner
+
+    from fmrilm import storage
+    from fmrilm.cli import app
+    from fmrilm.config import ConfigError
+
+    secret = "s3://AKID123:s3cr3tVALUE@bucket/runs"
+    with pytest.raises(ConfigError) as err:
+        load_job("jobs/tokenizer.yaml", [f"run.storage={secret}"])
+    assert "run.storage embed(s) credentials" in str(err.value) and "s3cr3tVALUE" not in str(err.value)
+    with pytest.raises(storage.StorageError) as err:
+        storage.resolve(secret)
+    assert "s3://***@bucket/runs embeds credentials" in str(err.value) and "s3cr3tVALUE" not in str(err.value)
+    r = CliRunner().invoke(app, ["data", "inspect", secret])
+    assert r.exit_code == 2 and "s3cr3tVALUE" not in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["run", "jobs/tokenizer.yaml", f"run.storage={secret}"])
+    assert r.exit_code == 2 and "s3cr3tVALUE" not in r.output and "embed(s) credentials" in r.output

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fmrilm.errors import UserError
 from fmrilm import storage
+from fmrilm.errors import UserError, embeds_credentials, redact
 
 
 class ConfigError(UserError, ValueError):
@@ -70,12 +70,26 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         if problem["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check the spelling; see the spec's documented keys)")
         else:
-            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+            lines.append(f"  {key}: {problem['msg']} (got {redact(repr(problem.get('input')))})")
     return "\n".join(lines)
 
 
+def credential_keys(data, prefix: str = "") -> list[str]:
+    """Dotted keys of every string value in ``data`` that embeds credentials in a URI."""
+    if isinstance(data, dict):
+        return [k for key, v in data.items() for k in credential_keys(v, f"{prefix}{key}.")]
+    if isinstance(data, list):
+        return [k for i, v in enumerate(data) for k in credential_keys(v, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if isinstance(data, str) and embeds_credentials(data) else []
+
+
 def build(model: type[M], data: dict, source: str = "<spec>") -> M:
-    """Validate ``data`` into ``model``; raise :class:`ConfigError` naming every bad key."""
+    """Validate ``data`` into ``model``; raise :class:`ConfigError` naming every bad key. A value
+    that embeds credentials in a URI is refused (naming the key, never the value)."""
+    secret = credential_keys(data)
+    if secret:
+        raise ConfigError(f"invalid spec {source}: {', '.join(secret)} embed(s) credentials in a URI (scheme://user:secret@...): "
+                          "remove them; credentials come from the environment or the instance/pod role, never from a spec")
     try:
         return model.model_validate(data)
     except ValidationError as err:

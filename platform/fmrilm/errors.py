@@ -18,6 +18,11 @@ class UserError(Exception):
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
 
 
+def embeds_credentials(text: str) -> bool:
+    """Whether ``text`` holds a URI with userinfo (``scheme://user:secret@host``)."""
+    return bool(_USERINFO.search(str(text)))
+
+
 def redact(text: str) -> str:
     """``text`` with the userinfo of every URI in it (``s3://KEY:SECRET@bucket``) replaced by ``***``."""
     return _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(text))

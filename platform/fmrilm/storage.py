@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from fmrilm.errors import UserError
+from fmrilm.errors import UserError, embeds_credentials, redact
 
 
 class StorageError(UserError, RuntimeError):
@@ -44,7 +44,11 @@ class Location:
 
 
 def scheme_of(uri: str) -> str:
-    """Return ``"file"``, ``"s3"`` or ``"gs"`` for a URI or plain path."""
+    """Return ``"file"``, ``"s3"`` or ``"gs"`` for a URI or plain path. A URI that embeds
+    credentials (``s3://KEY:SECRET@bucket``) is refused without echoing them."""
+    if embeds_credentials(uri):
+        raise StorageError(f"storage URI {redact(uri)} embeds credentials: remove them from the URI; fmrilm reads credentials "
+                           "only from the environment, the shared AWS config files or the instance/pod role")
     parsed = urlparse(str(uri))
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # "C:" on Windows
         return "file"

@@ -29,15 +29,26 @@ from urllib.parse import urlparse
 
 from pydantic import Field
 
-from fmrilm.errors import UserError
 from fmrilm import storage
 from fmrilm.config import Strict
+from fmrilm.errors import UserError, embeds_credentials
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # never uploaded: data, run outputs, weights, VCS and environments (Ray's working_dir limit is 500 MiB)
 EXCLUDES = [".git", ".venv", "venv", "fmrilm-data", "runs", "**/__pycache__", ".pytest_cache", "*.egg-info",
             "*.parquet", "*.safetensors", "*.pt", "*.bin", "*.nii", "*.nii.gz", ".terraform", "*.tfstate*", ".gpu"]
-CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|AUTH", re.IGNORECASE)
+# never uploaded either: files that hold credentials (keys, tokens, cloud and tool configs)
+CREDENTIAL_FILES = [".env", ".env.*", "*.env", ".envrc", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12",
+                    "*.pfx", "*.jks", ".netrc", "_netrc", ".aws", ".ssh", ".gnupg", ".kube", "kubeconfig*", ".docker", ".git-credentials",
+                    ".npmrc", ".pypirc", ".boto", ".s3cfg", "credentials", "credentials.*", "*credentials*.json", "*service-account*.json", "*serviceaccount*.json",
+                    "terraform.tfvars", "*.tfvars", "*.tfvars.json", "secrets.*", "*.secret", ".htpasswd", "gcloud"]
+CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASS|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|_KEY$|^KEY_|_KEY_|AUTH|COOKIE|SESSION|"
+                             r"DATABASE_URL|_DSN$|CONNECTION_STRING|CONN_STR|SAS$|SIGNATURE|CERT", re.IGNORECASE)
+# values that are credentials whatever the variable is called
+CREDENTIAL_VALUE = re.compile(
+    r"\b(AKIA|ASIA|AROA|AIDA)[0-9A-Z]{16}\b|-----BEGIN [A-Z ]*PRIVATE KEY|\bgh[pousr]_[A-Za-z0-9]{30,}|\bxox[abprs]-|"
+    r"\bsk-[A-Za-z0-9_-]{20,}|\bAIza[0-9A-Za-z_-]{30,}|AccountKey=|SharedAccessSignature=|\bsig=[A-Za-z0-9%/+]{20,}|"
+    r"(password|pwd|secret|token)\s*[=:]", re.IGNORECASE)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -58,8 +69,20 @@ class SubmitSection(Strict):
     submit: SubmitSpec = Field(default_factory=SubmitSpec)
 
 
+def looks_secret(value: str) -> bool:
+    """Whether a value looks like a credential: a known key format, a private key, a connection
+    string or URI with a password, or a long random-looking token (40+ characters of base64)."""
+    value = str(value)
+    if CREDENTIAL_VALUE.search(value) or embeds_credentials(value):
+        return True
+    token = re.fullmatch(r"[A-Za-z0-9+/=_-]{40,}", value.strip())
+    return bool(token) and len(set(value)) > 16 and any(c.isdigit() for c in value) and any(c.isupper() for c in value)
+
+
 def check_env(names: list[str]) -> dict[str, str]:
-    """The named variables from this environment; refuses credential-like names and unset ones."""
+    """The named variables from this environment; refuses names that look like credentials
+    (``*_KEY``, ``*SECRET*``, ``*PASS*``, connection strings, ...), values that do (key formats,
+    tokens, URIs with passwords; the value is never shown), and unset names."""
     secret = [n for n in names if CREDENTIAL_NAME.search(n)]
     if secret:
         raise SubmitError(f"submit.env names {', '.join(secret)}: credentials are never sent with a job; cluster workers "
@@ -67,7 +90,21 @@ def check_env(names: list[str]) -> dict[str, str]:
     unset = [n for n in names if n not in os.environ]
     if unset:
         raise SubmitError(f"submit.env names {', '.join(unset)}, which {'is' if len(unset) == 1 else 'are'} not set here")
+    valued = [n for n in names if looks_secret(os.environ[n])]
+    if valued:
+        raise SubmitError(f"submit.env: the value of {', '.join(valued)} looks like a credential (not shown): it is not sent with "
+                          "the job; give the cluster's workers a role instead (see cluster/README.md)")
     return {n: os.environ[n] for n in names}
+
+
+def gitignore_patterns(root: str) -> list[str]:
+    """The patterns of the checkout's top-level ``.gitignore`` (comments, blanks and negations left out)."""
+    try:
+        with open(os.path.join(root, ".gitignore")) as f:
+            lines = [ln.strip() for ln in f]
+    except OSError:
+        return []
+    return [ln for ln in lines if ln and not ln.startswith(("#", "!"))]
 
 
 def resolve_address(address: str | None) -> str:
@@ -146,7 +183,7 @@ def travels(value, root: str) -> bool:
     rel = os.path.relpath(path, root)
     if rel.startswith("..") or not os.path.exists(path):
         return False
-    return not any(fnmatch.fnmatch(part, pattern) for part in rel.split(os.sep) for pattern in EXCLUDES)
+    return not any(fnmatch.fnmatch(part, pattern.strip("/")) for part in rel.split(os.sep) for pattern in excludes(root))
 
 
 def path_overrides(spec, address: str, root: str) -> list[str]:
@@ -173,10 +210,16 @@ def _absolute(value):
     return storage.absolute(value) if isinstance(value, str) and storage.is_local_path(value) else value
 
 
+def excludes(root: str) -> list[str]:
+    """What the upload leaves out: :data:`EXCLUDES`, :data:`CREDENTIAL_FILES` and the checkout's
+    ``.gitignore`` patterns."""
+    return list(dict.fromkeys([*EXCLUDES, *CREDENTIAL_FILES, *gitignore_patterns(root)]))
+
+
 def runtime_env(root: str, env_vars: dict[str, str]) -> dict:
-    """The job's runtime environment: the checkout (minus :data:`EXCLUDES`), the fmrilm package on
+    """The job's runtime environment: the checkout (minus :func:`excludes`), the fmrilm package on
     every worker, and only the named environment variables."""
-    return {"working_dir": root, "excludes": list(EXCLUDES), "py_modules": [os.path.join(root, "platform", "fmrilm")],
+    return {"working_dir": root, "excludes": excludes(root), "py_modules": [os.path.join(root, "platform", "fmrilm")],
             "env_vars": dict(env_vars)}
 
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import posixpath
 import tempfile
 from contextlib import contextmanager
 from typing import Literal
 
+import pyarrow.fs as pafs
 import torch
 from pydantic import Field
 
 from fmrilm import runtime, storage
 from fmrilm.config import Strict
+from fmrilm.errors import UserError
 
 
 class ScalingSpec(Strict):
@@ -33,6 +37,7 @@ class RunSpec(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     logger: Literal["tensorboard", "none"] = "tensorboard"
     log_dir: str = Field("./fmrilm-data/tensorboard", description="local folder for TensorBoard event files")
+    allow_new_data: bool = Field(False, description="resume even though the datasets were re-ingested since the checkpoints were written")
 
 
 class OptimSpec(Strict):
@@ -134,10 +139,125 @@ def inject_fault(plan: dict | None, step: int, resumed: bool) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run_trainer(trainer, run: RunSpec):
-    """``trainer.fit()``. When the run's object store stopped answering (the error says so, or
-    the run folder cannot be listed afterwards), raise a :class:`fmrilm.storage.StorageError`
-    that says so and how to resume, instead of a worker-group traceback."""
+RUN_RECORD = "fmrilm_run.json"
+RUN_LOCK = "fmrilm_run.lock"
+LOCK_HEARTBEAT_S = 10.0
+LOCK_STALE_S = 60.0
+
+
+class RunBusy(UserError):
+    """Another live driver is running a run of the same name."""
+
+
+class RunInputsChanged(UserError):
+    """A run would resume on other dataset versions than its checkpoints were trained on."""
+
+
+class RunLock:
+    """``<run>/fmrilm_run.lock``: created exclusively, refreshed every few seconds by a thread
+    while the run trains, removed at the end. A lock whose owner process is gone (same host) or
+    whose heartbeat is older than ``LOCK_STALE_S`` was left by a killed driver and is taken over."""
+
+    def __init__(self, run_dir: storage.Location, name: str):
+        import socket
+        import threading
+        import uuid
+
+        self.loc, self.name = run_dir.join(RUN_LOCK), name
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="fmrilm-run-lock", daemon=True)
+
+    def _body(self) -> bytes:
+        import time
+
+        return json.dumps(self.me | {"heartbeat": time.time()}).encode()
+
+    def _stale(self, held: dict) -> bool:
+        import socket
+        import time
+
+        if held.get("host") == socket.gethostname() and held.get("pid"):
+            try:
+                os.kill(int(held["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass
+        return time.time() - float(held.get("heartbeat", 0)) > LOCK_STALE_S
+
+    def acquire(self) -> "RunLock":
+        for _ in range(3):
+            if storage.create_exclusive(self.loc, self._body()):
+                self._thread.start()
+                return self
+            try:
+                held = json.loads(storage.read_text(self.loc))
+            except (FileNotFoundError, json.JSONDecodeError):
+                held = {}
+            if held and not self._stale(held):
+                raise RunBusy(f"run {self.name!r} is already running (driver {held.get('host')}:{held.get('pid')}, lock "
+                              f"{self.loc.uri}): wait for it to finish, stop it, or choose another run.name")
+            logging.getLogger("fmrilm.train").warning("run %s: taking over the lock of a driver that is gone (%s)", self.name, held)
+            storage.delete_file(self.loc)
+        raise RunBusy(f"run {self.name!r}: could not take its lock {self.loc.uri}")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                storage.write_bytes(self.loc, self._body())
+            except storage.StorageError:
+                pass  # an outage: the run itself reports it
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            held = json.loads(storage.read_text(self.loc))
+            if held.get("token") == self.me["token"]:
+                storage.delete_file(self.loc)
+        except (FileNotFoundError, json.JSONDecodeError, storage.StorageError):
+            pass
+
+
+def check_run_inputs(run_dir: storage.Location, run: RunSpec, versions: dict | None) -> None:
+    """Record the dataset versions a run reads (``fmrilm_run.json``); when the run already has
+    checkpoints trained on other versions, refuse (:class:`RunInputsChanged`) unless
+    ``run.allow_new_data``."""
+    if versions is None:
+        return
+    record_loc = run_dir.join(RUN_RECORD)
+    try:
+        before = json.loads(storage.read_text(record_loc)).get("datasets")
+    except (FileNotFoundError, json.JSONDecodeError):
+        before = None
+    has_checkpoints = any(n.startswith("checkpoint_") for n in storage.list_dir(run_dir))
+    if before and has_checkpoints and before != versions:
+        changed = ", ".join(f"{k}: {before.get(k)} -> {versions.get(k)}" for k in sorted(set(before) | set(versions))
+                            if before.get(k) != versions.get(k))
+        if not run.allow_new_data:
+            raise RunInputsChanged(f"run {run.name!r} has checkpoints trained on other dataset versions ({changed}): the datasets "
+                                   "were re-ingested since. Set run.allow_new_data=true to resume on the new data, or start a new "
+                                   "run.name")
+        logging.getLogger("fmrilm.train").warning("run %s resumes on new dataset versions (%s): run.allow_new_data", run.name, changed)
+    storage.write_text(record_loc, json.dumps({"datasets": versions}, indent=1))
+
+
+def run_trainer(trainer, run: RunSpec, versions: dict | None = None):
+    """``trainer.fit()`` under the run's lock (:class:`RunLock`: one live driver per run name),
+    after :func:`check_run_inputs` (``versions``: dataset -> version read). When the run's object
+    store stopped answering (the error says so, or the run folder cannot be listed afterwards),
+    raise a :class:`fmrilm.storage.StorageError` that says so and how to resume, instead of a
+    worker-group traceback."""
+    run_dir = storage.resolve(storage.join(run.storage, run.name))
+    lock = RunLock(run_dir, run.name).acquire()
+    try:
+        check_run_inputs(run_dir, run, versions)
+        return _fit(trainer, run)
+    finally:
+        lock.release()
+
+
+def _fit(trainer, run: RunSpec):
     try:
         return trainer.fit()
     except Exception as err:
@@ -163,19 +283,162 @@ def checkpoint_dir():
         yield d
 
 
+class UnsafeCheckpoint(UserError):
+    """A checkpoint file would run code when loaded (pickled globals outside the allow-list)."""
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint cannot be read (truncated, missing files, bad JSON): an older one may be intact."""
+
+
+class SpecMismatch(UserError):
+    """A checkpoint was written by a spec of another shape than the one resuming it."""
+
+
+class NoIntactCheckpoint(UserError):
+    """Every checkpoint of a run is damaged."""
+
+
+def shape_of(**sections) -> dict:
+    """The spec keys that size a model, flattened to dotted keys (``model.width``), for
+    :func:`check_shape`. Values are pydantic models, dicts or plain values."""
+    out = {}
+
+    def walk(prefix: str, value) -> None:
+        if hasattr(value, "model_dump"):
+            value = value.model_dump(mode="json")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = value
+
+    for name, value in sections.items():
+        walk(name, value)
+    return out
+
+
+# Globals that DeepSpeed's own checkpoint files pickle besides tensors and containers; anything
+# else in a checkpoint is refused before it is loaded (a torch.load with weights_only=False, which
+# DeepSpeed uses, would run it).
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.checkpoint.utils.clone_tensors_for_torch_save", "argparse.Namespace", "builtins.set", "builtins.getattr",
+    "collections.OrderedDict", "torch.nn.parameter.Parameter", "torch._utils._rebuild_parameter",
+    "deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs",
+})
+
+
+def check_pickles(directory: str, allowed: frozenset[str] = DEEPSPEED_GLOBALS) -> None:
+    """Refuse (:class:`UnsafeCheckpoint`) any ``.pt`` file below ``directory`` that pickles a global
+    outside torch's ``weights_only`` set and ``allowed``; an unreadable one is :class:`CorruptCheckpoint`."""
+    for root, _, files in os.walk(directory):
+        for name in sorted(files):
+            if not name.endswith((".pt", ".pth", ".bin")):
+                continue
+            path = os.path.join(root, name)
+            try:
+                unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(allowed)
+            except Exception as err:  # noqa: BLE001 - any reader failure means the file is damaged
+                raise CorruptCheckpoint(f"{name}: unreadable ({type(err).__name__}: {err})") from err
+            if unsafe:
+                raise UnsafeCheckpoint(f"checkpoint file {path} pickles {sorted(unsafe)}, which loading would execute: refused. "
+                                       "Delete that checkpoint folder (or the run) if it did not come from fmrilm")
+
+
 def save_state(directory: str, state: dict, meta: dict) -> None:
+    """``state.pt`` (tensors and plain containers only) and ``meta.json`` into a checkpoint folder."""
     torch.save(state, os.path.join(directory, "state.pt"))
+    write_meta(directory, meta)
+
+
+def write_meta(directory: str, meta: dict) -> None:
     with open(os.path.join(directory, "meta.json"), "w") as f:
         json.dump(meta, f)
 
 
+def read_meta(directory: str) -> dict:
+    """A checkpoint folder's ``meta.json``; :class:`CorruptCheckpoint` when missing or unreadable."""
+    try:
+        with open(os.path.join(directory, "meta.json")) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CorruptCheckpoint(f"meta.json: {err}") from err
+
+
+def check_shape(meta: dict, shape: dict, where: str) -> None:
+    """Refuse a checkpoint whose recorded spec ``shape`` (the keys that size the model) differs."""
+    saved = meta.get("shape")
+    if saved is None or saved == shape:
+        return
+    diff = sorted(k for k in set(saved) | set(shape) if saved.get(k) != shape.get(k))
+    detail = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {shape.get(k)!r} now" for k in diff[:6])
+    raise SpecMismatch(f"{where} was written with another model shape ({detail}): resume with the spec it was "
+                       "written with, or start a new run (run.name=...)")
+
+
 def load_state(checkpoint) -> tuple[dict, dict]:
-    """``(state, meta)`` of a Ray Train checkpoint written by :func:`save_state`."""
+    """``(state, meta)`` of a Ray Train checkpoint written by :func:`save_state`, loaded with
+    ``weights_only=True`` after :func:`check_pickles` (nothing in it can execute)."""
     with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
-        with open(os.path.join(d, "meta.json")) as f:
-            meta = json.load(f)
+        meta = read_meta(d)
+        check_pickles(d, frozenset())
+        try:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - the pickle was checked: a failure here is damage
+            raise CorruptCheckpoint(f"state.pt: {type(err).__name__}: {err}") from err
     return state, meta
+
+
+def resume(load, log_=None):
+    """Resume from the newest intact checkpoint of this Ray Train run: calls ``load(checkpoint)``
+    on the newest, and when it raises :class:`CorruptCheckpoint` on any rank, every rank moves to
+    the next older checkpoint folder of the run (all ranks agree through an all-reduce). Returns
+    ``(load's result, checkpoint)`` or ``(None, None)`` when the run has no checkpoint; says which
+    it skipped. :class:`UnsafeCheckpoint` and :class:`SpecMismatch` are raised, not skipped."""
+    import ray.train
+
+    newest = ray.train.get_checkpoint()
+    if newest is None:
+        return None, None
+    for ckpt in _candidates(newest):
+        try:
+            value, ok = load(ckpt), 1.0
+        except CorruptCheckpoint as err:
+            value, ok = err, 0.0
+        if _all_ranks_min(ok) == 1.0:
+            return value, ckpt
+        (log_ or logging.getLogger("fmrilm.train")).warning(
+            "checkpoint %s is damaged (%s): skipped, trying the next older one", ckpt.path, value if not ok else "on another rank")
+    raise NoIntactCheckpoint(f"no intact checkpoint in {posixpath.dirname(newest.path)}: every checkpoint folder is damaged; "
+                               "delete the run folder to start over")
+
+
+def _candidates(newest):
+    """The newest checkpoint, then the run's older ``checkpoint_*`` folders, newest first."""
+    from ray.train import Checkpoint
+
+    yield newest
+    parent, name = posixpath.split(newest.path.rstrip("/"))
+    try:
+        names = [i.base_name for i in newest.filesystem.get_file_info(pafs.FileSelector(parent)) if i.type == pafs.FileType.Directory]
+    except OSError:
+        return
+    for older in sorted((n for n in names if n.startswith("checkpoint_") and n < name), reverse=True):
+        yield Checkpoint(posixpath.join(parent, older), filesystem=newest.filesystem)
+
+
+def _all_ranks_min(value: float) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
 
 
 class MetricLog:

@@ -38,7 +38,8 @@ from fmrilm.data.pipeline import PipelineError
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.models.fmri_lm import (MAX_CODES, BackboneError, FeatureInputLM, add_fmri_vocab, init_code_embeddings, load_backbone, locate_backbone,
                                    objective_losses)
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule, fault_plan, run_trainer, inject_fault, worker_spec
+from fmrilm.train.common import (CorruptCheckpoint, OptimSpec, RunSpec, ScalingSpec, check_pickles, check_shape, cosine_schedule, fault_plan,
+                                 inject_fault, read_meta, resume, run_trainer, shape_of, worker_spec, write_meta)
 from fmrilm.train.deepspeed import DeepSpeedSpec, build_config
 
 log = logging.getLogger("fmrilm.lm")
@@ -440,14 +441,27 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False)
     device = engine.device
     step, resumed = 0, {}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    shape = shape_of(**{k: getattr(spec, k) for k in ("backbone", "model", "input_mode", "lora") if hasattr(spec, k)},
+                     num_codes=config.get("num_codes"))
+
+    def load(ckpt):
         with ckpt.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag="ds", load_module_strict=not spec.lora.enabled)
+            check_shape(read_meta(d), shape, f"checkpoint {ckpt.path} of run {spec.run.name!r}")
+            check_pickles(d)
+            try:
+                _, client = engine.load_checkpoint(d, tag="ds", load_module_strict=not spec.lora.enabled)
+            except Exception as err:  # noqa: BLE001 - the files were checked as safe: a failure here is damage
+                raise CorruptCheckpoint(f"DeepSpeed state: {type(err).__name__}: {err}") from err
+        if client is None or "step" not in client:
+            raise CorruptCheckpoint("DeepSpeed found no state to load")
+        return client
+
+    client, ckpt = resume(load, log)
+    if client is not None:
         step = int(client["step"])
         resumed = {"resumed_from_step": step}
         if rank == 0:
-            log.info("resumed at step %d", step)
+            log.info("resumed at step %d from %s", step, ckpt.path)
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     sums: dict[str, float] = {}
@@ -479,6 +493,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
             metrics |= validation_losses(engine, val_shard, spec.deepspeed.micro_batch_size, objectives, weights, device)
         with tempfile.TemporaryDirectory(prefix="fmrilm-lm-ckpt-") as d:
             engine.save_checkpoint(d, tag="ds", client_state={"step": step}, exclude_frozen_parameters=spec.lora.enabled)
+            write_meta(d, {"step": step, "shape": shape})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{step:07d}")
 
     first_epoch = step // per_epoch

@@ -30,8 +30,8 @@ from fmrilm.data import splits
 from fmrilm.data.pipeline import PipelineSpec, dataset_versions, epoch_stream, scan_index, selected_datasets, torch_batches, train_datasets
 from fmrilm.models.alignment import AlignmentConfig, AlignmentHead, dann_coefficient
 from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig, r2_per_roi
-from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, checkpoint_dir, cosine_schedule, fault_plan, run_trainer,
-                                 inject_fault, load_state, run_config, save_state, worker_spec)
+from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, check_shape, checkpoint_dir, cosine_schedule, fault_plan,
+                                 inject_fault, load_state, resume, run_config, run_trainer, save_state, shape_of, worker_spec)
 
 log = logging.getLogger("fmrilm.tokenizer")
 ARTIFACT = "tokenizer"
@@ -176,9 +176,16 @@ def train_loop(config: dict) -> None:
     total = min(spec.train.epochs * per_epoch, spec.train.max_steps or 10**12)
     sched = cosine_schedule(opt, spec.train.warmup_steps, total)
     step, resumed = 0, {}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    shape = shape_of(model=spec.model, alignment=spec.alignment, text_dim=text_dim)
+
+    def load(ckpt):
         state, meta = load_state(ckpt)
+        check_shape(meta, shape, f"checkpoint {ckpt.path} of run {spec.run.name!r}")
+        return state, meta
+
+    loaded, ckpt = resume(load, log)
+    if loaded is not None:
+        state, meta = loaded
         objective.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -210,7 +217,7 @@ def train_loop(config: dict) -> None:
             with checkpoint_dir() as d:
                 if rank == 0:
                     save_state(d, {"model": objective.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                               {"step": step, "spec": config["spec"], "text_dim": text_dim})
+                               {"step": step, "spec": config["spec"], "text_dim": text_dim, "shape": shape})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
                                  checkpoint_dir_name=f"checkpoint_{step:07d}")
         else:

@@ -1,0 +1,118 @@
+"""Checkpoints that cannot be trusted: a planted pickle payload is refused before anything runs,
+a damaged newest checkpoint is skipped for the newest intact one, a resume with a spec of another
+model shape or on re-ingested data is refused in one line, and a second driver of a live run is
+refused. All through the tokenizer stage on 2 Ray Train workers and the CLI, as a user meets them."""
+
+import os
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from fmrilm.cli import app
+from fmrilm.data.ingest import ingest_synthetic
+from fmrilm.data.synth import SynthParams
+
+pytestmark = pytest.mark.reliability
+PARAMS = SynthParams(name="ckpt", subjects=16, n_rois=12, n_networks=4, n_timepoints=64, seed=6)
+
+
+class Payload:
+    """What a hostile checkpoint holds: unpickling it runs a shell command."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _spec_file(root, name="ckpt-run", **over) -> str:
+    spec = {
+        "kind": "tokenizer",
+        "data": {"data": str(root / "datasets"), "window": 32, "stride": 32, "split": {"fractions": {"train": 0.75, "val": 0.25}}},
+        "model": {"patch": 16, "width": 16, "heads": 2, "depth": 1, "code_dim": 8, "num_codes": 32},
+        "train": {"epochs": 4, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 2},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "run": {"storage": str(root / "runs"), "name": name, "logger": "none"},
+    }
+    for key, value in over.items():
+        section, leaf = key.split("__")
+        spec[section][leaf] = value
+    path = root / f"{name}-{len(over)}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def _train(spec_file: str, *overrides: str):
+    return CliRunner().invoke(app, ["tokenizer", "train", spec_file, *overrides])
+
+
+def test_untrusted_checkpoints(ray_cluster, tmp_path, monkeypatch):
+    ingest_synthetic(PARAMS, str(tmp_path / "datasets"))
+    spec = _spec_file(tmp_path)
+    run_dir = tmp_path / "runs" / "ckpt-run"
+    monkeypatch.setenv("FMRILM_FAULT_STEP", "10")
+    r = _train(spec)
+    assert r.exit_code != 0 and sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_")) == [
+        "checkpoint_0000004", "checkpoint_0000008"]
+    monkeypatch.delenv("FMRILM_FAULT_STEP")
+    newest = run_dir / "checkpoint_0000008" / "state.pt"
+    good = newest.read_bytes()
+
+    # 1. a planted payload: refused with one line naming the file, and it never ran
+    marker = tmp_path / "payload-ran"
+    torch.save({"model": Payload(str(marker))}, newest)
+    r = _train(spec)
+    assert r.exit_code == 2, r.output
+    assert "pickles ['posix.system']" in r.output and "refused" in r.output and "Traceback" not in r.output
+    assert not marker.exists()
+
+    # 2. a damaged newest checkpoint: the run resumes from the newest intact one and ends as planned
+    newest.write_bytes(good[: len(good) // 3])
+    r = _train(spec)
+    assert r.exit_code == 0, r.output
+    assert "checkpoint_0000008" in r.output and "damaged" in r.output  # says which it skipped
+    final = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_"))[-1]
+    assert final == "checkpoint_0000012"
+
+    # 3. resuming with a spec of another model shape: one line, not a state-dict traceback
+    r = _train(spec, "model.width=24")
+    assert r.exit_code == 2 and "another model shape (model.width: 16 in the checkpoint, 24 now)" in r.output, r.output
+
+    # 4. the datasets re-ingested since the checkpoints: refused unless run.allow_new_data
+    ingest_synthetic(PARAMS.model_copy(update={"seed": 7}), str(tmp_path / "datasets"))
+    r = _train(spec)
+    assert r.exit_code == 2 and "trained on other dataset versions" in r.output and "run.allow_new_data=true" in r.output, r.output
+    assert _train(spec, "run.allow_new_data=true").exit_code == 0
+
+
+def test_a_second_driver_of_a_live_run_is_refused(ray_cluster, tmp_path):
+    import json
+    import socket
+    import time
+
+    ingest_synthetic(PARAMS, str(tmp_path / "datasets"))
+    run_dir = tmp_path / "runs" / "busy"
+    run_dir.mkdir(parents=True)
+    live = subprocess_sleeper()
+    try:
+        (run_dir / "fmrilm_run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid, "token": "x",
+                                                             "heartbeat": time.time()}))
+        r = _train(_spec_file(tmp_path, "busy"))
+        assert r.exit_code == 2 and "run 'busy' is already running" in r.output, r.output
+    finally:
+        live.kill()
+        live.wait()
+    # its driver gone, the lock is stale and taken over (a SIGKILLed driver never blocks its run)
+    r = _train(_spec_file(tmp_path, "busy"), "train.max_steps=2")
+    assert r.exit_code == 0, r.output
+    assert not (run_dir / "fmrilm_run.lock").exists()
+
+
+def subprocess_sleeper():
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
