@@ -133,8 +133,14 @@ def connect(address: str | None, timeout_s: float = 5.0):
         raise SubmitError(f"cannot reach the Ray dashboard at {address} ({err}). Is the cluster up? For a cloud cluster "
                           "open the tunnel first (`ray dashboard cluster/aws.yaml`, or `kubectl port-forward "
                           "svc/fmrilm-head-svc 8265`) and use http://127.0.0.1:8265") from None
+    from ray.exceptions import AuthenticationError
+
     try:
         return JobSubmissionClient(address)
+    except AuthenticationError:
+        given = "RAY_AUTH_TOKEN is set but the cluster refused it" if os.environ.get("RAY_AUTH_TOKEN") else "no token was sent"
+        raise SubmitError(f"the Ray cluster at {address} requires its auth token and {given}: export RAY_AUTH_MODE=token and "
+                          "RAY_AUTH_TOKEN=<the cluster's token> (cluster/README.md says where to read it)") from None
     except (ConnectionError, RuntimeError) as err:
         raise SubmitError(f"{address} answers but is not a Ray dashboard with the Jobs API: {err}") from None
 

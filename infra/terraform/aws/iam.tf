@@ -1,5 +1,8 @@
-# Least privilege: workers read and write the fmrilm bucket and pull the image; the head also
-# launches and stops worker instances (the Ray autoscaler) and may pass only the worker role.
+# Least privilege: workers read and write the fmrilm bucket, pull the image and read the Ray auth
+# token; the head also launches and stops worker instances (the Ray autoscaler: only instances
+# tagged ray-cluster-name=fmrilm, in this region and account) and may pass only the worker role.
+# No role may delete object versions, the bucket, or change its versioning, lifecycle or policy
+# (storage.tf denies those in the bucket policy too), so nothing a job does is irrecoverable.
 data "aws_caller_identity" "current" {}
 
 data "aws_iam_policy_document" "ec2_assume" {
@@ -25,8 +28,13 @@ data "aws_iam_policy_document" "bucket_rw" {
   }
   statement {
     sid       = "PullImage"
-    actions   = ["ecr:GetAuthorizationToken"]
+    actions   = ["ecr:GetAuthorizationToken"] # no resource-level permissions exist for this action
     resources = ["*"]
+  }
+  statement {
+    sid       = "ReadRayAuthToken"
+    actions   = ["secretsmanager:GetSecretValue"]
+    resources = [aws_secretsmanager_secret.ray_auth_token.arn]
   }
   statement {
     sid       = "PullImageLayers"
@@ -35,17 +43,58 @@ data "aws_iam_policy_document" "bucket_rw" {
   }
 }
 
+locals {
+  ec2_arn = "arn:aws:ec2:${var.region}:${data.aws_caller_identity.current.account_id}"
+}
+
 data "aws_iam_policy_document" "autoscaler" {
   statement {
-    sid = "LaunchWorkers"
-    actions = ["ec2:RunInstances", "ec2:CreateTags", "ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeImages",
-    "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups", "ec2:DescribeKeyPairs", "ec2:DescribeAvailabilityZones"]
+    sid = "DescribeOnly" # Describe* calls have no resource-level permissions; they read, never change
+    actions = ["ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeImages", "ec2:DescribeSubnets",
+    "ec2:DescribeSecurityGroups", "ec2:DescribeKeyPairs", "ec2:DescribeAvailabilityZones"]
     resources = ["*"]
+  }
+  statement {
+    sid       = "LaunchOnlyTaggedWorkers"
+    actions   = ["ec2:RunInstances"]
+    resources = ["${local.ec2_arn}:instance/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:RequestTag/ray-cluster-name"
+      values   = ["fmrilm"]
+    }
+  }
+  statement {
+    sid     = "LaunchWithTheseResources"
+    actions = ["ec2:RunInstances"]
+    resources = ["${local.ec2_arn}:volume/*", "${local.ec2_arn}:network-interface/*", "${local.ec2_arn}:subnet/*",
+      "${local.ec2_arn}:security-group/*", "${local.ec2_arn}:key-pair/*", "arn:aws:ec2:${var.region}::image/*",
+    "${local.ec2_arn}:launch-template/*"]
+  }
+  statement {
+    sid       = "TagAtLaunch"
+    actions   = ["ec2:CreateTags"]
+    resources = ["${local.ec2_arn}:instance/*", "${local.ec2_arn}:volume/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "ec2:CreateAction"
+      values   = ["RunInstances"]
+    }
+  }
+  statement {
+    sid       = "RetagOnlyOurWorkers"
+    actions   = ["ec2:CreateTags"]
+    resources = ["${local.ec2_arn}:instance/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "ec2:ResourceTag/ray-cluster-name"
+      values   = ["fmrilm"]
+    }
   }
   statement {
     sid       = "StopOnlyOurWorkers"
     actions   = ["ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances"]
-    resources = ["arn:aws:ec2:${var.region}:${data.aws_caller_identity.current.account_id}:instance/*"]
+    resources = ["${local.ec2_arn}:instance/*"]
     condition {
       test     = "StringEquals"
       variable = "ec2:ResourceTag/ray-cluster-name"

@@ -23,3 +23,8 @@ output "kuberay_role_arn" {
   description = "eks.amazonaws.com/role-arn of cluster/kuberay/serviceaccount.yaml"
   value       = var.eks_oidc_provider_arn == "" ? "" : aws_iam_role.kuberay[0].arn
 }
+
+output "ray_auth_token_secret" {
+  description = "Secrets Manager id of the Ray auth token the nodes read (set its value with put-secret-value)"
+  value       = aws_secretsmanager_secret.ray_auth_token.name
+}

@@ -9,10 +9,16 @@ variable "bucket_name" {
   type        = string
 }
 
-variable "checkpoint_retention_days" {
-  description = "Objects under runs/ (checkpoints, run state) expire after this many days; keep finished models under models/"
+variable "scratch_retention_days" {
+  description = "Objects under scratch/ expire after this many days (nothing else in the bucket expires by age)"
   type        = number
-  default     = 120
+  default     = 14
+}
+
+variable "noncurrent_retention_days" {
+  description = "Deleted or overwritten objects stay recoverable as noncurrent versions for this many days"
+  type        = number
+  default     = 30
 }
 
 variable "ssh_cidr" {
