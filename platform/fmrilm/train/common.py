@@ -252,6 +252,7 @@ def run_trainer(trainer, run: RunSpec, versions: dict | None = None):
     lock = RunLock(run_dir, run.name).acquire()
     try:
         check_run_inputs(run_dir, run, versions)
+        repair_run_record(run_dir, run.name)
         return _fit(trainer, run)
     finally:
         lock.release()
@@ -395,24 +396,68 @@ def resume(load, log_=None):
     """Resume from the newest intact checkpoint of this Ray Train run: calls ``load(checkpoint)``
     on the newest, and when it raises :class:`CorruptCheckpoint` on any rank, every rank moves to
     the next older checkpoint folder of the run (all ranks agree through an all-reduce). Returns
-    ``(load's result, checkpoint)`` or ``(None, None)`` when the run has no checkpoint; says which
-    it skipped. :class:`UnsafeCheckpoint` and :class:`SpecMismatch` are raised, not skipped."""
+    ``(load's result, checkpoint, name suffix)``, or ``(None, None, "")`` when the run has no
+    checkpoint; says which it skipped. After a fall-back the steps after the intact checkpoint
+    are trained again, so their checkpoint folders take the suffix (``checkpoint_0000008-after-0000008``)
+    rather than the damaged folders' names. :class:`UnsafeCheckpoint` and :class:`SpecMismatch`
+    are raised, not skipped."""
     import ray.train
 
     newest = ray.train.get_checkpoint()
     if newest is None:
-        return None, None
+        return None, None, ""
     for ckpt in _candidates(newest):
         try:
             value, ok = load(ckpt), 1.0
         except CorruptCheckpoint as err:
             value, ok = err, 0.0
         if _all_ranks_min(ok) == 1.0:
-            return value, ckpt
+            suffix = "" if ckpt is newest else "-after-" + posixpath.basename(newest.path.rstrip("/")).removeprefix("checkpoint_")
+            return value, ckpt, suffix
         (log_ or logging.getLogger("fmrilm.train")).warning(
             "checkpoint %s is damaged (%s): skipped, trying the next older one", ckpt.path, value if not ok else "on another rank")
     raise NoIntactCheckpoint(f"no intact checkpoint in {posixpath.dirname(newest.path)}: every checkpoint folder is damaged; "
                                "delete the run folder to start over")
+
+
+def checkpoint_name(step: int, suffix: str = "") -> str:
+    """The folder name of the checkpoint at ``step`` (sortable by step; see :func:`resume` for ``suffix``)."""
+    return f"checkpoint_{step:07d}{suffix}"
+
+
+def repair_run_record(run_dir: storage.Location, name: str) -> None:
+    """Drop from Ray Train's record of a run (``checkpoint_manager_snapshot.json``) the checkpoints
+    whose folders are gone (deleted by hand or by a bucket lifecycle rule), so the run resumes
+    from the newest one that is still there instead of Ray refusing the whole run folder. Says
+    which it dropped. A record it cannot read as Ray 2.60 writes it is left alone."""
+    import ray
+
+    snap_loc = run_dir.join("checkpoint_manager_snapshot.json")
+    try:
+        snap = json.loads(storage.read_text(snap_loc))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return
+    needed = {"checkpoint_results", "checkpoint_report_indices", "latest_checkpoint_result", "pending_training_results",
+              "pending_validation_specs"}
+    if snap.get("ray_version") != ray.__version__ or not needed <= set(snap):
+        return
+    present = set(storage.list_dir(run_dir))
+    gone = {r["checkpoint_dir_name"] for r in snap["checkpoint_results"]} - present
+    if not gone:
+        return
+    kept = [(r, i) for r, i in zip(snap["checkpoint_results"], snap["checkpoint_report_indices"]) if r["checkpoint_dir_name"] not in gone]
+    snap["checkpoint_results"], snap["checkpoint_report_indices"] = [r for r, _ in kept], [i for _, i in kept]
+    pending = [(r, v) for r, v in zip(snap["pending_training_results"], snap["pending_validation_specs"]) if r["checkpoint_dir_name"] not in gone]
+    snap["pending_training_results"], snap["pending_validation_specs"] = [r for r, _ in pending], [v for _, v in pending]
+    latest = snap.get("latest_checkpoint_result")
+    if latest and latest["checkpoint_dir_name"] in gone:
+        snap["latest_checkpoint_result"] = max(kept, key=lambda ri: ri[1])[0] if kept else None
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names", "failed_validation_checkpoint_dir_names"):
+        snap[key] = [n for n in snap.get(key, []) if n not in gone]
+    storage.write_text(snap_loc, json.dumps(snap))
+    newest = snap["latest_checkpoint_result"]["checkpoint_dir_name"] if snap.get("latest_checkpoint_result") else "none (starts over)"
+    logging.getLogger("fmrilm.train").warning("run %s: checkpoint folder(s) %s are gone; dropped from Ray's record, resuming from %s",
+                                              name, ", ".join(sorted(gone)), newest)
 
 
 def _candidates(newest):

@@ -38,7 +38,7 @@ from fmrilm.data.pipeline import PipelineError
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.models.fmri_lm import (MAX_CODES, BackboneError, FeatureInputLM, add_fmri_vocab, init_code_embeddings, load_backbone, locate_backbone,
                                    objective_losses)
-from fmrilm.train.common import (CorruptCheckpoint, OptimSpec, RunSpec, ScalingSpec, check_pickles, check_shape, cosine_schedule, fault_plan,
+from fmrilm.train.common import (CorruptCheckpoint, OptimSpec, RunSpec, ScalingSpec, check_pickles, check_shape, checkpoint_name, cosine_schedule, fault_plan,
                                  inject_fault, read_meta, resume, run_trainer, shape_of, worker_spec, write_meta)
 from fmrilm.train.deepspeed import DeepSpeedSpec, build_config
 
@@ -456,7 +456,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
             raise CorruptCheckpoint("DeepSpeed found no state to load")
         return client
 
-    client, ckpt = resume(load, log)
+    client, ckpt, suffix = resume(load, log)
     if client is not None:
         step = int(client["step"])
         resumed = {"resumed_from_step": step}
@@ -494,7 +494,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
         with tempfile.TemporaryDirectory(prefix="fmrilm-lm-ckpt-") as d:
             engine.save_checkpoint(d, tag="ds", client_state={"step": step}, exclude_frozen_parameters=spec.lora.enabled)
             write_meta(d, {"step": step, "shape": shape})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{step:07d}")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=checkpoint_name(step, suffix))
 
     first_epoch = step // per_epoch
     skip = (step - first_epoch * per_epoch) * spec.deepspeed.grad_accum

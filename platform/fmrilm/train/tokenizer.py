@@ -30,7 +30,7 @@ from fmrilm.data import splits
 from fmrilm.data.pipeline import PipelineSpec, dataset_versions, epoch_stream, scan_index, selected_datasets, torch_batches, train_datasets
 from fmrilm.models.alignment import AlignmentConfig, AlignmentHead, dann_coefficient
 from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig, r2_per_roi
-from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, check_shape, checkpoint_dir, cosine_schedule, fault_plan,
+from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, check_shape, checkpoint_dir, checkpoint_name, cosine_schedule, fault_plan,
                                  inject_fault, load_state, resume, run_config, run_trainer, save_state, shape_of, worker_spec)
 
 log = logging.getLogger("fmrilm.tokenizer")
@@ -183,7 +183,7 @@ def train_loop(config: dict) -> None:
         check_shape(meta, shape, f"checkpoint {ckpt.path} of run {spec.run.name!r}")
         return state, meta
 
-    loaded, ckpt = resume(load, log)
+    loaded, ckpt, suffix = resume(load, log)
     if loaded is not None:
         state, meta = loaded
         objective.load_state_dict(state["model"])
@@ -219,7 +219,7 @@ def train_loop(config: dict) -> None:
                     save_state(d, {"model": objective.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
                                {"step": step, "spec": config["spec"], "text_dim": text_dim, "shape": shape})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
-                                 checkpoint_dir_name=f"checkpoint_{step:07d}")
+                                 checkpoint_dir_name=checkpoint_name(step, suffix))
         else:
             ray.train.report(metrics)
 
