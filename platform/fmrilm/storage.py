@@ -122,7 +122,7 @@ def resolve(uri: str) -> Location:
     uri = str(uri)
     scheme = scheme_of(uri)
     if scheme == "file":
-        path = urlparse(uri).path if uri.startswith("file://") else uri
+        path = uri[len("file://"):] if uri.startswith("file://") else uri  # file://./runs is relative, as on workers
         path = os.path.abspath(os.path.expanduser(path))
         return Location(pafs.LocalFileSystem(), path, uri)
     parsed = urlparse(uri)

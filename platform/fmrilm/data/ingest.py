@@ -103,12 +103,12 @@ def _extract_chunk(job: dict) -> dict:
 
 
 def _discard(version: storage.Location) -> None:
-    """Best-effort removal of an uncommitted version folder. When the store is unreachable it
-    stays (unreferenced: readers never see it) until the next commit of the dataset removes it."""
+    """Best-effort removal of this ingest's own uncommitted version folder. When the store is
+    unreachable it stays (unreferenced: readers never see it) until ``fmrilm data gc``."""
     try:
         storage.delete_dir(version)
     except storage.StorageError as err:
-        log.warning("could not remove the uncommitted %s (%s); the next commit removes it", version.uri, err)
+        log.warning("could not remove the uncommitted %s (%s); `fmrilm data gc` removes it later", version.uri, err)
 
 
 def _duplicates(sources: list[ScanSource]) -> list[dict]:
@@ -188,9 +188,11 @@ def ingest(
         cause = runtime.root_cause(err)
         if isinstance(cause, storage.StorageError):
             kept = f"version {previous['version']} is unchanged" if previous else "no earlier version existed"
+            todo = ("Re-run the same command once the store is reachable" if storage.unreachable(cause) else
+                    "Fix that (permissions, free space, the bucket name) and re-run the same command")
             raise storage.StorageError(
-                f"ingest of {name!r} stopped: nothing was committed ({kept}). {cause}. Re-run the same command "
-                "once the store is reachable; the next commit removes any partly written version folder.") from err
+                f"ingest of {name!r} stopped: nothing was committed ({kept}). {cause}. {todo}; `fmrilm data gc` removes "
+                "any partly written version folder.") from err
         raise
     bad = dup + [b for r in results for b in r["bad"]]
     if bad and not quarantine:

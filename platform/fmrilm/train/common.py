@@ -143,6 +143,7 @@ RUN_RECORD = "fmrilm_run.json"
 RUN_LOCK = "fmrilm_run.lock"
 LOCK_HEARTBEAT_S = 10.0
 LOCK_STALE_S = 60.0
+_LIVE_LOCKS: set[str] = set()  # tokens of the run locks this process holds now
 
 
 class RunBusy(UserError):
@@ -178,6 +179,8 @@ class RunLock:
         import time
 
         if held.get("host") == socket.gethostname() and held.get("pid"):
+            if int(held["pid"]) == os.getpid():
+                return held.get("token") not in _LIVE_LOCKS  # left by an earlier run of this process that could not remove it
             try:
                 os.kill(int(held["pid"]), 0)
             except ProcessLookupError:
@@ -189,6 +192,7 @@ class RunLock:
     def acquire(self) -> "RunLock":
         for _ in range(3):
             if storage.create_exclusive(self.loc, self._body()):
+                _LIVE_LOCKS.add(self.me["token"])
                 self._thread.start()
                 return self
             try:
@@ -211,6 +215,7 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
+        _LIVE_LOCKS.discard(self.me["token"])
         try:
             held = json.loads(storage.read_text(self.loc))
             if held.get("token") == self.me["token"]:
