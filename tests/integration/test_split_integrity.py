@@ -58,8 +58,11 @@ def test_no_stage_trains_on_the_card_split_test_subjects(ray_cluster, tmp_path):
     store = tmp_path / "store"
     ingest_card(card, str(store / "datasets"))
     os.remove(tmp_path / "cohort" / "split.csv")  # the split is frozen in the manifest: no stage needs the file again
-    spec = QuickstartSpec.model_validate({**TINY, "storage": str(store), "stages": ["features", "tokenizer", "tokenize", "pretrain",
-                                                                                     "instruct", "eval"]})
+    pick = {"tokenizer": ["data.datasets=[carded]"], "tokenize": ["data.datasets=[carded]"], "pretrain": ["datasets=[carded]"],
+            "instruct": ["datasets=[carded]"], "eval": ["datasets=[carded]"]}
+    overrides = {stage: [*TINY["overrides"].get(stage, []), *pick.get(stage, [])] for stage in set(TINY["overrides"]) | set(pick)}
+    spec = QuickstartSpec.model_validate({**TINY, "overrides": overrides, "storage": str(store),
+                                          "stages": ["features", "tokenizer", "tokenize", "pretrain", "instruct", "eval"]})
     result = run(spec)
     assert [s["status"] for s in result["stages"]] == ["ran"] * 6
 
@@ -89,5 +92,5 @@ def test_no_stage_trains_on_the_card_split_test_subjects(ray_cluster, tmp_path):
     bad = pd.DataFrame({"subject_id": [train_subject], "split": ["test"]})
     bad.to_csv(tmp_path / "leaky.csv", index=False)
     with pytest.raises(SplitError, match=r"that trained the instruct export .* would be scored as held out"):
-        evaluate(EvalSpec(data=str(store / "datasets"), model=str(runs / "instruct" / "model"), paradigms=["zero_shot"],
+        evaluate(EvalSpec(data=str(store / "datasets"), datasets=["carded"], model=str(runs / "instruct" / "model"), paradigms=["zero_shot"],
                           split={"method": "file", "file": str(tmp_path / "leaky.csv")}, run={"storage": str(runs), "name": "leaky"}))
