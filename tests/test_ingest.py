@@ -356,3 +356,15 @@ def test_quarantine_records_every_copy_of_a_duplicate(tmp_path):
     m = ingest_card(card, str(tmp_path / "store"), quarantine=True, use_ray=False).manifest
     assert m["rows"] == 3 and len(m["quarantined"]) == 2
     assert all("duplicate scan_id" in q["reason"] for q in m["quarantined"])
+
+
+def test_a_card_split_file_is_frozen_into_the_manifest_and_checked(tmp_path):
+    card = make_cohort(tmp_path)
+    (tmp_path / "split.csv").write_text("subject_id,split\n01,train\n02,test\n03,train\n")
+    _edit(card, split={"method": "file", "file": "split.csv"})
+    m = ingest_card(card, str(tmp_path / "store"), use_ray=False).manifest
+    assert m["split"]["assignments"] == {"01": "train", "02": "test", "03": "train"}
+    assert m["split_report"]["unassigned_scans"] == 1 and m["split_report"]["unassigned_examples"] == ["toy_sub-04_task-rest_run-1"]
+    (tmp_path / "split.csv").write_text("subject_id,split\n01,train\n02,tset\n")
+    with pytest.raises(InputError, match=r"split name\(s\) \['tset'\] are not one of"):
+        ingest_card(card, str(tmp_path / "store2"), use_ray=False)

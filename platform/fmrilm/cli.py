@@ -190,6 +190,10 @@ def _report_ingest(results) -> None:
             if p["scans_without_row"]:
                 line += f"; [yellow]{p['scans_without_row']} scan(s) have no phenotype row[/]"
             console.print(line)
+        sr = m.get("split_report")
+        if sr and sr["unassigned_scans"]:
+            console.print(f"  [yellow]split file {escape(sr['file'])} names no split for {sr['unassigned_scans']} scan(s)[/] "
+                          f"(e.g. {escape(', '.join(sr['unassigned_examples'][:3]))}): no stage uses them")
 
 
 def print_summary(summary: dict) -> None:
@@ -589,6 +593,20 @@ def bench_lm(
     result = _guard(run_benchmark, width=width, layers=layers, seq_len=seq_len, micro_batch=micro_batch, epochs=epochs,
                     scans=scans, rois=rois)
     _report_bench(result, as_json, out_file)
+
+
+@bench_app.command("backbones")
+def bench_backbones(
+    as_json: bool = typer.Option(False, "--json", help="print the JSON result"),
+    seq_len: int = typer.Option(256, help="packed sequence length (the pretrain stage's default)"),
+    micro_batch: int = typer.Option(4, help="sequences per step (the LM stages' default)"),
+    steps: int = typer.Option(3, help="timed steps per backbone and mode"),
+    out_file: Optional[str] = typer.Option(None, "--out", help="also write the JSON here"),
+) -> None:
+    """CPU seconds per training step of each built-in backbone (full and LoRA), side by side."""
+    from fmrilm.bench.backbones import run_benchmark
+
+    _report_bench(_guard(run_benchmark, seq_len=seq_len, micro_batch=micro_batch, steps=steps), as_json, out_file)
 
 
 @bench_app.command("all")

@@ -107,3 +107,24 @@ def test_bad_specs_fail_before_workers_start(lm_inputs):
     with pytest.raises(BackboneError, match="exceeds the backbone's maximum positions"):
         run(_spec(lm_inputs, "bad3").model_copy(update={"seq_len": 5000}))
     assert not (lm_inputs["root"] / "runs" / "bad1").exists() and not (lm_inputs["root"] / "runs" / "bad2").exists()
+
+
+def test_smollm2_lora_zero2_pretrain_export_reload_and_merge(lm_inputs, smollm2_cache):
+    """The real pretrained backbone through the LM stage: a few LoRA steps under ZeRO-2 on two
+    workers (converted once per node into the shared cache), the export reloads with the
+    in-training logits, and `fmrilm lm merge` folds the adapter into a plain model."""
+    from typer.testing import CliRunner
+
+    from fmrilm.cli import app
+
+    spec = _spec(lm_inputs, "lm-smollm2", zero=2, lora=True, source="smollm2-135m", max_steps=2)
+    spec = spec.model_copy(update={"backbone": BackboneSpec(source="smollm2-135m", cache_dir=smollm2_cache)})
+    result = run(spec)
+    m = result["metrics"]
+    assert m["pretrained_backbone"] is True and m["step"] == 2
+    meta = _check_export(result)
+    assert meta["layout"] == "base+adapter" and meta["backbone"]["family"] == "llama"
+    merged = result["model"] + "-merged"
+    r = CliRunner().invoke(app, ["lm", "merge", result["model"], merged])
+    assert r.exit_code == 0, r.output
+    assert _check_export({"model": merged})["layout"] == "full"

@@ -265,9 +265,31 @@ def ingest_card(card_uri: str, out_uri: str, *, quarantine: bool = False, overri
     extra = {"source": f"card:{card_uri}", "split": frozen_policy(card.split)}
     if report:
         extra["phenotype_report"] = report
+    if card.split.method == "file":
+        extra["split_report"] = split_file_report(extra["split"]["assignments"], sources, card.split.file)
     if card.atlas.networks:
         extra["roi_networks"] = card.atlas.networks
     return ingest(sources, out_uri, quarantine=quarantine, use_ray=use_ray, extra=extra, replace=replace)
+
+
+KNOWN_SPLITS = ("train", "val", "test")
+
+
+def split_file_report(assignments: dict[str, str], sources: list[ScanSource], uri: str) -> dict:
+    """How a split file matched the scans: scans whose subject it does not list (``unassigned``:
+    no stage trains or evaluates on them) and listed subjects without scans. A split name other
+    than train/val/test is an :class:`InputError` (a typo would hide subjects from every stage)."""
+    unknown = sorted({v for v in assignments.values()} - set(KNOWN_SPLITS))
+    if unknown:
+        raise InputError(f"split file {uri}: split name(s) {unknown} are not one of {list(KNOWN_SPLITS)}")
+    subjects = {s.subject_id for s in sources if s.subject_id}
+    listed = {k.split("/", 1)[-1] for k in assignments}
+    missing = sorted({s.scan_id for s in sources if s.subject_id and s.subject_id not in listed})
+    if missing:
+        log.warning("split file %s lists no split for %d scan(s) (e.g. %s): they are 'unassigned', used by no stage",
+                    uri, len(missing), ", ".join(missing[:3]))
+    return {"file": uri, "unassigned_scans": len(missing), "unassigned_examples": missing[:10],
+            "subjects_without_scans": len(listed - subjects)}
 
 
 def ingest_synthetic(params, out_uri: str, *, use_ray: bool = True) -> IngestResult:

