@@ -190,3 +190,33 @@ def test_metrics_agree_with_sklearn():
     assert ci["mae"][0] < r["mae"] < ci["mae"][1]
     wide = metrics.bootstrap(metrics.regression, [age[:10], guess[:10]], n=300)
     assert (wide["mae"][1] - wide["mae"][0]) > (ci["mae"][1] - ci["mae"][0])
+
+
+def test_a_constant_predictor_cannot_look_good_and_is_flagged():
+    """The old bootstrap resampled scans freely: a resample holding one class scores a constant
+    predictor's balanced accuracy 1.0, so its CI reached [0.50, 1.00]. Stratified by class, every
+    resample keeps both classes and the constant predictor stays at chance."""
+    y = np.array(["M"] * 5 + ["F"] * 3)
+    constant = np.array(["M"] * 8)
+
+    def fn(t, p):
+        return metrics.classification(t, p, None, ["F", "M"])
+
+    ci = metrics.bootstrap(fn, [y, constant], n=500, seed=0, strata=y)
+    assert ci["balanced_accuracy"] == (0.5, 0.5)  # includes chance, and nothing above it
+    one_class = np.zeros(8, dtype=int)  # a free resample that drew only the first (M) scan: P = (5/8)^8 per draw
+    assert fn(y[one_class], constant[one_class])["balanced_accuracy"] == 1.0  # what unstratified resampling let in
+    assert metrics.failures(constant, n_classes=2) == ["constant prediction"]
+    assert metrics.failures(np.array([31.0, 31.0, 31.0]), parse_rate=0.0) == ["constant prediction", "no answer parsed"]
+    assert metrics.failures(np.array(["M", "F", "M"]), n_classes=2) == []
+
+
+def test_the_report_marks_failed_results():
+    from fmrilm.eval.report import markdown
+
+    res = {"task": "sex", "group": "heldout_subjects", "paradigm": "full", "method": "fmrilm", "k": None, "n": 8,
+           "metrics": {"balanced_accuracy": 0.5}, "failures": ["constant prediction"]}
+    base = {**res, "paradigm": "baseline", "method": "fc_linear", "metrics": {"balanced_accuracy": 0.9}, "failures": []}
+    report = {"pretrained": "p", "spec": {"model": "m"}, "groups": {"train": 10, "heldout_subjects": 8}, "results": [res, base]}
+    md = markdown(report)
+    assert "0.500 FAILED: constant prediction" in md and "## Failures" in md and "- sex / heldout_subjects / full: constant prediction" in md

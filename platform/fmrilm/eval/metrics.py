@@ -1,7 +1,11 @@
 """Metrics with bootstrap confidence intervals (pure numpy/scikit-learn).
 
 Classification: accuracy, balanced accuracy, one-vs-rest macro AUC (from per-class scores).
-Regression: MAE and Pearson r. ``bootstrap`` resamples test scans with replacement.
+Regression: MAE and Pearson r. ``bootstrap`` resamples test scans with replacement; for
+classification it resamples within each true class (``strata``), so every resample holds every
+class in its original count: a resample of one class, where a constant predictor scores a
+balanced accuracy of 1.0, cannot happen. :func:`failures` names what makes a result meaningless
+(a constant prediction, answers that never parse).
 """
 
 from __future__ import annotations
@@ -34,15 +38,18 @@ def regression(y_true, y_pred) -> dict[str, float]:
     return {"mae": float(np.abs(y_true - y_pred).mean()), "pearson_r": r}
 
 
-def bootstrap(metric, arrays: list[np.ndarray], n: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+def bootstrap(metric, arrays: list[np.ndarray], n: int = 1000, seed: int = 0, level: float = 0.95,
+              strata: np.ndarray | None = None) -> dict[str, tuple[float, float]]:
     """Percentile confidence intervals of every key of ``metric(*arrays)`` over ``n`` resamples
-    of the rows; keys undefined in a resample (e.g. AUC with one class) skip it."""
+    of the rows (within each value of ``strata`` when given: pass the true classes); keys
+    undefined in a resample (e.g. Pearson r of a constant) skip it."""
     rng = np.random.default_rng(seed)
     arrays = [np.asarray(a) for a in arrays]
     m = len(arrays[0])
+    groups = [np.flatnonzero(np.asarray(strata) == v) for v in np.unique(strata)] if strata is not None else [np.arange(m)]
     draws: dict[str, list[float]] = {}
     for _ in range(n):
-        idx = rng.integers(0, m, m)
+        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
         try:
             values = metric(*(a[idx] for a in arrays))
         except ValueError:
@@ -52,6 +59,20 @@ def bootstrap(metric, arrays: list[np.ndarray], n: int = 1000, seed: int = 0, le
                 draws.setdefault(k, []).append(v)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for k, v in draws.items() if len(v) >= n // 2}
+
+
+def failures(y_pred, parse_rate: float | None = None, n_classes: int | None = None) -> list[str]:
+    """Why a set of predictions says nothing, as report flags: ``constant prediction`` (one
+    value for every scan of a test set with more than one true class, or one number for every
+    age) and ``no answer parsed`` (a generated answer that never parsed as a number, so every
+    prediction is the fallback)."""
+    flags = []
+    values = np.asarray(y_pred)
+    if len(values) > 1 and len(np.unique(values.astype(str))) == 1 and (n_classes is None or n_classes > 1):
+        flags.append("constant prediction")
+    if parse_rate is not None and parse_rate == 0:
+        flags.append("no answer parsed")
+    return flags
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

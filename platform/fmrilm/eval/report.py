@@ -31,6 +31,8 @@ def _fmt(res: dict | None, key: str, ci: bool = True) -> str:
     if ci and key in res.get("ci", {}):
         lo, hi = res["ci"][key]
         text += f" [{lo:.2f}, {hi:.2f}]"
+    if res.get("failures"):  # a result that says nothing is marked where it is read
+        text += " FAILED: " + ", ".join(res["failures"])
     return text
 
 
@@ -73,6 +75,12 @@ def markdown(report: dict) -> str:
         header, rows = table_rows(report, group)
         lines += [f"## {group.replace('_', ' ')}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines.append("")
+    failed = [r for r in report["results"] if r.get("failures") and r["method"] == "fmrilm"]
+    if failed:
+        lines += ["## Failures", "", "These fmrilm results carry no information about the scans (FAILED in the tables):", ""]
+        lines += [f"- {r['task']} / {r['group']} / {r['paradigm']}" + (f" k={r['k']}" if r.get("k") else "") + f": {', '.join(r['failures'])}"
+                  for r in failed]
         lines.append("")
     for group in report["groups"]:
         rates: dict[str, list[float]] = {}

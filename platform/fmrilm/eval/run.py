@@ -239,7 +239,7 @@ def score(task: str, y_true: np.ndarray, pred: np.ndarray, scores: np.ndarray | 
         arrays = [y_true, pred] + ([scores] if scores is not None else [])
     out = {"n": int(len(y_true)), "metrics": fn(*arrays)}
     if n_boot:
-        out["ci"] = metrics.bootstrap(fn, arrays, n=n_boot, seed=seed)
+        out["ci"] = metrics.bootstrap(fn, arrays, n=n_boot, seed=seed, strata=None if task in REGRESSION else y_true)
     return out
 
 
@@ -293,6 +293,7 @@ def run(spec: EvalSpec) -> dict:
 
         def record(paradigm, method, out, k=None, seed=None, extra=None):
             res = score(task, y, out["pred"], out.get("scores"), classes, spec.bootstrap, spec.seed)
+            res["failures"] = metrics.failures(out["pred"], out.get("parse_rate"), None if task in REGRESSION else len(set(y)))
             results.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
                             **res, **(extra or {})})
             predictions.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
