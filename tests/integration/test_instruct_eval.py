@@ -102,7 +102,7 @@ def test_instruct_then_eval_report(pretrained):
     for name in ("report.json", "report.md", "predictions.json", "fewshot.png", "confusion.png", "age.png"):
         assert os.path.getsize(files[name]) > 0
     md = open(files["report.md"]).read()
-    assert "| task | metric | paradigm | fmrilm | majority/mean | fc_linear | descriptors_linear | oracle |" in md
+    assert "| task | metric | paradigm | fmrilm | majority/mean | fc_linear | fc_linear_whole_scan | descriptors_linear | oracle |" in md
     assert "kshot_lora k=2" in md and "## heldout dataset" in md
     saved = json.load(open(files["report.json"]))
     assert saved["groups"]["heldout_dataset"] == 6

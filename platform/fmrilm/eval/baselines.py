@@ -3,11 +3,13 @@
 * ``majority`` / ``mean``: the training split's most frequent class or mean value.
 * ``fc_linear``: upper-triangle Pearson FC of the robust-scaled series, standardised, then a
   logistic regression (classification) or ridge regression (regression) whose penalty is chosen
-  by cross-validation on the training subjects only (nested inside the train/test split).
+  by cross-validation on the training subjects only (nested inside the train/test split), on
+  the time points the LM's prompt shows; ``fc_linear_whole_scan`` the same on the whole scan.
 * ``descriptors_linear``: the same models on the descriptor z-scores of ``fmrilm features``.
 * ``oracle`` (synthetic cohorts): the generator's true effect pattern projected onto each scan's
   FC (:func:`fmrilm.data.synth.oracle_scores`), calibrated on the training scans by a
-  one-feature logistic/linear fit; the best any FC-linear model can expect.
+  one-feature logistic/linear fit on the whole scan. Not an upper bound: the generator's site
+  effect is not in it, so a model that also reads site can beat it.
 
 Each baseline returns predictions (and class scores) for the test scans.
 """

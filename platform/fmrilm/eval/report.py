@@ -15,7 +15,7 @@ import numpy as np
 from fmrilm import storage
 
 HEADLINE = {"classification": "balanced_accuracy", "regression": "mae"}
-BASELINES = ("majority", "mean", "fc_linear", "descriptors_linear", "oracle")
+BASELINES = ("majority", "mean", "fc_linear", "fc_linear_whole_scan", "descriptors_linear", "oracle")
 
 
 def headline(task: str) -> str:
@@ -39,13 +39,13 @@ def _fmt(res: dict | None, key: str, ci: bool = True) -> str:
 def table_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one group's table (see the module docstring)."""
     results = [r for r in report["results"] if r["group"] == group]
-    header = ["task", "metric", "paradigm", "fmrilm", "majority/mean", "fc_linear", "descriptors_linear", "oracle"]
+    header = ["task", "metric", "paradigm", "fmrilm", "majority/mean", "fc_linear", "fc_linear_whole_scan", "descriptors_linear", "oracle"]
     rows = []
     for task in dict.fromkeys(r["task"] for r in results):
         key = headline(task)
         base = {r["method"]: r for r in results if r["task"] == task and r["paradigm"] == "baseline"}
         cols = [_fmt(base.get("majority") or base.get("mean"), key, False), _fmt(base.get("fc_linear"), key),
-                _fmt(base.get("descriptors_linear"), key), _fmt(base.get("oracle"), key)]
+                _fmt(base.get("fc_linear_whole_scan"), key), _fmt(base.get("descriptors_linear"), key), _fmt(base.get("oracle"), key)]
         lm = [r for r in results if r["task"] == task and r["method"] == "fmrilm"]
         for paradigm in ("zero_shot", "in_context", "kshot_lora", "full"):
             runs = [r for r in lm if r["paradigm"] == paradigm]
@@ -68,7 +68,8 @@ def markdown(report: dict) -> str:
     lines = ["# fmrilm evaluation", "",
              f"Pretrained export: `{report['pretrained']}`; instruct export: `{report['spec']['model']}`.",
              f"Scans: {report['groups']}. Headline metric: balanced accuracy (classification), MAE in years (age).",
-             "Baselines are fitted on every training subject; 95 % bootstrap CIs over test scans in brackets.", ""]
+             "Baselines are fitted on every training subject; `fc_linear` sees the same time points as the LM's prompt, "
+             "`fc_linear_whole_scan` the whole scan. 95 % bootstrap CIs over test scans (resampled within each class) in brackets.", ""]
     for group in report["groups"]:
         if group == "train":
             continue

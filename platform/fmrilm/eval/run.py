@@ -278,7 +278,9 @@ def run(spec: EvalSpec) -> dict:
         log.warning("task %s has fewer than two classes among the training scans: skipped", task)
     age_mean = float(pd.to_numeric(train["age"], errors="coerce").mean())
     descriptors = read_descriptors(spec.data, None) if spec.baselines else pd.DataFrame()
-    fcs = fc_matrices(spec, meta[meta["group"] != "unused"]["scan_id"]) if spec.baselines else {}
+    used = meta[meta["group"] != "unused"]["scan_id"]
+    fcs = fc_matrices(spec, used, blocks.seen_timepoints(spec.fmri_steps)) if spec.baselines else {}  # what the LM's prompt shows
+    whole = fc_matrices(spec, used) if spec.baselines else {}
     from rich.progress import track
 
     plan = [(task, group) for task in tasks for group in groups]
@@ -319,7 +321,7 @@ def run(spec: EvalSpec) -> dict:
                     record("kshot_lora", "fmrilm", out, k=k, seed=seed,
                            extra={"train_rows": len(rows)} | ({"parse_rate": out["parse_rate"]} if "parse_rate" in out else {}))
         if spec.baselines:
-            for method, out in baseline_predictions(task, train, test, labeller, descriptors, fcs, spec).items():
+            for method, out in baseline_predictions(task, train, test, labeller, descriptors, fcs, spec, whole).items():
                 record("baseline", method, out)
     report = {"spec": spec.model_dump(mode="json"), "pretrained": pretrained, "results": results,
               "groups": {g: int((meta["group"] == g).sum()) for g in ("train", *groups)}, "classes": labeller.classes,
@@ -334,9 +336,10 @@ def _plain(v):
 
 
 def baseline_predictions(task: str, train: pd.DataFrame, test: pd.DataFrame, labeller: Labeller, descriptors: pd.DataFrame,
-                         fcs: dict[str, np.ndarray], spec: EvalSpec) -> dict[str, dict]:
+                         fcs: dict[str, np.ndarray], spec: EvalSpec, whole: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
     """Predictions of every baseline that applies (see :mod:`fmrilm.eval.baselines`); ``fcs``
-    maps scan_id to its FC matrix."""
+    maps scan_id to its FC matrix on the time points the LM's prompt shows (``fc_linear``),
+    ``whole`` to the whole scan's (``fc_linear_whole_scan``)."""
     tr, y_tr = truth(task, train, labeller)
     classes = labeller.classes.get(task, [])
     out: dict[str, dict] = {}
@@ -347,10 +350,11 @@ def baseline_predictions(task: str, train: pd.DataFrame, test: pd.DataFrame, lab
         out["majority"] = {"pred": pred, "scores": scores}
     scans = pd.concat([tr, test])["scan_id"]
     features = {}
-    if fcs and len({fcs[s].shape for s in scans}) == 1:
-        features["fc_linear"] = {s: baselines.upper(fcs[s]) for s in scans}
-    elif fcs:
-        log.warning("FC baseline skipped: the scans have different ROI counts")
+    for name, mats in (("fc_linear", fcs), ("fc_linear_whole_scan", whole or {})):
+        if mats and len({mats[s].shape for s in scans}) == 1:
+            features[name] = {s: baselines.upper(mats[s]) for s in scans}
+        elif mats:
+            log.warning("%s baseline skipped: the scans have different ROI counts", name)
     if not descriptors.empty:
         d = descriptors.set_index("scan_id")
         if set(scans) <= set(d.index):
@@ -363,21 +367,26 @@ def baseline_predictions(task: str, train: pd.DataFrame, test: pd.DataFrame, lab
         elif len(set(y_tr)) >= 2:
             pred, scores = baselines.linear_classifier(x_tr, y_tr, x_te, classes, spec.seed)
             out[name] = {"pred": pred, "scores": scores}
-    oracle = _oracle(task, tr, y_tr, test, fcs, spec, labeller)
+    oracle = _oracle(task, tr, y_tr, test, whole or fcs, spec, labeller)
     if oracle is not None:
         out["oracle"] = oracle
     return out
 
 
-def fc_matrices(spec: EvalSpec, scan_ids) -> dict[str, np.ndarray]:
-    """Pearson FC of every listed scan (robust-scaled series), read from the scan tables once."""
+def fc_matrices(spec: EvalSpec, scan_ids, seen: dict | None = None) -> dict[str, np.ndarray]:
+    """Pearson FC of every listed scan (robust-scaled series), read from the scan tables once.
+    With ``seen`` (:meth:`fmrilm.train.instruct.ScanBlocks.seen_timepoints`) only the time points
+    an evaluation prompt shows the LM (resampled as the tokenizer was trained), else the whole scan."""
     from fmrilm.data import table
+    from fmrilm.data.pipeline import resample
     from fmrilm.features.job import read_series
 
     want = set(scan_ids)
     out = {}
     for loc, manifest in table.find_datasets(spec.data):
-        for sid, (x, _) in read_series(loc, manifest, want).items():
+        for sid, (x, tr) in read_series(loc, manifest, want).items():
+            if seen is not None:
+                x = (resample(x, tr, seen["target_tr"]) if seen["target_tr"] else x)[:, : seen["timepoints"]]
             out[sid] = baselines.fc_matrix(x)
     return out
 

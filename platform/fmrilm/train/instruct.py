@@ -93,7 +93,13 @@ class ScanBlocks:
         self.vocab = meta["vocab"]
         self.features = meta.get("input_mode") == "features"
         tokens, _ = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features)
-        self.codes, self.feats = scan_codes(tokens, artifact_config(meta["tokenizer"])["data"]["window"])
+        self.tokenizer_cfg = artifact_config(meta["tokenizer"])
+        self.codes, self.feats = scan_codes(tokens, self.tokenizer_cfg["data"]["window"])
+
+    def seen_timepoints(self, steps: int) -> dict:
+        """What a prompt of ``steps`` time steps shows of a scan: ``timepoints`` (one step is one
+        patch of the tokenizer) counted after resampling to ``target_tr`` (None: the native TR)."""
+        return {"timepoints": steps * self.tokenizer_cfg["model"]["patch"], "target_tr": self.tokenizer_cfg["data"]["target_tr"]}
 
     def part(self, scan_id: str, steps: int):
         if scan_id not in self.codes:
