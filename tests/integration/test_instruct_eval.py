@@ -39,8 +39,8 @@ def pretrained(ray_cluster, tmp_path_factory):
     ingest_synthetic(SynthParams(name="other", subjects=6, n_rois=8, n_networks=4, n_timepoints=96, seed=9), data)
     features(FeaturesSpec(data=data, ica_components=3, captions_per_scan=1, plot=False, probe=False))
     runs = str(root / "runs")
-    tok = train_tokenizer(TokenizerStageSpec(
-        data=PipelineSpec(data=data, window=32, stride=32), model=TokenizerConfig(patch=16, width=16, heads=2, depth=1, code_dim=8, num_codes=16),
+    tok = train_tokenizer(TokenizerStageSpec(  # the held-out dataset never reaches training, the tokenizer included
+        data=PipelineSpec(data=data, datasets=["cohort"], window=32, stride=32), model=TokenizerConfig(patch=16, width=16, heads=2, depth=1, code_dim=8, num_codes=16),
         train=OptimSpec(epochs=1, batch_size=8, max_steps=2, checkpoint_every=2),
         scaling=ScalingSpec(num_workers=1, cpus_per_worker=0.5), run=RunSpec(storage=runs, name="tok", logger="none")))
     tokenize(TokenizeSpec(tokenizer=tok["artifact"], data=PipelineSpec(data=data)))

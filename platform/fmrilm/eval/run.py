@@ -256,8 +256,11 @@ def run(spec: EvalSpec) -> dict:
     blocks = ScanBlocks(pretrained, spec.data, spec.datasets, spec.tokens)
     trained = {f"the instruct export {spec.model}": export_meta(spec.model).get("split")} if spec.model else {}
     trained[f"the pretrained export {pretrained}"] = export_meta(pretrained).get("split")
-    if spec.baselines:
-        trained[f"the features build of {spec.data} (descriptor baselines)"] = features_split(spec.data, None)
+    if spec.baselines:  # a held-out dataset's own build normalises its descriptors against itself: never its labels
+        from fmrilm.data.table import find_datasets
+
+        trained_on = spec.datasets or [m["dataset"] for _, m in find_datasets(spec.data) if m["dataset"] not in spec.heldout_datasets]
+        trained[f"the features build of {spec.data} (descriptor baselines)"] = features_split(spec.data, trained_on)
     meta = eval_meta(spec, set(blocks.codes), trained)
     train = meta[meta["group"] == "train"]
     groups = [g for g in ("heldout_subjects", "heldout_dataset") if (meta["group"] == g).any()]
