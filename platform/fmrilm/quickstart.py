@@ -8,7 +8,8 @@ runs its own job spec (``jobs/<stage>.yaml`` by default) with every path pointed
 
 Re-running reuses finished work: a stage that completed leaves ``<storage>/quickstart/<stage>.json``
 holding a hash of its resolved spec and of the stages before it; when both match, the stage is
-skipped. A stage that was interrupted has no such file and runs again, and the training stages
+skipped, and when they differ (new data, other settings) its run folder is removed and it runs
+afresh. A stage that was interrupted has no such file and runs again, and the training stages
 then resume from their checkpoints (same run name).
 """
 
@@ -101,6 +102,10 @@ def run(spec: QuickstartSpec) -> dict:
             log.info("quickstart %d/%d %s: reused (finished earlier with the same spec)", i + 1, len(jobs), stage)
             done, status = previous, "reused"
         else:
+            run = getattr(job, "run", None)
+            if previous and run is not None:  # finished before on other inputs or settings: start afresh, not resume
+                log.info("quickstart %d/%d %s: inputs or settings changed since it finished; starting it afresh", i + 1, len(jobs), stage)
+                storage.delete_dir(storage.resolve(storage.join(run.storage, run.name)))
             log.info("quickstart %d/%d %s: running", i + 1, len(jobs), stage)
             result = fn(job)
             done, status = {"hash": chain, "note": _note(stage, result)}, "ran"

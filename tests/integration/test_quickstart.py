@@ -42,13 +42,15 @@ def test_quickstart_chain_on_s3_then_reuse(ray_cluster, local_s3, tmp_path):
     md = storage.read_text(storage.resolve(f"{root}/quickstart/report.md"))
     assert "| pretrain | ran |" in md and "sex" in md
 
+    eval_hash = json.loads(storage.read_text(storage.resolve(f"{root}/quickstart/eval.json")))["hash"]
     again = run(spec)
     assert [s["status"] for s in again["stages"]] == ["reused"] * 7
     assert again["report"]["results"] == report["results"]
 
     changed = run(spec.model_copy(update={"overrides": TINY["overrides"] | {"eval": [*TINY["overrides"]["eval"], "paradigms=[zero_shot]"]}}))
     assert [s["status"] for s in changed["stages"]] == ["reused"] * 6 + ["ran"]
-    assert json.loads(storage.read_text(storage.resolve(f"{root}/quickstart/eval.json")))["hash"] != ""
+    assert json.loads(storage.read_text(storage.resolve(f"{root}/quickstart/eval.json")))["hash"] != eval_hash
+    assert {r["paradigm"] for r in changed["report"]["results"] if r["method"] == "fmrilm"} == {"zero_shot"}  # afresh, not the old report
 
 
 def test_quickstart_flag_s3_starts_its_own_server_and_copies_the_reports(ray_cluster, local_s3, tmp_path):

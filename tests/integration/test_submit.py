@@ -4,12 +4,6 @@ to SUCCEEDED, its log is readable, a re-submission under the same run name resum
 running job stops, and neither the runtime_env nor the logs carry the submitter's credentials."""
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
@@ -19,6 +13,8 @@ from fmrilm import submit
 from fmrilm.cli import app
 
 from tests.credentials import fake_aws_credentials
+from tests.ray_head import free_port, head_env
+from tests.ray_head import ray_head as start_head
 
 pytestmark = pytest.mark.integration
 FAKE = fake_aws_credentials()
@@ -26,45 +22,12 @@ TINY = ["model.num_codes=16", "model.width=16", "model.depth=1", "model.heads=2"
         "scaling.num_workers=1", "run.logger=none"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` in its own process group, every listener on 127.0.0.1; its own
-    temp dir names every process it starts, so teardown stops this cluster and no other."""
-    temp = tempfile.mkdtemp(prefix="frh", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    dash = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in FAKE} | {
-        "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=3", "--include-dashboard=true",
-           "--disable-usage-stats", f"--temp-dir={temp}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            submit.connect(address).list_jobs()
-            break
-        except Exception:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the local Ray head did not come up") from None
-            time.sleep(1)
-    yield address
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run(["pkill", "-KILL", "-f", temp], check=False)
-    shutil.rmtree(temp, ignore_errors=True)
+    """A local head without token auth (tests/ray_head.py) whose environment holds none of the fake credentials."""
+    with start_head(head_env(drop=set(FAKE), RAY_AUTH_MODE="disabled")) as address:
+        submit.connect(address).list_jobs()
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +94,6 @@ def test_stop_a_running_job(cohort, ray_head):
 
 def test_unreachable_address_fails_fast():
     start = time.monotonic()
-    code, out = _cli("submit", "jobs/tokenizer.yaml", "--address", f"http://127.0.0.1:{_free_port()}")
+    code, out = _cli("submit", "jobs/tokenizer.yaml", "--address", f"http://127.0.0.1:{free_port()}")
     assert code == 2 and "cannot reach the Ray dashboard" in out
     assert time.monotonic() - start < 15

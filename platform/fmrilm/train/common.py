@@ -7,7 +7,11 @@ import logging
 import math
 import os
 import posixpath
+import socket
 import tempfile
+import threading
+import time
+import uuid
 from contextlib import contextmanager
 from typing import Literal
 
@@ -133,7 +137,6 @@ def inject_fault(plan: dict | None, step: int, resumed: bool) -> None:
     ctx = ray.train.get_context()
     if ctx.get_world_rank() == ctx.get_world_size() - 1:
         import signal
-        import time
 
         time.sleep(1.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 0.5)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -160,24 +163,15 @@ class RunLock:
     whose heartbeat is older than ``LOCK_STALE_S`` was left by a killed driver and is taken over."""
 
     def __init__(self, run_dir: storage.Location, name: str):
-        import socket
-        import threading
-        import uuid
-
         self.loc, self.name = run_dir.join(RUN_LOCK), name
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="fmrilm-run-lock", daemon=True)
 
     def _body(self) -> bytes:
-        import time
-
         return json.dumps(self.me | {"heartbeat": time.time()}).encode()
 
     def _stale(self, held: dict) -> bool:
-        import socket
-        import time
-
         if held.get("host") == socket.gethostname() and held.get("pid"):
             if int(held["pid"]) == os.getpid():
                 return held.get("token") not in _LIVE_LOCKS  # left by an earlier run of this process that could not remove it
