@@ -39,3 +39,22 @@ def test_two_concurrent_ingests_leave_one_complete_version(tmp_path, local_s3, w
     # the winner's version is the only one left unless both committed one after the other
     versions = [n for n in __import__("fmrilm").storage.list_dir(loc) if n.startswith("v-")]
     assert manifest["version"] in versions and len(versions) == sum(c == 0 for c in codes)
+
+
+def test_a_reader_streaming_a_version_is_not_cut_off_by_a_reingest(tmp_path, ray_cluster):
+    """A training run streams the shards of the manifest it read; a re-ingest commits a new
+    version meanwhile and deletes nothing, so the stream ends with every window of its version."""
+    from fmrilm.data.ingest import ingest_synthetic
+    from fmrilm.data.pipeline import PipelineSpec, build_windows
+    from fmrilm.data.synth import SynthParams
+
+    root = str(tmp_path / "datasets")
+    params = SynthParams(name="live", subjects=12, n_rois=8, n_networks=2, n_timepoints=64, seed=1)
+    first = ingest_synthetic(params, root, use_ray=False).manifest
+    ds, n = build_windows(PipelineSpec(data=root, window=16, stride=16), None)
+    rows = iter(ds.iter_rows())
+    seen = [next(rows)]
+    second = ingest_synthetic(params.model_copy(update={"seed": 2, "subjects": 20}), root, use_ray=False).manifest
+    assert second["version"] != first["version"]
+    seen += list(rows)
+    assert len(seen) == n == first["rows"] * 4
