@@ -298,7 +298,8 @@ def run(spec: EvalSpec) -> dict:
 
         def record(paradigm, method, out, k=None, seed=None, extra=None):
             res = score(task, y, out["pred"], out.get("scores"), classes, spec.bootstrap, spec.seed)
-            res["failures"] = metrics.failures(out["pred"], out.get("parse_rate"), None if task in REGRESSION else len(set(y)))
+            if method == "fmrilm":  # majority/mean are constant by design
+                res["failures"] = metrics.failures(out["pred"], out.get("parse_rate"), None if task in REGRESSION else len(set(y)))
             results.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
                             **res, **(extra or {})})
             predictions.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
