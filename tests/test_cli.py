@@ -74,3 +74,8 @@ def test_quickstart_runs_and_reuses_finished_work(tmp_path):
     r = runner.invoke(app, [*args, f"storage={tmp_path / 'fresh'}", "stages=[ingest,features,tokenizer]", "overrides.tokenizer=[model.bogus=1]"])
     assert r.exit_code == 2 and "model.bogus: unknown key" in r.output
     assert not (tmp_path / "fresh").exists()
+
+
+def test_a_bad_quickstart_override_is_one_line_not_a_traceback():
+    r = CliRunner().invoke(app, ["quickstart", "overrides.eval=[paradigms=[a,b],x]"])
+    assert r.exit_code == 2 and "is not valid YAML" in r.output and "Traceback" not in r.output, r.output

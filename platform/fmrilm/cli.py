@@ -518,8 +518,8 @@ def quickstart(
     from fmrilm import config
     from fmrilm.quickstart import QuickstartSpec, run, run_on_local_s3
 
-    data = config.load_yaml(spec) if os.path.exists(spec) else {}
-    job = _guard(config.build, QuickstartSpec, config.apply_overrides(data, overrides or []), spec)
+    data = _guard(config.load_yaml, spec) if os.path.exists(spec) else {}
+    job = _guard(lambda: config.build(QuickstartSpec, config.apply_overrides(data, overrides or []), spec))
     print_quickstart(_guard(run_on_local_s3, job, copy_to) if s3 else _guard(run, job))
 
 
