@@ -321,12 +321,10 @@ def shape_of(**sections) -> dict:
 # Globals that DeepSpeed's own checkpoint files pickle besides tensors and containers; anything
 # else in a checkpoint is refused before it is loaded (a torch.load with weights_only=False, which
 # DeepSpeed uses, would run it).
-DEEPSPEED_GLOBALS = frozenset({
+DEEPSPEED_GLOBALS = frozenset({  # classes only (no callables that could be chained into a call)
     "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
-    "deepspeed.checkpoint.utils.clone_tensors_for_torch_save", "argparse.Namespace", "builtins.set", "builtins.getattr",
-    "collections.OrderedDict", "torch.nn.parameter.Parameter", "torch._utils._rebuild_parameter",
-    "deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs",
+    "argparse.Namespace", "builtins.set",
 })
 
 
