@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from fmrilm.cli import app
@@ -79,3 +80,11 @@ def test_quickstart_runs_and_reuses_finished_work(tmp_path):
 def test_a_bad_quickstart_override_is_one_line_not_a_traceback():
     r = CliRunner().invoke(app, ["quickstart", "overrides.eval=[paradigms=[a,b],x]"])
     assert r.exit_code == 2 and "is not valid YAML" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_quickstart_specs_entry_is_not_an_unknown_stage():
+    from fmrilm.quickstart import QuickstartSpec, check
+
+    check(QuickstartSpec(specs={"features": "jobs/features.yaml"}, stages=["ingest", "features"]))  # used to say "unknown stage(s)"
+    with pytest.raises(Exception, match=r"unknown stage\(s\) \['featurs'\]"):
+        check(QuickstartSpec(overrides={"featurs": ["plot=false"]}, stages=["ingest"]))

@@ -104,7 +104,7 @@ def test_domain_classifier_gradient_is_reversed_for_the_fmri_side():
     head = AlignmentHead(8, 6, AlignmentConfig(tokens_per_step=16))
     feats = torch.randn(2, 8, 8, requires_grad=True)
     text = torch.randn(20, 6)
-    loss, acc = head.domain_loss(feats, text, coef=1.0, generator=torch.Generator().manual_seed(0))
+    loss, _ = head.domain_loss(feats, text, coef=1.0, generator=torch.Generator().manual_seed(0))
     loss.backward()
     g_rev = feats.grad.clone()
     feats.grad = None
@@ -112,7 +112,6 @@ def test_domain_classifier_gradient_is_reversed_for_the_fmri_side():
     loss0, _ = head.domain_loss(feats, text, coef=-1.0, generator=torch.Generator().manual_seed(0))
     loss0.backward()
     torch.testing.assert_close(g_rev, -feats.grad)  # same loss, opposite encoder gradient
-    assert 0.0 <= acc.item() <= 1.0
 
 
 def test_contrastive_loss_prefers_matching_pairs():

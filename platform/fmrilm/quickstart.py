@@ -64,7 +64,7 @@ def check(spec: QuickstartSpec) -> list:
     """Validate every stage's spec before anything runs; returns ``[(stage, spec, run fn)]``."""
     from fmrilm.registry import load_job
 
-    unknown = sorted(set(spec.specs) | set(spec.overrides) - set(STAGES))
+    unknown = sorted((set(spec.specs) | set(spec.overrides)) - set(STAGES))
     if unknown:
         from fmrilm.config import ConfigError
 

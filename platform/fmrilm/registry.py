@@ -8,10 +8,6 @@ from typing import Callable
 
 from fmrilm.config import ConfigError
 
-# kinds that later stages add; a spec naming one fails clearly instead of running a stand-in
-PLANNED: tuple[str, ...] = ()
-
-
 def _quickstart():
     from fmrilm.quickstart import QuickstartSpec, run
 
@@ -68,9 +64,7 @@ def job_for(kind: str | None, source: str = "<spec>"):
     """Return ``(spec model, run function)`` for a job kind."""
     if kind in KINDS:
         return KINDS[kind]()
-    if kind in PLANNED:
-        raise NotImplementedError(f"{source}: job kind {kind!r} is not built yet (built: {sorted(KINDS)})")
-    raise ConfigError(f"{source}: kind: {kind!r} is not a job kind; use one of {sorted(KINDS) + list(PLANNED)}")
+    raise ConfigError(f"{source}: kind: {kind!r} is not a job kind; use one of {sorted(KINDS)}")
 
 
 def load_job(spec_uri: str, overrides: list[str], kind: str | None = None):

@@ -1,6 +1,6 @@
 """Ray runtime: connect to a cluster or start a safe local one, and run work in parallel.
 
-Local defaults follow ../shared/STACK_NOTES.md: every Ray listener and the torch/gloo sockets
+Local defaults: every Ray listener and the torch/gloo sockets
 stay on loopback, and tasks leave CPU for Ray Data.
 """
 

@@ -1,6 +1,6 @@
 """Stage-3 instructions: question/answer rows about scans, built from phenotypes and captions.
 
-A row of the ``instructions`` table (DESIGN.md section 2) is ``scan_id, split, task, paradigm,
+A row of the ``instructions`` table is ``scan_id, split, task, paradigm,
 prompt, answer, choices, target, context`` where ``prompt`` is text with ``<scan:SCAN_ID>``
 placeholders that :func:`encode` replaces with that scan's fMRI block (``<fmri> codes </fmri>``),
 so the table stays readable and independent of the tokenizer. Prompts follow fMRI-LM::

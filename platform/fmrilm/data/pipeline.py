@@ -5,7 +5,7 @@ Pure functions (``robust_scale``, ``resample``, ``windows``, ``assign_split``) h
 manifests list), schema validation, subject-level split filtering, per-ROI robust scaling,
 optional resampling to a common TR and windowing into ``[rois, window]`` samples.
 
-Ranks must see the same number of batches (DESIGN.md trap 4). Ray Train splits each dataset with
+Ranks must see the same number of batches, or an all-reduce hangs. Ray Train splits each dataset with
 ``streaming_split(world, equal=True)``; ``pad_for_ranks`` first pads the window dataset with
 ``valid = False`` rows to a multiple of the world size, so no real window is dropped and every
 rank gets the same row count, hence the same batch count. Losses must weight rows by ``valid``.
@@ -313,7 +313,7 @@ def pad_for_ranks(ds, n_rows: int, world_size: int, n_rois: int, window: int):
 def train_datasets(spec: PipelineSpec, world_size: int, names: tuple[str, ...] = ("train", "val")) -> dict:
     """Datasets for a TorchTrainer: ``{split: padded window dataset}`` plus their sizes.
 
-    Refuses an evaluation split under the name ``train`` (DESIGN.md: no training on eval data).
+    Refuses an evaluation split under the name ``train`` (no training on evaluation data).
     """
     found = selected_datasets(spec)
     if "train" in names and "train" not in split_names(spec, found):

@@ -1,4 +1,4 @@
-"""The scan table: one parquet row per scan (DESIGN.md section 2).
+"""The scan table: one parquet row per scan.
 
 ``timeseries`` is stored as a flat ``list<float32>`` in ROI-major order together with the shape
 columns ``n_rois`` and ``n_timepoints``: ``np.asarray(flat).reshape(n_rois, n_timepoints)``

@@ -15,7 +15,6 @@ import numpy as np
 from fmrilm import storage
 
 HEADLINE = {"classification": "balanced_accuracy", "regression": "mae"}
-BASELINES = ("majority", "mean", "fc_linear", "fc_linear_whole_scan", "descriptors_linear", "oracle")
 
 
 def headline(task: str) -> str:

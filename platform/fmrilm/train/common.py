@@ -25,7 +25,8 @@ from fmrilm.errors import UserError
 
 
 class ScalingSpec(Strict):
-    """Ray Train workers. On this 2-core machine keep cpus_per_worker fractional (STACK_NOTES)."""
+    """Ray Train workers. On a small machine keep cpus_per_worker fractional: workers that take every CPU leave
+    none for the Ray Data read tasks that feed them."""
 
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)

@@ -2,8 +2,9 @@
 
 ZeRO stage 0/1/2/3; bf16 on a GPU that supports it, fp32 on CPU (``precision="auto"``);
 optional CPU offload of optimizer state (stage >= 1) and parameters (stage 3). The optimizer and
-LR schedule are torch objects handed to ``deepspeed.initialize`` (no fused-Adam build on CPU;
-see STACK_NOTES), so this config carries no ``optimizer`` section.
+LR schedule are torch objects handed to ``deepspeed.initialize`` (a DeepSpeed ``optimizer``
+section would compile a fused CPU Adam on first use), so this config carries no ``optimizer``
+section.
 """
 
 from __future__ import annotations
