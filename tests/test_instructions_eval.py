@@ -220,3 +220,16 @@ def test_the_report_marks_failed_results():
     report = {"pretrained": "p", "spec": {"model": "m"}, "groups": {"train": 10, "heldout_subjects": 8}, "results": [res, base]}
     md = markdown(report)
     assert "0.500 FAILED: constant prediction" in md and "## Failures" in md and "- sex / heldout_subjects / full: constant prediction" in md
+
+
+def test_calibration_removes_a_constant_preference():
+    """A model that prefers answer 1 by a margin everywhere but ranks the scans correctly (AUC 1):
+    the raw argmax answers 1 for every scan; removing each answer's mean score over training scans
+    recovers the ranking."""
+    from fmrilm.eval.scoring import calibrated_choices
+
+    signal = np.array([-1.0, -0.5, 0.5, 1.0])
+    scores = np.stack([signal, np.full(4, 5.0)], 1)  # answer 0's score carries the signal, answer 1 wins by 5
+    reference = np.stack([np.array([-0.8, 0.8, -0.2, 0.2]), np.full(4, 5.0)], 1)
+    assert (calibrated_choices(scores) == 1).all()
+    assert calibrated_choices(scores, reference).tolist() == [1, 1, 0, 0]

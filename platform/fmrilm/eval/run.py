@@ -69,6 +69,8 @@ class EvalSpec(Strict):
     tasks: list[str] = ["sex", "age_bin", "age"]
     paradigms: list[str] = list(PARADIGMS)
     in_context_k: int = Field(2, ge=1)
+    calibration_scans: int = Field(16, ge=0, description="training scans asked each question first: every answer's mean score over "
+                                   "them is subtracted before the argmax (0: the raw argmax)")
     kshot: KShotSpec = KShotSpec()
     fmri_steps: int = Field(4, ge=1)
     seq_len: int = Field(512, ge=32)
@@ -152,8 +154,10 @@ class Answerer:
             raise ValueError(f"{len(texts) - len(kept)} evaluation prompts do not fit seq_len={self.spec.seq_len}: raise seq_len")
         return examples
 
-    def answer(self, task: str, texts: list[str], labeller: Labeller, fallback: float) -> dict:
-        from fmrilm.eval.scoring import predict_numbers, score_choices
+    def answer(self, task: str, texts: list[str], labeller: Labeller, fallback: float, reference: list[str] | None = None) -> dict:
+        """Answers to ``texts``; for a class question calibrated on the ``reference`` prompts (the
+        same question about training scans, :func:`fmrilm.eval.scoring.calibrated_choices`)."""
+        from fmrilm.eval.scoring import calibrated_choices, predict_numbers, score_choices
 
         prompts = self.prompts(texts)
         if task in REGRESSION:
@@ -161,7 +165,10 @@ class Answerer:
             return {"pred": values, "parse_rate": rate}
         choices = labeller.choices(task)
         scores = score_choices(self.model, prompts, choices, self.tok, self.spec.seq_len)
-        return {"pred": np.array([choices[i].strip() for i in scores.argmax(1)], dtype=object), "scores": scores}
+        ref = score_choices(self.model, self.prompts(reference), choices, self.tok, self.spec.seq_len) if reference else None
+        picked = calibrated_choices(scores, ref)
+        return {"pred": np.array([choices[i].strip() for i in picked], dtype=object), "scores": scores,
+                "calibrated_on": 0 if ref is None else len(ref)}
 
 
 def task_prompts(task: str, test: pd.DataFrame, train: pd.DataFrame, labeller: Labeller, k: int, seed: int) -> list[str]:
@@ -178,6 +185,15 @@ def task_prompts(task: str, test: pd.DataFrame, train: pd.DataFrame, labeller: L
                 shots += f"{question_prompt(c.scan_id, question)}{labeller.answer(task, c, {}, rng)}\n\n"
         out.append(shots + question_prompt(row.scan_id, question))
     return out
+
+
+def calibration_rows(task: str, train: pd.DataFrame, labeller: Labeller, n: int, seed: int) -> pd.DataFrame:
+    """Up to ``n`` training scans (seeded) whose answers to a class question calibrate the LM's
+    choice (none for the age number, which is generated)."""
+    if task in REGRESSION or n == 0:
+        return train.iloc[:0]
+    known, _ = truth(task, train, labeller)
+    return known.sample(n=min(n, len(known)), random_state=seed) if len(known) else known
 
 
 def kshot_rows(task: str, train: pd.DataFrame, labeller: Labeller, k: int, seed: int) -> pd.DataFrame:
@@ -305,10 +321,18 @@ def run(spec: EvalSpec) -> dict:
             predictions.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
                                 "scan_id": list(test["scan_id"]), "true": [_plain(v) for v in y], "pred": [_plain(v) for v in out["pred"]]})
 
+        reference = calibration_rows(task, train, labeller, spec.calibration_scans, spec.seed)
+        context_pool = train[~train["scan_id"].isin(reference["scan_id"])]  # a reference scan is never its own example
+
+        def answer(model, tok, k_context, seed):
+            ref = task_prompts(task, reference, context_pool, labeller, k_context, seed) if len(reference) else None
+            out = Answerer(model, tok, blocks, spec).answer(task, task_prompts(task, test, train, labeller, k_context, seed), labeller,
+                                                            age_mean, ref)
+            return out, {k: out[k] for k in ("parse_rate", "calibrated_on") if k in out}
+
         def lm(model_name, k_context, paradigm, k=None):
-            model, tok = model_for(model_name)
-            out = Answerer(model, tok, blocks, spec).answer(task, task_prompts(task, test, train, labeller, k_context, spec.seed), labeller, age_mean)
-            record(paradigm, "fmrilm", out, k=k, extra={"parse_rate": out["parse_rate"]} if "parse_rate" in out else None)
+            out, extra = answer(*model_for(model_name), k_context, spec.seed)
+            record(paradigm, "fmrilm", out, k=k, extra=extra)
 
         if "zero_shot" in spec.paradigms:
             lm("pretrained", 0, "zero_shot")
@@ -321,9 +345,8 @@ def run(spec: EvalSpec) -> dict:
                 for seed in spec.kshot.seeds:
                     rows = kshot_rows(task, train, labeller, k, seed)
                     model, tok = kshot_tune(pretrained, rows, blocks, spec, seed)
-                    out = Answerer(model, tok, blocks, spec).answer(task, task_prompts(task, test, train, labeller, 0, seed), labeller, age_mean)
-                    record("kshot_lora", "fmrilm", out, k=k, seed=seed,
-                           extra={"train_rows": len(rows)} | ({"parse_rate": out["parse_rate"]} if "parse_rate" in out else {}))
+                    out, extra = answer(model, tok, 0, seed)
+                    record("kshot_lora", "fmrilm", out, k=k, seed=seed, extra={"train_rows": len(rows)} | extra)
         if spec.baselines:
             for method, out in baseline_predictions(task, train, test, labeller, descriptors, fcs, spec, whole).items():
                 record("baseline", method, out)

@@ -2,7 +2,9 @@
 
 Classification compares the log-likelihood of each allowed answer after the prompt (summed over
 the answer's tokens) and picks the highest, so the model can only answer with a valid class
-(fMRI-LM's constrained decoding). Regression greedily generates a few tokens after the prompt
+(fMRI-LM's constrained decoding); :func:`calibrated_choices` first removes each answer's mean
+score over the same question asked about training scans, so a model's constant preference for
+one answer (an uncalibrated bias) does not decide every scan. Regression greedily generates a few tokens after the prompt
 and parses the first number; an unparsable answer is counted and replaced by a fallback value.
 """
 
@@ -54,6 +56,16 @@ def score_choices(model, prompts: list[Example], choices: list[str], tokenizer, 
     ids = [np.asarray(tokenizer(c, add_special_tokens=False)["input_ids"], np.int64) for c in choices]
     examples = [_with_groups(p, a) for p in prompts for a in ids]
     return sequence_logprobs(model, examples, seq_len, tokenizer.pad_token_id).reshape(len(prompts), len(choices))
+
+
+def calibrated_choices(scores: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """The chosen answer's index per row of ``scores [n, choices]``: the argmax after subtracting
+    each answer's mean score over ``reference [m, choices]`` (the same prompts on training scans);
+    the plain argmax when there is no reference."""
+    scores = np.asarray(scores, float)
+    if reference is None or len(reference) == 0:
+        return scores.argmax(1)
+    return (scores - np.asarray(reference, float).mean(0)).argmax(1)
 
 
 @torch.no_grad()
