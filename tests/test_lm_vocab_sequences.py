@@ -26,14 +26,16 @@ def test_vocab_extension_keeps_text_ids_and_logits(name):
     assert vocab.base_vocab == before.shape[-1] and vocab.first_code_id >= vocab.base_vocab
     assert tok.convert_tokens_to_ids("<fmri_39>") == vocab.first_code_id + 39
     assert tok.tokenize("<fmri><fmri_7></fmri>") == ["<fmri>", "<fmri_7>", "</fmri>"]
-    assert init_code_embeddings(model, vocab, torch.randn(40, 8)) == "mean"
+    assert init_code_embeddings(model, vocab, torch.randn(40, 8)) == "text-scale"
     with torch.no_grad():
         after = model(x).logits
     assert after.shape[-1] == len(tok) == vocab.base_vocab + 42
     torch.testing.assert_close(after[..., : vocab.base_vocab], before, atol=1e-5, rtol=1e-5)
-    rows = model.get_input_embeddings().weight[vocab.code_ids()]
+    table = model.get_input_embeddings().weight.detach()
+    rows, text = table[vocab.code_ids()], table[: vocab.base_vocab]
     assert rows.std(0).sum() > 0  # new rows differ from each other
-    assert model.config.fmri_code_init == "mean" and model.config.fmri_vocab["num_codes"] == 40
+    assert rows.norm(dim=1).mean() == pytest.approx(float(text.norm(dim=1).mean()), rel=0.2)  # at a text row's scale
+    assert model.config.fmri_code_init == "text-scale" and model.config.fmri_vocab["num_codes"] == 40
 
 
 def test_codebook_init_through_a_fitted_linear_map():
@@ -52,7 +54,7 @@ def test_codebook_init_through_a_fitted_linear_map():
     cos = torch.nn.functional.cosine_similarity(rows, want, dim=-1)
     assert (cos > 0.99).all()
     # wrong width: falls back to the mean, and says so
-    assert init_code_embeddings(model, vocab, codebook, pairs=(x, torch.randn(200, 32))) == "mean"
+    assert init_code_embeddings(model, vocab, codebook, pairs=(x, torch.randn(200, 32))) == "text-scale"
 
 
 def test_bad_backbones_and_codebooks_fail_clearly(tmp_path):

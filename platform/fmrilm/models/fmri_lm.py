@@ -236,18 +236,19 @@ def fit_linear_map(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tup
 @torch.no_grad()
 def init_code_embeddings(model, vocab: FMRIVocab, codebook: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
                          seed: int = 0) -> str:
-    """Initialise the new input-embedding rows; returns ``"linear-map"`` or ``"mean"``.
+    """Initialise the new input-embedding rows; returns ``"linear-map"`` or ``"text-scale"``.
 
     ``codebook [K, d]``; ``pairs = (code vectors [n, d], LM-space targets [n, hidden])``. With
     pairs whose width is the LM's hidden size, codes go through the fitted map and are rescaled
-    to the mean norm of the text embeddings; otherwise every new row is the mean text embedding
-    plus noise of 1 % of its per-dimension spread (rows must differ to be learnable apart).
+    to the mean norm of the text embeddings; otherwise every new row is drawn like a text row
+    (the text embeddings' per-dimension mean and spread), so fMRI rows start at a text row's
+    scale and apart from each other (rows near the mean embedding are almost invisible to the LM).
     """
     table = model.get_input_embeddings().weight
     text = table[: vocab.base_vocab].float()
     hidden = table.shape[1]
     g = torch.Generator().manual_seed(seed)
-    delim = text.mean(0) + 0.01 * text.std(0) * torch.randn(2, hidden, generator=g)
+    delim = text.mean(0) + text.std(0) * torch.randn(2, hidden, generator=g)
     table[[vocab.open_id, vocab.close_id]] = delim.to(table.dtype)
     if pairs is not None and pairs[1].shape[1] == hidden and len(pairs[0]) > codebook.shape[1]:
         w, b = fit_linear_map(pairs[0].float(), pairs[1].float())
@@ -256,10 +257,10 @@ def init_code_embeddings(model, vocab: FMRIVocab, codebook: torch.Tensor, pairs:
         method = "linear-map"
     else:
         if pairs is not None:
-            log.warning("codebook init: %s; using the mean embedding",
+            log.warning("codebook init: %s; drawing the rows at the text embeddings' scale",
                         f"targets have width {pairs[1].shape[1]}, the LM {hidden}" if pairs[1].shape[1] != hidden else "too few pairs")
-        rows = text.mean(0) + 0.01 * text.std(0) * torch.randn(vocab.num_codes, hidden, generator=g)
-        method = "mean"
+        rows = text.mean(0) + text.std(0) * torch.randn(vocab.num_codes, hidden, generator=g)
+        method = "text-scale"
     table[vocab.first_code_id : vocab.first_code_id + vocab.num_codes] = rows.to(table.dtype)
     model.config.fmri_code_init = method
     return method
