@@ -155,3 +155,18 @@ def test_lora_sweep_selects_on_validation_subjects(pretrained):
     subject_of = dict(zip(rows["scan_id"], rows["subject_id"]))
     support = {subject_of.get(scan) for ctx in rows.loc[rows["split"] == "tuning_validation", "context"] for scan in ctx}
     assert support and support <= train  # few-shot support of validation prompts: training subjects only
+
+
+def test_full_fine_tuning_instruct_exports_a_full_model(pretrained):
+    """lora.enabled=false trains every weight (head and norms included) and exports the whole
+    model, which reloads with the in-training logits and still names its base export."""
+    from fmrilm.train.instruct import run as instruct
+    from fmrilm.train.lm import LoraSpec, load_exported, probe_logits
+
+    spec = _instruct_spec(pretrained, name="instruct-full", lora=LoraSpec(enabled=False), deepspeed=DeepSpeedSpec(zero_stage=2, micro_batch_size=4),
+                          train=OptimSpec(epochs=1, lr=1e-3, warmup_steps=1, max_steps=3, log_every=1, checkpoint_every=100))
+    result = instruct(spec)
+    model, _, meta = load_exported(result["model"])
+    assert meta["layout"] == "full" and meta["lora"] is False and meta["base_model"] == pretrained["model"]
+    probe = torch.load(os.path.join(result["model"], "probe.pt"), weights_only=False)
+    torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=1e-4, rtol=1e-4)

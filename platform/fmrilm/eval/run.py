@@ -227,8 +227,8 @@ def kshot_tune(pretrained: str, rows: pd.DataFrame, blocks, spec: EvalSpec, seed
     from fmrilm.train.lm import forward_loss
 
     torch.manual_seed(seed)
-    model, tok, _ = load_model(pretrained)
-    model = add_adapters(model, spec.kshot.lora)
+    model, tok, meta = load_model(pretrained)
+    model = add_adapters(model, spec.kshot.lora, meta.get("vocab"))  # the fMRI rows train with the adapters, as in instruct
     examples, _ = encode_rows(rows, blocks, tok, spec.fmri_steps, spec.seq_len)
     packed = {k: torch.from_numpy(v) for k, v in pack(examples, spec.seq_len, tok.pad_token_id).items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.kshot.lr)

@@ -7,10 +7,12 @@ block and packs them (loss on answer tokens only; one objective per task, so the
 reported per task and ``instructions.tasks`` weights mix them), and runs a ``TorchTrainer``.
 
 Worker: loads the export (a LoRA-pretrained export is merged first), puts fresh LoRA adapters
-on it and trains them with :func:`fmrilm.train.lm.deepspeed_train` (ZeRO 0-3, resume by run
-name, every rank checkpoints). Export: ``<storage>/<run>/model`` in the ``adapter`` layout
-(``adapter/`` + ``fmri_lm.json`` naming the base export, + the projector in the features input
-mode), which :func:`fmrilm.train.lm.load_exported` loads and ``fmrilm lm merge`` merges.
+on it (the fMRI rows of the embeddings train with them), or with ``lora.enabled=false`` trains
+every weight, with :func:`fmrilm.train.lm.deepspeed_train` (ZeRO 0-3, resume by run name, every
+rank checkpoints). Export: ``<storage>/<run>/model`` in the ``adapter`` layout (``adapter/`` +
+``fmri_lm.json`` naming the base export, + the projector in the features input mode), or the
+``full`` layout after full fine-tuning; :func:`fmrilm.train.lm.load_exported` loads both and
+``fmrilm lm merge`` merges the first.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ class InstructSpec(Strict):
     instructions: InstructionSpec = InstructionSpec()
     fmri_steps: int = Field(4, ge=1, description="time steps of each scan's fMRI block in a prompt (fewer if the row would not fit)")
     seq_len: int = Field(512, ge=32)
-    lora: LoraSpec = LoraSpec(enabled=True, r=8, alpha=16, dropout=0.1)
+    lora: LoraSpec = Field(LoraSpec(enabled=True, r=8, alpha=16, dropout=0.1),
+                           description="LoRA adapters (the fMRI rows train with them); enabled=false fine-tunes every weight "
+                                       "(small backbones: the head and norms then learn the answers too)")
     deepspeed: DeepSpeedSpec = DeepSpeedSpec(zero_stage=2)
     train: OptimSpec = OptimSpec(epochs=3, lr=5e-4, warmup_steps=5, checkpoint_every=50, log_every=5)
     validation: float = Field(0.0, ge=0, lt=1, description="fraction of the training subjects held out of LoRA training; "
@@ -173,9 +177,8 @@ def check(spec: InstructSpec) -> dict:
     cfg = AutoConfig.from_pretrained(os.path.join(local, sub))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(cfg)
-    if not spec.lora.enabled:
-        raise BackboneError("the instruct stage trains LoRA adapters: set lora.enabled=true")
-    lora_targets(spec.lora, skeleton)
+    if spec.lora.enabled:
+        lora_targets(spec.lora, skeleton)
     limit = getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", 10**9))
     if spec.seq_len > limit:
         raise BackboneError(f"seq_len {spec.seq_len} exceeds the backbone's maximum positions ({limit})")
@@ -288,14 +291,19 @@ def load_model(uri: str):
     return model, tok, meta
 
 
-def add_adapters(model, lora: LoraSpec):
-    """Fresh LoRA adapters on an LM (inside the features wrapper, whose projector keeps training)."""
+def add_adapters(model, lora: LoraSpec, vocab: dict | None = None):
+    """Fresh LoRA adapters on an LM (inside the features wrapper, whose projector keeps training);
+    with ``vocab`` (an export's ``fmri_lm.json`` vocabulary) the fMRI rows of the embeddings train
+    too, so the codes' meaning can adapt to the answers."""
     from fmrilm.train.lm import wrap_lora
 
+    new_ids = None
+    if vocab:
+        new_ids = [vocab["open_id"], vocab["close_id"], *range(vocab["first_code_id"], vocab["first_code_id"] + vocab["num_codes"])]
     if isinstance(model, FeatureInputLM):
-        model.lm = wrap_lora(lora, model.lm)
+        model.lm = wrap_lora(lora, model.lm, new_ids)
         return model
-    return wrap_lora(lora, model)
+    return wrap_lora(lora, model, new_ids)
 
 
 def train_loop(config: dict) -> None:
@@ -307,22 +315,28 @@ def train_loop(config: dict) -> None:
     spec = InstructSpec(**config["spec"])
     torch.manual_seed(spec.train.seed)
     model, tok, meta = load_model(spec.model)
-    model = add_adapters(model, spec.lora)
+    if spec.lora.enabled:
+        model = add_adapters(model, spec.lora, meta.get("vocab"))
     weights = {i: spec.instructions.tasks.get(t, 0.0) for i, t in enumerate(TASKS)}
     engine = deepspeed_train(spec, model, config, TASKS, weights, {})
     export(engine, tok, spec, meta, config["probe"], ray.train.get_context().get_world_rank(), config.get("split"))
 
 
 def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: int, split_rec: dict | None = None) -> None:
-    """Write the adapter export (every rank takes part: ZeRO-3 gathers); ``fmri_lm.json`` carries
-    the split record."""
+    """Write the export (every rank takes part: ZeRO-3 gathers): ``adapter/`` over the pretrained
+    export, or with ``lora.enabled=false`` the whole fine-tuned model (``full/``); ``fmri_lm.json``
+    names the base export either way and carries the split record."""
     from fmrilm.train.lm import write_export
 
     def write(d: str, lm) -> dict:
-        lm.save_pretrained(os.path.join(d, "adapter"))
-        tok.save_pretrained(os.path.join(d, "adapter"))
+        sub = "adapter" if spec.lora.enabled else "full"
+        if spec.lora.enabled:
+            lm.save_pretrained(os.path.join(d, sub))
+        else:
+            lm.save_pretrained(os.path.join(d, sub), state_dict={k: v.detach().cpu().clone() for k, v in lm.state_dict().items()})
+        tok.save_pretrained(os.path.join(d, sub))
         meta = {k: base_meta[k] for k in ("backbone", "vocab", "tokenizer", "input_mode") if k in base_meta}
-        return meta | {"layout": "adapter", "base_model": spec.model, "lora": True, "seq_len": spec.seq_len, "stage": "instruct",
+        return meta | {"layout": sub, "base_model": spec.model, "lora": spec.lora.enabled, "seq_len": spec.seq_len, "stage": "instruct",
                        "fmri_steps": spec.fmri_steps, "tasks": spec.instructions.tasks, "split": split_rec}
 
     write_export(engine, spec.deepspeed.zero_stage, probe, rank, storage.join(spec.run.storage, spec.run.name, "model"), write)
