@@ -223,9 +223,13 @@ def create_exclusive(loc: Location, data: bytes) -> bool:
 
 
 def _s3_put_if_absent(loc: Location, data: bytes) -> bool:
+    import logging
+
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
+
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials in ..." on every commit
 
     bucket, _, key = loc.path.partition("/")
     client = boto3.client("s3", endpoint_url=s3_endpoint(), region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
