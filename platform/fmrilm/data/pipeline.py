@@ -154,7 +154,10 @@ def split_names(spec: PipelineSpec, found) -> set[str]:
     names = {"unassigned"}
     for _, m in found:
         policy = splits.manifest_policy(m)
-        names |= set(policy.fractions) if policy.method == "hash" else set((m.get("split") or {}).get("assignments", {}).values())
+        if policy.method == "hash":
+            names |= set(policy.fractions)
+        else:  # the assignments frozen at ingest (a manifest written before that: the file itself)
+            names |= set(((m.get("split") or {}).get("assignments") or splits.load_split_file(policy.file)).values())
     return names
 
 
