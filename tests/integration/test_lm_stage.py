@@ -57,12 +57,15 @@ def _spec(inputs, name, zero=2, lora=False, source="tiny-gpt2", input_mode="toke
         run=RunSpec(storage=str(inputs["root"] / "runs"), name=name, logger="none"))
 
 
-def _check_export(result):
+def _check_export(result, tol=1e-4):
+    """Reload an export and compare its logits with the in-training probe. A merged adapter sums
+    W + BA before the matmul instead of after it, so a deep model's logits move by float rounding:
+    callers checking a merge pass a tolerance for that."""
     model, tok, meta = load_exported(result["model"])
     from fmrilm.train.lm import probe_logits
 
     probe = torch.load(os.path.join(result["model"], "probe.pt"), weights_only=False)
-    torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=tol, rtol=tol)
     assert meta["vocab"]["num_codes"] == 16 and tok.convert_tokens_to_ids("<fmri_15>") == meta["vocab"]["first_code_id"] + 15
     return meta
 
@@ -127,4 +130,4 @@ def test_smollm2_lora_zero2_pretrain_export_reload_and_merge(lm_inputs, smollm2_
     merged = result["model"] + "-merged"
     r = CliRunner().invoke(app, ["lm", "merge", result["model"], merged])
     assert r.exit_code == 0, r.output
-    assert _check_export({"model": merged})["layout"] == "full"
+    assert _check_export({"model": merged}, tol=2e-3)["layout"] == "full"  # 30 layers of rounding
