@@ -7,7 +7,7 @@ import torch
 
 from fmrilm.data.lm_sequences import (F2F, F2T, IGNORE, T2T, attention_mask, fmri_to_fmri, fmri_to_text, pack,
                                       steps_that_fit, text_to_text)
-from fmrilm.models.fmri_lm import (BackboneError, FeatureInputLM, add_fmri_vocab, fit_linear_map, init_code_embeddings, load_backbone,
+from fmrilm.models.fmri_lm import (BackboneError, FMRIInputLM, add_fmri_vocab, fit_linear_map, init_code_embeddings, load_backbone,
                                    locate_backbone, objective_losses, sync_to_local)
 
 
@@ -178,7 +178,7 @@ def test_objective_losses_weight_each_objective_mean():
 def test_feature_inputs_replace_embeddings_at_fmri_positions_only():
     model, tok, _ = load_backbone("tiny-gpt2")
     vocab = add_fmri_vocab(model, tok, 8)
-    wrapped = FeatureInputLM(model, width=5, max_rois=4).eval()
+    wrapped = FMRIInputLM(model, width=5, max_rois=4).eval()
     ex = fmri_to_fmri(np.array([[1, 2, 3], [4, 5, 6]]), vocab.first_code_id, vocab.open_id, vocab.close_id,
                       feats=np.random.default_rng(0).normal(size=(2, 3, 5)).astype(np.float32))
     row = {k: torch.from_numpy(v) for k, v in pack([ex], len(ex), tok.pad_token_id).items()}
@@ -191,3 +191,54 @@ def test_feature_inputs_replace_embeddings_at_fmri_positions_only():
     assert not torch.allclose(with_feats[0, 1], plain[0, 1])  # an fMRI position now sees its features
     torch.testing.assert_close(with_feats[0, 0], plain[0, 0])  # <fmri> sees only itself: unchanged
     assert set(wrapped.input_state()) == {"projector.0.weight", "projector.0.bias", "roi_embed.weight"}
+
+
+def test_scan_vector_is_the_encoder_features_connectivity():
+    from fmrilm.models.scan_token import feature_connectivity, scan_dim, scan_vector, standardiser
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(1, 20, 6))
+    feats = np.concatenate([base, base * 2 + 1, -base, rng.normal(size=(1, 20, 6))])  # ROI 1 follows 0, ROI 2 opposes it
+    conn = feature_connectivity(feats)
+    np.testing.assert_allclose(np.diag(conn), 1.0, atol=1e-9)
+    assert conn[0, 1] == pytest.approx(1.0) and conn[0, 2] == pytest.approx(-1.0) and abs(conn[0, 3]) < 0.3
+    v = scan_vector(feats)
+    assert v.shape == (scan_dim(4),) == (6,) and v.dtype == np.float32
+    flat = feature_connectivity(np.ones((3, 5, 2)))  # constant features: no correlation, no NaN
+    assert np.isfinite(flat).all() and not flat.any()
+    with pytest.raises(ValueError, match="at least 2 time steps"):
+        scan_vector(feats[:, :1])
+    mean, std = standardiser(np.stack([v, v * 0 + 1]))
+    assert mean.shape == std.shape == v.shape and (std >= 1e-3).all()
+
+
+def test_scan_token_enters_at_the_closing_token_of_each_block():
+    model, tok, _ = load_backbone("tiny-gpt2")
+    vocab = add_fmri_vocab(model, tok, 8)
+    dim = 6
+    wrapped = FMRIInputLM(model, max_rois=4, scan_dim=dim).eval()
+    codes = np.array([[1, 2, 3], [4, 5, 6]])
+    ids = {"first_code_id": vocab.first_code_id, "open_id": vocab.open_id, "close_id": vocab.close_id}
+    scan = np.arange(dim, dtype=np.float32)
+    ex = fmri_to_text(codes, np.array([7, 8, 9]), **ids, eos_id=tok.eos_token_id, scan=scan)
+    close = int(np.flatnonzero(ex.ids == vocab.close_id)[0])
+    assert ex.scan_at.tolist() == [close] and ex.scan.shape == (1, dim)
+    two = fmri_to_fmri(codes, **ids, scan=scan * 2)
+    row = pack([ex, two], len(ex) + len(two), tok.pad_token_id)  # one row, two scan vectors
+    assert row["scan"].shape == (1, 2, dim) and row["scan_pos"].tolist() == [[close, len(ex) + len(two) - 1]]
+    t = {k: torch.from_numpy(v) for k, v in row.items()}
+    mask = attention_mask(t["segments"], t["groups"])
+    with torch.no_grad():
+        plain = model.eval()(input_ids=t["ids"], attention_mask=mask, position_ids=t["positions"]).logits
+        none = wrapped(t["ids"], mask, t["positions"], scan=t["scan"], scan_pos=torch.full_like(t["scan_pos"], -1)).logits
+        got = wrapped(t["ids"], mask, t["positions"], scan=t["scan"], scan_pos=t["scan_pos"]).logits
+    torch.testing.assert_close(none, plain)
+    torch.testing.assert_close(got[0, :close], plain[0, :close])  # no fMRI token of the block sees the whole-scan vector
+    assert not torch.allclose(got[0, close:len(ex)], plain[0, close:len(ex)])  # the caption does
+    assert {"scan_projector.0.weight", "scan_mean", "scan_std"} <= set(wrapped.input_state())
+    wrapped.set_scan_scale(np.ones(dim), np.full(dim, 2.0))
+    again = FMRIInputLM(model, max_rois=4, scan_dim=dim)
+    again.load_input_state(wrapped.input_state())
+    torch.testing.assert_close(again.scan_std, torch.full((dim,), 2.0))
+    with pytest.raises(BackboneError, match="do not match"):
+        FMRIInputLM(model, width=5, max_rois=4).load_input_state(wrapped.input_state())

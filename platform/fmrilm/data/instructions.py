@@ -5,8 +5,11 @@ prompt, answer, choices, target, context`` where ``prompt`` is text with ``<scan
 placeholders that :func:`encode` replaces with that scan's fMRI block (``<fmri> codes </fmri>``),
 so the table stays readable and independent of the tokenizer. Prompts follow fMRI-LM::
 
-    <scan:ID>### Question: {question}
+    <scan:ID>{description?}### Question: {question}
     ### Answer:{answer}
+
+where the optional description (:func:`with_descriptions`, a caption of the scan's imaging
+descriptors) is its own paradigm of the stages that use it, never mixed into the others.
 
 Tasks: ``sex`` (`` Male``/`` Female``), ``age_bin`` (`` lower``/`` mean``/`` higher``, tertiles
 of the training subjects' ages), ``age`` (the number, regression), ``diagnosis`` and ``site`` /
@@ -138,6 +141,12 @@ def fit_labeller(meta: pd.DataFrame) -> Labeller:
         vals = train[task].dropna().astype(str).str.strip().str.capitalize() if task in train else pd.Series(dtype=str)
         classes[task] = sorted(set(vals) - {""})
     return Labeller(cuts, classes)
+
+
+def with_descriptions(prompt: str, descriptions: dict[str, str]) -> str:
+    """``prompt`` with each ``<scan:ID>`` followed by that scan's description line (fMRI-LM's
+    optional descriptor part of a prompt); scans without one are left as they are."""
+    return SCAN.sub(lambda m: m.group(0) + (f"{descriptions[m.group(1)]}\n" if m.group(1) in descriptions else ""), prompt)
 
 
 def question_prompt(scan_id: str, question: str) -> str:

@@ -13,6 +13,9 @@ group of its own example), ``positions`` and ``objective`` (which loss a target 
 * In the ``features`` input mode an example also carries, per fMRI token, the tokenizer
   encoder's feature vector (``feats [n, width]``) and its ROI index (``roi``, -1 elsewhere); the
   LM stage feeds them through a projector instead of the code embeddings (codes stay targets).
+* With a scan vector (:mod:`fmrilm.models.scan_token`) an fMRI block also carries one summary
+  of the whole scan (``scan [m, dim]``) and where it enters (``scan_at [m]``: the block's
+  ``</fmri>`` token, so no token of the block sees it); the LM stage projects it there.
 * **fMRI->text**: the scan's fMRI block, then its caption; loss on the caption only.
 * **text->text**: the caption alone, to keep the language model's language.
 
@@ -41,14 +44,17 @@ class Example:
     objective: np.ndarray  # [n] int8, -1 where there is no target
     feats: np.ndarray | None = None  # [n, width] float32 encoder features (features input mode)
     roi: np.ndarray | None = None  # [n] int32 ROI index of fMRI tokens, -1 elsewhere
+    scan: np.ndarray | None = None  # [m, dim] float32 scan vectors of the example's fMRI blocks
+    scan_at: np.ndarray | None = None  # [m] int64 position of each scan vector (a block's </fmri>)
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def _fmri_block(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int, predict_next: bool, feats: np.ndarray | None):
-    """Token arrays of ``<fmri> steps </fmri>`` for ``codes [rois, steps]`` (code indices) and
-    optional encoder ``feats [rois, steps, width]``."""
+def _fmri_block(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int, predict_next: bool, feats: np.ndarray | None,
+                scan: np.ndarray | None = None):
+    """Token arrays of ``<fmri> steps </fmri>`` for ``codes [rois, steps]`` (code indices),
+    optional encoder ``feats [rois, steps, width]`` and an optional scan vector ``scan [dim]``."""
     rois, steps = codes.shape
     step_ids = codes.T.astype(np.int64) + first_code_id  # [steps, rois], step-major
     ids = np.concatenate([[open_id], step_ids.ravel(), [close_id]])
@@ -62,25 +68,31 @@ def _fmri_block(codes: np.ndarray, first_code_id: int, open_id: int, close_id: i
         step_feats = feats.transpose(1, 0, 2).reshape(rois * steps, width)
         extra["feats"] = np.concatenate([np.zeros((1, width), np.float32), step_feats, np.zeros((1, width), np.float32)]).astype(np.float32)
         extra["roi"] = np.concatenate([[-1], np.tile(np.arange(rois), steps), [-1]]).astype(np.int32)
+    if scan is not None:
+        extra["scan"] = np.asarray(scan, np.float32)[None]
+        extra["scan_at"] = np.array([len(ids) - 1], np.int64)
     return ids, targets, groups, extra
 
 
-def fmri_to_fmri(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int, feats: np.ndarray | None = None) -> Example:
+def fmri_to_fmri(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int, feats: np.ndarray | None = None,
+                 scan: np.ndarray | None = None) -> Example:
     """Next-step code prediction over ``codes [rois, steps]`` (see the module docstring)."""
-    ids, targets, groups, extra = _fmri_block(codes, first_code_id, open_id, close_id, True, feats)
+    ids, targets, groups, extra = _fmri_block(codes, first_code_id, open_id, close_id, True, feats, scan)
     return Example(ids, targets, groups, np.arange(len(ids), dtype=np.int64), np.where(targets != IGNORE, F2F, -1).astype(np.int8), **extra)
 
 
 def fmri_to_text(codes: np.ndarray, caption_ids: np.ndarray, first_code_id: int, open_id: int, close_id: int, eos_id: int,
-                 feats: np.ndarray | None = None) -> Example:
+                 feats: np.ndarray | None = None, scan: np.ndarray | None = None) -> Example:
     """Caption conditioned on the fMRI block; targets on the caption and its end only."""
-    block = fmri_part(codes, first_code_id, open_id, close_id, feats)
+    block = fmri_part(codes, first_code_id, open_id, close_id, feats, scan)
     return compose([block, ("answer", np.concatenate([np.asarray(caption_ids, np.int64), [eos_id]]))], F2T)
 
 
-def fmri_part(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int, feats: np.ndarray | None = None) -> tuple:
-    """A :func:`compose` part: the ``<fmri> ... </fmri>`` block of ``codes [rois, steps]``."""
-    return ("fmri", *_fmri_block(codes, first_code_id, open_id, close_id, False, feats))
+def fmri_part(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int, feats: np.ndarray | None = None,
+              scan: np.ndarray | None = None) -> tuple:
+    """A :func:`compose` part: the ``<fmri> ... </fmri>`` block of ``codes [rois, steps]``
+    (with its encoder ``feats`` and scan vector ``scan [dim]`` when given)."""
+    return ("fmri", *_fmri_block(codes, first_code_id, open_id, close_id, False, feats, scan))
 
 
 def compose(parts: list[tuple], objective: int) -> Example:
@@ -88,13 +100,16 @@ def compose(parts: list[tuple], objective: int) -> Example:
     no targets) and ``("answer", ids)`` (every token a target, predicted by the token before it).
     Text tokens get a group each (plain causal attention); fMRI blocks keep their step groups.
     Targets count for ``objective``."""
-    ids, targets, groups, feats, roi = [], [], [], [], []
-    width = next((p[4]["feats"].shape[1] for p in parts if p[0] == "fmri" and p[4]), None)
-    next_group = 0
+    ids, targets, groups, feats, roi, scan, scan_at = [], [], [], [], [], [], []
+    width = next((p[4]["feats"].shape[1] for p in parts if p[0] == "fmri" and "feats" in p[4]), None)
+    next_group, at = 0, 0
     for part in parts:
         if part[0] == "fmri":
             _, b_ids, b_targets, b_groups, extra = part
             b_groups = b_groups + next_group
+            if "scan" in extra:
+                scan.append(extra["scan"])
+                scan_at.append(extra["scan_at"] + at)
             if width is not None:
                 feats.append(extra["feats"])
                 roi.append(extra["roi"])
@@ -114,8 +129,11 @@ def compose(parts: list[tuple], objective: int) -> Example:
         targets.append(b_targets)
         groups.append(b_groups.astype(np.int32))
         next_group = int(groups[-1][-1]) + 1 if len(b_ids) else next_group
+        at += len(b_ids)
     ids_a, targets_a = np.concatenate(ids), np.concatenate(targets)
     extra = {"feats": np.concatenate(feats), "roi": np.concatenate(roi)} if width is not None else {}
+    if scan:
+        extra |= {"scan": np.concatenate(scan), "scan_at": np.concatenate(scan_at)}
     return Example(ids_a, targets_a, np.concatenate(groups), np.arange(len(ids_a), dtype=np.int64),
                    np.where(targets_a != IGNORE, objective, -1).astype(np.int8), **extra)
 
@@ -139,8 +157,10 @@ def pack(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, np.nda
 
     Returns ``ids, targets, groups, positions, objective`` and ``segments`` (1, 2, ... per example
     in a row; 0 for padding), each ``[rows, seq_len]``, plus ``feats [rows, seq_len, width]`` and
-    ``roi [rows, seq_len]`` when examples carry encoder features. An example longer than ``seq_len`` is an
-    error naming its length (build examples with :func:`steps_that_fit`).
+    ``roi [rows, seq_len]`` when examples carry encoder features, and ``scan [rows, M, dim]`` with
+    ``scan_pos [rows, M]`` (-1: none; ``M`` the most scan vectors in a row) when they carry scan
+    vectors. An example longer than ``seq_len`` is an error naming its length (build examples with
+    :func:`steps_that_fit`).
     """
     rows: list[list[Example]] = []
     used = seq_len
@@ -159,8 +179,12 @@ def pack(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, np.nda
            "objective": np.full((n, seq_len), -1, np.int8), "segments": np.zeros((n, seq_len), np.int32)}
     if width is not None:
         out |= {"feats": np.zeros((n, seq_len, width), np.float32), "roi": np.full((n, seq_len), -1, np.int32)}
+    dim = next((ex.scan.shape[1] for ex in examples if ex.scan is not None), None)
+    if dim is not None:
+        most = max(sum(len(ex.scan_at) for ex in row if ex.scan is not None) for row in rows)
+        out |= {"scan": np.zeros((n, most, dim), np.float32), "scan_pos": np.full((n, most), -1, np.int64)}
     for r, row in enumerate(rows):
-        at = 0
+        at, m = 0, 0
         for s, ex in enumerate(row, start=1):
             sl = slice(at, at + len(ex))
             out["ids"][r, sl], out["targets"][r, sl] = ex.ids, ex.targets
@@ -168,6 +192,10 @@ def pack(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, np.nda
             out["objective"][r, sl], out["segments"][r, sl] = ex.objective, s
             if width is not None and ex.feats is not None:
                 out["feats"][r, sl], out["roi"][r, sl] = ex.feats, ex.roi
+            if dim is not None and ex.scan is not None:
+                k = len(ex.scan_at)
+                out["scan"][r, m : m + k], out["scan_pos"][r, m : m + k] = ex.scan, ex.scan_at + at
+                m += k
             at += len(ex)
     return out
 

@@ -4,8 +4,10 @@ Classification compares the log-likelihood of each allowed answer after the prom
 the answer's tokens) and picks the highest, so the model can only answer with a valid class
 (fMRI-LM's constrained decoding); :func:`calibrated_choices` first removes each answer's mean
 score over the same question asked about training scans, so a model's constant preference for
-one answer (an uncalibrated bias) does not decide every scan. Regression greedily generates a few tokens after the prompt
-and parses the first number; an unparsable answer is counted and replaced by a fallback value.
+one answer (an uncalibrated bias) does not decide every scan. A number is either decoded under the
+same constraint (:func:`expected_numbers`: the mean of the allowed values under the model's
+probabilities) or generated greedily and parsed (:func:`predict_numbers`; an unparsable answer is
+counted and replaced by a fallback value).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from fmrilm.data.lm_sequences import IGNORE, Example, attention_mask, compose, pack
+from fmrilm.models.fmri_lm import target_logits
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -23,8 +26,10 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 def _with_groups(prompt: Example, answer_ids: np.ndarray) -> Example:
     """``prompt`` (its block-causal groups and encoder features kept) followed by ``answer_ids``
     as targets (no end token)."""
-    block = ("fmri", prompt.ids, np.full(len(prompt), IGNORE, np.int64), prompt.groups - prompt.groups.min(),
-             {"feats": prompt.feats, "roi": prompt.roi} if prompt.feats is not None else {})
+    extra = {"feats": prompt.feats, "roi": prompt.roi} if prompt.feats is not None else {}
+    if prompt.scan is not None:
+        extra |= {"scan": prompt.scan, "scan_at": prompt.scan_at}
+    block = ("fmri", prompt.ids, np.full(len(prompt), IGNORE, np.int64), prompt.groups - prompt.groups.min(), extra)
     return compose([block, ("answer", np.asarray(answer_ids, np.int64))], 0)
 
 
@@ -37,18 +42,50 @@ def sequence_logprobs(model, examples: list[Example], seq_len: int, pad_id: int,
     out, k = np.zeros(len(examples)), 0  # pack fills rows with whole examples in order: segment s of row r is the next one
     for start in range(0, len(packed["ids"]), batch_size):
         batch = {key: torch.from_numpy(v[start : start + batch_size]) for key, v in packed.items()}
-        extra = {"feats": batch["feats"], "roi": batch["roi"]} if "feats" in batch else {}
-        logits = model(input_ids=batch["ids"], attention_mask=attention_mask(batch["segments"], batch["groups"]),
-                       position_ids=batch["positions"], use_cache=False, **extra).logits.float()
-        targets = batch["targets"]
+        logits, keep = target_logits(model, batch, attention_mask=attention_mask(batch["segments"], batch["groups"]))
+        logits = logits.float()
+        targets = batch["targets"][:, keep]
         logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
         logp = torch.where(targets != IGNORE, logp, torch.zeros_like(logp))
         for r in range(len(targets)):
             for s in range(1, int(batch["segments"][r].max()) + 1):
-                out[k] = float(logp[r][batch["segments"][r] == s].sum())
+                out[k] = float(logp[r][batch["segments"][r][keep] == s].sum())
                 k += 1
     assert k == len(examples)
     return out
+
+
+@torch.no_grad()
+def next_token_logprobs(model, prompts: list[Example], seq_len: int, pad_id: int, batch_size: int = 8) -> np.ndarray:
+    """``log p(token | prompt)`` over the whole vocabulary at the end of each prompt, ``[prompts, vocab]``."""
+    examples = [_with_groups(p, np.array([pad_id], np.int64)) for p in prompts]  # the placeholder only marks the position
+    packed = pack(examples, seq_len, pad_id)
+    rows = []
+    for start in range(0, len(packed["ids"]), batch_size):
+        batch = {key: torch.from_numpy(v[start : start + batch_size]) for key, v in packed.items()}
+        logits, keep = target_logits(model, batch, attention_mask=attention_mask(batch["segments"], batch["groups"]))
+        logp = torch.log_softmax(logits.float(), -1)
+        targets = batch["targets"][:, keep]
+        for r in range(len(targets)):  # one target per example, in order
+            rows.extend(logp[r][targets[r] != IGNORE].numpy())
+    assert len(rows) == len(prompts)
+    return np.stack(rows)
+
+
+def expected_numbers(model, prompts: list[Example], tokenizer, candidates: np.ndarray, seq_len: int) -> np.ndarray:
+    """Constrained decoding of a number: each candidate value (``candidates [c]``, e.g. every
+    whole age seen in training) is scored as an answer, and the prediction is the mean of the
+    candidates under the model's probabilities renormalised over them, ``[prompts]``. Single-token
+    candidates are read off one forward pass per prompt."""
+    texts = [f" {int(v)}" if float(v).is_integer() else f" {v}" for v in candidates]  # as the instructions write numbers
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if all(len(i) == 1 for i in ids):
+        scores = next_token_logprobs(model, prompts, seq_len, tokenizer.pad_token_id)[:, [i[0] for i in ids]]
+    else:
+        scores = score_choices(model, prompts, texts, tokenizer, seq_len)
+    p = np.exp(scores - scores.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return p @ np.asarray(candidates, float)
 
 
 def score_choices(model, prompts: list[Example], choices: list[str], tokenizer, seq_len: int) -> np.ndarray:
@@ -80,6 +117,8 @@ def generate(model, prompt: Example, max_new_tokens: int, eos_id: int) -> list[i
         extra = {}
         if ex.feats is not None:
             extra = {"feats": torch.from_numpy(ex.feats[None, :n]), "roi": torch.from_numpy(ex.roi[None, :n])}
+        if ex.scan is not None:  # every vector sits in the prompt, before position n
+            extra |= {"scan": torch.from_numpy(ex.scan[None]), "scan_pos": torch.from_numpy(ex.scan_at[None])}
         logits = model(input_ids=batch["ids"], attention_mask=attention_mask(batch["segments"], batch["groups"]),
                        position_ids=batch["positions"], use_cache=False, **extra).logits
         token = int(logits[0, -1].argmax())

@@ -266,6 +266,25 @@ def init_code_embeddings(model, vocab: FMRIVocab, codebook: torch.Tensor, pairs:
     return method
 
 
+def target_logits(model, batch: dict, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward a packed ``batch`` (``ids/targets/positions [batch, L]`` and the fMRI inputs),
+    computing the vocabulary projection only at the positions where some row has a target (the
+    head over a large vocabulary dominates a small decoder's cost, and instruction rows have a
+    few answer tokens each). Returns ``(logits [batch, P, vocab], positions [P])``; a model whose
+    forward has no ``logits_to_keep`` gets every position."""
+    keep = (batch["targets"] != -100).any(0).nonzero().flatten()
+    if keep.numel() == 0:
+        keep = keep.new_zeros(1)
+    args = dict(input_ids=batch["ids"], attention_mask=inputs.pop("attention_mask"), position_ids=batch["positions"], use_cache=False,
+                **fmri_inputs(batch), **inputs)
+    try:
+        return model(**args, logits_to_keep=keep).logits, keep
+    except TypeError as err:
+        if "logits_to_keep" not in str(err):
+            raise
+        return model(**args).logits[:, keep], keep
+
+
 def objective_losses(logits: torch.Tensor, targets: torch.Tensor, objective: torch.Tensor, weights: dict[int, float]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Weighted sum of per-objective mean cross-entropies.
 
@@ -285,29 +304,77 @@ def objective_losses(logits: torch.Tensor, targets: torch.Tensor, objective: tor
     return total, parts
 
 
-class FeatureInputLM(torch.nn.Module):
-    """A causal LM whose fMRI positions take the tokenizer encoder's features instead of code
-    embeddings (the NeuroLM / fMRI-LM input path): ``Linear(width, hidden) -> GELU`` plus a learned
-    ROI embedding; code ids remain the targets. Other positions use the LM's own embeddings."""
+INPUT_KEYS = ("feats", "roi", "scan", "scan_pos")  # packed arrays that are model inputs besides ids and the mask
 
-    def __init__(self, lm, width: int, max_rois: int = 512):
+
+def fmri_inputs(batch: dict) -> dict:
+    """The keyword inputs of :class:`FMRIInputLM` present in a packed ``batch`` (encoder features
+    and ROI ids, scan vectors and their positions); empty for a plain LM."""
+    return {k: batch[k] for k in INPUT_KEYS if k in batch}
+
+
+class FMRIInputLM(torch.nn.Module):
+    """A causal LM with continuous fMRI inputs besides its token embeddings.
+
+    * ``width`` (the features input mode, NeuroLM / fMRI-LM): fMRI positions take the tokenizer
+      encoder's features through ``Linear(width, hidden) -> GELU`` plus a learned ROI embedding
+      instead of the code embeddings; code ids remain the targets.
+    * ``scan_dim`` (the scan-level token, :mod:`fmrilm.models.scan_token`): each scan vector is
+      standardised with the training scans' ``scan_mean``/``scan_std`` and projected by
+      ``Linear(scan_dim, hidden) -> GELU -> Linear(hidden, hidden)``, and added to the embedding
+      at its position (the block's ``</fmri>``).
+
+    Other positions use the LM's own embeddings."""
+
+    def __init__(self, lm, width: int | None = None, max_rois: int = 512, scan_dim: int | None = None):
         super().__init__()
         self.lm = lm
         hidden = lm.get_input_embeddings().weight.shape[1]
-        self.projector = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU())
-        self.roi_embed = torch.nn.Embedding(max_rois, hidden)
-        torch.nn.init.normal_(self.roi_embed.weight, std=0.02)
+        self.width, self.max_rois, self.scan_dim = width, max_rois, scan_dim
+        if width:
+            self.projector = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU())
+            self.roi_embed = torch.nn.Embedding(max_rois, hidden)
+            torch.nn.init.normal_(self.roi_embed.weight, std=0.02)
+        if scan_dim:
+            self.scan_projector = torch.nn.Sequential(torch.nn.Linear(scan_dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
+            self.register_buffer("scan_mean", torch.zeros(scan_dim))
+            self.register_buffer("scan_std", torch.ones(scan_dim))
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, feats=None, roi=None, use_cache: bool = False):
+    def set_scan_scale(self, mean, std) -> None:
+        """Set the standardisation of scan vectors (``[scan_dim]`` each, from the training scans)."""
+        self.scan_mean.copy_(torch.as_tensor(mean, dtype=self.scan_mean.dtype))
+        self.scan_std.copy_(torch.as_tensor(std, dtype=self.scan_std.dtype))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, feats=None, roi=None, scan=None, scan_pos=None,
+                use_cache: bool = False, **lm_kwargs):
         """``input_ids [batch, L]``; ``feats [batch, L, width]`` and ``roi [batch, L]`` (-1 where a
-        position is not fMRI). Returns the LM's output (``.logits [batch, L, vocab]``)."""
+        position is not fMRI); ``scan [batch, M, scan_dim]`` and ``scan_pos [batch, M]`` (-1: no
+        vector); other keywords (``logits_to_keep``) go to the LM. Returns the LM's output
+        (``.logits [batch, L, vocab]``)."""
         emb = self.lm.get_input_embeddings()(input_ids)
-        if feats is not None:
+        if feats is not None and self.width:
             fmri = (roi >= 0)[..., None]
             projected = self.projector(feats.to(emb.dtype)) + self.roi_embed(roi.clamp_min(0))
             emb = torch.where(fmri, projected, emb)
-        return self.lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
+        if scan is not None and self.scan_dim and scan.shape[1]:
+            z = (scan.to(emb.dtype) - self.scan_mean.to(emb.dtype)) / self.scan_std.to(emb.dtype)
+            vec = self.scan_projector(z) * (scan_pos >= 0)[..., None].to(emb.dtype)  # [batch, M, hidden]
+            index = scan_pos.clamp_min(0)[..., None].expand(-1, -1, emb.shape[-1])
+            emb = emb.scatter_add(1, index, vec)
+        return self.lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **lm_kwargs)
 
     def input_state(self) -> dict[str, torch.Tensor]:
-        """The projector and ROI embedding weights (saved beside the LM as ``inputs.safetensors``)."""
-        return {f"projector.{k}": v for k, v in self.projector.state_dict().items()} | {"roi_embed.weight": self.roi_embed.weight}
+        """Every weight and buffer outside the LM (saved beside it as ``inputs.safetensors``)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("lm.")}
+
+    def load_input_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load :meth:`input_state` output; a clear error when it does not fit this wrapper."""
+        own = self.input_state()
+        if set(own) != set(state):
+            raise BackboneError(f"saved fMRI inputs {sorted(state)} do not match this model's {sorted(own)}")
+        for k, v in own.items():
+            v.data.copy_(state[k])
+
+    def meta(self) -> dict:
+        """What rebuilding this wrapper needs (an export's ``fmri_lm.json`` keys)."""
+        return {"feature_width": self.width, "max_rois": self.max_rois, "scan_dim": self.scan_dim}

@@ -10,7 +10,7 @@ Worker: loads the export (a LoRA-pretrained export is merged first), puts fresh 
 on it (the fMRI rows of the embeddings train with them), or with ``lora.enabled=false`` trains
 every weight, with :func:`fmrilm.train.lm.deepspeed_train` (ZeRO 0-3, resume by run name, every
 rank checkpoints). Export: ``<storage>/<run>/model`` in the ``adapter`` layout (``adapter/`` +
-``fmri_lm.json`` naming the base export, + the projector in the features input mode), or the
+``fmri_lm.json`` naming the base export, + the fMRI input weights: projectors), or the
 ``full`` layout after full fine-tuning; :func:`fmrilm.train.lm.load_exported` loads both and
 ``fmrilm lm merge`` merges the first.
 """
@@ -32,9 +32,9 @@ from fmrilm import runtime, storage
 from fmrilm.config import Strict
 from fmrilm.data import splits
 from fmrilm.data.splits import SplitPolicy
-from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions, encode, fit_labeller
+from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions, encode, fit_labeller, with_descriptions
 from fmrilm.data.lm_sequences import fmri_part, pack
-from fmrilm.models.fmri_lm import BackboneError, FeatureInputLM
+from fmrilm.models.fmri_lm import BackboneError, FMRIInputLM
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, fault_plan, run_trainer, worker_spec
 from fmrilm.train.deepspeed import DeepSpeedSpec
 from fmrilm.train.lm import LoraSpec
@@ -53,6 +53,8 @@ class InstructSpec(Strict):
     split: SplitPolicy | None = Field(None, description="override the subject split (default: the one the pretrained export was trained with)")
     instructions: InstructionSpec = InstructionSpec()
     fmri_steps: int = Field(4, ge=1, description="time steps of each scan's fMRI block in a prompt (fewer if the row would not fit)")
+    descriptions: bool = Field(False, description="follow each scan's fMRI block with its description (first caption) in every "
+                               "prompt: fMRI-LM's descriptor prompt part, a paradigm of its own; evaluation asks the same way")
     seq_len: int = Field(512, ge=32)
     lora: LoraSpec = Field(LoraSpec(enabled=True, r=8, alpha=16, dropout=0.1),
                            description="LoRA adapters (the fMRI rows train with them); enabled=false fine-tunes every weight "
@@ -87,22 +89,28 @@ def root_export(uri: str) -> str:
 class ScanBlocks:
     """fMRI blocks of scans for prompts: ``part(scan_id, steps)`` is a
     :func:`~fmrilm.data.lm_sequences.fmri_part` of the scan's first ``steps`` time steps, with
-    encoder features in the features input mode."""
+    encoder features in the features input mode and the whole scan's vector when the export
+    has the scan token."""
 
     def __init__(self, model_uri: str, data: str, datasets: list[str] | None, tokens_uri: str | None = None):
         from fmrilm.tokenize import artifact_config, tokens_for
-        from fmrilm.train.lm import scan_codes
+        from fmrilm.train.lm import scan_codes, scan_vectors
 
         meta = export_meta(root_export(model_uri))
         self.vocab = meta["vocab"]
         self.features = meta.get("input_mode") == "features"
-        tokens, _ = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features)
+        self.scan_token = bool(meta.get("scan_dim"))
+        tokens, _ = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features or self.scan_token)
         self.tokenizer_cfg = artifact_config(meta["tokenizer"])
         self.codes, self.feats = scan_codes(tokens, self.tokenizer_cfg["data"]["window"])
+        self.vectors = scan_vectors(self.feats) if self.scan_token else {}
 
-    def seen_timepoints(self, steps: int) -> dict:
+    def seen_timepoints(self, steps: int) -> dict | None:
         """What a prompt of ``steps`` time steps shows of a scan: ``timepoints`` (one step is one
-        patch of the tokenizer) counted after resampling to ``target_tr`` (None: the native TR)."""
+        patch of the tokenizer) counted after resampling to ``target_tr`` (None: the native TR);
+        ``None`` (the whole scan) when the scan token summarises all of it."""
+        if self.scan_token:
+            return None
         return {"timepoints": steps * self.tokenizer_cfg["model"]["patch"], "target_tr": self.tokenizer_cfg["data"]["target_tr"]}
 
     def part(self, scan_id: str, steps: int):
@@ -111,7 +119,7 @@ class ScanBlocks:
         c = self.codes[scan_id][:, :steps]
         f = self.feats[scan_id][:, :steps] if self.features else None
         v = self.vocab
-        return fmri_part(c, v["first_code_id"], v["open_id"], v["close_id"], f)
+        return fmri_part(c, v["first_code_id"], v["open_id"], v["close_id"], f, self.vectors.get(scan_id))
 
 
 def encode_rows(rows: pd.DataFrame, blocks: ScanBlocks, tokenizer, steps: int, seq_len: int, objective_of: dict[str, int] | None = None,
@@ -185,6 +193,11 @@ def check(spec: InstructSpec) -> dict:
     return meta
 
 
+def first_captions(captions: dict[str, list[str]]) -> dict[str, str]:
+    """``scan_id -> description``: each scan's first caption (what ``descriptions: true`` prompts show)."""
+    return {sid: caps[0] for sid, caps in captions.items() if caps}
+
+
 VALIDATION = "tuning_validation"  # the split name of the held-out training subjects in the instructions table
 
 
@@ -216,6 +229,8 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
     captions = read_captions(spec.data, spec.datasets)
     labeller = fit_labeller(meta)  # from the remaining training subjects; in-context support comes from them too
     rows = build_instructions(meta, captions, spec.instructions, labeller, splits=("train", VALIDATION))
+    if spec.descriptions:
+        rows["prompt"] = [with_descriptions(p, first_captions(captions)) for p in rows["prompt"]]
     if not (rows["split"] == "train").any():
         raise ValueError(f"no instructions: the training split of {spec.data} has no scan with tokens and a known answer "
                          f"for tasks {sorted(spec.instructions.tasks)}")
@@ -253,7 +268,7 @@ def run(spec: InstructSpec) -> dict:
     from ray.train.torch import TorchTrainer
 
     from fmrilm.train.common import run_config
-    from fmrilm.train.lm import to_dataset
+    from fmrilm.train.lm import probe_row, to_dataset
 
     from fmrilm.train.lm import export_tokenizer
 
@@ -261,7 +276,7 @@ def run(spec: InstructSpec) -> dict:
     runtime.init_ray()
     prepared = prepare(spec, export_tokenizer(spec.model))
     packed = prepared["packed"]
-    probe = {k: v[:1] for k, v in packed.items() if k in ("ids", "segments", "groups", "positions", "feats", "roi")}
+    probe = probe_row(packed)
     config = {"spec": worker_spec(spec), "rows_per_rank": math.ceil(len(packed["ids"]) / spec.scaling.num_workers),
               "probe": probe, "fault": fault_plan(), "has_val": "val" in prepared, "split": prepared["split"]}
     datasets = {"train": to_dataset(packed)} | ({"val": to_dataset(prepared["val"])} if "val" in prepared else {})
@@ -292,7 +307,7 @@ def load_model(uri: str):
 
 
 def add_adapters(model, lora: LoraSpec, vocab: dict | None = None):
-    """Fresh LoRA adapters on an LM (inside the features wrapper, whose projector keeps training);
+    """Fresh LoRA adapters on an LM (inside the fMRI input wrapper, whose projectors keep training);
     with ``vocab`` (an export's ``fmri_lm.json`` vocabulary) the fMRI rows of the embeddings train
     too, so the codes' meaning can adapt to the answers."""
     from fmrilm.train.lm import wrap_lora
@@ -300,7 +315,7 @@ def add_adapters(model, lora: LoraSpec, vocab: dict | None = None):
     new_ids = None
     if vocab:
         new_ids = [vocab["open_id"], vocab["close_id"], *range(vocab["first_code_id"], vocab["first_code_id"] + vocab["num_codes"])]
-    if isinstance(model, FeatureInputLM):
+    if isinstance(model, FMRIInputLM):
         model.lm = wrap_lora(lora, model.lm, new_ids)
         return model
     return wrap_lora(lora, model, new_ids)
@@ -337,6 +352,7 @@ def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: 
         tok.save_pretrained(os.path.join(d, sub))
         meta = {k: base_meta[k] for k in ("backbone", "vocab", "tokenizer", "input_mode") if k in base_meta}
         return meta | {"layout": sub, "base_model": spec.model, "lora": spec.lora.enabled, "seq_len": spec.seq_len, "stage": "instruct",
-                       "fmri_steps": spec.fmri_steps, "tasks": spec.instructions.tasks, "split": split_rec}
+                       "fmri_steps": spec.fmri_steps, "tasks": spec.instructions.tasks, "split": split_rec,
+                       "descriptions": spec.descriptions}
 
     write_export(engine, spec.deepspeed.zero_stage, probe, rank, storage.join(spec.run.storage, spec.run.name, "model"), write)

@@ -3,10 +3,13 @@
 Driver: checks the spec before any worker starts (backbone, codebook size, LoRA targets), builds
 the training sequences from the tokens table (``fmrilm tokenize``) and the captions (``fmrilm
 features build``) of the training-split scans (fMRI->fMRI, fMRI->text, text->text; packed to
-``seq_len``; see :mod:`fmrilm.data.lm_sequences`), and runs a ``TorchTrainer``.
+``seq_len``; see :mod:`fmrilm.data.lm_sequences`), and runs a ``TorchTrainer``. With
+``scan_token`` (the default) every fMRI block carries its scan's vector
+(:mod:`fmrilm.models.scan_token`), standardised with the training scans' statistics.
 
 Worker: loads the backbone (identically on every rank), adds the fMRI vocabulary and initialises
-its embeddings, optionally wraps it in LoRA (peft; the new token rows stay trainable), hands it
+its embeddings, optionally wraps it in LoRA (peft; the new token rows stay trainable) and in
+:class:`~fmrilm.models.fmri_lm.FMRIInputLM` (features projector, scan-token projector), hands it
 to ``deepspeed.initialize`` (ZeRO 0-3, :mod:`fmrilm.train.deepspeed`) and trains with the
 block-causal mask and per-objective losses. Every ``checkpoint_every`` steps every rank saves its
 DeepSpeed shard and reports it; re-running the same run name resumes from the newest one. At the
@@ -36,7 +39,7 @@ from fmrilm.data import splits
 from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, attention_mask, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
 from fmrilm.data.pipeline import PipelineError
 from fmrilm.data.splits import SplitPolicy
-from fmrilm.models.fmri_lm import (MAX_CODES, BackboneError, FeatureInputLM, add_fmri_vocab, init_code_embeddings, load_backbone, locate_backbone,
+from fmrilm.models.fmri_lm import (INPUT_KEYS, MAX_CODES, BackboneError, FMRIInputLM, add_fmri_vocab, fmri_inputs, target_logits, init_code_embeddings, load_backbone, locate_backbone,
                                    objective_losses)
 from fmrilm.train.common import (CorruptCheckpoint, OptimSpec, RunSpec, ScalingSpec, check_pickles, check_shape, checkpoint_name, cosine_schedule, fault_plan,
                                  inject_fault, read_meta, resume, run_trainer, shape_of, worker_spec, write_meta)
@@ -95,6 +98,8 @@ class PretrainSpec(Strict):
     backbone: BackboneSpec = BackboneSpec()
     input_mode: Literal["tokens", "features"] = Field(
         "tokens", description="tokens: codes as input vocabulary (the poster); features: encoder features through a projector (NeuroLM/fMRI-LM)")
+    scan_token: bool = Field(True, description="add a scan-level token to every fMRI block: the whole scan's encoder-feature "
+                             "connectivity (fmrilm.models.scan_token), standardised on the training scans, through a learned projector")
     objectives: ObjectiveWeights = ObjectiveWeights()
     seq_len: int = Field(256, ge=16)
     lora: LoraSpec = LoraSpec()
@@ -182,15 +187,18 @@ def scan_codes(tokens, window: int) -> tuple[dict[str, np.ndarray], dict[str, np
 
 
 def build_examples(codes: dict[str, np.ndarray], captions: dict[str, list[str]], tokenizer, vocab, seq_len: int,
-                   weights: ObjectiveWeights, feats: dict[str, np.ndarray] | None = None) -> list:
+                   weights: ObjectiveWeights, feats: dict[str, np.ndarray] | None = None,
+                   scans: dict[str, np.ndarray] | None = None) -> list:
     """fMRI->fMRI chunks of every scan, fMRI->text pairs (each caption with a chunk of its scan)
     and text->text captions, in a fixed interleaved order; objectives with weight 0 are left out.
-    With ``feats`` (features input mode) every fMRI example carries its encoder features."""
+    With ``feats`` (features input mode) every fMRI example carries its encoder features, with
+    ``scans`` (scan_id -> scan vector) its scan's vector."""
     ids_of = {"first_code_id": vocab.first_code_id, "open_id": vocab.open_id, "close_id": vocab.close_id}
     examples = []
     for scan_id in sorted(codes):
         c = codes[scan_id]
         f = feats.get(scan_id) if feats else None
+        vec = scans.get(scan_id) if scans else None
         rois = c.shape[0]
         s = steps_that_fit(rois, seq_len)
         if s < 2:
@@ -204,13 +212,13 @@ def build_examples(codes: dict[str, np.ndarray], captions: dict[str, list[str]],
             for i in starts:
                 cc, ff = chunk(i, s)
                 if cc.shape[1] >= 2:
-                    examples.append(fmri_to_fmri(cc, **ids_of, feats=ff))
+                    examples.append(fmri_to_fmri(cc, **ids_of, feats=ff, scan=vec))
         for j, caption in enumerate(captions.get(scan_id, [])):
             ids = np.asarray(tokenizer(caption, add_special_tokens=False)["input_ids"], np.int64)
             steps = steps_that_fit(rois, seq_len, extra=len(ids) + 1)
             if weights.fmri_text > 0 and steps >= 1:
                 cc, ff = chunk(starts[j % len(starts)], steps)
-                examples.append(fmri_to_text(cc, ids, **ids_of, eos_id=tokenizer.eos_token_id, feats=ff))
+                examples.append(fmri_to_text(cc, ids, **ids_of, eos_id=tokenizer.eos_token_id, feats=ff, scan=vec))
             if weights.text_text > 0 and len(ids) + 2 <= seq_len:
                 examples.append(text_to_text(ids, tokenizer.bos_token_id, tokenizer.eos_token_id))
     return examples
@@ -233,13 +241,23 @@ def training_split(spec: PretrainSpec, art_cfg: dict) -> tuple[dict[str, str], d
     return dict(zip(index["scan_id"], index["split"])), record
 
 
+def scan_vectors(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``scan_id -> scan vector`` (:func:`fmrilm.models.scan_token.scan_vector`) of every scan's
+    whole-scan encoder features ``[rois, steps, width]``."""
+    from fmrilm.models.scan_token import scan_vector
+
+    return {sid: scan_vector(f) for sid, f in feats.items()}
+
+
 def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
-    """Packed train (and val) sequences, padded so every rank gets the same number of rows, and
-    the run's split record (``split``)."""
+    """Packed train (and val) sequences, padded so every rank gets the same number of rows, the
+    run's split record (``split``) and, with the scan token, the training scans' standardisation
+    of scan vectors (``scan_scale``: ``(mean, std)``)."""
     from fmrilm.features.job import read_captions
+    from fmrilm.models.scan_token import standardiser
     from fmrilm.tokenize import tokens_for
 
-    tokens, tokens_uri = tokens_for(spec.tokenizer, spec.tokens, need_features=spec.input_mode == "features")
+    tokens, tokens_uri = tokens_for(spec.tokenizer, spec.tokens, need_features=spec.input_mode == "features" or spec.scan_token)
     split, record = training_split(spec, art_cfg)
     tokens = tokens[tokens["scan_id"].isin(split)]
     captions = read_captions(spec.data, spec.datasets)
@@ -250,13 +268,21 @@ def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
     tok = _text_tokenizer(spec)
     vocab = extend_tokenizer(tok, art_cfg["model"]["num_codes"])  # the same ids the workers' add_fmri_vocab assigns
     codes, feats = scan_codes(tokens, art_cfg["data"]["window"])
+    vectors = scan_vectors(feats) if spec.scan_token else {}
     feats = feats if spec.input_mode == "features" else {}
     world = spec.scaling.num_workers
     out = {"split": record}
+    if vectors:
+        train_vecs = [v for s, v in vectors.items() if split.get(s) == "train"]
+        if len({len(v) for v in vectors.values()}) > 1:
+            raise PipelineError("the scan token needs one ROI count across the scans of a run (a single atlas): "
+                                "select datasets of one atlas, or set scan_token=false")
+        out["scan_scale"] = standardiser(np.stack(train_vecs)) if train_vecs else None
     for name in ("train", "val"):
         ids = {s for s, sp in split.items() if sp == name}
         ex = build_examples({k: v for k, v in codes.items() if k in ids}, {k: v for k, v in captions.items() if k in ids},
-                            tok, vocab, spec.seq_len, spec.objectives, {k: v for k, v in feats.items() if k in ids})
+                            tok, vocab, spec.seq_len, spec.objectives, {k: v for k, v in feats.items() if k in ids},
+                            {k: v for k, v in vectors.items() if k in ids})
         if not ex:
             continue
         packed = pad_rows(pack(ex, spec.seq_len, tok.pad_token_id), world, tok.pad_token_id)
@@ -271,7 +297,8 @@ def pad_rows(packed: dict[str, np.ndarray], world: int, pad_id: int) -> dict[str
     pad = (-len(packed["ids"])) % world
     if not pad:
         return packed
-    fill = {"ids": pad_id, "targets": -100, "groups": 0, "positions": 0, "objective": -1, "segments": 0, "feats": 0, "roi": -1}
+    fill = {"ids": pad_id, "targets": -100, "groups": 0, "positions": 0, "objective": -1, "segments": 0, "feats": 0, "roi": -1,
+            "scan": 0, "scan_pos": -1}
     return {k: np.concatenate([v, np.full((pad, *v.shape[1:]), fill[k], v.dtype)]) for k, v in packed.items()}
 
 
@@ -288,6 +315,11 @@ def _text_tokenizer(spec: PretrainSpec):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def probe_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The first packed row's model inputs: what an export's ``probe.pt`` replays."""
+    return {k: v[:1] for k, v in packed.items() if k in ("ids", "segments", "groups", "positions", *INPUT_KEYS)}
 
 
 def to_dataset(packed: dict[str, np.ndarray]):
@@ -369,10 +401,8 @@ def _mean_across_ranks(sums: dict[str, float], counts: dict[str, float], keys: t
 def forward_loss(model, batch: dict[str, torch.Tensor], weights: dict[int, float]):
     """Forward one packed batch (``ids/targets/groups/positions/objective/segments [batch, L]``)
     through a causal LM with the block-causal mask; returns ``(loss, {objective: loss})``."""
-    mask = attention_mask(batch["segments"], batch["groups"])
-    extra = {"feats": batch["feats"], "roi": batch["roi"]} if "feats" in batch else {}
-    out = model(input_ids=batch["ids"], attention_mask=mask, position_ids=batch["positions"], use_cache=False, **extra)
-    return objective_losses(out.logits, batch["targets"], batch["objective"], weights)
+    logits, keep = target_logits(model, batch, attention_mask=attention_mask(batch["segments"], batch["groups"]))
+    return objective_losses(logits, batch["targets"][:, keep], batch["objective"][:, keep], weights)
 
 
 @torch.no_grad()
@@ -411,8 +441,11 @@ def train_loop(config: dict) -> None:
             model.save_pretrained(export_base)
             tok.save_pretrained(export_base)
         model = wrap_lora(spec.lora, model, vocab.new_ids())
-    if spec.input_mode == "features":
-        model = FeatureInputLM(model, config["feature_width"], config["max_rois"])
+    if spec.input_mode == "features" or spec.scan_token:
+        model = FMRIInputLM(model, config["feature_width"] if spec.input_mode == "features" else None, config["max_rois"],
+                            config.get("scan_dim"))
+        if config.get("scan_scale") is not None:
+            model.set_scan_scale(*config["scan_scale"])
     static = {"code_init": info["code_init"], "pretrained_backbone": info["pretrained"]}
     engine = deepspeed_train(spec, model, config, OBJECTIVES, spec.objectives.by_id(), static)
     export(engine, tok, spec, info, vocab, config["probe"], export_base, rank, config.get("split"))
@@ -444,7 +477,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False)
     device = engine.device
     step, resumed = 0, {}
-    shape = shape_of(**{k: getattr(spec, k) for k in ("backbone", "model", "input_mode", "lora") if hasattr(spec, k)},
+    shape = shape_of(**{k: getattr(spec, k) for k in ("backbone", "model", "input_mode", "scan_token", "lora") if hasattr(spec, k)},
                      num_codes=config.get("num_codes"))
 
     def load(ckpt):
@@ -557,23 +590,24 @@ def write_export(engine, zero_stage: int, probe: dict, rank: int, target: str, w
     """The export protocol of the LM stages, on every rank: the probe forward (under ZeRO-3 its
     own hooks gather and release each layer; inside a gather they would release the weights
     ``save_pretrained`` needs), then every parameter gathered while rank 0 calls ``write(dir, lm)``
-    (model files; returns the metadata) and adds ``inputs.safetensors`` (features input mode),
+    (model files; returns the metadata) and adds ``inputs.safetensors`` (the fMRI input weights:
+    features projector, scan-token projector and standardisation),
     ``probe.pt`` and ``fmri_lm.json``, and replaces ``target`` with the folder."""
     import deepspeed
     from safetensors.torch import save_file
 
     model = engine.module
     model.eval()
-    lm = model.lm if isinstance(model, FeatureInputLM) else model
+    lm = model.lm if isinstance(model, FMRIInputLM) else model
     logits = probe_logits(model, probe, engine.device)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=zero_stage == 3):
         if rank != 0:
             return
         with tempfile.TemporaryDirectory(prefix="fmrilm-export-") as d:
             meta = write(d, lm)
-            if isinstance(model, FeatureInputLM):
+            if isinstance(model, FMRIInputLM):
                 save_file({k: v.detach().cpu().contiguous() for k, v in model.input_state().items()}, os.path.join(d, "inputs.safetensors"))
-                meta |= {"feature_width": model.projector[0].in_features, "max_rois": model.roi_embed.num_embeddings}
+                meta |= model.meta()
             torch.save({"inputs": probe, "logits": logits}, os.path.join(d, "probe.pt"))
             with open(os.path.join(d, "fmri_lm.json"), "w") as f:
                 json.dump(meta, f, indent=1)
@@ -585,9 +619,8 @@ def write_export(engine, zero_stage: int, probe: dict, rank: int, target: str, w
 def probe_logits(model, probe: dict[str, np.ndarray], device="cpu") -> torch.Tensor:
     """Logits ``[1, L, vocab]`` (float32, CPU) of a model on a probe row of packed arrays."""
     batch = {k: torch.from_numpy(np.array(v)).to(device) for k, v in probe.items()}
-    extra = {"feats": batch["feats"], "roi": batch["roi"]} if "feats" in batch else {}
     return model(input_ids=batch["ids"], attention_mask=attention_mask(batch["segments"], batch["groups"]),
-                 position_ids=batch["positions"], use_cache=False, **extra).logits.float().cpu()
+                 position_ids=batch["positions"], use_cache=False, **fmri_inputs(batch)).logits.float().cpu()
 
 
 def _copy_tree(src: str, dst: str) -> None:
@@ -618,7 +651,8 @@ def run(spec: PretrainSpec) -> dict:
     train = prepared["train"]
     codebook = load(storage.read_bytes(storage.resolve(spec.tokenizer).join("model.safetensors")))["quantizer.codebook"]
     policy = splits.inherited(spec.split, art_cfg.get("split"))
-    result = fit(spec, train["packed"], codebook, code_pairs(spec, policy), art_cfg["model"]["max_rois"], prepared["split"])
+    result = fit(spec, train["packed"], codebook, code_pairs(spec, policy), art_cfg["model"]["max_rois"], prepared["split"],
+                 prepared.get("scan_scale"))
     return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
             "sequences": len(train["packed"]["ids"]), "examples": train["examples"], "objective_examples": train["counts"]}
 
@@ -636,22 +670,23 @@ def code_pairs(spec: PretrainSpec, policy: SplitPolicy | None = None):
 
 
 def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tensor, pairs=None, max_rois: int = 512,
-        split_rec: dict | None = None):
+        split_rec: dict | None = None, scan_scale: tuple[np.ndarray, np.ndarray] | None = None):
     """Run the ``TorchTrainer`` on packed sequences (rows a multiple of the world size) with a
-    codebook ``[K, d]``, optional codebook-map pairs and the split record the export carries;
-    returns the Ray Train result."""
+    codebook ``[K, d]``, optional codebook-map pairs, the split record the export carries and the
+    scan vectors' standardisation; returns the Ray Train result."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from fmrilm.train.common import run_config
 
     world = spec.scaling.num_workers
-    probe = {k: v[:1] for k, v in packed.items() if k in ("ids", "segments", "groups", "positions", "feats", "roi")}
+    probe = probe_row(packed)
     config = {"spec": worker_spec(spec), "num_codes": int(codebook.shape[0]), "codebook": codebook.numpy(),
               "pairs": tuple(p.numpy() for p in pairs) if pairs is not None else None,
               "rows_per_rank": math.ceil(len(packed["ids"]) / world), "probe": probe,
               "fault": fault_plan(),
               "feature_width": int(packed["feats"].shape[-1]) if "feats" in packed else None, "max_rois": max_rois,
+              "scan_dim": int(packed["scan"].shape[-1]) if "scan" in packed else None, "scan_scale": scan_scale,
               "split": split_rec}
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
@@ -666,8 +701,8 @@ def load_exported(uri: str, merged: bool = False):
     """A plain transformers (+ peft) model and tokenizer from an export folder (eval mode);
     returns ``(model, tokenizer, meta)``. Layouts: ``full``, ``base+adapter`` (pretraining with
     LoRA) and ``adapter`` (instruction tuning: adapters over another export, named in
-    ``base_model``). In the features input mode the model is wrapped in :class:`FeatureInputLM`
-    with its saved projector. ``merged=True`` folds every LoRA adapter into plain weights."""
+    ``base_model``). With continuous fMRI inputs (the features input mode, the scan token) the
+    model is wrapped in :class:`FMRIInputLM` with its saved input weights. ``merged=True`` folds every LoRA adapter into plain weights."""
     from peft import PeftModel
     from safetensors.torch import load
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -684,15 +719,13 @@ def load_exported(uri: str, merged: bool = False):
         model, tok = PeftModel.from_pretrained(base, os.path.join(local, "adapter")), AutoTokenizer.from_pretrained(os.path.join(local, "base"))
     else:
         base, _, _ = load_exported(meta["base_model"], merged=True)
-        base = base.lm if isinstance(base, FeatureInputLM) else base
+        base = base.lm if isinstance(base, FMRIInputLM) else base
         model, tok = PeftModel.from_pretrained(base, os.path.join(local, "adapter")), AutoTokenizer.from_pretrained(os.path.join(local, "adapter"))
     if merged and isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    if meta.get("input_mode") == "features":
-        model = FeatureInputLM(model, meta["feature_width"], meta["max_rois"])
-        state = load(storage.read_bytes(loc.join("inputs.safetensors")))
-        model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")})
-        model.roi_embed.weight.data.copy_(state["roi_embed.weight"])
+    if meta.get("feature_width") or meta.get("scan_dim"):
+        model = FMRIInputLM(model, meta.get("feature_width"), meta.get("max_rois", 512), meta.get("scan_dim"))
+        model.load_input_state(load(storage.read_bytes(loc.join("inputs.safetensors"))))
     return model.eval(), tok, meta
 
 
@@ -716,7 +749,7 @@ def merge_adapter(uri: str, out: str) -> str:
     model, tok, meta = load_exported(uri, merged=True)
     if meta["layout"] == "full":
         raise BackboneError(f"{uri} is already a full model (layout 'full'); nothing to merge")
-    merged = model.lm if isinstance(model, FeatureInputLM) else model
+    merged = model.lm if isinstance(model, FMRIInputLM) else model
     with tempfile.TemporaryDirectory(prefix="fmrilm-merge-") as d:
         merged.save_pretrained(os.path.join(d, "full"))
         tok.save_pretrained(os.path.join(d, "full"))
