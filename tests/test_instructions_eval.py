@@ -233,3 +233,31 @@ def test_calibration_removes_a_constant_preference():
     reference = np.stack([np.array([-0.8, 0.8, -0.2, 0.2]), np.full(4, 5.0)], 1)
     assert (calibrated_choices(scores) == 1).all()
     assert calibrated_choices(scores, reference).tolist() == [1, 1, 0, 0]
+
+
+class TwoWayLM(torch.nn.Module):
+    """Splits next-token probability equally between two tokens after any token."""
+
+    def __init__(self, vocab_size, a, b):
+        super().__init__()
+        self.vocab_size, self.a, self.b = vocab_size, a, b
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0):
+        logits = torch.full((*input_ids.shape, self.vocab_size), -20.0)
+        logits[..., [self.a, self.b]] = 10.0
+        return type("Out", (), {"logits": logits if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]})()
+
+
+def test_constrained_numbers_are_the_mean_of_the_allowed_values(tiny):
+    from fmrilm.eval.scoring import expected_numbers
+
+    _, tok, _ = tiny
+    thirty, fifty = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" 30", " 50"))
+    prompt = Example(np.array([5, 6, 7]), np.full(3, IGNORE), np.arange(3, dtype=np.int32), np.arange(3), np.full(3, -1, np.int8))
+    got = expected_numbers(TwoWayLM(len(tok), thirty, fifty), [prompt, prompt], tok, np.arange(20, 61), seq_len=16)
+    np.testing.assert_allclose(got, [40.0, 40.0], atol=1e-3)
+    only_low = expected_numbers(TwoWayLM(len(tok), thirty, fifty), [prompt], tok, np.arange(20, 41), seq_len=16)
+    np.testing.assert_allclose(only_low, [30.0], atol=1e-3)  # 50 is not an allowed value: renormalised over those that are
+    # a near-constant number answer is flagged like a constant one
+    assert metrics.failures(np.array([40.0, 40.001, 39.999]), y_true=np.array([20.0, 40.0, 60.0])) == ["constant prediction"]
+    assert metrics.failures(np.array([25.0, 41.0, 55.0]), y_true=np.array([20.0, 40.0, 60.0])) == []

@@ -3,8 +3,8 @@
 A Ray Data map over the window stream, with the tokenizer loaded once per worker (an actor
 pool). Rows: ``scan_id``, ``subject_id``, ``start`` (window start, timepoints), ``n_rois``,
 ``n_patches``, ``codes`` (``list<int32>``, ROI-major: ``reshape(n_rois, n_patches)``) and, with
-``features: true``, ``features`` (``list<float32>``, ``reshape(n_rois, n_patches, width)``: the
-encoder features the LM's ``features`` input mode projects). Token ids are deterministic for a
+``features: true`` (the default), ``features`` (``list<float32>``, ``reshape(n_rois, n_patches, width)``:
+the encoder features the LM's scan token summarises and its ``features`` input mode projects). Token ids are deterministic for a
 given artifact and input (eval mode, nearest code, no updates).
 """
 
@@ -33,8 +33,10 @@ class TokenizeSpec(Strict):
     out: str | None = Field(None, description="tokens table folder (default: <artifact>/../tokens)")
     batch_size: int = Field(64, ge=1)
     workers: int = Field(1, ge=1, description="tokenizer replicas (actors)")
-    features: bool = Field(False, description="also store encoder features (for the LM's features input mode)")
+    features: bool = Field(True, description="also store encoder features (the LM's scan token and features input mode need them)")
     use_window_from_artifact: bool = True
+    probes: bool = Field(True, description="linear probes of sex and age on the held-out scans' codes and scan vectors, "
+                         "written into the table's manifest.json")
 
 
 class TokenizeBatch:
@@ -106,9 +108,45 @@ def run(spec: TokenizeSpec) -> dict:
     ds.write_parquet(out.path, filesystem=out.fs)
     summary = {"tokens": out.uri, "windows": n, "artifact": artifact.uri, "window": data.window, "stride": data.stride,
                "num_codes": cfg["model"]["num_codes"], "features": spec.features, "width": cfg["model"]["width"]}
+    if spec.probes:
+        summary["probes"] = held_out_probes(out.uri, data, cfg["data"]["window"])
     storage.write_text(out.join("manifest.json"), json.dumps(summary, indent=1))
     log.info("tokenized %d windows -> %s", n, out.uri)
     return summary
+
+
+def held_out_probes(tokens_uri: str, data: PipelineSpec, window: int, splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
+    """Cross-validated linear probes (:mod:`fmrilm.eval.probes`) of sex and age on the held-out
+    scans' codes (ROI pairs sharing a code) and, when stored, scan vectors (the encoder
+    features' connectivity): what the tokenizer's outputs keep, before any LM sees them.
+    ``[{"task", "representation", "n", "metrics"}]``; empty when too few held-out scans."""
+    from fmrilm.data.pipeline import scan_index
+    from fmrilm.eval.probes import code_agreement, cv_probe
+    from fmrilm.models.scan_token import scan_vector
+    from fmrilm.train.lm import scan_codes
+
+    index = scan_index(data)
+    held = index[index["split"].isin(splits)]
+    tokens = read_tokens(tokens_uri)
+    codes, feats = scan_codes(tokens[tokens["scan_id"].isin(held["scan_id"])], window)
+    rows = []
+    for task, column in (("sex", "sex"), ("age", "age")):
+        part = held[held["scan_id"].isin(codes) & held[column].notna()]
+        if task == "sex":
+            part = part[part["sex"].isin(["M", "F"])]
+        ids = list(part["scan_id"])
+        if len(ids) < 10 or len({codes[s].shape[0] for s in ids}) > 1:
+            continue
+        y = part[column].to_numpy(float if task == "age" else object)
+        reps = {"codes (ROI pairs sharing a code)": np.stack([code_agreement(codes[s]) for s in ids])}
+        if feats:
+            reps["scan vector (encoder features)"] = np.stack([scan_vector(feats[s]) for s in ids])
+        for name, x in reps.items():
+            rows.append({"task": task, "representation": name, "n": len(ids), "metrics": cv_probe(x, y, task == "age")})
+    for r in rows:
+        log.info("probe on %d held-out scans: %s from %s: %s", r["n"], r["task"], r["representation"],
+                 ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items()))
+    return rows
 
 
 def read_tokens(uri: str):
@@ -123,14 +161,14 @@ def read_tokens(uri: str):
 def tokens_for(tokenizer_uri: str, tokens_uri: str | None = None, need_features: bool = False):
     """``(tokens table, its URI)`` of a tokenizer artifact: ``tokens_uri`` or the ``tokens`` folder
     beside the artifact (where ``fmrilm tokenize`` writes it); clear errors when it is missing or
-    lacks the encoder features the features input mode needs."""
+    lacks the encoder features the scan token and the features input mode need."""
     uri = tokens_uri or storage.join(tokenizer_uri.rstrip("/").rsplit("/", 1)[0], "tokens")
     try:
         tokens = read_tokens(uri)
     except (FileNotFoundError, OSError) as err:
         raise FileNotFoundError(f"no tokens table at {uri}: run `fmrilm tokenize jobs/tokenize.yaml` first ({err})") from None
     if need_features and "features" not in tokens.columns:
-        raise ValueError(f"the features input mode needs encoder features in the tokens table {uri}: "
+        raise ValueError(f"the scan token and the features input mode need encoder features in the tokens table {uri}: "
                          "re-run `fmrilm tokenize jobs/tokenize.yaml features=true`")
     return tokens, uri
 

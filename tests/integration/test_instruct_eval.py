@@ -106,6 +106,10 @@ def test_instruct_then_eval_report(pretrained):
     assert "kshot_lora k=2" in md and "## heldout dataset" in md
     saved = json.load(open(files["report.json"]))
     assert saved["groups"]["heldout_dataset"] == 6
+    probed = {r["representation"] for r in saved["probes"] if r["group"] == "heldout_subjects" and r["task"] == "sex"}
+    assert probed == {"fc (prompt time points)", "fc (whole scan)", "tokenizer: scan vector (encoder features)",
+                      "tokenizer: codes (ROI pairs sharing a code)", "LM answer state: pretrained", "LM answer state: instruct"}
+    assert "## Linear probes (heldout subjects" in md
 
 
 def test_bad_instruct_and_eval_specs_fail_early(pretrained):

@@ -61,14 +61,19 @@ def bootstrap(metric, arrays: list[np.ndarray], n: int = 1000, seed: int = 0, le
     return {k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for k, v in draws.items() if len(v) >= n // 2}
 
 
-def failures(y_pred, parse_rate: float | None = None, n_classes: int | None = None) -> list[str]:
+def failures(y_pred, parse_rate: float | None = None, n_classes: int | None = None, y_true=None) -> list[str]:
     """Why a set of predictions says nothing, as report flags: ``constant prediction`` (one
     value for every scan of a test set with more than one true class, or one number for every
-    age) and ``no answer parsed`` (a generated answer that never parsed as a number, so every
-    prediction is the fallback)."""
+    age; with ``y_true`` for numbers, also a spread under 1 % of the truth's) and ``no answer
+    parsed`` (a generated answer that never parsed as a number, so every prediction is the
+    fallback)."""
     flags = []
     values = np.asarray(y_pred)
-    if len(values) > 1 and len(np.unique(values.astype(str))) == 1 and (n_classes is None or n_classes > 1):
+    constant = len(values) > 1 and len(np.unique(values.astype(str))) == 1 and (n_classes is None or n_classes > 1)
+    if not constant and y_true is not None and n_classes is None and len(values) > 1:
+        truth = np.asarray(y_true, float)
+        constant = float(np.std(values.astype(float))) < 0.01 * float(np.std(truth)) if np.std(truth) > 0 else False
+    if constant:
         flags.append("constant prediction")
     if parse_rate is not None and parse_rate == 0:
         flags.append("no answer parsed")

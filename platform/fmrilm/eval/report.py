@@ -67,8 +67,8 @@ def markdown(report: dict) -> str:
     lines = ["# fmrilm evaluation", "",
              f"Pretrained export: `{report['pretrained']}`; instruct export: `{report['spec']['model']}`.",
              f"Scans: {report['groups']}. Headline metric: balanced accuracy (classification), MAE in years (age).",
-             "Baselines are fitted on every training subject; `fc_linear` sees the same time points as the LM's prompt, "
-             "`fc_linear_whole_scan` the whole scan. 95 % bootstrap CIs over test scans (resampled within each class) in brackets.", ""]
+             "Baselines are fitted on every training subject; `fc_linear` sees the same time points as the LM's prompt "
+             "(the whole scan when the model has the scan token, which summarises all of it), `fc_linear_whole_scan` the whole scan. 95 % bootstrap CIs over test scans (resampled within each class) in brackets.", ""]
     for group in report["groups"]:
         if group == "train":
             continue
@@ -88,9 +88,28 @@ def markdown(report: dict) -> str:
             if r["group"] == group and "parse_rate" in r:
                 rates.setdefault(r["paradigm"] + ("" if r["k"] is None else f" k={r['k']}"), []).append(r["parse_rate"])
         if rates:
-            lines += [f"Age answers that parse as a number ({group.replace('_', ' ')}): "
-                      + ", ".join(f"{name} {np.mean(v):.0%}" for name, v in rates.items())
-                      + " (unparsed answers count as the training mean).", ""]
+            decoding = {r.get("decoding", "greedy") for r in report["results"] if r["group"] == group and "parse_rate" in r}
+            how = ("the age figures above are constrained answers (the mean of the whole ages seen in training under the model's "
+                   "probabilities), so parsing does not change them" if decoding == {"expected"}
+                   else "unparsed answers count as the training mean")
+            lines += [f"Greedily generated age answers that parse as a number ({group.replace('_', ' ')}): "
+                      + ", ".join(f"{name} {np.mean(v):.0%}" for name, v in rates.items()) + f" ({how}).", ""]
+    probes = report.get("probes") or []
+    for group in dict.fromkeys(r["group"] for r in probes):
+        rows = [r for r in probes if r["group"] == group]
+        tasks = list(dict.fromkeys(r["task"] for r in rows))
+        n = max(r["n"] for r in rows)
+        lines += [f"## Linear probes ({group.replace('_', ' ')}, {n} scans, 5-fold CV within them)", "",
+                  "What a linear model decodes from each representation the scan passes through (not the model's answers): "
+                  "a representation at chance has lost the signal.", "",
+                  "| representation | " + " | ".join(f"{t} ({headline(t)})" for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for rep_name in dict.fromkeys(r["representation"] for r in rows):
+            cells = []
+            for t in tasks:
+                hit = next((r for r in rows if r["representation"] == rep_name and r["task"] == t), None)
+                cells.append(f"{hit['metrics'][headline(t)]:.3f}" if hit and headline(t) in hit["metrics"] else "-")
+            lines.append(f"| {rep_name} | " + " | ".join(cells) + " |")
+        lines.append("")
     for name in report.get("figures", []):
         lines += [f"![{name}]({name})", ""]
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from fmrilm.data import splits
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.instructions import CLASSIFICATION, QUESTIONS, REGRESSION, Labeller, fewshot_context, fit_labeller, question_prompt
 from fmrilm.eval import baselines, metrics
+from fmrilm.eval.probes import answer_states
 from fmrilm.train.lm import LoraSpec
 
 log = logging.getLogger("fmrilm.eval")
@@ -69,13 +70,19 @@ class EvalSpec(Strict):
     tasks: list[str] = ["sex", "age_bin", "age"]
     paradigms: list[str] = list(PARADIGMS)
     in_context_k: int = Field(2, ge=1)
+    number_decoding: Literal["expected", "greedy"] = Field(
+        "expected", description="the age number: expected = constrained to the whole ages seen in training, the mean under the "
+        "model's probabilities; greedy = generated and parsed (its parse rate is reported either way)")
     calibration_scans: int = Field(16, ge=0, description="training scans asked each question first: every answer's mean score over "
                                    "them is subtracted before the argmax (0: the raw argmax)")
     kshot: KShotSpec = KShotSpec()
-    fmri_steps: int = Field(4, ge=1)
+    fmri_steps: int | None = Field(None, ge=1, description="time steps of each scan's fMRI block in a prompt "
+                                   "(default: what the instruct export was tuned with, else 4)")
     seq_len: int = Field(512, ge=32)
     bootstrap: int = Field(1000, ge=0)
     baselines: bool = True
+    probes: bool = Field(True, description="cross-validated linear probes of every representation on the held-out scans "
+                         "(FC, scan vector, codes, the LM's answer state): where the signal is lost")
     seed: int = 0
     run: EvalRunSpec = EvalRunSpec()
 
@@ -142,27 +149,35 @@ def truth(task: str, rows: pd.DataFrame, labeller: Labeller) -> tuple[pd.DataFra
 class Answerer:
     """Encodes prompts for one model and answers them (constrained scoring / number parsing)."""
 
-    def __init__(self, model, tokenizer, blocks, spec: EvalSpec):
+    def __init__(self, model, tokenizer, blocks, spec: EvalSpec, descriptions: dict[str, str] | None = None):
         self.model, self.tok, self.blocks, self.spec = model, tokenizer, blocks, spec
+        self.descriptions = descriptions or {}
 
     def prompts(self, texts: list[str]):
+        from fmrilm.data.instructions import with_descriptions
         from fmrilm.train.instruct import encode_rows
 
-        rows = pd.DataFrame({"prompt": texts, "answer": "", "task": "x"})
+        rows = pd.DataFrame({"prompt": [with_descriptions(t, self.descriptions) for t in texts], "answer": "", "task": "x"})
         examples, kept = encode_rows(rows, self.blocks, self.tok, self.spec.fmri_steps, self.spec.seq_len - ANSWER_ROOM, with_answer=False)
         if len(kept) != len(texts):
             raise ValueError(f"{len(texts) - len(kept)} evaluation prompts do not fit seq_len={self.spec.seq_len}: raise seq_len")
         return examples
 
-    def answer(self, task: str, texts: list[str], labeller: Labeller, fallback: float, reference: list[str] | None = None) -> dict:
+    def answer(self, task: str, texts: list[str], labeller: Labeller, fallback: float, reference: list[str] | None = None,
+               candidates: np.ndarray | None = None) -> dict:
         """Answers to ``texts``; for a class question calibrated on the ``reference`` prompts (the
-        same question about training scans, :func:`fmrilm.eval.scoring.calibrated_choices`)."""
-        from fmrilm.eval.scoring import calibrated_choices, predict_numbers, score_choices
+        same question about training scans, :func:`fmrilm.eval.scoring.calibrated_choices`); for a
+        number decoded as ``spec.number_decoding`` says over ``candidates`` (with the greedy
+        answers' parse rate either way)."""
+        from fmrilm.eval.scoring import calibrated_choices, expected_numbers, predict_numbers, score_choices
 
         prompts = self.prompts(texts)
         if task in REGRESSION:
             values, rate = predict_numbers(self.model, prompts, self.tok, fallback)
-            return {"pred": values, "parse_rate": rate}
+            if self.spec.number_decoding == "expected" and candidates is not None and len(candidates):
+                return {"pred": expected_numbers(self.model, prompts, self.tok, candidates, self.spec.seq_len), "parse_rate": rate,
+                        "decoding": "expected"}
+            return {"pred": values, "parse_rate": rate, "decoding": "greedy"}
         choices = labeller.choices(task)
         scores = score_choices(self.model, prompts, choices, self.tok, self.spec.seq_len)
         ref = score_choices(self.model, self.prompts(reference), choices, self.tok, self.spec.seq_len) if reference else None
@@ -219,13 +234,16 @@ def kshot_rows(task: str, train: pd.DataFrame, labeller: Labeller, k: int, seed:
     return pd.DataFrame(rows, columns=["prompt", "answer", "task"])
 
 
-def kshot_tune(pretrained: str, rows: pd.DataFrame, blocks, spec: EvalSpec, seed: int):
+def kshot_tune(pretrained: str, rows: pd.DataFrame, blocks, spec: EvalSpec, seed: int, descriptions: dict[str, str] | None = None):
     """LoRA tuned in this process on a handful of instruction rows (full batch, AdamW, loss on
-    the answers); returns ``(model, tokenizer)`` in eval mode."""
+    the answers; prompts with ``descriptions`` as the instruct export had them); returns
+    ``(model, tokenizer)`` in eval mode."""
+    from fmrilm.data.instructions import with_descriptions
     from fmrilm.data.lm_sequences import pack
     from fmrilm.train.instruct import add_adapters, encode_rows, load_model
     from fmrilm.train.lm import forward_loss
 
+    rows = rows.assign(prompt=[with_descriptions(p, descriptions or {}) for p in rows["prompt"]])
     torch.manual_seed(seed)
     model, tok, meta = load_model(pretrained)
     model = add_adapters(model, spec.kshot.lora, meta.get("vocab"))  # the fMRI rows train with the adapters, as in instruct
@@ -268,6 +286,8 @@ def run(spec: EvalSpec) -> dict:
     if spec.model is None and spec.pretrained is None:
         raise ValueError("eval needs model (an instruct export) or pretrained (a pretrain export)")
     pretrained = spec.pretrained or export_meta(spec.model)["base_model"]
+    if spec.fmri_steps is None:  # ask with the prompts the model was tuned on
+        spec = spec.model_copy(update={"fmri_steps": (export_meta(spec.model).get("fmri_steps") if spec.model else None) or 4})
     export_meta(pretrained)
     blocks = ScanBlocks(pretrained, spec.data, spec.datasets, spec.tokens)
     trained = {f"the instruct export {spec.model}": export_meta(spec.model).get("split")} if spec.model else {}
@@ -278,6 +298,12 @@ def run(spec: EvalSpec) -> dict:
         trained_on = spec.datasets or [m["dataset"] for _, m in find_datasets(spec.data) if m["dataset"] not in spec.heldout_datasets]
         trained[f"the features build of {spec.data} (descriptor baselines)"] = features_split(spec.data, trained_on)
     meta = eval_meta(spec, set(blocks.codes), trained)
+    descriptions = {}
+    if spec.model and export_meta(spec.model).get("descriptions"):  # asked the way the instruct export was tuned
+        from fmrilm.features.job import read_captions
+        from fmrilm.train.instruct import first_captions
+
+        descriptions = first_captions(read_captions(spec.data, None))
     train = meta[meta["group"] == "train"]
     groups = [g for g in ("heldout_subjects", "heldout_dataset") if (meta["group"] == g).any()]
     if train.empty or not groups:
@@ -295,11 +321,15 @@ def run(spec: EvalSpec) -> dict:
     tasks = [t for t in spec.tasks if t in REGRESSION or len(labeller.classes.get(t, [])) >= 2]
     for task in sorted(set(spec.tasks) - set(tasks)):
         log.warning("task %s has fewer than two classes among the training scans: skipped", task)
-    age_mean = float(pd.to_numeric(train["age"], errors="coerce").mean())
+    train_ages = pd.to_numeric(train["age"], errors="coerce").dropna()
+    age_mean = float(train_ages.mean())
+    age_values = np.arange(int(np.floor(train_ages.min())), int(np.ceil(train_ages.max())) + 1) if len(train_ages) else None
     descriptors = read_descriptors(spec.data, None) if spec.baselines else pd.DataFrame()
     used = meta[meta["group"] != "unused"]["scan_id"]
-    fcs = fc_matrices(spec, used, blocks.seen_timepoints(spec.fmri_steps)) if spec.baselines else {}  # what the LM's prompt shows
-    whole = fc_matrices(spec, used) if spec.baselines else {}
+    need_fc = spec.baselines or spec.probes
+    seen = blocks.seen_timepoints(spec.fmri_steps)  # what the LM's prompt shows (all of it with the scan token)
+    whole = fc_matrices(spec, used) if need_fc else {}
+    fcs = (whole if seen is None else fc_matrices(spec, used, seen)) if need_fc else {}
     from rich.progress import track
 
     plan = [(task, group) for task in tasks for group in groups]
@@ -315,7 +345,9 @@ def run(spec: EvalSpec) -> dict:
         def record(paradigm, method, out, k=None, seed=None, extra=None):
             res = score(task, y, out["pred"], out.get("scores"), classes, spec.bootstrap, spec.seed)
             if method == "fmrilm":  # majority/mean are constant by design
-                res["failures"] = metrics.failures(out["pred"], out.get("parse_rate"), None if task in REGRESSION else len(set(y)))
+                greedy = out.get("decoding") != "expected"  # a constrained number needs no parsing; its parse rate is reported apart
+                res["failures"] = metrics.failures(out["pred"], out.get("parse_rate") if greedy else None,
+                                                   None if task in REGRESSION else len(set(y)), y if task in REGRESSION else None)
             results.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
                             **res, **(extra or {})})
             predictions.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
@@ -326,9 +358,9 @@ def run(spec: EvalSpec) -> dict:
 
         def answer(model, tok, k_context, seed):
             ref = task_prompts(task, reference, context_pool, labeller, k_context, seed) if len(reference) else None
-            out = Answerer(model, tok, blocks, spec).answer(task, task_prompts(task, test, train, labeller, k_context, seed), labeller,
-                                                            age_mean, ref)
-            return out, {k: out[k] for k in ("parse_rate", "calibrated_on") if k in out}
+            out = Answerer(model, tok, blocks, spec, descriptions).answer(task, task_prompts(task, test, train, labeller, k_context, seed), labeller,
+                                                            age_mean, ref, age_values)
+            return out, {k: out[k] for k in ("parse_rate", "calibrated_on", "decoding") if k in out}
 
         def lm(model_name, k_context, paradigm, k=None):
             out, extra = answer(*model_for(model_name), k_context, spec.seed)
@@ -344,18 +376,57 @@ def run(spec: EvalSpec) -> dict:
             for k in spec.kshot.k:
                 for seed in spec.kshot.seeds:
                     rows = kshot_rows(task, train, labeller, k, seed)
-                    model, tok = kshot_tune(pretrained, rows, blocks, spec, seed)
+                    model, tok = kshot_tune(pretrained, rows, blocks, spec, seed, descriptions)
                     out, extra = answer(model, tok, 0, seed)
                     record("kshot_lora", "fmrilm", out, k=k, seed=seed, extra={"train_rows": len(rows)} | extra)
         if spec.baselines:
             for method, out in baseline_predictions(task, train, test, labeller, descriptors, fcs, spec, whole).items():
                 record("baseline", method, out)
-    report = {"spec": spec.model_dump(mode="json"), "pretrained": pretrained, "results": results,
+    probe_rows = []
+    if spec.probes:
+        def states(name, task, test):
+            model, tok = model_for(name)
+            prompts = Answerer(model, tok, blocks, spec, descriptions).prompts(task_prompts(task, test, train, labeller, 0, spec.seed))
+            return answer_states(model, prompts)
+
+        for task, group in track(plan, description="probing"):
+            test, y = truth(task, meta[meta["group"] == group], labeller)
+            lms = ["pretrained"] + (["instruct"] if spec.model else [])
+            probe_rows += probe_table(task, group, test, y, blocks, fcs, whole, {n: (lambda n=n: states(n, task, test)) for n in lms})
+    report = {"spec": spec.model_dump(mode="json"), "pretrained": pretrained, "results": results, "descriptions": bool(descriptions),
+              "probes": probe_rows,
               "groups": {g: int((meta["group"] == g).sum()) for g in ("train", *groups)}, "classes": labeller.classes,
               "age_cuts": labeller.age_cuts}
     where = storage.join(spec.run.storage, spec.run.name, "eval")
     report["files"] = write_report(report, predictions, where)
     return report
+
+
+def probe_table(task: str, group: str, test: pd.DataFrame, y: np.ndarray, blocks, fcs: dict, whole: dict, lm_states: dict) -> list[dict]:
+    """Probe rows of one task and test group (:mod:`fmrilm.eval.probes`): FC (prompt time points,
+    whole scan), the scan vector, code agreement, and ``lm_states`` (name -> a function giving
+    the answer states of the test scans)."""
+    from fmrilm.eval.probes import code_agreement, cv_probe
+    from fmrilm.models.scan_token import scan_vector
+
+    ids = list(test["scan_id"])
+    reps = {}
+    if fcs and len({fcs[s].shape for s in ids}) == 1:
+        reps["fc (prompt time points)"] = lambda: np.stack([baselines.upper(fcs[s]) for s in ids])
+    if whole and len({whole[s].shape for s in ids}) == 1:
+        reps["fc (whole scan)"] = lambda: np.stack([baselines.upper(whole[s]) for s in ids])
+    if blocks.feats and len({blocks.feats[s].shape[0] for s in ids}) == 1:
+        reps["tokenizer: scan vector (encoder features)"] = lambda: np.stack([blocks.vectors[s] if s in blocks.vectors
+                                                                              else scan_vector(blocks.feats[s]) for s in ids])
+    if len({blocks.codes[s].shape[0] for s in ids}) == 1:
+        reps["tokenizer: codes (ROI pairs sharing a code)"] = lambda: np.stack([code_agreement(blocks.codes[s]) for s in ids])
+    for name, fn in lm_states.items():
+        reps[f"LM answer state: {name}"] = fn
+    rows = []
+    for name, fn in reps.items():
+        rows.append({"task": task, "group": group, "representation": name, "n": int(len(ids)),
+                     "metrics": cv_probe(fn(), y, task in REGRESSION)})
+    return rows
 
 
 def _plain(v):

@@ -1,0 +1,77 @@
+"""Linear probes of every representation the chain passes the scan through, side by side.
+
+On the held-out subjects alone, a cross-validated linear model predicts each target from: FC on
+the time points a prompt shows and on the whole scan (the input), the tokenizer's scan vector
+(its encoder features, :mod:`fmrilm.models.scan_token`) and its codes (how often two ROIs share
+a code), and the LM's last hidden state where it answers (pretrained and instruct exports). A
+representation that has lost the signal scores at chance, so the stage that loses it shows.
+Probes measure what is linearly decodable; they are not the model's answers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+
+def code_agreement(codes: np.ndarray) -> np.ndarray:
+    """``codes [rois, steps]`` -> the fraction of steps at which each pair of ROIs has the same
+    code, upper triangle ``[rois * (rois - 1) / 2]``."""
+    same = (codes[:, None, :] == codes[None, :, :]).mean(-1)
+    return same[np.triu_indices(len(codes), 1)].astype(np.float32)
+
+
+def cv_probe(x: np.ndarray, y: np.ndarray, regression: bool, folds: int = 5, seed: int = 0) -> dict[str, float]:
+    """Out-of-fold predictions of a standardised linear model (logistic / ridge, penalty chosen
+    inside each training fold) over ``x [n, d]``: ``balanced_accuracy`` (and ``auc`` for two
+    classes), or ``mae`` and ``pearson_r``; ``{}`` when there are too few rows per class."""
+    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+    from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from fmrilm.eval import metrics
+
+    x = np.nan_to_num(np.asarray(x, np.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if regression:
+            y = np.asarray(y, float)
+            if len(y) < 2 * folds:
+                return {}
+            model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 5, 15)))
+            pred = cross_val_predict(model, x, y, cv=KFold(folds, shuffle=True, random_state=seed))
+            return metrics.regression(y, pred)
+        y = np.asarray(y, dtype=object)
+        classes, counts = np.unique(y, return_counts=True)
+        k = int(min(folds, counts.min()))
+        if len(classes) < 2 or k < 2:
+            return {}
+        model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, cv=max(2, min(3, k - 1 if k > 2 else 2)), max_iter=3000))
+        proba = cross_val_predict(model, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed), method="predict_proba")
+        pred = classes[proba.argmax(1)]
+        return metrics.classification(y, pred, np.log(np.clip(proba, 1e-12, 1)), list(classes))
+
+
+@torch.no_grad()
+def answer_states(model, prompts: list) -> np.ndarray:
+    """The LM's last-layer hidden state at the last token of each prompt (where the answer's
+    first token is predicted), ``[prompts, hidden]``; ``prompts`` are
+    :class:`~fmrilm.data.lm_sequences.Example` objects."""
+    from fmrilm.data.lm_sequences import attention_mask
+    from fmrilm.models.fmri_lm import fmri_inputs
+
+    out = []
+    for p in prompts:
+        batch = {"ids": p.ids, "groups": p.groups, "positions": p.positions, "segments": np.ones(len(p), np.int32)}
+        if p.feats is not None:
+            batch |= {"feats": p.feats, "roi": p.roi}
+        if p.scan is not None:
+            batch |= {"scan": p.scan, "scan_pos": p.scan_at}
+        t = {k: torch.from_numpy(np.asarray(v))[None] for k, v in batch.items()}
+        res = model(input_ids=t["ids"], attention_mask=attention_mask(t["segments"], t["groups"]), position_ids=t["positions"],
+                    use_cache=False, output_hidden_states=True, **fmri_inputs(t))
+        out.append(res.hidden_states[-1][0, -1].float().numpy())
+    return np.stack(out)
