@@ -12,8 +12,11 @@
 * :func:`init_code_embeddings` sets the new input rows from the tokenizer's codebook through a
   least-squares linear map into the LM's embedding space when paired examples exist (code
   vectors -> the aligned, projected fMRI features, which live in the LM's embedding space when
-  the tokenizer was aligned against this LM), else to the mean embedding plus small noise; it
-  returns which init it used.
+  the tokenizer was aligned against this LM), else drawn at the text rows' scale; it returns
+  which init it used.
+* :class:`FMRIInputLM` wraps the LM with its continuous fMRI inputs (encoder features per
+  token, the scan-level token); :func:`target_logits` runs any of them computing the vocabulary
+  projection only where a target is.
 """
 
 from __future__ import annotations
