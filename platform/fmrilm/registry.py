@@ -14,6 +14,12 @@ def _quickstart():
     return QuickstartSpec, run
 
 
+def _science():
+    from fmrilm.science import ScienceSpec, run
+
+    return ScienceSpec, run
+
+
 def _features():
     from fmrilm.features.job import FeaturesSpec, run
 
@@ -56,7 +62,7 @@ def _sweep():
     return SweepSpec, run
 
 
-KINDS: dict[str, Callable] = {"quickstart": _quickstart, "features": _features, "tokenizer": _tokenizer, "tokenize": _tokenize,
+KINDS: dict[str, Callable] = {"quickstart": _quickstart, "science": _science, "features": _features, "tokenizer": _tokenizer, "tokenize": _tokenize,
                               "pretrain": _pretrain, "instruct": _instruct, "eval": _eval, "sweep": _sweep}
 
 

