@@ -93,7 +93,7 @@ def test_instruct_then_eval_report(pretrained):
                 assert (group, task, paradigm, "fmrilm") in methods
             assert (group, task, "baseline", "fc_linear") in methods and (group, task, "baseline", "descriptors_linear") in methods
             assert (group, task, "baseline", "majority" if task != "age" else "mean") in methods
-    assert ("heldout_subjects", "sex", "baseline", "oracle") in methods  # planted truth of the synthetic cohort
+    assert ("heldout_subjects", "sex", "baseline", "planted_pattern") in methods  # planted truth of the synthetic cohort
     sex = next(r for r in report["results"] if r["task"] == "sex" and r["method"] == "fc_linear" and r["group"] == "heldout_subjects")
     assert {"accuracy", "balanced_accuracy", "auc"} <= set(sex["metrics"]) and "balanced_accuracy" in sex["ci"]
     age = next(r for r in report["results"] if r["task"] == "age" and r["paradigm"] == "full")
@@ -102,7 +102,7 @@ def test_instruct_then_eval_report(pretrained):
     for name in ("report.json", "report.md", "predictions.json", "fewshot.png", "confusion.png", "age.png"):
         assert os.path.getsize(files[name]) > 0
     md = open(files["report.md"]).read()
-    assert "| task | metric | paradigm | fmrilm | majority/mean | fc_linear | fc_linear_whole_scan | descriptors_linear | oracle |" in md
+    assert "| task | metric | paradigm | fmrilm | majority/mean | fc_linear | fc_linear_whole_scan | descriptors_linear | planted_pattern |" in md
     assert "kshot_lora k=2" in md and "## heldout dataset" in md
     saved = json.load(open(files["report.json"]))
     assert saved["groups"]["heldout_dataset"] == 6

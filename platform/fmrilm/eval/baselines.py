@@ -6,7 +6,7 @@
   by cross-validation on the training subjects only (nested inside the train/test split), on
   the time points the LM's prompt shows; ``fc_linear_whole_scan`` the same on the whole scan.
 * ``descriptors_linear``: the same models on the descriptor z-scores of ``fmrilm features``.
-* ``oracle`` (synthetic cohorts): the generator's true effect pattern projected onto each scan's
+* ``planted_pattern`` (synthetic cohorts): the generator's true effect pattern projected onto each scan's
   FC (:func:`fmrilm.data.synth.oracle_scores`), calibrated on the training scans by a
   one-feature logistic/linear fit on the whole scan. Not an upper bound: the generator's site
   effect is not in it, so a model that also reads site can beat it.

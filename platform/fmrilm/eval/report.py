@@ -38,13 +38,13 @@ def _fmt(res: dict | None, key: str, ci: bool = True) -> str:
 def table_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one group's table (see the module docstring)."""
     results = [r for r in report["results"] if r["group"] == group]
-    header = ["task", "metric", "paradigm", "fmrilm", "majority/mean", "fc_linear", "fc_linear_whole_scan", "descriptors_linear", "oracle"]
+    header = ["task", "metric", "paradigm", "fmrilm", "majority/mean", "fc_linear", "fc_linear_whole_scan", "descriptors_linear", "planted_pattern"]
     rows = []
     for task in dict.fromkeys(r["task"] for r in results):
         key = headline(task)
         base = {r["method"]: r for r in results if r["task"] == task and r["paradigm"] == "baseline"}
         cols = [_fmt(base.get("majority") or base.get("mean"), key, False), _fmt(base.get("fc_linear"), key),
-                _fmt(base.get("fc_linear_whole_scan"), key), _fmt(base.get("descriptors_linear"), key), _fmt(base.get("oracle"), key)]
+                _fmt(base.get("fc_linear_whole_scan"), key), _fmt(base.get("descriptors_linear"), key), _fmt(base.get("planted_pattern"), key)]
         lm = [r for r in results if r["task"] == task and r["method"] == "fmrilm"]
         for paradigm in ("zero_shot", "in_context", "kshot_lora", "full"):
             runs = [r for r in lm if r["paradigm"] == paradigm]
@@ -198,7 +198,7 @@ def plots(report: dict, predictions: list[dict]) -> dict[str, bytes]:
         out["confusion.png"] = _png(fig, plt)
     if "age" in tasks:
         fig, ax = plt.subplots(figsize=(4, 4))
-        for i, (paradigm, method) in enumerate((("full", "fmrilm"), ("baseline", "fc_linear"), ("baseline", "oracle"))):
+        for i, (paradigm, method) in enumerate((("full", "fmrilm"), ("baseline", "fc_linear"), ("baseline", "planted_pattern"))):
             p = next((q for q in predictions if q["task"] == "age" and q["group"] == group and q["paradigm"] == paradigm
                       and q["method"] == method), None)
             if p:

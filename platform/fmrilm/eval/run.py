@@ -465,9 +465,9 @@ def baseline_predictions(task: str, train: pd.DataFrame, test: pd.DataFrame, lab
         elif len(set(y_tr)) >= 2:
             pred, scores = baselines.linear_classifier(x_tr, y_tr, x_te, classes, spec.seed)
             out[name] = {"pred": pred, "scores": scores}
-    oracle = _oracle(task, tr, y_tr, test, whole or fcs, spec, labeller)
-    if oracle is not None:
-        out["oracle"] = oracle
+    planted = _planted_pattern(task, tr, y_tr, test, whole or fcs, spec, labeller)
+    if planted is not None:
+        out["planted_pattern"] = planted
     return out
 
 
@@ -489,9 +489,11 @@ def fc_matrices(spec: EvalSpec, scan_ids, seen: dict | None = None) -> dict[str,
     return out
 
 
-def _oracle(task: str, tr: pd.DataFrame, y_tr: np.ndarray, test: pd.DataFrame, fcs: dict[str, np.ndarray], spec: EvalSpec,
+def _planted_pattern(task: str, tr: pd.DataFrame, y_tr: np.ndarray, test: pd.DataFrame, fcs: dict[str, np.ndarray], spec: EvalSpec,
             labeller: Labeller) -> dict | None:
-    """The synthetic generator's truth, calibrated on the training scans (one dataset only)."""
+    """The synthetic generator's planted effect pattern read off each scan's FC, calibrated on the
+    training scans (one dataset only). Not an upper bound: the generator's site effect and subject
+    noise are not in it, so a model may beat it."""
     from fmrilm.data import table
 
     effect = {"sex": "sex", "age": "age", "age_bin": "age"}.get(task)
