@@ -34,6 +34,7 @@ from fmrilm.data import splits
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions, encode, fit_labeller, with_descriptions
 from fmrilm.data.lm_sequences import fmri_part, pack
+from fmrilm.data.pipeline import PipelineError
 from fmrilm.models.fmri_lm import BackboneError, FMRIInputLM
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, fault_plan, run_trainer, worker_spec
 from fmrilm.train.deepspeed import DeepSpeedSpec
@@ -99,7 +100,7 @@ class ScanBlocks:
         meta = export_meta(root_export(model_uri))
         self.vocab = meta["vocab"]
         self.features = meta.get("input_mode") == "features"
-        self.scan_token = bool(meta.get("scan_dim"))
+        self.scan_token, self.scan_dim = bool(meta.get("scan_dim")), meta.get("scan_dim")
         tokens, _ = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features or self.scan_token)
         self.tokenizer_cfg = artifact_config(meta["tokenizer"])
         self.codes, self.feats = scan_codes(tokens, self.tokenizer_cfg["data"]["window"])
@@ -119,7 +120,11 @@ class ScanBlocks:
         c = self.codes[scan_id][:, :steps]
         f = self.feats[scan_id][:, :steps] if self.features else None
         v = self.vocab
-        return fmri_part(c, v["first_code_id"], v["open_id"], v["close_id"], f, self.vectors.get(scan_id))
+        vec = self.vectors.get(scan_id)
+        if vec is not None and len(vec) != self.scan_dim:
+            raise PipelineError(f"scan {scan_id!r} has {c.shape[0]} ROIs, but the export's scan token was trained on scans of another "
+                                f"ROI count ({self.scan_dim} ROI pairs): evaluate datasets of the atlas it was trained on")
+        return fmri_part(c, v["first_code_id"], v["open_id"], v["close_id"], f, vec)
 
 
 def encode_rows(rows: pd.DataFrame, blocks: ScanBlocks, tokenizer, steps: int, seq_len: int, objective_of: dict[str, int] | None = None,
