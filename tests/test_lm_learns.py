@@ -64,7 +64,7 @@ def _train(model, tok, vocab, scans, steps, lr, batch=32, seed=0):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval(), float(loss)
+    return model.eval(), loss.item()
 
 
 def _answers(model, tok, vocab, scans, reference):
