@@ -200,6 +200,19 @@ def pack(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, np.nda
     return out
 
 
+def as_row(ex: Example, n: int | None = None) -> dict[str, np.ndarray]:
+    """One example as a packed batch of one row over its first ``n`` tokens (default all):
+    ``ids, groups, positions, segments [1, n]`` and the fMRI inputs it carries (``feats``,
+    ``roi``; ``scan [1, m, dim]`` and ``scan_pos [1, m]``, whose positions must lie before ``n``)."""
+    n = len(ex) if n is None else n
+    row = {"ids": ex.ids[:n], "groups": ex.groups[:n], "positions": ex.positions[:n], "segments": np.ones(n, np.int32)}
+    if ex.feats is not None:
+        row |= {"feats": ex.feats[:n], "roi": ex.roi[:n]}
+    if ex.scan is not None:
+        row |= {"scan": ex.scan, "scan_pos": ex.scan_at}
+    return {k: np.asarray(v)[None] for k, v in row.items()}
+
+
 def attention_mask(segments, groups):
     """``[batch, 1, L, L]`` boolean mask: query i may attend key j iff both are in the same
     example and ``groups[j] <= groups[i]``; padding attends only to itself (no empty rows).

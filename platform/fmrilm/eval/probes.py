@@ -60,17 +60,12 @@ def answer_states(model, prompts: list) -> np.ndarray:
     """The LM's last-layer hidden state at the last token of each prompt (where the answer's
     first token is predicted), ``[prompts, hidden]``; ``prompts`` are
     :class:`~fmrilm.data.lm_sequences.Example` objects."""
-    from fmrilm.data.lm_sequences import attention_mask
+    from fmrilm.data.lm_sequences import as_row, attention_mask
     from fmrilm.models.fmri_lm import fmri_inputs
 
     out = []
     for p in prompts:
-        batch = {"ids": p.ids, "groups": p.groups, "positions": p.positions, "segments": np.ones(len(p), np.int32)}
-        if p.feats is not None:
-            batch |= {"feats": p.feats, "roi": p.roi}
-        if p.scan is not None:
-            batch |= {"scan": p.scan, "scan_pos": p.scan_at}
-        t = {k: torch.from_numpy(np.asarray(v))[None] for k, v in batch.items()}
+        t = {k: torch.from_numpy(v) for k, v in as_row(p).items()}
         res = model(input_ids=t["ids"], attention_mask=attention_mask(t["segments"], t["groups"]), position_ids=t["positions"],
                     use_cache=False, output_hidden_states=True, **fmri_inputs(t))
         out.append(res.hidden_states[-1][0, -1].float().numpy())

@@ -17,8 +17,8 @@ import re
 import numpy as np
 import torch
 
-from fmrilm.data.lm_sequences import IGNORE, Example, attention_mask, compose, pack
-from fmrilm.models.fmri_lm import target_logits
+from fmrilm.data.lm_sequences import IGNORE, Example, as_row, attention_mask, compose, pack
+from fmrilm.models.fmri_lm import fmri_inputs, target_logits
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -111,16 +111,9 @@ def generate(model, prompt: Example, max_new_tokens: int, eos_id: int) -> list[i
     new: list[int] = []
     for _ in range(max_new_tokens):
         ex = _with_groups(prompt, np.asarray(new + [eos_id], np.int64))  # the placeholder's logits are never read
-        n = len(prompt) + len(new)
-        batch = {k: torch.from_numpy(v[None, :n]) for k, v in
-                 {"ids": ex.ids, "groups": ex.groups, "positions": ex.positions, "segments": np.ones(len(ex), np.int32)}.items()}
-        extra = {}
-        if ex.feats is not None:
-            extra = {"feats": torch.from_numpy(ex.feats[None, :n]), "roi": torch.from_numpy(ex.roi[None, :n])}
-        if ex.scan is not None:  # every vector sits in the prompt, before position n
-            extra |= {"scan": torch.from_numpy(ex.scan[None]), "scan_pos": torch.from_numpy(ex.scan_at[None])}
+        batch = {k: torch.from_numpy(v) for k, v in as_row(ex, len(prompt) + len(new)).items()}
         logits = model(input_ids=batch["ids"], attention_mask=attention_mask(batch["segments"], batch["groups"]),
-                       position_ids=batch["positions"], use_cache=False, **extra).logits
+                       position_ids=batch["positions"], use_cache=False, **fmri_inputs(batch)).logits
         token = int(logits[0, -1].argmax())
         if token == eos_id:
             break
