@@ -36,6 +36,7 @@ from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions,
 from fmrilm.data.lm_sequences import fmri_part, pack
 from fmrilm.data.pipeline import PipelineError
 from fmrilm.models.fmri_lm import BackboneError, FMRIInputLM
+from fmrilm.models.number_loss import NumberObjective, number_tokens
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, fault_plan, run_trainer, worker_spec
 from fmrilm.train.deepspeed import DeepSpeedSpec
 from fmrilm.train.lm import LoraSpec
@@ -62,6 +63,9 @@ class InstructSpec(Strict):
                                        "(small backbones: the head and norms then learn the answers too)")
     deepspeed: DeepSpeedSpec = DeepSpeedSpec(zero_stage=2)
     train: OptimSpec = OptimSpec(epochs=3, lr=5e-4, warmup_steps=5, checkpoint_every=50, log_every=5)
+    number_loss: float = Field(1.0, ge=0, description="weight of the number-token loss on the age answers: the squared error of "
+                               "the expected number under the model's probabilities, so nearby ages count as near (0: "
+                               "cross-entropy only, every number an unrelated class)")
     validation: float = Field(0.0, ge=0, lt=1, description="fraction of the training subjects held out of LoRA training; "
                               "their instruction losses are reported as val/loss, val/loss/<task> at each checkpoint "
                               "(what sweeps select on; never the held-out test subjects)")
@@ -254,9 +258,21 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
         out["rows" if split == "train" else "val_rows"] = len(kept)
         if split == "train":
             out["counts"] = {f"{t}/{p}": int(n) for (t, p), n in counts.items()}
+            out["number"] = number_objective(out["packed"], tokenizer, spec.number_loss)
     if held and "val" not in out:
         log.warning("validation subjects %s have no instruction that fits seq_len: no validation metrics", sorted(held))
     return out
+
+
+def number_objective(packed: dict[str, np.ndarray], tokenizer, weight: float) -> NumberObjective | None:
+    """The number-token loss on the age answers of ``packed`` training rows (``targets``,
+    ``objective [rows, L]``), reported as the objective after the tasks (``number``); ``None``
+    with ``weight`` 0 or fewer than two distinct number tokens among the answers."""
+    age = TASKS.index("age")
+    tokens = number_tokens(tokenizer, packed["targets"][(packed["objective"] == age) & (packed["targets"] >= 0)])
+    if weight == 0 or tokens is None:
+        return None
+    return NumberObjective(objective=age, tokens=tokens, weight=weight, part=len(TASKS))
 
 
 def _parquet_bytes(df: pd.DataFrame) -> bytes:
@@ -282,8 +298,10 @@ def run(spec: InstructSpec) -> dict:
     prepared = prepare(spec, export_tokenizer(spec.model))
     packed = prepared["packed"]
     probe = probe_row(packed)
+    number = prepared.get("number")
     config = {"spec": worker_spec(spec), "rows_per_rank": math.ceil(len(packed["ids"]) / spec.scaling.num_workers),
-              "probe": probe, "fault": fault_plan(), "has_val": "val" in prepared, "split": prepared["split"]}
+              "probe": probe, "fault": fault_plan(), "has_val": "val" in prepared, "split": prepared["split"],
+              "number": number.as_dict() if number else None}
     datasets = {"train": to_dataset(packed)} | ({"val": to_dataset(prepared["val"])} if "val" in prepared else {})
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
@@ -338,7 +356,8 @@ def train_loop(config: dict) -> None:
     if spec.lora.enabled:
         model = add_adapters(model, spec.lora, meta.get("vocab"))
     weights = {i: spec.instructions.tasks.get(t, 0.0) for i, t in enumerate(TASKS)}
-    engine = deepspeed_train(spec, model, config, TASKS, weights, {})
+    number = NumberObjective.from_dict(config["number"]) if config.get("number") else None
+    engine = deepspeed_train(spec, model, config, (*TASKS, "number"), weights, {}, number)
     export(engine, tok, spec, meta, config["probe"], ray.train.get_context().get_world_rank(), config.get("split"))
 
 

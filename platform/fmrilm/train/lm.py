@@ -39,6 +39,7 @@ from fmrilm.data import splits
 from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, attention_mask, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
 from fmrilm.data.pipeline import PipelineError
 from fmrilm.data.splits import SplitPolicy
+from fmrilm.models.number_loss import NumberObjective, number_token_loss
 from fmrilm.models.fmri_lm import (INPUT_KEYS, MAX_CODES, BackboneError, FMRIInputLM, add_fmri_vocab, fmri_inputs, target_logits, init_code_embeddings, load_backbone, locate_backbone,
                                    objective_losses)
 from fmrilm.train.common import (CorruptCheckpoint, OptimSpec, RunSpec, ScalingSpec, check_pickles, check_shape, checkpoint_name, cosine_schedule, fault_plan,
@@ -398,15 +399,25 @@ def _mean_across_ranks(sums: dict[str, float], counts: dict[str, float], keys: t
     return {k: t[i].item() / t[n + i].item() for i, k in enumerate(keys) if t[n + i] > 0}
 
 
-def forward_loss(model, batch: dict[str, torch.Tensor], weights: dict[int, float]):
+def forward_loss(model, batch: dict[str, torch.Tensor], weights: dict[int, float], number: NumberObjective | None = None):
     """Forward one packed batch (``ids/targets/groups/positions/objective/segments [batch, L]``)
-    through a causal LM with the block-causal mask; returns ``(loss, {objective: loss})``."""
+    through a causal LM with the block-causal mask; returns ``(loss, {objective: loss})``. With
+    ``number``, its objective's number tokens add the number-token loss (part ``number.part``)."""
     logits, keep = target_logits(model, batch, attention_mask=attention_mask(batch["segments"], batch["groups"]))
-    return objective_losses(logits, batch["targets"][:, keep], batch["objective"][:, keep], weights)
+    targets, objective = batch["targets"][:, keep], batch["objective"][:, keep]
+    loss, parts = objective_losses(logits, targets, objective, weights)
+    if number is not None:
+        on = objective == number.objective
+        ntl = number_token_loss(logits[on], targets[on], number.tokens)
+        if ntl is not None:
+            parts[number.part] = ntl
+            loss = loss + number.weight * ntl
+    return loss, parts
 
 
 @torch.no_grad()
-def validation_losses(engine, shard, micro_batch: int, objectives: tuple[str, ...], weights: dict[int, float], device) -> dict[str, float]:
+def validation_losses(engine, shard, micro_batch: int, objectives: tuple[str, ...], weights: dict[int, float], device,
+                      number: NumberObjective | None = None) -> dict[str, float]:
     """Mean loss and loss per objective over a (rank's) validation shard, averaged across ranks,
     as ``val/loss`` and ``val/loss/<objective>``; every rank takes part (ZeRO-3 gathers)."""
     from fmrilm.data.pipeline import torch_batches
@@ -418,7 +429,7 @@ def validation_losses(engine, shard, micro_batch: int, objectives: tuple[str, ..
     for batch in torch_batches(shard, micro_batch, collate_fn=_collate()):
         if not (batch["targets"] != -100).any():
             continue  # padding rows only
-        loss, parts = forward_loss(engine, {k: v.to(device) for k, v in batch.items()}, weights)
+        loss, parts = forward_loss(engine, {k: v.to(device) for k, v in batch.items()}, weights, number)
         for k, v in {"loss": loss, **{f"loss/{objectives[i]}": p for i, p in parts.items()}}.items():
             sums[k] = sums.get(k, 0.0) + v.item()
             counts[k] = counts.get(k, 0.0) + 1
@@ -451,12 +462,14 @@ def train_loop(config: dict) -> None:
     export(engine, tok, spec, info, vocab, config["probe"], export_base, rank, config.get("split"))
 
 
-def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weights: dict[int, float], static: dict):
+def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weights: dict[int, float], static: dict,
+                    number: NumberObjective | None = None):
     """The shared DeepSpeed loop of the LM stages on a Ray Train worker: optimizer and cosine
     schedule over the ``train`` dataset shard, resume from the run's newest checkpoint, the mean
     loss and one loss per objective name reported every ``log_every`` steps (plus ``static``),
     a checkpoint every ``checkpoint_every`` steps and at the end, with the losses over the ``val``
-    dataset shard at each checkpoint when ``config["has_val"]``. ``spec`` has ``train``,
+    dataset shard at each checkpoint when ``config["has_val"]``; ``number`` adds the number-token
+    loss (reported as ``loss/<objectives[number.part]>``). ``spec`` has ``train``,
     ``deepspeed``, ``lora`` and ``scaling``. Returns the DeepSpeed engine after the last step."""
     import deepspeed
     import ray.train
@@ -526,7 +539,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
             ray.train.report(metrics)
             return
         if val_shard is not None:
-            metrics |= validation_losses(engine, val_shard, spec.deepspeed.micro_batch_size, objectives, weights, device)
+            metrics |= validation_losses(engine, val_shard, spec.deepspeed.micro_batch_size, objectives, weights, device, number)
         with tempfile.TemporaryDirectory(prefix="fmrilm-lm-ckpt-") as d:
             engine.save_checkpoint(d, tag="ds", client_state={"step": step}, exclude_frozen_parameters=spec.lora.enabled)
             write_meta(d, {"step": step, "shape": shape})
@@ -543,7 +556,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
         if epoch == first_epoch and i < skip:
             continue
         pending_wait += time.perf_counter() - micro_end  # waiting for this batch (the input pipeline)
-        loss, parts = forward_loss(engine, {k: v.to(device) for k, v in batch.items()}, weights)
+        loss, parts = forward_loss(engine, {k: v.to(device) for k, v in batch.items()}, weights, number)
         engine.backward(loss)
         engine.step()
         micro_end = time.perf_counter()
