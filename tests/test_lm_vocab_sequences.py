@@ -242,3 +242,32 @@ def test_scan_token_enters_at_the_closing_token_of_each_block():
     torch.testing.assert_close(again.scan_std, torch.full((dim,), 2.0))
     with pytest.raises(BackboneError, match="do not match"):
         FMRIInputLM(model, width=5, max_rois=4).load_input_state(wrapped.input_state())
+
+
+def test_an_instruction_scan_vector_enters_where_its_answer_is_predicted():
+    """Single, multi and few-shot prompts: each block's scan vector sits at the end of the last
+    '### Answer:' before the next block (the query's at the prompt's last token), so the token
+    that predicts an answer reads the whole-scan summary; a block without a vector moves nothing."""
+    from fmrilm.data.instructions import encode, question_prompt
+    from fmrilm.data.lm_sequences import fmri_part
+
+    _, tok, _ = load_backbone("tiny-gpt2")
+    vectors = {"a": np.ones(3, np.float32), "b": np.full(3, 2.0, np.float32)}
+
+    def part(scan_id, with_scan=True):
+        return fmri_part(np.array([[1, 2]]), 100, 98, 99, scan=vectors[scan_id] if with_scan else None)
+
+    def cue_ends(ex):
+        cue = tok("### Answer:", add_special_tokens=False)["input_ids"]
+        return [i + len(cue) - 1 for i in range(len(ex.ids)) if ex.ids[i : i + len(cue)].tolist() == cue]
+
+    single = encode(question_prompt("a", "What is the sex?"), "", part, tok, with_answer=False)
+    assert single.scan_at.tolist() == [len(single) - 1]
+    answered = encode(question_prompt("a", "What is the sex?"), " Male", part, tok)
+    assert answered.scan_at.tolist() == [len(single) - 1] and answered.targets[len(single) - 1] != -100  # it predicts " Male"
+    multi = encode("<scan:a>### Question: q1\n### Answer: 40\n### Question: q2\n### Answer:", "", part, tok, with_answer=False)
+    assert multi.scan_at.tolist() == [cue_ends(multi)[-1]] == [len(multi) - 1]
+    shots = encode(question_prompt("b", "Sex?") + " Female\n\n" + question_prompt("a", "Sex?"), "", part, tok, with_answer=False)
+    assert shots.scan_at.tolist() == cue_ends(shots) and shots.scan[:, 0].tolist() == [2.0, 1.0]
+    bare = encode(question_prompt("a", "Sex?"), "", lambda s: part(s, False), tok, with_answer=False)
+    assert bare.scan_at is None

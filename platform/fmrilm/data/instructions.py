@@ -34,6 +34,7 @@ from pydantic import Field, field_validator
 from fmrilm.config import Strict
 
 SCAN = re.compile(r"<scan:([^>]+)>")
+ANSWER_CUE = "### Answer:"
 QUESTIONS = {
     "sex": ["What is the sex of this participant?", "Is this scan from a male or a female participant?",
             "Which sex does this brain scan belong to?", "Classify the participant's sex from this scan.",
@@ -245,17 +246,25 @@ def fewshot_context(task: str, row, train: pd.DataFrame, labeller: Labeller, k: 
 def encode(prompt: str, answer: str, fmri_part, tokenizer, objective: int = 0, with_answer: bool = True):
     """An :class:`~fmrilm.data.lm_sequences.Example` of ``prompt`` (fMRI blocks from
     ``fmri_part(scan_id)``) followed by ``answer`` and the end token as targets (or, with
-    ``with_answer=False``, the prompt alone, for scoring and generation)."""
-    from fmrilm.data.lm_sequences import compose
+    ``with_answer=False``, the prompt alone, for scoring and generation). A block's scan vector
+    (if any) enters at the end of the last ``### Answer:`` before the next block: the token that
+    predicts the answer about that scan reads the whole-scan summary directly."""
+    from fmrilm.data.lm_sequences import SCAN_HERE, compose
 
-    parts, at = [], 0
-    for m in SCAN.finditer(prompt):
-        if m.start() > at:
-            parts.append(("text", _ids(tokenizer, prompt[at : m.start()])))
+    blocks = list(SCAN.finditer(prompt))
+    parts = [("text", _ids(tokenizer, prompt[: blocks[0].start()]))] if blocks and blocks[0].start() else []
+    if not blocks:
+        parts.append(("text", _ids(tokenizer, prompt)))
+    for i, m in enumerate(blocks):
         parts.append(fmri_part(m.group(1)))
-        at = m.end()
-    if at < len(prompt):
-        parts.append(("text", _ids(tokenizer, prompt[at:])))
+        text = prompt[m.end() : blocks[i + 1].start() if i + 1 < len(blocks) else len(prompt)]
+        cut = text.rfind(ANSWER_CUE)  # the block's scan vector enters where its (last) question's answer is predicted
+        if cut >= 0:
+            cut += len(ANSWER_CUE)
+            parts += [("text", _ids(tokenizer, text[:cut])), (SCAN_HERE,)]
+            text = text[cut:]
+        if text:
+            parts.append(("text", _ids(tokenizer, text)))
     if with_answer:
         parts.append(("answer", np.concatenate([_ids(tokenizer, answer), [tokenizer.eos_token_id]])))
     return compose(parts, objective)

@@ -15,7 +15,8 @@ group of its own example), ``positions`` and ``objective`` (which loss a target 
   LM stage feeds them through a projector instead of the code embeddings (codes stay targets).
 * With a scan vector (:mod:`fmrilm.models.scan_token`) an fMRI block also carries one summary
   of the whole scan (``scan [m, dim]``) and where it enters (``scan_at [m]``: the block's
-  ``</fmri>`` token, so no token of the block sees it); the LM stage projects it there.
+  ``</fmri>`` token, so no token of the block sees it, or a later token that :func:`compose` is
+  told of, e.g. where an instruction's answer is predicted); the LM stage projects it there.
 * **fMRI->text**: the scan's fMRI block, then its caption; loss on the caption only.
 * **text->text**: the caption alone, to keep the language model's language.
 
@@ -32,6 +33,7 @@ import numpy as np
 
 IGNORE = -100
 OBJECTIVES = ("fmri_fmri", "fmri_text", "text_text")
+SCAN_HERE = "scan_here"  # a compose part: the latest fMRI block's scan vector enters at the token before it
 F2F, F2T, T2T = 0, 1, 2
 
 
@@ -45,7 +47,7 @@ class Example:
     feats: np.ndarray | None = None  # [n, width] float32 encoder features (features input mode)
     roi: np.ndarray | None = None  # [n] int32 ROI index of fMRI tokens, -1 elsewhere
     scan: np.ndarray | None = None  # [m, dim] float32 scan vectors of the example's fMRI blocks
-    scan_at: np.ndarray | None = None  # [m] int64 position of each scan vector (a block's </fmri>)
+    scan_at: np.ndarray | None = None  # [m] int64 position of each scan vector (its block's </fmri>, or where compose put it)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -97,15 +99,22 @@ def fmri_part(codes: np.ndarray, first_code_id: int, open_id: int, close_id: int
 
 def compose(parts: list[tuple], objective: int) -> Example:
     """One example from parts in order: ``fmri_part(...)`` blocks, ``("text", ids)`` (context,
-    no targets) and ``("answer", ids)`` (every token a target, predicted by the token before it).
+    no targets), ``("answer", ids)`` (every token a target, predicted by the token before it) and
+    ``(SCAN_HERE,)`` (the latest block's scan vector is added at the token before it instead of
+    at the block's ``</fmri>``).
     Text tokens get a group each (plain causal attention); fMRI blocks keep their step groups.
     Targets count for ``objective``."""
     ids, targets, groups, feats, roi, scan, scan_at = [], [], [], [], [], [], []
     width = next((p[4]["feats"].shape[1] for p in parts if p[0] == "fmri" and "feats" in p[4]), None)
-    next_group, at = 0, 0
+    next_group, at, last_has_scan = 0, 0, False
     for part in parts:
+        if part[0] == SCAN_HERE:
+            if last_has_scan:  # the latest block's scan vector moves to the token before this point
+                scan_at[-1] = np.array([at - 1], np.int64)
+            continue
         if part[0] == "fmri":
             _, b_ids, b_targets, b_groups, extra = part
+            last_has_scan = "scan" in extra
             b_groups = b_groups + next_group
             if "scan" in extra:
                 scan.append(extra["scan"])

@@ -325,7 +325,8 @@ class FMRIInputLM(torch.nn.Module):
     * ``scan_dim`` (the scan-level token, :mod:`fmrilm.models.scan_token`): each scan vector is
       standardised with the training scans' ``scan_mean``/``scan_std`` and projected by
       ``Linear(scan_dim, hidden) -> GELU -> Linear(hidden, hidden)``, and added to the embedding
-      at its position (the block's ``</fmri>``).
+      at its position (``scan_pos``: the block's ``</fmri>``, or where an instruction's answer is
+      predicted).
 
     Other positions use the LM's own embeddings."""
 

@@ -6,8 +6,9 @@ only a fixed budget of time steps, so the LM also gets one summary of the *whole
 from the tokenizer's own outputs: the encoder features' connectivity, i.e. for every encoder
 dimension the correlation across time steps between every pair of ROIs, averaged over the
 dimensions. Its upper triangle is the scan vector; the LM stage standardises it with the
-training scans' mean and spread and projects it into the embedding space at each fMRI block's
-closing token (:class:`fmrilm.models.fmri_lm.FMRIInputLM`).
+training scans' mean and spread and projects it into the embedding space at one token per block
+(:class:`fmrilm.models.fmri_lm.FMRIInputLM`): the block's closing token, or in an instruction
+the token that predicts the answer about the scan (:func:`fmrilm.data.instructions.encode`).
 """
 
 from __future__ import annotations
