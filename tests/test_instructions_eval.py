@@ -222,6 +222,19 @@ def test_the_report_marks_failed_results():
     assert "0.500 FAILED: constant prediction" in md and "## Failures" in md and "- sex / heldout_subjects / full: constant prediction" in md
 
 
+def test_kshot_rows_sit_beside_fc_linear_on_the_same_k_scans():
+    from fmrilm.eval.report import table_rows
+
+    row = {"task": "sex", "group": "heldout_subjects", "k": 8, "n": 8, "failures": []}
+    results = [{**row, "paradigm": "kshot_lora", "method": "fmrilm", "seed": s, "metrics": {"balanced_accuracy": v}} for s, v in ((0, 0.6), (1, 0.7))]
+    results += [{**row, "paradigm": "kshot_lora", "method": "fc_linear", "seed": s, "metrics": {"balanced_accuracy": v}} for s, v in ((0, 0.8), (1, 0.9))]
+    results += [{**row, "k": None, "paradigm": "baseline", "method": "fc_linear", "metrics": {"balanced_accuracy": 0.95}}]
+    header, rows = table_rows({"results": results}, "heldout_subjects")
+    shot = dict(zip(header, rows[0]))
+    assert shot["paradigm"] == "kshot_lora k=8" and shot["fmrilm"] == "0.650 (seeds 0.60-0.70)"
+    assert shot["fc_linear"] == "0.850 (seeds 0.80-0.90) (same k scans)"  # not the baseline fitted on every training subject
+
+
 def test_calibration_removes_a_constant_preference():
     """A model that prefers answer 1 by a margin everywhere but ranks the scans correctly (AUC 1):
     the raw argmax answers 1 for every scan; removing each answer's mean score over training scans

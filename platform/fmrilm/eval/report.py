@@ -2,7 +2,8 @@
 
 One table per test group: rows are task x paradigm of the LM, columns the LM's headline metric
 (balanced accuracy for classification, MAE for the age number) with its 95 % bootstrap CI, and
-every baseline on the same scans. k-shot rows show the mean over seeds (and their range).
+every baseline on the same scans. k-shot rows show the mean over seeds (and their range), beside
+FC + linear fitted on the same k scans per class.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ def _fmt(res: dict | None, key: str, ci: bool = True) -> str:
     return text
 
 
+def _over_seeds(same: list[dict], key: str) -> str:
+    """One result with its CI, or the mean over seeds with their range."""
+    if len(same) == 1:
+        return _fmt(same[0], key)
+    vals = [r["metrics"][key] for r in same if key in r["metrics"]]
+    return f"{np.mean(vals):.3f} (seeds {min(vals):.2f}-{max(vals):.2f})" if vals else "-"
+
+
 def table_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one group's table (see the module docstring)."""
     results = [r for r in report["results"] if r["group"] == group]
@@ -49,14 +58,12 @@ def table_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
         for paradigm in ("zero_shot", "in_context", "kshot_lora", "full"):
             runs = [r for r in lm if r["paradigm"] == paradigm]
             for k in sorted({r["k"] for r in runs}, key=lambda v: -1 if v is None else v):
-                same = [r for r in runs if r["k"] == k]
                 name = paradigm if k is None else f"{paradigm} k={k}"
-                if len(same) == 1:
-                    cell = _fmt(same[0], key)
-                else:
-                    vals = [r["metrics"][key] for r in same if key in r["metrics"]]
-                    cell = f"{np.mean(vals):.3f} (seeds {min(vals):.2f}-{max(vals):.2f})" if vals else "-"
-                rows.append([task, key, name, cell, *cols])
+                cells = list(cols)
+                if paradigm == "kshot_lora":  # FC + linear fitted on the same k scans per class; no other baseline applies
+                    few = [r for r in results if r["task"] == task and r["paradigm"] == paradigm and r["k"] == k and r["method"] == "fc_linear"]
+                    cells = [cols[0], _over_seeds(few, key) + " (same k scans)" if few else "-", "-", "-", "-"]
+                rows.append([task, key, name, _over_seeds([r for r in runs if r["k"] == k], key), *cells])
         if not lm:
             rows.append([task, key, "(baselines only)", "-", *cols])
     return header, rows
@@ -67,7 +74,7 @@ def markdown(report: dict) -> str:
     lines = ["# fmrilm evaluation", "",
              f"Pretrained export: `{report['pretrained']}`; instruct export: `{report['spec']['model']}`.",
              f"Scans: {report['groups']}. Headline metric: balanced accuracy (classification), MAE in years (age).",
-             "Baselines are fitted on every training subject; `fc_linear` sees the same time points as the LM's prompt "
+             "Baselines are fitted on every training subject (on the same k scans per class in k-shot rows); `fc_linear` sees the same time points as the LM's prompt "
              "(the whole scan when the model has the scan token, which summarises all of it), `fc_linear_whole_scan` the whole scan. 95 % bootstrap CIs over test scans (resampled within each class) in brackets.", ""]
     for group in report["groups"]:
         if group == "train":

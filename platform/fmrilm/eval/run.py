@@ -33,6 +33,7 @@ from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.instructions import CLASSIFICATION, QUESTIONS, REGRESSION, Labeller, fewshot_context, fit_labeller, question_prompt
 from fmrilm.eval import baselines, metrics
 from fmrilm.eval.probes import answer_states
+from fmrilm.models.number_loss import NumberObjective, number_tokens
 from fmrilm.train.lm import LoraSpec
 
 log = logging.getLogger("fmrilm.eval")
@@ -45,8 +46,9 @@ class KShotSpec(Strict):
 
     k: list[int] = Field([1, 2, 4, 8, 16], description="scans per class")
     seeds: list[int] = [0, 1]
-    steps: int = Field(30, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    steps: int = Field(100, ge=1, description="full-batch AdamW steps (a handful of examples needs many to be fitted)")
+    lr: float = Field(3e-3, gt=0)
+    number_loss: float = Field(1.0, ge=0, description="weight of the number-token loss on age answers (as in instruct)")
     lora: LoraSpec = LoraSpec(enabled=True, r=8, alpha=16, dropout=0.0)
 
 
@@ -213,7 +215,7 @@ def calibration_rows(task: str, train: pd.DataFrame, labeller: Labeller, n: int,
 
 def kshot_rows(task: str, train: pd.DataFrame, labeller: Labeller, k: int, seed: int) -> pd.DataFrame:
     """``k`` training scans per class (per age tertile for the age number) as single-question
-    instruction rows with every paraphrase drawn in turn."""
+    instruction rows (``scan_id, prompt, answer, task``), each with a paraphrase drawn at random."""
     from fmrilm.data.instructions import is_missing
 
     rng = np.random.default_rng(seed)
@@ -230,13 +232,14 @@ def kshot_rows(task: str, train: pd.DataFrame, labeller: Labeller, k: int, seed:
             r = members[j]
             answer = labeller.answer(task, r, {}, rng)
             q = QUESTIONS[task][int(rng.integers(len(QUESTIONS[task])))]
-            rows.append({"prompt": question_prompt(r.scan_id, q), "answer": answer, "task": task})
-    return pd.DataFrame(rows, columns=["prompt", "answer", "task"])
+            rows.append({"scan_id": r.scan_id, "prompt": question_prompt(r.scan_id, q), "answer": answer, "task": task})
+    return pd.DataFrame(rows, columns=["scan_id", "prompt", "answer", "task"])
 
 
 def kshot_tune(pretrained: str, rows: pd.DataFrame, blocks, spec: EvalSpec, seed: int, descriptions: dict[str, str] | None = None):
     """LoRA tuned in this process on a handful of instruction rows (full batch, AdamW, loss on
-    the answers; prompts with ``descriptions`` as the instruct export had them); returns
+    the answers, plus the number-token loss on age answers; prompts with ``descriptions`` as the
+    instruct export had them); returns
     ``(model, tokenizer)`` in eval mode."""
     from fmrilm.data.instructions import with_descriptions
     from fmrilm.data.lm_sequences import pack
@@ -248,11 +251,16 @@ def kshot_tune(pretrained: str, rows: pd.DataFrame, blocks, spec: EvalSpec, seed
     model, tok, meta = load_model(pretrained)
     model = add_adapters(model, spec.kshot.lora, meta.get("vocab"))  # the fMRI rows train with the adapters, as in instruct
     examples, _ = encode_rows(rows, blocks, tok, spec.fmri_steps, spec.seq_len)
-    packed = {k: torch.from_numpy(v) for k, v in pack(examples, spec.seq_len, tok.pad_token_id).items()}
+    arrays = pack(examples, spec.seq_len, tok.pad_token_id)
+    number = None
+    if spec.kshot.number_loss and set(rows["task"]) <= set(REGRESSION):
+        tokens = number_tokens(tok, arrays["targets"][arrays["targets"] >= 0])
+        number = NumberObjective(objective=0, tokens=tokens, weight=spec.kshot.number_loss, part=1) if tokens else None
+    packed = {k: torch.from_numpy(v) for k, v in arrays.items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.kshot.lr)
     model.train()
     for _ in range(spec.kshot.steps):
-        loss, _ = forward_loss(model, packed, {0: 1.0})
+        loss, _ = forward_loss(model, packed, {0: 1.0}, number)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -379,6 +387,11 @@ def run(spec: EvalSpec) -> dict:
                     model, tok = kshot_tune(pretrained, rows, blocks, spec, seed, descriptions)
                     out, extra = answer(model, tok, 0, seed)
                     record("kshot_lora", "fmrilm", out, k=k, seed=seed, extra={"train_rows": len(rows)} | extra)
+                    if spec.baselines:  # FC + linear fitted on the same k scans per class
+                        few = baseline_predictions(task, train[train["scan_id"].isin(rows["scan_id"])], test, labeller, pd.DataFrame(),
+                                                   fcs, spec)
+                        if "fc_linear" in few:
+                            record("kshot_lora", "fc_linear", few["fc_linear"], k=k, seed=seed, extra={"train_rows": len(rows)})
         if spec.baselines:
             for method, out in baseline_predictions(task, train, test, labeller, descriptors, fcs, spec, whole).items():
                 record("baseline", method, out)
