@@ -61,6 +61,18 @@ def test_variants_add_to_the_shared_overrides():
         check(ScienceSpec(headline="nope"))
 
 
+def test_select_runs_some_variants_headline_first():
+    from fmrilm.config import ConfigError
+    from fmrilm.science import check, selected
+
+    assert selected(ScienceSpec(headline="descriptions", select=["codes_only", "descriptions"])) == ["descriptions", "codes_only"]
+    assert selected(ScienceSpec())[0] == "scan_token" and len(selected(ScienceSpec())) == 4
+    with pytest.raises(ConfigError, match="unknown variant"):
+        check(ScienceSpec(select=["nope"]))
+    with pytest.raises(ConfigError, match="headline 'scan_token' is not one of the variants to run"):
+        check(ScienceSpec(select=["codes_only"]))
+
+
 def test_probes_find_a_signal_and_not_noise():
     rng = np.random.default_rng(0)
     y = np.array(["A", "B"] * 40, dtype=object)

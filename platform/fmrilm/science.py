@@ -16,7 +16,8 @@ Every variant is evaluated on the same held-out test subjects beside majority an
 (on the time points the prompt shows, and the whole scan). Nothing is tuned on them: the
 settings are fixed in the spec before the run. Writes ``science.json`` and ``science.md``
 (targets with their CIs and whether each is met, the ablation table, and each variant's own
-evaluation report) under ``<storage>/science/``.
+evaluation report) under ``<storage>/<name>/``. ``select`` runs some of the variants (a costly one,
+such as a pretrained backbone, apart from the rest, on the same shared chain and test subjects).
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ class ScienceSpec(Strict):
     split: SplitPolicy = SplitPolicy(fractions={"train": 0.7, "val": 0.05, "test": 0.25})
     overrides: dict[str, list[str]] = Field({}, description="stage -> key=value for every variant")
     variants: dict[str, dict[str, list[str]]] = Field(VARIANTS, description="variant -> stage -> key=value on top of `overrides`")
+    select: list[str] | None = Field(None, description="the variants to run (default: every one); the headline must be among them")
     headline: str = "scan_token"
+    name: str = Field("science", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="report folder: <storage>/<name>/")
     ablation_eval: list[str] = Field(["eval.paradigms=[full]"], description="eval overrides of the non-headline variants")
     targets: Targets = Targets()
 
@@ -83,8 +86,17 @@ def variant_overrides(spec: ScienceSpec, name: str) -> dict[str, list[str]]:
 def check(spec: ScienceSpec) -> None:
     from fmrilm.config import ConfigError
 
-    if spec.headline not in spec.variants:
-        raise ConfigError(f"science: headline {spec.headline!r} is not one of the variants {sorted(spec.variants)}")
+    unknown = sorted(set(spec.select or []) - set(spec.variants))
+    if unknown:
+        raise ConfigError(f"science: select names unknown variant(s) {unknown}; variants are {sorted(spec.variants)}")
+    if spec.headline not in selected(spec):
+        raise ConfigError(f"science: headline {spec.headline!r} is not one of the variants to run {selected(spec)}")
+
+
+def selected(spec: ScienceSpec) -> list[str]:
+    """The variants to run, headline first."""
+    names = [v for v in spec.variants if spec.select is None or v in spec.select]
+    return sorted(names, key=lambda v: v != spec.headline)
 
 
 def run(spec: ScienceSpec) -> dict:
@@ -95,7 +107,7 @@ def run(spec: ScienceSpec) -> dict:
 
     check(spec)
     start = time.perf_counter()
-    order = [spec.headline, *(v for v in spec.variants if v != spec.headline)]
+    order = selected(spec)
     chains = {}
     for i, name in enumerate(order):
         log.info("science variant %d/%d: %s", i + 1, len(order), name)
@@ -103,7 +115,7 @@ def run(spec: ScienceSpec) -> dict:
                                                 stages=list(STAGES), overrides=variant_overrides(spec, name), tag=f"-{name}"))
     report = summarise(spec, {n: c["report"] for n, c in chains.items()}, {n: c["stages"] for n, c in chains.items()})
     report["seconds"] = time.perf_counter() - start
-    where = storage.resolve(storage.join(spec.storage, "science"))
+    where = storage.resolve(storage.join(spec.storage, spec.name))
     storage.write_text(where.join("science.json"), json.dumps(report, indent=1, default=float))
     storage.write_text(where.join("science.md"), markdown(report))
     report["files"] = {"science.md": where.join("science.md").uri, "science.json": where.join("science.json").uri}
