@@ -40,6 +40,7 @@ def test_the_loss_is_ordinal_and_zero_when_right():
     assert loss_at(6) == pytest.approx(0.0, abs=1e-6)
     assert loss_at(5) < loss_at(7)  # 20 is nearer 47 than 80 is
     assert loss_at(7) == pytest.approx(((80 - 47) / 10) ** 2, rel=1e-4)
+    assert loss_at(0) > loss_at(7) + 30  # a non-number answer (another task's, the end token) costs its missing number mass
     assert number_token_loss(torch.zeros(2, 10), torch.tensor([-100, 2]), table) is None  # no number target
 
 

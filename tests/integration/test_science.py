@@ -1,7 +1,7 @@
-"""The science job end to end on a tiny cohort: two LM variants share one data/tokenizer chain
-(the second reuses every shared stage), each is evaluated on the same test subjects, and one
-report holds the targets and the ablation table; `fmrilm bench science` exits 1 on a missed
-target."""
+"""The science job end to end on a tiny cohort: the real stages on Ray, the evaluation on the test
+subjects, and one report with the targets and the ablation table; `fmrilm bench science` exits 1
+on a missed target. (Variants sharing one chain are the quickstart's reuse by run-name tag,
+tested in tests/integration/test_quickstart.py; their overrides in tests/test_science_job.py.)"""
 
 import json
 
@@ -25,6 +25,7 @@ TINY = {
         "eval": ["seq_len=128", "test_splits=[test]", "tasks=[sex,age]", "kshot.k=[2]", "kshot.seeds=[0]", "kshot.steps=1", "bootstrap=20"],
     },
     "variants": {"scan_token": {}, "codes_only": {"pretrain": ["scan_token=false"]}},
+    "select": ["scan_token"],
 }
 
 
@@ -36,14 +37,14 @@ def test_science_job_runs_variants_and_writes_one_report(ray_cluster, tmp_path):
     r = CliRunner().invoke(app, ["bench", "science", "--spec", str(spec)])
     assert r.exit_code == 1, r.output  # two training steps meet no target: said, with exit 1
     report = json.loads((tmp_path / "science" / "science" / "science.json").read_text())
-    assert [row["variant"] for row in report["ablation"]][:2] == ["scan_token", "codes_only"]
+    assert [row["variant"] for row in report["ablation"]][0] == "scan_token" and list(report["stages"]) == ["scan_token"]
     assert report["groups"]["heldout_subjects"] > 0 and {t["target"] for t in report["targets"]} >= {"sex balanced accuracy (full)", "age MAE (full)"}
-    stages = {name: {s["stage"]: s["status"] for s in st} for name, st in report["stages"].items()}
-    assert stages["codes_only"]["tokenizer"] == "reused" and stages["codes_only"]["pretrain"] == "ran"  # shared chain, own LM
+    stages = {s["stage"]: s["status"] for s in report["stages"]["scan_token"]}
+    assert stages == {s: "ran" for s in ("ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "eval")}
     runs = tmp_path / "science" / "runs"
-    assert (runs / "pretrain-scan_token" / "model").is_dir() and (runs / "eval-codes_only" / "eval" / "report.md").is_file()
+    assert (runs / "pretrain-scan_token" / "model").is_dir() and (runs / "eval-scan_token" / "eval" / "report.md").is_file()
+    assert not (runs / "pretrain-codes_only").exists()  # not selected
     md = (tmp_path / "science" / "science" / "science.md").read_text()
-    assert "## Targets" in md and "| codes_only |" in md and "baseline: fc_linear" in md
+    assert "## Targets" in md and "| scan_token |" in md and "baseline: fc_linear" in md and "sex k-shot LoRA k=" in md
     with_scan = json.loads((runs / "pretrain-scan_token" / "model" / "fmri_lm.json").read_text())
-    without = json.loads((runs / "pretrain-codes_only" / "model" / "fmri_lm.json").read_text())
-    assert with_scan["scan_dim"] == 28 and not without.get("scan_dim")
+    assert with_scan["scan_dim"] == 28

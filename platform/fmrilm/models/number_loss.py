@@ -4,7 +4,8 @@ than 80 (cross-entropy alone treats every number token as an unrelated class).
 At every answer position whose target is a number token, the model's probabilities over the
 number tokens (renormalised over them) give an expected value; the loss is its squared error
 against the target's value, in units of ``scale`` (the Number Token Loss, NTL-MSE, of Zausinger
-et al. 2024). A tokenizer with whole numbers as tokens (``" 47"``) regresses the number itself;
+et al. 2024), plus the negative log of the probability mass on number tokens (so the answer is
+a number at all, not another task's answer or the end token, whatever number it is). A tokenizer with whole numbers as tokens (``" 47"``) regresses the number itself;
 one that splits digits (``"4"``, ``"7"``) regresses each digit, as in NTL. Pure torch, no state.
 """
 
@@ -70,8 +71,9 @@ def number_tokens(tokenizer, target_ids: np.ndarray) -> NumberTokens | None:
 
 def number_token_loss(logits: torch.Tensor, targets: torch.Tensor, numbers: NumberTokens) -> torch.Tensor | None:
     """Mean squared error, in units of ``numbers.scale``, between the expected value of the number
-    tokens under ``logits [n, vocab]`` and the value of ``targets [n]``, over the positions whose
-    target is a number token; ``None`` when there is none."""
+    tokens under ``logits [n, vocab]`` and the value of ``targets [n]``, plus the mean of
+    ``-log P(a number token)``, over the positions whose target is a number token; ``None`` when
+    there is none."""
     ids = torch.tensor(numbers.ids, device=logits.device)
     values = torch.tensor(numbers.values, device=logits.device, dtype=torch.float32)
     lookup = torch.full((logits.shape[-1],), -1, dtype=torch.long, device=logits.device)
@@ -80,6 +82,9 @@ def number_token_loss(logits: torch.Tensor, targets: torch.Tensor, numbers: Numb
     sel = (targets >= 0) & (where >= 0)
     if not sel.any():
         return None
-    p = torch.softmax(logits[sel][:, ids].float(), -1)
+    logp = torch.log_softmax(logits[sel].float(), -1)
+    number_logp = logp[:, ids]
+    mass = torch.logsumexp(number_logp, -1)  # log of the probability that the answer is a number at all
+    p = torch.softmax(number_logp, -1)
     err = (p @ values - values[where[sel]]) / numbers.scale
-    return (err**2).mean()
+    return (err**2).mean() - mass.mean()
