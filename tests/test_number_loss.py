@@ -62,16 +62,16 @@ def test_forward_loss_adds_the_number_part():
     assert NumberObjective.from_dict(number.as_dict()) == number
 
 
-def test_instruct_regresses_the_age_answers_only(tok):
-    """The instruct stage's number objective is built from the age answers of the packed rows (a
-    number in another task's answer is not regressed), and is off at weight 0."""
+def test_the_number_objective_regresses_one_task_only(tok):
+    """The number objective is built from the age answers of the packed rows (a number in
+    another task's answer is not regressed), and is off at weight 0."""
     from fmrilm.data.instructions import TASKS
-    from fmrilm.train.instruct import number_objective
+    from fmrilm.models.number_loss import number_objective
 
     age, sex = TASKS.index("age"), TASKS.index("sex")
     targets = np.array([[-100, _id(tok, " 30"), 0, -100, _id(tok, " 99")], [-100, _id(tok, " 50"), 0, -100, -100]])
     objective = np.array([[-1, age, age, -1, sex], [-1, age, age, -1, -1]])
-    got = number_objective({"targets": targets, "objective": objective}, tok, 1.5)
+    got = number_objective({"targets": targets, "objective": objective}, tok, age, 1.5, part=len(TASKS))
     assert got.objective == age and got.weight == 1.5 and got.part == len(TASKS)
     assert sorted(got.tokens.values) == [30.0, 50.0]
-    assert number_objective({"targets": targets, "objective": objective}, tok, 0.0) is None
+    assert number_objective({"targets": targets, "objective": objective}, tok, age, 0.0, part=len(TASKS)) is None

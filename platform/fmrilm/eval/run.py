@@ -33,7 +33,7 @@ from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.instructions import CLASSIFICATION, QUESTIONS, REGRESSION, Labeller, fewshot_context, fit_labeller, question_prompt
 from fmrilm.eval import baselines, metrics
 from fmrilm.eval.probes import answer_states
-from fmrilm.models.number_loss import NumberObjective, number_tokens
+from fmrilm.models.number_loss import number_objective
 from fmrilm.train.lm import LoraSpec
 
 log = logging.getLogger("fmrilm.eval")
@@ -252,10 +252,7 @@ def kshot_tune(pretrained: str, rows: pd.DataFrame, blocks, spec: EvalSpec, seed
     model = add_adapters(model, spec.kshot.lora, meta.get("vocab"))  # the fMRI rows train with the adapters, as in instruct
     examples, _ = encode_rows(rows, blocks, tok, spec.fmri_steps, spec.seq_len)
     arrays = pack(examples, spec.seq_len, tok.pad_token_id)
-    number = None
-    if spec.kshot.number_loss and set(rows["task"]) <= set(REGRESSION):
-        tokens = number_tokens(tok, arrays["targets"][arrays["targets"] >= 0])
-        number = NumberObjective(objective=0, tokens=tokens, weight=spec.kshot.number_loss, part=1) if tokens else None
+    number = number_objective(arrays, tok, 0, spec.kshot.number_loss, part=1) if set(rows["task"]) <= set(REGRESSION) else None
     packed = {k: torch.from_numpy(v) for k, v in arrays.items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.kshot.lr)
     model.train()

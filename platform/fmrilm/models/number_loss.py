@@ -69,6 +69,16 @@ def number_tokens(tokenizer, target_ids: np.ndarray) -> NumberTokens | None:
     return NumberTokens(tuple(ids), tuple(values[i] for i in ids), max(1.0, float(np.std(seen))))
 
 
+def number_objective(packed: dict[str, np.ndarray], tokenizer, objective: int, weight: float, part: int) -> NumberObjective | None:
+    """The number-token loss on the answers of ``objective`` in packed rows (``targets``,
+    ``objective [rows, L]``), reported as part ``part``; ``None`` with ``weight`` 0 or fewer than
+    two distinct number tokens among those answers."""
+    tokens = number_tokens(tokenizer, packed["targets"][(packed["objective"] == objective) & (packed["targets"] >= 0)])
+    if weight == 0 or tokens is None:
+        return None
+    return NumberObjective(objective=objective, tokens=tokens, weight=weight, part=part)
+
+
 def number_token_loss(logits: torch.Tensor, targets: torch.Tensor, numbers: NumberTokens) -> torch.Tensor | None:
     """Mean squared error, in units of ``numbers.scale``, between the expected value of the number
     tokens under ``logits [n, vocab]`` and the value of ``targets [n]``, plus the mean of

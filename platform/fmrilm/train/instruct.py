@@ -36,7 +36,7 @@ from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions,
 from fmrilm.data.lm_sequences import fmri_part, pack
 from fmrilm.data.pipeline import PipelineError
 from fmrilm.models.fmri_lm import BackboneError, FMRIInputLM
-from fmrilm.models.number_loss import NumberObjective, number_tokens
+from fmrilm.models.number_loss import NumberObjective, number_objective
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, fault_plan, run_trainer, worker_spec
 from fmrilm.train.deepspeed import DeepSpeedSpec
 from fmrilm.train.lm import LoraSpec
@@ -258,21 +258,10 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
         out["rows" if split == "train" else "val_rows"] = len(kept)
         if split == "train":
             out["counts"] = {f"{t}/{p}": int(n) for (t, p), n in counts.items()}
-            out["number"] = number_objective(out["packed"], tokenizer, spec.number_loss)
+            out["number"] = number_objective(out["packed"], tokenizer, TASKS.index("age"), spec.number_loss, part=len(TASKS))
     if held and "val" not in out:
         log.warning("validation subjects %s have no instruction that fits seq_len: no validation metrics", sorted(held))
     return out
-
-
-def number_objective(packed: dict[str, np.ndarray], tokenizer, weight: float) -> NumberObjective | None:
-    """The number-token loss on the age answers of ``packed`` training rows (``targets``,
-    ``objective [rows, L]``), reported as the objective after the tasks (``number``); ``None``
-    with ``weight`` 0 or fewer than two distinct number tokens among the answers."""
-    age = TASKS.index("age")
-    tokens = number_tokens(tokenizer, packed["targets"][(packed["objective"] == age) & (packed["targets"] >= 0)])
-    if weight == 0 or tokens is None:
-        return None
-    return NumberObjective(objective=age, tokens=tokens, weight=weight, part=len(TASKS))
 
 
 def _parquet_bytes(df: pd.DataFrame) -> bytes:
