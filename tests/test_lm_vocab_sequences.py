@@ -236,6 +236,15 @@ def test_scan_token_enters_at_the_closing_token_of_each_block():
     torch.testing.assert_close(got[0, :close], plain[0, :close])  # no fMRI token of the block sees the whole-scan vector
     assert not torch.allclose(got[0, close:len(ex)], plain[0, close:len(ex)])  # the caption does
     assert {"scan_projector.0.weight", "scan_mean", "scan_std"} <= set(wrapped.input_state())
+    wrapped.scan_dropout = 0.5  # a tuning setting: masks the scan vector in training only, nothing saved
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(t["ids"], mask, t["positions"], scan=t["scan"], scan_pos=t["scan_pos"]).logits, got)
+        wrapped.train()
+        wrapped.lm.eval()  # only the wrapper in training mode: any change below is the scan vector's dropout
+        dropped = wrapped(t["ids"], mask, t["positions"], scan=t["scan"], scan_pos=t["scan_pos"]).logits
+        wrapped.eval()
+    assert not torch.allclose(dropped[0, close:len(ex)], got[0, close:len(ex)]) and "scan_dropout" not in str(wrapped.input_state())
+    wrapped.scan_dropout = 0.0
     wrapped.set_scan_scale(np.ones(dim), np.full(dim, 2.0))
     again = FMRIInputLM(model, max_rois=4, scan_dim=dim)
     again.load_input_state(wrapped.input_state())

@@ -344,6 +344,8 @@ class FMRIInputLM(torch.nn.Module):
             self.register_buffer("scan_mean", torch.zeros(scan_dim))
             self.register_buffer("scan_std", torch.ones(scan_dim))
 
+    scan_dropout = 0.0  # dropout on the standardised scan vector while training (a tuning setting, not saved)
+
     def set_scan_scale(self, mean, std) -> None:
         """Set the standardisation of scan vectors (``[scan_dim]`` each, from the training scans)."""
         self.scan_mean.copy_(torch.as_tensor(mean, dtype=self.scan_mean.dtype))
@@ -362,6 +364,8 @@ class FMRIInputLM(torch.nn.Module):
             emb = torch.where(fmri, projected, emb)
         if scan is not None and self.scan_dim and scan.shape[1]:
             z = (scan.to(emb.dtype) - self.scan_mean.to(emb.dtype)) / self.scan_std.to(emb.dtype)
+            if self.training and self.scan_dropout:
+                z = torch.nn.functional.dropout(z, self.scan_dropout)
             vec = self.scan_projector(z) * (scan_pos >= 0)[..., None].to(emb.dtype)  # [batch, M, hidden]
             index = scan_pos.clamp_min(0)[..., None].expand(-1, -1, emb.shape[-1])
             emb = emb.scatter_add(1, index, vec)

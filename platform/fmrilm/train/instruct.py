@@ -63,6 +63,8 @@ class InstructSpec(Strict):
                                        "(small backbones: the head and norms then learn the answers too)")
     deepspeed: DeepSpeedSpec = DeepSpeedSpec(zero_stage=2)
     train: OptimSpec = OptimSpec(epochs=3, lr=5e-4, warmup_steps=5, checkpoint_every=50, log_every=5)
+    scan_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the standardised scan vector while tuning (the scan "
+                                "projector sees each training scan through a different mask: less memorised)")
     number_loss: float = Field(1.0, ge=0, description="weight of the number-token loss on the age answers: the squared error of "
                                "the expected number under the model's probabilities, so nearby ages count as near (0: "
                                "cross-entropy only, every number an unrelated class)")
@@ -342,6 +344,8 @@ def train_loop(config: dict) -> None:
     spec = InstructSpec(**config["spec"])
     torch.manual_seed(spec.train.seed)
     model, tok, meta = load_model(spec.model)
+    if isinstance(model, FMRIInputLM):
+        model.scan_dropout = spec.scan_dropout
     if spec.lora.enabled:
         model = add_adapters(model, spec.lora, meta.get("vocab"))
     weights = {i: spec.instructions.tasks.get(t, 0.0) for i, t in enumerate(TASKS)}
