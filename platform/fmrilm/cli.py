@@ -593,13 +593,15 @@ def bench_lm(
     epochs: int = typer.Option(2, help="epochs over the synthetic sequences"),
     scans: int = typer.Option(48, help="synthetic scans (each gives fMRI and caption sequences)"),
     rois: int = typer.Option(32, help="ROIs per synthetic scan"),
+    variants: str = typer.Option("auto", help="our configurations, comma-separated: <precision>[+compile][+zero<N>] with "
+                                 "precision auto, bf16, autocast or fp32 (e.g. auto,autocast,autocast+compile,bf16+zero2)"),
     out_file: Optional[str] = typer.Option(None, "--out", help="also write the JSON here"),
 ) -> None:
-    """LM stage on Ray Train + DeepSpeed ZeRO-0 (1 worker) vs a plain PyTorch loop: tokens/s, memory, MFU on GPU."""
+    """LM stage on Ray Train + DeepSpeed (1 worker) vs a plain PyTorch loop: tokens/s, memory, MFU on GPU."""
     from fmrilm.bench.lm import run_benchmark
 
     result = _guard(run_benchmark, width=width, layers=layers, seq_len=seq_len, micro_batch=micro_batch, epochs=epochs,
-                    scans=scans, rois=rois)
+                    scans=scans, rois=rois, variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
     _report_bench(result, as_json, out_file)
 
 

@@ -1,0 +1,44 @@
+"""The GPU-speed code paths behind flags, checked on CPU: bf16 autocast with fp32 weights
+instead of DeepSpeed's bf16 mode, the optimizer choice, and the benchmark's variant names."""
+
+import pytest
+import torch
+
+from fmrilm.config import ConfigError
+from fmrilm.train.deepspeed import DeepSpeedSpec, adamw, autocast, build_config, resolve_precision
+
+
+def test_autocast_keeps_deepspeed_in_fp32():
+    spec = DeepSpeedSpec(zero_stage=0, precision="autocast")
+    assert resolve_precision(spec, on_gpu=False) == "autocast"
+    assert build_config(spec, 1, 1.0, on_gpu=False)["bf16"]["enabled"] is False  # no bf16 optimizer wrapper
+    assert build_config(DeepSpeedSpec(precision="bf16"), 1, 1.0, on_gpu=False)["bf16"]["enabled"] is True
+    assert resolve_precision(DeepSpeedSpec(), on_gpu=False) == "fp32"
+
+
+def test_autocast_runs_matmuls_in_bf16_and_leaves_weights_fp32():
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    with autocast("autocast", "cpu"):
+        y = layer(x)
+    with autocast("fp32", "cpu"):
+        z = layer(x)
+    assert y.dtype == torch.bfloat16 and z.dtype == torch.float32 and layer.weight.dtype == torch.float32
+    torch.testing.assert_close(y.float(), z, atol=5e-2, rtol=5e-2)
+
+
+def test_adamw_is_fused_only_on_a_gpu():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert adamw(params, 1e-3, 0.0, on_gpu=False).defaults["foreach"] is True
+    assert adamw(params, 1e-3, 0.0, on_gpu=False).defaults["fused"] in (None, False)
+
+
+def test_bench_variants_parse_or_say_what_is_wrong():
+    from fmrilm.bench.lm import parse_variant
+
+    assert parse_variant("auto") == {"precision": "auto", "zero_stage": 0}
+    assert parse_variant("autocast+compile+zero2") == {"precision": "autocast", "zero_stage": 2, "compile": True}
+    with pytest.raises(ConfigError, match="precision 'fp8'"):
+        parse_variant("fp8")
+    with pytest.raises(ConfigError, match="unknown part 'turbo'"):
+        parse_variant("bf16+turbo")
