@@ -42,3 +42,41 @@ def test_bench_variants_parse_or_say_what_is_wrong():
         parse_variant("fp8")
     with pytest.raises(ConfigError, match="unknown part 'turbo'"):
         parse_variant("bf16+turbo")
+
+
+def _tokenizer():
+    from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig
+
+    torch.manual_seed(0)
+    return FMRITokenizer(TokenizerConfig(patch=8, width=16, depth=2, heads=2, code_dim=8, num_codes=16)).train()
+
+
+def test_tokenizer_activation_checkpointing_gives_the_same_gradients():
+    x = torch.randn(3, 4, 16)
+    grads = []
+    for checkpointing in (False, True):
+        model = _tokenizer()
+        model.checkpointing = checkpointing
+        out = model(x)
+        ((out.recon - x) ** 2).mean().backward()
+        grads.append(model.patch_embed.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_tokenizer_under_autocast_keeps_the_code_search_in_fp32():
+    model = _tokenizer()
+    x = torch.randn(3, 4, 16)
+    with autocast("autocast", "cpu"):
+        out = model(x)
+    assert out.recon.dtype == torch.bfloat16 and out.quant.quantized.dtype == torch.float32  # matmuls in bf16, the code search not
+    assert model.quantizer.codebook.dtype == torch.float32 and torch.isfinite(out.recon).all()
+
+
+def test_tokenizer_compute_options_run_and_parse():
+    from fmrilm.bench.tokenizer import compute_step_loop, parse_option
+
+    assert parse_option("autocast+checkpointing") == {"precision": "autocast", "activation_checkpointing": True}
+    with pytest.raises(ConfigError, match="unknown part 'fp16'"):
+        parse_option("fp16")
+    r = compute_step_loop("small", parse_option("autocast+checkpointing"), batch_size=2, steps=4, threads=1, on_gpu=False)
+    assert r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["params"] > 0

@@ -573,13 +573,23 @@ def bench_tokenizer(
     epochs: int = typer.Option(4, help="epochs per run"),
     batch_size: int = typer.Option(32, help="windows per step"),
     repeats: int = typer.Option(2, help="interleaved runs of each side"),
+    size: Optional[str] = typer.Option(None, help="instead: the training step at a model size (vit-s: fMRI-LM's; small) "
+                                       "with each of --options, samples/s and peak memory side by side"),
+    options: str = typer.Option("fp32,autocast,checkpointing,autocast+checkpointing", help="with --size: comma-separated "
+                                "compute options (fp32 | autocast, +checkpointing)"),
+    steps: int = typer.Option(8, help="with --size: steps per option (the first 3 untimed)"),
     out_file: Optional[str] = typer.Option(None, "--out", help="also write the JSON here"),
 ) -> None:
-    """Tokenizer stage on Ray Train (1 worker) vs a plain PyTorch loop: in-loop samples/s ratio."""
-    from fmrilm.bench.tokenizer import run_benchmark
+    """Tokenizer stage on Ray Train (1 worker) vs a plain PyTorch loop: in-loop samples/s ratio;
+    with --size, the compute options of the training step at that model size."""
+    from fmrilm.bench.tokenizer import compute_options, run_benchmark
 
-    result = _guard(run_benchmark, subjects=subjects, rois=rois, timepoints=timepoints, epochs=epochs,
-                    batch_size=batch_size, repeats=repeats)
+    if size is not None:
+        result = _guard(compute_options, size=size, options=tuple(o.strip() for o in options.split(",") if o.strip()),
+                        batch_size=batch_size, steps=steps)
+    else:
+        result = _guard(run_benchmark, subjects=subjects, rois=rois, timepoints=timepoints, epochs=epochs,
+                        batch_size=batch_size, repeats=repeats)
     _report_bench(result, as_json, out_file)
 
 
