@@ -29,8 +29,7 @@ def test_autocast_runs_matmuls_in_bf16_and_leaves_weights_fp32():
 
 def test_adamw_is_fused_only_on_a_gpu():
     params = [torch.nn.Parameter(torch.zeros(3))]
-    assert adamw(params, 1e-3, 0.0, on_gpu=False).defaults["foreach"] is True
-    assert adamw(params, 1e-3, 0.0, on_gpu=False).defaults["fused"] in (None, False)
+    assert adamw(params, 1e-3, 0.0, on_gpu=False).defaults["fused"] in (None, False)  # the CPU keeps torch's default
 
 
 def test_bench_variants_parse_or_say_what_is_wrong():

@@ -68,10 +68,10 @@ def autocast(precision: str, device) -> contextlib.AbstractContextManager:
 
 
 def adamw(params, lr: float, weight_decay: float, on_gpu: bool):
-    """torch AdamW over ``params``: the fused kernel on a GPU, the multi-tensor one elsewhere."""
+    """torch AdamW over ``params``: the fused kernel on a GPU, torch's default elsewhere."""
     import torch
 
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if on_gpu else {"foreach": True}))
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if on_gpu else {}))
 
 
 def build_config(spec: DeepSpeedSpec, world_size: int, grad_clip: float, on_gpu: bool) -> dict:
