@@ -392,10 +392,10 @@ def tokenizer_eval(
         out.print_json(json.dumps(result))
         return
     t = Table(title=f"tokenizer on {result['windows']} windows ({escape(str(split or 'all scans'))})")
-    for col in ("R^2", "MSE", "perplexity", "used codes", "domain acc"):
+    for col in ("R^2", "MSE", "FC preservation (r)", "perplexity", "used codes", "domain acc"):
         t.add_column(col)
-    t.add_row(f"{result['r2']:.3f}", f"{result['mse']:.3f}", f"{result['perplexity']:.1f}",
-              f"{result['used_fraction']:.0%} of {result['num_codes']}",
+    t.add_row(f"{result['r2']:.3f}", f"{result['mse']:.3f}", f"{result['fc_preservation']:.3f}" if "fc_preservation" in result else "-",
+              f"{result['perplexity']:.1f}", f"{result['used_fraction']:.0%} of {result['num_codes']}",
               f"{result['domain_acc']:.2f}" if "domain_acc" in result else "-")
     out.print(t)
 
@@ -404,7 +404,8 @@ def print_tokenizer(result: dict) -> None:
     """One line per figure of a finished tokenizer run."""
     m = result["metrics"]
     out.print(f"tokenizer artifact: {escape(result['artifact'])} (step {m.get('step')}, {result['train_windows']} train windows)")
-    parts = [f"{k} {m[k]:.3f}" for k in ("val/r2", "val/perplexity", "val/used_fraction", "val/domain_acc", "samples_per_s") if k in m]
+    parts = [f"{k} {m[k]:.3f}" for k in ("val/r2", "val/fc_preservation", "val/perplexity", "val/used_fraction", "val/domain_acc",
+                                         "samples_per_s") if k in m]
     out.print("  " + ", ".join(parts))
 
 

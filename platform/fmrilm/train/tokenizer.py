@@ -113,18 +113,27 @@ def _sum_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
 @torch.no_grad()
 def validate(objective: TokenizerObjective, shard, batch_size: int, text_tokens) -> dict[str, float]:
     """Held-out metrics over a (rank's) validation shard, summed across ranks: R^2 (mean over
-    windows x ROIs), MSE, code perplexity/usage, domain-classifier accuracy."""
+    windows x ROIs), MSE, code perplexity/usage, domain-classifier accuracy, and FC preservation
+    (per scan, the Pearson r between the upper triangles of the input's and the decoded signal's
+    FC over the scan's windows stitched together; mean over scans)."""
+    from fmrilm.features.connectivity import fc_preservation, stitch
+
     objective.eval()
     tok = objective.tokenizer
     device = next(objective.parameters()).device
-    sums = {"r2": 0.0, "mse": 0.0, "n": 0.0, "dom_correct": 0.0, "dom_n": 0.0}
+    sums = {"r2": 0.0, "mse": 0.0, "n": 0.0, "dom_correct": 0.0, "dom_n": 0.0, "fc_r": 0.0, "fc_n": 0.0}
     counts = torch.zeros(tok.cfg.num_codes, dtype=torch.float64, device=device)
+    scans: dict[str, list] = {}  # scan -> [(start, input window, decoded window)] for whole-scan FC
     for batch in torch_batches(shard, batch_size):
         x, valid = batch["x"].to(device), batch["valid"].to(device)
         if not valid.any():
             continue
+        keep = valid.cpu().numpy()
         x = x[valid]
         out = tok(x)
+        for sid, start, xi, ri in zip(np.asarray(batch["scan_id"])[keep], np.asarray(batch["start"])[keep], x.cpu().numpy(),
+                                      out.recon.cpu().numpy()):
+            scans.setdefault(str(sid), []).append((int(start), xi, ri))
         r2 = r2_per_roi(x, out.recon)
         sums["r2"] += float(r2.sum())
         sums["mse"] += float(((out.recon - x) ** 2).mean(-1).sum())
@@ -135,6 +144,9 @@ def validate(objective: TokenizerObjective, shard, batch_size: int, text_tokens)
             k = min(objective.align_cfg.tokens_per_step, out.features.shape[0] * out.features.shape[1], text_tokens.shape[0])
             sums["dom_correct"] += float(acc) * 2 * k
             sums["dom_n"] += 2 * k
+    for windows in scans.values():  # the windows this rank holds of each scan, stitched
+        sums["fc_r"] += fc_preservation(stitch([(s, xi) for s, xi, _ in windows]), stitch([(s, ri) for s, _, ri in windows]))
+        sums["fc_n"] += 1
     sums = _sum_across_ranks(sums, device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
@@ -145,6 +157,8 @@ def validate(objective: TokenizerObjective, shard, batch_size: int, text_tokens)
            "val/used_fraction": float((counts > 0).double().mean())}
     if sums["dom_n"]:
         out["val/domain_acc"] = sums["dom_correct"] / sums["dom_n"]
+    if sums["fc_n"]:
+        out["val/fc_preservation"] = sums["fc_r"] / sums["fc_n"]
     return out
 
 
