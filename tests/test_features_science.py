@@ -159,3 +159,19 @@ def test_captions_are_seeded():
     assert len(a) == 3 and all(len(r["descriptors"]) == 4 for r in a)
     with pytest.raises(KeyError, match="no caption template"):
         captions.phrase("mystery.metric", 1.0)
+
+
+def test_stitch_and_fc_preservation():
+    from fmrilm.features.connectivity import fc_preservation, stitch
+
+    rng = np.random.default_rng(0)
+    series = rng.normal(size=(5, 40))
+    series[1] += series[0]  # a coupled pair
+    windows = [(s, series[:, s : s + 16]) for s in (24, 0, 8, 16)]  # overlapping, out of order, the last one short of the end
+    np.testing.assert_array_equal(stitch(windows), series)
+    assert fc_preservation(series, series) == pytest.approx(1.0)
+    assert fc_preservation(series, 2 * series + 1) == pytest.approx(1.0)  # scale and offset do not change FC
+    assert fc_preservation(series, rng.normal(size=series.shape)) < 0.6
+    assert fc_preservation(series, np.zeros_like(series)) == 0.0  # a decoder that outputs nothing keeps no coupling
+    with pytest.raises(ValueError, match="at least one window"):
+        stitch([])

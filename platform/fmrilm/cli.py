@@ -392,10 +392,10 @@ def tokenizer_eval(
         out.print_json(json.dumps(result))
         return
     t = Table(title=f"tokenizer on {result['windows']} windows ({escape(str(split or 'all scans'))})")
-    for col in ("R^2", "MSE", "perplexity", "used codes", "domain acc"):
+    for col in ("R^2", "MSE", "FC preservation (r)", "perplexity", "used codes", "domain acc"):
         t.add_column(col)
-    t.add_row(f"{result['r2']:.3f}", f"{result['mse']:.3f}", f"{result['perplexity']:.1f}",
-              f"{result['used_fraction']:.0%} of {result['num_codes']}",
+    t.add_row(f"{result['r2']:.3f}", f"{result['mse']:.3f}", f"{result['fc_preservation']:.3f}" if "fc_preservation" in result else "-",
+              f"{result['perplexity']:.1f}", f"{result['used_fraction']:.0%} of {result['num_codes']}",
               f"{result['domain_acc']:.2f}" if "domain_acc" in result else "-")
     out.print(t)
 
@@ -404,7 +404,8 @@ def print_tokenizer(result: dict) -> None:
     """One line per figure of a finished tokenizer run."""
     m = result["metrics"]
     out.print(f"tokenizer artifact: {escape(result['artifact'])} (step {m.get('step')}, {result['train_windows']} train windows)")
-    parts = [f"{k} {m[k]:.3f}" for k in ("val/r2", "val/perplexity", "val/used_fraction", "val/domain_acc", "samples_per_s") if k in m]
+    parts = [f"{k} {m[k]:.3f}" for k in ("val/r2", "val/fc_preservation", "val/perplexity", "val/used_fraction", "val/domain_acc",
+                                         "samples_per_s") if k in m]
     out.print("  " + ", ".join(parts))
 
 
@@ -573,13 +574,23 @@ def bench_tokenizer(
     epochs: int = typer.Option(4, help="epochs per run"),
     batch_size: int = typer.Option(32, help="windows per step"),
     repeats: int = typer.Option(2, help="interleaved runs of each side"),
+    size: Optional[str] = typer.Option(None, help="instead: the training step at a model size (vit-s: fMRI-LM's; small) "
+                                       "with each of --options, samples/s and peak memory side by side"),
+    options: str = typer.Option("fp32,autocast,checkpointing,autocast+checkpointing", help="with --size: comma-separated "
+                                "compute options (fp32 | autocast, +checkpointing)"),
+    steps: int = typer.Option(8, help="with --size: steps per option (the first 3 untimed)"),
     out_file: Optional[str] = typer.Option(None, "--out", help="also write the JSON here"),
 ) -> None:
-    """Tokenizer stage on Ray Train (1 worker) vs a plain PyTorch loop: in-loop samples/s ratio."""
-    from fmrilm.bench.tokenizer import run_benchmark
+    """Tokenizer stage on Ray Train (1 worker) vs a plain PyTorch loop: in-loop samples/s ratio;
+    with --size, the compute options of the training step at that model size."""
+    from fmrilm.bench.tokenizer import compute_options, run_benchmark
 
-    result = _guard(run_benchmark, subjects=subjects, rois=rois, timepoints=timepoints, epochs=epochs,
-                    batch_size=batch_size, repeats=repeats)
+    if size is not None:
+        result = _guard(compute_options, size=size, options=tuple(o.strip() for o in options.split(",") if o.strip()),
+                        batch_size=batch_size, steps=steps)
+    else:
+        result = _guard(run_benchmark, subjects=subjects, rois=rois, timepoints=timepoints, epochs=epochs,
+                        batch_size=batch_size, repeats=repeats)
     _report_bench(result, as_json, out_file)
 
 
@@ -593,13 +604,15 @@ def bench_lm(
     epochs: int = typer.Option(2, help="epochs over the synthetic sequences"),
     scans: int = typer.Option(48, help="synthetic scans (each gives fMRI and caption sequences)"),
     rois: int = typer.Option(32, help="ROIs per synthetic scan"),
+    variants: str = typer.Option("auto", help="our configurations, comma-separated: <precision>[+compile][+zero<N>] with "
+                                 "precision auto, bf16, autocast or fp32 (e.g. auto,autocast,autocast+compile,bf16+zero2)"),
     out_file: Optional[str] = typer.Option(None, "--out", help="also write the JSON here"),
 ) -> None:
-    """LM stage on Ray Train + DeepSpeed ZeRO-0 (1 worker) vs a plain PyTorch loop: tokens/s, memory, MFU on GPU."""
+    """LM stage on Ray Train + DeepSpeed (1 worker) vs a plain PyTorch loop: tokens/s, memory, MFU on GPU."""
     from fmrilm.bench.lm import run_benchmark
 
     result = _guard(run_benchmark, width=width, layers=layers, seq_len=seq_len, micro_batch=micro_batch, epochs=epochs,
-                    scans=scans, rois=rois)
+                    scans=scans, rois=rois, variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
     _report_bench(result, as_json, out_file)
 
 

@@ -175,8 +175,9 @@ def tokens_for(tokenizer_uri: str, tokens_uri: str | None = None, need_features:
 
 def evaluate(uri: str, data: PipelineSpec, split: str | None = None, batch_size: int = 64) -> dict:
     """Held-out metrics of a tokenizer artifact on the windows of ``split`` (None: every scan):
-    reconstruction R^2 (mean over windows x ROIs) and MSE, code perplexity and used fraction, and,
-    when the artifact has its alignment head, the domain classifier's accuracy (fMRI vs text tokens;
+    reconstruction R^2 (mean over windows x ROIs) and MSE, code perplexity and used fraction, FC
+    preservation (whole-scan FC of the decoded signal vs the input's, stitched windows), and, when
+    the artifact has its alignment head, the domain classifier's accuracy (fMRI vs text tokens;
     0.5 means the two are indistinguishable)."""
     import torch
 

@@ -47,6 +47,7 @@ def test_two_workers_fault_then_resume_at_the_checkpoint(stage_data, monkeypatch
     assert m["resumed_from_step"] == 4
     assert m["resumed_codebook_sum"] == pytest.approx(float(saved["model"]["tokenizer.quantizer.codebook"].sum()), rel=1e-6)
     assert m["step"] > 6 and "val/r2" in m and "val/domain_acc" in m and 0 <= m["val/used_fraction"] <= 1
+    assert -1 <= m["val/fc_preservation"] <= 1 and m["val/fc_preservation"] != 0  # whole-scan FC of the decoded signal vs the input
     assert "domain_loss" in m and m["codebook/num_codes"] == 32
     model, cfg = load_artifact(result["artifact"])
     assert cfg["step"] == m["step"] and model.quantizer.num_codes == 32

@@ -1,4 +1,4 @@
-"""``fmrilm bench lm``: the LM stage (Ray Train, 1 worker, DeepSpeed ZeRO-0) vs a plain PyTorch loop.
+"""``fmrilm bench lm``: the LM stage (Ray Train, 1 worker, DeepSpeed) vs a plain PyTorch loop.
 
 Same backbone (built-in decoder, same seed), same fMRI vocabulary and packed batches (synthetic
 codes and captions, so no earlier stage is needed), same micro-batch, optimizer, schedule, step
@@ -6,7 +6,9 @@ count and torch thread count. Ours: :func:`fmrilm.train.lm.fit`; its in-loop tok
 non-padding tokens per second from step 3 on, waiting for data included, checkpoints excluded.
 Baseline: :func:`plain_loop` in a fresh process over the same batches held in memory, timed the
 same way. Peak memory: resident set (CPU) or peak allocated GPU memory of each side's process.
-On a GPU, MFU = 6 x parameters x tokens/s / the GPU's dense bf16 peak.
+On a GPU, MFU = 6 x parameters x tokens/s / the GPU's dense bf16 peak. Several configurations of
+ours (precision, ``torch.compile``, ZeRO stage: ``variants``) run one after another in the same
+run, each reported beside the same plain loop.
 """
 
 from __future__ import annotations
@@ -100,45 +102,85 @@ def baseline_in_fresh_process(*args) -> dict:
     return result
 
 
+def parse_variant(text: str) -> dict:
+    """``"<precision>[+compile][+zero<N>]"`` (e.g. ``auto``, ``autocast+compile``, ``bf16+zero2``) ->
+    DeepSpeedSpec fields; a clear error naming the part it does not know."""
+    from fmrilm.config import ConfigError
+
+    parts = text.split("+")
+    fields: dict = {"precision": parts[0], "zero_stage": 0}
+    if parts[0] not in ("auto", "bf16", "autocast", "fp32"):
+        raise ConfigError(f"bench lm: variant {text!r}: precision {parts[0]!r} is not one of auto, bf16, autocast, fp32")
+    for extra in parts[1:]:
+        if extra == "compile":
+            fields["compile"] = True
+        elif extra in ("zero0", "zero1", "zero2", "zero3"):
+            fields["zero_stage"] = int(extra[-1])
+        else:
+            raise ConfigError(f"bench lm: variant {text!r}: unknown part {extra!r} (compile, zero0-zero3)")
+    return fields
+
+
 def run_benchmark(width: int = 128, layers: int = 4, seq_len: int = 256, micro_batch: int = 4, epochs: int = 2,
-                  scans: int = 48, rois: int = 32, steps: int = 24, num_codes: int = 256) -> dict:
-    """Time both sides on the same synthetic batches; returns the result dict."""
+                  scans: int = 48, rois: int = 32, steps: int = 24, num_codes: int = 256, variants: tuple[str, ...] = ("auto",)) -> dict:
+    """Time the plain loop and each of our ``variants`` (:func:`parse_variant`) on the same
+    synthetic batches, one after the other in one run; returns the result dict (``ratio``: the
+    first variant's tokens/s over the plain loop's)."""
     from fmrilm import runtime
 
     on_gpu = torch.cuda.is_available()
+    configs = {v: parse_variant(v) for v in variants}
+    ours: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="fmrilm-bench-lm-") as tmp:
-        spec = PretrainSpec(
-            backbone=BackboneSpec(source="tiny-gpt2", tiny_width=width, tiny_layers=layers), seq_len=seq_len,
-            deepspeed=DeepSpeedSpec(zero_stage=0, micro_batch_size=micro_batch),
-            train=OptimSpec(epochs=epochs, lr=5e-4, warmup_steps=2, checkpoint_every=10**6, log_every=10**6),
-            scaling=ScalingSpec(num_workers=1, cpus_per_worker=1, use_gpu=on_gpu), run=RunSpec(storage=tmp, name="bench-lm", logger="none"))
+        def spec_for(fields: dict, name: str) -> PretrainSpec:
+            return PretrainSpec(
+                backbone=BackboneSpec(source="tiny-gpt2", tiny_width=width, tiny_layers=layers), seq_len=seq_len,
+                deepspeed=DeepSpeedSpec(micro_batch_size=micro_batch, **fields),
+                train=OptimSpec(epochs=epochs, lr=5e-4, warmup_steps=2, checkpoint_every=10**6, log_every=10**6),
+                scaling=ScalingSpec(num_workers=1, cpus_per_worker=1, use_gpu=on_gpu), run=RunSpec(storage=tmp, name=name, logger="none"))
+
+        first = spec_for(configs[variants[0]], "bench-lm-0")
         codebook = torch.nn.functional.normalize(torch.randn(num_codes, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
-        packed = synthetic_packed(spec, num_codes, scans, rois, steps)
+        packed = synthetic_packed(first, num_codes, scans, rois, steps)
         runtime.init_ray()
-        m = fit(spec, packed, codebook).metrics
-        ours = {"tokens_per_s": m["tokens_per_s"], "steps": m["step"], "threads": int(m["torch_threads"]),
-                "input_wait_fraction": m["input_wait_fraction"], "precision": m["precision"],
-                "peak_rss_mb": m["peak_rss_mb"], **({"peak_gpu_mb": m["peak_gpu_mb"]} if on_gpu else {})}
-        base = baseline_in_fresh_process(spec, packed, codebook, ours["threads"], on_gpu)
-    if ours["steps"] != base["steps"]:
-        raise RuntimeError(f"the two sides ran different step counts: {ours['steps']} vs {base['steps']}")
-    ratio = ours["tokens_per_s"] / base["tokens_per_s"]
-    result = {"benchmark": "lm", "ratio": ratio, "target": TARGET, "machine": machine(),
+        for i, (name, fields) in enumerate(configs.items()):
+            m = fit(spec_for(fields, f"bench-lm-{i}"), packed, codebook).metrics
+            ours[name] = {"tokens_per_s": m["tokens_per_s"], "steps": m["step"], "threads": int(m["torch_threads"]),
+                          "input_wait_fraction": m["input_wait_fraction"], "precision": m["precision"],
+                          "zero_stage": fields["zero_stage"], "compile": fields.get("compile", False),
+                          "peak_rss_mb": m["peak_rss_mb"], **({"peak_gpu_mb": m["peak_gpu_mb"]} if on_gpu else {})}
+        head = ours[variants[0]]
+        base = baseline_in_fresh_process(first, packed, codebook, head["threads"], on_gpu)
+    for name, r in ours.items():
+        if r["steps"] != base["steps"]:
+            raise RuntimeError(f"variant {name} ran {r['steps']} steps, the plain loop {base['steps']}")
+        r["ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
+    mem = "peak_gpu_mb" if on_gpu else "peak_rss_mb"
+    for r in ours.values():
+        r["memory_ratio"] = r[mem] / base[mem]
+    result = {"benchmark": "lm", "ratio": head["ratio"], "target": TARGET, "machine": machine(),
               "model": {"backbone": "tiny-gpt2", "width": width, "layers": layers, "params": base["params"], "seq_len": seq_len},
               "data": {"sequences": len(packed["ids"]), "micro_batch": micro_batch, "epochs": epochs,
                        "tokens": int((packed["segments"] > 0).sum()) * epochs},
-              "ray_train_deepspeed": ours, "plain_pytorch": base}
-    mem = "peak_gpu_mb" if on_gpu else "peak_rss_mb"
-    summary = (f"bench lm: Ray Train + DeepSpeed ZeRO-0 (1 worker) {ours['tokens_per_s']:.0f} tokens/s, plain PyTorch "
-               f"{base['tokens_per_s']:.0f} tokens/s; ratio {ratio:.2f} (target >= {TARGET}); peak memory {ours[mem]:.0f} vs "
-               f"{base[mem]:.0f} MiB ({mem}); {base['params'] / 1e6:.1f}M parameters, {ours['steps']} steps of "
-               f"{micro_batch} x {seq_len} tokens ({ours['precision']}), {ours['threads']} torch thread(s), {machine()['cpus']} CPUs; "
-               f"ours waited {ours['input_wait_fraction']:.0%} of its time for input")
+              "ray_train_deepspeed": head, "variants": ours, "plain_pytorch": base}
+    lines = [f"bench lm: {base['params'] / 1e6:.1f}M parameters, {base['steps']} steps of {micro_batch} x {seq_len} tokens, "
+             f"{head['threads']} torch thread(s), {machine()['cpus']} CPUs; plain PyTorch {base['tokens_per_s']:.0f} tokens/s, "
+             f"{base[mem]:.0f} MiB ({mem})"]
+    peak, name = None, None
     if on_gpu:
         name = torch.cuda.get_device_name(0)
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    for variant, r in ours.items():
+        line = (f"  Ray Train + DeepSpeed ZeRO-{r['zero_stage']} {variant} ({r['precision']}): {r['tokens_per_s']:.0f} tokens/s, "
+                f"ratio {r['ratio']:.2f} (target >= {TARGET}), memory {r['memory_ratio']:.2f}x, waited {r['input_wait_fraction']:.0%} for input")
         if peak:
-            result["mfu"] = {side: 6 * base["params"] * r["tokens_per_s"] / peak for side, r in (("ray_train_deepspeed", ours), ("plain_pytorch", base))}
-            summary += f"; MFU {result['mfu']['ray_train_deepspeed']:.1%} vs {result['mfu']['plain_pytorch']:.1%} on {name}"
-    result["summary"] = summary
+            r["mfu"] = 6 * base["params"] * r["tokens_per_s"] / peak
+            line += f", MFU {r['mfu']:.1%}"
+        lines.append(line)
+    if peak:
+        base["mfu"] = 6 * base["params"] * base["tokens_per_s"] / peak
+        result["mfu"] = {"ray_train_deepspeed": head["mfu"], "plain_pytorch": base["mfu"]}
+        lines.append(f"  MFU = 6 x {base['params'] / 1e6:.1f}M parameters x tokens/s / {peak / 1e12:.0f} TFLOP/s (dense bf16 peak of {name}); "
+                     f"plain PyTorch {base['mfu']:.1%}")
+    result["summary"] = "\n".join(lines)
     return result

@@ -105,3 +105,103 @@ def run_benchmark(subjects: int = 48, rois: int = 100, timepoints: int = 256, ep
                      "epochs": epochs, "batch_size": batch_size, "steps": ours[-1]["steps"]},
             "model": spec.model.model_dump(), "ray_train": {"samples_per_s": o, "runs": ours},
             "plain_pytorch": {"samples_per_s": b, "runs": base}, "summary": summary}
+
+
+SIZES = {  # fMRI-LM's tokenizer (ViT-S-like: 450 ROIs x 160 time points, one patch per ROI) and a CPU-sized one
+    "vit-s": {"rois": 450, "window": 160, "model": {"patch": 160, "width": 384, "depth": 12, "heads": 6, "mlp_ratio": 4.0,
+                                                     "code_dim": 128, "num_codes": 8192}},
+    "small": {"rois": 64, "window": 64, "model": {"patch": 16, "width": 64, "depth": 2, "heads": 4, "code_dim": 32, "num_codes": 512}},
+}
+
+
+def parse_option(text: str) -> dict:
+    """``"fp32"``, ``"autocast"``, ``"checkpointing"`` or ``"autocast+checkpointing"`` -> ComputeSpec fields."""
+    from fmrilm.config import ConfigError
+
+    fields = {"precision": "fp32", "activation_checkpointing": False}
+    for part in text.split("+"):
+        if part in ("fp32", "autocast"):
+            fields["precision"] = part
+        elif part == "checkpointing":
+            fields["activation_checkpointing"] = True
+        else:
+            raise ConfigError(f"bench tokenizer: option {text!r}: unknown part {part!r} (fp32, autocast, checkpointing)")
+    return fields
+
+
+def compute_step_loop(size: str, option: dict, batch_size: int, steps: int, threads: int, on_gpu: bool) -> dict:
+    """The training step of the tokenizer at ``size`` on random windows ``[batch, rois, window]``
+    with one compute ``option`` (:func:`parse_option`): samples/s after ``WARM_STEPS`` and peak
+    memory of this process."""
+    from fmrilm.models.alignment import AlignmentConfig
+    from fmrilm.train.lm import peak_memory
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    shape = SIZES[size]
+    cfg = TokenizerConfig(**shape["model"], max_rois=max(512, shape["rois"]))
+    model = TokenizerObjective(cfg, AlignmentConfig(), 8).to(device)
+    model.tokenizer.checkpointing = option["activation_checkpointing"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sched = cosine_schedule(opt, 1, steps)
+    text_tokens = torch.randn(64, 8, device=device)
+    samples, seconds = 0, 0.0
+    for step in range(steps):
+        batch = {"x": torch.randn(batch_size, shape["rois"], shape["window"]), "valid": torch.ones(batch_size, dtype=torch.bool),
+                 "scan_id": [f"s{i}" for i in range(batch_size)]}
+        start = time.perf_counter()
+        optimizer_step(model, opt, sched, batch, 0.1, text_tokens, {}, 8, 1.0, option["precision"])
+        if on_gpu:
+            torch.cuda.synchronize()
+        if step >= WARM_STEPS:
+            seconds += time.perf_counter() - start
+            samples += batch_size
+    return {"samples_per_s": samples / seconds, "params": sum(p.numel() for p in model.parameters()), **peak_memory(on_gpu)}
+
+
+def _compute_child(queue, *args) -> None:
+    try:
+        queue.put(compute_step_loop(*args))
+    except BaseException as err:  # reported by the parent
+        queue.put(err)
+
+
+def compute_options(size: str = "vit-s", options: tuple[str, ...] = ("fp32", "autocast", "checkpointing", "autocast+checkpointing"),
+                    batch_size: int = 16, steps: int = 8) -> dict:
+    """The tokenizer's step at ``size`` with each compute option, each in a fresh process (so each
+    peak memory is its own), one after another in one run; ratios against the first option."""
+    import multiprocessing
+
+    from fmrilm.config import ConfigError
+
+    if size not in SIZES:
+        raise ConfigError(f"bench tokenizer: size {size!r} is not one of {sorted(SIZES)}")
+    if steps <= WARM_STEPS:
+        raise ConfigError(f"bench tokenizer: steps must exceed the {WARM_STEPS} warm-up steps")
+    parsed = {o: parse_option(o) for o in options}
+    on_gpu = torch.cuda.is_available()
+    threads = torch.get_num_threads()
+    ctx = multiprocessing.get_context("spawn")
+    results = {}
+    for name, option in parsed.items():
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_compute_child, args=(queue, size, option, batch_size, steps, threads, on_gpu))
+        proc.start()
+        out = queue.get()
+        proc.join()
+        if isinstance(out, BaseException):
+            raise out
+        results[name] = out
+    first = results[options[0]]
+    mem = "peak_gpu_mb" if on_gpu else "peak_rss_mb"
+    for r in results.values():
+        r["speed_ratio"] = r["samples_per_s"] / first["samples_per_s"]
+        r["memory_ratio"] = r[mem] / first[mem]
+    lines = [f"bench tokenizer --size {size}: {SIZES[size]['rois']} ROIs x {SIZES[size]['window']} time points, "
+             f"{first['params'] / 1e6:.1f}M parameters, batch {batch_size}, {steps - WARM_STEPS} timed steps, "
+             f"{'GPU ' + torch.cuda.get_device_name(0) if on_gpu else f'{threads} CPU thread(s)'}; against {options[0]}:"]
+    lines += [f"  {name}: {r['samples_per_s']:.2f} samples/s ({r['speed_ratio']:.2f}x), peak memory {r[mem]:.0f} MiB "
+              f"({r['memory_ratio']:.2f}x, {mem})" for name, r in results.items()]
+    return {"benchmark": "tokenizer-compute", "size": size, "model": SIZES[size], "batch_size": batch_size, "steps": steps,
+            "machine": machine(), "options": results, "summary": "\n".join(lines)}

@@ -355,14 +355,16 @@ def _collate_fn():
     return WindowCollate()
 
 
-def torch_batches(shard, batch_size: int, prefetch_batches: int = 2, collate_fn=None) -> Iterator[dict]:
+def torch_batches(shard, batch_size: int, prefetch_batches: int = 2, collate_fn=None, pin_memory: bool = False) -> Iterator[dict]:
     """Iterate a worker's dataset shard (or a whole Dataset) as torch batches (by default window
-    batches, see :func:`collate`; other tables pass their own ``collate_fn``)."""
+    batches, see :func:`collate`; other tables pass their own ``collate_fn``), in pinned host
+    memory with ``pin_memory`` (for non-blocking copies to a GPU)."""
     return shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate_fn or _collate_fn(), drop_last=False,
-                                    prefetch_batches=prefetch_batches)
+                                    prefetch_batches=prefetch_batches, pin_memory=pin_memory)
 
 
-def epoch_stream(shard, batch_size: int, first_epoch: int, epochs: int, ready: int = 4, collate_fn=None) -> Iterator[tuple[int, int, dict]]:
+def epoch_stream(shard, batch_size: int, first_epoch: int, epochs: int, ready: int = 4, collate_fn=None,
+                 pin_memory: bool = False) -> Iterator[tuple[int, int, dict]]:
     """``(epoch, index in epoch, batch)`` for epochs ``first_epoch .. epochs - 1`` of a shard as one stream.
 
     A background thread keeps up to ``ready`` batches waiting and starts the next epoch's pipeline
@@ -386,7 +388,7 @@ def epoch_stream(shard, batch_size: int, first_epoch: int, epochs: int, ready: i
     def produce() -> None:
         try:
             for epoch in range(first_epoch, epochs):
-                for i, batch in enumerate(torch_batches(shard, batch_size, collate_fn=collate_fn)):
+                for i, batch in enumerate(torch_batches(shard, batch_size, collate_fn=collate_fn, pin_memory=pin_memory)):
                     if not put((epoch, i, batch)):
                         return
             put(done)

@@ -48,3 +48,36 @@ def extreme_pairs(values: dict[str, float], k: int = 1) -> tuple[list[str], list
     """The ``k`` largest and ``k`` smallest entries of a name -> value map (NaNs ignored)."""
     items = sorted(((v, n) for n, v in values.items() if np.isfinite(v)))
     return [n for _, n in items[::-1][:k]], [n for _, n in items[:k]]
+
+
+def stitch(windows: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """The series that windows of one scan cover: ``[(start, [rois, window]), ...]`` (any order,
+    overlapping or not) -> ``[rois, time]`` with each covered time point once, in time order (a
+    time point two windows share is taken from the earlier one)."""
+    if not windows:
+        raise ValueError("stitching needs at least one window")
+    parts, end = [], None
+    for start, w in sorted(windows, key=lambda item: item[0]):
+        begin = 0 if end is None else max(0, end - start)
+        if begin < w.shape[1]:
+            parts.append(w[:, begin:])
+            end = start + w.shape[1]
+    return np.concatenate(parts, axis=1)
+
+
+def fc_preservation(inputs: np.ndarray, decoded: np.ndarray) -> float:
+    """Pearson r between the upper triangles (no diagonal) of the FC of ``inputs`` and of
+    ``decoded`` (``[rois, time]`` each, the same shape): 1 when the decoded signal keeps every
+    region pair's coupling in proportion."""
+    def fc(ts):
+        ts = np.asarray(ts, np.float64)
+        ts = ts - ts.mean(1, keepdims=True)
+        norm = np.linalg.norm(ts, axis=1, keepdims=True)
+        z = np.divide(ts, norm, out=np.zeros_like(ts), where=norm > 1e-12)  # a constant ROI correlates with nothing
+        return z @ z.T
+
+    iu = np.triu_indices(inputs.shape[0], 1)
+    a, b = fc(inputs)[iu], fc(decoded)[iu]
+    if a.std() < 1e-12 or b.std() < 1e-12:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from pydantic import Field
 from torch import nn
 
@@ -94,21 +95,32 @@ class FMRITokenizer(nn.Module):
         times = self.time_embed(torch.arange(n, device=device))[None, :, :]
         return (rois + times).reshape(r * n, -1)  # ROI-major token order
 
+    checkpointing = False  # activation checkpointing of every transformer layer while training (set by the training stage)
+
+    def _layers(self, stack: nn.TransformerEncoder, h: torch.Tensor) -> torch.Tensor:
+        for layer in stack.layers:
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False)
+            else:
+                h = layer(h)
+        return h
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder features ``[batch, rois * patches, width]`` of windows ``[batch, rois, time]``."""
         patches = self.patchify(x)
         b, r, n, _ = patches.shape
         tokens = self.patch_embed(patches).reshape(b, r * n, -1) + self._positions(r, n, x.device)
-        return self.enc_norm(self.encoder(tokens))
+        return self.enc_norm(self._layers(self.encoder, tokens))
 
     def forward(self, x: torch.Tensor) -> TokenizerOutput:
         """Encode, quantize, decode windows ``[batch, rois, time]``."""
         b, r, t = x.shape
         n = t // self.cfg.patch
         feats = self.encode(x)
-        quant = self.quantizer(self.to_code(feats).reshape(b * r * n, -1))
+        with torch.autocast(x.device.type, enabled=False):  # code search and EMA updates in fp32 under any autocast
+            quant = self.quantizer(self.to_code(feats.float()).reshape(b * r * n, -1))
         h = self.from_code(quant.quantized).reshape(b, r * n, -1) + self._positions(r, n, x.device)
-        h = self.dec_norm(self.decoder(h))
+        h = self.dec_norm(self._layers(self.decoder, h))
         recon = self.to_patch(h).reshape(b, r, t)
         spectrum_loss = torch.zeros((), device=x.device)
         if self.to_spectrum is not None:

@@ -4,10 +4,17 @@ ZeRO stage 0/1/2/3; bf16 on a GPU that supports it, fp32 on CPU (``precision="au
 optional CPU offload of optimizer state (stage >= 1) and parameters (stage 3). The optimizer and
 LR schedule are torch objects handed to ``deepspeed.initialize`` (a DeepSpeed ``optimizer``
 section would compile a fused CPU Adam on first use), so this config carries no ``optimizer``
-section.
+section; on a GPU the AdamW is torch's fused one.
+
+``precision="autocast"`` keeps fp32 weights and optimizer state in DeepSpeed (its fp32 path hands
+the torch optimizer the gradients as they are) and runs the forward under ``torch.autocast`` in
+bf16, instead of DeepSpeed's bf16 mode, whose optimizer wrapper keeps fp32 master copies and
+steps them with an unfused loop.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from typing import Literal
 
@@ -20,12 +27,15 @@ class DeepSpeedSpec(Strict):
     """How DeepSpeed shards and computes."""
 
     zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on a GPU with bf16 support, else fp32")
+    precision: Literal["auto", "bf16", "autocast", "fp32"] = Field(
+        "auto", description="auto: bf16 on a GPU with bf16 support, else fp32; autocast: fp32 weights, bf16 matmuls under torch.autocast")
     micro_batch_size: int = Field(4, ge=1, description="packed sequences per worker per step")
     grad_accum: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
     offload_optimizer: bool = Field(False, description="optimizer state in CPU memory (ZeRO >= 1)")
     offload_params: bool = Field(False, description="parameters in CPU memory (ZeRO-3)")
+    compile: bool = Field(False, description="torch.compile the model (DeepSpeed's engine.compile) before the first step")
+    pin_memory: bool = Field(True, description="on a GPU: batches in pinned host memory, copied without blocking")
 
     @model_validator(mode="after")
     def _offload_needs_zero(self):
@@ -43,9 +53,25 @@ def resolve_precision(spec: DeepSpeedSpec, on_gpu: bool) -> str:
     bf16_ok = on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if spec.precision == "auto":
         return "bf16" if bf16_ok else "fp32"
-    if spec.precision == "bf16" and on_gpu and not bf16_ok:
-        raise ValueError("deepspeed.precision bf16: this GPU does not support bf16 (use fp32)")
+    if spec.precision in ("bf16", "autocast") and on_gpu and not bf16_ok:
+        raise ValueError(f"deepspeed.precision {spec.precision}: this GPU does not support bf16 (use fp32)")
     return spec.precision
+
+
+def autocast(precision: str, device) -> contextlib.AbstractContextManager:
+    """The forward's context: ``torch.autocast`` in bf16 on ``device`` for ``"autocast"``, else nothing."""
+    import torch
+
+    if precision != "autocast":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def adamw(params, lr: float, weight_decay: float, on_gpu: bool):
+    """torch AdamW over ``params``: the fused kernel on a GPU, torch's default elsewhere."""
+    import torch
+
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if on_gpu else {}))
 
 
 def build_config(spec: DeepSpeedSpec, world_size: int, grad_clip: float, on_gpu: bool) -> dict:

@@ -44,7 +44,7 @@ from fmrilm.models.fmri_lm import (INPUT_KEYS, MAX_CODES, BackboneError, FMRIInp
                                    objective_losses)
 from fmrilm.train.common import (CorruptCheckpoint, OptimSpec, RunSpec, ScalingSpec, check_pickles, check_shape, checkpoint_name, cosine_schedule, fault_plan,
                                  inject_fault, read_meta, resume, run_trainer, shape_of, worker_spec, write_meta)
-from fmrilm.train.deepspeed import DeepSpeedSpec, build_config
+from fmrilm.train.deepspeed import DeepSpeedSpec, adamw, autocast, build_config, resolve_precision
 
 log = logging.getLogger("fmrilm.lm")
 LORA_TARGETS = {
@@ -417,7 +417,7 @@ def forward_loss(model, batch: dict[str, torch.Tensor], weights: dict[int, float
 
 @torch.no_grad()
 def validation_losses(engine, shard, micro_batch: int, objectives: tuple[str, ...], weights: dict[int, float], device,
-                      number: NumberObjective | None = None) -> dict[str, float]:
+                      number: NumberObjective | None = None, precision: str = "fp32") -> dict[str, float]:
     """Mean loss and loss per objective over a (rank's) validation shard, averaged across ranks,
     as ``val/loss`` and ``val/loss/<objective>``; every rank takes part (ZeRO-3 gathers)."""
     from fmrilm.data.pipeline import torch_batches
@@ -429,7 +429,8 @@ def validation_losses(engine, shard, micro_batch: int, objectives: tuple[str, ..
     for batch in torch_batches(shard, micro_batch, collate_fn=_collate()):
         if not (batch["targets"] != -100).any():
             continue  # padding rows only
-        loss, parts = forward_loss(engine, {k: v.to(device) for k, v in batch.items()}, weights, number)
+        with autocast(precision, device):
+            loss, parts = forward_loss(engine, {k: v.to(device) for k, v in batch.items()}, weights, number)
         for k, v in {"loss": loss, **{f"loss/{objectives[i]}": p for i, p in parts.items()}}.items():
             sums[k] = sums.get(k, 0.0) + v.item()
             counts[k] = counts.get(k, 0.0) + 1
@@ -481,14 +482,17 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     on_gpu = spec.scaling.use_gpu and torch.cuda.is_available()
     keys = ("loss", *(f"loss/{o}" for o in objectives))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+    opt = adamw(params, spec.train.lr, spec.train.weight_decay, on_gpu)
     per_epoch = math.ceil(config["rows_per_rank"] / (spec.deepspeed.micro_batch_size * spec.deepspeed.grad_accum))
     total = min(spec.train.epochs * per_epoch, spec.train.max_steps or 10**12)
     sched = cosine_schedule(opt, spec.train.warmup_steps, total)
     ds_config = build_config(spec.deepspeed, world, spec.train.grad_clip, on_gpu)
-    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
+    precision = resolve_precision(spec.deepspeed, on_gpu)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False)
+    if spec.deepspeed.compile:
+        engine.compile()
     device = engine.device
+    pin = on_gpu and spec.deepspeed.pin_memory
     step, resumed = 0, {}
     shape = shape_of(**{k: getattr(spec, k) for k in ("backbone", "model", "input_mode", "scan_token", "lora") if hasattr(spec, k)},
                      num_codes=config.get("num_codes"))
@@ -539,7 +543,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
             ray.train.report(metrics)
             return
         if val_shard is not None:
-            metrics |= validation_losses(engine, val_shard, spec.deepspeed.micro_batch_size, objectives, weights, device, number)
+            metrics |= validation_losses(engine, val_shard, spec.deepspeed.micro_batch_size, objectives, weights, device, number, precision)
         with tempfile.TemporaryDirectory(prefix="fmrilm-lm-ckpt-") as d:
             engine.save_checkpoint(d, tag="ds", client_state={"step": step}, exclude_frozen_parameters=spec.lora.enabled)
             write_meta(d, {"step": step, "shape": shape})
@@ -550,13 +554,15 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     micro = 0
     last = micro_end = time.perf_counter()
     engine.train()
-    for epoch, i, batch in epoch_stream(shard, spec.deepspeed.micro_batch_size, first_epoch, spec.train.epochs, collate_fn=_collate()):
+    for epoch, i, batch in epoch_stream(shard, spec.deepspeed.micro_batch_size, first_epoch, spec.train.epochs, collate_fn=_collate(),
+                                        pin_memory=pin):
         if step >= total:
             break
         if epoch == first_epoch and i < skip:
             continue
         pending_wait += time.perf_counter() - micro_end  # waiting for this batch (the input pipeline)
-        loss, parts = forward_loss(engine, {k: v.to(device) for k, v in batch.items()}, weights, number)
+        with autocast(precision, device):
+            loss, parts = forward_loss(engine, {k: v.to(device, non_blocking=pin) for k, v in batch.items()}, weights, number)
         engine.backward(loss)
         engine.step()
         micro_end = time.perf_counter()

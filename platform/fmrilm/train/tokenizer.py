@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from fmrilm import runtime, storage
@@ -37,6 +37,15 @@ log = logging.getLogger("fmrilm.tokenizer")
 ARTIFACT = "tokenizer"
 
 
+class ComputeSpec(Strict):
+    """How the tokenizer's steps compute (not what it learns: a run may resume with other values)."""
+
+    precision: Literal["fp32", "autocast"] = Field("fp32", description="autocast: bf16 matmuls under torch.autocast with fp32 "
+                                                   "weights (the code search and its EMA stay fp32)")
+    activation_checkpointing: bool = Field(False, description="recompute each transformer layer in the backward pass: "
+                                           "less activation memory for more compute")
+
+
 class TokenizerStageSpec(Strict):
     """Spec of ``jobs/tokenizer.yaml``."""
 
@@ -45,6 +54,7 @@ class TokenizerStageSpec(Strict):
     model: TokenizerConfig = TokenizerConfig()
     alignment: AlignmentConfig = AlignmentConfig()
     train: OptimSpec = OptimSpec()
+    compute: ComputeSpec = ComputeSpec()
     scaling: ScalingSpec = ScalingSpec()
     run: RunSpec = RunSpec()
 
@@ -103,18 +113,27 @@ def _sum_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
 @torch.no_grad()
 def validate(objective: TokenizerObjective, shard, batch_size: int, text_tokens) -> dict[str, float]:
     """Held-out metrics over a (rank's) validation shard, summed across ranks: R^2 (mean over
-    windows x ROIs), MSE, code perplexity/usage, domain-classifier accuracy."""
+    windows x ROIs), MSE, code perplexity/usage, domain-classifier accuracy, and FC preservation
+    (per scan, the Pearson r between the upper triangles of the input's and the decoded signal's
+    FC over the scan's windows stitched together; mean over scans)."""
+    from fmrilm.features.connectivity import fc_preservation, stitch
+
     objective.eval()
     tok = objective.tokenizer
     device = next(objective.parameters()).device
-    sums = {"r2": 0.0, "mse": 0.0, "n": 0.0, "dom_correct": 0.0, "dom_n": 0.0}
+    sums = {"r2": 0.0, "mse": 0.0, "n": 0.0, "dom_correct": 0.0, "dom_n": 0.0, "fc_r": 0.0, "fc_n": 0.0}
     counts = torch.zeros(tok.cfg.num_codes, dtype=torch.float64, device=device)
+    scans: dict[str, list] = {}  # scan -> [(start, input window, decoded window)] for whole-scan FC
     for batch in torch_batches(shard, batch_size):
         x, valid = batch["x"].to(device), batch["valid"].to(device)
         if not valid.any():
             continue
+        keep = valid.cpu().numpy()
         x = x[valid]
         out = tok(x)
+        for sid, start, xi, ri in zip(np.asarray(batch["scan_id"])[keep], np.asarray(batch["start"])[keep], x.cpu().numpy(),
+                                      out.recon.cpu().numpy()):
+            scans.setdefault(str(sid), []).append((int(start), xi, ri))
         r2 = r2_per_roi(x, out.recon)
         sums["r2"] += float(r2.sum())
         sums["mse"] += float(((out.recon - x) ** 2).mean(-1).sum())
@@ -125,6 +144,9 @@ def validate(objective: TokenizerObjective, shard, batch_size: int, text_tokens)
             k = min(objective.align_cfg.tokens_per_step, out.features.shape[0] * out.features.shape[1], text_tokens.shape[0])
             sums["dom_correct"] += float(acc) * 2 * k
             sums["dom_n"] += 2 * k
+    for windows in scans.values():  # the windows this rank holds of each scan, stitched
+        sums["fc_r"] += fc_preservation(stitch([(s, xi) for s, xi, _ in windows]), stitch([(s, ri) for s, _, ri in windows]))
+        sums["fc_n"] += 1
     sums = _sum_across_ranks(sums, device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
@@ -135,20 +157,26 @@ def validate(objective: TokenizerObjective, shard, batch_size: int, text_tokens)
            "val/used_fraction": float((counts > 0).double().mean())}
     if sums["dom_n"]:
         out["val/domain_acc"] = sums["dom_correct"] / sums["dom_n"]
+    if sums["fc_n"]:
+        out["val/fc_preservation"] = sums["fc_r"] / sums["fc_n"]
     return out
 
 
 def optimizer_step(model, opt, sched, batch: dict, coef: float, text_tokens, captions: dict, text_dim: int,
-                   grad_clip: float) -> dict[str, float]:
+                   grad_clip: float, precision: str = "fp32") -> dict[str, float]:
     """One training step of a (possibly DDP-wrapped) :class:`TokenizerObjective` on a collated
     batch (``x [batch, rois, window]``, ``valid``, ``scan_id``) on the CPU, moved to the model's
-    device with the caption embeddings; returns the loss terms as floats."""
+    device with the caption embeddings, the forward under bf16 autocast with ``precision``
+    ``"autocast"``; returns the loss terms as floats."""
+    from fmrilm.train.deepspeed import autocast
+
     device = next(model.parameters()).device
     mask = emb = None
     if captions:
         mask = torch.tensor([s in captions for s in batch["scan_id"]], device=device)
         emb = torch.stack([captions.get(s, torch.zeros(text_dim)) for s in batch["scan_id"]]).to(device)
-    out = model(batch["x"].to(device), batch["valid"].to(device), coef, text_tokens, emb, mask, batch["scan_id"])
+    with autocast(precision, device):
+        out = model(batch["x"].to(device), batch["valid"].to(device), coef, text_tokens, emb, mask, batch["scan_id"])
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     params = model.module.parameters() if hasattr(model, "module") else model.parameters()
@@ -171,6 +199,7 @@ def train_loop(config: dict) -> None:
     captions = {k: torch.from_numpy(v) for k, v in (config.get("captions") or {}).items()}
     text_dim = text_tokens.shape[1] if text_tokens is not None else 8
     objective = TokenizerObjective(spec.model, spec.alignment, text_dim)
+    objective.tokenizer.checkpointing = spec.compute.activation_checkpointing
     opt = torch.optim.AdamW(objective.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
     per_epoch = math.ceil(config["rows_per_rank"] / spec.train.batch_size)
     total = min(spec.train.epochs * per_epoch, spec.train.max_steps or 10**12)
@@ -232,7 +261,7 @@ def train_loop(config: dict) -> None:
         if epoch == first_epoch and i < skip:
             continue
         terms = optimizer_step(model, opt, sched, batch, dann_coefficient(step / max(1, total)), text_tokens, captions,
-                               text_dim, spec.train.grad_clip)
+                               text_dim, spec.train.grad_clip, spec.compute.precision)
         step += 1
         now = time.perf_counter()
         if step > 3:  # steady state (past codebook init and first allocations); includes waiting for data
