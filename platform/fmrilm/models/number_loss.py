@@ -5,8 +5,9 @@ At every answer position whose target is a number token, the model's probabiliti
 number tokens (renormalised over them) give an expected value; the loss is its squared error
 against the target's value, in units of ``scale`` (the Number Token Loss, NTL-MSE, of Zausinger
 et al. 2024), plus the negative log of the probability mass on number tokens (so the answer is
-a number at all, not another task's answer or the end token, whatever number it is). A tokenizer with whole numbers as tokens (``" 47"``) regresses the number itself;
-one that splits digits (``"4"``, ``"7"``) regresses each digit, as in NTL. Pure torch, no state.
+a number at all, not another task's answer or the end token, whatever number it is). A
+tokenizer with whole numbers as tokens (``" 47"``) regresses the number itself; one that splits
+digits (``"4"``, ``"7"``) regresses each digit, as in NTL. Pure torch, no state.
 """
 
 from __future__ import annotations
