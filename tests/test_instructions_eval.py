@@ -274,3 +274,12 @@ def test_constrained_numbers_are_the_mean_of_the_allowed_values(tiny):
     # a near-constant number answer is flagged like a constant one
     assert metrics.failures(np.array([40.0, 40.001, 39.999]), y_true=np.array([20.0, 40.0, 60.0])) == ["constant prediction"]
     assert metrics.failures(np.array([25.0, 41.0, 55.0]), y_true=np.array([20.0, 40.0, 60.0])) == []
+
+
+def test_linear_baseline_fits_one_scan_per_class():
+    """k-shot rows at k = 1 give one training scan per class: no inner CV, still a prediction."""
+    from fmrilm.eval.baselines import linear_classifier
+
+    x = np.array([[0.0, 1.0], [1.0, 0.0]])
+    pred, scores = linear_classifier(x, np.array(["M", "F"], dtype=object), np.array([[0.1, 0.9], [0.9, 0.1]]), ["M", "F"])
+    assert pred.tolist() == ["M", "F"] and scores.shape == (2, 2)

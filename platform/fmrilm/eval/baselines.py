@@ -37,14 +37,20 @@ def majority(y_train: np.ndarray, n_test: int, classes: list[str]) -> tuple[np.n
 
 def linear_classifier(x_train, y_train, x_test, classes: list[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Impute missing values with the training mean, standardise, then logistic regression with
-    the L2 penalty chosen by inner stratified CV on the training rows; returns ``(predicted classes, log-probabilities [test, classes])``."""
+    the L2 penalty chosen by inner stratified CV on the training rows (the default penalty, C = 1,
+    when a class has a single training row: nothing to cross-validate); returns ``(predicted
+    classes, log-probabilities [test, classes])``."""
     from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    folds = int(max(2, min(5, np.unique(y_train, return_counts=True)[1].min())))
-    model = make_pipeline(SimpleImputer(keep_empty_features=True), StandardScaler(), LogisticRegressionCV(Cs=10, cv=folds, max_iter=3000, scoring="neg_log_loss", random_state=seed))
+    smallest = int(np.unique(y_train, return_counts=True)[1].min())
+    if smallest < 2:
+        head = LogisticRegression(max_iter=3000, random_state=seed)
+    else:
+        head = LogisticRegressionCV(Cs=10, cv=min(5, smallest), max_iter=3000, scoring="neg_log_loss", random_state=seed)
+    model = make_pipeline(SimpleImputer(keep_empty_features=True), StandardScaler(), head)
     _quiet(model.fit, x_train, y_train)
     proba = model.predict_proba(x_test)
     order = list(model.classes_)
