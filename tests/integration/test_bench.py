@@ -34,7 +34,7 @@ def test_bench_tokenizer_compares_the_same_steps(ray_cluster, tmp_path):
 def test_bench_lm_compares_the_same_steps(ray_cluster, tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(app, ["bench", "lm", "--json", "--width", "32", "--layers", "1", "--seq-len", "64",
-                                 "--micro-batch", "2", "--epochs", "1", "--scans", "4", "--rois", "8", "--variants", "auto,autocast",
+                                 "--micro-batch", "2", "--epochs", "1", "--scans", "4", "--rois", "8", "--variants", "autocast",
                                  "--out", str(out)])
     assert r.exit_code == 0, r.output
     result = json.loads(out.read_text())
@@ -42,9 +42,8 @@ def test_bench_lm_compares_the_same_steps(ray_cluster, tmp_path):
     assert result["benchmark"] == "lm" and ours["steps"] == base["steps"] > 2 and ours["threads"] == base["threads"]
     assert result["ratio"] == pytest.approx(ours["tokens_per_s"] / base["tokens_per_s"])
     assert ours["peak_rss_mb"] > 0 and base["peak_rss_mb"] > 0 and "mfu" not in result  # no GPU here
-    both = result["variants"]  # each configuration measured in the same run, beside the same plain loop
-    assert list(both) == ["auto", "autocast"] and both["auto"]["precision"] == "fp32" and both["autocast"]["precision"] == "autocast"
-    assert both["autocast"]["steps"] == base["steps"] and both["autocast"]["ratio"] == pytest.approx(both["autocast"]["tokens_per_s"] / base["tokens_per_s"])
+    shown = result["variants"]  # one configuration here (the default one runs in every other LM test)
+    assert list(shown) == ["autocast"] and ours["precision"] == "autocast" and shown["autocast"]["memory_ratio"] > 0
     assert "autocast (autocast)" in result["summary"]
     bad = CliRunner().invoke(app, ["bench", "lm", "--variants", "auto+turbo"])
     assert bad.exit_code == 2 and "unknown part 'turbo'" in bad.output and "Traceback" not in bad.output
