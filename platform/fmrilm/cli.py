@@ -379,6 +379,8 @@ def tokenizer_eval(
     datasets: Optional[List[str]] = typer.Option(None, "--dataset", help="dataset name (repeatable; default all)"),
     split: Optional[str] = typer.Option(None, help="split to evaluate (default: every scan)"),
     split_file: Optional[str] = typer.Option(None, help="subject -> split CSV/TSV (default: the split the artifact was trained with)"),
+    atlas_mapping: str = typer.Option("refuse", help="datasets of another atlas: refuse, or position (ROI i read as the "
+                                      "training atlas's ROI i)"),
     as_json: bool = typer.Option(False, "--json", help="print the JSON result"),
 ) -> None:
     """Held-out reconstruction R^2, code usage/perplexity and domain accuracy of a tokenizer."""
@@ -386,7 +388,7 @@ def tokenizer_eval(
     from fmrilm.tokenize import evaluate
 
     policy = {"method": "file", "file": split_file} if split_file else None
-    spec = _guard(PipelineSpec, data=data, datasets=datasets or None, split=policy)
+    spec = _guard(PipelineSpec, data=data, datasets=datasets or None, split=policy, atlas_mapping=atlas_mapping)
     result = _guard(evaluate, artifact, spec, split)
     if as_json:
         out.print_json(json.dumps(result))

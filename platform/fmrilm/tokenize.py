@@ -90,6 +90,22 @@ def with_artifact_windows(data: PipelineSpec, cfg: dict) -> PipelineSpec:
                                    "split": inherited(data.split, cfg.get("split"))})
 
 
+def check_contract(data: PipelineSpec, cfg: dict, uri: str) -> None:
+    """Every dataset ``data`` selects checked against the input contract of the artifact at
+    ``uri`` (:func:`fmrilm.data.contract.check_dataset`: atlas, ROI labels, TR); what a mapping
+    lets through is logged. Artifacts older than contracts are read with a warning."""
+    from fmrilm.data.contract import check_dataset
+    from fmrilm.data.pipeline import selected_datasets
+
+    contract = cfg.get("contract")
+    if contract is None:
+        log.warning("tokenizer %s records no input contract (trained before contracts were written): atlas and TR unchecked", uri)
+        return
+    for _, manifest in selected_datasets(data):
+        for warning in check_dataset(contract, manifest, f"tokenizer {uri}", data.atlas_mapping, data.target_tr):
+            log.warning(warning)
+
+
 def run(spec: TokenizeSpec) -> dict:
     """Tokenize every window of the selected datasets; returns the table URI and counts."""
     from ray.data import ActorPoolStrategy
@@ -97,6 +113,7 @@ def run(spec: TokenizeSpec) -> dict:
     artifact = storage.resolve(spec.tokenizer)
     cfg = artifact_config(spec.tokenizer)
     data = with_artifact_windows(spec.data, cfg) if spec.use_window_from_artifact else spec.data
+    check_contract(data, cfg, artifact.uri)
     runtime.init_ray()
     ds, n = build_windows(data, None)
     out = storage.resolve(spec.out or storage.join(spec.tokenizer.rstrip("/").rsplit("/", 1)[0], "tokens"))
@@ -187,6 +204,7 @@ def evaluate(uri: str, data: PipelineSpec, split: str | None = None, batch_size:
 
     cfg = artifact_config(uri)
     data = with_artifact_windows(data, cfg)
+    check_contract(data, cfg, uri)
     if split not in (None, "train"):
         check_unseen(subject_keys(scan_index(data), (split,)), cfg.get("split"), f"scored as held-out split {split!r}", uri)
     objective, stage = load_objective(uri, data)

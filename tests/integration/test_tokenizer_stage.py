@@ -72,3 +72,40 @@ def test_tokenize_is_deterministic(stage_data):
     assert ta["scan_id"].tolist() == tb["scan_id"].tolist()
     assert all((x == y).all() for x, y in zip(ta["codes"], tb["codes"]))
     assert max(int(c.max()) for c in ta["codes"]) < 32
+
+
+def test_a_dataset_of_another_atlas_is_refused_unless_mapped_by_position(stage_data):
+    """The artifact records its input contract; `fmrilm tokenizer eval` on scans of another ROI
+    set (same count, other labels), another ROI count or another TR fails with one line naming
+    both, before any window is read; position mapping is an explicit opt-in that evaluates."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fmrilm.cli import app
+
+    artifact = stage_data / "runs" / "resume" / "tokenizer"
+    if not artifact.exists():
+        pytest.skip("needs the trained artifact of the first test")
+    contract = json.loads((artifact / "config.json").read_text())["contract"]
+    assert contract["atlas"] == "synthetic-12" and len(contract["roi_labels"]) == 12 and contract["tr"] == [2.0]
+    assert contract["datasets"].keys() == {"toktest"} and contract["patch"] == 16 and contract["target_tr"] is None
+    other = {"labels": dict(n_rois=12, n_networks=3), "count": dict(n_rois=10, n_networks=4), "tr": dict(n_rois=12, n_networks=4, tr=0.72)}
+    for case, params in other.items():
+        ingest_synthetic(SynthParams(name=f"other{case}", subjects=4, n_timepoints=64, seed=5, **params), str(stage_data / case))
+    runner = CliRunner()
+
+    def tokenizer_eval(case, *extra):
+        return runner.invoke(app, ["tokenizer", "eval", str(artifact), "--data", str(stage_data / case), *extra])
+
+    r = tokenizer_eval("labels")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    line = " ".join(r.output.split())
+    assert "dataset 'otherlabels' is atlas 'synthetic-12' (12 ROIs)" in line and "other ROI names or order" in line
+    assert "data.atlas_mapping=position" in line
+    r = tokenizer_eval("count")
+    assert r.exit_code == 2 and "atlas 'synthetic-10' (10 ROIs)" in " ".join(r.output.split()), r.output
+    r = tokenizer_eval("tr")
+    assert r.exit_code == 2 and "has TR [0.72] s" in " ".join(r.output.split()) and "data.target_tr" in r.output, r.output
+    r = tokenizer_eval("labels", "--atlas-mapping", "position")
+    assert r.exit_code == 0 and "R^2" in r.output, r.output

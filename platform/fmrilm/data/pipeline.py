@@ -30,6 +30,7 @@ from fmrilm import storage
 from fmrilm.config import Strict
 from fmrilm.data import schema, table
 from fmrilm.data import splits
+from fmrilm.data.contract import AtlasMapping
 from fmrilm.data.splits import SplitPolicy
 
 
@@ -49,6 +50,8 @@ class PipelineSpec(Strict):
     target_tr: float | None = Field(None, gt=0, description="resample every scan to this TR (s)")
     window: int = Field(32, ge=2, description="timepoints per window")
     stride: int = Field(32, ge=1, description="timepoints between window starts")
+    atlas_mapping: AtlasMapping = Field("refuse", description="datasets of an atlas other than the tokenizer's: refuse, or "
+                                        "position (ROI i read as the training atlas's ROI i)")
 
 
 # ---------------------------------------------------------------- science (pure)

@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 from fmrilm import storage
 from fmrilm.config import Strict
 from fmrilm.data import splits
+from fmrilm.data.contract import AtlasMapping
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.instructions import CLASSIFICATION, QUESTIONS, REGRESSION, Labeller, fewshot_context, fit_labeller, question_prompt
 from fmrilm.eval import baselines, metrics
@@ -68,6 +69,8 @@ class EvalSpec(Strict):
     datasets: list[str] | None = None
     split: SplitPolicy | None = Field(None, description="override the subject split (default: the one the models were trained with)")
     heldout_datasets: list[str] = Field([], description="datasets evaluated as a whole, never trained on")
+    atlas_mapping: AtlasMapping = Field("refuse", description="datasets of an atlas other than the tokenizer's: refuse, or "
+                                        "position (as their tokens were made with data.atlas_mapping=position)")
     test_splits: list[str] = ["val", "test"]
     tasks: list[str] = ["sex", "age_bin", "age"]
     paradigms: list[str] = list(PARADIGMS)
@@ -282,6 +285,21 @@ def score(task: str, y_true: np.ndarray, pred: np.ndarray, scores: np.ndarray | 
     return out
 
 
+def check_contract(spec: EvalSpec, contract: dict | None, datasets: set[str], model: str) -> None:
+    """Every evaluated dataset checked against the input contract the pretrained export ``model``
+    carries from its tokenizer (:func:`fmrilm.data.contract.check_dataset`); exports older than
+    contracts are not checked."""
+    from fmrilm.data.contract import check_dataset
+    from fmrilm.data.table import find_datasets
+
+    if contract is None:
+        return
+    for _, manifest in find_datasets(spec.data):
+        if manifest["dataset"] in datasets:
+            for warning in check_dataset(contract, manifest, f"the pretrained export {model}", spec.atlas_mapping, contract.get("target_tr")):
+                log.warning(warning)
+
+
 def run(spec: EvalSpec) -> dict:
     """Evaluate every task x paradigm and the baselines; write the report; return it."""
     from fmrilm.eval.report import write_report
@@ -303,6 +321,7 @@ def run(spec: EvalSpec) -> dict:
         trained_on = spec.datasets or [m["dataset"] for _, m in find_datasets(spec.data) if m["dataset"] not in spec.heldout_datasets]
         trained[f"the features build of {spec.data} (descriptor baselines)"] = features_split(spec.data, trained_on)
     meta = eval_meta(spec, set(blocks.codes), trained)
+    check_contract(spec, export_meta(pretrained).get("contract"), set(meta["dataset"]), pretrained)
     descriptions = {}
     if spec.model and export_meta(spec.model).get("descriptions"):  # asked the way the instruct export was tuned
         from fmrilm.features.job import read_captions

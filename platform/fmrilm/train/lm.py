@@ -460,7 +460,7 @@ def train_loop(config: dict) -> None:
             model.set_scan_scale(*config["scan_scale"])
     static = {"code_init": info["code_init"], "pretrained_backbone": info["pretrained"]}
     engine = deepspeed_train(spec, model, config, OBJECTIVES, spec.objectives.by_id(), static)
-    export(engine, tok, spec, info, vocab, config["probe"], export_base, rank, config.get("split"))
+    export(engine, tok, spec, info, vocab, config["probe"], export_base, rank, config.get("split"), config.get("contract"))
 
 
 def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weights: dict[int, float], static: dict,
@@ -588,9 +588,9 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
 
 
 def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base_dir: str | None, rank: int,
-           split_rec: dict | None = None) -> None:
+           split_rec: dict | None = None, contract: dict | None = None) -> None:
     """Write the Hugging Face folder (see the module docstring; ``fmri_lm.json`` carries the split
-    record); every rank takes part (ZeRO-3 gathers)."""
+    record and the tokenizer's input contract); every rank takes part (ZeRO-3 gathers)."""
     def write(d: str, lm) -> dict:
         if spec.lora.enabled:
             lm.save_pretrained(os.path.join(d, "adapter"))
@@ -600,7 +600,7 @@ def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base
             tok.save_pretrained(os.path.join(d, "full"))
         return {"backbone": info, "vocab": vars(vocab), "lora": spec.lora.enabled, "seq_len": spec.seq_len,
                 "layout": "base+adapter" if spec.lora.enabled else "full", "tokenizer": spec.tokenizer, "input_mode": spec.input_mode,
-                "split": split_rec}
+                "split": split_rec, "contract": contract}
 
     write_export(engine, spec.deepspeed.zero_stage, probe, rank, storage.join(spec.run.storage, spec.run.name, "model"), write)
 
@@ -671,7 +671,7 @@ def run(spec: PretrainSpec) -> dict:
     codebook = load(storage.read_bytes(storage.resolve(spec.tokenizer).join("model.safetensors")))["quantizer.codebook"]
     policy = splits.inherited(spec.split, art_cfg.get("split"))
     result = fit(spec, train["packed"], codebook, code_pairs(spec, policy), art_cfg["model"]["max_rois"], prepared["split"],
-                 prepared.get("scan_scale"))
+                 prepared.get("scan_scale"), art_cfg.get("contract"))
     return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
             "sequences": len(train["packed"]["ids"]), "examples": train["examples"], "objective_examples": train["counts"]}
 
@@ -689,10 +689,10 @@ def code_pairs(spec: PretrainSpec, policy: SplitPolicy | None = None):
 
 
 def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tensor, pairs=None, max_rois: int = 512,
-        split_rec: dict | None = None, scan_scale: tuple[np.ndarray, np.ndarray] | None = None):
+        split_rec: dict | None = None, scan_scale: tuple[np.ndarray, np.ndarray] | None = None, contract: dict | None = None):
     """Run the ``TorchTrainer`` on packed sequences (rows a multiple of the world size) with a
-    codebook ``[K, d]``, optional codebook-map pairs, the split record the export carries and the
-    scan vectors' standardisation; returns the Ray Train result."""
+    codebook ``[K, d]``, optional codebook-map pairs, the split record and input contract the
+    export carries and the scan vectors' standardisation; returns the Ray Train result."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -706,7 +706,7 @@ def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tenso
               "fault": fault_plan(),
               "feature_width": int(packed["feats"].shape[-1]) if "feats" in packed else None, "max_rois": max_rois,
               "scan_dim": int(packed["scan"].shape[-1]) if "scan" in packed else None, "scan_scale": scan_scale,
-              "split": split_rec}
+              "split": split_rec, "contract": contract}
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=world, use_gpu=spec.scaling.use_gpu,

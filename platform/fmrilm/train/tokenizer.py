@@ -27,6 +27,7 @@ from torch import nn
 from fmrilm import runtime, storage
 from fmrilm.config import Strict
 from fmrilm.data import splits
+from fmrilm.data.contract import input_contract
 from fmrilm.data.pipeline import PipelineSpec, dataset_versions, epoch_stream, scan_index, selected_datasets, torch_batches, train_datasets
 from fmrilm.models.alignment import AlignmentConfig, AlignmentHead, dann_coefficient
 from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig, r2_per_roi
@@ -307,8 +308,15 @@ def text_inputs(spec: TokenizerStageSpec, scans: set[str] | None = None) -> tupl
 
 
 def check(spec: TokenizerStageSpec) -> None:
-    """Checks before any worker starts: the datasets the spec reads exist and share an ROI count."""
-    selected_datasets(spec.data)
+    """Checks before any worker starts: the datasets the spec reads exist and share an atlas."""
+    found = selected_datasets(spec.data)
+    training_contract(spec, [m for _, m in found])
+
+
+def training_contract(spec: TokenizerStageSpec, manifests: list[dict]) -> dict:
+    """The input contract (:mod:`fmrilm.data.contract`) the artifact of this run records."""
+    d = spec.data
+    return input_contract(manifests, d.window, d.stride, spec.model.patch, d.normalise, d.target_tr, d.atlas_mapping)
 
 
 def run(spec: TokenizerStageSpec) -> dict:
@@ -322,6 +330,8 @@ def run(spec: TokenizerStageSpec) -> dict:
     found = selected_datasets(spec.data)
     index = scan_index(spec.data, found)
     split_rec = training_split(spec, index, found)
+    trained = set(index.loc[index["split"] == "train", "dataset"])
+    contract = training_contract(spec, [m for _, m in found if m["dataset"] in trained] or [m for _, m in found])
     has_val = bool(index.loc[index["split"] == "val", "n_windows"].sum())
     if not has_val:
         log.warning("no validation windows (no scan of the 'val' split is at least window=%d long): training without validation",
@@ -341,7 +351,7 @@ def run(spec: TokenizerStageSpec) -> dict:
     result = run_trainer(trainer, spec.run, split_rec["datasets"])
     if result.checkpoint is None:
         raise RuntimeError(f"run {spec.run.name} finished without a checkpoint")
-    uri = export(result.checkpoint, spec, split_rec)
+    uri = export(result.checkpoint, spec, split_rec, contract)
     return {"metrics": dict(result.metrics or {}), "artifact": uri, "train_windows": rows}
 
 
@@ -356,9 +366,9 @@ def training_split(spec: TokenizerStageSpec, index, found) -> dict:
     return splits.record(spec.data.split, index, versions=dataset_versions(found))
 
 
-def export(checkpoint, spec: TokenizerStageSpec, split_rec: dict | None = None) -> str:
+def export(checkpoint, spec: TokenizerStageSpec, split_rec: dict | None = None, contract: dict | None = None) -> str:
     """Write the tokenizer artifact next to the run (``config.json`` carries the split record
-    ``split_rec``); returns its URI."""
+    ``split_rec`` and the input ``contract``); returns its URI."""
     from safetensors.torch import save
 
     state, meta = load_state(checkpoint)
@@ -372,7 +382,7 @@ def export(checkpoint, spec: TokenizerStageSpec, split_rec: dict | None = None) 
     storage.write_text(out.join("config.json"), json.dumps({
         "model": spec.model.model_dump(), "alignment": spec.alignment.model_dump(), "text_dim": meta["text_dim"],
         "data": {"window": spec.data.window, "stride": spec.data.stride, "normalise": spec.data.normalise, "target_tr": spec.data.target_tr},
-        "step": meta["step"], "run": spec.run.name, "split": split_rec}, indent=1))
+        "step": meta["step"], "run": spec.run.name, "split": split_rec, "contract": contract}, indent=1))
     storage.write_text(out.join("codebook_stats.json"), json.dumps({**objective.tokenizer.quantizer.stats(),
                                                                    "usage": objective.tokenizer.quantizer.usage.tolist()}))
     return out.uri
