@@ -48,3 +48,18 @@ def test_an_unseen_tr_is_refused_unless_the_scans_are_resampled():
     with pytest.raises(ContractError, match=r"has TR \[2.0\] s but T was trained on TR \[0.72\] s without resampling"):
         check_dataset(c, manifest("new", tr=(2.0,)), "T")
     assert check_dataset(c, manifest("new", tr=(2.0,)), "T", target_tr=0.72) == []
+
+
+def test_a_distribution_shift_is_a_warning_naming_the_statistic():
+    import numpy as np
+
+    from fmrilm.data.contract import shift_warnings, signal_summary
+
+    rng = np.random.default_rng(0)
+    smooth = lambda x: (x + np.roll(x, 1, -1) + np.roll(x, 2, -1)) / np.sqrt(3)  # noqa: E731 - lag-1 autocorrelation ~0.67
+    train = smooth(rng.standard_normal((64, 5, 32)))
+    c = contract() | {"signal": signal_summary(train)}
+    assert shift_warnings(c, smooth(rng.standard_normal((32, 5, 32))), "same", "T") == []
+    (warning,) = shift_warnings(c, rng.standard_normal((32, 5, 32)), "white", "T")  # no smoothing: lag-1 ~0
+    assert warning.startswith("distribution shift: dataset 'white' has mean window lag1") and "bound 3" in warning
+    assert shift_warnings(contract(), train, "x", "T") == []  # no signal summary recorded: nothing to compare

@@ -19,7 +19,8 @@ R = TypeVar("R")
 from fmrilm import LOOPBACK_ENV
 # Only these variables travel to workers through runtime_env: endpoints and regions, never keys.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-                 "GLOO_SOCKET_IFNAME", "FMRILM_CACHE", "FMRILM_S3_MAX_ATTEMPTS", "FMRILM_S3_CONNECT_TIMEOUT", "FMRILM_S3_REQUEST_TIMEOUT")
+                 "GLOO_SOCKET_IFNAME", "FMRILM_CACHE", "FMRILM_S3_MAX_ATTEMPTS", "FMRILM_S3_CONNECT_TIMEOUT", "FMRILM_S3_REQUEST_TIMEOUT",
+                 "FMRILM_S3_BUCKETS")
 
 
 def forwarded_env() -> dict[str, str]:

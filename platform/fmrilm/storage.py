@@ -5,7 +5,10 @@ Supported forms:
   * ``s3://bucket/key`` -> pyarrow's S3 filesystem. The endpoint comes from ``AWS_ENDPOINT_URL``
     (or ``AWS_ENDPOINT_URL_S3``; MinIO, moto), the region from ``AWS_REGION`` /
     ``AWS_DEFAULT_REGION``; credentials are never passed in code: pyarrow's AWS SDK reads them
-    from the environment, the shared config files or the instance/pod role;
+    from the environment, the shared config files or the instance/pod role. A bucket can have
+    its own options (:func:`configure_bucket`, a dataset card's ``storage:``, or the JSON in
+    ``FMRILM_S3_BUCKETS``, which Ray workers inherit): ``anonymous`` (unsigned requests for
+    public buckets: no credentials of the environment are ever sent there) and ``endpoint``;
   * ``gs://bucket/key`` -> pyarrow's GCS filesystem (application default credentials).
 
 ``resolve(uri)`` returns the ``(pyarrow.fs.FileSystem, path)`` pair that Ray Data, pyarrow and
@@ -98,19 +101,55 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    """Build pyarrow's S3 filesystem from the environment (never from explicit credentials)."""
+BUCKETS_ENV = "FMRILM_S3_BUCKETS"
+
+
+def bucket_options(bucket: str) -> dict:
+    """The options of one S3 bucket (``{"anonymous": bool, "endpoint": url}``, either optional)
+    from ``FMRILM_S3_BUCKETS``; ``{}`` when it has none."""
+    import json
+
+    raw = os.environ.get(BUCKETS_ENV)
+    if not raw:
+        return {}
+    try:
+        return dict(json.loads(raw).get(bucket) or {})
+    except (ValueError, AttributeError):
+        raise StorageError(f"{BUCKETS_ENV} is not a JSON object of bucket -> options: fix or unset it") from None
+
+
+def configure_bucket(uri: str, anonymous: bool = False, endpoint: str | None = None) -> None:
+    """Give the bucket of the ``s3://`` URI ``uri`` its own options in this process's environment
+    (so every Ray worker started from it sees them): ``anonymous`` for unsigned requests (public
+    buckets), ``endpoint`` for a bucket on another S3 service. A no-op for other schemes."""
+    import json
+
+    if scheme_of(uri) != "s3":
+        return
+    if endpoint is not None and embeds_credentials(endpoint):
+        raise StorageError(f"S3 endpoint {redact(endpoint)} embeds credentials: remove them; they come only from the environment")
+    buckets = json.loads(os.environ.get(BUCKETS_ENV) or "{}")
+    buckets[urlparse(uri).netloc] = {k: v for k, v in (("anonymous", anonymous), ("endpoint", endpoint)) if v}
+    os.environ[BUCKETS_ENV] = json.dumps(buckets, sort_keys=True)
+
+
+def s3_filesystem(bucket: str | None = None) -> pafs.S3FileSystem:
+    """Build pyarrow's S3 filesystem for ``bucket`` from the environment and the bucket's options
+    (:func:`bucket_options`; never from explicit credentials)."""
+    options = bucket_options(bucket) if bucket else {}
     kwargs: dict = {
         "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=int(os.environ.get("FMRILM_S3_MAX_ATTEMPTS", "4"))),
         "connect_timeout": float(os.environ.get("FMRILM_S3_CONNECT_TIMEOUT", "5")),
         "request_timeout": float(os.environ.get("FMRILM_S3_REQUEST_TIMEOUT", "60")),
     }
-    endpoint = s3_endpoint()
+    endpoint = options.get("endpoint") or s3_endpoint()
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
+    if options.get("anonymous"):
+        kwargs["anonymous"] = True  # unsigned: pyarrow then reads no credentials at all
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -130,7 +169,7 @@ def resolve(uri: str) -> Location:
         raise StorageError(f"storage URI {uri!r} names no bucket")
     path = f"{parsed.netloc}{parsed.path}".rstrip("/")
     if scheme == "s3":
-        return Location(s3_filesystem(), path, uri)
+        return Location(s3_filesystem(parsed.netloc), path, uri)
     return Location(pafs.GcsFileSystem(), path, uri)
 
 

@@ -90,20 +90,28 @@ def with_artifact_windows(data: PipelineSpec, cfg: dict) -> PipelineSpec:
                                    "split": inherited(data.split, cfg.get("split"))})
 
 
-def check_contract(data: PipelineSpec, cfg: dict, uri: str) -> None:
+def check_contract(data: PipelineSpec, cfg: dict, uri: str) -> list[str]:
     """Every dataset ``data`` selects checked against the input contract of the artifact at
-    ``uri`` (:func:`fmrilm.data.contract.check_dataset`: atlas, ROI labels, TR); what a mapping
-    lets through is logged. Artifacts older than contracts are read with a warning."""
-    from fmrilm.data.contract import check_dataset
-    from fmrilm.data.pipeline import selected_datasets
+    ``uri`` (:mod:`fmrilm.data.contract`: atlas, ROI labels and TR raise; then a sample of each
+    dataset's windows is compared with the training signal). Returns the
+    warnings (also logged): what a mapping let through, distribution shifts. Artifacts older
+    than contracts are read with a warning."""
+    from fmrilm.data.contract import check_dataset, shift_warnings
+    from fmrilm.data.pipeline import sample_windows, selected_datasets
 
     contract = cfg.get("contract")
     if contract is None:
-        log.warning("tokenizer %s records no input contract (trained before contracts were written): atlas and TR unchecked", uri)
-        return
-    for _, manifest in selected_datasets(data):
-        for warning in check_dataset(contract, manifest, f"tokenizer {uri}", data.atlas_mapping, data.target_tr):
-            log.warning(warning)
+        warnings = [f"tokenizer {uri} records no input contract (trained before contracts were written): atlas and TR unchecked"]
+    else:
+        found = selected_datasets(data)
+        warnings = [w for _, m in found for w in check_dataset(contract, m, f"tokenizer {uri}", data.atlas_mapping, data.target_tr)]
+        if contract.get("signal"):
+            for _, m in found:
+                sample = sample_windows(data.model_copy(update={"datasets": [m["dataset"]]}), None)
+                warnings += shift_warnings(contract, sample, m["dataset"], f"tokenizer {uri}")
+    for w in warnings:
+        log.warning(w)
+    return warnings
 
 
 def run(spec: TokenizeSpec) -> dict:
@@ -113,8 +121,8 @@ def run(spec: TokenizeSpec) -> dict:
     artifact = storage.resolve(spec.tokenizer)
     cfg = artifact_config(spec.tokenizer)
     data = with_artifact_windows(spec.data, cfg) if spec.use_window_from_artifact else spec.data
-    check_contract(data, cfg, artifact.uri)
     runtime.init_ray()
+    warnings = check_contract(data, cfg, artifact.uri)
     ds, n = build_windows(data, None)
     out = storage.resolve(spec.out or storage.join(spec.tokenizer.rstrip("/").rsplit("/", 1)[0], "tokens"))
     storage.delete_dir(out)  # a re-run replaces the table
@@ -124,7 +132,7 @@ def run(spec: TokenizeSpec) -> dict:
         runtime_env={"env_vars": runtime.forwarded_env()})  # the actors read the artifact from this process's storage
     ds.write_parquet(out.path, filesystem=out.fs)
     summary = {"tokens": out.uri, "windows": n, "artifact": artifact.uri, "window": data.window, "stride": data.stride,
-               "num_codes": cfg["model"]["num_codes"], "features": spec.features, "width": cfg["model"]["width"]}
+               "num_codes": cfg["model"]["num_codes"], "features": spec.features, "width": cfg["model"]["width"], "input_warnings": warnings}
     if spec.probes:
         summary["probes"] = held_out_probes(out.uri, data, cfg["data"]["window"])
     storage.write_text(out.join("manifest.json"), json.dumps(summary, indent=1))
@@ -204,18 +212,19 @@ def evaluate(uri: str, data: PipelineSpec, split: str | None = None, batch_size:
 
     cfg = artifact_config(uri)
     data = with_artifact_windows(data, cfg)
-    check_contract(data, cfg, uri)
+    runtime.init_ray()
+    warnings = check_contract(data, cfg, uri)
     if split not in (None, "train"):
         check_unseen(subject_keys(scan_index(data), (split,)), cfg.get("split"), f"scored as held-out split {split!r}", uri)
     objective, stage = load_objective(uri, data)
     has_head = objective.align is not None
     text_tokens = text_inputs(stage)[0] if has_head else None
-    runtime.init_ray()
     ds, n = build_windows(data, split)
     if n == 0:
         raise ValueError(f"no windows to evaluate in split {split!r} of {data.data} (datasets {data.datasets or 'all'})")
     metrics = validate(objective, ds, batch_size, torch.from_numpy(text_tokens) if text_tokens is not None else None)
-    return {k.removeprefix("val/"): v for k, v in metrics.items()} | {"windows": n, "split": split, "num_codes": stage.model.num_codes}
+    return {k.removeprefix("val/"): v for k, v in metrics.items()} | {"windows": n, "split": split, "num_codes": stage.model.num_codes,
+                                                                      "input_warnings": warnings}
 
 
 def load_objective(uri: str, data: PipelineSpec | None = None):

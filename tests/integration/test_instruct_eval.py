@@ -111,6 +111,10 @@ def test_instruct_then_eval_report(pretrained):
     assert probed == {"fc (prompt time points)", "fc (whole scan)", "tokenizer: scan vector (encoder features)",
                       "tokenizer: codes (ROI pairs sharing a code)", "LM answer state: pretrained", "LM answer state: instruct"}
     assert "## Linear probes (heldout subjects" in md
+    card = open(os.path.join(result["model"], "README.md")).read()  # the export's card, with the figures eval measured
+    assert "Model Card for Model ID" not in card and "atlas `synthetic-8`, 8 ROIs" in card and "## Evaluation" in card
+    assert "| sex | heldout_subjects | fmrilm (full) |" in card and "| sex | heldout_dataset | majority |" in card
+    assert open(os.path.join(result["model"], "adapter", "README.md")).read().startswith("# fmrilm instruct export")
 
 
 def test_bad_instruct_and_eval_specs_fail_early(pretrained):

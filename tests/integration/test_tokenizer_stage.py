@@ -90,6 +90,8 @@ def test_a_dataset_of_another_atlas_is_refused_unless_mapped_by_position(stage_d
     contract = json.loads((artifact / "config.json").read_text())["contract"]
     assert contract["atlas"] == "synthetic-12" and len(contract["roi_labels"]) == 12 and contract["tr"] == [2.0]
     assert contract["datasets"].keys() == {"toktest"} and contract["patch"] == 16 and contract["target_tr"] is None
+    assert set(contract["signal"]) == {"spread", "lag1", "extreme"} and contract["signal"]["lag1"]["sd"] > 0
+    assert "atlas `synthetic-12`, 12 ROIs" in (artifact / "README.md").read_text()  # the artifact's card
     other = {"labels": dict(n_rois=12, n_networks=3), "count": dict(n_rois=10, n_networks=4), "tr": dict(n_rois=12, n_networks=4, tr=0.72)}
     for case, params in other.items():
         ingest_synthetic(SynthParams(name=f"other{case}", subjects=4, n_timepoints=64, seed=5, **params), str(stage_data / case))
@@ -107,5 +109,7 @@ def test_a_dataset_of_another_atlas_is_refused_unless_mapped_by_position(stage_d
     assert r.exit_code == 2 and "atlas 'synthetic-10' (10 ROIs)" in " ".join(r.output.split()), r.output
     r = tokenizer_eval("tr")
     assert r.exit_code == 2 and "has TR [0.72] s" in " ".join(r.output.split()) and "data.target_tr" in r.output, r.output
-    r = tokenizer_eval("labels", "--atlas-mapping", "position")
-    assert r.exit_code == 0 and "R^2" in r.output, r.output
+    r = tokenizer_eval("labels", "--atlas-mapping", "position", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output[r.output.index("{"):])
+    assert result["r2"] <= 1 and any("read by position" in w for w in result["input_warnings"])

@@ -80,6 +80,14 @@ class PhenotypeCard(Strict):
     extra: list[str] = Field([], description="further columns kept in the phenotypes map")
 
 
+class StorageCard(Strict):
+    """How to reach the card's ``s3://`` locations: unsigned (a public bucket; credentials in the
+    environment are never sent) and/or through another S3 endpoint than ``AWS_ENDPOINT_URL``."""
+
+    anonymous: bool = Field(False, description="unsigned requests (public buckets such as fcp-indi or openneuro)")
+    endpoint: str | None = Field(None, description="S3 endpoint URL of this card's bucket(s) (default: AWS_ENDPOINT_URL or AWS)")
+
+
 class DatasetCard(Strict):
     """Everything ingestion needs to turn one cohort's derivatives into a scan table."""
 
@@ -97,6 +105,7 @@ class DatasetCard(Strict):
     arrays: ArraysCard = ArraysCard()
     phenotypes: PhenotypeCard | None = None
     split: SplitPolicy = SplitPolicy()
+    storage: StorageCard = StorageCard()
 
     @model_validator(mode="after")
     def _format_needs(self):
@@ -121,4 +130,9 @@ def load_card(uri: str, overrides: list[str] | None = None) -> DatasetCard:
     for obj, attrs in ((card.atlas, ("labels_img", "maps_img", "labels_file")), (card.phenotypes, ("file",)), (card.split, ("file",))):
         for attr in attrs if obj is not None else ():
             setattr(obj, attr, _anchor(getattr(obj, attr), base))
+    if card.storage.anonymous or card.storage.endpoint:  # every s3:// location the card names, the same way
+        for where in (card.root, card.atlas.labels_img, card.atlas.maps_img, card.atlas.labels_file,
+                      card.phenotypes.file if card.phenotypes else None, card.split.file):
+            if where:
+                storage.configure_bucket(where, card.storage.anonymous, card.storage.endpoint)
     return card

@@ -7,17 +7,24 @@ atlas name and ROI labels, the native TRs of the training scans, the windowing (
 patch, normalisation, target TR) and the dataset versions. Every consumer checks a dataset's
 manifest against it before reading a scan: another atlas or ROI set is an error naming both,
 unless the user maps it by position (``data.atlas_mapping=position``); another TR is an error
-unless the contract resamples to a target TR. Pure functions over manifests, no I/O.
+unless the contract resamples to a target TR. The contract also summarises the normalised
+signal of a sample of training windows (spread, lag-1 autocorrelation, extreme values): a
+dataset whose mean statistic lies more than ``SHIFT_BOUND`` training SDs away is reported as a
+distribution shift (a warning, not an error: the model still reads it). Pure functions, no I/O.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+
 from fmrilm.errors import UserError
 
 AtlasMapping = Literal["refuse", "position"]
 TR_TOLERANCE = 0.01  # relative: 0.72 s and 0.7201 s are the same TR
+SHIFT_BOUND = 3.0  # a dataset's mean window statistic this many training SDs away is a distribution shift
+EXTREME = 4.0  # |normalised value| above this counts as extreme
 
 
 class ContractError(UserError, ValueError):
@@ -90,3 +97,40 @@ def check_dataset(contract: dict, manifest: dict, model: str, atlas_mapping: Atl
                                 "resampling: its patches would span another duration; train the tokenizer with data.target_tr "
                                 "set, or use datasets at its TR")
     return warnings
+
+
+def signal_stats(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Statistics of each window of normalised signal ``x [n, rois, time]``, each ``[n]``:
+    ``spread`` (mean over ROIs of the std over time), ``lag1`` (mean over ROIs of the lag-1
+    autocorrelation: smoothness, which depends on TR and filtering) and ``extreme`` (fraction of
+    values beyond ``EXTREME``)."""
+    x = np.asarray(x, np.float64)
+    centred = x - x.mean(-1, keepdims=True)
+    var = (centred**2).mean(-1)
+    lag1 = np.divide((centred[..., 1:] * centred[..., :-1]).mean(-1), var, out=np.zeros_like(var), where=var > 1e-12)
+    return {"spread": np.sqrt(var).mean(-1), "lag1": lag1.mean(-1), "extreme": (np.abs(x) > EXTREME).mean((-1, -2))}
+
+
+def signal_summary(x: np.ndarray) -> dict[str, dict[str, float]]:
+    """``{statistic: {"mean", "sd"}}`` of :func:`signal_stats` over the windows ``x [n, rois, time]``."""
+    return {k: {"mean": float(v.mean()), "sd": float(v.std())} for k, v in signal_stats(x).items()}
+
+
+def shift_warnings(contract: dict, x: np.ndarray, dataset: str, model: str) -> list[str]:
+    """Warnings for each statistic whose mean over ``dataset``'s windows ``x [n, rois, time]``
+    lies more than ``SHIFT_BOUND`` training SDs from the training mean the ``contract`` of
+    ``model`` records; none when it records no signal summary or ``x`` is empty."""
+    reference = contract.get("signal")
+    if not reference or len(x) == 0:
+        return []
+    out = []
+    for name, value in signal_summary(x).items():
+        ref = reference.get(name)
+        if ref is None:
+            continue
+        distance = abs(value["mean"] - ref["mean"]) / max(ref["sd"], 1e-3)
+        if distance > SHIFT_BOUND:
+            out.append(f"distribution shift: dataset {dataset!r} has mean window {name} {value['mean']:.3f} where {model} "
+                       f"trained on {ref['mean']:.3f} (sd {ref['sd']:.3f}; {distance:.1f} SDs, bound {SHIFT_BOUND:g}): "
+                       "its preprocessing or TR may differ from the training data's")
+    return out

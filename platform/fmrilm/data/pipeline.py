@@ -291,6 +291,16 @@ def build_windows(spec: PipelineSpec, split: str | None):
     return ds, int(index["n_windows"].sum())
 
 
+def sample_windows(spec: PipelineSpec, split: str | None, max_windows: int = 256) -> np.ndarray:
+    """Up to ``max_windows`` normalised windows of ``split`` (None: every scan), ``[n, rois, window]``,
+    the first ones the stream yields; ``[0, 0, window]`` when there is none."""
+    ds, n = build_windows(spec, split)
+    if n == 0:
+        return np.zeros((0, 0, spec.window), np.float32)
+    xs = [b["x"] for b in ds.select_columns(["x"]).limit(max_windows).iter_batches(batch_size=max_windows, batch_format="numpy")]
+    return np.concatenate(xs) if xs else np.zeros((0, 0, spec.window), np.float32)
+
+
 def scans_per_map_batch(index: pd.DataFrame, spec: PipelineSpec, max_bytes: int = 128 * 2**20) -> int | None:
     """Scans per window-map call: a whole shard (None) unless overlapping windows would make
     its output larger than ``max_bytes``."""

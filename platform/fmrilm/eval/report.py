@@ -83,6 +83,9 @@ def markdown(report: dict) -> str:
         lines += [f"## {group.replace('_', ' ')}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
+    if report.get("input_warnings"):
+        lines += ["## Input checks", "", "The tokenizer's input contract let these through (from `fmrilm tokenize`):", ""]
+        lines += [f"- {w}" for w in report["input_warnings"]] + [""]
     failed = [r for r in report["results"] if r.get("failures") and r["method"] == "fmrilm"]
     if failed:
         lines += ["## Failures", "", "These fmrilm results carry no information about the scans (FAILED in the tables):", ""]

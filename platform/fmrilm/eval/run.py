@@ -425,10 +425,32 @@ def run(spec: EvalSpec) -> dict:
     report = {"spec": spec.model_dump(mode="json"), "pretrained": pretrained, "results": results, "descriptions": bool(descriptions),
               "probes": probe_rows,
               "groups": {g: int((meta["group"] == g).sum()) for g in ("train", *groups)}, "classes": labeller.classes,
-              "age_cuts": labeller.age_cuts}
+              "age_cuts": labeller.age_cuts, "input_warnings": tokens_warnings(blocks.tokens_uri)}
     where = storage.join(spec.run.storage, spec.run.name, "eval")
     report["files"] = write_report(report, predictions, where)
+    update_card(spec.model or pretrained, report)
     return report
+
+
+def tokens_warnings(tokens_uri: str) -> list[str]:
+    """What the tokenizer's input contract let through when the tokens table was made (mapped
+    atlases, distribution shifts), from its ``manifest.json``; empty for older tables."""
+    import json
+
+    loc = storage.resolve(tokens_uri).join("manifest.json")
+    return json.loads(storage.read_text(loc)).get("input_warnings", []) if storage.exists(loc) else []
+
+
+def update_card(model: str, report: dict) -> None:
+    """Rewrite the model card (``README.md``) of the evaluated export ``model`` with the report's
+    held-out figures; an export that cannot be written (a read-only bucket) keeps its card."""
+    from fmrilm.model_card import lm_card, write_card
+    from fmrilm.train.instruct import export_meta
+
+    try:
+        write_card(model, lm_card(export_meta(model), model, report, report["files"]["report.md"]))
+    except (OSError, PermissionError) as err:
+        log.warning("the model card of %s was not updated (%s); the figures are in %s", model, err, report["files"]["report.md"])
 
 
 def probe_table(task: str, group: str, test: pd.DataFrame, y: np.ndarray, blocks, fcs: dict, whole: dict, lm_states: dict) -> list[dict]:

@@ -107,7 +107,7 @@ class ScanBlocks:
         self.vocab = meta["vocab"]
         self.features = meta.get("input_mode") == "features"
         self.scan_token, self.scan_dim = bool(meta.get("scan_dim")), meta.get("scan_dim")
-        tokens, _ = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features or self.scan_token)
+        tokens, self.tokens_uri = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features or self.scan_token)
         self.tokenizer_cfg = artifact_config(meta["tokenizer"])
         self.codes, self.feats = scan_codes(tokens, self.tokenizer_cfg["data"]["window"])
         self.vectors = scan_vectors(self.feats) if self.scan_token else {}
@@ -367,7 +367,7 @@ def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: 
         else:
             lm.save_pretrained(os.path.join(d, sub), state_dict={k: v.detach().cpu().clone() for k, v in lm.state_dict().items()})
         tok.save_pretrained(os.path.join(d, sub))
-        meta = {k: base_meta[k] for k in ("backbone", "vocab", "tokenizer", "input_mode") if k in base_meta}
+        meta = {k: base_meta[k] for k in ("backbone", "vocab", "tokenizer", "input_mode", "contract") if k in base_meta}
         return meta | {"layout": sub, "base_model": spec.model, "lora": spec.lora.enabled, "seq_len": spec.seq_len, "stage": "instruct",
                        "fmri_steps": spec.fmri_steps, "tasks": spec.instructions.tasks, "split": split_rec,
                        "descriptions": spec.descriptions}

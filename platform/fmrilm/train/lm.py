@@ -611,9 +611,11 @@ def write_export(engine, zero_stage: int, probe: dict, rank: int, target: str, w
     ``save_pretrained`` needs), then every parameter gathered while rank 0 calls ``write(dir, lm)``
     (model files; returns the metadata) and adds ``inputs.safetensors`` (the fMRI input weights:
     features projector, scan-token projector and standardisation),
-    ``probe.pt`` and ``fmri_lm.json``, and replaces ``target`` with the folder."""
+    ``probe.pt``, ``fmri_lm.json`` and the model card ``README.md``, and replaces ``target`` with the folder."""
     import deepspeed
     from safetensors.torch import save_file
+
+    from fmrilm.model_card import lm_card
 
     model = engine.module
     model.eval()
@@ -630,6 +632,11 @@ def write_export(engine, zero_stage: int, probe: dict, rank: int, target: str, w
             torch.save({"inputs": probe, "logits": logits}, os.path.join(d, "probe.pt"))
             with open(os.path.join(d, "fmri_lm.json"), "w") as f:
                 json.dump(meta, f, indent=1)
+            card = lm_card(meta, target)
+            for folder in (d, os.path.join(d, "adapter")):  # peft's own README.md is an empty template
+                if os.path.isdir(folder):
+                    with open(os.path.join(folder, "README.md"), "w") as f:
+                        f.write(card)
             storage.delete_dir(storage.resolve(target))
             _upload_tree(d, target)
 
@@ -765,6 +772,8 @@ def export_tokenizer(uri: str):
 def merge_adapter(uri: str, out: str) -> str:
     """Merge exported LoRA adapters into their base (``base+adapter`` or ``adapter`` layout) and write a ``full``
     export at ``out``; returns ``out``."""
+    from fmrilm.model_card import lm_card
+
     model, tok, meta = load_exported(uri, merged=True)
     if meta["layout"] == "full":
         raise BackboneError(f"{uri} is already a full model (layout 'full'); nothing to merge")
@@ -772,8 +781,11 @@ def merge_adapter(uri: str, out: str) -> str:
     with tempfile.TemporaryDirectory(prefix="fmrilm-merge-") as d:
         merged.save_pretrained(os.path.join(d, "full"))
         tok.save_pretrained(os.path.join(d, "full"))
+        meta = meta | {"layout": "full", "merged_from": uri}
         with open(os.path.join(d, "fmri_lm.json"), "w") as f:
-            json.dump(meta | {"layout": "full", "merged_from": uri}, f, indent=1)
+            json.dump(meta, f, indent=1)
+        with open(os.path.join(d, "README.md"), "w") as f:
+            f.write(lm_card(meta, out))
         for name in ("probe.pt", "inputs.safetensors"):
             src = storage.resolve(uri).join(name)
             if storage.exists(src):

@@ -27,8 +27,9 @@ from torch import nn
 from fmrilm import runtime, storage
 from fmrilm.config import Strict
 from fmrilm.data import splits
-from fmrilm.data.contract import input_contract
-from fmrilm.data.pipeline import PipelineSpec, dataset_versions, epoch_stream, scan_index, selected_datasets, torch_batches, train_datasets
+from fmrilm.data.contract import input_contract, signal_summary
+from fmrilm.data.pipeline import (PipelineSpec, dataset_versions, epoch_stream, sample_windows, scan_index, selected_datasets,
+                                  torch_batches, train_datasets)
 from fmrilm.models.alignment import AlignmentConfig, AlignmentHead, dann_coefficient
 from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig, r2_per_roi
 from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, check_shape, checkpoint_dir, checkpoint_name, cosine_schedule, fault_plan,
@@ -332,6 +333,7 @@ def run(spec: TokenizerStageSpec) -> dict:
     split_rec = training_split(spec, index, found)
     trained = set(index.loc[index["split"] == "train", "dataset"])
     contract = training_contract(spec, [m for _, m in found if m["dataset"] in trained] or [m for _, m in found])
+    contract["signal"] = signal_summary(sample_windows(spec.data, "train"))  # what a distribution shift is measured against
     has_val = bool(index.loc[index["split"] == "val", "n_windows"].sum())
     if not has_val:
         log.warning("no validation windows (no scan of the 'val' split is at least window=%d long): training without validation",
@@ -351,7 +353,7 @@ def run(spec: TokenizerStageSpec) -> dict:
     result = run_trainer(trainer, spec.run, split_rec["datasets"])
     if result.checkpoint is None:
         raise RuntimeError(f"run {spec.run.name} finished without a checkpoint")
-    uri = export(result.checkpoint, spec, split_rec, contract)
+    uri = export(result.checkpoint, spec, split_rec, contract, dict(result.metrics or {}))
     return {"metrics": dict(result.metrics or {}), "artifact": uri, "train_windows": rows}
 
 
@@ -366,9 +368,13 @@ def training_split(spec: TokenizerStageSpec, index, found) -> dict:
     return splits.record(spec.data.split, index, versions=dataset_versions(found))
 
 
-def export(checkpoint, spec: TokenizerStageSpec, split_rec: dict | None = None, contract: dict | None = None) -> str:
+def export(checkpoint, spec: TokenizerStageSpec, split_rec: dict | None = None, contract: dict | None = None,
+           metrics: dict | None = None) -> str:
     """Write the tokenizer artifact next to the run (``config.json`` carries the split record
-    ``split_rec`` and the input ``contract``); returns its URI."""
+    ``split_rec`` and the input ``contract``; ``README.md`` is its card, with the final validation
+    ``metrics``); returns its URI."""
+    from fmrilm.model_card import tokenizer_card, write_card
+
     from safetensors.torch import save
 
     state, meta = load_state(checkpoint)
@@ -379,12 +385,13 @@ def export(checkpoint, spec: TokenizerStageSpec, split_rec: dict | None = None, 
     storage.write_bytes(out.join("model.safetensors"), save(tensors))
     if objective.align is not None:
         storage.write_bytes(out.join("alignment.safetensors"), save({k: v.contiguous() for k, v in objective.align.state_dict().items()}))
-    storage.write_text(out.join("config.json"), json.dumps({
-        "model": spec.model.model_dump(), "alignment": spec.alignment.model_dump(), "text_dim": meta["text_dim"],
-        "data": {"window": spec.data.window, "stride": spec.data.stride, "normalise": spec.data.normalise, "target_tr": spec.data.target_tr},
-        "step": meta["step"], "run": spec.run.name, "split": split_rec, "contract": contract}, indent=1))
-    storage.write_text(out.join("codebook_stats.json"), json.dumps({**objective.tokenizer.quantizer.stats(),
-                                                                   "usage": objective.tokenizer.quantizer.usage.tolist()}))
+    cfg = {"model": spec.model.model_dump(), "alignment": spec.alignment.model_dump(), "text_dim": meta["text_dim"],
+           "data": {"window": spec.data.window, "stride": spec.data.stride, "normalise": spec.data.normalise, "target_tr": spec.data.target_tr},
+           "step": meta["step"], "run": spec.run.name, "split": split_rec, "contract": contract}
+    storage.write_text(out.join("config.json"), json.dumps(cfg, indent=1))
+    stats = objective.tokenizer.quantizer.stats()
+    storage.write_text(out.join("codebook_stats.json"), json.dumps({**stats, "usage": objective.tokenizer.quantizer.usage.tolist()}))
+    write_card(out.uri, tokenizer_card(cfg, stats, out.uri, metrics))
     return out.uri
 
 
