@@ -117,3 +117,19 @@ def test_not_4d_is_a_clear_error(tmp_path):
     nib.save(nib.Nifti1Image(np.ones(SHAPE, np.float32), np.diag([3.0, 3.0, 3.0, 1.0])), bad)
     with pytest.raises(IngestError, match="expected a 4D image"):
         ingest_card(card, str(tmp_path / "store"), use_ray=False)
+
+
+def test_mean_framewise_displacement_is_recorded_per_scan(tmp_path):
+    from fmrilm.data.readers import confounds_uri
+
+    assert confounds_uri("s3://b/sub-1/func/sub-1_task-rest_space-MNI_res-2_desc-preproc_bold.nii.gz") == \
+        "s3://b/sub-1/func/sub-1_task-rest_desc-confounds_timeseries.tsv"
+    card, _ = make_bids(tmp_path, confounds=True)
+    for tsv in (tmp_path / "fmriprep").rglob("*confounds_timeseries.tsv"):
+        lines = tsv.read_text().splitlines()
+        fd = ["framewise_displacement", "n/a"] + [f"{0.1 * (k % 3):.1f}" for k in range(len(lines) - 2)]
+        tsv.write_text("\n".join(f"{line}\t{v}" for line, v in zip(lines, fd)) + "\n")
+    ingest_card(card, str(tmp_path / "store"), use_ray=False)
+    _, rows = _stored(str(tmp_path / "store"))
+    expected = np.mean([0.1 * (k % 3) for k in range(T - 1)])
+    assert float(dict(rows["01"]["phenotypes"])["mean_fd"]) == pytest.approx(expected, rel=1e-4)

@@ -74,10 +74,35 @@ class PhenotypeCard(Strict):
 
     file: str
     subject_column: str = "participant_id"
-    columns: dict[Literal["age", "sex", "diagnosis", "site"], str] = {}
+    columns: dict[Literal["age", "sex", "diagnosis", "site", "mean_fd"], str] = Field(
+        {}, description="scan-table field -> column; mean_fd (head motion, mm) is kept in the phenotypes map")
     sex_values: dict[str, Literal["M", "F"]] = {"M": "M", "F": "F", "male": "M", "female": "F", "1": "M", "2": "F"}
     diagnosis_values: dict[str, str] | None = None
     extra: list[str] = Field([], description="further columns kept in the phenotypes map")
+
+
+ABIDE_PIPELINES = Literal["cpac", "ccs", "dparsf", "niak"]
+ABIDE_STRATEGIES = Literal["filt_global", "filt_noglobal", "nofilt_global", "nofilt_noglobal"]
+
+
+class AbidePcpCard(Strict):
+    """The ABIDE Preprocessed Connectomes layout: ``<root>/Outputs/<pipeline>/<strategy>/<derivative>/
+    <FILE_ID>_<derivative>.1D`` per scan (AFNI text, one row per time point, a ``#`` header of ROI
+    labels), keyed by the phenotype table's ``FILE_ID`` (``no_filename`` where a subject was not
+    preprocessed). The table lists no TR, so it comes from ``site_tr`` by the site column."""
+
+    pipeline: ABIDE_PIPELINES = "cpac"
+    strategy: ABIDE_STRATEGIES = "filt_noglobal"
+    derivative: str = Field("rois_cc200", pattern=r"^rois_[A-Za-z0-9]+$", description="ROI time series: rois_cc200, rois_aal, rois_ho...")
+    file_id_column: str = "FILE_ID"
+    site_tr: dict[str, float] = Field(description="site -> TR in seconds (the phenotype table's site column)")
+
+
+class MotionCard(Strict):
+    """Head-motion censoring at ingest, on each scan's mean framewise displacement (from the
+    phenotype table's ``mean_fd`` column or the fMRIPrep confounds)."""
+
+    max_mean_fd: float | None = Field(None, gt=0, description="mm; scans above it are left out and counted in the manifest")
 
 
 class StorageCard(Strict):
@@ -92,9 +117,9 @@ class DatasetCard(Strict):
     """Everything ingestion needs to turn one cohort's derivatives into a scan table."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    format: Literal["nifti", "arrays"]
+    format: Literal["nifti", "arrays", "abide_pcp"]
     root: str
-    glob: str
+    glob: str | None = Field(None, description="files below root (nifti, arrays); abide_pcp builds its paths")
     entity_pattern: str = BIDS_ENTITY_PATTERN
     site: str | None = None
     task: str | None = None
@@ -106,9 +131,17 @@ class DatasetCard(Strict):
     phenotypes: PhenotypeCard | None = None
     split: SplitPolicy = SplitPolicy()
     storage: StorageCard = StorageCard()
+    motion: MotionCard = MotionCard()
+    abide: AbidePcpCard | None = None
 
     @model_validator(mode="after")
     def _format_needs(self):
+        if self.format == "abide_pcp":
+            if self.abide is None or self.phenotypes is None:
+                raise ValueError("format 'abide_pcp' needs an abide section (pipeline, strategy, derivative, site_tr) and phenotypes")
+            return self
+        if not self.glob:
+            raise ValueError(f"format {self.format!r} needs glob (the files below root)")
         if self.format == "nifti" and not (self.atlas.labels_img or self.atlas.maps_img):
             raise ValueError("format 'nifti' needs atlas.labels_img or atlas.maps_img")
         if self.format == "arrays" and self.tr is None:

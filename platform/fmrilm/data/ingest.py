@@ -88,18 +88,22 @@ def extract(source: ScanSource, labels: list[str] | None) -> dict:
 def _extract_chunk(job: dict) -> dict:
     """Ray task body: extract a chunk of sources and write them as shards of one version."""
     dataset = storage.resolve(job["dataset_uri"])
-    rows, bad, digests, meta = [], [], {}, []
+    rows, bad, digests, meta, censored = [], [], {}, [], []
     for source in job["sources"]:
         try:
             row = extract(source, job["labels"])
         except InputError as err:
             bad.append({"scan_id": source.scan_id, "source": source.uri, "reason": str(err).removeprefix(f"{source.uri}: ")})
             continue
+        fd = (row["phenotypes"] or {}).get("mean_fd")
+        if job.get("max_mean_fd") is not None and fd is not None and float(fd) > job["max_mean_fd"]:
+            censored.append({"scan_id": source.scan_id, "mean_fd": float(fd)})
+            continue
         rows.append(row)
         digests[source.scan_id] = row_digest(row)
         meta.append(schema.meta_row(row))
     shards = table.write_sharded(rows, dataset, f"{job['version']}/part-{job['chunk']:05d}", job["shard_bytes"])
-    return {"shards": table.shard_dicts(shards), "bad": bad, "digests": digests, "meta": meta}
+    return {"shards": table.shard_dicts(shards), "bad": bad, "digests": digests, "meta": meta, "censored": censored}
 
 
 def _discard(version: storage.Location) -> None:
@@ -146,10 +150,13 @@ def ingest(
     use_ray: bool = True,
     extra: dict | None = None,
     replace: bool = False,
+    max_mean_fd: float | None = None,
 ) -> IngestResult:
     """Ingest ``sources`` (one dataset) into ``<out_uri>/<dataset>/``.
 
-    ``extra`` is merged into the manifest (e.g. ``roi_networks``, ``split``, ``source``).
+    ``extra`` is merged into the manifest (e.g. ``roi_networks``, ``split``, ``source``). With
+    ``max_mean_fd``, scans whose mean framewise displacement is above it are left out and
+    listed in the manifest's ``motion_report``.
     Returns the committed (or unchanged) manifest; raises IngestError on bad inputs unless
     ``quarantine``, :class:`fmrilm.data.table.ConcurrentCommit` when another writer committed
     first, and IngestError when fewer than half of the previous version's scans remain unless
@@ -178,7 +185,7 @@ def ingest(
     per_task = max(1, min(MAX_SOURCES_PER_TASK, len(todo) // 8 or 1))
     jobs = [
         {"sources": todo[i : i + per_task], "dataset_uri": dataset.uri, "version": version, "chunk": k,
-         "labels": labels, "shard_bytes": shard_bytes}
+         "labels": labels, "shard_bytes": shard_bytes, "max_mean_fd": max_mean_fd}
         for k, i in enumerate(range(0, len(todo), per_task))
     ]
     try:
@@ -201,6 +208,13 @@ def ingest(
     shards = [s for r in results for s in r["shards"]]
     digests = {k: v for r in results for k, v in r["digests"].items()}
     meta = [m for r in results for m in r["meta"]]
+    if max_mean_fd is not None:
+        censored = sorted((c for r in results for c in r["censored"]), key=lambda c: c["scan_id"])
+        with_fd = sum(1 for m in meta if dict(m["phenotypes"]).get("mean_fd") is not None) + len(censored)
+        extra = (extra or {}) | {"motion_report": {"max_mean_fd": max_mean_fd, "censored": len(censored), "censored_scans": censored,
+                                                   "scans_without_mean_fd": len(meta) + len(censored) - with_fd}}
+        if censored:
+            log.info("%s: %d scan(s) left out for mean FD above %g mm", name, len(censored), max_mean_fd)
     if not shards:
         _discard(dataset.join(version))
         raise IngestError(name, bad or [{"scan_id": None, "source": out_uri, "reason": "no scan could be ingested"}])
@@ -269,7 +283,8 @@ def ingest_card(card_uri: str, out_uri: str, *, quarantine: bool = False, overri
         extra["split_report"] = split_file_report(extra["split"]["assignments"], sources, card.split.file)
     if card.atlas.networks:
         extra["roi_networks"] = card.atlas.networks
-    return ingest(sources, out_uri, quarantine=quarantine, use_ray=use_ray, extra=extra, replace=replace)
+    return ingest(sources, out_uri, quarantine=quarantine, use_ray=use_ray, extra=extra, replace=replace,
+                  max_mean_fd=card.motion.max_mean_fd)
 
 
 KNOWN_SPLITS = ("train", "val", "test")

@@ -170,6 +170,16 @@ def load_phenotypes(card: DatasetCard) -> Phenotypes:
                 if value not in pc.sex_values:
                     problems.setdefault(sub, []).append(f"{where}: sex {value!r} is not in sex_values {sorted(pc.sex_values)}")
                 entry["sex"] = pc.sex_values.get(value)
+            elif target == "mean_fd":
+                try:
+                    fd = float(value)
+                except ValueError:
+                    problems.setdefault(sub, []).append(f"{where}: mean FD {value!r} is not a number")
+                    continue
+                if not (np.isfinite(fd) and fd >= 0):
+                    problems.setdefault(sub, []).append(f"{where}: mean FD {value} is not a displacement (mm >= 0)")
+                    continue
+                entry["phenotypes"]["mean_fd"] = f"{fd:.6g}"
             elif target == "diagnosis":
                 entry["diagnosis"] = pc.diagnosis_values.get(value, value) if pc.diagnosis_values else value
             else:
@@ -190,6 +200,8 @@ def discover(card: DatasetCard) -> tuple[list[ScanSource], dict]:
     table matched them (``rows``, ``matched_subjects``, ``unmatched_rows`` count and examples,
     ``scans_without_row``). Raises :class:`InputError` when the card has a phenotype table but
     no row matches any scan's subject (ids spelled differently)."""
+    if card.format == "abide_pcp":
+        return discover_abide(card)
     files = _list_files(card.root, card.glob)
     if not files:
         raise InputError(f"dataset card {card.name!r}: no file under {card.root} matches {card.glob!r}")
@@ -225,6 +237,69 @@ def discover(card: DatasetCard) -> tuple[list[ScanSource], dict]:
             problem="bad phenotype row: " + "; ".join(bad) if bad else None,
         ))
     return sources, phenotype_report(card, pheno, sources)
+
+
+NO_FILE = ("", "no_filename")
+
+
+def discover_abide(card: DatasetCard) -> tuple[list[ScanSource], dict]:
+    """The scans of an ABIDE Preprocessed Connectomes card (:class:`~fmrilm.data.cards.AbidePcpCard`):
+    one per phenotype row with a file id, its ``.1D`` file built from the layout, its TR from
+    ``abide.site_tr``. Rows without a file (``no_filename``) are counted in the report; a file
+    missing from the bucket, a site without a TR or a bad phenotype row makes that scan a bad
+    input. ROI labels come from the first file's header unless the card names them."""
+    a = card.abide
+    folder = storage.join(card.root, "Outputs", a.pipeline, a.strategy, a.derivative)
+    present = {os.path.basename(u) for u in _list_files(folder, f"*_{a.derivative}.1D")}
+    if not present:
+        raise InputError(f"dataset card {card.name!r}: no *_{a.derivative}.1D file under {folder} "
+                         "(check root, abide.pipeline, abide.strategy and abide.derivative)")
+    with_ids = card.model_copy(update={"phenotypes": card.phenotypes.model_copy(update={"extra": [*card.phenotypes.extra, a.file_id_column]})})
+    pheno = load_phenotypes(with_ids)
+    labels = atlas_labels(card)
+    sources, no_file = [], []
+    for subject in sorted(set(pheno.by_subject) | set(pheno.problems)):
+        p = pheno.by_subject.get(subject, {"phenotypes": {}})
+        file_id = p["phenotypes"].pop(a.file_id_column, "").strip()
+        if file_id in NO_FILE:
+            no_file.append(subject)
+            continue
+        name = f"{file_id}_{a.derivative}.1D"
+        site = p.get("site") or card.site
+        problems = list(pheno.problems.get(subject, []))
+        if name not in present:
+            problems.append(f"{name} is not in {folder} (listed in {card.phenotypes.file} as {a.file_id_column} {file_id!r})")
+        if site not in a.site_tr:
+            problems.append(f"no TR for site {site!r}: add it to abide.site_tr")
+        if labels is None and name in present:
+            labels = read_afni_1d(storage.join(folder, name))[1]
+        sources.append(ScanSource(
+            scan_id=make_scan_id(card.name, subject, None, card.task or "rest", None), subject_id=subject, dataset=card.name,
+            atlas=card.atlas.name, kind="array", uri=storage.join(folder, name), tr=a.site_tr.get(site), task=card.task or "rest",
+            site=site, age=p.get("age"), sex=p.get("sex"), diagnosis=p.get("diagnosis"), phenotypes=p["phenotypes"],
+            options={"labels": labels}, problem="; ".join(problems) or None))
+    for source in sources:  # the labels found after the first sources were made
+        source.options["labels"] = labels
+    report = phenotype_report(card, pheno, sources) | {"no_filename_rows": len(no_file), "no_filename_examples": no_file[:10]}
+    return sources, report
+
+
+def read_afni_1d(uri: str) -> tuple[np.ndarray, list[str] | None]:
+    """An AFNI ``.1D`` text file (one row per time point, whitespace-separated; ``#`` lines are
+    comments, the first holding the ROI labels as ``#label`` fields) -> ``([rois, time], labels)``."""
+    try:
+        text = storage.read_bytes(storage.resolve(uri)).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise InputError(f"{uri}: file does not exist") from None
+    header = next((line for line in text.splitlines() if line.startswith("#")), None)
+    labels = [t.lstrip("#") for t in header.split()] if header else None
+    try:
+        arr = np.loadtxt(io.StringIO(text), comments="#", ndmin=2)
+    except ValueError as err:
+        raise InputError(f"{uri}: unreadable .1D file ({err})") from None
+    if labels is not None and len(labels) != arr.shape[1]:
+        raise InputError(f"{uri}: its header names {len(labels)} ROIs but its rows have {arr.shape[1]} columns")
+    return arr.T, labels
 
 
 def phenotype_report(card: DatasetCard, pheno: Phenotypes, sources: list[ScanSource]) -> dict:
@@ -341,12 +416,39 @@ def read_nifti(source: ScanSource) -> tuple[np.ndarray, float]:
             masker = NiftiMapsMasker(maps_img=atlas_img, **kwargs)
         confounds = None
         if opts.get("confounds"):
+            tsv = confounds_uri(source.uri)
+            for part in (tsv, tsv[: -len(".tsv")] + ".json"):  # beside the local image, where nilearn looks
+                if storage.is_remote(part) and storage.exists(storage.resolve(part)):
+                    _local_copy(part, tmp)
             confounds = _fmriprep_confounds(img_path, opts["confounds"], source.uri)
+            fd = mean_framewise_displacement(os.path.join(os.path.dirname(img_path), os.path.basename(tsv)))
+            if fd is not None:
+                source.phenotypes = {**source.phenotypes, "mean_fd": f"{fd:.6g}"}
         try:
             ts = masker.fit_transform(img, confounds=confounds)
         except Exception as err:  # noqa: BLE001
             raise InputError(f"{source.uri}: ROI extraction failed ({type(err).__name__}: {err})") from err
     return np.asarray(ts, dtype=np.float64).T, tr
+
+
+def confounds_uri(image_uri: str) -> str:
+    """The fMRIPrep confounds table of a preprocessed BOLD image: the image's entities before
+    ``_space-``/``_desc-`` + ``_desc-confounds_timeseries.tsv``, in the same folder."""
+    folder, name = image_uri.rsplit("/", 1) if "/" in image_uri else (".", image_uri)
+    stem = re.split(r"_(?:space|desc|res)-", name, maxsplit=1)[0]
+    return f"{folder}/{stem}_desc-confounds_timeseries.tsv"
+
+
+def mean_framewise_displacement(tsv_path: str) -> float | None:
+    """Mean of the ``framewise_displacement`` column of an fMRIPrep confounds TSV (its first
+    row is n/a), or ``None`` when the file or column is missing."""
+    if not os.path.exists(tsv_path):
+        return None
+    table = pd.read_csv(tsv_path, sep="\t", na_values=["n/a"])
+    if "framewise_displacement" not in table.columns:
+        return None
+    fd = table["framewise_displacement"].dropna()
+    return float(fd.mean()) if len(fd) else None
 
 
 def _fmriprep_confounds(img_path: str, conf: dict, uri: str):
@@ -365,6 +467,12 @@ def read_timeseries(source: ScanSource) -> tuple[np.ndarray, float]:
         return read_nifti(source)
     if source.kind == "array":
         o = source.options
+        if source.uri.lower().endswith(".1d"):
+            ts, labels = read_afni_1d(source.uri)
+            if labels and o.get("labels") and labels != list(o["labels"]):
+                raise InputError(f"{source.uri}: the ROI labels of its header differ from the dataset's (e.g. {labels[:3]} vs "
+                                 f"{list(o['labels'])[:3]}): another atlas or derivative")
+            return ts, float(source.tr)
         return read_array(source.uri, o.get("layout", "time_by_rois"), o.get("mat_key"), o.get("header", False)), float(source.tr)
     if source.kind == "synth":
         from fmrilm.data import synth
