@@ -283,3 +283,32 @@ def test_linear_baseline_fits_one_scan_per_class():
     x = np.array([[0.0, 1.0], [1.0, 0.0]])
     pred, scores = linear_classifier(x, np.array(["M", "F"], dtype=object), np.array([[0.1, 0.9], [0.9, 0.1]]), ["M", "F"])
     assert pred.tolist() == ["M", "F"] and scores.shape == (2, 2)
+
+
+def test_deconfounding_removes_site_and_motion_fitted_on_training_scans_only():
+    from fmrilm.eval.baselines import confounds, deconfound
+
+    rng = np.random.default_rng(0)
+    sites_tr, sites_te = ["A", "B"] * 20, ["A", "B", "C"] * 4
+    fd_tr, fd_te = list(rng.uniform(0.05, 0.4, 40)), [None] + list(rng.uniform(0.05, 0.4, 11))
+    c_tr, c_te = confounds(sites_tr, fd_tr, sites_tr, fd_tr), confounds(sites_te, fd_te, sites_tr, fd_tr)
+    assert c_tr.shape == (40, 2) and c_te[2, 0] == 0 and c_te[0, 1] == pytest.approx(np.mean(fd_tr))  # unseen site C; missing FD at the mean
+    signal = rng.normal(size=(52, 3))
+    x = signal + 3.0 * np.vstack([c_tr, c_te])[:, :1] - 5.0 * np.vstack([c_tr, c_te])[:, 1:]  # every edge shifted by site and motion
+    r_tr, r_te = deconfound(x[:40], c_tr, x[40:], c_te)
+    design = np.column_stack([np.ones(40), c_tr])
+    assert np.abs(np.linalg.lstsq(design, r_tr - r_tr.mean(0), rcond=None)[0]).max() < 1e-9  # nothing of the confounds left
+    assert np.corrcoef(r_te[:, 0], signal[40:, 0])[0, 1] > 0.9
+    assert confounds(["A"], [None], ["A", "A"], [None, None]).shape == (1, 0)  # one site, no motion: nothing to regress
+
+
+def test_the_report_shows_results_by_site():
+    from fmrilm.eval.report import markdown
+
+    row = {"task": "sex", "group": "heldout_subjects", "paradigm": "full", "method": "fmrilm", "k": None, "n": 8, "failures": [],
+           "metrics": {"balanced_accuracy": 0.8}, "ci": {"balanced_accuracy": [0.6, 0.9]}}
+    report = {"pretrained": "p", "spec": {"model": "m"}, "groups": {"train": 10, "heldout_subjects": 8}, "results": [row],
+              "by_site": [{**row, "site": "NYU", "n": 5}, {**row, "site": "PITT", "n": 3, "metrics": {"balanced_accuracy": 0.7}}]}
+    md = markdown(report)
+    assert "## By site" in md and "| sex | heldout subjects | fmrilm | NYU | 5 | balanced_accuracy | 0.800 [0.600, 0.900] |" in md
+    assert "| PITT | 3 |" in md

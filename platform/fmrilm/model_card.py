@@ -15,7 +15,8 @@ from fmrilm import storage
 BUILTIN_LICENCE = "randomly initialised inside fmrilm (no pretrained weights, nothing licensed)"
 HEADLINE = {"classification": ("balanced_accuracy", "balanced accuracy"), "regression": ("mae", "MAE")}
 BASELINES = {"majority": "majority", "mean": "training mean", "fc_linear": "FC + linear (the prompt's time points)",
-             "fc_linear_whole_scan": "FC + linear (whole scan)", "descriptors_linear": "descriptors + linear"}
+             "fc_linear_whole_scan": "FC + linear (whole scan)", "descriptors_linear": "descriptors + linear",
+             "fc_linear_deconfounded": "FC + linear, site and motion regressed out"}
 
 
 def _contract_lines(contract: dict | None) -> list[str]:

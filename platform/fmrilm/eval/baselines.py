@@ -6,6 +6,9 @@
   by cross-validation on the training subjects only (nested inside the train/test split), on
   the time points the LM's prompt shows; ``fc_linear_whole_scan`` the same on the whole scan.
 * ``descriptors_linear``: the same models on the descriptor z-scores of ``fmrilm features``.
+* ``fc_linear_deconfounded``: ``fc_linear`` after regressing site (one-hot) and head motion
+  (mean framewise displacement) out of every FC edge, the regression fitted on the training
+  scans only (:func:`deconfound`); reported when the scans span several sites or record motion.
 * ``planted_pattern`` (synthetic cohorts): the generator's true effect pattern projected onto each scan's
   FC (:func:`fmrilm.data.synth.oracle_scores`), calibrated on the training scans by a
   one-feature logistic/linear fit on the whole scan. Not an upper bound: the generator's site
@@ -94,3 +97,27 @@ def oracle_scores(params: dict, fcs: np.ndarray) -> dict[str, np.ndarray]:
     from fmrilm.data.synth import SynthParams, oracle_scores as truth
 
     return truth(SynthParams(**params), fcs)
+
+
+def confounds(sites: list, mean_fd: list, train_sites: list, train_fd: list) -> np.ndarray:
+    """Confound matrix ``[scans, n_sites - 1 + 1]``: one-hot site (the training sites but the
+    first; an unseen site is all zeros) and mean FD (missing values at the training mean; left
+    out when no training scan records it)."""
+    levels = sorted({str(s) for s in train_sites})[1:]
+    cols = [[float(str(s) == level) for level in levels] for s in sites]
+    fd_train = np.asarray([np.nan if v is None else float(v) for v in train_fd], float)
+    if np.isfinite(fd_train).any():
+        fill = float(np.nanmean(fd_train))
+        for row, v in zip(cols, mean_fd):
+            row.append(fill if v is None or not np.isfinite(float(v)) else float(v))
+    return np.asarray(cols, float).reshape(len(sites), -1)
+
+
+def deconfound(x_train: np.ndarray, c_train: np.ndarray, x_test: np.ndarray, c_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``x [scans, features]`` with the confounds ``c [scans, confounds]`` regressed out
+    by least squares (with an intercept) fitted on the training scans only; returns
+    ``(train residuals, test residuals)``, the training mean added back."""
+    design = np.column_stack([np.ones(len(c_train)), c_train])
+    beta, *_ = np.linalg.lstsq(design, x_train, rcond=None)
+    mean = x_train.mean(0)
+    return x_train - design @ beta + mean, x_test - np.column_stack([np.ones(len(c_test)), c_test]) @ beta + mean

@@ -48,12 +48,15 @@ def table_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one group's table (see the module docstring)."""
     results = [r for r in report["results"] if r["group"] == group]
     header = ["task", "metric", "paradigm", "fmrilm", "majority/mean", "fc_linear", "fc_linear_whole_scan", "descriptors_linear", "planted_pattern"]
+    deconfounded = any(r["method"] == "fc_linear_deconfounded" for r in results)
+    header += ["fc_linear_deconfounded"] if deconfounded else []
     rows = []
     for task in dict.fromkeys(r["task"] for r in results):
         key = headline(task)
         base = {r["method"]: r for r in results if r["task"] == task and r["paradigm"] == "baseline"}
         cols = [_fmt(base.get("majority") or base.get("mean"), key, False), _fmt(base.get("fc_linear"), key),
                 _fmt(base.get("fc_linear_whole_scan"), key), _fmt(base.get("descriptors_linear"), key), _fmt(base.get("planted_pattern"), key)]
+        cols += [_fmt(base.get("fc_linear_deconfounded"), key)] if deconfounded else []
         lm = [r for r in results if r["task"] == task and r["method"] == "fmrilm"]
         for paradigm in ("zero_shot", "in_context", "kshot_lora", "full"):
             runs = [r for r in lm if r["paradigm"] == paradigm]
@@ -62,7 +65,7 @@ def table_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
                 cells = list(cols)
                 if paradigm == "kshot_lora":  # FC + linear fitted on the same k scans per class; no other baseline applies
                     few = [r for r in results if r["task"] == task and r["paradigm"] == paradigm and r["k"] == k and r["method"] == "fc_linear"]
-                    cells = [cols[0], _over_seeds(few, key) + " (same k scans)" if few else "-", "-", "-", "-"]
+                    cells = [cols[0], _over_seeds(few, key) + " (same k scans)" if few else "-"] + ["-"] * (len(cols) - 2)
                 rows.append([task, key, name, _over_seeds([r for r in runs if r["k"] == k], key), *cells])
         if not lm:
             rows.append([task, key, "(baselines only)", "-", *cols])
@@ -75,13 +78,24 @@ def markdown(report: dict) -> str:
              f"Pretrained export: `{report['pretrained']}`; instruct export: `{report['spec']['model']}`.",
              f"Scans: {report['groups']}. Headline metric: balanced accuracy (classification), MAE in years (age).",
              "Baselines are fitted on every training subject (on the same k scans per class in k-shot rows); `fc_linear` sees the same time points as the LM's prompt "
-             "(the whole scan when the model has the scan token, which summarises all of it), `fc_linear_whole_scan` the whole scan. 95 % bootstrap CIs over test scans (resampled within each class) in brackets.", ""]
+             "(the whole scan when the model has the scan token, which summarises all of it), `fc_linear_whole_scan` the whole scan, `fc_linear_deconfounded` (when shown) `fc_linear` with site and head motion regressed out of every edge on the training scans. 95 % bootstrap CIs over test scans (resampled within each class) in brackets.", ""]
     for group in report["groups"]:
         if group == "train":
             continue
         header, rows = table_rows(report, group)
         lines += [f"## {group.replace('_', ' ')}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines.append("")
+    if report.get("by_site"):
+        lines += ["## By site", "", "The full paradigm and the baselines scored within each site (same predictions; 95 % bootstrap CIs):", "",
+                  "| task | group | method | site | n | metric | value [95 % CI] |", "|---|---|---|---|---|---|---|"]
+        for r in report["by_site"]:
+            key = "mae" if "mae" in r["metrics"] else "balanced_accuracy"
+            lo, hi = (r.get("ci") or {}).get(key, (None, None))
+            ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and np.isfinite(lo) else ""
+            name = "fmrilm" if r["method"] == "fmrilm" else r["method"]
+            lines.append(f"| {r['task']} | {r['group'].replace('_', ' ')} | {name} | {r['site']} | {r['n']} | {key} | "
+                         f"{r['metrics'][key]:.3f}{ci} |")
         lines.append("")
     if report.get("input_warnings"):
         lines += ["## Input checks", "", "The tokenizer's input contract let these through (from `fmrilm tokenize`):", ""]

@@ -334,6 +334,7 @@ def run(spec: EvalSpec) -> dict:
         raise ValueError(f"eval needs training scans and held-out scans with tokens; found groups {meta['group'].value_counts().to_dict()}")
     labeller = fit_labeller(meta)
     results: list[dict] = []
+    by_site: list[dict] = []
     predictions: list[dict] = []
     models = {}
 
@@ -374,6 +375,13 @@ def run(spec: EvalSpec) -> dict:
                                                    None if task in REGRESSION else len(set(y)), y if task in REGRESSION else None)
             results.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
                             **res, **(extra or {})})
+            if paradigm in ("full", "baseline") and test["site"].nunique() > 1:  # the same predictions, scored within each site
+                sites = test["site"].astype(str).to_numpy()
+                for site in sorted(set(sites)):
+                    at = sites == site
+                    part = score(task, y[at], np.asarray(out["pred"], dtype=object if task not in REGRESSION else float)[at],
+                                 None if out.get("scores") is None else np.asarray(out["scores"])[at], classes, spec.bootstrap, spec.seed)
+                    by_site.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "site": site, **part})
             predictions.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
                                 "scan_id": list(test["scan_id"]), "true": [_plain(v) for v in y], "pred": [_plain(v) for v in out["pred"]]})
 
@@ -425,7 +433,7 @@ def run(spec: EvalSpec) -> dict:
     report = {"spec": spec.model_dump(mode="json"), "pretrained": pretrained, "results": results, "descriptions": bool(descriptions),
               "probes": probe_rows,
               "groups": {g: int((meta["group"] == g).sum()) for g in ("train", *groups)}, "classes": labeller.classes,
-              "age_cuts": labeller.age_cuts, "input_warnings": tokens_warnings(blocks.tokens_uri)}
+              "age_cuts": labeller.age_cuts, "input_warnings": tokens_warnings(blocks.tokens_uri), "by_site": by_site}
     where = storage.join(spec.run.storage, spec.run.name, "eval")
     report["files"] = write_report(report, predictions, where)
     update_card(spec.model or pretrained, report)
@@ -508,6 +516,13 @@ def baseline_predictions(task: str, train: pd.DataFrame, test: pd.DataFrame, lab
         d = descriptors.set_index("scan_id")
         if set(scans) <= set(d.index):
             features["descriptors_linear"] = {s: d.loc[s].to_numpy(float) for s in scans}
+    fd_tr, fd_te = mean_fd(tr), mean_fd(test)
+    if "fc_linear" in features and (tr["site"].nunique() > 1 or any(v is not None for v in fd_tr)):
+        c_tr = baselines.confounds(list(tr["site"]), fd_tr, list(tr["site"]), fd_tr)
+        c_te = baselines.confounds(list(test["site"]), fd_te, list(tr["site"]), fd_tr)
+        x_tr, x_te = baselines.deconfound(np.stack([features["fc_linear"][s] for s in tr["scan_id"]]), c_tr,
+                                          np.stack([features["fc_linear"][s] for s in test["scan_id"]]), c_te)
+        features["fc_linear_deconfounded"] = dict(zip(list(tr["scan_id"]) + list(test["scan_id"]), [*x_tr, *x_te]))
     for name, feats in features.items():
         x_tr = np.stack([feats[s] for s in tr["scan_id"]])
         x_te = np.stack([feats[s] for s in test["scan_id"]])
@@ -519,6 +534,15 @@ def baseline_predictions(task: str, train: pd.DataFrame, test: pd.DataFrame, lab
     planted = _planted_pattern(task, tr, y_tr, test, whole or fcs, spec, labeller)
     if planted is not None:
         out["planted_pattern"] = planted
+    return out
+
+
+def mean_fd(scans: pd.DataFrame) -> list[float | None]:
+    """Each scan's mean framewise displacement (mm) from its phenotypes map, ``None`` where unrecorded."""
+    out = []
+    for p in scans["phenotypes"] if "phenotypes" in scans else [None] * len(scans):
+        value = dict(p or []).get("mean_fd")
+        out.append(None if value is None else float(value))
     return out
 
 
