@@ -133,3 +133,42 @@ def test_mean_framewise_displacement_is_recorded_per_scan(tmp_path):
     _, rows = _stored(str(tmp_path / "store"))
     expected = np.mean([0.1 * (k % 3) for k in range(T - 1)])
     assert float(dict(rows["01"]["phenotypes"])["mean_fd"]) == pytest.approx(expected, rel=1e-4)
+
+
+def make_cifti(root, n=3, grayordinates=12, t=30, label_grayordinates=None):
+    """Dense time series (.dtseries.nii, TR 0.72 s) of ``n`` subjects and a 3-parcel .dlabel.nii."""
+    from nibabel.cifti2 import cifti2_axes as ax
+
+    models = ax.BrainModelAxis.from_mask(np.ones(grayordinates, bool), name="CortexLeft")
+    series = {}
+    for i in range(1, n + 1):
+        d = root / "hcp" / f"sub-{i:02d}" / "func"
+        d.mkdir(parents=True)
+        series[i] = np.random.default_rng(i).normal(size=(t, grayordinates)).astype(np.float32)
+        img = nib.Cifti2Image(series[i], header=(ax.SeriesAxis(start=0, step=0.72, size=t), models))
+        img.to_filename(str(d / f"sub-{i:02d}_task-rest_space-fsLR_den-91k_bold.dtseries.nii"))
+    g = label_grayordinates or grayordinates
+    keys = np.array([[1] * 4 + [2] * 4 + [3] * (g - 9) + [0]], np.float32)
+    table = {0: ("???", (0, 0, 0, 0)), 1: ("L_V1", (1, 0, 0, 1)), 2: ("L_MT", (0, 1, 0, 1)), 3: ("L_A1", (0, 0, 1, 1)), 4: ("L_unused", (1, 1, 1, 1))}
+    label_models = ax.BrainModelAxis.from_mask(np.ones(g, bool), name="CortexLeft")
+    nib.Cifti2Image(keys, header=(ax.LabelAxis(["parcels"], [table]), label_models)).to_filename(str(root / "parcels.dlabel.nii"))
+    card = {"name": "ciftitoy", "format": "cifti", "root": "hcp", "glob": "sub-*/func/*_bold.dtseries.nii",
+            "atlas": {"name": "toy-parcels", "dlabel": "parcels.dlabel.nii"}}
+    (root / "cifti.yaml").write_text(yaml.safe_dump(card))
+    return str(root / "cifti.yaml"), series, keys[0]
+
+
+def test_cifti_dense_time_series_are_parcellated_with_a_dlabel(tmp_path):
+    card, series, keys = make_cifti(tmp_path)
+    ingest_card(card, str(tmp_path / "store"), use_ray=False)
+    m, rows = _stored(str(tmp_path / "store"))
+    assert m["rows"] == 3 and m["n_rois"] == 3 and m["roi_labels"] == ["L_V1", "L_MT", "L_A1"] and m["tr"] == [0.72]
+    ts = np.array(rows["02"]["timeseries"]).reshape(3, 30)
+    for j, key in enumerate((1, 2, 3)):  # each ROI is the mean over its parcel's grayordinates
+        np.testing.assert_allclose(ts[j], series[2][:, keys == key].mean(1), rtol=1e-5)
+
+
+def test_a_dlabel_on_other_grayordinates_is_a_clear_error(tmp_path):
+    card, _, _ = make_cifti(tmp_path, label_grayordinates=14)
+    with pytest.raises(IngestError, match=r"its 12 grayordinates differ from those of .*parcels.dlabel.nii \(14\)"):
+        ingest_card(card, str(tmp_path / "store"), use_ray=False)

@@ -166,3 +166,33 @@ def test_the_abide_card_ingests_the_pcp_layout_from_a_public_bucket(tmp_path, lo
     censored = ingest_card(card, str(tmp_path / "store2"), overrides=[*overrides, "motion.max_mean_fd=0.2"], quarantine=True, use_ray=False)
     motion = censored.manifest["motion_report"]
     assert censored.manifest["rows"] == 2 and motion["censored"] == 1 and motion["censored_scans"][0]["mean_fd"] == 0.35
+
+
+def test_every_shipped_card_validates_and_public_ones_are_unsigned(monkeypatch):
+    from fmrilm.data.cards import load_card
+
+    monkeypatch.setenv(storage.BUCKETS_ENV, "{}")
+    folder = os.path.join(os.path.dirname(__file__), os.pardir, "datasets")
+    cards = {name: load_card(os.path.join(folder, name)) for name in sorted(os.listdir(folder)) if name.endswith(".yaml")}
+    assert {"abide_pcp_cc200.yaml", "openneuro_fmriprep.yaml", "hcp_cifti.yaml"} <= set(cards)
+    assert {c.format for c in cards.values()} == {"nifti", "cifti", "arrays", "abide_pcp"}
+    buckets = json.loads(os.environ[storage.BUCKETS_ENV])
+    assert {"fcp-indi", "openneuro-derivatives", "templateflow", "openneuro.org"} <= set(buckets)
+    assert "hcp-openaccess" not in buckets  # the user's own keys there
+
+
+def test_a_subject_named_by_a_folder_is_found_in_the_path(tmp_path):
+    """HCP-style layouts name the subject in a folder, not the file name."""
+    import numpy as np
+
+    from fmrilm.data.cards import DatasetCard
+    from fmrilm.data.readers import discover
+
+    for sub in ("100307", "100408"):
+        d = tmp_path / sub / "MNINonLinear" / "Results" / "rfMRI_REST1_LR"
+        d.mkdir(parents=True)
+        np.save(d / "series.npy", np.zeros((20, 3)))
+    card = DatasetCard(name="hcpish", format="arrays", root=str(tmp_path), glob="*/MNINonLinear/Results/*/series.npy", tr=0.72,
+                       entity_pattern=r"(?P<subject>[0-9]{6})/MNINonLinear/Results/rfMRI_(?P<task>REST)(?P<run>[12])_", atlas={"name": "x"})
+    sources, _ = discover(card)
+    assert [(s.subject_id, s.task, s.run, s.problem) for s in sources] == [("100307", "REST", "1", None), ("100408", "REST", "1", None)]

@@ -31,6 +31,7 @@ class AtlasCard(Strict):
     name: str
     labels_img: str | None = None
     maps_img: str | None = None
+    dlabel: str | None = Field(None, description="CIFTI dense label file (.dlabel.nii) parcellating .dtseries.nii grayordinates")
     labels: list[str] | None = None
     labels_file: str | None = Field(None, description="text file, one ROI label per line")
     networks: dict[str, str] | None = Field(None, description="ROI label -> network name")
@@ -117,10 +118,11 @@ class DatasetCard(Strict):
     """Everything ingestion needs to turn one cohort's derivatives into a scan table."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    format: Literal["nifti", "arrays", "abide_pcp"]
+    format: Literal["nifti", "cifti", "arrays", "abide_pcp"]
     root: str
     glob: str | None = Field(None, description="files below root (nifti, arrays); abide_pcp builds its paths")
-    entity_pattern: str = BIDS_ENTITY_PATTERN
+    entity_pattern: str = Field(BIDS_ENTITY_PATTERN, description="regex with named groups subject (required), session, task, run; "
+                                "matched against the file name, else its path below root")
     site: str | None = None
     task: str | None = None
     tr: float | None = Field(None, gt=0, description="seconds; NIfTI: read from the header when unset")
@@ -142,6 +144,8 @@ class DatasetCard(Strict):
             return self
         if not self.glob:
             raise ValueError(f"format {self.format!r} needs glob (the files below root)")
+        if self.format == "cifti" and not self.atlas.dlabel:
+            raise ValueError("format 'cifti' needs atlas.dlabel (a .dlabel.nii on the images' grayordinates)")
         if self.format == "nifti" and not (self.atlas.labels_img or self.atlas.maps_img):
             raise ValueError("format 'nifti' needs atlas.labels_img or atlas.maps_img")
         if self.format == "arrays" and self.tr is None:
@@ -160,11 +164,11 @@ def load_card(uri: str, overrides: list[str] | None = None) -> DatasetCard:
     card = config.load(DatasetCard, uri, overrides)
     base = uri.rsplit("/", 1)[0] if "/" in uri else "."
     card.root = _anchor(card.root, base)
-    for obj, attrs in ((card.atlas, ("labels_img", "maps_img", "labels_file")), (card.phenotypes, ("file",)), (card.split, ("file",))):
+    for obj, attrs in ((card.atlas, ("labels_img", "maps_img", "labels_file", "dlabel")), (card.phenotypes, ("file",)), (card.split, ("file",))):
         for attr in attrs if obj is not None else ():
             setattr(obj, attr, _anchor(getattr(obj, attr), base))
     if card.storage.anonymous or card.storage.endpoint:  # every s3:// location the card names, the same way
-        for where in (card.root, card.atlas.labels_img, card.atlas.maps_img, card.atlas.labels_file,
+        for where in (card.root, card.atlas.labels_img, card.atlas.maps_img, card.atlas.labels_file, card.atlas.dlabel,
                       card.phenotypes.file if card.phenotypes else None, card.split.file):
             if where:
                 storage.configure_bucket(where, card.storage.anonymous, card.storage.endpoint)

@@ -30,7 +30,7 @@ class InputError(UserError, ValueError):
 
 @dataclass
 class ScanSource:
-    """One scan to ingest. ``kind`` is ``nifti``, ``array`` or ``synth``; ``uri`` the input file."""
+    """One scan to ingest. ``kind`` is ``nifti``, ``cifti``, ``array`` or ``synth``; ``uri`` the input file."""
 
     scan_id: str
     subject_id: str
@@ -211,6 +211,8 @@ def discover(card: DatasetCard) -> tuple[list[ScanSource], dict]:
     sources = []
     for uri in files:
         m = entity_re.search(os.path.basename(uri))
+        if not m or not m.groupdict().get("subject"):  # layouts that name the subject in a folder (HCP: 100307/MNINonLinear/...)
+            m = entity_re.search(uri[len(card.root.rstrip("/")) + 1:])
         if not m or not m.groupdict().get("subject"):
             sources.append(ScanSource(scan_id=f"{card.name}_file-{os.path.basename(uri)}", subject_id="", dataset=card.name,
                                       atlas=card.atlas.name, kind="array", uri=uri,
@@ -224,14 +226,14 @@ def discover(card: DatasetCard) -> tuple[list[ScanSource], dict]:
         sources.append(ScanSource(
             scan_id=make_scan_id(card.name, subject, ent.get("session"), task, ent.get("run")),
             subject_id=subject, dataset=card.name, atlas=card.atlas.name,
-            kind="nifti" if card.format == "nifti" else "array", uri=uri, tr=card.tr,
+            kind=card.format if card.format in ("nifti", "cifti") else "array", uri=uri, tr=card.tr,
             session=ent.get("session"), run=ent.get("run"), task=task,
             site=p.get("site") or card.site, age=p.get("age"), sex=p.get("sex"),
             diagnosis=p.get("diagnosis"), phenotypes=p.get("phenotypes", {}),
             options={
                 "labels": labels, "layout": card.arrays.layout, "mat_key": card.arrays.mat_key,
                 "header": card.arrays.header, "labels_img": card.atlas.labels_img,
-                "maps_img": card.atlas.maps_img, "masker": card.masker.model_dump(),
+                "maps_img": card.atlas.maps_img, "dlabel": card.atlas.dlabel, "masker": card.masker.model_dump(),
                 "confounds": card.confounds.model_dump() if card.confounds else None,
             },
             problem="bad phenotype row: " + "; ".join(bad) if bad else None,
@@ -320,12 +322,16 @@ def phenotype_report(card: DatasetCard, pheno: Phenotypes, sources: list[ScanSou
 
 
 def atlas_labels(card: DatasetCard) -> list[str] | None:
-    """ROI labels from the card (inline list or a one-label-per-line file), else None."""
+    """ROI labels from the card (inline list, a one-label-per-line file, or the parcel names
+    of its CIFTI dlabel), else None."""
     if card.atlas.labels:
         return list(card.atlas.labels)
     if card.atlas.labels_file:
         text = storage.read_text(storage.resolve(card.atlas.labels_file))
         return [line.strip() for line in text.splitlines() if line.strip()]
+    if card.atlas.dlabel:
+        with tempfile.TemporaryDirectory() as tmp:
+            return [name for _, name in dlabel_parcels(_local_copy(card.atlas.dlabel, tmp), card.atlas.dlabel)[1]]
     return None
 
 
@@ -461,10 +467,57 @@ def _fmriprep_confounds(img_path: str, conf: dict, uri: str):
     return confounds
 
 
+def dlabel_parcels(path: str, uri: str):
+    """A CIFTI dense label file: ``(brain model axis, [(key, name)] of its parcels in key
+    order (key 0 / ``???``, the unlabelled, left out), labels [grayordinates])``."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+        label_axis, models = img.header.get_axis(0), img.header.get_axis(1)
+        table = label_axis.label[0]
+    except Exception as err:  # noqa: BLE001
+        raise InputError(f"{uri}: not a CIFTI dense label file (.dlabel.nii) ({type(err).__name__}: {err})") from err
+    keys = np.asarray(img.get_fdata()[0]).round().astype(int)
+    parcels = [(k, table[k][0]) for k in sorted(table) if k != 0 and table[k][0] != "???" and (keys == k).any()]
+    if not parcels:
+        raise InputError(f"{uri}: its label table names no parcel with grayordinates")
+    return models, parcels, keys
+
+
+def read_cifti(source: ScanSource) -> tuple[np.ndarray, float]:
+    """Parcellate a CIFTI dense time series (``.dtseries.nii``) with the card's ``.dlabel.nii``:
+    the mean over each parcel's grayordinates -> ``([rois, time], TR)``; the two files must
+    share their grayordinates (brain model axis)."""
+    import nibabel as nib
+
+    dlabel = source.options["dlabel"]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            img = nib.load(_local_copy(source.uri, tmp))
+            series, models = img.header.get_axis(0), img.header.get_axis(1)
+            data = np.asarray(img.get_fdata(), np.float64)  # [time, grayordinates]
+        except FileNotFoundError:
+            raise InputError(f"{source.uri}: file does not exist") from None
+        except Exception as err:  # noqa: BLE001
+            raise InputError(f"{source.uri}: not a CIFTI dense time series ({type(err).__name__}: {err})") from err
+        label_models, parcels, keys = dlabel_parcels(_local_copy(dlabel, tmp), dlabel)
+    if not hasattr(series, "step"):
+        raise InputError(f"{source.uri}: its first axis is not a time series (a .dtseries.nii has a series axis)")
+    if models != label_models:
+        raise InputError(f"{source.uri}: its {len(models)} grayordinates differ from those of {dlabel} ({len(label_models)}): "
+                         "use a dlabel defined on the same surface mesh and subcortical volume")
+    unit = {"SECOND": 1.0, "MSEC": 1e-3, "USEC": 1e-6}.get(str(series.unit).upper(), 1.0)
+    tr = source.tr or float(series.step) * unit
+    return np.stack([data[:, keys == k].mean(1) for k, _ in parcels]), tr
+
+
 def read_timeseries(source: ScanSource) -> tuple[np.ndarray, float]:
     """Read one source into (``[rois, time]`` float64 array, TR seconds)."""
     if source.kind == "nifti":
         return read_nifti(source)
+    if source.kind == "cifti":
+        return read_cifti(source)
     if source.kind == "array":
         o = source.options
         if source.uri.lower().endswith(".1d"):
