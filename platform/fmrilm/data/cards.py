@@ -122,7 +122,8 @@ class DatasetCard(Strict):
     root: str
     glob: str | None = Field(None, description="files below root (nifti, arrays); abide_pcp builds its paths")
     entity_pattern: str = Field(BIDS_ENTITY_PATTERN, description="regex with named groups subject (required), session, task, run; "
-                                "matched against the file name, else its path below root")
+                                "matched against the file name, else (a pattern of your own) its path below root; BIDS names carry "
+                                "every entity in the file name")
     site: str | None = None
     task: str | None = None
     tr: float | None = Field(None, gt=0, description="seconds; NIfTI: read from the header when unset")

@@ -20,7 +20,7 @@ import pandas as pd
 
 from fmrilm.errors import UserError
 from fmrilm import storage
-from fmrilm.data.cards import DatasetCard
+from fmrilm.data.cards import BIDS_ENTITY_PATTERN, DatasetCard
 from fmrilm.data.schema import AGE_RANGE
 
 
@@ -211,8 +211,8 @@ def discover(card: DatasetCard) -> tuple[list[ScanSource], dict]:
     sources = []
     for uri in files:
         m = entity_re.search(os.path.basename(uri))
-        if not m or not m.groupdict().get("subject"):  # layouts that name the subject in a folder (HCP: 100307/MNINonLinear/...)
-            m = entity_re.search(uri[len(card.root.rstrip("/")) + 1:])
+        if (not m or not m.groupdict().get("subject")) and card.entity_pattern != BIDS_ENTITY_PATTERN:
+            m = entity_re.search(uri[len(card.root.rstrip("/")) + 1:])  # a layout naming the subject in a folder (HCP: 100307/...)
         if not m or not m.groupdict().get("subject"):
             sources.append(ScanSource(scan_id=f"{card.name}_file-{os.path.basename(uri)}", subject_id="", dataset=card.name,
                                       atlas=card.atlas.name, kind="array", uri=uri,
