@@ -63,3 +63,13 @@ def test_a_distribution_shift_is_a_warning_naming_the_statistic():
     (warning,) = shift_warnings(c, rng.standard_normal((32, 5, 32)), "white", "T")  # no smoothing: lag-1 ~0
     assert warning.startswith("distribution shift: dataset 'white' has mean window lag1") and "bound 3" in warning
     assert shift_warnings(contract(), train, "x", "T") == []  # no signal summary recorded: nothing to compare
+
+
+def test_check_datasets_skips_models_without_a_contract_and_collects_warnings():
+    from fmrilm.data.contract import check_datasets
+
+    other = manifest("b", atlas="DK-4", labels=("x", "y", "z", "w"))
+    assert check_datasets(None, [other], "T") == []
+    assert len(check_datasets(contract(), [manifest("a"), other], "T", "position")) == 1
+    with pytest.raises(ContractError):
+        check_datasets(contract(), [manifest("a"), other], "T")

@@ -99,6 +99,15 @@ def check_dataset(contract: dict, manifest: dict, model: str, atlas_mapping: Atl
     return warnings
 
 
+def check_datasets(contract: dict | None, manifests: list[dict], model: str, atlas_mapping: AtlasMapping = "refuse",
+                   target_tr: float | None = None) -> list[str]:
+    """:func:`check_dataset` over ``manifests``; the warnings of all of them. A model without a
+    contract (older than contracts) is not checked."""
+    if contract is None:
+        return []
+    return [w for m in manifests for w in check_dataset(contract, m, model, atlas_mapping, target_tr)]
+
+
 def signal_stats(x: np.ndarray) -> dict[str, np.ndarray]:
     """Statistics of each window of normalised signal ``x [n, rois, time]``, each ``[n]``:
     ``spread`` (mean over ROIs of the std over time), ``lag1`` (mean over ROIs of the lag-1

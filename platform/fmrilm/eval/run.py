@@ -289,15 +289,13 @@ def check_contract(spec: EvalSpec, contract: dict | None, datasets: set[str], mo
     """Every evaluated dataset checked against the input contract the pretrained export ``model``
     carries from its tokenizer (:func:`fmrilm.data.contract.check_dataset`); exports older than
     contracts are not checked."""
-    from fmrilm.data.contract import check_dataset
+    from fmrilm.data.contract import check_datasets
     from fmrilm.data.table import find_datasets
 
-    if contract is None:
-        return
-    for _, manifest in find_datasets(spec.data):
-        if manifest["dataset"] in datasets:
-            for warning in check_dataset(contract, manifest, f"the pretrained export {model}", spec.atlas_mapping, contract.get("target_tr")):
-                log.warning(warning)
+    manifests = [m for _, m in find_datasets(spec.data) if m["dataset"] in datasets]
+    for warning in check_datasets(contract, manifests, f"the pretrained export {model}", spec.atlas_mapping,
+                                  (contract or {}).get("target_tr")):
+        log.warning(warning)
 
 
 def run(spec: EvalSpec) -> dict:

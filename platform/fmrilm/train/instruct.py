@@ -187,9 +187,10 @@ def check(spec: InstructSpec) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fmrilm.models.fmri_lm import sync_to_local
-    from fmrilm.train.lm import lora_targets
+    from fmrilm.train.lm import check_inputs, lora_targets
 
     meta = export_meta(spec.model)
+    check_inputs(meta.get("contract"), spec.data, spec.datasets, f"the export {spec.model}")
     root = root_export(spec.model)
     sub = "full" if export_meta(root)["layout"] == "full" else "base"
     local = sync_to_local(root) if storage.is_remote(root) else storage.resolve(root).path

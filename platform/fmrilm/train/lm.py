@@ -147,12 +147,28 @@ def lora_targets(lora: LoraSpec, model) -> list[str]:
     return targets
 
 
+def check_inputs(contract: dict | None, data: str, datasets: list[str] | None, model: str) -> None:
+    """The datasets an LM stage names (``datasets``; with none named, the tokens table decides what
+    it reads, and tokenize checked that) against the tokenizer's input contract: another ROI count
+    or an unseen TR raises; another ROI naming, let through by the tokens table's
+    ``atlas_mapping``, is logged."""
+    from fmrilm.data.contract import check_datasets
+    from fmrilm.data.table import find_datasets
+
+    if not datasets:
+        return
+    manifests = [m for _, m in find_datasets(data) if m["dataset"] in datasets]
+    for warning in check_datasets(contract, manifests, model, "position", (contract or {}).get("target_tr")):
+        log.warning(warning)
+
+
 def check(spec: PretrainSpec) -> dict:
     """Every check that can fail before a worker starts; returns the tokenizer artifact's config."""
     from fmrilm.tokenize import artifact_config
 
     locate_backbone(spec.backbone.source)
     cfg = artifact_config(spec.tokenizer)
+    check_inputs(cfg.get("contract"), spec.data, spec.datasets, f"tokenizer {spec.tokenizer}")
     k = cfg["model"]["num_codes"]
     if k > MAX_CODES:
         raise BackboneError(f"the tokenizer has {k} codes; the fMRI vocabulary allows at most {MAX_CODES}")
