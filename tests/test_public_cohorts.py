@@ -196,3 +196,30 @@ def test_a_subject_named_by_a_folder_is_found_in_the_path(tmp_path):
                        entity_pattern=r"(?P<subject>[0-9]{6})/MNINonLinear/Results/rfMRI_(?P<task>REST)(?P<run>[12])_", atlas={"name": "x"})
     sources, _ = discover(card)
     assert [(s.subject_id, s.task, s.run, s.problem) for s in sources] == [("100307", "REST", "1", None), ("100408", "REST", "1", None)]
+
+
+def test_fmriprep_derivatives_with_confounds_are_read_from_an_anonymous_bucket(tmp_path, local_s3, proxy, monkeypatch):
+    """The OpenNeuro route: BIDS fMRIPrep images, their confounds tables and the atlas on a public
+    bucket, read unsigned; the confounds are regressed and each scan's mean FD recorded."""
+    from tests.test_nifti import make_bids
+
+    monkeypatch.setenv(storage.BUCKETS_ENV, "{}")
+    src = tmp_path / "src"
+    src.mkdir()
+    card = yaml.safe_load(open(make_bids(src, confounds=True)[0]))
+    for tsv in (src / "fmriprep").rglob("*confounds_timeseries.tsv"):
+        lines = tsv.read_text().splitlines()
+        tsv.write_text("\n".join(f"{line}\t{v}" for line, v in zip(lines, ["framewise_displacement", "n/a"] + ["0.2"] * len(lines))) + "\n")
+    prefix = local_s3.uri("openneuro-copy")
+    _upload(src, prefix)
+    card |= {"root": f"{prefix}/fmriprep", "storage": {"anonymous": True, "endpoint": proxy.endpoint}}
+    card["atlas"]["labels_img"] = f"{prefix}/{card['atlas']['labels_img']}"
+    card["phenotypes"]["file"] = f"{prefix}/participants.tsv"
+    path = tmp_path / "openneuro.yaml"
+    path.write_text(yaml.safe_dump(card))
+    result = ingest_card(str(path), str(tmp_path / "store"), use_ray=False)
+    assert result.manifest["rows"] == 3 and [r for r in proxy.seen if r[2]] == []
+    from fmrilm.data import table
+
+    meta = table.read_meta(*table.find_datasets(str(tmp_path / "store"))[0]).to_pandas()
+    assert {dict(p)["mean_fd"] for p in meta["phenotypes"]} == {"0.2"}
