@@ -188,7 +188,7 @@ def _note(stage: str, result) -> str:
     if stage == "eval":
         return f"report {result['files']['report.md']}"
     m = result.get("metrics", {})
-    keys = {"tokenizer": ("val/r2", "val/used_fraction"), "pretrain": ("loss/fmri_text", "loss/fmri_fmri", "loss/text_text"),
+    keys = {"tokenizer": ("val/r2", "val/fc_preservation", "val/used_fraction"), "pretrain": ("loss/fmri_text", "loss/fmri_fmri", "loss/text_text"),
             "instruct": tuple(k for k in m if k.startswith("loss"))}[stage]
     return ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m) + f" (step {m.get('step')})"
 
