@@ -96,7 +96,7 @@ def check_contract(data: PipelineSpec, cfg: dict, uri: str) -> list[str]:
     dataset's windows is compared with the training signal). Returns the
     warnings (also logged): what a mapping let through, distribution shifts. Artifacts older
     than contracts are read with a warning."""
-    from fmrilm.data.contract import check_dataset, shift_warnings
+    from fmrilm.data.contract import check_datasets, shift_warnings
     from fmrilm.data.pipeline import sample_windows, selected_datasets
 
     contract = cfg.get("contract")
@@ -104,7 +104,7 @@ def check_contract(data: PipelineSpec, cfg: dict, uri: str) -> list[str]:
         warnings = [f"tokenizer {uri} records no input contract (trained before contracts were written): atlas and TR unchecked"]
     else:
         found = selected_datasets(data)
-        warnings = [w for _, m in found for w in check_dataset(contract, m, f"tokenizer {uri}", data.atlas_mapping, data.target_tr)]
+        warnings = check_datasets(contract, [m for _, m in found], f"tokenizer {uri}", data.atlas_mapping, data.target_tr)
         if contract.get("signal"):
             for _, m in found:
                 sample = sample_windows(data.model_copy(update={"datasets": [m["dataset"]]}), None)
