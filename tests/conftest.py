@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-# Loopback-only Ray and gloo, no token auth, no usage stats (../shared/STACK_NOTES.md).
+# Loopback-only Ray and gloo, no token auth, no usage stats: tests never listen beyond 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ["RAY_AUTH_MODE"] = "disabled"
