@@ -118,7 +118,7 @@ def data_ingest(
     overrides: Optional[List[str]] = typer.Argument(None, help="card overrides key.path=value"),
     ray: bool = typer.Option(True, "--ray/--no-ray"),
 ) -> None:
-    """Ingest a cohort described by a dataset card (NIfTI derivatives or ROI arrays)."""
+    """Ingest a cohort described by a dataset card (NIfTI or CIFTI derivatives, ROI arrays, ABIDE Preprocessed)."""
     from fmrilm.data.ingest import ingest_card
 
     _report_ingest([_guard(ingest_card, card, out_uri, quarantine=quarantine, overrides=overrides or [], use_ray=ray, replace=replace)])

@@ -267,8 +267,9 @@ def ingest(
 
 def ingest_card(card_uri: str, out_uri: str, *, quarantine: bool = False, overrides: list[str] | None = None, use_ray: bool = True,
                 replace: bool = False) -> IngestResult:
-    """Ingest the cohort a dataset card describes (NIfTI derivatives or per-scan arrays); the
-    manifest records how its phenotype table matched the scans (``phenotype_report``)."""
+    """Ingest the cohort a dataset card describes (NIfTI or CIFTI derivatives, per-scan arrays,
+    the ABIDE Preprocessed layout); the manifest records how its phenotype table matched the
+    scans (``phenotype_report``) and, with ``motion.max_mean_fd``, the scans left out for motion."""
     from fmrilm.data.cards import load_card
     from fmrilm.data.readers import discover
 
