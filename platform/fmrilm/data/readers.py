@@ -1,4 +1,6 @@
-"""Readers: turn one input (a 4D NIfTI, an array file, a synthetic subject) into ``[rois, time]``.
+"""Readers: turn one input (a 4D NIfTI, a CIFTI dense time series, an array or AFNI ``.1D`` file,
+a synthetic subject) into ``[rois, time]``; discovery of a card's scans, ABIDE Preprocessed
+included.
 
 A :class:`ScanSource` describes one scan before it is read: where it is, how to read it, and the
 row metadata (ids, site, phenotypes) it will carry. ``sources_from_card`` discovers the sources
