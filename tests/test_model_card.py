@@ -49,4 +49,4 @@ def test_a_tokenizer_card_has_its_codebook_contract_and_validation_figures():
            "split": SPLIT, "contract": CONTRACT}
     card = tokenizer_card(cfg, {"used_fraction": 0.5, "perplexity": 40.0}, "/t", {"val/r2": 0.31, "loss": 1.0})
     assert "50% of codes used, perplexity 40.0" in card and "| r2 | 0.310 |" in card and "| loss" not in card
-    assert "atlas `AAL2-94`" in card and 'load_artifact("/t")' in card
+    assert "atlas `AAL2-94`" in card and 'load_tokenizer("/t")' in card

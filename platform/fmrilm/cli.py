@@ -386,7 +386,7 @@ def tokenizer_eval(
 ) -> None:
     """Held-out reconstruction R^2, code usage/perplexity and domain accuracy of a tokenizer."""
     from fmrilm.data.pipeline import PipelineSpec
-    from fmrilm.tokenize import evaluate
+    from fmrilm.eval.tokenizer import evaluate
 
     policy = {"method": "file", "file": split_file} if split_file else None
     spec = _guard(PipelineSpec, data=data, datasets=datasets or None, split=policy, atlas_mapping=atlas_mapping)

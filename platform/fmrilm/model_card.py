@@ -157,8 +157,8 @@ def tokenizer_card(cfg: dict, stats: dict, where: str, metrics: dict | None = No
         lines += ["| metric | value |", "|---|---|", *(f"| {k.removeprefix('val/')} | {v:.3f} |" for k, v in sorted(shown.items()))]
     else:
         lines.append("No validation subjects in this run; `fmrilm tokenizer eval` reports them.")
-    lines += ["", "## Loading", "", "```python", "from fmrilm.train.tokenizer import load_artifact",
-              f'model, config = load_artifact("{where}")  # model.tokenize_with_features(x [batch, rois, time])', "```"]
+    lines += ["", "## Loading", "", "```python", "from fmrilm.artifacts.tokenizer import load_tokenizer",
+              f'model, config = load_tokenizer("{where}")  # model.tokenize_with_features(x [batch, rois, time])', "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,7 @@ def _tokenizer():
 
 
 def _tokenize():
-    from fmrilm.tokenize import TokenizeSpec, run
+    from fmrilm.tokens import TokenizeSpec, run
 
     return TokenizeSpec, run
 

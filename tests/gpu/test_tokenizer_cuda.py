@@ -20,7 +20,8 @@ def test_tokenizer_stage_on_gpu(gpu_ray, tmp_path, precision, checkpointing):
     from fmrilm.models.fmri_lm import load_backbone
     from fmrilm.models.tokenizer import TokenizerConfig
     from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
-    from fmrilm.train.tokenizer import ComputeSpec, TokenizerStageSpec, load_artifact, run
+    from fmrilm.artifacts.tokenizer import load_tokenizer
+    from fmrilm.train.tokenizer import ComputeSpec, TokenizerStageSpec, run
 
     data = str(tmp_path / "datasets")
     ingest_synthetic(SynthParams(name="gpu", subjects=24, n_rois=16, n_networks=4, n_timepoints=128, seed=1), data)
@@ -39,5 +40,5 @@ def test_tokenizer_stage_on_gpu(gpu_ray, tmp_path, precision, checkpointing):
     m = out["metrics"]
     print(f"tokenizer on GPU ({precision}, checkpointing {checkpointing}): val R2 {m['val/r2']:.3f}, used {m['val/used_fraction']:.2f}, {m['samples_per_s']:.0f} windows/s")
     assert m["val/r2"] > 0.1 and m["val/used_fraction"] > 0.1
-    model, _ = load_artifact(out["artifact"])
+    model, _ = load_tokenizer(out["artifact"])
     assert model.cfg.num_codes == 64

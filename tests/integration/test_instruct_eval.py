@@ -26,8 +26,8 @@ def pretrained(ray_cluster, tmp_path_factory):
     """Two tiny synthetic datasets (one held out), captions, tokenizer, tokens, a pretrained LM."""
     from fmrilm.features.job import FeaturesSpec
     from fmrilm.features.job import run as features
-    from fmrilm.tokenize import TokenizeSpec
-    from fmrilm.tokenize import run as tokenize
+    from fmrilm.tokens import TokenizeSpec
+    from fmrilm.tokens import run as tokenize
     from fmrilm.train.lm import BackboneSpec, PretrainSpec
     from fmrilm.train.lm import run as pretrain
     from fmrilm.train.tokenizer import TokenizerStageSpec

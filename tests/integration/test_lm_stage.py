@@ -27,8 +27,8 @@ def lm_inputs(ray_cluster, tmp_path_factory):
     from fmrilm.features.job import FeaturesSpec
     from fmrilm.features.job import run as features
     from fmrilm.models.alignment import AlignmentConfig
-    from fmrilm.tokenize import TokenizeSpec
-    from fmrilm.tokenize import run as tokenize
+    from fmrilm.tokens import TokenizeSpec
+    from fmrilm.tokens import run as tokenize
     from fmrilm.train.tokenizer import TokenizerStageSpec
     from fmrilm.train.tokenizer import run as train_tokenizer
 

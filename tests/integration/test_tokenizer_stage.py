@@ -11,7 +11,8 @@ from fmrilm.data.pipeline import PipelineSpec
 from fmrilm.data.synth import SynthParams
 from fmrilm.models.tokenizer import TokenizerConfig
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
-from fmrilm.train.tokenizer import TokenizerStageSpec, load_artifact, run
+from fmrilm.artifacts.tokenizer import load_tokenizer
+from fmrilm.train.tokenizer import TokenizerStageSpec, run
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +50,7 @@ def test_two_workers_fault_then_resume_at_the_checkpoint(stage_data, monkeypatch
     assert m["step"] > 6 and "val/r2" in m and "val/domain_acc" in m and 0 <= m["val/used_fraction"] <= 1
     assert -1 <= m["val/fc_preservation"] <= 1 and m["val/fc_preservation"] != 0  # whole-scan FC of the decoded signal vs the input
     assert "domain_loss" in m and m["codebook/num_codes"] == 32
-    model, cfg = load_artifact(result["artifact"])
+    model, cfg = load_tokenizer(result["artifact"])
     assert cfg["step"] == m["step"] and model.quantizer.num_codes == 32
     for f in ("config.json", "model.safetensors", "alignment.safetensors", "codebook_stats.json"):
         assert (stage_data / "runs" / "resume" / "tokenizer" / f).exists()
@@ -57,8 +58,8 @@ def test_two_workers_fault_then_resume_at_the_checkpoint(stage_data, monkeypatch
 
 
 def test_tokenize_is_deterministic(stage_data):
-    from fmrilm.tokenize import TokenizeSpec, read_tokens
-    from fmrilm.tokenize import run as tokenize
+    from fmrilm.tokens import TokenizeSpec, read_tokens
+    from fmrilm.tokens import run as tokenize
 
     artifact = str(stage_data / "runs" / "resume" / "tokenizer")
     if not os.path.exists(artifact):

@@ -1,6 +1,6 @@
 """``fmrilm bench tokenizer``: the Ray Train tokenizer stage (1 worker) vs a plain PyTorch loop.
 
-Same model (:class:`TokenizerObjective`, same seed, alignment branch on), same windows, same batch
+Same model (:class:`~fmrilm.models.tokenizer_objective.TokenizerObjective`, same seed, alignment branch on), same windows, same batch
 size and number of steps, same torch thread count, in one run. Ours: ``train.tokenizer.run`` with
 one Ray Train worker streaming its shard from Ray Data; its in-loop samples/s covers everything
 between steps (waiting for data included) except validation and checkpoints, from step 4 on.
@@ -18,10 +18,12 @@ import torch
 
 from fmrilm.bench.common import machine
 from fmrilm.data.pipeline import PipelineSpec, build_windows, torch_batches
+from fmrilm.features.text_bank import text_inputs
 from fmrilm.models.alignment import dann_coefficient
 from fmrilm.models.tokenizer import TokenizerConfig
+from fmrilm.models.tokenizer_objective import TokenizerObjective
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule
-from fmrilm.train.tokenizer import TokenizerObjective, TokenizerStageSpec, optimizer_step, run, text_inputs
+from fmrilm.train.tokenizer import TokenizerStageSpec, optimizer_step, run
 
 TARGET = 0.95
 WARM_STEPS = 3  # excluded from both sides, as in the training loop
@@ -86,7 +88,7 @@ def run_benchmark(subjects: int = 48, rois: int = 100, timepoints: int = 256, ep
         runtime.init_ray()
         ds, n_windows = build_windows(spec.data, "train")
         batches = list(torch_batches(ds, batch_size))
-        text_tokens, _ = text_inputs(spec)
+        text_tokens, _ = text_inputs(spec.alignment, spec.data)
         text_tokens = torch.from_numpy(text_tokens) if text_tokens is not None else None
         ours, base = [], []
         for r in range(repeats):

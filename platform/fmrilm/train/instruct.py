@@ -100,15 +100,16 @@ class ScanBlocks:
     has the scan token."""
 
     def __init__(self, model_uri: str, data: str, datasets: list[str] | None, tokens_uri: str | None = None):
-        from fmrilm.tokenize import artifact_config, tokens_for
-        from fmrilm.train.lm import scan_codes, scan_vectors
+        from fmrilm.artifacts.tokenizer import read_config
+        from fmrilm.tokens import scan_codes, tokens_for
+        from fmrilm.train.lm import scan_vectors
 
         meta = export_meta(root_export(model_uri))
         self.vocab = meta["vocab"]
         self.features = meta.get("input_mode") == "features"
         self.scan_token, self.scan_dim = bool(meta.get("scan_dim")), meta.get("scan_dim")
         tokens, self.tokens_uri = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features or self.scan_token)
-        self.tokenizer_cfg = artifact_config(meta["tokenizer"])
+        self.tokenizer_cfg = read_config(meta["tokenizer"])
         self.codes, self.feats = scan_codes(tokens, self.tokenizer_cfg["data"]["window"])
         self.vectors = scan_vectors(self.feats) if self.scan_token else {}
 

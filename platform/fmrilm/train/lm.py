@@ -164,10 +164,10 @@ def check_inputs(contract: dict | None, data: str, datasets: list[str] | None, m
 
 def check(spec: PretrainSpec) -> dict:
     """Every check that can fail before a worker starts; returns the tokenizer artifact's config."""
-    from fmrilm.tokenize import artifact_config
+    from fmrilm.artifacts.tokenizer import read_config
 
     locate_backbone(spec.backbone.source)
-    cfg = artifact_config(spec.tokenizer)
+    cfg = read_config(spec.tokenizer)
     check_inputs(cfg.get("contract"), spec.data, spec.datasets, f"tokenizer {spec.tokenizer}")
     k = cfg["model"]["num_codes"]
     if k > MAX_CODES:
@@ -181,26 +181,6 @@ def check(spec: PretrainSpec) -> dict:
 
 
 # ---------------------------------------------------------------- driver side: sequences
-
-
-def scan_codes(tokens, window: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per scan, the codes of consecutive non-overlapping windows joined along time,
-    ``scan_id -> [rois, steps]`` (code indices), and, when the tokens table has them, the encoder
-    features the same way, ``scan_id -> [rois, steps, width]``."""
-    has_feats = "features" in tokens.columns
-    codes, feats = {}, {}
-    for scan_id, group in tokens.sort_values(["scan_id", "start"]).groupby("scan_id", sort=False):
-        blocks, fblocks, end = [], [], -1
-        for row in group.itertuples(index=False):
-            if row.start >= end:
-                blocks.append(np.asarray(row.codes).reshape(row.n_rois, row.n_patches))
-                if has_feats:
-                    fblocks.append(np.asarray(row.features, np.float32).reshape(row.n_rois, row.n_patches, -1))
-                end = row.start + window
-        codes[scan_id] = np.concatenate(blocks, axis=1)
-        if has_feats:
-            feats[scan_id] = np.concatenate(fblocks, axis=1)
-    return codes, feats
 
 
 def build_examples(codes: dict[str, np.ndarray], captions: dict[str, list[str]], tokenizer, vocab, seq_len: int,
@@ -272,7 +252,7 @@ def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
     of scan vectors (``scan_scale``: ``(mean, std)``)."""
     from fmrilm.features.job import read_captions
     from fmrilm.models.scan_token import standardiser
-    from fmrilm.tokenize import tokens_for
+    from fmrilm.tokens import scan_codes, tokens_for
 
     tokens, tokens_uri = tokens_for(spec.tokenizer, spec.tokens, need_features=spec.input_mode == "features" or spec.scan_token)
     split, record = training_split(spec, art_cfg)
@@ -700,10 +680,10 @@ def run(spec: PretrainSpec) -> dict:
 
 
 def code_pairs(spec: PretrainSpec, policy: SplitPolicy | None = None):
-    """Pairs for the codebook -> LM embedding map (:func:`fmrilm.tokenize.codebook_pairs`) on the
+    """Pairs for the codebook -> LM embedding map (:func:`fmrilm.tokens.codebook_pairs`) on the
     training windows (split by ``policy``), or ``None`` with the reason logged."""
     from fmrilm.data.pipeline import PipelineSpec
-    from fmrilm.tokenize import codebook_pairs
+    from fmrilm.tokens import codebook_pairs
 
     pairs = codebook_pairs(spec.tokenizer, PipelineSpec(data=spec.data, datasets=spec.datasets, split=policy))
     if pairs is None:

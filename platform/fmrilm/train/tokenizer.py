@@ -2,41 +2,40 @@
 
 The driver prepares the window datasets (train/val splits by subject, padded so every rank gets
 the same batches), the frozen text embeddings (token bank + per-scan caption embeddings), and
-runs a ``TorchTrainer``. Each worker builds :class:`TokenizerObjective` (tokenizer + alignment
-head, one DDP module: the gradient-reversal branch runs inside the same forward), resumes from
+runs a ``TorchTrainer``. Each worker builds :class:`~fmrilm.models.tokenizer_objective.TokenizerObjective`
+(tokenizer + alignment head, one DDP module), validates with
+:func:`fmrilm.eval.tokenizer.window_metrics`, resumes from
 ``ray.train.get_checkpoint()`` when the run already has one, and reports metrics every
 ``log_every`` steps and a checkpoint every ``checkpoint_every`` steps on every rank alike.
-The exported artifact (``<storage>/<run>/tokenizer/``) holds ``config.json``,
-``model.safetensors`` (+ ``alignment.safetensors``) and ``codebook_stats.json``.
+The exported artifact (``<storage>/<run>/tokenizer/``) is written by :mod:`fmrilm.artifacts.tokenizer`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from typing import Literal
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from pydantic import Field, model_validator
-from torch import nn
 
-from fmrilm import runtime, storage
+from fmrilm import runtime
+from fmrilm.artifacts import tokenizer as artifact
 from fmrilm.config import Strict
 from fmrilm.data import splits
 from fmrilm.data.contract import input_contract, signal_summary
 from fmrilm.data.pipeline import (PipelineSpec, dataset_versions, epoch_stream, sample_windows, scan_index, selected_datasets,
-                                  torch_batches, train_datasets)
-from fmrilm.models.alignment import AlignmentConfig, AlignmentHead, dann_coefficient
-from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig, r2_per_roi
+                                  train_datasets)
+from fmrilm.eval.tokenizer import window_metrics
+from fmrilm.features.text_bank import text_inputs
+from fmrilm.models.alignment import AlignmentConfig, dann_coefficient
+from fmrilm.models.tokenizer import TokenizerConfig
+from fmrilm.models.tokenizer_objective import TokenizerObjective
 from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, check_shape, checkpoint_dir, checkpoint_name, cosine_schedule, fault_plan,
                                  inject_fault, load_state, resume, run_config, run_trainer, save_state, shape_of, worker_spec)
 
 log = logging.getLogger("fmrilm.tokenizer")
-ARTIFACT = "tokenizer"
 
 
 class ComputeSpec(Strict):
@@ -69,99 +68,7 @@ class TokenizerStageSpec(Strict):
         return self
 
 
-class TokenizerObjective(nn.Module):
-    """Tokenizer + alignment head with one forward that returns every loss term and metric."""
-
-    def __init__(self, cfg: TokenizerConfig, align: AlignmentConfig, text_dim: int):
-        super().__init__()
-        self.tokenizer = FMRITokenizer(cfg)
-        self.align = AlignmentHead(cfg.width, text_dim, align) if align.enabled else None
-        self.align_cfg = align
-
-    def forward(self, x, valid, coef: float = 0.0, text_tokens=None, caption_emb=None, caption_mask=None, groups=None) -> dict:
-        out = self.tokenizer(x)
-        w = valid.float()
-        n = w.sum().clamp_min(1)
-        mse = (((out.recon - x) ** 2).mean(dim=(1, 2)) * w).sum() / n
-        loss = mse + out.quant.commitment_loss + self.tokenizer.cfg.spectrum_weight * out.spectrum_loss
-        terms = {"recon_mse": mse.detach(), "commitment": out.quant.commitment_loss.detach(), "spectrum": out.spectrum_loss.detach()}
-        if self.align is not None and self.align_cfg.domain_weight > 0 and text_tokens is not None:
-            dom, acc = self.align.domain_loss(out.features, text_tokens, coef, valid)
-            loss = loss + self.align_cfg.domain_weight * dom
-            terms |= {"domain_loss": dom.detach(), "domain_acc": acc.detach()}
-        if self.align is not None and self.align_cfg.contrastive_weight > 0 and caption_emb is not None:
-            con = self.align.contrastive_loss(out.features, caption_emb, groups, caption_mask & valid)
-            loss = loss + self.align_cfg.contrastive_weight * con
-            terms["contrastive_loss"] = con.detach()
-        r2 = r2_per_roi(x, out.recon).mean(dim=1)
-        terms |= {"r2": ((r2 * w).sum() / n).detach(), "perplexity": out.quant.perplexity.detach(),
-                  "used_fraction": out.quant.used_fraction.detach(), "restarted": torch.tensor(float(out.quant.restarted))}
-        return {"loss": loss, "terms": terms, "codes": out.codes}
-
-
 # ---------------------------------------------------------------- worker side
-
-
-def _sum_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Sums over ranks; the tensor lives on ``device`` (NCCL reduces only CUDA tensors)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
-
-
-@torch.no_grad()
-def validate(objective: TokenizerObjective, shard, batch_size: int, text_tokens) -> dict[str, float]:
-    """Held-out metrics over a (rank's) validation shard, summed across ranks: R^2 (mean over
-    windows x ROIs), MSE, code perplexity/usage, domain-classifier accuracy, and FC preservation
-    (per scan, the Pearson r between the upper triangles of the input's and the decoded signal's
-    FC over the scan's windows stitched together; mean over scans)."""
-    from fmrilm.features.connectivity import fc_preservation, stitch
-
-    objective.eval()
-    tok = objective.tokenizer
-    device = next(objective.parameters()).device
-    sums = {"r2": 0.0, "mse": 0.0, "n": 0.0, "dom_correct": 0.0, "dom_n": 0.0, "fc_r": 0.0, "fc_n": 0.0}
-    counts = torch.zeros(tok.cfg.num_codes, dtype=torch.float64, device=device)
-    scans: dict[str, list] = {}  # scan -> [(start, input window, decoded window)] for whole-scan FC
-    for batch in torch_batches(shard, batch_size):
-        x, valid = batch["x"].to(device), batch["valid"].to(device)
-        if not valid.any():
-            continue
-        keep = valid.cpu().numpy()
-        x = x[valid]
-        out = tok(x)
-        for sid, start, xi, ri in zip(np.asarray(batch["scan_id"])[keep], np.asarray(batch["start"])[keep], x.cpu().numpy(),
-                                      out.recon.cpu().numpy()):
-            scans.setdefault(str(sid), []).append((int(start), xi, ri))
-        r2 = r2_per_roi(x, out.recon)
-        sums["r2"] += float(r2.sum())
-        sums["mse"] += float(((out.recon - x) ** 2).mean(-1).sum())
-        sums["n"] += r2.numel()
-        counts += torch.bincount(out.codes.flatten(), minlength=tok.cfg.num_codes).double()
-        if objective.align is not None and text_tokens is not None:
-            _, acc = objective.align.domain_loss(out.features, text_tokens, 0.0)
-            k = min(objective.align_cfg.tokens_per_step, out.features.shape[0] * out.features.shape[1], text_tokens.shape[0])
-            sums["dom_correct"] += float(acc) * 2 * k
-            sums["dom_n"] += 2 * k
-    for windows in scans.values():  # the windows this rank holds of each scan, stitched
-        sums["fc_r"] += fc_preservation(stitch([(s, xi) for s, xi, _ in windows]), stitch([(s, ri) for s, _, ri in windows]))
-        sums["fc_n"] += 1
-    sums = _sum_across_ranks(sums, device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
-    objective.train()
-    p = counts / counts.sum().clamp_min(1)
-    out = {"val/r2": sums["r2"] / max(sums["n"], 1), "val/mse": sums["mse"] / max(sums["n"], 1),
-           "val/perplexity": float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())),
-           "val/used_fraction": float((counts > 0).double().mean())}
-    if sums["dom_n"]:
-        out["val/domain_acc"] = sums["dom_correct"] / sums["dom_n"]
-    if sums["fc_n"]:
-        out["val/fc_preservation"] = sums["fc_r"] / sums["fc_n"]
-    return out
 
 
 def optimizer_step(model, opt, sched, batch: dict, coef: float, text_tokens, captions: dict, text_dim: int,
@@ -240,7 +147,7 @@ def train_loop(config: dict) -> None:
                               "torch_threads": torch.get_num_threads()}
         checkpoint_now = final or step % spec.train.checkpoint_every == 0
         if checkpoint_now and val_shard is not None:
-            metrics |= validate(objective, val_shard, spec.train.batch_size, text_tokens)
+            metrics |= window_metrics(objective, val_shard, spec.train.batch_size, text_tokens)
         metrics |= {f"codebook/{k}": v for k, v in objective.tokenizer.quantizer.stats().items() if isinstance(v, (int, float))}
         metrics_log.log(metrics, step)
         running.clear()
@@ -285,29 +192,6 @@ def train_loop(config: dict) -> None:
 # ---------------------------------------------------------------- driver side
 
 
-def text_inputs(spec: TokenizerStageSpec, scans: set[str] | None = None) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
-    """The frozen text side: token-embedding bank and per-scan caption embeddings, from the
-    captions of ``scans`` (the training scans; None: every scan)."""
-    from fmrilm.models.text import FALLBACK_CORPUS, embed_texts
-
-    if not spec.alignment.enabled:
-        return None, {}
-    from fmrilm.features.job import read_captions
-
-    captions = {scan: texts[0] for scan, texts in read_captions(spec.data.data, spec.data.datasets).items()
-                if scans is None or scan in scans}
-    if spec.alignment.contrastive_weight > 0 and not captions:
-        raise ValueError("alignment.contrastive_weight > 0 needs captions: run `fmrilm features build` on these datasets first")
-    texts = sorted(set(captions.values()))[:2000] or FALLBACK_CORPUS
-    tokens, _ = embed_texts(texts, spec.alignment.text_source)
-    caption_emb = {}
-    if spec.alignment.contrastive_weight > 0:
-        ids = sorted(captions)
-        _, sentences = embed_texts([captions[i] for i in ids], spec.alignment.text_source)
-        caption_emb = dict(zip(ids, sentences))
-    return tokens, caption_emb
-
-
 def check(spec: TokenizerStageSpec) -> None:
     """Checks before any worker starts: the datasets the spec reads exist and share an atlas."""
     found = selected_datasets(spec.data)
@@ -339,7 +223,7 @@ def run(spec: TokenizerStageSpec) -> dict:
         log.warning("no validation windows (no scan of the 'val' split is at least window=%d long): training without validation",
                     spec.data.window)
     prepared = train_datasets(spec.data, world, ("train", "val") if has_val else ("train",))
-    text_tokens, caption_emb = text_inputs(spec, set(index.loc[index["split"] == "train", "scan_id"]))
+    text_tokens, caption_emb = text_inputs(spec.alignment, spec.data, set(index.loc[index["split"] == "train", "scan_id"]))
     rows = prepared["sizes"]["train"]
     config = {"spec": worker_spec(spec), "text_tokens": text_tokens, "captions": caption_emb,
               "rows_per_rank": math.ceil(rows / world), "has_val": "val" in prepared["datasets"],
@@ -370,37 +254,13 @@ def training_split(spec: TokenizerStageSpec, index, found) -> dict:
 
 def export(checkpoint, spec: TokenizerStageSpec, split_rec: dict | None = None, contract: dict | None = None,
            metrics: dict | None = None) -> str:
-    """Write the tokenizer artifact next to the run (``config.json`` carries the split record
-    ``split_rec`` and the input ``contract``; ``README.md`` is its card, with the final validation
-    ``metrics``); returns its URI."""
-    from fmrilm.model_card import tokenizer_card, write_card
-
-    from safetensors.torch import save
-
+    """Write the tokenizer artifact (:mod:`fmrilm.artifacts.tokenizer`) of the run's final
+    ``checkpoint``, recording the split record ``split_rec``, the input ``contract`` and the final
+    validation ``metrics``; returns its URI."""
     state, meta = load_state(checkpoint)
     objective = TokenizerObjective(spec.model, spec.alignment, meta["text_dim"])
     objective.load_state_dict(state["model"])
-    out = storage.resolve(storage.join(spec.run.storage, spec.run.name, ARTIFACT))
-    tensors = {k: v.contiguous() for k, v in objective.tokenizer.state_dict().items()}
-    storage.write_bytes(out.join("model.safetensors"), save(tensors))
-    if objective.align is not None:
-        storage.write_bytes(out.join("alignment.safetensors"), save({k: v.contiguous() for k, v in objective.align.state_dict().items()}))
     cfg = {"model": spec.model.model_dump(), "alignment": spec.alignment.model_dump(), "text_dim": meta["text_dim"],
            "data": {"window": spec.data.window, "stride": spec.data.stride, "normalise": spec.data.normalise, "target_tr": spec.data.target_tr},
            "step": meta["step"], "run": spec.run.name, "split": split_rec, "contract": contract}
-    storage.write_text(out.join("config.json"), json.dumps(cfg, indent=1))
-    stats = objective.tokenizer.quantizer.stats()
-    storage.write_text(out.join("codebook_stats.json"), json.dumps({**stats, "usage": objective.tokenizer.quantizer.usage.tolist()}))
-    write_card(out.uri, tokenizer_card(cfg, stats, out.uri, metrics))
-    return out.uri
-
-
-def load_artifact(uri: str) -> tuple[FMRITokenizer, dict]:
-    """A trained tokenizer (eval mode) and its config from an artifact folder URI."""
-    from safetensors.torch import load
-
-    loc = storage.resolve(uri)
-    cfg = json.loads(storage.read_text(loc.join("config.json")))
-    model = FMRITokenizer(TokenizerConfig(**cfg["model"]))
-    model.load_state_dict(load(storage.read_bytes(loc.join("model.safetensors"))))
-    return model.eval(), cfg
+    return artifact.write(artifact.location(spec.run.storage, spec.run.name), objective, cfg, metrics)

@@ -1,4 +1,5 @@
-"""``fmrilm tokenize SPEC``: scans -> ``tokens`` table (code ids per window) with a trained tokenizer.
+"""``fmrilm tokenize SPEC``: scans -> ``tokens`` table (code ids per window) with a trained tokenizer,
+and the readers of that table.
 
 A Ray Data map over the window stream, with the tokenizer loaded once per worker (an actor
 pool). Rows: ``scan_id``, ``subject_id``, ``start`` (window start, timepoints), ``n_rois``,
@@ -18,10 +19,12 @@ import numpy as np
 from pydantic import Field
 
 from fmrilm import runtime, storage
+from fmrilm.artifacts import tokenizer as artifact
 from fmrilm.config import Strict
 from fmrilm.data.pipeline import PipelineSpec, build_windows
+from fmrilm.errors import UserError
 
-log = logging.getLogger("fmrilm.tokenize")
+log = logging.getLogger("fmrilm.tokens")
 
 
 class TokenizeSpec(Strict):
@@ -42,13 +45,11 @@ class TokenizeSpec(Strict):
 class TokenizeBatch:
     """Ray Data callable class: loads the tokenizer once, maps window batches to code ids."""
 
-    def __init__(self, artifact: str, features: bool = False):
+    def __init__(self, artifact_uri: str, features: bool = False):
         import torch
 
-        from fmrilm.train.tokenizer import load_artifact
-
         torch.set_num_threads(1)
-        self.model, self.cfg = load_artifact(artifact)
+        self.model, self.cfg = artifact.load_tokenizer(artifact_uri)
         self.features = features
 
     def __call__(self, batch: dict):
@@ -73,65 +74,24 @@ class TokenizeBatch:
         })
 
 
-def artifact_config(uri: str) -> dict:
-    """``config.json`` of a tokenizer artifact, or a clear error when there is none."""
-    try:
-        return json.loads(storage.read_text(storage.resolve(uri).join("config.json")))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no tokenizer artifact at {uri} (config.json missing): train one with `fmrilm run jobs/tokenizer.yaml`") from None
-
-
-def with_artifact_windows(data: PipelineSpec, cfg: dict) -> PipelineSpec:
-    """``data`` windowed, normalised and resampled the way the artifact was trained, split by the
-    policy it was trained with unless ``data`` names one."""
-    from fmrilm.data.splits import inherited
-
-    return data.model_copy(update={**{k: cfg["data"][k] for k in ("window", "stride", "normalise", "target_tr")},
-                                   "split": inherited(data.split, cfg.get("split"))})
-
-
-def check_contract(data: PipelineSpec, cfg: dict, uri: str) -> list[str]:
-    """Every dataset ``data`` selects checked against the input contract of the artifact at
-    ``uri`` (:mod:`fmrilm.data.contract`: atlas, ROI labels and TR raise; then a sample of each
-    dataset's windows is compared with the training signal). Returns the
-    warnings (also logged): what a mapping let through, distribution shifts. Artifacts older
-    than contracts are read with a warning."""
-    from fmrilm.data.contract import check_datasets, shift_warnings
-    from fmrilm.data.pipeline import sample_windows, selected_datasets
-
-    contract = cfg.get("contract")
-    if contract is None:
-        warnings = [f"tokenizer {uri} records no input contract (trained before contracts were written): atlas and TR unchecked"]
-    else:
-        found = selected_datasets(data)
-        warnings = check_datasets(contract, [m for _, m in found], f"tokenizer {uri}", data.atlas_mapping, data.target_tr)
-        if contract.get("signal"):
-            for _, m in found:
-                sample = sample_windows(data.model_copy(update={"datasets": [m["dataset"]]}), None)
-                warnings += shift_warnings(contract, sample, m["dataset"], f"tokenizer {uri}")
-    for w in warnings:
-        log.warning(w)
-    return warnings
-
-
 def run(spec: TokenizeSpec) -> dict:
     """Tokenize every window of the selected datasets; returns the table URI and counts."""
     from ray.data import ActorPoolStrategy
 
-    artifact = storage.resolve(spec.tokenizer)
-    cfg = artifact_config(spec.tokenizer)
-    data = with_artifact_windows(spec.data, cfg) if spec.use_window_from_artifact else spec.data
+    loc = storage.resolve(spec.tokenizer)
+    cfg = artifact.read_config(spec.tokenizer)
+    data = artifact.windows_like(spec.data, cfg) if spec.use_window_from_artifact else spec.data
     runtime.init_ray()
-    warnings = check_contract(data, cfg, artifact.uri)
+    warnings = artifact.check_inputs(data, cfg, loc.uri)
     ds, n = build_windows(data, None)
-    out = storage.resolve(spec.out or storage.join(spec.tokenizer.rstrip("/").rsplit("/", 1)[0], "tokens"))
+    out = storage.resolve(spec.out or artifact.tokens_location(spec.tokenizer))
     storage.delete_dir(out)  # a re-run replaces the table
     ds = ds.select_columns(["x", "scan_id", "subject_id", "start"]).map_batches(
-        TokenizeBatch, fn_constructor_kwargs={"artifact": artifact.uri, "features": spec.features}, batch_size=spec.batch_size,
+        TokenizeBatch, fn_constructor_kwargs={"artifact_uri": loc.uri, "features": spec.features}, batch_size=spec.batch_size,
         compute=ActorPoolStrategy(size=spec.workers), num_cpus=1, batch_format="numpy",
         runtime_env={"env_vars": runtime.forwarded_env()})  # the actors read the artifact from this process's storage
     ds.write_parquet(out.path, filesystem=out.fs)
-    summary = {"tokens": out.uri, "windows": n, "artifact": artifact.uri, "window": data.window, "stride": data.stride,
+    summary = {"tokens": out.uri, "windows": n, "artifact": loc.uri, "window": data.window, "stride": data.stride,
                "num_codes": cfg["model"]["num_codes"], "features": spec.features, "width": cfg["model"]["width"], "input_warnings": warnings}
     if spec.probes:
         summary["probes"] = held_out_probes(out.uri, data, cfg["data"]["window"])
@@ -148,7 +108,6 @@ def held_out_probes(tokens_uri: str, data: PipelineSpec, window: int, splits: tu
     from fmrilm.data.pipeline import scan_index
     from fmrilm.eval.probes import code_agreement, cv_probe
     from fmrilm.models.scan_token import scan_vector
-    from fmrilm.train.lm import scan_codes
 
     index = scan_index(data)
     held = index[index["split"].isin(splits)]
@@ -183,69 +142,43 @@ def read_tokens(uri: str):
     return t.to_pandas().sort_values(["scan_id", "start"]).reset_index(drop=True)
 
 
+class TokensMissing(UserError, FileNotFoundError):
+    """No tokens table where a stage looks for one."""
+
+
 def tokens_for(tokenizer_uri: str, tokens_uri: str | None = None, need_features: bool = False):
     """``(tokens table, its URI)`` of a tokenizer artifact: ``tokens_uri`` or the ``tokens`` folder
     beside the artifact (where ``fmrilm tokenize`` writes it); clear errors when it is missing or
     lacks the encoder features the scan token and the features input mode need."""
-    uri = tokens_uri or storage.join(tokenizer_uri.rstrip("/").rsplit("/", 1)[0], "tokens")
+    uri = tokens_uri or artifact.tokens_location(tokenizer_uri)
     try:
         tokens = read_tokens(uri)
     except (FileNotFoundError, OSError) as err:
-        raise FileNotFoundError(f"no tokens table at {uri}: run `fmrilm tokenize jobs/tokenize.yaml` first ({err})") from None
+        raise TokensMissing(f"no tokens table at {uri}: run `fmrilm tokenize jobs/tokenize.yaml` first ({err})") from None
     if need_features and "features" not in tokens.columns:
-        raise ValueError(f"the scan token and the features input mode need encoder features in the tokens table {uri}: "
+        raise UserError(f"the scan token and the features input mode need encoder features in the tokens table {uri}: "
                          "re-run `fmrilm tokenize jobs/tokenize.yaml features=true`")
     return tokens, uri
 
 
-def evaluate(uri: str, data: PipelineSpec, split: str | None = None, batch_size: int = 64) -> dict:
-    """Held-out metrics of a tokenizer artifact on the windows of ``split`` (None: every scan):
-    reconstruction R^2 (mean over windows x ROIs) and MSE, code perplexity and used fraction, FC
-    preservation (whole-scan FC of the decoded signal vs the input's, stitched windows), and, when
-    the artifact has its alignment head, the domain classifier's accuracy (fMRI vs text tokens;
-    0.5 means the two are indistinguishable)."""
-    import torch
-
-    from fmrilm.data.pipeline import scan_index
-    from fmrilm.data.splits import check_unseen, subject_keys
-    from fmrilm.train.tokenizer import text_inputs, validate
-
-    cfg = artifact_config(uri)
-    data = with_artifact_windows(data, cfg)
-    runtime.init_ray()
-    warnings = check_contract(data, cfg, uri)
-    if split not in (None, "train"):
-        check_unseen(subject_keys(scan_index(data), (split,)), cfg.get("split"), f"scored as held-out split {split!r}", uri)
-    objective, stage = load_objective(uri, data)
-    has_head = objective.align is not None
-    text_tokens = text_inputs(stage)[0] if has_head else None
-    ds, n = build_windows(data, split)
-    if n == 0:
-        raise ValueError(f"no windows to evaluate in split {split!r} of {data.data} (datasets {data.datasets or 'all'})")
-    metrics = validate(objective, ds, batch_size, torch.from_numpy(text_tokens) if text_tokens is not None else None)
-    return {k.removeprefix("val/"): v for k, v in metrics.items()} | {"windows": n, "split": split, "num_codes": stage.model.num_codes,
-                                                                      "input_warnings": warnings}
-
-
-def load_objective(uri: str, data: PipelineSpec | None = None):
-    """The artifact's tokenizer with its alignment head (when it has one), eval mode, and the stage
-    spec it implies: ``(TokenizerObjective, TokenizerStageSpec)``."""
-    from safetensors.torch import load
-
-    from fmrilm.models.alignment import AlignmentConfig
-    from fmrilm.models.tokenizer import TokenizerConfig
-    from fmrilm.train.tokenizer import TokenizerObjective, TokenizerStageSpec
-
-    cfg = artifact_config(uri)
-    loc = storage.resolve(uri)
-    has_head = storage.exists(loc.join("alignment.safetensors"))
-    align = AlignmentConfig(**cfg["alignment"]) if has_head else AlignmentConfig(domain_weight=0, contrastive_weight=0)
-    stage = TokenizerStageSpec(data=data or with_artifact_windows(PipelineSpec(), cfg), model=TokenizerConfig(**cfg["model"]), alignment=align)
-    objective = TokenizerObjective(stage.model, align, cfg["text_dim"])
-    objective.tokenizer.load_state_dict(load(storage.read_bytes(loc.join("model.safetensors"))))
-    if has_head:
-        objective.align.load_state_dict(load(storage.read_bytes(loc.join("alignment.safetensors"))))
-    return objective.eval(), stage
+def scan_codes(tokens, window: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per scan of a tokens table (pandas), the codes of consecutive non-overlapping windows
+    joined along time, ``scan_id -> [rois, steps]`` (code indices), and, when the table has them,
+    the encoder features the same way, ``scan_id -> [rois, steps, width]``."""
+    has_feats = "features" in tokens.columns
+    codes, feats = {}, {}
+    for scan_id, group in tokens.sort_values(["scan_id", "start"]).groupby("scan_id", sort=False):
+        blocks, fblocks, end = [], [], -1
+        for row in group.itertuples(index=False):
+            if row.start >= end:
+                blocks.append(np.asarray(row.codes).reshape(row.n_rois, row.n_patches))
+                if has_feats:
+                    fblocks.append(np.asarray(row.features, np.float32).reshape(row.n_rois, row.n_patches, -1))
+                end = row.start + window
+        codes[scan_id] = np.concatenate(blocks, axis=1)
+        if has_feats:
+            feats[scan_id] = np.concatenate(fblocks, axis=1)
+    return codes, feats
 
 
 def codebook_pairs(uri: str, data: PipelineSpec, max_windows: int = 256):
@@ -256,8 +189,8 @@ def codebook_pairs(uri: str, data: PipelineSpec, max_windows: int = 256):
     import torch
     import torch.nn.functional as F
 
-    data = with_artifact_windows(data, artifact_config(uri))
-    objective, _ = load_objective(uri, data)
+    objective, cfg = artifact.load_objective(uri)
+    data = artifact.windows_like(data, cfg)
     if objective.align is None:
         return None
     runtime.init_ray()

@@ -1,0 +1,41 @@
+"""The package's layering, read from the source (no imports run): module names never shadow the
+standard library, and the layers that load trained artifacts (artifacts/, eval/, tokens.py, the
+models) import nothing from train/."""
+
+import ast
+import pathlib
+import sys
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "platform" / "fmrilm"
+# Modules that still import training code; this list may only shrink (the LM side of the
+# artifacts layer is not built yet).
+STILL_IMPORTING_TRAIN = {"eval/run.py"}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    """Every absolute module name a file imports, at any depth (lazy imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_no_module_shadows_the_standard_library():
+    # the package folder lands on sys.path when a module in it runs as a script: `tokenize.py`
+    # there replaced the stdlib's tokenize (imported by inspect, linecache, ...)
+    shadowing = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                       if p.stem in sys.stdlib_module_names and p.parent == PACKAGE)
+    assert shadowing == []
+
+
+def test_artifact_readers_import_nothing_from_train():
+    readers = [*PACKAGE.glob("artifacts/*.py"), *PACKAGE.glob("eval/*.py"), *PACKAGE.glob("models/*.py"),
+               *PACKAGE.glob("features/*.py"), *PACKAGE.glob("data/*.py"), PACKAGE / "tokens.py"]
+    offenders = {str(p.relative_to(PACKAGE)): sorted(n for n in _imports(p) if n == "fmrilm.train" or n.startswith("fmrilm.train."))
+                 for p in readers}
+    offenders = {k: v for k, v in offenders.items() if v}
+    assert set(offenders) <= STILL_IMPORTING_TRAIN, offenders
+    assert len(readers) > 20
