@@ -15,7 +15,7 @@ from fmrilm.eval.scoring import calibrated_choices, score_choices
 from fmrilm.models.fmri_lm import FMRIInputLM, add_fmri_vocab, init_code_embeddings, load_backbone
 from fmrilm.models.scan_token import scan_vector, standardiser
 from fmrilm.models.tokenizer import FMRITokenizer, TokenizerConfig
-from fmrilm.train.lm import forward_loss
+from fmrilm.models.fmri_lm import forward_loss
 
 CHOICES = [" Male", " Female"]
 QUESTION = "What is the sex of this participant?"

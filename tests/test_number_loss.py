@@ -47,7 +47,7 @@ def test_the_loss_is_ordinal_and_zero_when_right():
 def test_forward_loss_adds_the_number_part():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fmrilm.train.lm import forward_loss
+    from fmrilm.models.fmri_lm import forward_loss
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=16, n_layer=1, n_head=2, n_positions=8)).eval()

@@ -11,7 +11,8 @@ import torch
 from fmrilm.bench.lm import synthetic_packed
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
 from fmrilm.train.deepspeed import DeepSpeedSpec, build_config
-from fmrilm.train.lm import BackboneSpec, PretrainSpec, _collate, build_model, forward_loss
+from fmrilm.models.fmri_lm import forward_loss
+from fmrilm.train.lm import BackboneSpec, PretrainSpec, _collate, build_model
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 SPEC = PretrainSpec(backbone=BackboneSpec(source="tiny-gpt2", tiny_width=768, tiny_layers=12), seq_len=1024,

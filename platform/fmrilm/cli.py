@@ -427,7 +427,7 @@ def lm_merge(
     dest: str = typer.Argument(..., help="where to write the merged full model"),
 ) -> None:
     """Merge a LoRA adapter into its base and write a plain Hugging Face folder."""
-    from fmrilm.train.lm import merge_adapter
+    from fmrilm.artifacts.lm import merge_adapter
 
     out.print(f"merged -> {escape(_guard(merge_adapter, model, dest))}")
 

@@ -74,8 +74,8 @@ def _loading(meta: dict, where: str) -> list[str]:
              *(["from peft import PeftModel"] if layout != "full" else []), *code, "```"]
     if meta.get("scan_dim") or meta.get("feature_width"):
         lines.append("The continuous fMRI inputs (scan-level token, encoder features) go through projectors stored in "
-                     "`inputs.safetensors`; `fmrilm.train.lm.load_exported` wraps the model with them.")
-    lines.append(f"With fmrilm: `from fmrilm.train.lm import load_exported; model, tokenizer, meta = load_exported(\"{where}\")`.")
+                     "`inputs.safetensors`; `fmrilm.artifacts.lm.load_exported` wraps the model with them.")
+    lines.append(f"With fmrilm: `from fmrilm.artifacts.lm import load_exported; model, tokenizer, meta = load_exported(\"{where}\")`.")
     return lines
 
 

@@ -207,3 +207,46 @@ def codebook_pairs(uri: str, data: PipelineSpec, max_windows: int = 256):
             xs.append(tok.quantizer.codebook[codes])
             ys.append(objective.align.project(feats))
     return torch.cat(xs), torch.cat(ys)
+
+
+class ScanBlocks:
+    """fMRI blocks of scans for prompts, in the vocabulary of the LM export ``model_uri`` (from
+    the tokens table of its tokenizer, or ``tokens_uri``): ``part(scan_id, steps)`` is a
+    :func:`~fmrilm.data.lm_sequences.fmri_part` of the scan's first ``steps`` time steps, with
+    encoder features in the features input mode and the whole scan's vector when the export
+    has the scan token."""
+
+    def __init__(self, model_uri: str, data: str, datasets: list[str] | None, tokens_uri: str | None = None):
+        from fmrilm.artifacts.lm import export_meta, root_export
+        from fmrilm.models.scan_token import scan_vectors
+
+        meta = export_meta(root_export(model_uri))
+        self.vocab = meta["vocab"]
+        self.features = meta.get("input_mode") == "features"
+        self.scan_token, self.scan_dim = bool(meta.get("scan_dim")), meta.get("scan_dim")
+        tokens, self.tokens_uri = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features or self.scan_token)
+        self.tokenizer_cfg = artifact.read_config(meta["tokenizer"])
+        self.codes, self.feats = scan_codes(tokens, self.tokenizer_cfg["data"]["window"])
+        self.vectors = scan_vectors(self.feats) if self.scan_token else {}
+
+    def seen_timepoints(self, steps: int) -> dict | None:
+        """What a prompt of ``steps`` time steps shows of a scan: ``timepoints`` (one step is one
+        patch of the tokenizer) counted after resampling to ``target_tr`` (None: the native TR);
+        ``None`` (the whole scan) when the scan token summarises all of it."""
+        if self.scan_token:
+            return None
+        return {"timepoints": steps * self.tokenizer_cfg["model"]["patch"], "target_tr": self.tokenizer_cfg["data"]["target_tr"]}
+
+    def part(self, scan_id: str, steps: int):
+        if scan_id not in self.codes:
+            raise KeyError(f"scan {scan_id!r} has no tokens: re-run `fmrilm tokenize` over its dataset")
+        c = self.codes[scan_id][:, :steps]
+        f = self.feats[scan_id][:, :steps] if self.features else None
+        v = self.vocab
+        vec = self.vectors.get(scan_id)
+        if vec is not None and len(vec) != self.scan_dim:
+            raise UserError(f"scan {scan_id!r} has {c.shape[0]} ROIs, but the export's scan token was trained on scans of another "
+                                f"ROI count ({self.scan_dim} ROI pairs): evaluate datasets of the atlas it was trained on")
+        from fmrilm.data.lm_sequences import fmri_part
+
+        return fmri_part(c, v["first_code_id"], v["open_id"], v["close_id"], f, vec)

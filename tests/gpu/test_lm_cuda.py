@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def _spec(tmp_path, zero: int, lora: bool, precision: str = "auto"):
     from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
     from fmrilm.train.deepspeed import DeepSpeedSpec
-    from fmrilm.train.lm import BackboneSpec, LoraSpec, PretrainSpec
+    from fmrilm.models.lora import LoraSpec
+    from fmrilm.train.lm import BackboneSpec, PretrainSpec
 
     return PretrainSpec(
         backbone=BackboneSpec(source="tiny-llama", tiny_width=256, tiny_layers=4), seq_len=256,
@@ -30,7 +31,9 @@ def _spec(tmp_path, zero: int, lora: bool, precision: str = "auto"):
                                                 (2, False, "autocast"), (3, True, "autocast")])
 def test_zero_bf16_on_gpu_trains_and_exports(gpu_ray, tmp_path, zero, lora, precision):
     from fmrilm.bench.lm import synthetic_packed
-    from fmrilm.train.lm import fit, load_exported, probe_logits
+    from fmrilm.artifacts.lm import load_exported
+    from fmrilm.models.fmri_lm import probe_logits
+    from fmrilm.train.lm import fit
 
     spec = _spec(tmp_path, zero, lora, precision)
     codebook = torch.nn.functional.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)), dim=-1)

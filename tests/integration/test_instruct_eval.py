@@ -54,7 +54,7 @@ def pretrained(ray_cluster, tmp_path_factory):
 def _instruct_spec(p, name="instruct", **update):
     from fmrilm.data.instructions import InstructionSpec
     from fmrilm.train.instruct import InstructSpec
-    from fmrilm.train.lm import LoraSpec
+    from fmrilm.models.lora import LoraSpec
 
     spec = InstructSpec(model=p["model"], data=p["data"], datasets=["cohort"], fmri_steps=2, seq_len=160,
                         number_loss=0.0,  # 2 LoRA epochs on a random tiny decoder: the total must fall; with the number loss it rose once (38.05 vs 38.01)
@@ -69,7 +69,8 @@ def test_instruct_then_eval_report(pretrained):
     from fmrilm.eval.run import EvalSpec, KShotSpec
     from fmrilm.eval.run import run as evaluate
     from fmrilm.train.instruct import run as instruct
-    from fmrilm.train.lm import load_exported, probe_logits
+    from fmrilm.artifacts.lm import load_exported
+    from fmrilm.models.fmri_lm import probe_logits
 
     result = instruct(_instruct_spec(pretrained))
     m = result["metrics"]
@@ -125,7 +126,7 @@ def test_bad_instruct_and_eval_specs_fail_early(pretrained):
     from fmrilm.eval.run import run as evaluate
     from fmrilm.models.fmri_lm import BackboneError
     from fmrilm.train.instruct import run as instruct
-    from fmrilm.train.lm import LoraSpec
+    from fmrilm.models.lora import LoraSpec
 
     with pytest.raises(FileNotFoundError, match="not an fmrilm model export"):
         instruct(_instruct_spec(pretrained, "bad1", model=str(pretrained["root"])))
@@ -173,7 +174,9 @@ def test_full_fine_tuning_instruct_exports_a_full_model(pretrained):
     """lora.enabled=false trains every weight (head and norms included) and exports the whole
     model, which reloads with the in-training logits and still names its base export."""
     from fmrilm.train.instruct import run as instruct
-    from fmrilm.train.lm import LoraSpec, load_exported, probe_logits
+    from fmrilm.artifacts.lm import load_exported
+    from fmrilm.models.fmri_lm import probe_logits
+    from fmrilm.models.lora import LoraSpec
 
     spec = _instruct_spec(pretrained, name="instruct-full", lora=LoraSpec(enabled=False), deepspeed=DeepSpeedSpec(zero_stage=2, micro_batch_size=4),
                           train=OptimSpec(epochs=1, lr=1e-3, warmup_steps=1, max_steps=3, log_every=1, checkpoint_every=100))

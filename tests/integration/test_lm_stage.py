@@ -14,7 +14,9 @@ from fmrilm.models.fmri_lm import BackboneError
 from fmrilm.models.tokenizer import TokenizerConfig
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
 from fmrilm.train.deepspeed import DeepSpeedSpec
-from fmrilm.train.lm import BackboneSpec, LoraSpec, PretrainSpec, load_exported, run
+from fmrilm.artifacts.lm import load_exported
+from fmrilm.models.lora import LoraSpec
+from fmrilm.train.lm import BackboneSpec, PretrainSpec, run
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +66,7 @@ def _check_export(result, tol=1e-4, trained_effect=None):
     ``trained_effect``: the least the adapter must move the logits, so that the tolerance could
     not hide an export without its trained weights."""
     model, tok, meta = load_exported(result["model"])
-    from fmrilm.train.lm import probe_logits
+    from fmrilm.models.fmri_lm import probe_logits
 
     probe = torch.load(os.path.join(result["model"], "probe.pt"), weights_only=False)
     torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=tol, rtol=tol)
@@ -88,7 +90,7 @@ def test_two_workers_train_export_and_reload(lm_inputs, zero, lora, source, mode
     meta = _check_export(result)
     assert meta["layout"] == ("base+adapter" if lora else "full") and meta["input_mode"] == mode
     if lora:  # merged into a plain model: same logits without peft
-        from fmrilm.train.lm import merge_adapter
+        from fmrilm.artifacts.lm import merge_adapter
 
         merged = merge_adapter(result["model"], result["model"] + "-merged")
         assert _check_export({"model": merged})["layout"] == "full"

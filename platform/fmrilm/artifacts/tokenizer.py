@@ -74,6 +74,13 @@ def load_tokenizer(uri: str) -> tuple[FMRITokenizer, dict]:
     return model.eval(), cfg
 
 
+def codebook(uri: str):
+    """The artifact's codebook ``[num_codes, code_dim]`` (a tensor), without building the model."""
+    from safetensors.torch import load
+
+    return load(storage.read_bytes(storage.resolve(uri).join("model.safetensors")))["quantizer.codebook"]
+
+
 def load_objective(uri: str) -> tuple[TokenizerObjective, dict]:
     """The artifact's tokenizer with its alignment head (when it has one; ``objective.align`` is
     None otherwise), eval mode, and its config."""

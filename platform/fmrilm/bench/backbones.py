@@ -20,7 +20,7 @@ BACKBONES = ("tiny-gpt2", "tiny-llama", "tiny-qwen", "smollm2-135m")
 
 def _model(source: str, lora: bool, num_codes: int):
     from fmrilm.models.fmri_lm import add_fmri_vocab, load_backbone
-    from fmrilm.train.lm import LoraSpec, wrap_lora
+    from fmrilm.models.lora import LoraSpec, wrap_lora
 
     model, tok, info = load_backbone(source)
     vocab = add_fmri_vocab(model, tok, num_codes)

@@ -23,11 +23,11 @@ import torch
 
 from fmrilm.bench.common import machine
 from fmrilm.data.lm_sequences import pack
-from fmrilm.models.fmri_lm import extend_tokenizer
+from fmrilm.models.fmri_lm import extend_tokenizer, forward_loss
 from fmrilm.models.text import FALLBACK_CORPUS
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule
 from fmrilm.train.deepspeed import DeepSpeedSpec
-from fmrilm.train.lm import BackboneSpec, PretrainSpec, _collate, _text_tokenizer, build_examples, build_model, fit, forward_loss, pad_rows, peak_memory
+from fmrilm.train.lm import BackboneSpec, PretrainSpec, _collate, _text_tokenizer, build_examples, build_model, fit, pad_rows, peak_memory
 
 TARGET = 0.95
 WARM_STEPS = 2

@@ -24,6 +24,7 @@ training-split scans ever appear as in-context examples, whatever the query's sp
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from fmrilm.config import Strict
+
+log = logging.getLogger("fmrilm.instructions")
 
 SCAN = re.compile(r"<scan:([^>]+)>")
 ANSWER_CUE = "### Answer:"
@@ -272,3 +275,26 @@ def encode(prompt: str, answer: str, fmri_part, tokenizer, objective: int = 0, w
 
 def _ids(tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
+
+
+def encode_rows(rows: pd.DataFrame, blocks, tokenizer, steps: int, seq_len: int, objective_of: dict[str, int] | None = None,
+                with_answer: bool = True) -> tuple[list, list[int]]:
+    """Encode instruction rows with fMRI blocks (``blocks.part(scan_id, steps)``, e.g. a
+    :class:`fmrilm.tokens.ScanBlocks`) of up to ``steps`` time steps, shrinking the
+    blocks of a row that would not fit ``seq_len``; returns ``(examples, kept row positions)``
+    (rows that do not fit even with one step are left out and counted in the log)."""
+    examples, kept, dropped = [], [], 0
+    for i, row in enumerate(rows.itertuples(index=False)):
+        obj = objective_of[row.task] if objective_of else 0
+        for s in range(steps, 0, -1):
+            ex = encode(row.prompt, row.answer, lambda sid: blocks.part(sid, s), tokenizer, obj, with_answer)
+            if len(ex) <= seq_len:
+                examples.append(ex)
+                kept.append(i)
+                break
+        else:
+            dropped += 1
+    if dropped:
+        log.warning("%d of %d instruction rows do not fit seq_len=%d even with one fMRI step per scan: left out (raise seq_len)",
+                    dropped, len(rows), seq_len)
+    return examples, kept

@@ -420,3 +420,13 @@ def epoch_stream(shard, batch_size: int, first_epoch: int, epochs: int, ready: i
             yield item
     finally:
         stop.set()
+
+
+def scan_meta(data: str, datasets: list[str] | None, split: SplitPolicy | None = None) -> pd.DataFrame:
+    """The scan index (ids, phenotypes, subject-level split by ``split``, else each dataset's
+    manifest policy) of the datasets under ``data``, with ``attrs["versions"]`` (dataset -> version)."""
+    spec = PipelineSpec(data=data, datasets=datasets, split=split)
+    found = selected_datasets(spec)
+    meta = scan_index(spec, found)
+    meta.attrs["versions"] = dataset_versions(found)
+    return meta

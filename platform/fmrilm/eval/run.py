@@ -35,7 +35,7 @@ from fmrilm.data.instructions import CLASSIFICATION, QUESTIONS, REGRESSION, Labe
 from fmrilm.eval import baselines, metrics
 from fmrilm.eval.probes import answer_states
 from fmrilm.models.number_loss import number_objective
-from fmrilm.train.lm import LoraSpec
+from fmrilm.models.lora import LoraSpec
 
 log = logging.getLogger("fmrilm.eval")
 PARADIGMS = ("zero_shot", "in_context", "kshot_lora", "full")
@@ -116,7 +116,7 @@ def eval_meta(spec: EvalSpec, scans_with_tokens: set[str], trained: dict[str, di
     or ``unused``; only scans with tokens. ``trained`` maps each model (or features build) the
     evaluation reads to its split record: the split is the spec's, else the one the first of
     them was trained with, and no held-out scan may belong to a subject any of them trained on."""
-    from fmrilm.train.instruct import scan_meta
+    from fmrilm.data.pipeline import scan_meta
 
     trained = trained or {}
     policy = splits.inherited(spec.split, next((r for r in trained.values() if r and r.get("policy")), None))
@@ -160,7 +160,7 @@ class Answerer:
 
     def prompts(self, texts: list[str]):
         from fmrilm.data.instructions import with_descriptions
-        from fmrilm.train.instruct import encode_rows
+        from fmrilm.data.instructions import encode_rows
 
         rows = pd.DataFrame({"prompt": [with_descriptions(t, self.descriptions) for t in texts], "answer": "", "task": "x"})
         examples, kept = encode_rows(rows, self.blocks, self.tok, self.spec.fmri_steps, self.spec.seq_len - ANSWER_ROOM, with_answer=False)
@@ -246,8 +246,10 @@ def kshot_tune(pretrained: str, rows: pd.DataFrame, blocks, spec: EvalSpec, seed
     ``(model, tokenizer)`` in eval mode."""
     from fmrilm.data.instructions import with_descriptions
     from fmrilm.data.lm_sequences import pack
-    from fmrilm.train.instruct import add_adapters, encode_rows, load_model
-    from fmrilm.train.lm import forward_loss
+    from fmrilm.artifacts.lm import load_model
+    from fmrilm.data.instructions import encode_rows
+    from fmrilm.models.fmri_lm import forward_loss
+    from fmrilm.models.lora import add_adapters
 
     rows = rows.assign(prompt=[with_descriptions(p, descriptions or {}) for p in rows["prompt"]])
     torch.manual_seed(seed)
@@ -302,7 +304,8 @@ def run(spec: EvalSpec) -> dict:
     """Evaluate every task x paradigm and the baselines; write the report; return it."""
     from fmrilm.eval.report import write_report
     from fmrilm.features.job import features_split, read_descriptors
-    from fmrilm.train.instruct import ScanBlocks, export_meta, load_model
+    from fmrilm.artifacts.lm import export_meta, load_model
+    from fmrilm.tokens import ScanBlocks
 
     if spec.model is None and spec.pretrained is None:
         raise ValueError("eval needs model (an instruct export) or pretrained (a pretrain export)")
@@ -323,7 +326,7 @@ def run(spec: EvalSpec) -> dict:
     descriptions = {}
     if spec.model and export_meta(spec.model).get("descriptions"):  # asked the way the instruct export was tuned
         from fmrilm.features.job import read_captions
-        from fmrilm.train.instruct import first_captions
+        from fmrilm.features.job import first_captions
 
         descriptions = first_captions(read_captions(spec.data, None))
     train = meta[meta["group"] == "train"]
@@ -451,7 +454,7 @@ def update_card(model: str, report: dict) -> None:
     """Rewrite the model card (``README.md``) of the evaluated export ``model`` with the report's
     held-out figures; an export that cannot be written (a read-only bucket) keeps its card."""
     from fmrilm.model_card import lm_card, write_card
-    from fmrilm.train.instruct import export_meta
+    from fmrilm.artifacts.lm import export_meta
 
     try:
         write_card(model, lm_card(export_meta(model), model, report, report["files"]["report.md"]))
@@ -546,7 +549,7 @@ def mean_fd(scans: pd.DataFrame) -> list[float | None]:
 
 def fc_matrices(spec: EvalSpec, scan_ids, seen: dict | None = None) -> dict[str, np.ndarray]:
     """Pearson FC of every listed scan (robust-scaled series), read from the scan tables once.
-    With ``seen`` (:meth:`fmrilm.train.instruct.ScanBlocks.seen_timepoints`) only the time points
+    With ``seen`` (:meth:`fmrilm.tokens.ScanBlocks.seen_timepoints`) only the time points
     an evaluation prompt shows the LM (resampled as the tokenizer was trained), else the whole scan."""
     from fmrilm.data import table
     from fmrilm.data.pipeline import resample

@@ -303,3 +303,8 @@ def read_descriptors(data: str, datasets: list[str] | None = None) -> pd.DataFra
         df = pd.read_parquet(where.path, filesystem=where.fs)
         parts.append(df[df["error"].isna()][["scan_id", *[c for c in df.columns if c.startswith("z.")]]])
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["scan_id"])
+
+
+def first_captions(captions: dict[str, list[str]]) -> dict[str, str]:
+    """``scan_id -> description``: each scan's first caption (what ``descriptions: true`` prompts show)."""
+    return {sid: caps[0] for sid, caps in captions.items() if caps}

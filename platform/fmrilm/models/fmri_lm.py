@@ -386,3 +386,34 @@ class FMRIInputLM(torch.nn.Module):
     def meta(self) -> dict:
         """What rebuilding this wrapper needs (an export's ``fmri_lm.json`` keys)."""
         return {"feature_width": self.width, "max_rois": self.max_rois, "scan_dim": self.scan_dim}
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor], weights: dict[int, float], number=None):
+    """Forward one packed batch (``ids/targets/groups/positions/objective/segments [batch, L]``)
+    through a causal LM with the block-causal mask; returns ``(loss, {objective: loss})``. With
+    ``number`` (a :class:`~fmrilm.models.number_loss.NumberObjective`), its objective's number tokens add the number-token loss (part ``number.part``)."""
+    from fmrilm.data.lm_sequences import attention_mask
+    from fmrilm.models.number_loss import number_token_loss
+
+    logits, keep = target_logits(model, batch, attention_mask=attention_mask(batch["segments"], batch["groups"]))
+    targets, objective = batch["targets"][:, keep], batch["objective"][:, keep]
+    loss, parts = objective_losses(logits, targets, objective, weights)
+    if number is not None:
+        on = objective == number.objective
+        ntl = number_token_loss(logits[on], targets[on], number.tokens)
+        if ntl is not None:
+            parts[number.part] = ntl
+            loss = loss + number.weight * ntl
+    return loss, parts
+
+
+@torch.no_grad()
+def probe_logits(model, probe: dict, device="cpu") -> torch.Tensor:
+    """Logits ``[1, L, vocab]`` (float32, CPU) of a model on a probe row of packed arrays."""
+    import numpy as np
+
+    from fmrilm.data.lm_sequences import attention_mask
+
+    batch = {k: torch.from_numpy(np.array(v)).to(device) for k, v in probe.items()}
+    return model(input_ids=batch["ids"], attention_mask=attention_mask(batch["segments"], batch["groups"]),
+                 position_ids=batch["positions"], use_cache=False, **fmri_inputs(batch)).logits.float().cpu()

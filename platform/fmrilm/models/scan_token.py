@@ -49,3 +49,9 @@ def standardiser(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(vectors) == 0:
         raise ValueError("standardising scan vectors needs at least one training scan")
     return vectors.mean(0).astype(np.float32), np.maximum(vectors.std(0), 1e-3).astype(np.float32)
+
+
+def scan_vectors(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``scan_id -> scan vector`` (:func:`fmrilm.models.scan_token.scan_vector`) of every scan's
+    whole-scan encoder features ``[rois, steps, width]``."""
+    return {sid: scan_vector(f) for sid, f in feats.items()}

@@ -11,13 +11,12 @@ on it (the fMRI rows of the embeddings train with them), or with ``lora.enabled=
 every weight, with :func:`fmrilm.train.lm.deepspeed_train` (ZeRO 0-3, resume by run name, every
 rank checkpoints). Export: ``<storage>/<run>/model`` in the ``adapter`` layout (``adapter/`` +
 ``fmri_lm.json`` naming the base export, + the fMRI input weights: projectors), or the
-``full`` layout after full fine-tuning; :func:`fmrilm.train.lm.load_exported` loads both and
+``full`` layout after full fine-tuning; :func:`fmrilm.artifacts.lm.load_exported` loads both and
 ``fmrilm lm merge`` merges the first.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,17 +28,22 @@ import torch
 from pydantic import Field
 
 from fmrilm import runtime, storage
+from fmrilm.artifacts import lm as lm_artifact
+from fmrilm.artifacts.lm import export_meta, export_tokenizer, load_model, root_export
 from fmrilm.config import Strict
 from fmrilm.data import splits
+from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions, encode_rows, fit_labeller, with_descriptions
+from fmrilm.data.lm_sequences import pack
+from fmrilm.data.pipeline import scan_meta
 from fmrilm.data.splits import SplitPolicy
-from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions, encode, fit_labeller, with_descriptions
-from fmrilm.data.lm_sequences import fmri_part, pack
-from fmrilm.data.pipeline import PipelineError
+from fmrilm.errors import UserError
+from fmrilm.features.job import first_captions
 from fmrilm.models.fmri_lm import BackboneError, FMRIInputLM
+from fmrilm.models.lora import LoraSpec, add_adapters
 from fmrilm.models.number_loss import NumberObjective, number_objective
+from fmrilm.tokens import ScanBlocks
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, fault_plan, run_trainer, worker_spec
 from fmrilm.train.deepspeed import DeepSpeedSpec
-from fmrilm.train.lm import LoraSpec
 
 log = logging.getLogger("fmrilm.instruct")
 
@@ -75,97 +79,7 @@ class InstructSpec(Strict):
     run: RunSpec = RunSpec(name="instruct")
 
 
-# ---------------------------------------------------------------- shared with evaluation
-
-
-def export_meta(uri: str) -> dict:
-    """``fmri_lm.json`` of an LM export, or a clear error if ``uri`` is not one."""
-    loc = storage.resolve(uri).join("fmri_lm.json")
-    if not storage.exists(loc):
-        raise FileNotFoundError(f"{uri} is not an fmrilm model export (no fmri_lm.json): run `fmrilm run jobs/pretrain.yaml` first")
-    return json.loads(storage.read_text(loc))
-
-
-def root_export(uri: str) -> str:
-    """The pretrained export at the bottom of a chain of adapter exports."""
-    while export_meta(uri)["layout"] == "adapter":
-        uri = export_meta(uri)["base_model"]
-    return uri
-
-
-class ScanBlocks:
-    """fMRI blocks of scans for prompts: ``part(scan_id, steps)`` is a
-    :func:`~fmrilm.data.lm_sequences.fmri_part` of the scan's first ``steps`` time steps, with
-    encoder features in the features input mode and the whole scan's vector when the export
-    has the scan token."""
-
-    def __init__(self, model_uri: str, data: str, datasets: list[str] | None, tokens_uri: str | None = None):
-        from fmrilm.artifacts.tokenizer import read_config
-        from fmrilm.tokens import scan_codes, tokens_for
-        from fmrilm.train.lm import scan_vectors
-
-        meta = export_meta(root_export(model_uri))
-        self.vocab = meta["vocab"]
-        self.features = meta.get("input_mode") == "features"
-        self.scan_token, self.scan_dim = bool(meta.get("scan_dim")), meta.get("scan_dim")
-        tokens, self.tokens_uri = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features or self.scan_token)
-        self.tokenizer_cfg = read_config(meta["tokenizer"])
-        self.codes, self.feats = scan_codes(tokens, self.tokenizer_cfg["data"]["window"])
-        self.vectors = scan_vectors(self.feats) if self.scan_token else {}
-
-    def seen_timepoints(self, steps: int) -> dict | None:
-        """What a prompt of ``steps`` time steps shows of a scan: ``timepoints`` (one step is one
-        patch of the tokenizer) counted after resampling to ``target_tr`` (None: the native TR);
-        ``None`` (the whole scan) when the scan token summarises all of it."""
-        if self.scan_token:
-            return None
-        return {"timepoints": steps * self.tokenizer_cfg["model"]["patch"], "target_tr": self.tokenizer_cfg["data"]["target_tr"]}
-
-    def part(self, scan_id: str, steps: int):
-        if scan_id not in self.codes:
-            raise KeyError(f"scan {scan_id!r} has no tokens: re-run `fmrilm tokenize` over its dataset")
-        c = self.codes[scan_id][:, :steps]
-        f = self.feats[scan_id][:, :steps] if self.features else None
-        v = self.vocab
-        vec = self.vectors.get(scan_id)
-        if vec is not None and len(vec) != self.scan_dim:
-            raise PipelineError(f"scan {scan_id!r} has {c.shape[0]} ROIs, but the export's scan token was trained on scans of another "
-                                f"ROI count ({self.scan_dim} ROI pairs): evaluate datasets of the atlas it was trained on")
-        return fmri_part(c, v["first_code_id"], v["open_id"], v["close_id"], f, vec)
-
-
-def encode_rows(rows: pd.DataFrame, blocks: ScanBlocks, tokenizer, steps: int, seq_len: int, objective_of: dict[str, int] | None = None,
-                with_answer: bool = True) -> tuple[list, list[int]]:
-    """Encode instruction rows with fMRI blocks of up to ``steps`` time steps, shrinking the
-    blocks of a row that would not fit ``seq_len``; returns ``(examples, kept row positions)``
-    (rows that do not fit even with one step are left out and counted in the log)."""
-    examples, kept, dropped = [], [], 0
-    for i, row in enumerate(rows.itertuples(index=False)):
-        obj = objective_of[row.task] if objective_of else 0
-        for s in range(steps, 0, -1):
-            ex = encode(row.prompt, row.answer, lambda sid: blocks.part(sid, s), tokenizer, obj, with_answer)
-            if len(ex) <= seq_len:
-                examples.append(ex)
-                kept.append(i)
-                break
-        else:
-            dropped += 1
-    if dropped:
-        log.warning("%d of %d instruction rows do not fit seq_len=%d even with one fMRI step per scan: left out (raise seq_len)",
-                    dropped, len(rows), seq_len)
-    return examples, kept
-
-
-def scan_meta(data: str, datasets: list[str] | None, split: SplitPolicy | None = None) -> pd.DataFrame:
-    """The scan index (ids, phenotypes, subject-level split by ``split``, else each dataset's
-    manifest policy) of the datasets under ``data``, with ``attrs["versions"]`` (dataset -> version)."""
-    from fmrilm.data.pipeline import PipelineSpec, dataset_versions, scan_index, selected_datasets
-
-    spec = PipelineSpec(data=data, datasets=datasets, split=split)
-    found = selected_datasets(spec)
-    meta = scan_index(spec, found)
-    meta.attrs["versions"] = dataset_versions(found)
-    return meta
+# ---------------------------------------------------------------- driver
 
 
 def training_split(spec: InstructSpec, meta: pd.DataFrame, base_split: dict | None) -> dict:
@@ -178,9 +92,6 @@ def training_split(spec: InstructSpec, meta: pd.DataFrame, base_split: dict | No
     feats = features_split(spec.data, spec.datasets)
     splits.check_unseen(heldout, feats, "held out", f"the features build of {spec.data}")
     return splits.record(splits.inherited(spec.split, base_split), meta, [r for r in (base_split, feats) if r], meta.attrs.get("versions"))
-
-
-# ---------------------------------------------------------------- driver
 
 
 def check(spec: InstructSpec) -> dict:
@@ -204,11 +115,6 @@ def check(spec: InstructSpec) -> dict:
     if spec.seq_len > limit:
         raise BackboneError(f"seq_len {spec.seq_len} exceeds the backbone's maximum positions ({limit})")
     return meta
-
-
-def first_captions(captions: dict[str, list[str]]) -> dict[str, str]:
-    """``scan_id -> description``: each scan's first caption (what ``descriptions: true`` prompts show)."""
-    return {sid: caps[0] for sid, caps in captions.items() if caps}
 
 
 VALIDATION = "tuning_validation"  # the split name of the held-out training subjects in the instructions table
@@ -245,7 +151,7 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
     if spec.descriptions:
         rows["prompt"] = [with_descriptions(p, first_captions(captions)) for p in rows["prompt"]]
     if not (rows["split"] == "train").any():
-        raise ValueError(f"no instructions: the training split of {spec.data} has no scan with tokens and a known answer "
+        raise UserError(f"no instructions: the training split of {spec.data} has no scan with tokens and a known answer "
                          f"for tasks {sorted(spec.instructions.tasks)}")
     where = storage.resolve(storage.join(spec.run.storage, spec.run.name, "instructions.parquet"))
     storage.write_bytes(where, _parquet_bytes(rows))
@@ -284,8 +190,6 @@ def run(spec: InstructSpec) -> dict:
     from fmrilm.train.common import run_config
     from fmrilm.train.lm import probe_row, to_dataset
 
-    from fmrilm.train.lm import export_tokenizer
-
     check(spec)
     runtime.init_ray()
     prepared = prepare(spec, export_tokenizer(spec.model))
@@ -303,38 +207,12 @@ def run(spec: InstructSpec) -> dict:
         datasets=datasets, run_config=run_config(spec.run),
     )
     result = run_trainer(trainer, spec.run, prepared["split"]["datasets"])
-    return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
+    return {"metrics": dict(result.metrics or {}), "model": lm_artifact.location(spec.run.storage, spec.run.name),
             "instructions": prepared["table"], "rows": prepared["rows"], "task_rows": prepared["counts"],
             "validation_rows": prepared.get("val_rows", 0)}
 
 
 # ---------------------------------------------------------------- worker
-
-
-def load_model(uri: str):
-    """An export loaded for further tuning: LoRA adapters merged into plain weights (the features
-    wrapper kept); returns ``(model, tokenizer, meta)``."""
-    from fmrilm.train.lm import load_exported
-
-    model, tok, meta = load_exported(uri, merged=True)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok, meta
-
-
-def add_adapters(model, lora: LoraSpec, vocab: dict | None = None):
-    """Fresh LoRA adapters on an LM (inside the fMRI input wrapper, whose projectors keep training);
-    with ``vocab`` (an export's ``fmri_lm.json`` vocabulary) the fMRI rows of the embeddings train
-    too, so the codes' meaning can adapt to the answers."""
-    from fmrilm.train.lm import wrap_lora
-
-    new_ids = None
-    if vocab:
-        new_ids = [vocab["open_id"], vocab["close_id"], *range(vocab["first_code_id"], vocab["first_code_id"] + vocab["num_codes"])]
-    if isinstance(model, FMRIInputLM):
-        model.lm = wrap_lora(lora, model.lm, new_ids)
-        return model
-    return wrap_lora(lora, model, new_ids)
 
 
 def train_loop(config: dict) -> None:
@@ -374,4 +252,4 @@ def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: 
                        "fmri_steps": spec.fmri_steps, "tasks": spec.instructions.tasks, "split": split_rec,
                        "descriptions": spec.descriptions}
 
-    write_export(engine, spec.deepspeed.zero_stage, probe, rank, storage.join(spec.run.storage, spec.run.name, "model"), write)
+    write_export(engine, spec.deepspeed.zero_stage, probe, rank, lm_artifact.location(spec.run.storage, spec.run.name), write)

@@ -21,10 +21,10 @@ model, so any reload can be checked against it).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from typing import Literal
@@ -33,28 +33,23 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from fmrilm import runtime, storage
+from fmrilm import runtime
+from fmrilm.artifacts import lm as lm_artifact
 from fmrilm.config import Strict
 from fmrilm.data import splits
-from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, attention_mask, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
+from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
 from fmrilm.data.pipeline import PipelineError
 from fmrilm.data.splits import SplitPolicy
-from fmrilm.models.number_loss import NumberObjective, number_token_loss
-from fmrilm.models.fmri_lm import (INPUT_KEYS, MAX_CODES, BackboneError, FMRIInputLM, add_fmri_vocab, fmri_inputs, target_logits, init_code_embeddings, load_backbone, locate_backbone,
-                                   objective_losses)
+from fmrilm.models.fmri_lm import (INPUT_KEYS, MAX_CODES, BackboneError, FMRIInputLM, add_fmri_vocab, forward_loss, probe_logits,
+                                   init_code_embeddings, load_backbone, locate_backbone)
+from fmrilm.models.lora import LoraSpec, lora_targets, wrap_lora
+from fmrilm.models.number_loss import NumberObjective
+from fmrilm.models.scan_token import scan_vectors
 from fmrilm.train.common import (CorruptCheckpoint, OptimSpec, RunSpec, ScalingSpec, check_pickles, check_shape, checkpoint_name, cosine_schedule, fault_plan,
                                  inject_fault, read_meta, resume, run_trainer, shape_of, worker_spec, write_meta)
 from fmrilm.train.deepspeed import DeepSpeedSpec, adamw, autocast, build_config, resolve_precision
 
 log = logging.getLogger("fmrilm.lm")
-LORA_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-
-
 class BackboneSpec(Strict):
     """Which causal LM: a built-in tiny decoder (not pretrained), a pretrained LM shipped in a
     wheel (offline), a folder, a URI or a hub id."""
@@ -64,16 +59,6 @@ class BackboneSpec(Strict):
     tiny_layers: int = Field(2, ge=1, description="layers of a built-in decoder")
     cache_dir: str | None = Field(None, description="where copies and conversions of backbones live on each node "
                                                     "(default: FMRILM_CACHE, else ~/.cache/fmrilm)")
-
-
-class LoraSpec(Strict):
-    """LoRA adapters (peft). The fMRI token rows of the embeddings stay trainable."""
-
-    enabled: bool = False
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | None = Field(None, description="default: attention + MLP projections of the family")
 
 
 class ObjectiveWeights(Strict):
@@ -131,20 +116,6 @@ def _skeleton(spec: PretrainSpec):
             raise BackboneError(f"backbone {spec.backbone.source}: cannot read its config: {err}") from err
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg)
-
-
-def lora_targets(lora: LoraSpec, model) -> list[str]:
-    """The LoRA target module names, checked against ``model``; a clear error if any is absent."""
-    family = model.config.model_type
-    targets = lora.target_modules or LORA_TARGETS.get(family)
-    if not targets:
-        raise BackboneError(f"no default LoRA targets for model family {family!r}: set lora.target_modules")
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in leaves]
-    if missing:
-        sample = sorted(n for n in leaves if n)[:12]
-        raise BackboneError(f"lora.target_modules {missing} are not modules of this {family} model (it has e.g. {sample})")
-    return targets
 
 
 def check_inputs(contract: dict | None, data: str, datasets: list[str] | None, model: str) -> None:
@@ -236,14 +207,6 @@ def training_split(spec: PretrainSpec, art_cfg: dict) -> tuple[dict[str, str], d
     splits.check_unseen(heldout, feats, "validated on", f"the features build of {spec.data}")
     record = splits.record(data.split, index, [r for r in (art_cfg.get("split"), feats) if r], dataset_versions(found))
     return dict(zip(index["scan_id"], index["split"])), record
-
-
-def scan_vectors(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``scan_id -> scan vector`` (:func:`fmrilm.models.scan_token.scan_vector`) of every scan's
-    whole-scan encoder features ``[rois, steps, width]``."""
-    from fmrilm.models.scan_token import scan_vector
-
-    return {sid: scan_vector(f) for sid, f in feats.items()}
 
 
 def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
@@ -362,26 +325,6 @@ def build_model(spec: PretrainSpec, num_codes: int, codebook: torch.Tensor, pair
     return model, tok, vocab, info
 
 
-def wrap_lora(lora: LoraSpec, model, new_ids: list[int] | None = None):
-    """LoRA on the family's projections; with ``new_ids`` those rows of the embeddings (and of an
-    untied head) train too (the fMRI vocabulary during pretraining)."""
-    from peft import LoraConfig, get_peft_model
-
-    tokens = None
-    if new_ids:
-        tokens = {_module_name(model, model.get_input_embeddings()): new_ids}
-        head = model.get_output_embeddings()
-        if head is not None and head.weight is not model.get_input_embeddings().weight:
-            tokens[_module_name(model, head)] = new_ids
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
-                     target_modules=lora_targets(lora, model), trainable_token_indices=tokens)
-    return get_peft_model(model, cfg)
-
-
-def _module_name(model, module) -> str:
-    return next(name for name, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
-
-
 def _mean_across_ranks(sums: dict[str, float], counts: dict[str, float], keys: tuple[str, ...], device) -> dict[str, float]:
     """Means of ``keys`` over every rank's micro-steps (a fixed-size all-reduce on ``device``, as
     NCCL reduces only CUDA tensors; ranks may have seen different objectives); keys no rank saw
@@ -393,22 +336,6 @@ def _mean_across_ranks(sums: dict[str, float], counts: dict[str, float], keys: t
         dist.all_reduce(t)
     n = len(keys)
     return {k: t[i].item() / t[n + i].item() for i, k in enumerate(keys) if t[n + i] > 0}
-
-
-def forward_loss(model, batch: dict[str, torch.Tensor], weights: dict[int, float], number: NumberObjective | None = None):
-    """Forward one packed batch (``ids/targets/groups/positions/objective/segments [batch, L]``)
-    through a causal LM with the block-causal mask; returns ``(loss, {objective: loss})``. With
-    ``number``, its objective's number tokens add the number-token loss (part ``number.part``)."""
-    logits, keep = target_logits(model, batch, attention_mask=attention_mask(batch["segments"], batch["groups"]))
-    targets, objective = batch["targets"][:, keep], batch["objective"][:, keep]
-    loss, parts = objective_losses(logits, targets, objective, weights)
-    if number is not None:
-        on = objective == number.objective
-        ntl = number_token_loss(logits[on], targets[on], number.tokens)
-        if ntl is not None:
-            parts[number.part] = ntl
-            loss = loss + number.weight * ntl
-    return loss, parts
 
 
 @torch.no_grad()
@@ -590,7 +517,7 @@ def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base
     def write(d: str, lm) -> dict:
         if spec.lora.enabled:
             lm.save_pretrained(os.path.join(d, "adapter"))
-            _copy_tree(base_dir, os.path.join(d, "base"))
+            shutil.copytree(base_dir, os.path.join(d, "base"))
         else:
             lm.save_pretrained(os.path.join(d, "full"), state_dict={k: v.detach().cpu().clone() for k, v in lm.state_dict().items()})
             tok.save_pretrained(os.path.join(d, "full"))
@@ -598,20 +525,18 @@ def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base
                 "layout": "base+adapter" if spec.lora.enabled else "full", "tokenizer": spec.tokenizer, "input_mode": spec.input_mode,
                 "split": split_rec, "contract": contract}
 
-    write_export(engine, spec.deepspeed.zero_stage, probe, rank, storage.join(spec.run.storage, spec.run.name, "model"), write)
+    write_export(engine, spec.deepspeed.zero_stage, probe, rank, lm_artifact.location(spec.run.storage, spec.run.name), write)
 
 
 def write_export(engine, zero_stage: int, probe: dict, rank: int, target: str, write) -> None:
     """The export protocol of the LM stages, on every rank: the probe forward (under ZeRO-3 its
     own hooks gather and release each layer; inside a gather they would release the weights
     ``save_pretrained`` needs), then every parameter gathered while rank 0 calls ``write(dir, lm)``
-    (model files; returns the metadata) and adds ``inputs.safetensors`` (the fMRI input weights:
-    features projector, scan-token projector and standardisation),
-    ``probe.pt``, ``fmri_lm.json`` and the model card ``README.md``, and replaces ``target`` with the folder."""
+    (model files; returns the metadata) and :func:`fmrilm.artifacts.lm.write_folder` completes the
+    export (fMRI input weights, probe, ``fmri_lm.json``, card) and replaces ``target`` with it."""
     import deepspeed
-    from safetensors.torch import save_file
 
-    from fmrilm.model_card import lm_card
+    from fmrilm.artifacts.lm import write_folder
 
     model = engine.module
     model.eval()
@@ -621,43 +546,7 @@ def write_export(engine, zero_stage: int, probe: dict, rank: int, target: str, w
         if rank != 0:
             return
         with tempfile.TemporaryDirectory(prefix="fmrilm-export-") as d:
-            meta = write(d, lm)
-            if isinstance(model, FMRIInputLM):
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.input_state().items()}, os.path.join(d, "inputs.safetensors"))
-                meta |= model.meta()
-            torch.save({"inputs": probe, "logits": logits}, os.path.join(d, "probe.pt"))
-            with open(os.path.join(d, "fmri_lm.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-            card = lm_card(meta, target)
-            for folder in (d, os.path.join(d, "adapter")):  # peft's own README.md is an empty template
-                if os.path.isdir(folder):
-                    with open(os.path.join(folder, "README.md"), "w") as f:
-                        f.write(card)
-            storage.delete_dir(storage.resolve(target))
-            _upload_tree(d, target)
-
-
-@torch.no_grad()
-def probe_logits(model, probe: dict[str, np.ndarray], device="cpu") -> torch.Tensor:
-    """Logits ``[1, L, vocab]`` (float32, CPU) of a model on a probe row of packed arrays."""
-    batch = {k: torch.from_numpy(np.array(v)).to(device) for k, v in probe.items()}
-    return model(input_ids=batch["ids"], attention_mask=attention_mask(batch["segments"], batch["groups"]),
-                 position_ids=batch["positions"], use_cache=False, **fmri_inputs(batch)).logits.float().cpu()
-
-
-def _copy_tree(src: str, dst: str) -> None:
-    import shutil
-
-    shutil.copytree(src, dst)
-
-
-def _upload_tree(local: str, uri: str) -> None:
-    for root, _, files in os.walk(local):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, local)
-            with open(path, "rb") as f:
-                storage.write_bytes(storage.resolve(storage.join(uri, *rel.split(os.sep))), f.read())
+            write_folder(d, target, write(d, lm), model, probe, logits)
 
 
 # ---------------------------------------------------------------- driver entry
@@ -665,17 +554,16 @@ def _upload_tree(local: str, uri: str) -> None:
 
 def run(spec: PretrainSpec) -> dict:
     """Check, build sequences, train (or resume), export; returns metrics, counts and the model URI."""
-    from safetensors.torch import load
+    from fmrilm.artifacts.tokenizer import codebook
 
     art_cfg = check(spec)
     runtime.init_ray()
     prepared = prepare_sequences(spec, art_cfg)
     train = prepared["train"]
-    codebook = load(storage.read_bytes(storage.resolve(spec.tokenizer).join("model.safetensors")))["quantizer.codebook"]
     policy = splits.inherited(spec.split, art_cfg.get("split"))
-    result = fit(spec, train["packed"], codebook, code_pairs(spec, policy), art_cfg["model"]["max_rois"], prepared["split"],
+    result = fit(spec, train["packed"], codebook(spec.tokenizer), code_pairs(spec, policy), art_cfg["model"]["max_rois"], prepared["split"],
                  prepared.get("scan_scale"), art_cfg.get("contract"))
-    return {"metrics": dict(result.metrics or {}), "model": storage.join(spec.run.storage, spec.run.name, "model"),
+    return {"metrics": dict(result.metrics or {}), "model": lm_artifact.location(spec.run.storage, spec.run.name),
             "sequences": len(train["packed"]["ids"]), "examples": train["examples"], "objective_examples": train["counts"]}
 
 
@@ -719,74 +607,3 @@ def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tenso
     return run_trainer(trainer, spec.run, (split_rec or {}).get("datasets"))
 
 
-def load_exported(uri: str, merged: bool = False):
-    """A plain transformers (+ peft) model and tokenizer from an export folder (eval mode);
-    returns ``(model, tokenizer, meta)``. Layouts: ``full``, ``base+adapter`` (pretraining with
-    LoRA) and ``adapter`` (instruction tuning: adapters over another export, named in
-    ``base_model``). With continuous fMRI inputs (the features input mode, the scan token) the
-    model is wrapped in :class:`FMRIInputLM` with its saved input weights. ``merged=True`` folds every LoRA adapter into plain weights."""
-    from peft import PeftModel
-    from safetensors.torch import load
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fmrilm.models.fmri_lm import sync_to_local
-
-    loc = storage.resolve(uri)
-    local = sync_to_local(uri) if storage.is_remote(uri) else loc.path
-    meta = json.loads(storage.read_text(loc.join("fmri_lm.json")))
-    if meta["layout"] == "full":
-        model, tok = AutoModelForCausalLM.from_pretrained(os.path.join(local, "full")), AutoTokenizer.from_pretrained(os.path.join(local, "full"))
-    elif meta["layout"] == "base+adapter":
-        base = AutoModelForCausalLM.from_pretrained(os.path.join(local, "base"))
-        model, tok = PeftModel.from_pretrained(base, os.path.join(local, "adapter")), AutoTokenizer.from_pretrained(os.path.join(local, "base"))
-    else:
-        base, _, _ = load_exported(meta["base_model"], merged=True)
-        base = base.lm if isinstance(base, FMRIInputLM) else base
-        model, tok = PeftModel.from_pretrained(base, os.path.join(local, "adapter")), AutoTokenizer.from_pretrained(os.path.join(local, "adapter"))
-    if merged and isinstance(model, PeftModel):
-        model = model.merge_and_unload()
-    if meta.get("feature_width") or meta.get("scan_dim"):
-        model = FMRIInputLM(model, meta.get("feature_width"), meta.get("max_rois", 512), meta.get("scan_dim"))
-        model.load_input_state(load(storage.read_bytes(loc.join("inputs.safetensors"))))
-    return model.eval(), tok, meta
-
-
-def export_tokenizer(uri: str):
-    """The tokenizer of an LM export (with a pad token), without loading any weights."""
-    from transformers import AutoTokenizer
-
-    from fmrilm.models.fmri_lm import sync_to_local
-
-    meta = json.loads(storage.read_text(storage.resolve(uri).join("fmri_lm.json")))
-    local = sync_to_local(uri) if storage.is_remote(uri) else storage.resolve(uri).path
-    tok = AutoTokenizer.from_pretrained(os.path.join(local, {"full": "full", "base+adapter": "base", "adapter": "adapter"}[meta["layout"]]))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def merge_adapter(uri: str, out: str) -> str:
-    """Merge exported LoRA adapters into their base (``base+adapter`` or ``adapter`` layout) and write a ``full``
-    export at ``out``; returns ``out``."""
-    from fmrilm.model_card import lm_card
-
-    model, tok, meta = load_exported(uri, merged=True)
-    if meta["layout"] == "full":
-        raise BackboneError(f"{uri} is already a full model (layout 'full'); nothing to merge")
-    merged = model.lm if isinstance(model, FMRIInputLM) else model
-    with tempfile.TemporaryDirectory(prefix="fmrilm-merge-") as d:
-        merged.save_pretrained(os.path.join(d, "full"))
-        tok.save_pretrained(os.path.join(d, "full"))
-        meta = meta | {"layout": "full", "merged_from": uri}
-        with open(os.path.join(d, "fmri_lm.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        with open(os.path.join(d, "README.md"), "w") as f:
-            f.write(lm_card(meta, out))
-        for name in ("probe.pt", "inputs.safetensors"):
-            src = storage.resolve(uri).join(name)
-            if storage.exists(src):
-                with open(os.path.join(d, name), "wb") as f:
-                    f.write(storage.read_bytes(src))
-        storage.delete_dir(storage.resolve(out))
-        _upload_tree(d, out)
-    return out
