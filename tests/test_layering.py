@@ -1,6 +1,6 @@
-"""The package's layering, read from the source (no imports run): module names never shadow the
+"""The package's layering, mostly read from the source: module names never shadow the
 standard library, and the layers that load trained artifacts (artifacts/, eval/, tokens.py, the
-models) import nothing from train/."""
+models) import nothing from train/, and one stage table serves every reader of job kinds."""
 
 import ast
 import pathlib
@@ -35,3 +35,16 @@ def test_artifact_readers_import_nothing_from_train():
                  for p in readers}
     assert {k: v for k, v in offenders.items() if v} == {}
     assert len(readers) > 20
+
+
+def test_one_stage_table_names_every_job_and_the_quickstart_chain():
+    from fmrilm.quickstart import QuickstartSpec
+    from fmrilm.registry import JOBS, PIPELINE, SWEEPABLE
+    from fmrilm.tune.sweep import stage_of
+
+    for kind, job in JOBS.items():
+        model, run = job.load()
+        assert model.model_fields["kind"].default == kind and callable(run)
+    assert set(PIPELINE) - {"ingest"} <= set(JOBS) and QuickstartSpec().stages == list(PIPELINE)
+    assert SWEEPABLE == {"tokenizer": "val/r2", "instruct": "val/loss"}
+    assert all(callable(stage_of(name).check) for name in SWEEPABLE)

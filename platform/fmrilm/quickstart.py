@@ -27,10 +27,10 @@ from pydantic import Field
 from fmrilm.config import Strict
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.synth import SynthParams
+from fmrilm.registry import PIPELINE as STAGES
 
 log = logging.getLogger("fmrilm.quickstart")
-Stage = Literal["ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "eval"]
-STAGES: tuple[str, ...] = ("ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "eval")
+Stage = Literal[STAGES]
 
 
 class QuickstartSpec(Strict):

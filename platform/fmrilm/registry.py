@@ -4,73 +4,57 @@ here, so a spec runs the same way locally and on a cluster."""
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from typing import Callable
 
 from fmrilm.config import ConfigError
 
-def _quickstart():
-    from fmrilm.quickstart import QuickstartSpec, run
 
-    return QuickstartSpec, run
+@dataclass(frozen=True)
+class Job:
+    """One job kind: the module holding its spec model (named ``spec``) and ``run(spec)`` (and
+    ``check(spec)``, the pre-flight, for sweepable stages); ``sweep_metric`` is the default
+    metric when it is swept (None: it cannot be)."""
 
+    kind: str
+    module: str
+    spec: str
+    sweep_metric: str | None = None
 
-def _science():
-    from fmrilm.science import ScienceSpec, run
+    def load(self) -> tuple[type, Callable]:
+        """``(spec model, run function)``, imported on first use."""
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.spec), mod.run
 
-    return ScienceSpec, run
-
-
-def _features():
-    from fmrilm.features.job import FeaturesSpec, run
-
-    return FeaturesSpec, run
-
-
-def _tokenizer():
-    from fmrilm.train.tokenizer import TokenizerStageSpec, run
-
-    return TokenizerStageSpec, run
+    def check(self) -> Callable:
+        """The stage's ``check(spec)``: every failure that can happen before a worker starts."""
+        return importlib.import_module(self.module).check
 
 
-def _tokenize():
-    from fmrilm.tokens import TokenizeSpec, run
-
-    return TokenizeSpec, run
-
-
-def _pretrain():
-    from fmrilm.train.lm import PretrainSpec, run
-
-    return PretrainSpec, run
-
-
-def _instruct():
-    from fmrilm.train.instruct import InstructSpec, run
-
-    return InstructSpec, run
-
-
-def _eval():
-    from fmrilm.eval.run import EvalSpec, run
-
-    return EvalSpec, run
-
-
-def _sweep():
-    from fmrilm.tune.sweep import SweepSpec, run
-
-    return SweepSpec, run
-
-
-KINDS: dict[str, Callable] = {"quickstart": _quickstart, "science": _science, "features": _features, "tokenizer": _tokenizer, "tokenize": _tokenize,
-                              "pretrain": _pretrain, "instruct": _instruct, "eval": _eval, "sweep": _sweep}
+# The one table of job kinds: the CLI, `fmrilm run`, Ray Jobs entrypoints, sweeps and the
+# quickstart all read it.
+JOBS: dict[str, Job] = {j.kind: j for j in (
+    Job("quickstart", "fmrilm.quickstart", "QuickstartSpec"),
+    Job("science", "fmrilm.science", "ScienceSpec"),
+    Job("features", "fmrilm.features.job", "FeaturesSpec"),
+    Job("tokenizer", "fmrilm.train.tokenizer", "TokenizerStageSpec", sweep_metric="val/r2"),
+    Job("tokenize", "fmrilm.tokens", "TokenizeSpec"),
+    Job("pretrain", "fmrilm.train.lm", "PretrainSpec"),
+    Job("instruct", "fmrilm.train.instruct", "InstructSpec", sweep_metric="val/loss"),
+    Job("eval", "fmrilm.eval.run", "EvalSpec"),
+    Job("sweep", "fmrilm.tune.sweep", "SweepSpec"),
+)}
+# The quickstart chain, in order: ingestion, then the stage kinds above.
+PIPELINE: tuple[str, ...] = ("ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "eval")
+SWEEPABLE: dict[str, str] = {k: j.sweep_metric for k, j in JOBS.items() if j.sweep_metric}
 
 
 def job_for(kind: str | None, source: str = "<spec>"):
     """Return ``(spec model, run function)`` for a job kind."""
-    if kind in KINDS:
-        return KINDS[kind]()
-    raise ConfigError(f"{source}: kind: {kind!r} is not a job kind; use one of {sorted(KINDS)}")
+    if kind in JOBS:
+        return JOBS[kind].load()
+    raise ConfigError(f"{source}: kind: {kind!r} is not a job kind; use one of {sorted(JOBS)}")
 
 
 def load_job(spec_uri: str, overrides: list[str], kind: str | None = None):

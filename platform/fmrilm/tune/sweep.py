@@ -32,10 +32,9 @@ from fmrilm.errors import UserError
 from fmrilm import config as cfg
 from fmrilm import runtime, storage
 from fmrilm.config import Strict
+from fmrilm.registry import JOBS, SWEEPABLE
 
 log = logging.getLogger("fmrilm.tune")
-STAGES = {"tokenizer": ("fmrilm.train.tokenizer", "TokenizerStageSpec"), "instruct": ("fmrilm.train.instruct", "InstructSpec")}
-DEFAULT_METRIC = {"tokenizer": "val/r2", "instruct": "val/loss"}
 
 
 class Dimension(Strict):
@@ -108,12 +107,12 @@ class SweepSpec(Strict):
     @classmethod
     def _stage_defaults(cls, data):
         """base, metric and mode follow the stage unless given."""
-        if not isinstance(data, dict) or data.get("stage", "tokenizer") not in STAGES:
+        if not isinstance(data, dict) or data.get("stage", "tokenizer") not in SWEEPABLE:
             return data
         stage = data.get("stage", "tokenizer")
         data = dict(data)
         data["base"] = data.get("base") or f"jobs/{stage}.yaml"
-        data["metric"] = data.get("metric") or DEFAULT_METRIC[stage]
+        data["metric"] = data.get("metric") or SWEEPABLE[stage]
         if data.get("mode") is None:
             lower_is_better = any(w in str(data["metric"]) for w in ("loss", "mse", "mae", "error"))
             data["mode"] = "min" if lower_is_better else "max"
@@ -121,8 +120,8 @@ class SweepSpec(Strict):
 
     @model_validator(mode="after")
     def _stage(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"stage {self.stage!r} cannot be swept; sweepable: {sorted(STAGES)}")
+        if self.stage not in SWEEPABLE:
+            raise ValueError(f"stage {self.stage!r} cannot be swept; sweepable: {sorted(SWEEPABLE)}")
         if not self.space:
             raise ValueError("space is empty: name at least one key to sweep")
         return self
@@ -141,12 +140,10 @@ class Stage(NamedTuple):
 
 
 def stage_of(name: str) -> Stage:
-    """The :class:`Stage` of a sweepable stage name (a key of ``STAGES``)."""
-    import importlib
-
-    module, model = STAGES[name]
-    mod = importlib.import_module(module)
-    return Stage(getattr(mod, model), mod.run, mod.check)
+    """The :class:`Stage` of a sweepable stage name (a key of :data:`fmrilm.registry.SWEEPABLE`)."""
+    job = JOBS[name]
+    model, run_stage = job.load()
+    return Stage(model, run_stage, job.check())
 
 
 def sweep_dir(spec: SweepSpec) -> str:
