@@ -120,6 +120,48 @@ def test_encode_targets_only_the_answer(tiny):
     assert ex.ids[first + 1] == answer[0]  # the token before an answer token predicts it
 
 
+def test_encode_rows_shrinks_the_fmri_blocks_to_fit_and_leaves_out_what_never_fits(tiny):
+    import pandas as pd
+
+    from fmrilm.data.instructions import encode_rows
+
+    _, tok, vocab = tiny
+
+    class Blocks:  # what ScanBlocks gives: a block of the scan's first `steps` time steps
+        def part(self, scan_id, steps):
+            return _part(vocab, rois=4, steps=steps)
+
+    rows = pd.DataFrame({"prompt": ["<scan:a>### Question: sex?\n### Answer:"] * 2, "answer": [" Female", " Male"],
+                         "task": ["sex", "sex"]})
+    full, kept = encode_rows(rows, Blocks(), tok, steps=6, seq_len=512, objective_of={"sex": 2})
+    assert kept == [0, 1] and all(set(e.objective[e.targets != IGNORE]) == {2} for e in full)
+    fit = len(full[0]) - 4 * 3  # room for 3 of the 6 steps of 4 ROIs
+    shrunk, kept = encode_rows(rows.iloc[:1], Blocks(), tok, steps=6, seq_len=fit)
+    assert kept == [0] and len(shrunk[0]) <= fit and len(shrunk[0]) == len(full[0]) - 4 * 3
+    none, kept = encode_rows(rows.iloc[:1], Blocks(), tok, steps=6, seq_len=5)
+    assert none == [] and kept == []
+
+
+def test_scan_codes_joins_non_overlapping_windows_of_each_scan():
+    import pandas as pd
+
+    from fmrilm.tokens import scan_codes
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for start in (0, 16, 32, 48):  # window 32, stride 16: the windows at 0 and 32 do not overlap
+        codes = rng.integers(0, 8, (3, 2))
+        rows.append({"scan_id": "s", "start": start, "n_rois": 3, "n_patches": 2, "codes": codes.ravel().tolist(),
+                     "features": np.full((3, 2, 4), start, np.float32).ravel().tolist(), "_codes": codes})
+    table = pd.DataFrame(rows).sample(frac=1, random_state=0)  # any row order
+    codes, feats = scan_codes(table.drop(columns="_codes"), window=32)
+    want = np.concatenate([rows[0]["_codes"], rows[2]["_codes"]], axis=1)
+    assert (codes["s"] == want).all() and feats["s"].shape == (3, 4, 4)
+    assert (feats["s"][:, :2] == 0).all() and (feats["s"][:, 2:] == 32).all()
+    codes, feats = scan_codes(table.drop(columns=["_codes", "features"]), window=32)
+    assert codes["s"].shape == (3, 4) and feats == {}
+
+
 def test_packed_scoring_equals_one_sequence_at_a_time(tiny):
     model, tok, vocab = tiny
     prompts = [encode(f"<scan:{i}>### Question: which?\n### Answer:", "", lambda sid, i=i: _part(vocab, seed=i), tok, with_answer=False)

@@ -8,7 +8,7 @@ import torch
 
 from fmrilm.data.instructions import encode, question_prompt
 from fmrilm.data.lm_sequences import fmri_part, pack
-from fmrilm.data.pipeline import robust_scale, windows
+from fmrilm.data.signal import robust_scale, windows
 from fmrilm.data.synth import SynthParams, cohort_table, simulate_scan
 from fmrilm.eval import metrics
 from fmrilm.eval.scoring import calibrated_choices, score_choices

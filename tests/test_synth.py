@@ -2,7 +2,7 @@ import numpy as np
 from scipy import stats
 
 from fmrilm.data import synth
-from fmrilm.data.pipeline import robust_scale
+from fmrilm.data.signal import robust_scale
 from fmrilm.data.synth import SynthParams
 
 

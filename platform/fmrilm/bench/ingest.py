@@ -14,7 +14,8 @@ import torch
 
 from fmrilm.bench.common import machine, time_side_by_side
 from fmrilm.data import table
-from fmrilm.data.pipeline import PipelineSpec, build_windows, robust_scale, torch_batches, windows
+from fmrilm.data.pipeline import PipelineSpec, build_windows, torch_batches
+from fmrilm.data.signal import robust_scale, windows
 
 TARGET = 0.9
 

@@ -1,7 +1,7 @@
 """The Ray Data pipeline: scan table -> validated, normalised, windowed samples for training.
 
-Pure functions (``robust_scale``, ``resample``, ``windows``, ``assign_split``) hold the science;
-``build_windows`` wires them into Ray Data: ``read_parquet`` from any URI (the shards the
+The science lives in pure modules (:mod:`fmrilm.data.signal`: ``robust_scale``, ``resample``,
+``windows``; :mod:`fmrilm.data.splits`); ``build_windows`` wires them into Ray Data: ``read_parquet`` from any URI (the shards the
 manifests list), schema validation, subject-level split filtering, per-ROI robust scaling,
 optional resampling to a common TR and windowing into ``[rois, window]`` samples.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import posixpath
 import queue
 import threading
-from fractions import Fraction
 from typing import Iterator
 
 import numpy as np
@@ -31,8 +30,8 @@ from fmrilm.config import Strict
 from fmrilm.data import schema, table
 from fmrilm.data import splits
 from fmrilm.data.contract import AtlasMapping
+from fmrilm.data.signal import n_windows, resample, resampled_length, robust_scale, windows
 from fmrilm.data.splits import SplitPolicy
-
 
 
 class PipelineError(UserError, ValueError):
@@ -52,54 +51,6 @@ class PipelineSpec(Strict):
     stride: int = Field(32, ge=1, description="timepoints between window starts")
     atlas_mapping: AtlasMapping = Field("refuse", description="datasets of an atlas other than the tokenizer's: refuse, or "
                                         "position (ROI i read as the training atlas's ROI i)")
-
-
-# ---------------------------------------------------------------- science (pure)
-
-
-def robust_scale(ts: np.ndarray) -> np.ndarray:
-    """Per-ROI robust scaling over time: ``(x - median) / IQR``; ``[rois, time]`` -> same.
-
-    An ROI with zero IQR is only centred (divided by 1), never divided by zero.
-    """
-    ts = np.asarray(ts, dtype=np.float64)
-    med = np.median(ts, axis=-1, keepdims=True)
-    q75, q25 = np.percentile(ts, [75, 25], axis=-1, keepdims=True)
-    iqr = q75 - q25
-    iqr = np.where(iqr > 0, iqr, 1.0)
-    return ((ts - med) / iqr).astype(np.float32)
-
-
-def resample(ts: np.ndarray, tr: float, target_tr: float) -> np.ndarray:
-    """Resample ``[rois, time]`` from ``tr`` to ``target_tr`` seconds (polyphase, anti-aliased)."""
-    if abs(tr - target_tr) < 1e-6:
-        return ts
-    from scipy.signal import resample_poly
-
-    ratio = Fraction(tr / target_tr).limit_denominator(100)
-    return resample_poly(ts, ratio.numerator, ratio.denominator, axis=-1).astype(np.float32)
-
-
-def resampled_length(n_timepoints: int, tr: float, target_tr: float | None) -> int:
-    """Length of a series of ``n_timepoints`` after :func:`resample`."""
-    if target_tr is None or abs(tr - target_tr) < 1e-6:
-        return int(n_timepoints)
-    ratio = Fraction(tr / target_tr).limit_denominator(100)
-    return int(-(-n_timepoints * ratio.numerator // ratio.denominator))
-
-
-def n_windows(n_timepoints: int, window: int, stride: int) -> int:
-    """How many windows :func:`windows` cuts from a series of ``n_timepoints``."""
-    return 0 if n_timepoints < window else 1 + (n_timepoints - window) // stride
-
-
-def windows(ts: np.ndarray, window: int, stride: int) -> np.ndarray:
-    """Cut ``[rois, time]`` into ``[n_windows, rois, window]`` with the given stride."""
-    n = n_windows(ts.shape[-1], window, stride)
-    if n == 0:
-        return np.zeros((0, ts.shape[0], window), dtype=ts.dtype)
-    starts = np.arange(n) * stride
-    return np.stack([ts[:, s : s + window] for s in starts])
 
 
 # ---------------------------------------------------------------- Ray wiring

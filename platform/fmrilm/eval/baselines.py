@@ -79,7 +79,7 @@ def linear_regressor(x_train, y_train, x_test) -> np.ndarray:
 
 def fc_matrix(series: np.ndarray) -> np.ndarray:
     """Pearson FC ``[rois, rois]`` of a robust-scaled series ``[rois, time]``."""
-    from fmrilm.data.pipeline import robust_scale
+    from fmrilm.data.signal import robust_scale
     from fmrilm.features.connectivity import pearson_fc
 
     return pearson_fc(robust_scale(series))

@@ -552,7 +552,7 @@ def fc_matrices(spec: EvalSpec, scan_ids, seen: dict | None = None) -> dict[str,
     With ``seen`` (:meth:`fmrilm.tokens.ScanBlocks.seen_timepoints`) only the time points
     an evaluation prompt shows the LM (resampled as the tokenizer was trained), else the whole scan."""
     from fmrilm.data import table
-    from fmrilm.data.pipeline import resample
+    from fmrilm.data.signal import resample
     from fmrilm.features.job import read_series
 
     want = set(scan_ids)

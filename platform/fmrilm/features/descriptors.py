@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fmrilm.data.pipeline import robust_scale
+from fmrilm.data.signal import robust_scale
 from fmrilm.features import connectivity, gradients, graph, ica
 
 N_GRADIENTS = 3

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from fmrilm import storage
-from fmrilm.data.pipeline import robust_scale
+from fmrilm.data.signal import robust_scale
 from fmrilm.features.connectivity import pearson_fc
 
 

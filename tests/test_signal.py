@@ -1,17 +1,17 @@
-"""The pure functions of the pipeline: scaling, resampling, windowing, splits."""
+"""The pure signal helpers (scaling, resampling, windowing) and splits."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fmrilm.data import pipeline
+from fmrilm.data import signal
 from fmrilm.data.splits import SplitError, SplitPolicy, assign_split, load_split_file, split_of
 
 
 def test_robust_scale_is_x_minus_median_over_iqr():
     x = np.array([[1.0, 2.0, 3.0, 4.0, 100.0], [5.0, 5.0, 5.0, 5.0, 5.0]])
-    out = pipeline.robust_scale(x)
+    out = signal.robust_scale(x)
     med, iqr = 3.0, 4.0 - 2.0
     np.testing.assert_allclose(out[0], (x[0] - med) / iqr)
     assert not np.allclose(out[0], x[0] - med / iqr)  # BrainLM's precedence bug
@@ -23,8 +23,8 @@ def test_robust_scale_is_x_minus_median_over_iqr():
 @given(t=st.integers(1, 300), window=st.integers(2, 64), stride=st.integers(1, 64), rois=st.integers(1, 5))
 def test_windows_shapes_and_content(t, window, stride, rois):
     ts = np.arange(rois * t, dtype=np.float32).reshape(rois, t)
-    w = pipeline.windows(ts, window, stride)
-    n = pipeline.n_windows(t, window, stride)
+    w = signal.windows(ts, window, stride)
+    n = signal.n_windows(t, window, stride)
     assert w.shape == (n, rois, window)
     assert n == (0 if t < window else len(range(0, t - window + 1, stride)))
     for k in range(n):
@@ -35,14 +35,14 @@ def test_resample_length_and_frequency():
     tr, target = 0.72, 2.0
     t = np.arange(1200) * tr
     ts = np.sin(2 * np.pi * 0.05 * t)[None]  # 0.05 Hz, below the new Nyquist (0.25 Hz)
-    out = pipeline.resample(ts, tr, target)
-    assert out.shape[1] == pipeline.resampled_length(1200, tr, target)
+    out = signal.resample(ts, tr, target)
+    assert out.shape[1] == signal.resampled_length(1200, tr, target)
     assert abs(out.shape[1] - 1200 * tr / target) <= 1
     t2 = np.arange(out.shape[1]) * target
     ref = np.sin(2 * np.pi * 0.05 * t2)
     core = slice(20, -20)
     assert np.corrcoef(out[0, core], ref[core])[0, 1] > 0.99
-    assert pipeline.resample(ts, 2.0, 2.0) is ts
+    assert signal.resample(ts, 2.0, 2.0) is ts
 
 
 @settings(max_examples=40, deadline=None)
