@@ -237,6 +237,23 @@ def write_text(loc: Location, text: str) -> None:
     write_bytes(loc, text.encode("utf-8"))
 
 
+def write_parquet(loc: Location, data, compression: str = "zstd") -> None:
+    """Write ``data`` (a pyarrow Table, a pandas DataFrame (index dropped) or a list of row
+    dicts) as one parquet file at ``loc``."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if isinstance(data, list):
+        data = pa.Table.from_pylist(data)
+    elif not isinstance(data, pa.Table):
+        data = pa.Table.from_pandas(data, preserve_index=False)
+    buf = io.BytesIO()
+    pq.write_table(data, buf, compression=compression)
+    write_bytes(loc, buf.getvalue())
+
+
 def create_exclusive(loc: Location, data: bytes) -> bool:
     """Create the file at ``loc`` only if nothing is there (one atomic step: ``O_EXCL`` locally, a
     conditional ``PUT`` with ``If-None-Match: *`` on S3); returns False when it already exists.

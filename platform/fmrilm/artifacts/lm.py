@@ -57,6 +57,14 @@ def write_folder(d: str, target: str, meta: dict, model, probe: dict, logits: to
     upload_tree(d, target)
 
 
+def local_folder(uri: str) -> str:
+    """A local folder holding the export at ``uri``: the folder itself, or this node's cached copy
+    of a remote one."""
+    from fmrilm.models.fmri_lm import sync_to_local
+
+    return sync_to_local(uri) if storage.is_remote(uri) else storage.resolve(uri).path
+
+
 def export_meta(uri: str) -> dict:
     """``fmri_lm.json`` of an LM export, or a clear error if ``uri`` is not one."""
     loc = storage.resolve(uri).join(META)
@@ -91,10 +99,8 @@ def load_exported(uri: str, merged: bool = False):
     from safetensors.torch import load
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fmrilm.models.fmri_lm import sync_to_local
-
     loc = storage.resolve(uri)
-    local = sync_to_local(uri) if storage.is_remote(uri) else loc.path
+    local = local_folder(uri)
     meta = json.loads(storage.read_text(loc.join(META)))
     if meta["layout"] == "full":
         model, tok = AutoModelForCausalLM.from_pretrained(os.path.join(local, "full")), AutoTokenizer.from_pretrained(os.path.join(local, "full"))
@@ -117,10 +123,8 @@ def export_tokenizer(uri: str):
     """The tokenizer of an LM export (with a pad token), without loading any weights."""
     from transformers import AutoTokenizer
 
-    from fmrilm.models.fmri_lm import sync_to_local
-
     meta = json.loads(storage.read_text(storage.resolve(uri).join(META)))
-    local = sync_to_local(uri) if storage.is_remote(uri) else storage.resolve(uri).path
+    local = local_folder(uri)
     tok = AutoTokenizer.from_pretrained(os.path.join(local, {"full": "full", "base+adapter": "base", "adapter": "adapter"}[meta["layout"]]))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -8,7 +8,6 @@ FC + linear fitted on the same k scans per class.
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -167,10 +166,9 @@ def _json(v):
 def plots(report: dict, predictions: list[dict]) -> dict[str, bytes]:
     """``fewshot.png`` (metric vs k per task, baselines as lines), ``confusion.png`` (the full
     or best k-shot paradigm per classification task), ``age.png`` (predicted vs true age)."""
-    import matplotlib
+    from fmrilm.plots import png_bytes, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = {}
     res = report["results"]
@@ -196,7 +194,7 @@ def plots(report: dict, predictions: list[dict]) -> dict[str, bytes]:
             ax.set_ylabel(key)
         axes[0][0].legend(fontsize=6)
         fig.tight_layout()
-        out["fewshot.png"] = _png(fig, plt)
+        out["fewshot.png"] = png_bytes(fig)
     cls = [t for t in tasks if headline(t) == "balanced_accuracy"]
     if cls:
         fig, axes = plt.subplots(1, len(cls), figsize=(3.6 * len(cls), 3.2), squeeze=False)
@@ -219,7 +217,7 @@ def plots(report: dict, predictions: list[dict]) -> dict[str, bytes]:
             ax.set_ylabel("true")
             ax.set_title(f"{task}: {p['paradigm']}{'' if p['k'] is None else ' k=' + str(p['k'])}", fontsize=8)
         fig.tight_layout()
-        out["confusion.png"] = _png(fig, plt)
+        out["confusion.png"] = png_bytes(fig)
     if "age" in tasks:
         fig, ax = plt.subplots(figsize=(4, 4))
         for i, (paradigm, method) in enumerate((("full", "fmrilm"), ("baseline", "fc_linear"), ("baseline", "planted_pattern"))):
@@ -233,7 +231,7 @@ def plots(report: dict, predictions: list[dict]) -> dict[str, bytes]:
         ax.set_ylabel("predicted age")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        out["age.png"] = _png(fig, plt)
+        out["age.png"] = png_bytes(fig)
     return out
 
 
@@ -245,10 +243,3 @@ def _best_predictions(predictions: list[dict], task: str, group: str) -> dict | 
         return full[0]
     shots = sorted((p for p in mine if p["paradigm"] == "kshot_lora"), key=lambda p: (p["k"], -(p["seed"] or 0)))
     return shots[-1] if shots else (mine[0] if mine else None)
-
-
-def _png(fig, plt) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()

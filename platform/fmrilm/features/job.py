@@ -16,7 +16,6 @@ Per dataset (datasets differ in ROIs and networks, so each has its own reference
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import posixpath
@@ -24,7 +23,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
@@ -110,9 +108,7 @@ def describe_shard(item: dict) -> dict:
         except (ValueError, np.linalg.LinAlgError) as err:
             failed.append({"scan_id": row["scan_id"], "reason": str(err)})
             rows.append({"scan_id": row["scan_id"], "error": str(err)})
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    storage.write_bytes(out_loc, buf.getvalue())
+    storage.write_parquet(out_loc, rows)
     return {"shard": item["shard"], "scans": len(rows), "failed": json.dumps(failed)}
 
 
@@ -165,8 +161,8 @@ def build_dataset(loc: storage.Location, manifest: dict, spec: FeaturesSpec) -> 
     caption_rows = [row for sid, zrow, good in zip(raw["scan_id"], z.to_dict("records"), ok) if good
                     for row in captions_mod.captions_for_scan(sid, zrow, spec.seed, spec.captions_per_scan, spec.descriptors_per_caption)]
 
-    _write_parquet(work.join("features.parquet"), pa.Table.from_pandas(features, preserve_index=False))
-    _write_parquet(work.join("captions.parquet"), pa.Table.from_pylist(caption_rows))
+    storage.write_parquet(work.join("features.parquet"), features)
+    storage.write_parquet(work.join("captions.parquet"), caption_rows)
     storage.write_text(work.join("stats.json"), json.dumps({k: {"mean": m, "sd": s} for k, (m, s) in stats.items()}, indent=1))
     if spec.plot:
         storage.write_bytes(work.join("descriptors.png"), plot_distributions(z[ok.to_numpy()], raw.loc[ok, "split"]))
@@ -201,12 +197,6 @@ def _probe(loc: storage.Location, manifest: dict, meta: pd.DataFrame, work: stor
     return sex_probe(work.join("features.parquet").uri, series, labelled)
 
 
-def _write_parquet(loc: storage.Location, t: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(t, buf, compression="zstd")
-    storage.write_bytes(loc, buf.getvalue())
-
-
 def _read_json(loc: storage.Location) -> dict | None:
     try:
         return json.loads(storage.read_text(loc))
@@ -216,10 +206,9 @@ def _read_json(loc: storage.Location) -> dict | None:
 
 def plot_distributions(z: pd.DataFrame, splits: pd.Series, n: int = 16) -> bytes:
     """PNG of the z-score distributions of ``n`` descriptors (the most variable), by split."""
-    import matplotlib
+    from fmrilm.plots import png_bytes, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cols = list(z.var().sort_values(ascending=False).index[:n])
     rows = int(np.ceil(len(cols) / 4)) or 1
@@ -233,10 +222,7 @@ def plot_distributions(z: pd.DataFrame, splits: pd.Series, n: int = 16) -> bytes
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("descriptor z-scores (training-split reference)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def run(spec: FeaturesSpec) -> dict:

@@ -98,14 +98,14 @@ def check(spec: InstructSpec) -> dict:
     """Checks before any worker starts: the export exists, LoRA targets exist; returns its meta."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fmrilm.models.fmri_lm import sync_to_local
-    from fmrilm.train.lm import check_inputs, lora_targets
+    from fmrilm.models.lora import lora_targets
+    from fmrilm.train.lm import check_inputs
 
     meta = export_meta(spec.model)
     check_inputs(meta.get("contract"), spec.data, spec.datasets, f"the export {spec.model}")
     root = root_export(spec.model)
     sub = "full" if export_meta(root)["layout"] == "full" else "base"
-    local = sync_to_local(root) if storage.is_remote(root) else storage.resolve(root).path
+    local = lm_artifact.local_folder(root)
     cfg = AutoConfig.from_pretrained(os.path.join(local, sub))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(cfg)
@@ -154,7 +154,7 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
         raise UserError(f"no instructions: the training split of {spec.data} has no scan with tokens and a known answer "
                          f"for tasks {sorted(spec.instructions.tasks)}")
     where = storage.resolve(storage.join(spec.run.storage, spec.run.name, "instructions.parquet"))
-    storage.write_bytes(where, _parquet_bytes(rows))
+    storage.write_parquet(where, rows)
     objective_of = {t: i for i, t in enumerate(TASKS)}
     out = {"table": where.uri, "split": record}
     for split in ("train", VALIDATION):
@@ -172,14 +172,6 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
     if held and "val" not in out:
         log.warning("validation subjects %s have no instruction that fits seq_len: no validation metrics", sorted(held))
     return out
-
-
-def _parquet_bytes(df: pd.DataFrame) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()
 
 
 def run(spec: InstructSpec) -> dict:

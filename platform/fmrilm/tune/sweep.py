@@ -326,15 +326,11 @@ def best_row(spec: SweepSpec, table: pd.DataFrame) -> pd.Series | None:
 
 def write_results(spec: SweepSpec, table: pd.DataFrame, grid) -> dict[str, str]:
     """``results.parquet``, ``results.md``, ``sweep.png`` and ``best.yaml`` under the sweep folder."""
-    import io
-
     import yaml
 
     loc = storage.resolve(sweep_dir(spec))
     files = {}
-    buf = io.BytesIO()
-    table.to_parquet(buf, index=False)
-    storage.write_bytes(loc.join("results.parquet"), buf.getvalue())
+    storage.write_parquet(loc.join("results.parquet"), table)
     storage.write_text(loc.join("results.md"), _markdown(spec, table))
     storage.write_bytes(loc.join("sweep.png"), _plot(spec, table, grid))
     files |= {n: loc.join(n).uri for n in ("results.parquet", "results.md", "sweep.png")}
@@ -363,12 +359,9 @@ def _short(value) -> str:
 
 
 def _plot(spec: SweepSpec, table: pd.DataFrame, grid) -> bytes:
-    import io
+    from fmrilm.plots import png_bytes, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = list(spec.space)
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.5 * (len(keys) + 1), 3.5), squeeze=False)
@@ -397,7 +390,4 @@ def _plot(spec: SweepSpec, table: pd.DataFrame, grid) -> bytes:
     curves.set_ylabel(spec.metric)
     curves.set_title("learning curves", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
