@@ -242,12 +242,21 @@ def check_run_inputs(run_dir: storage.Location, run: RunSpec, versions: dict | N
     storage.write_text(record_loc, json.dumps({"datasets": versions}, indent=1))
 
 
-def run_trainer(trainer, run: RunSpec, versions: dict | None = None):
-    """``trainer.fit()`` under the run's lock (:class:`RunLock`: one live driver per run name),
-    after :func:`check_run_inputs` (``versions``: dataset -> version read). When the run's object
-    store stopped answering (the error says so, or the run folder cannot be listed afterwards),
-    raise a :class:`fmrilm.storage.StorageError` that says so and how to resume, instead of a
-    worker-group traceback."""
+def run_trainer(loop, config: dict, scaling: ScalingSpec, datasets: dict, run: RunSpec, versions: dict | None = None):
+    """The one trainer of every stage: a ``TorchTrainer`` of ``loop(config)`` on
+    ``scaling.num_workers`` workers over the Ray ``datasets`` (name -> dataset), fitted under the
+    run's lock (:class:`RunLock`: one live driver per run name) after :func:`check_run_inputs`
+    (``versions``: dataset -> version read); returns Ray's ``Result``. When the run's object store
+    stopped answering (the error says so, or the run folder cannot be listed afterwards), raise a
+    :class:`fmrilm.storage.StorageError` that says so and how to resume, instead of a worker-group
+    traceback."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop, train_loop_config=config, datasets=datasets, run_config=run_config(run),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}))
     run_dir = storage.resolve(storage.join(run.storage, run.name))
     lock = RunLock(run_dir, run.name).acquire()
     try:

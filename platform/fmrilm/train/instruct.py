@@ -176,10 +176,6 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
 
 def run(spec: InstructSpec) -> dict:
     """Check, build instructions, tune LoRA (or resume), export; returns metrics and the model URI."""
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from fmrilm.train.common import run_config
     from fmrilm.train.lm import probe_row, to_dataset
 
     check(spec)
@@ -192,13 +188,7 @@ def run(spec: InstructSpec) -> dict:
               "probe": probe, "fault": fault_plan(), "has_val": "val" in prepared, "split": prepared["split"],
               "number": number.as_dict() if number else None}
     datasets = {"train": to_dataset(packed)} | ({"val": to_dataset(prepared["val"])} if "val" in prepared else {})
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
-        datasets=datasets, run_config=run_config(spec.run),
-    )
-    result = run_trainer(trainer, spec.run, prepared["split"]["datasets"])
+    result = run_trainer(train_loop, config, spec.scaling, datasets, spec.run, prepared["split"]["datasets"])
     return {"metrics": dict(result.metrics or {}), "model": lm_artifact.location(spec.run.storage, spec.run.name),
             "instructions": prepared["table"], "rows": prepared["rows"], "task_rows": prepared["counts"],
             "validation_rows": prepared.get("val_rows", 0)}

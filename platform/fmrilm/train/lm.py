@@ -584,11 +584,6 @@ def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tenso
     """Run the ``TorchTrainer`` on packed sequences (rows a multiple of the world size) with a
     codebook ``[K, d]``, optional codebook-map pairs, the split record and input contract the
     export carries and the scan vectors' standardisation; returns the Ray Train result."""
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from fmrilm.train.common import run_config
-
     world = spec.scaling.num_workers
     probe = probe_row(packed)
     config = {"spec": worker_spec(spec), "num_codes": int(codebook.shape[0]), "codebook": codebook.numpy(),
@@ -598,12 +593,6 @@ def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tenso
               "feature_width": int(packed["feats"].shape[-1]) if "feats" in packed else None, "max_rois": max_rois,
               "scan_dim": int(packed["scan"].shape[-1]) if "scan" in packed else None, "scan_scale": scan_scale,
               "split": split_rec, "contract": contract}
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=spec.scaling.use_gpu,
-                                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
-        datasets={"train": to_dataset(packed)}, run_config=run_config(spec.run),
-    )
-    return run_trainer(trainer, spec.run, (split_rec or {}).get("datasets"))
+    return run_trainer(train_loop, config, spec.scaling, {"train": to_dataset(packed)}, spec.run, (split_rec or {}).get("datasets"))
 
 

@@ -33,7 +33,7 @@ from fmrilm.models.alignment import AlignmentConfig, dann_coefficient
 from fmrilm.models.tokenizer import TokenizerConfig
 from fmrilm.models.tokenizer_objective import TokenizerObjective
 from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, check_shape, checkpoint_dir, checkpoint_name, cosine_schedule, fault_plan,
-                                 inject_fault, load_state, resume, run_config, run_trainer, save_state, shape_of, worker_spec)
+                                 inject_fault, load_state, resume, run_trainer, save_state, shape_of, worker_spec)
 
 log = logging.getLogger("fmrilm.tokenizer")
 
@@ -207,9 +207,6 @@ def training_contract(spec: TokenizerStageSpec, manifests: list[dict]) -> dict:
 def run(spec: TokenizerStageSpec) -> dict:
     """Train (or resume) the tokenizer and export its artifact; returns the final metrics and
     the artifact URI."""
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     runtime.init_ray()
     world = spec.scaling.num_workers
     found = selected_datasets(spec.data)
@@ -228,13 +225,7 @@ def run(spec: TokenizerStageSpec) -> dict:
     config = {"spec": worker_spec(spec), "text_tokens": text_tokens, "captions": caption_emb,
               "rows_per_rank": math.ceil(rows / world), "has_val": "val" in prepared["datasets"],
               "fault": fault_plan()}
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=spec.scaling.use_gpu,
-                                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
-        datasets=prepared["datasets"], run_config=run_config(spec.run),
-    )
-    result = run_trainer(trainer, spec.run, split_rec["datasets"])
+    result = run_trainer(train_loop, config, spec.scaling, prepared["datasets"], spec.run, split_rec["datasets"])
     if result.checkpoint is None:
         raise RuntimeError(f"run {spec.run.name} finished without a checkpoint")
     uri = export(result.checkpoint, spec, split_rec, contract, dict(result.metrics or {}))
