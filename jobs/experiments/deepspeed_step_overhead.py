@@ -12,7 +12,8 @@ from fmrilm.bench.lm import synthetic_packed
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
 from fmrilm.train.deepspeed import DeepSpeedSpec, build_config
 from fmrilm.models.fmri_lm import forward_loss
-from fmrilm.train.lm import BackboneSpec, PretrainSpec, _collate, build_model
+from fmrilm.train.lm import BackboneSpec, PretrainSpec, build_model
+from fmrilm.train.loop import packed_collate
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 SPEC = PretrainSpec(backbone=BackboneSpec(source="tiny-gpt2", tiny_width=768, tiny_layers=12), seq_len=1024,
@@ -24,7 +25,7 @@ WEIGHTS = SPEC.objectives.by_id()
 
 def batches(n: int = 24) -> list[dict]:
     packed = synthetic_packed(SPEC, 256, 96, 32, 24)
-    collate = _collate()
+    collate = packed_collate()
     return [{k: v.cuda() for k, v in collate({k: v[i:i + 8] for k, v in packed.items()}).items()} for i in range(0, 8 * n, 8)]
 
 

@@ -27,7 +27,8 @@ from fmrilm.models.fmri_lm import extend_tokenizer, forward_loss
 from fmrilm.models.text import FALLBACK_CORPUS
 from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule
 from fmrilm.train.deepspeed import DeepSpeedSpec
-from fmrilm.train.lm import BackboneSpec, PretrainSpec, _collate, _text_tokenizer, build_examples, build_model, fit, pad_rows, peak_memory
+from fmrilm.train.lm import BackboneSpec, PretrainSpec, _text_tokenizer, build_examples, build_model, fit, pad_rows
+from fmrilm.train.loop import packed_collate, peak_memory
 
 TARGET = 0.95
 WARM_STEPS = 2
@@ -57,7 +58,7 @@ def plain_loop(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torc
     per_epoch = math.ceil(len(packed["ids"]) / mb)
     total = spec.train.epochs * per_epoch
     sched = cosine_schedule(opt, spec.train.warmup_steps, total)
-    collate = _collate()
+    collate = packed_collate()
     batches = [collate({k: v[i : i + mb] for k, v in packed.items()}) for i in range(0, len(packed["ids"]), mb)]
     weights = spec.objectives.by_id()
     step, tokens, seconds = 0, 0, 0.0

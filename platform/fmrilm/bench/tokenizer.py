@@ -136,7 +136,7 @@ def compute_step_loop(size: str, option: dict, batch_size: int, steps: int, thre
     with one compute ``option`` (:func:`parse_option`): samples/s after ``WARM_STEPS`` and peak
     memory of this process."""
     from fmrilm.models.alignment import AlignmentConfig
-    from fmrilm.train.lm import peak_memory
+    from fmrilm.train.loop import peak_memory
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

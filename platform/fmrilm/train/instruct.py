@@ -8,7 +8,7 @@ reported per task and ``instructions.tasks`` weights mix them), and runs a ``Tor
 
 Worker: loads the export (a LoRA-pretrained export is merged first), puts fresh LoRA adapters
 on it (the fMRI rows of the embeddings train with them), or with ``lora.enabled=false`` trains
-every weight, with :func:`fmrilm.train.lm.deepspeed_train` (ZeRO 0-3, resume by run name, every
+every weight, with :func:`fmrilm.train.loop.deepspeed_train` (ZeRO 0-3, resume by run name, every
 rank checkpoints). Export: ``<storage>/<run>/model`` in the ``adapter`` layout (``adapter/`` +
 ``fmri_lm.json`` naming the base export, + the fMRI input weights: projectors), or the
 ``full`` layout after full fine-tuning; :func:`fmrilm.artifacts.lm.load_exported` loads both and
@@ -201,7 +201,7 @@ def train_loop(config: dict) -> None:
     """Ray Train worker of the instruct stage (see the module docstring)."""
     import ray.train
 
-    from fmrilm.train.lm import deepspeed_train
+    from fmrilm.train.loop import deepspeed_train
 
     spec = InstructSpec(**config["spec"])
     torch.manual_seed(spec.train.seed)
@@ -220,7 +220,7 @@ def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: 
     """Write the export (every rank takes part: ZeRO-3 gathers): ``adapter/`` over the pretrained
     export, or with ``lora.enabled=false`` the whole fine-tuned model (``full/``); ``fmri_lm.json``
     names the base export either way and carries the split record."""
-    from fmrilm.train.lm import write_export
+    from fmrilm.train.loop import write_export
 
     def write(d: str, lm) -> dict:
         sub = "adapter" if spec.lora.enabled else "full"

@@ -10,8 +10,8 @@ features build``) of the training-split scans (fMRI->fMRI, fMRI->text, text->tex
 Worker: loads the backbone (identically on every rank), adds the fMRI vocabulary and initialises
 its embeddings, optionally wraps it in LoRA (peft; the new token rows stay trainable) and in
 :class:`~fmrilm.models.fmri_lm.FMRIInputLM` (features projector, scan-token projector), hands it
-to ``deepspeed.initialize`` (ZeRO 0-3, :mod:`fmrilm.train.deepspeed`) and trains with the
-block-causal mask and per-objective losses. Every ``checkpoint_every`` steps every rank saves its
+to the shared DeepSpeed loop (:func:`fmrilm.train.loop.deepspeed_train`; ZeRO 0-3,
+:mod:`fmrilm.train.deepspeed`), which trains with the block-causal mask and per-objective losses. Every ``checkpoint_every`` steps every rank saves its
 DeepSpeed shard and reports it; re-running the same run name resumes from the newest one. At the
 end the model is exported as a Hugging Face folder under ``<storage>/<run>/model`` (ZeRO-3
 parameters gathered first): the full model, or with LoRA ``base/`` + ``adapter/`` (merge with
@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from typing import Literal
 
 import numpy as np
@@ -40,14 +39,13 @@ from fmrilm.data import splits
 from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
 from fmrilm.data.pipeline import PipelineError
 from fmrilm.data.splits import SplitPolicy
-from fmrilm.models.fmri_lm import (INPUT_KEYS, MAX_CODES, BackboneError, FMRIInputLM, add_fmri_vocab, forward_loss, probe_logits,
-                                   init_code_embeddings, load_backbone, locate_backbone)
+from fmrilm.models.fmri_lm import (INPUT_KEYS, MAX_CODES, BackboneError, FMRIInputLM, add_fmri_vocab, init_code_embeddings, load_backbone,
+                                   locate_backbone)
 from fmrilm.models.lora import LoraSpec, lora_targets, wrap_lora
-from fmrilm.models.number_loss import NumberObjective
 from fmrilm.models.scan_token import scan_vectors
-from fmrilm.train.common import (CorruptCheckpoint, OptimSpec, RunSpec, ScalingSpec, check_pickles, check_shape, checkpoint_name, cosine_schedule, fault_plan,
-                                 inject_fault, read_meta, resume, run_trainer, shape_of, worker_spec, write_meta)
-from fmrilm.train.deepspeed import DeepSpeedSpec, adamw, autocast, build_config, resolve_precision
+from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, fault_plan, run_trainer, worker_spec
+from fmrilm.train.deepspeed import DeepSpeedSpec
+from fmrilm.train.loop import deepspeed_train, write_export
 
 log = logging.getLogger("fmrilm.lm")
 class BackboneSpec(Strict):
@@ -293,26 +291,6 @@ def to_dataset(packed: dict[str, np.ndarray]):
 # ---------------------------------------------------------------- worker side
 
 
-def peak_memory(on_gpu: bool) -> dict[str, float]:
-    """Peak resident memory of this process (MiB) and, on a GPU, peak allocated GPU memory."""
-    import resource
-
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if on_gpu:
-        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
-
-
-def _collate():
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    class PackedCollate(NumpyBatchCollateFn):
-        def __call__(self, batch):
-            return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-
-    return PackedCollate()
-
-
 def build_model(spec: PretrainSpec, num_codes: int, codebook: torch.Tensor, pairs=None):
     """Backbone + fMRI vocabulary with initialised rows; returns ``(model, tokenizer, vocab, info)``."""
     model, tok, info = load_backbone(spec.backbone.source, seed=spec.train.seed, tiny_width=spec.backbone.tiny_width,
@@ -323,42 +301,6 @@ def build_model(spec: PretrainSpec, num_codes: int, codebook: torch.Tensor, pair
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model, tok, vocab, info
-
-
-def _mean_across_ranks(sums: dict[str, float], counts: dict[str, float], keys: tuple[str, ...], device) -> dict[str, float]:
-    """Means of ``keys`` over every rank's micro-steps (a fixed-size all-reduce on ``device``, as
-    NCCL reduces only CUDA tensors; ranks may have seen different objectives); keys no rank saw
-    are left out."""
-    import torch.distributed as dist
-
-    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    n = len(keys)
-    return {k: t[i].item() / t[n + i].item() for i, k in enumerate(keys) if t[n + i] > 0}
-
-
-@torch.no_grad()
-def validation_losses(engine, shard, micro_batch: int, objectives: tuple[str, ...], weights: dict[int, float], device,
-                      number: NumberObjective | None = None, precision: str = "fp32") -> dict[str, float]:
-    """Mean loss and loss per objective over a (rank's) validation shard, averaged across ranks,
-    as ``val/loss`` and ``val/loss/<objective>``; every rank takes part (ZeRO-3 gathers)."""
-    from fmrilm.data.pipeline import torch_batches
-
-    keys = ("loss", *(f"loss/{o}" for o in objectives))
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    engine.eval()
-    for batch in torch_batches(shard, micro_batch, collate_fn=_collate()):
-        if not (batch["targets"] != -100).any():
-            continue  # padding rows only
-        with autocast(precision, device):
-            loss, parts = forward_loss(engine, {k: v.to(device) for k, v in batch.items()}, weights, number)
-        for k, v in {"loss": loss, **{f"loss/{objectives[i]}": p for i, p in parts.items()}}.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
-            counts[k] = counts.get(k, 0.0) + 1
-    engine.train()
-    return {f"val/{k}": v for k, v in _mean_across_ranks(sums, counts, keys, device).items()}
 
 
 def train_loop(config: dict) -> None:
@@ -386,130 +328,6 @@ def train_loop(config: dict) -> None:
     export(engine, tok, spec, info, vocab, config["probe"], export_base, rank, config.get("split"), config.get("contract"))
 
 
-def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weights: dict[int, float], static: dict,
-                    number: NumberObjective | None = None):
-    """The shared DeepSpeed loop of the LM stages on a Ray Train worker: optimizer and cosine
-    schedule over the ``train`` dataset shard, resume from the run's newest checkpoint, the mean
-    loss and one loss per objective name reported every ``log_every`` steps (plus ``static``),
-    a checkpoint every ``checkpoint_every`` steps and at the end, with the losses over the ``val``
-    dataset shard at each checkpoint when ``config["has_val"]``; ``number`` adds the number-token
-    loss (reported as ``loss/<objectives[number.part]>``). ``spec`` has ``train``,
-    ``deepspeed``, ``lora`` and ``scaling``. Returns the DeepSpeed engine after the last step."""
-    import deepspeed
-    import ray.train
-
-    from fmrilm.data.pipeline import epoch_stream
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    on_gpu = spec.scaling.use_gpu and torch.cuda.is_available()
-    keys = ("loss", *(f"loss/{o}" for o in objectives))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = adamw(params, spec.train.lr, spec.train.weight_decay, on_gpu)
-    per_epoch = math.ceil(config["rows_per_rank"] / (spec.deepspeed.micro_batch_size * spec.deepspeed.grad_accum))
-    total = min(spec.train.epochs * per_epoch, spec.train.max_steps or 10**12)
-    sched = cosine_schedule(opt, spec.train.warmup_steps, total)
-    ds_config = build_config(spec.deepspeed, world, spec.train.grad_clip, on_gpu)
-    precision = resolve_precision(spec.deepspeed, on_gpu)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False)
-    if spec.deepspeed.compile:
-        engine.compile()
-    device = engine.device
-    pin = on_gpu and spec.deepspeed.pin_memory
-    step, resumed = 0, {}
-    shape = shape_of(**{k: getattr(spec, k) for k in ("backbone", "model", "input_mode", "scan_token", "lora") if hasattr(spec, k)},
-                     num_codes=config.get("num_codes"))
-
-    def load(ckpt):
-        with ckpt.as_directory() as d:
-            check_shape(read_meta(d), shape, f"checkpoint {ckpt.path} of run {spec.run.name!r}")
-            check_pickles(d)
-            try:
-                _, client = engine.load_checkpoint(d, tag="ds", load_module_strict=not spec.lora.enabled)
-            except Exception as err:  # noqa: BLE001 - the files were checked as safe: a failure here is damage
-                raise CorruptCheckpoint(f"DeepSpeed state: {type(err).__name__}: {err}") from err
-        if client is None or "step" not in client:
-            raise CorruptCheckpoint("DeepSpeed found no state to load")
-        return client
-
-    client, ckpt, suffix = resume(load, log)
-    if client is not None:
-        step = int(client["step"])
-        resumed = {"resumed_from_step": step}
-        if rank == 0:
-            log.info("resumed at step %d from %s", step, ckpt.path)
-    shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    tokens_done, seconds, waited, pending_wait = 0, 0.0, 0.0, 0.0
-
-    def add(key: str, value: float) -> None:
-        sums[key] = sums.get(key, 0.0) + value
-        counts[key] = counts.get(key, 0.0) + 1
-
-    first: dict[str, float] = {}
-
-    def report(final: bool = False) -> None:
-        metrics = _mean_across_ranks(sums, counts, keys, device)
-        if not first and "loss" in metrics:
-            first["first_loss"] = metrics["loss"]  # the mean over the first log interval, to see the fall
-        metrics |= first
-        metrics |= resumed | {"step": step, "epoch": step / per_epoch, "lr": sched.get_last_lr()[0],
-                              "tokens_per_s": tokens_done / seconds if seconds else 0.0,
-                              "input_wait_fraction": waited / seconds if seconds else 0.0,
-                              "torch_threads": torch.get_num_threads(), "precision": precision, **peak_memory(on_gpu), **static}
-        sums.clear()
-        counts.clear()
-        checkpoint_now = final or step % spec.train.checkpoint_every == 0
-        if not checkpoint_now:
-            ray.train.report(metrics)
-            return
-        if val_shard is not None:
-            metrics |= validation_losses(engine, val_shard, spec.deepspeed.micro_batch_size, objectives, weights, device, number, precision)
-        with tempfile.TemporaryDirectory(prefix="fmrilm-lm-ckpt-") as d:
-            engine.save_checkpoint(d, tag="ds", client_state={"step": step}, exclude_frozen_parameters=spec.lora.enabled)
-            write_meta(d, {"step": step, "shape": shape})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=checkpoint_name(step, suffix))
-
-    first_epoch = step // per_epoch
-    skip = (step - first_epoch * per_epoch) * spec.deepspeed.grad_accum
-    micro = 0
-    last = micro_end = time.perf_counter()
-    engine.train()
-    for epoch, i, batch in epoch_stream(shard, spec.deepspeed.micro_batch_size, first_epoch, spec.train.epochs, collate_fn=_collate(),
-                                        pin_memory=pin):
-        if step >= total:
-            break
-        if epoch == first_epoch and i < skip:
-            continue
-        pending_wait += time.perf_counter() - micro_end  # waiting for this batch (the input pipeline)
-        with autocast(precision, device):
-            loss, parts = forward_loss(engine, {k: v.to(device, non_blocking=pin) for k, v in batch.items()}, weights, number)
-        engine.backward(loss)
-        engine.step()
-        micro_end = time.perf_counter()
-        micro += 1
-        add("loss", loss.item())
-        for k, v in parts.items():
-            add(f"loss/{objectives[k]}", v.item())
-        if micro % spec.deepspeed.grad_accum:
-            continue
-        step += 1
-        now = time.perf_counter()
-        if step > 2:
-            seconds += now - last
-            waited += pending_wait
-            tokens_done += int((batch["segments"] > 0).sum())
-        pending_wait = 0.0
-        if step < total and (step % spec.train.log_every == 0 or step % spec.train.checkpoint_every == 0):
-            report()
-        inject_fault(config.get("fault"), step, bool(resumed))
-        last = micro_end = time.perf_counter()
-    report(final=True)
-    return engine
-
-
 def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base_dir: str | None, rank: int,
            split_rec: dict | None = None, contract: dict | None = None) -> None:
     """Write the Hugging Face folder (see the module docstring; ``fmri_lm.json`` carries the split
@@ -526,27 +344,6 @@ def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base
                 "split": split_rec, "contract": contract}
 
     write_export(engine, spec.deepspeed.zero_stage, probe, rank, lm_artifact.location(spec.run.storage, spec.run.name), write)
-
-
-def write_export(engine, zero_stage: int, probe: dict, rank: int, target: str, write) -> None:
-    """The export protocol of the LM stages, on every rank: the probe forward (under ZeRO-3 its
-    own hooks gather and release each layer; inside a gather they would release the weights
-    ``save_pretrained`` needs), then every parameter gathered while rank 0 calls ``write(dir, lm)``
-    (model files; returns the metadata) and :func:`fmrilm.artifacts.lm.write_folder` completes the
-    export (fMRI input weights, probe, ``fmri_lm.json``, card) and replaces ``target`` with it."""
-    import deepspeed
-
-    from fmrilm.artifacts.lm import write_folder
-
-    model = engine.module
-    model.eval()
-    lm = model.lm if isinstance(model, FMRIInputLM) else model
-    logits = probe_logits(model, probe, engine.device)
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=zero_stage == 3):
-        if rank != 0:
-            return
-        with tempfile.TemporaryDirectory(prefix="fmrilm-export-") as d:
-            write_folder(d, target, write(d, lm), model, probe, logits)
 
 
 # ---------------------------------------------------------------- driver entry
