@@ -48,3 +48,18 @@ def test_one_stage_table_names_every_job_and_the_quickstart_chain():
     assert set(PIPELINE) - {"ingest"} <= set(JOBS) and QuickstartSpec().stages == list(PIPELINE)
     assert SWEEPABLE == {"tokenizer": "val/r2", "instruct": "val/loss"}
     assert all(callable(stage_of(name).check) for name in SWEEPABLE)
+
+
+def test_user_errors_of_pure_and_driver_code_are_user_errors():
+    import numpy as np
+    import pytest
+
+    from fmrilm.errors import UserError
+    from fmrilm.features.descriptors import build_reference
+    from fmrilm.tokens import ScanNotTokenized
+
+    with pytest.raises(UserError, match="train split is empty"):
+        build_reference([], ["A"], [])
+    with pytest.raises(UserError, match="ROI->network map has 1 entries but scans have 3 ROIs"):
+        build_reference([np.zeros((3, 20))], ["A"], ["s"])
+    assert str(ScanNotTokenized("scan 'x' has no tokens")) == "scan 'x' has no tokens"

@@ -146,6 +146,13 @@ class TokensMissing(UserError, FileNotFoundError):
     """No tokens table where a stage looks for one."""
 
 
+class ScanNotTokenized(UserError, KeyError):
+    """A scan a stage asks about has no rows in the tokens table."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 def tokens_for(tokenizer_uri: str, tokens_uri: str | None = None, need_features: bool = False):
     """``(tokens table, its URI)`` of a tokenizer artifact: ``tokens_uri`` or the ``tokens`` folder
     beside the artifact (where ``fmrilm tokenize`` writes it); clear errors when it is missing or
@@ -239,7 +246,7 @@ class ScanBlocks:
 
     def part(self, scan_id: str, steps: int):
         if scan_id not in self.codes:
-            raise KeyError(f"scan {scan_id!r} has no tokens: re-run `fmrilm tokenize` over its dataset")
+            raise ScanNotTokenized(f"scan {scan_id!r} has no tokens: re-run `fmrilm tokenize` over its dataset")
         c = self.codes[scan_id][:, :steps]
         f = self.feats[scan_id][:, :steps] if self.features else None
         v = self.vocab

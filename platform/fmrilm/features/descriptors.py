@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fmrilm.data.signal import robust_scale
+from fmrilm.errors import UserError
 from fmrilm.features import connectivity, gradients, graph, ica
 
 N_GRADIENTS = 3
@@ -53,12 +54,18 @@ def mean_fc(series: list[np.ndarray]) -> np.ndarray:
     return fc
 
 
+class DescriptorReferenceError(UserError, ValueError):
+    """The training scans cannot define the descriptors' reference."""
+
+
 def build_reference(series: list[np.ndarray], networks: list[str], scan_ids: list[str], n_components: int = 8, seed: int = 0) -> Reference:
     """Fit the reference on training scans only: group gradients and group ICA maps."""
     if not series:
-        raise ValueError("the reference needs at least one training scan (is the train split empty?)")
+        raise DescriptorReferenceError("the descriptors' reference needs at least one training scan: the train split is "
+                                       "empty (check the datasets' split policy)")
     if len(networks) != series[0].shape[0]:
-        raise ValueError(f"the ROI->network map has {len(networks)} entries but scans have {series[0].shape[0]} ROIs")
+        raise DescriptorReferenceError(f"the ROI->network map has {len(networks)} entries but scans have {series[0].shape[0]} "
+                                       "ROIs: fix roi_networks in the dataset's manifest (or its card) to list every ROI")
     ref_grad = gradients.gradients(mean_fc(series), N_GRADIENTS)
     maps = ica.group_ica([robust_scale(s) for s in series], n_components, seed)
     names = [f"IC{k}-{net}" for k, net in enumerate(ica.dominant_network(maps, networks))]

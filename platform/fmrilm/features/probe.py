@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from fmrilm import storage
+from fmrilm.errors import UserError
 from fmrilm.data.signal import robust_scale
 from fmrilm.features.connectivity import pearson_fc
 
@@ -50,7 +51,8 @@ def sex_probe(features_uri: str, series: dict[str, tuple[np.ndarray, float]], me
     zcols = [c for c in df.columns if c.startswith("z.")]
     train, test = df[df["split"] == "train"], df[df["split"].isin(test_splits)]
     if train["sex"].nunique() < 2 or test["sex"].nunique() < 2:
-        raise ValueError("the probe needs both sexes in the train and held-out splits")
+        raise UserError("the sex probe needs both sexes in the train and the held-out splits: set probe=false, or add "
+                        "subjects of both sexes to each split")
     y_train, y_test = (train["sex"] == "F").to_numpy(int), (test["sex"] == "F").to_numpy(int)
     return {
         "n_train": int(len(train)), "n_test": int(len(test)), "chance": 0.5,

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fmrilm.config import Strict
+from fmrilm.config import ConfigError, Strict
 
 
 class DeepSpeedSpec(Strict):
@@ -54,7 +54,7 @@ def resolve_precision(spec: DeepSpeedSpec, on_gpu: bool) -> str:
     if spec.precision == "auto":
         return "bf16" if bf16_ok else "fp32"
     if spec.precision in ("bf16", "autocast") and on_gpu and not bf16_ok:
-        raise ValueError(f"deepspeed.precision {spec.precision}: this GPU does not support bf16 (use fp32)")
+        raise ConfigError(f"deepspeed.precision {spec.precision}: this GPU does not support bf16 (use fp32)")
     return spec.precision
 
 

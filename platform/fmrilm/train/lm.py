@@ -34,7 +34,7 @@ from pydantic import Field
 
 from fmrilm import runtime
 from fmrilm.artifacts import lm as lm_artifact
-from fmrilm.config import Strict
+from fmrilm.config import ConfigError, Strict
 from fmrilm.data import splits
 from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
 from fmrilm.data.pipeline import PipelineError
@@ -168,7 +168,7 @@ def build_examples(codes: dict[str, np.ndarray], captions: dict[str, list[str]],
         rois = c.shape[0]
         s = steps_that_fit(rois, seq_len)
         if s < 2:
-            raise ValueError(f"seq_len {seq_len} holds fewer than 2 time steps of {rois} ROIs (scan {scan_id}): raise seq_len")
+            raise ConfigError(f"seq_len {seq_len} holds fewer than 2 time steps of {rois} ROIs (scan {scan_id}): raise seq_len")
 
         def chunk(start: int, steps: int):
             return c[:, start : start + steps], (f[:, start : start + steps] if f is not None else None)
