@@ -21,6 +21,7 @@ model, so any reload can be checked against it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -311,21 +312,22 @@ def train_loop(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     pairs = tuple(torch.from_numpy(p.copy()) for p in config["pairs"]) if config.get("pairs") is not None else None
     model, tok, vocab, info = build_model(spec, config["num_codes"], torch.from_numpy(config["codebook"].copy()), pairs)
-    export_base = None
-    if spec.lora.enabled:
-        export_base = tempfile.mkdtemp(prefix="fmrilm-base-")
-        if rank == 0:  # the vocabulary-extended, initialised model LoRA trains on top of
-            model.save_pretrained(export_base)
-            tok.save_pretrained(export_base)
-        model = wrap_lora(spec.lora, model, vocab.new_ids())
-    if spec.input_mode == "features" or spec.scan_token:
-        model = FMRIInputLM(model, config["feature_width"] if spec.input_mode == "features" else None, config["max_rois"],
-                            config.get("scan_dim"))
-        if config.get("scan_scale") is not None:
-            model.set_scan_scale(*config["scan_scale"])
-    static = {"code_init": info["code_init"], "pretrained_backbone": info["pretrained"]}
-    engine = deepspeed_train(spec, model, config, OBJECTIVES, spec.objectives.by_id(), static)
-    export(engine, tok, spec, info, vocab, config["probe"], export_base, rank, config.get("split"), config.get("contract"))
+    # with LoRA: the vocabulary-extended, initialised model the adapters train on, copied into the
+    # export as base/ (a pretrained backbone is hundreds of MB: removed however the run ends)
+    with tempfile.TemporaryDirectory(prefix="fmrilm-base-") if spec.lora.enabled else contextlib.nullcontext() as export_base:
+        if spec.lora.enabled:
+            if rank == 0:
+                model.save_pretrained(export_base)
+                tok.save_pretrained(export_base)
+            model = wrap_lora(spec.lora, model, vocab.new_ids())
+        if spec.input_mode == "features" or spec.scan_token:
+            model = FMRIInputLM(model, config["feature_width"] if spec.input_mode == "features" else None, config["max_rois"],
+                                config.get("scan_dim"))
+            if config.get("scan_scale") is not None:
+                model.set_scan_scale(*config["scan_scale"])
+        static = {"code_init": info["code_init"], "pretrained_backbone": info["pretrained"]}
+        engine = deepspeed_train(spec, model, config, OBJECTIVES, spec.objectives.by_id(), static)
+        export(engine, tok, spec, info, vocab, config["probe"], export_base, rank, config.get("split"), config.get("contract"))
 
 
 def export(engine, tok, spec: PretrainSpec, info: dict, vocab, probe: dict, base_dir: str | None, rank: int,
