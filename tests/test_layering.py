@@ -63,3 +63,15 @@ def test_user_errors_of_pure_and_driver_code_are_user_errors():
     with pytest.raises(UserError, match="ROI->network map has 1 entries but scans have 3 ROIs"):
         build_reference([np.zeros((3, 20))], ["A"], ["s"])
     assert str(ScanNotTokenized("scan 'x' has no tokens")) == "scan 'x' has no tokens"
+
+
+def test_no_import_cycles_even_through_lazy_imports():
+    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}
+    graph = {m: {n for n in _imports(p) if n in modules} for m, p in modules.items()}
+
+    def reaches(start, goal, seen):
+        return any(n == goal or (n not in seen and not seen.add(n) and reaches(n, goal, seen)) for n in graph[start])
+
+    cycles = sorted(m for m in graph if reaches(m, m, set()))
+    assert cycles == []

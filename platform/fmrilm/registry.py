@@ -1,6 +1,7 @@
-"""Job kinds: a spec's ``kind`` names the pydantic model that validates it and the function
-``run(spec) -> artifacts`` that executes it. The CLI and a Ray Jobs entrypoint both go through
-here, so a spec runs the same way locally and on a cluster."""
+"""Job kinds and job files: a spec's ``kind`` names the pydantic model that validates it and the
+function ``run(spec) -> artifacts`` that executes it; a job file is such a spec plus an optional
+``submit:`` section (used only by ``fmrilm submit``). The CLI and a Ray Jobs entrypoint both go
+through here, so a spec runs the same way locally and on a cluster."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from fmrilm.config import ConfigError
+from pydantic import Field
+
+from fmrilm.config import ConfigError, Strict
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,19 @@ PIPELINE: tuple[str, ...] = ("ingest", "features", "tokenizer", "tokenize", "pre
 SWEEPABLE: dict[str, str] = {k: j.sweep_metric for k, j in JOBS.items() if j.sweep_metric}
 
 
+class SubmitSpec(Strict):
+    """The ``submit:`` section of a job spec (ignored by ``fmrilm run``)."""
+
+    env: list[str] = Field(default_factory=list, description="names of environment variables passed to the job (never credentials)")
+    entrypoint_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved for the job's driver process")
+
+
+class SubmitSection(Strict):
+    """Validates ``submit:`` so that errors name the full key (``submit.env``)."""
+
+    submit: SubmitSpec = Field(default_factory=SubmitSpec)
+
+
 def job_for(kind: str | None, source: str = "<spec>"):
     """Return ``(spec model, run function)`` for a job kind."""
     if kind in JOBS:
@@ -62,7 +78,6 @@ def load_job(spec_uri: str, overrides: list[str], kind: str | None = None):
     a stage command expects (the YAML may leave it out, but may not name another). The optional
     ``submit:`` section is validated here and used only by ``fmrilm submit``."""
     from fmrilm import config
-    from fmrilm.submit import SubmitSection
 
     data = config.apply_overrides(config.load_yaml(spec_uri), overrides)
     if kind is not None:

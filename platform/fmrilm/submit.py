@@ -27,10 +27,7 @@ import socket
 import time
 from urllib.parse import urlparse
 
-from pydantic import Field
-
 from fmrilm import storage
-from fmrilm.config import Strict
 from fmrilm.errors import UserError, embeds_credentials
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -54,19 +51,6 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 class SubmitError(UserError, RuntimeError):
     """A submission that cannot go ahead (unreachable cluster, local paths, secret env, ...)."""
-
-
-class SubmitSpec(Strict):
-    """The ``submit:`` section of a job spec (ignored by ``fmrilm run``)."""
-
-    env: list[str] = Field(default_factory=list, description="names of environment variables passed to the job (never credentials)")
-    entrypoint_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved for the job's driver process")
-
-
-class SubmitSection(Strict):
-    """Validates ``submit:`` so that errors name the full key (``submit.env``)."""
-
-    submit: SubmitSpec = Field(default_factory=SubmitSpec)
 
 
 def looks_secret(value: str) -> bool:

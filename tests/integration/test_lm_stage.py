@@ -99,6 +99,13 @@ def test_two_workers_train_export_and_reload(lm_inputs, zero, lora, source, mode
 def test_zero3_lora_fault_then_resume_by_run_name(lm_inputs, monkeypatch):
     """ZeRO-3 + LoRA (tiny-llama): a fault after the first checkpoint, the same spec resumes from
     the sharded checkpoint and exports an adapter that reloads with the in-training logits."""
+    import glob
+    import tempfile
+
+    def base_copies():  # what LoRA runs stage in the temp folder; none may outlive its run
+        return set(glob.glob(os.path.join(tempfile.gettempdir(), "fmrilm-base-*")))
+
+    before = base_copies()
     spec = _spec(lm_inputs, "lm-resume", zero=3, lora=True, source="tiny-llama", checkpoint_every=2, epochs=3)
     monkeypatch.setenv("FMRILM_FAULT_STEP", "3")
     with pytest.raises(Exception, match="injected fault at step 3"):
@@ -108,6 +115,7 @@ def test_zero3_lora_fault_then_resume_by_run_name(lm_inputs, monkeypatch):
     m = result["metrics"]
     assert m["resumed_from_step"] == 2 and m["step"] > 3
     assert _check_export(result)["layout"] == "base+adapter"
+    assert base_copies() <= before  # neither the failed run nor the finished one left its base copy
 
 
 def test_bad_specs_fail_before_workers_start(lm_inputs):

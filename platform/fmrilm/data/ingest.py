@@ -32,7 +32,8 @@ import numpy as np
 from fmrilm.errors import UserError
 from fmrilm import runtime, storage
 from fmrilm.data import schema, table
-from fmrilm.data.readers import InputError, ScanSource, read_timeseries
+from fmrilm.data.readers import InputError, read_timeseries
+from fmrilm.data.sources import ScanSource
 
 log = logging.getLogger("fmrilm.ingest")
 MAX_SOURCES_PER_TASK = 16

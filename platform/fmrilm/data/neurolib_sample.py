@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from fmrilm.data import parcels
-from fmrilm.data.readers import ScanSource, make_scan_id
+from fmrilm.data.sources import ScanSource, make_scan_id
 from fmrilm.errors import UserError
 
 COHORTS = {

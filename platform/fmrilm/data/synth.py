@@ -216,7 +216,7 @@ def cohort_table(params: SynthParams) -> list[dict]:
 
 def sources(params: SynthParams) -> list:
     """Ingestion sources for every scan of the cohort (read lazily, one subject per call)."""
-    from fmrilm.data.readers import ScanSource, make_scan_id
+    from fmrilm.data.sources import ScanSource, make_scan_id
 
     labels = roi_labels(params)
     out = []
