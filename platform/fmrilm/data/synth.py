@@ -23,12 +23,37 @@ Generative model (all draws seeded; subject ``i`` of a cohort is a pure function
 * Raw intensities: ``baseline_i + amplitude_i * site_gain_k * y_i`` (baseline ~ U(500, 1500),
   amplitude 1-3 % of baseline), so normalisation matters as with real BOLD.
 
+Dynamic effects (``dynamic_effects``; none by default). Each subject then also gets a diagnosis,
+``Case`` or ``Control`` (1/2 each, independent of sex, age and site), carried only by the listed
+effects, each built so that the expected same-time correlation of every ROI pair is the same in
+both groups (static FC cannot see it):
+
+* ``timescale``: Case scans have every time constant (network signals and ROI noise alike)
+  longer by ``timescale_effect`` (default 10 %: 3.0 -> 3.3 s). AR(1) signals with one ``phi``
+  and correlated innovations keep their stationary correlation ``R_s``, so FC is unchanged;
+  the ROI autocorrelation changes (lag-1 0.51 -> 0.55 at TR 2 s).
+* ``lag``: one network drives another ``lag_trs`` TRs later (``LAG_PAIR``, default 2 TR):
+  ``z_follow(t) <- sqrt(1 - c^2) z_follow(t) + c z_lead(t - lag)``, ``c = lag_strength``
+  (default 0.3). Control: the first network of the pair leads; Case: the second. Both directions
+  add the same ``c phi^lag`` to the pair's same-time correlation; the lagged cross-correlation
+  is asymmetric the other way round.
+* ``dwell``: network coupling switches between two states, ``R_s +/- state_coupling * P_state``
+  (``P_state`` +/-1 on the three ``STATE_PAIRS``; default 0.7), a Markov chain with mean dwell
+  ``dwell_trs`` = (Control, Case) TRs (default 6 vs 40). Both states are equally likely, so the
+  mean coupling is ``R_s``; long dwells make windowed FC wander.
+* ``bursts``: Case scans get global amplitude bursts: each TR starts one with probability
+  ``burst_rate`` (default 0.03), lasting ``burst_trs`` TRs (default 4), during which every ROI's
+  fluctuation is multiplied by ``burst_gain`` (default 2.5). A common gain independent of the
+  signal leaves correlations unchanged and fattens the amplitude distribution's tails.
+
 The oracle (``oracle()``) returns the true effect patterns at ROI level, e.g.
 ``d FC_ij / d sex = sex_effect * w_i w_j P_sex[A, B]`` (female minus male), the quantities an
 FC + linear model can at best recover.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -39,6 +64,10 @@ NETWORK_NAMES = ["Visual", "Somatomotor", "DorsalAttention", "VentralAttention",
 AGE_RANGE = (8.0, 80.0)
 SEX_PAIRS = [("DefaultMode", "Frontoparietal", 1.0), ("Somatomotor", "Visual", -1.0)]
 AGE_PAIRS = [("DefaultMode", "DorsalAttention", -1.0), ("Frontoparietal", "VentralAttention", 1.0)]
+LAG_PAIR = ("Visual", "DorsalAttention")  # Control: Visual leads; Case: DorsalAttention leads
+STATE_PAIRS = [("Somatomotor", "VentralAttention", 1.0), ("Limbic", "DefaultMode", 1.0), ("Visual", "Frontoparietal", -1.0)]
+DYNAMIC_EFFECTS = ("timescale", "lag", "dwell", "bursts")
+DIAGNOSES = ("Control", "Case")
 
 
 class SynthParams(Strict):
@@ -56,6 +85,16 @@ class SynthParams(Strict):
     age_effect: float = 0.2
     site_effect: float = 0.1
     subject_noise: float = Field(0.05, ge=0)
+    dynamic_effects: list[Literal["timescale", "lag", "dwell", "bursts"]] = Field(
+        [], description="dynamic effects that carry a Case/Control diagnosis (none: no diagnosis)")
+    timescale_effect: float = Field(0.10, ge=0, description="Case: time constants longer by this fraction")
+    lag_trs: int = Field(2, ge=1, description="lag between the driving and the driven network")
+    lag_strength: float = Field(0.3, ge=0, lt=1, description="weight of the lagged drive")
+    dwell_trs: tuple[float, float] = Field((6.0, 40.0), description="mean state dwell in TRs: (Control, Case)")
+    state_coupling: float = Field(0.7, ge=0, description="+/- coupling change of the two states on STATE_PAIRS")
+    burst_rate: float = Field(0.03, ge=0, le=1, description="Case: probability per TR that a global burst starts")
+    burst_trs: int = Field(4, ge=1)
+    burst_gain: float = Field(2.5, ge=1)
     seed: int = 0
 
 
@@ -106,18 +145,25 @@ def _cohort(params: SynthParams) -> dict:
         "P_sex": _pair_pattern(names, SEX_PAIRS, 0),
         "P_age": _pair_pattern(names, AGE_PAIRS, 1),
         "P_site": site,
+        "P_state": _pair_pattern(names, STATE_PAIRS, 2),
+        "lag_pair": [names.index(n) for n in LAG_PAIR] if all(n in names for n in LAG_PAIR) else [0, 1],
     }
 
 
 def subject(params: SynthParams, index: int) -> dict:
-    """Attributes of subject ``index``: id, sex ('M'/'F'), age (years), site index."""
+    """Attributes of subject ``index``: id, sex ('M'/'F'), age (years), site index, diagnosis
+    ('Case'/'Control' with dynamic effects, else None)."""
     rng = np.random.default_rng([params.seed, index, 1])
-    return {
+    out = {
         "subject_id": f"{index:04d}",
         "sex": "F" if rng.random() < 0.5 else "M",
         "age": float(np.round(rng.uniform(*AGE_RANGE), 1)),
         "site": int(rng.integers(params.n_sites)),
+        "diagnosis": None,
     }
+    if params.dynamic_effects:  # its own stream: sex, age and site are those of the cohort without dynamics
+        out["diagnosis"] = DIAGNOSES[int(np.random.default_rng([params.seed, index, 4]).random() < 0.5)]
+    return out
 
 
 def age_z(age: float) -> float:
@@ -144,9 +190,15 @@ def network_coupling(params: SynthParams, index: int, session: int = 0, cohort: 
     return _nearest_correlation(r)
 
 
-def _ar1(rng: np.random.Generator, n: int, t: int, phi: float, chol: np.ndarray | None = None) -> np.ndarray:
+def _ar1(rng: np.random.Generator, n: int, t: int, phi: float, chol: np.ndarray | None = None,
+         states: np.ndarray | None = None) -> np.ndarray:
+    """AR(1) series ``[n, t]`` with unit stationary variance; innovations correlated by ``chol``
+    (``[n, n]``, or ``[states, n, n]`` indexed by ``states [t]``)."""
     e = rng.standard_normal((n, t))
-    if chol is not None:
+    if chol is not None and states is not None:
+        for k in range(len(chol)):
+            e[:, states == k] = chol[k] @ e[:, states == k]
+    elif chol is not None:
         e = chol @ e
     out = np.empty((n, t))
     out[:, 0] = e[:, 0]
@@ -156,18 +208,53 @@ def _ar1(rng: np.random.Generator, n: int, t: int, phi: float, chol: np.ndarray 
     return out
 
 
+def _markov_states(rng: np.random.Generator, t: int, dwell: float) -> np.ndarray:
+    """Two-state chain ``[t]`` of 0/1 with mean dwell ``dwell`` steps, starting in either state."""
+    switch = rng.random(t) < 1.0 / max(dwell, 1.0)
+    switch[0] = rng.random() < 0.5
+    return np.cumsum(switch) % 2
+
+
+def _bursts(rng: np.random.Generator, t: int, rate: float, length: int, gain: float) -> np.ndarray:
+    """Amplitude gain ``[t]``: 1, and ``gain`` for ``length`` steps after each burst start."""
+    g = np.ones(t)
+    for start in np.flatnonzero(rng.random(t) < rate):
+        g[start:start + length] = gain
+    return g
+
+
 def simulate_scan(params: SynthParams | dict, index: int, session: int = 0) -> np.ndarray:
     """Raw ROI series of subject ``index``, session ``session``: ``[rois, time]`` float64."""
     params = params if isinstance(params, SynthParams) else SynthParams(**params)
     c = _cohort(params)
     r = network_coupling(params, index, session, c)
     rng = np.random.default_rng([params.seed, index, 3, session])
-    phi = float(np.exp(-params.tr / 3.0))
-    z = _ar1(rng, params.n_networks, params.n_timepoints, phi, np.linalg.cholesky(r))
-    u = _ar1(rng, params.n_rois, params.n_timepoints, phi)
+    who = subject(params, index)
+    case = who["diagnosis"] == "Case"
+    effects = set(params.dynamic_effects)
+    tau = 3.0 * (1 + params.timescale_effect) if case and "timescale" in effects else 3.0
+    phi = float(np.exp(-params.tr / tau))
+    t = params.n_timepoints
+    lag = params.lag_trs if "lag" in effects else 0
+    if "dwell" in effects:
+        dyn = np.random.default_rng([params.seed, index, 5, session])
+        states = _markov_states(dyn, t + lag, params.dwell_trs[int(case)])
+        chols = np.stack([np.linalg.cholesky(_nearest_correlation(r + sign * params.state_coupling * c["P_state"])) for sign in (1, -1)])
+        z = _ar1(rng, params.n_networks, t + lag, phi, chols, states)
+    else:
+        z = _ar1(rng, params.n_networks, t + lag, phi, np.linalg.cholesky(r))
+    if lag:
+        lead, follow = c["lag_pair"][::-1] if case else c["lag_pair"]
+        k = params.lag_strength
+        z[follow, lag:] = np.sqrt(1 - k**2) * z[follow, lag:] + k * z[lead, :-lag]
+        z = z[:, lag:]
+    u = _ar1(rng, params.n_rois, t, phi)
     w = c["loadings"][:, None]
     y = w * z[c["nets"]] + np.sqrt(1 - w**2) * u
-    gain = c["site_gain"][subject(params, index)["site"]]
+    if case and "bursts" in effects:
+        y = y * _bursts(np.random.default_rng([params.seed, index, 6, session]), t, params.burst_rate, params.burst_trs,
+                        params.burst_gain)
+    gain = c["site_gain"][who["site"]]
     return c["baseline"][:, None] + (c["amplitude"] * c["baseline"])[:, None] * gain * y
 
 
@@ -227,6 +314,7 @@ def sources(params: SynthParams) -> list:
             dataset=params.name, atlas=f"synthetic-{params.n_rois}", kind="synth",
             uri=f"synth://{params.name}/seed-{params.seed}/sub-{sid}" + (f"/ses-{row['session']}" if row["session"] else ""),
             tr=params.tr, session=row["session"], task="rest", site=row["site_name"], age=row["age"], sex=row["sex"],
+            diagnosis=row["diagnosis"],
             options={"params": params.model_dump(), "index": int(sid), "session": row["session_index"], "labels": labels},
         ))
     return out

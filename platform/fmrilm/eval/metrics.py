@@ -83,3 +83,55 @@ def failures(y_pred, parse_rate: float | None = None, n_classes: int | None = No
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+def paired_gap(metric, y_true, pred_a, pred_b, n: int = 2000, seed: int = 0, level: float = 0.95,
+               strata: np.ndarray | None = None) -> dict:
+    """The gap ``metric(y_true, pred_a) - metric(y_true, pred_b)`` of two predictors on the same
+    test scans, with a paired bootstrap CI: each resample draws scans (within each value of
+    ``strata`` when given: pass the true classes) and scores both predictors on the same draw.
+    Returns ``{"gap", "ci": (lo, hi), "n"}``; resamples where the metric is undefined are skipped."""
+    rng = np.random.default_rng(seed)
+    y, a, b = np.asarray(y_true), np.asarray(pred_a), np.asarray(pred_b)
+    groups = [np.flatnonzero(np.asarray(strata) == v) for v in np.unique(strata)] if strata is not None else [np.arange(len(y))]
+    draws = []
+    for _ in range(n):
+        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        try:
+            d = float(metric(y[idx], a[idx])) - float(metric(y[idx], b[idx]))
+        except ValueError:
+            continue
+        if np.isfinite(d):
+            draws.append(d)
+    lo, hi = (np.percentile(draws, [(1 - level) / 2 * 100, (1 + level) / 2 * 100]) if draws else (np.nan, np.nan))
+    return {"gap": float(metric(y, a)) - float(metric(y, b)), "ci": (float(lo), float(hi)), "n": int(len(y))}
+
+
+def mcnemar(y_true, pred_a, pred_b) -> float:
+    """Exact two-sided McNemar p of two classifiers on the same scans: a binomial test on the scans
+    exactly one of them gets right (1.0 when there are none)."""
+    from scipy.stats import binomtest
+
+    y = np.asarray(y_true).astype(str)
+    right_a, right_b = np.asarray(pred_a).astype(str) == y, np.asarray(pred_b).astype(str) == y
+    only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    return 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def within(gap: dict, margin: float, higher_is_better: bool = True) -> bool:
+    """Whether a model is within ``margin`` of a baseline, decided on the CI of
+    ``gap = model - baseline`` from :func:`paired_gap`: the CI's worse end is no more than
+    ``margin`` behind (lower end >= -margin for scores, upper end <= margin for errors)."""
+    lo, hi = gap["ci"]
+    return bool(lo >= -margin) if higher_is_better else bool(hi <= margin)
+
+
+def balanced_accuracy(y_true, y_pred) -> float:
+    """Balanced accuracy: the mean over true classes of each class's recall."""
+    y, p = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
+    return float(np.mean([(p[y == c] == c).mean() for c in np.unique(y)]))
+
+
+def mae(y_true, y_pred) -> float:
+    """Mean absolute error."""
+    return float(np.abs(np.asarray(y_true, float) - np.asarray(y_pred, float)).mean())
