@@ -61,7 +61,7 @@ def test_shipped_job_specs_validate():
     specs = sorted(glob.glob("jobs/*.yaml"))
     assert len(specs) >= 9
     kinds = {load_job(path, [])[0].kind for path in specs}  # every file, with its submit: section
-    assert kinds >= {"quickstart", "features", "tokenizer", "tokenize", "pretrain", "instruct", "eval", "sweep"}
+    assert kinds >= {"quickstart", "features", "tokenizer", "tokenize", "pretrain", "instruct", "kshot", "eval", "sweep"}
 
 
 def test_shipped_dataset_cards_validate():

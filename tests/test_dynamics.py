@@ -87,3 +87,23 @@ def test_paired_gap_of_a_clearly_worse_predictor_excludes_zero():
     ages = rng.uniform(10, 80, 200)
     err = metrics.paired_gap(metrics.mae, ages, ages + rng.normal(0, 8, 200), ages + rng.normal(0, 2, 200))
     assert err["ci"][0] > 0 and not metrics.within(err, 1.0, higher_is_better=False)
+
+
+def test_the_best_classical_reader_is_chosen_on_training_scans():
+    from fmrilm.eval import classical
+
+    params = synth.SynthParams(subjects=160, dynamic_effects=["bursts"], seed=3)
+    nets = {f"s{i}": [synth.network_names(params)[k] for k in synth.roi_networks(params)] for i in range(160)}
+    series = {f"s{i}": synth.simulate_scan(params, i) for i in range(160)}
+    y = np.array([synth.subject(params, i)["diagnosis"] for i in range(160)], dtype=object)
+    vectors = classical.reader_vectors(series, nets)
+    assert set(vectors) == set(classical.READERS)
+    ids = list(series)
+    outs = classical.fit_readers(vectors, ids[:120], y[:120], ids[120:], list(synth.DIAGNOSES), False)
+    assert set(outs) == {f"{r}_linear" for r in classical.READERS} and all(o["cv_score"] is not None for o in outs.values())
+    name, best = classical.best_of(outs)
+    assert name in ("amplitude_linear", "combined_linear") and metrics.balanced_accuracy(y[120:], best["pred"]) >= 0.8
+    ages = np.array([synth.subject(params, i)["age"] for i in range(160)])
+    reg = classical.fit_readers({"amplitude": vectors["amplitude"]}, ids[:120], ages[:120], ids[120:], [], True, suffix="_whole_scan")
+    assert set(reg) == {"amplitude_linear_whole_scan"} and reg["amplitude_linear_whole_scan"]["pred"].shape == (40,)
+    assert classical.best_of({"x": {"pred": None}}) is None

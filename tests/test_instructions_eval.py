@@ -354,3 +354,24 @@ def test_the_report_shows_results_by_site():
     md = markdown(report)
     assert "## By site" in md and "| sex | heldout subjects | fmrilm | NYU | 5 | balanced_accuracy | 0.800 [0.600, 0.900] |" in md
     assert "| PITT | 3 |" in md
+
+
+def test_the_table_shows_the_best_classical_reader_and_the_paired_gap():
+    from fmrilm.eval.report import classical_rows, markdown, table_rows
+
+    row = {"task": "sex", "group": "heldout_subjects", "k": None, "seed": None, "n": 40, "failures": []}
+    gap = {"gap": -0.05, "ci": (-0.12, 0.01), "n": 40, "mcnemar_p": 0.21}
+    results = [{**row, "paradigm": "full", "method": "fmrilm", "metrics": {"balanced_accuracy": 0.9}, "vs": {"best_classical": gap}},
+               {**row, "paradigm": "baseline", "method": "prewhitened_fc_linear", "metrics": {"balanced_accuracy": 0.95}},
+               {**row, "paradigm": "baseline", "method": "fc_linear", "metrics": {"balanced_accuracy": 0.93}},
+               {**row, "paradigm": "baseline", "method": "best_classical", "reader": "prewhitened_fc_linear",
+                "metrics": {"balanced_accuracy": 0.95}}]
+    header, rows = table_rows({"results": results}, "heldout_subjects")
+    full = dict(zip(header, rows[0]))
+    assert full["best classical"] == "0.950 (prewhitened_fc_linear)"
+    assert full["fmrilm - best classical"] == "-0.050 [-0.12, +0.01], McNemar p 0.21"
+    header, rows = classical_rows({"results": results}, "heldout_subjects")
+    table = {r[0]: r[1] for r in rows}
+    assert table["prewhitened_fc"] == "0.950 *" and table["fc"] == "0.930" and table["lagged_fc"] == "-"
+    md = markdown({"pretrained": "p", "spec": {"model": "m"}, "groups": {"train": 10, "heldout_subjects": 40}, "results": results})
+    assert "## Classical readers (heldout subjects)" in md and "paired difference" in md

@@ -44,7 +44,8 @@ def test_one_stage_table_names_every_job_and_the_quickstart_chain():
 
     for kind, job in JOBS.items():
         model, run = job.load()
-        assert model.model_fields["kind"].default == kind and callable(run)
+        assert model.model_fields["kind"].default == kind and callable(run) and callable(job.summary())
+    assert all(callable(JOBS[stage].check()) for stage in PIPELINE if stage != "ingest")
     assert set(PIPELINE) - {"ingest"} <= set(JOBS) and QuickstartSpec().stages == list(PIPELINE)
     assert SWEEPABLE == {"tokenizer": "val/r2", "instruct": "val/loss"}
     assert all(callable(stage_of(name).check) for name in SWEEPABLE)

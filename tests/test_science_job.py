@@ -13,13 +13,21 @@ def _res(task, paradigm, method, value, key, ci=None, k=None, **extra):
             "metrics": {key: value, **extra.pop("more", {})}, "ci": {key: ci} if ci else {}, **extra}
 
 
-def _report(sex=0.9, fc=0.92, mae=6.0, ridge=5.5, r=0.6, parse=1.0, kshot_ci=(0.55, 0.7)):
+def _gap(a, b, half=0.03, p=None):
+    return {"gap": a - b, "ci": (a - b - half, a - b + half), "n": 160, **({"mcnemar_p": p} if p is not None else {})}
+
+
+def _report(sex=0.9, fc=0.91, mae=6.0, ridge=5.5, r=0.6, parse=1.0, kshot_ci=(0.55, 0.7)):
+    vs_sex = {"best_classical": _gap(sex, fc, p=0.3), "fc_linear": _gap(sex, fc, p=0.3)}
+    vs_age = {"best_classical": _gap(mae, ridge, 0.3), "fc_linear": _gap(mae, ridge, 0.3)}
     return {"groups": {"train": 448, "heldout_subjects": 160}, "files": {"report.md": "x/report.md"}, "results": [
-        _res("sex", "full", "fmrilm", sex, "balanced_accuracy", (sex - 0.05, sex + 0.04), more={"auc": 0.95}),
+        _res("sex", "full", "fmrilm", sex, "balanced_accuracy", (sex - 0.05, sex + 0.04), more={"auc": 0.95}, vs=vs_sex),
         _res("sex", "baseline", "fc_linear", fc, "balanced_accuracy", (fc - 0.05, fc + 0.04)),
+        _res("sex", "baseline", "best_classical", fc, "balanced_accuracy", (fc - 0.05, fc + 0.04), reader="prewhitened_fc_linear"),
         _res("sex", "baseline", "majority", 0.5, "balanced_accuracy"),
-        _res("age", "full", "fmrilm", mae, "mae", (mae - 1, mae + 1), more={"pearson_r": r}, parse_rate=parse),
+        _res("age", "full", "fmrilm", mae, "mae", (mae - 1, mae + 1), more={"pearson_r": r}, parse_rate=parse, vs=vs_age),
         _res("age", "baseline", "fc_linear", ridge, "mae"),
+        _res("age", "baseline", "best_classical", ridge, "mae", reader="combined_linear"),
         _res("sex", "kshot_lora", "fmrilm", 0.62, "balanced_accuracy", kshot_ci, k=8, seed=0),
         _res("sex", "in_context", "fmrilm", 0.55, "balanced_accuracy", (0.45, 0.62), k=2)]}
 
@@ -30,8 +38,11 @@ def test_targets_are_checked_against_measured_values():
     assert all(t["met"] for t in rows.values()), [t for t in rows.values() if not t["met"]]
     bad = {t["target"]: t for t in targets(_report(sex=0.8, mae=7.0, parse=0.5, kshot_ci=(0.45, 0.7)), spec.targets)}
     assert not bad["sex balanced accuracy (full)"]["met"]
-    assert not bad["FC + logistic minus fmrilm (same time points)"]["met"]  # 0.92 - 0.80 > 0.05
-    assert not bad["age MAE (full)"]["met"]  # 7.0 > 1.15 x 5.5
+    assert not bad["fmrilm minus best classical, sex (paired)"]["met"]  # CI [-0.15, -0.09] reaches below -0.05
+    assert not bad["fmrilm minus best classical, age MAE (paired)"]["met"]  # CI up to 1.8 > 0.15 x 5.5
+    assert "prewhitened_fc_linear 0.910" in bad["fmrilm minus best classical, sex (paired)"]["note"]
+    close = {t["target"]: t for t in targets(_report(sex=0.885, fc=0.92), spec.targets)}  # point -0.035, CI [-0.065, -0.005]
+    assert not close["fmrilm minus best classical, sex (paired)"]["met"]  # decided on the CI, not the point
     assert not bad["age answers that parse as numbers (full)"]["met"]
     assert not bad["sex k-shot LoRA k=8 (worst seed)"]["met"]  # its CI includes chance
     missing = targets({"results": [], "groups": {}}, spec.targets)  # nothing measured: nothing met
@@ -47,6 +58,31 @@ def test_ablation_table_and_markdown():
                "ablation": rows, "reports": {"scan_token": "a.md"}, "stages": {"scan_token": [{"stage": "eval", "status": "ran", "seconds": 3}]}}
     text = markdown(summary)
     assert "| codes_only | 0.520" in text and "Targets" in text and met(summary)
+    assert any(r["variant"] == "baseline: best_classical" for r in rows)
+
+
+def test_summary_with_repeats_and_the_dynamics_cohort():
+    from fmrilm.science import plan, summarise
+
+    spec = ScienceSpec(repeats=3, select=["scan_token", "codes_only"])
+    chains = plan(spec)
+    assert [(c["cohort"], c["variant"], c["repeat"]) for c in chains] == [
+        ("main", "scan_token", 0), ("main", "scan_token", 1), ("main", "scan_token", 2), ("main", "codes_only", 0),
+        ("dynamics", "scan_token", 0), ("dynamics", "scan_token", 1), ("dynamics", "scan_token", 2)]
+    assert len({c["tag"] for c in chains if c["cohort"] == "main"}) == 4
+    assert "train.seed=2" in variant_overrides(spec, "scan_token", 2)["instruct"]
+    assert "tasks=[diagnosis, sex, age]" in variant_overrides(spec, "scan_token", 0, dynamics=True)["eval"]
+    sexes = iter([0.88, 0.9, 0.92, 0.6, 0.8, 0.82, 0.84])
+    for c in chains:
+        c |= {"report": _report(sex=next(sexes)), "stages": [{"stage": "eval", "status": "ran", "seconds": 1}]}
+    out = summarise(spec, chains)
+    sex = next(r for r in out["spread"] if r["metric"] == "balanced_accuracy" and r["task"] == "sex")
+    assert sex["repeats"] == 3 and abs(sex["mean"] - 0.9) < 1e-9 and abs(sex["sd"] - 0.02) < 1e-9
+    assert out["dynamics"]["spread"][0]["mean"] == np.mean([0.8, 0.82, 0.84])
+    text = markdown(out)
+    assert "## Run-to-run spread" in text and "## The dynamics cohort" in text and "(prewhitened_fc_linear)" in text
+    assert "0.900 +/- 0.020" in text and "scan_token (repeat 2) [dynamics]" in text
+    assert ScienceSpec(dynamics=None).dynamics is None and len(plan(ScienceSpec(dynamics=None))) == 4
 
 
 def test_variants_add_to_the_shared_overrides():

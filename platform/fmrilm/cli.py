@@ -153,7 +153,10 @@ def data_inspect(
     if as_json:
         out.print_json(json.dumps(summary))
     else:
-        print_summary(summary)
+        from fmrilm.data.summary import lines
+
+        for line in lines(summary):
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @data_app.command("verify")
@@ -197,26 +200,6 @@ def _report_ingest(results) -> None:
                           f"(e.g. {escape(', '.join(sr['unassigned_examples'][:3]))}): no stage uses them")
 
 
-def print_summary(summary: dict) -> None:
-    """Print an inspect summary as rich tables."""
-    t = Table(title=f"{summary['rows']} scans, {summary['subjects']} subjects")
-    for col in ("dataset", "scans", "subjects", "ROIs", "atlas", "TR (s)", "timepoints", "sites", "quarantined"):
-        t.add_column(col)
-    for name, d in summary["datasets"].items():
-        tp = d.get("timepoints") or {}
-        t.add_row(name, str(d["rows"]), str(d["subjects"]), str(d["n_rois"]), d["atlas"], ", ".join(map(str, d["tr"])),
-                  f"{tp.get('min')}-{tp.get('max')}", ", ".join(f"{k}:{v}" for k, v in (d.get("sites") or {}).items()), str(d["quarantined"]))
-    out.print(t)
-    s = Table(title="subject-level splits")
-    s.add_column("split")
-    s.add_column("subjects")
-    s.add_column("scans")
-    for name, v in summary["splits"].items():
-        s.add_row(name, str(v["subjects"]), str(v["scans"]))
-    out.print(s)
-    out.print("phenotype coverage: " + ", ".join(f"{k} {v:.0%}" for k, v in summary["phenotype_coverage"].items()))
-
-
 # ---------------------------------------------------------------- jobs
 
 
@@ -226,18 +209,16 @@ def _run_spec(spec: str, overrides: list[str] | None, kind: str | None = None) -
 
     job, fn, _ = _guard(load_job, spec, overrides or [], kind)
     result = _guard(fn, job)
-    printers = {"quickstart": print_quickstart, "features": print_features, "tokenizer": print_tokenizer,
-                "tokenize": lambda r: out.print(f"tokenized {r['windows']} windows -> {escape(r['tokens'])}"),
-                "pretrain": print_pretrain, "instruct": print_instruct, "eval": print_eval, "sweep": print_sweep,
-                "science": print_science}
-    printers.get(job.kind, lambda r: None)(result)
+    print_result(job.kind, result)
 
 
-def print_science(report: dict) -> None:
-    from fmrilm.science import markdown
+def print_result(kind: str, result) -> None:
+    """The one printer of job results: the lines of the kind's ``summary(result)`` (Markdown tables
+    where there are tables), as they are."""
+    from fmrilm.registry import JOBS
 
-    out.print(markdown(report), markup=False, highlight=False)
-    console.print(f"written: {escape(report['files']['science.md'])}")
+    for line in JOBS[kind].summary()(result):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("run")
@@ -344,26 +325,6 @@ def features_build(
     _run_spec(spec, overrides, "features")
 
 
-def print_features(result: dict) -> None:
-    """Print a features build summary as a rich table, then one example caption per dataset."""
-    t = Table(title="descriptors and captions")
-    for col in ("dataset", "scans", "described", "failed", "descriptors", "captions", "resumed shards"):
-        t.add_column(col)
-    for name, s in result.items():
-        t.add_row(name, str(s["scans"]), str(s["described"]), str(len(s["failed"])), str(s["descriptors"]),
-                  str(s["captions"]), str(s.get("resumed_shards", 0)))
-    out.print(t)
-    for name, s in result.items():
-        for f in s["failed"]:
-            console.print(f"[yellow]{escape(name)}: no descriptors for {escape(f['scan_id'])}[/]: {escape(f['error'])}")
-        if s.get("example_caption"):
-            out.print(f"[bold]{escape(name)}[/]: {escape(s['example_caption'])}")
-        if s.get("sex_probe"):
-            p = s["sex_probe"]
-            out.print(f"{escape(name)} sex probe (balanced accuracy, {p['n_train']} train -> {p['n_test']} held-out scans): "
-                      f"descriptors + logistic {p['descriptors_logistic']:.2f}, FC + logistic {p['fc_logistic']:.2f}, chance 0.50")
-
-
 @tokenizer_app.command("train")
 def tokenizer_train(
     spec: str = typer.Argument("jobs/tokenizer.yaml", help="tokenizer stage spec YAML"),
@@ -403,15 +364,6 @@ def tokenizer_eval(
     out.print(t)
 
 
-def print_tokenizer(result: dict) -> None:
-    """One line per figure of a finished tokenizer run."""
-    m = result["metrics"]
-    out.print(f"tokenizer artifact: {escape(result['artifact'])} (step {m.get('step')}, {result['train_windows']} train windows)")
-    parts = [f"{k} {m[k]:.3f}" for k in ("val/r2", "val/fc_preservation", "val/perplexity", "val/used_fraction", "val/domain_acc",
-                                         "samples_per_s") if k in m]
-    out.print("  " + ", ".join(parts))
-
-
 @lm_app.command("pretrain")
 def lm_pretrain(
     spec: str = typer.Argument("jobs/pretrain.yaml", help="pretrain spec YAML"),
@@ -432,17 +384,6 @@ def lm_merge(
     out.print(f"merged -> {escape(_guard(merge_adapter, model, dest))}")
 
 
-def print_pretrain(result: dict) -> None:
-    """Losses per objective and where the model went."""
-    m = result["metrics"]
-    out.print(f"model: {escape(result['model'])} (step {m.get('step')}, {result['sequences']} packed sequences, "
-              f"examples per objective {result['objective_examples']})")
-    parts = [f"{k} {m[k]:.3f}" for k in ("loss", "loss/fmri_text", "loss/fmri_fmri", "loss/text_text", "tokens_per_s") if k in m]
-    out.print("  " + ", ".join(parts) + f"; code embeddings init: {m.get('code_init')}")
-    if m.get("pretrained_backbone") is False:
-        console.print("[yellow]the backbone was a built-in decoder, not pretrained: set backbone.source to a real model for science[/]")
-
-
 @lm_app.command("instruct")
 def lm_instruct(
     spec: str = typer.Argument("jobs/instruct.yaml", help="instruct spec YAML"),
@@ -450,14 +391,6 @@ def lm_instruct(
 ) -> None:
     """Multi-task LoRA instruction tuning of a pretrained export (same run name resumes)."""
     _run_spec(spec, overrides, "instruct")
-
-
-def print_instruct(result: dict) -> None:
-    """Losses per task and where the adapter went."""
-    m = result["metrics"]
-    out.print(f"adapter: {escape(result['model'])} (step {m.get('step')}, {result['rows']} instruction rows; "
-              f"table {escape(result['instructions'])})")
-    out.print("  " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("loss")))
 
 
 @app.command("eval")
@@ -469,23 +402,6 @@ def evaluate(
     _run_spec(spec, overrides, "eval")
 
 
-def print_eval(report: dict) -> None:
-    """One rich table per test group, then where the report went."""
-    from fmrilm.eval.report import table_rows
-
-    for group in report["groups"]:
-        if group == "train":
-            continue
-        header, rows = table_rows(report, group)
-        t = Table(title=f"{group.replace('_', ' ')} ({report['groups'][group]} scans)")
-        for col in header:
-            t.add_column(col)
-        for row in rows:
-            t.add_row(*row)
-        out.print(t)
-    out.print(f"report: {escape(report['files']['report.md'])}")
-
-
 @app.command("tune")
 def tune(
     spec: str = typer.Argument("jobs/sweep_tokenizer.yaml", help="sweep spec YAML"),
@@ -493,19 +409,6 @@ def tune(
 ) -> None:
     """Ray Tune sweep over stage-spec keys (ASHA by default); re-running the same spec resumes it."""
     _run_spec(spec, overrides, "sweep")
-
-
-def print_sweep(result: dict) -> None:
-    """The results table, how many trials ASHA stopped, and the best spec."""
-    table = result["table"]
-    t = Table(title=f"{result['trials']} trials, {result['stopped_early']} stopped early, {result['errored']} errored "
-                    f"(up to {result['max_concurrent_trials']} at once)")
-    for col in table.columns:
-        t.add_column(str(col))
-    for _, row in table.iterrows():
-        t.add_row(*(f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in row))
-    out.print(t)
-    out.print(f"results: {escape(result['files']['results.md'])}; best spec: {escape(str(result['best']))}")
 
 
 @app.command("tokenize")
@@ -526,27 +429,13 @@ def quickstart(
     copy_to: str = typer.Option("./fmrilm-data/quickstart-s3", help="with --s3: where the reports are copied"),
 ) -> None:
     """Run the whole pipeline on local defaults: ingest -> features -> tokenizer -> tokenize ->
-    pretrain -> instruct -> eval (re-running reuses finished stages)."""
+    pretrain -> instruct -> kshot -> eval (re-running reuses finished stages)."""
     from fmrilm import config
     from fmrilm.quickstart import QuickstartSpec, run, run_on_local_s3
 
     data = _guard(config.load_yaml, spec) if os.path.exists(spec) else {}
     job = _guard(lambda: config.build(QuickstartSpec, config.apply_overrides(data, overrides or []), spec))
-    print_quickstart(_guard(run_on_local_s3, job, copy_to) if s3 else _guard(run, job))
-
-
-def print_quickstart(result: dict) -> None:
-    """The dataset summary, one row per stage, the evaluation tables and where the reports went."""
-    print_summary(result["summary"])
-    t = Table(title="quickstart stages")
-    for col in ("stage", "status", "seconds", "result"):
-        t.add_column(col)
-    for s in result["stages"]:
-        t.add_row(s["stage"], s["status"], f"{s['seconds']:.0f}", escape(s["note"]))
-    out.print(t)
-    if result.get("report"):
-        print_eval(result["report"])
-    console.print(f"[bold green]quickstart done[/]: data in {escape(result['data'])}; summary {escape(result['files']['report.md'])}")
+    print_result("quickstart", _guard(run_on_local_s3, job, copy_to) if s3 else _guard(run, job))
 
 
 # ---------------------------------------------------------------- bench
@@ -644,7 +533,7 @@ def bench_science(
 
     job, fn, _ = _guard(__import__("fmrilm.registry", fromlist=["load_job"]).load_job, spec, overrides or [], "science")
     report = _guard(fn, job)
-    print_science(report)
+    print_result("science", report)
     if not met(report):
         raise typer.Exit(1)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fmrilm import storage
 from fmrilm.errors import UserError, embeds_credentials, redact
@@ -23,6 +23,17 @@ class Strict(BaseModel):
     """Base for every spec model: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class RunLocation(Strict):
+    """Where a run lives: ``<storage>/<name>/`` (re-running the same name resumes or reuses it).
+    Every stage spec that writes a run holds one as ``run``."""
+
+    storage: str = "./fmrilm-data/runs"
+    name: str = Field("run", pattern=RUN_NAME)
 
 
 M = TypeVar("M", bound=BaseModel)

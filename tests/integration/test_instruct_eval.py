@@ -66,8 +66,10 @@ def _instruct_spec(p, name="instruct", **update):
 
 
 def test_instruct_then_eval_report(pretrained):
-    from fmrilm.eval.run import EvalSpec, KShotSpec
+    from fmrilm.eval.run import EvalSpec
     from fmrilm.eval.run import run as evaluate
+    from fmrilm.train.kshot import KShotSpec
+    from fmrilm.train.kshot import run as kshot
     from fmrilm.train.instruct import run as instruct
     from fmrilm.artifacts.lm import load_exported
     from fmrilm.models.fmri_lm import probe_logits
@@ -84,9 +86,21 @@ def test_instruct_then_eval_report(pretrained):
     probe = torch.load(os.path.join(result["model"], "probe.pt"), weights_only=False)
     torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=1e-4, rtol=1e-4)
 
+    shots = KShotSpec(model=pretrained["model"], data=pretrained["data"], datasets=["cohort"], k=[1, 2], seeds=[0], steps=3,
+                      fmri_steps=2, seq_len=160, run={"storage": pretrained["runs"], "name": "kshot"})
+    tuned = kshot(shots)
+    assert tuned["adapters"] == 6 and tuned["tuned"] == 6 and all(v > 0 for v in tuned["losses"].values())
+    index = json.load(open(tuned["index"]))
+    train_subjects = set(index["split"]["trained_subjects"])
+    sex2 = next(a for a in index["adapters"] if a["task"] == "sex" and a["k"] == 2)
+    assert len(sex2["scan_ids"]) == 4 and sex2["train_rows"] == 4  # 2 per class
+    model, _, meta = load_exported(sex2["model"])  # an adapter export like instruct's, reloading with its own logits
+    assert meta["layout"] == "adapter" and meta["stage"] == "kshot" and meta["base_model"] == pretrained["model"]
+    probe = torch.load(os.path.join(sex2["model"], "probe.pt"), weights_only=False)
+    torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=1e-4, rtol=1e-4)
+    assert kshot(shots)["kept"] == 6  # the same run again keeps every adapter
     spec = EvalSpec(model=result["model"], data=pretrained["data"], datasets=["cohort"], heldout_datasets=["other"], fmri_steps=2,
-                    seq_len=160, kshot=KShotSpec(k=[1, 2], seeds=[0], steps=3), bootstrap=50,
-                    run={"storage": pretrained["runs"], "name": "eval"})
+                    seq_len=160, kshot=tuned["run"], bootstrap=50, run={"storage": pretrained["runs"], "name": "eval"})
     report = evaluate(spec)
     methods = {(r["group"], r["task"], r["paradigm"], r["method"]) for r in report["results"]}
     for group in ("heldout_subjects", "heldout_dataset"):
@@ -107,8 +121,17 @@ def test_instruct_then_eval_report(pretrained):
     for name in ("report.json", "report.md", "predictions.json", "fewshot.png", "confusion.png", "age.png"):
         assert os.path.getsize(files[name]) > 0
     md = open(files["report.md"]).read()
-    assert "| task | metric | paradigm | fmrilm | majority/mean | fc_linear | fc_linear_whole_scan | descriptors_linear | planted_pattern |" in md
+    assert ("| task | metric | paradigm | fmrilm | majority/mean | best classical | fmrilm - best classical | fc_linear | "
+            "fc_linear_whole_scan | descriptors_linear | planted_pattern |") in md
+    assert "## Classical readers (heldout subjects)" in md
+    best = next(r for r in report["results"] if r["task"] == "sex" and r["method"] == "best_classical" and r["group"] == "heldout_subjects")
+    assert best["reader"].endswith("_linear") and best["cv_score"] is not None
+    gap = next(r for r in report["results"] if r["task"] == "sex" and r["paradigm"] == "full" and r["group"] == "heldout_subjects")["vs"]
+    assert gap["best_classical"]["ci"][0] <= gap["best_classical"]["gap"] <= gap["best_classical"]["ci"][1]
+    assert 0 <= gap["best_classical"]["mcnemar_p"] <= 1 and "fc_linear" in gap
     assert "kshot_lora k=2" in md and "## heldout dataset" in md
+    scored = {sid for p in json.load(open(files["predictions.json"])) for sid in p["scan_id"]}
+    assert train_subjects and scored and not scored & {s for a in index["adapters"] for s in a["scan_ids"]}  # never tuned on a scored scan
     saved = json.load(open(files["report.json"]))
     assert saved["groups"]["heldout_dataset"] == 6
     probed = {r["representation"] for r in saved["probes"] if r["group"] == "heldout_subjects" and r["task"] == "sex"}
@@ -132,8 +155,15 @@ def test_bad_instruct_and_eval_specs_fail_early(pretrained):
         instruct(_instruct_spec(pretrained, "bad1", model=str(pretrained["root"])))
     with pytest.raises(BackboneError, match="not modules of this gpt2 model"):
         instruct(_instruct_spec(pretrained, "bad2", lora=LoraSpec(enabled=True, target_modules=["q_proj"])))
-    with pytest.raises(ValueError, match="heldout_datasets"):
-        evaluate(EvalSpec(model=None, pretrained=pretrained["model"], data=pretrained["data"], heldout_datasets=["nope"]))
+    from fmrilm import config
+    from fmrilm.errors import UserError
+
+    with pytest.raises(UserError, match="heldout_datasets"):
+        evaluate(EvalSpec(model=None, pretrained=pretrained["model"], data=pretrained["data"], heldout_datasets=["nope"], kshot=None))
+    with pytest.raises(UserError, match="no k-shot adapters .*run `fmrilm run jobs/kshot.yaml` first"):
+        evaluate(EvalSpec(model=None, pretrained=pretrained["model"], data=pretrained["data"], kshot=str(pretrained["root"] / "nope")))
+    with pytest.raises(config.ConfigError, match="kshot: .*its own stage now"):  # the old in-eval k-shot section
+        config.build(EvalSpec, {"kshot": {"k": [8]}})
     with pytest.raises(ValueError, match="unknown or no eval task"):
         EvalSpec(tasks=["description"])
     assert not (pretrained["root"] / "runs" / "bad1").exists() and not (pretrained["root"] / "runs" / "bad2").exists()

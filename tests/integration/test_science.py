@@ -22,7 +22,8 @@ TINY = {
         "pretrain": ["backbone.tiny_width=32", "seq_len=64", "deepspeed.zero_stage=0", "train.max_steps=2", "scaling.num_workers=1"],
         "instruct": ["seq_len=128", "fmri_steps=1", "train.max_steps=2", "scaling.num_workers=1", "lora.enabled=false",
                      "instructions.tasks={sex: 1.0, age: 1.0}", "instructions.paradigms=[single]"],
-        "eval": ["seq_len=128", "test_splits=[test]", "tasks=[sex,age]", "kshot.k=[2]", "kshot.seeds=[0]", "kshot.steps=1", "bootstrap=20"],
+        "kshot": ["seq_len=128", "fmri_steps=1", "tasks=[sex,age]", "k=[2]", "seeds=[0]", "steps=1"],
+        "eval": ["seq_len=128", "test_splits=[test]", "tasks=[sex,age]", "bootstrap=20"],
     },
     "variants": {"scan_token": {}, "codes_only": {"pretrain": ["scan_token=false"]}},
     "select": ["scan_token"],
@@ -40,7 +41,7 @@ def test_science_job_runs_variants_and_writes_one_report(ray_cluster, tmp_path):
     assert [row["variant"] for row in report["ablation"]][0] == "scan_token" and list(report["stages"]) == ["scan_token"]
     assert report["groups"]["heldout_subjects"] > 0 and {t["target"] for t in report["targets"]} >= {"sex balanced accuracy (full)", "age MAE (full)"}
     stages = {s["stage"]: s["status"] for s in report["stages"]["scan_token"]}
-    assert stages == {s: "ran" for s in ("ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "eval")}
+    assert stages == {s: "ran" for s in ("ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "kshot", "eval")}
     runs = tmp_path / "science" / "runs"
     assert (runs / "pretrain-scan_token" / "model").is_dir() and (runs / "eval-scan_token" / "eval" / "report.md").is_file()
     assert not (runs / "pretrain-codes_only").exists()  # not selected

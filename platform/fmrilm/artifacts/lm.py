@@ -158,6 +158,41 @@ def merge_adapter(uri: str, out: str) -> str:
     return out
 
 
+def check_tunable(uri: str, lora, seq_len: int) -> dict:
+    """Pre-flight of tuning the export at ``uri``: it exists, its backbone has the targets of the
+    :class:`~fmrilm.models.lora.LoraSpec` ``lora`` (when enabled) and ``seq_len`` positions;
+    returns its ``fmri_lm.json``. Builds the backbone on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fmrilm.models.lora import lora_targets
+
+    meta = export_meta(uri)
+    root = root_export(uri)
+    cfg = AutoConfig.from_pretrained(os.path.join(local_folder(root), "full" if export_meta(root)["layout"] == "full" else "base"))
+    if lora.enabled:
+        with torch.device("meta"):
+            lora_targets(lora, AutoModelForCausalLM.from_config(cfg))
+    limit = getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", 10**9))
+    if seq_len > limit:
+        raise BackboneError(f"seq_len {seq_len} exceeds the backbone's maximum positions ({limit})")
+    return meta
+
+
+def save_tuned(d: str, lm, tok, lora: bool) -> str:
+    """Model files of a tuned export into the local folder ``d``: the LoRA adapters (``adapter/``)
+    or, with ``lora=False``, every weight (``full/``), each with the tokenizer; returns the layout."""
+    sub = "adapter" if lora else "full"
+    if lora:
+        lm.save_pretrained(os.path.join(d, sub))
+    else:
+        lm.save_pretrained(os.path.join(d, sub), state_dict={k: v.detach().cpu().clone() for k, v in lm.state_dict().items()})
+    tok.save_pretrained(os.path.join(d, sub))
+    return sub
+
+
+TUNED_KEYS = ("backbone", "vocab", "tokenizer", "input_mode", "contract")  # what a tuned export copies from its base's meta
+
+
 def upload_tree(local: str, uri: str) -> None:
     """Copy the local folder ``local`` to ``uri``, file by file (any storage)."""
     for root, _, files in os.walk(local):

@@ -277,6 +277,27 @@ def _ids(tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
 
 
+def kshot_rows(task: str, train: pd.DataFrame, labeller: Labeller, k: int, seed: int) -> pd.DataFrame:
+    """``k`` training scans per class (per age tertile for the age number) as single-question
+    instruction rows (``scan_id, prompt, answer, task``), each with a paraphrase drawn at random."""
+    rng = np.random.default_rng(seed)
+    key = "age_bin" if task in REGRESSION else task
+    by_class: dict[str, list] = {}
+    for r in train.itertuples(index=False):
+        label = labeller.label(key, r)
+        if label is not None and not (task in REGRESSION and is_missing(r.age)):
+            by_class.setdefault(label, []).append(r)
+    rows = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        for j in rng.permutation(len(members))[:k]:
+            r = members[j]
+            answer = labeller.answer(task, r, {}, rng)
+            q = QUESTIONS[task][int(rng.integers(len(QUESTIONS[task])))]
+            rows.append({"scan_id": r.scan_id, "prompt": question_prompt(r.scan_id, q), "answer": answer, "task": task})
+    return pd.DataFrame(rows, columns=["scan_id", "prompt", "answer", "task"])
+
+
 def encode_rows(rows: pd.DataFrame, blocks, tokenizer, steps: int, seq_len: int, objective_of: dict[str, int] | None = None,
                 with_answer: bool = True) -> tuple[list, list[int]]:
     """Encode instruction rows with fMRI blocks (``blocks.part(scan_id, steps)``, e.g. a

@@ -47,3 +47,16 @@ def summarize(uri: str) -> dict:
         "quarantined": sum(len(m.get("quarantined", [])) for _, m in found),
     }
 
+
+def lines(summary: dict) -> list[str]:
+    """:func:`summarize`'s result as Markdown: a table of datasets, one of splits, the phenotype coverage."""
+    out = [f"{summary['rows']} scans, {summary['subjects']} subjects", "",
+           "| dataset | scans | subjects | ROIs | atlas | TR (s) | timepoints | sites | quarantined |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, d in summary["datasets"].items():
+        tp = d.get("timepoints") or {}
+        sites = ", ".join(f"{k}:{v}" for k, v in (d.get("sites") or {}).items())
+        out.append(f"| {name} | {d['rows']} | {d['subjects']} | {d['n_rois']} | {d['atlas']} | {', '.join(map(str, d['tr']))} | "
+                   f"{tp.get('min')}-{tp.get('max')} | {sites} | {d['quarantined']} |")
+    out += ["", "subject-level splits:", "", "| split | subjects | scans |", "|---|---|---|"]
+    out += [f"| {name} | {v['subjects']} | {v['scans']} |" for name, v in summary["splits"].items()]
+    return out + ["", "phenotype coverage: " + ", ".join(f"{k} {v:.0%}" for k, v in summary["phenotype_coverage"].items())]

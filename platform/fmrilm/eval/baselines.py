@@ -9,6 +9,8 @@
 * ``fc_linear_deconfounded``: ``fc_linear`` after regressing site (one-hot) and head motion
   (mean framewise displacement) out of every FC edge, the regression fitted on the training
   scans only (:func:`deconfound`); reported when the scans span several sites or record motion.
+* the classical readers beyond FC (pre-whitened FC, timescale, lagged FC, windowed FC,
+  amplitude moments, combined) and the best of them: :mod:`fmrilm.eval.classical`.
 * ``planted_pattern`` (synthetic cohorts): the generator's true effect pattern projected onto each scan's
   FC (:func:`fmrilm.data.synth.oracle_scores`), calibrated on the training scans by a
   one-feature logistic/linear fit on the whole scan. Not an upper bound: the generator's site
@@ -38,11 +40,12 @@ def majority(y_train: np.ndarray, n_test: int, classes: list[str]) -> tuple[np.n
     return np.full(n_test, top, dtype=object), scores
 
 
-def linear_classifier(x_train, y_train, x_test, classes: list[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def fit_classifier(x_train, y_train, x_test, classes: list[str], seed: int = 0) -> dict:
     """Impute missing values with the training mean, standardise, then logistic regression with
     the L2 penalty chosen by inner stratified CV on the training rows (the default penalty, C = 1,
-    when a class has a single training row: nothing to cross-validate); returns ``(predicted
-    classes, log-probabilities [test, classes])``."""
+    when a class has a single training row: nothing to cross-validate). Returns ``{"pred"
+    [test], "scores" (log-probabilities [test, classes]), "cv_score"}``: the mean inner-CV
+    neg. log-loss at the chosen penalty (None without CV)."""
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
@@ -61,20 +64,37 @@ def linear_classifier(x_train, y_train, x_test, classes: list[str], seed: int = 
     for j, c in enumerate(classes):
         if c in order:
             scores[:, j] = np.log(np.clip(proba[:, order.index(c)], 1e-12, 1))
-    return np.asarray(model.predict(x_test), dtype=object), scores
+    cv = None
+    if isinstance(head, LogisticRegressionCV):
+        fold_scores = next(iter(head.scores_.values()))  # [folds, Cs]; the same for every class
+        cv = float(fold_scores.mean(0).max())
+    return {"pred": np.asarray(model.predict(x_test), dtype=object), "scores": scores, "cv_score": cv}
 
 
-def linear_regressor(x_train, y_train, x_test) -> np.ndarray:
+def linear_classifier(x_train, y_train, x_test, classes: list[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fit_classifier`'s ``(predicted classes, log-probabilities [test, classes])``."""
+    out = fit_classifier(x_train, y_train, x_test, classes, seed)
+    return out["pred"], out["scores"]
+
+
+def fit_regressor(x_train, y_train, x_test) -> dict:
     """Training-mean imputation, standardisation and ridge regression with the penalty chosen by
-    leave-one-out CV on the training rows."""
+    leave-one-out CV on the training rows; returns ``{"pred" [test], "cv_score"}`` (the LOO
+    neg. mean squared error at the chosen penalty)."""
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import RidgeCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(SimpleImputer(keep_empty_features=True), StandardScaler(), RidgeCV(alphas=np.logspace(-3, 4, 15)))
+    ridge = RidgeCV(alphas=np.logspace(-3, 4, 15))
+    model = make_pipeline(SimpleImputer(keep_empty_features=True), StandardScaler(), ridge)
     _quiet(model.fit, x_train, np.asarray(y_train, float))
-    return model.predict(x_test)
+    return {"pred": model.predict(x_test), "cv_score": float(ridge.best_score_)}
+
+
+def linear_regressor(x_train, y_train, x_test) -> np.ndarray:
+    """:func:`fit_regressor`'s predictions."""
+    return fit_regressor(x_train, y_train, x_test)["pred"]
 
 
 def fc_matrix(series: np.ndarray) -> np.ndarray:

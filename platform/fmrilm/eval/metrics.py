@@ -135,3 +135,13 @@ def balanced_accuracy(y_true, y_pred) -> float:
 def mae(y_true, y_pred) -> float:
     """Mean absolute error."""
     return float(np.abs(np.asarray(y_true, float) - np.asarray(y_pred, float)).mean())
+
+
+def compare(y_true, pred_model, pred_base, regression: bool, n: int = 2000, seed: int = 0) -> dict:
+    """A model against a baseline on the same scans: :func:`paired_gap` of the headline metric
+    (MAE for regression, so a negative gap is the model's win; balanced accuracy otherwise, with
+    resampling within each true class and McNemar's p as ``mcnemar_p``)."""
+    if regression:
+        return paired_gap(mae, np.asarray(y_true, float), np.asarray(pred_model, float), np.asarray(pred_base, float), n, seed)
+    out = paired_gap(balanced_accuracy, y_true, pred_model, pred_base, n, seed, strata=np.asarray(y_true))
+    return out | {"mcnemar_p": mcnemar(y_true, pred_model, pred_base)}

@@ -1,8 +1,9 @@
 """The evaluation report: ``report.json``, ``predictions.json``, ``report.md`` and plots.
 
 One table per test group: rows are task x paradigm of the LM, columns the LM's headline metric
-(balanced accuracy for classification, MAE for the age number) with its 95 % bootstrap CI, and
-every baseline on the same scans. k-shot rows show the mean over seeds (and their range), beside
+(balanced accuracy for classification, MAE for the age number) with its 95 % bootstrap CI, the best
+classical reader and the paired gap to it, and every baseline on the same scans; then a table of
+every classical reader per group. k-shot rows show the mean over seeds (and their range), beside
 FC + linear fitted on the same k scans per class.
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 from fmrilm import storage
 
 HEADLINE = {"classification": "balanced_accuracy", "regression": "mae"}
+BEST = "best_classical"
 
 
 def headline(task: str) -> str:
@@ -46,13 +48,16 @@ def _over_seeds(same: list[dict], key: str) -> str:
 def table_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one group's table (see the module docstring)."""
     results = [r for r in report["results"] if r["group"] == group]
-    header = ["task", "metric", "paradigm", "fmrilm", "majority/mean", "fc_linear", "fc_linear_whole_scan", "descriptors_linear", "planted_pattern"]
+    header = ["task", "metric", "paradigm", "fmrilm", "majority/mean", "best classical", "fmrilm - best classical", "fc_linear",
+              "fc_linear_whole_scan", "descriptors_linear", "planted_pattern"]
     deconfounded = any(r["method"] == "fc_linear_deconfounded" for r in results)
     header += ["fc_linear_deconfounded"] if deconfounded else []
     rows = []
     for task in dict.fromkeys(r["task"] for r in results):
         key = headline(task)
         base = {r["method"]: r for r in results if r["task"] == task and r["paradigm"] == "baseline"}
+        best = base.get(BEST)
+        best_cell = _fmt(best, key) + (f" ({best['reader']})" if best else "")
         cols = [_fmt(base.get("majority") or base.get("mean"), key, False), _fmt(base.get("fc_linear"), key),
                 _fmt(base.get("fc_linear_whole_scan"), key), _fmt(base.get("descriptors_linear"), key), _fmt(base.get("planted_pattern"), key)]
         cols += [_fmt(base.get("fc_linear_deconfounded"), key)] if deconfounded else []
@@ -61,14 +66,62 @@ def table_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
             runs = [r for r in lm if r["paradigm"] == paradigm]
             for k in sorted({r["k"] for r in runs}, key=lambda v: -1 if v is None else v):
                 name = paradigm if k is None else f"{paradigm} k={k}"
-                cells = list(cols)
+                same = [r for r in runs if r["k"] == k]
+                cells = [cols[0], best_cell, gap_text(same[0].get("vs", {}).get(BEST)) if len(same) == 1 else "-", *cols[1:]]
                 if paradigm == "kshot_lora":  # FC + linear fitted on the same k scans per class; no other baseline applies
                     few = [r for r in results if r["task"] == task and r["paradigm"] == paradigm and r["k"] == k and r["method"] == "fc_linear"]
-                    cells = [cols[0], _over_seeds(few, key) + " (same k scans)" if few else "-"] + ["-"] * (len(cols) - 2)
-                rows.append([task, key, name, _over_seeds([r for r in runs if r["k"] == k], key), *cells])
+                    cells = [cols[0], "-", "-", _over_seeds(few, key) + " (same k scans)" if few else "-"] + ["-"] * (len(cols) - 2)
+                rows.append([task, key, name, _over_seeds(same, key), *cells])
         if not lm:
-            rows.append([task, key, "(baselines only)", "-", *cols])
+            rows.append([task, key, "(baselines only)", "-", cols[0], best_cell, "-", *cols[1:]])
     return header, rows
+
+
+def gap_text(gap: dict | None) -> str:
+    """A paired gap (:func:`fmrilm.eval.metrics.compare`) as ``+0.012 [-0.03, +0.05], McNemar p 0.4``."""
+    if not gap:
+        return "-"
+    lo, hi = gap["ci"]
+    text = f"{gap['gap']:+.3f} [{lo:+.2f}, {hi:+.2f}]"
+    return text + (f", McNemar p {gap['mcnemar_p']:.2g}" if "mcnemar_p" in gap else "")
+
+
+def classical_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one group's table of the classical readers: a row per reader, a column
+    per task and time span (the prompt's time points; the whole scan where it differs), the
+    reader chosen as best classical (on the training scans' inner CV) marked with ``*``."""
+    from fmrilm.features.dynamics import READERS
+
+    base = [r for r in report["results"] if r["group"] == group and r["paradigm"] == "baseline"]
+    tasks = list(dict.fromkeys(r["task"] for r in base))
+    spans = [s for s in ("", "_whole_scan") if any(r["method"] == f"{BEST}{s}" for r in base)]
+    if not spans:
+        return [], []
+    header = ["reader"] + [f"{t} {headline(t)}" + (" (whole scan)" if s else "") for t in tasks for s in spans]
+    rows = []
+    for reader in READERS:
+        cells = []
+        for t in tasks:
+            for s in spans:
+                hit = next((r for r in base if r["task"] == t and r["method"] == f"{reader}_linear{s}"), None)
+                chosen = next((r for r in base if r["task"] == t and r["method"] == f"{BEST}{s}"), {}).get("reader") == f"{reader}_linear{s}"
+                cells.append(_fmt(hit, headline(t)) + (" *" if chosen else ""))
+        rows.append([reader, *cells])
+    return header, rows
+
+
+def group_tables(report: dict) -> list[str]:
+    """Markdown lines: a titled table (:func:`table_rows`) per held-out group of the report."""
+    lines = []
+    for group in report["groups"]:
+        if group == "train":
+            continue
+        header, rows = table_rows(report, group)
+        lines += [f"## {group.replace('_', ' ')} ({report['groups'][group]} scans)", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines.append("")
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -78,13 +131,18 @@ def markdown(report: dict) -> str:
              f"Scans: {report['groups']}. Headline metric: balanced accuracy (classification), MAE in years (age).",
              "Baselines are fitted on every training subject (on the same k scans per class in k-shot rows); `fc_linear` sees the same time points as the LM's prompt "
              "(the whole scan when the model has the scan token, which summarises all of it), `fc_linear_whole_scan` the whole scan, `fc_linear_deconfounded` (when shown) `fc_linear` with site and head motion regressed out of every edge on the training scans. 95 % bootstrap CIs over test scans (resampled within each class) in brackets.", ""]
+    lines += group_tables(report)
+    lines += ["The best classical reader is chosen per task on the training scans' inner cross-validation (never on a test scan); "
+              "`fmrilm - best classical` is the paired difference on the same test scans with its 95 % bootstrap CI (a negative "
+              "MAE gap is fmrilm's win) and, for classes, McNemar's exact p. A target is met when its CI says so, not its point.", ""]
     for group in report["groups"]:
-        if group == "train":
-            continue
-        header, rows = table_rows(report, group)
-        lines += [f"## {group.replace('_', ' ')}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        lines.append("")
+        header, rows = classical_rows(report, group)
+        if rows:
+            lines += [f"## Classical readers ({group.replace('_', ' ')})", "",
+                      "Each reader's vector + a linear model with its penalty chosen by inner CV on the training scans "
+                      "(`fmrilm.features.dynamics`); `*` marks the best classical.", "",
+                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     if report.get("by_site"):
         lines += ["## By site", "", "The full paradigm and the baselines scored within each site (same predictions; 95 % bootstrap CIs):", "",
                   "| task | group | method | site | n | metric | value [95 % CI] |", "|---|---|---|---|---|---|---|"]

@@ -6,8 +6,9 @@ Paradigms of the LM, each on the same test scans:
 
 * ``zero_shot``: the pretrained export (no task training) asked the question;
 * ``in_context``: ``in_context_k`` training subjects' scans and answers before the query;
-* ``kshot_lora``: LoRA tuned in-process on ``k`` training scans per class (per age tertile for
-  the age number) for each ``k`` and seed, from the pretrained export;
+* ``kshot_lora``: the adapters of the kshot stage (:mod:`fmrilm.train.kshot`), each tuned on
+  ``k`` training scans per class from the pretrained export, beside FC + linear fitted on the
+  same scans;
 * ``full``: the instruct stage's export (multi-task LoRA on every training subject).
 
 Classification is constrained scoring over the allowed answers; the age number is generated and
@@ -23,39 +24,22 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from pydantic import Field, field_validator
 
 from fmrilm import storage
-from fmrilm.config import Strict
+from fmrilm.config import RunLocation, Strict
 from fmrilm.data import splits
 from fmrilm.data.contract import AtlasMapping
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.instructions import CLASSIFICATION, QUESTIONS, REGRESSION, Labeller, fewshot_context, fit_labeller, question_prompt
-from fmrilm.eval import baselines, metrics
+from fmrilm.eval import baselines, classical, metrics
+from fmrilm.errors import UserError
+from fmrilm.features import dynamics
 from fmrilm.eval.probes import answer_states
-from fmrilm.models.number_loss import number_objective
-from fmrilm.models.lora import LoraSpec
 
 log = logging.getLogger("fmrilm.eval")
 PARADIGMS = ("zero_shot", "in_context", "kshot_lora", "full")
 ANSWER_ROOM = 8  # tokens kept free after an evaluation prompt for the scored or generated answer
-
-
-class KShotSpec(Strict):
-    """k-shot LoRA tuning: ``k`` training scans per class, several seeds (no cap at one per class)."""
-
-    k: list[int] = Field([1, 2, 4, 8, 16], description="scans per class")
-    seeds: list[int] = [0, 1]
-    steps: int = Field(100, ge=1, description="full-batch AdamW steps (a handful of examples needs many to be fitted)")
-    lr: float = Field(3e-3, gt=0)
-    number_loss: float = Field(1.0, ge=0, description="weight of the number-token loss on age answers (as in instruct)")
-    lora: LoraSpec = LoraSpec(enabled=True, r=8, alpha=16, dropout=0.0)
-
-
-class EvalRunSpec(Strict):
-    storage: str = "./fmrilm-data/runs"
-    name: str = Field("eval", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class EvalSpec(Strict):
@@ -80,16 +64,27 @@ class EvalSpec(Strict):
         "model's probabilities; greedy = generated and parsed (its parse rate is reported either way)")
     calibration_scans: int = Field(16, ge=0, description="training scans asked each question first: every answer's mean score over "
                                    "them is subtracted before the argmax (0: the raw argmax)")
-    kshot: KShotSpec = KShotSpec()
+    kshot: str | None = Field("./fmrilm-data/runs/kshot", description="the kshot stage's adapter set (its run folder): "
+                              "the kshot_lora paradigm; null: that paradigm is skipped")
     fmri_steps: int | None = Field(None, ge=1, description="time steps of each scan's fMRI block in a prompt "
                                    "(default: what the instruct export was tuned with, else 4)")
     seq_len: int = Field(512, ge=32)
     bootstrap: int = Field(1000, ge=0)
     baselines: bool = True
+    classical: bool = Field(True, description="the classical readers beyond FC (pre-whitened FC, timescale, lagged FC, windowed FC, "
+                            "amplitude, combined) as baselines, and the best of them per task (needs baselines)")
     probes: bool = Field(True, description="cross-validated linear probes of every representation on the held-out scans "
                          "(FC, scan vector, codes, the LM's answer state): where the signal is lost")
     seed: int = 0
-    run: EvalRunSpec = EvalRunSpec()
+    run: RunLocation = RunLocation(name="eval")
+
+    @field_validator("kshot", mode="before")
+    @classmethod
+    def _kshot_moved(cls, v):
+        if isinstance(v, dict):
+            raise ValueError("k-shot LoRA is its own stage now: move kshot.k/seeds/steps/lr/lora into a kshot spec "
+                             "(jobs/kshot.yaml) and set kshot to that run's folder (e.g. ./fmrilm-data/runs/kshot)")
+        return v
 
     @field_validator("tasks")
     @classmethod
@@ -124,7 +119,7 @@ def eval_meta(spec: EvalSpec, scans_with_tokens: set[str], trained: dict[str, di
     meta = scan_meta(spec.data, datasets, policy)
     unknown = sorted(set(spec.heldout_datasets) - set(meta["dataset"]))
     if unknown:
-        raise ValueError(f"heldout_datasets {unknown} are not under {spec.data} (found {sorted(set(meta['dataset']))})")
+        raise UserError(f"heldout_datasets {unknown} are not under {spec.data} (found {sorted(set(meta['dataset']))})")
     meta = meta[meta["scan_id"].isin(scans_with_tokens)].copy()
     held = meta["dataset"].isin(spec.heldout_datasets)
     meta.loc[held, "split"] = "heldout_dataset"  # its subjects are never training subjects, nor in-context examples
@@ -165,7 +160,7 @@ class Answerer:
         rows = pd.DataFrame({"prompt": [with_descriptions(t, self.descriptions) for t in texts], "answer": "", "task": "x"})
         examples, kept = encode_rows(rows, self.blocks, self.tok, self.spec.fmri_steps, self.spec.seq_len - ANSWER_ROOM, with_answer=False)
         if len(kept) != len(texts):
-            raise ValueError(f"{len(texts) - len(kept)} evaluation prompts do not fit seq_len={self.spec.seq_len}: raise seq_len")
+            raise UserError(f"{len(texts) - len(kept)} evaluation prompts do not fit seq_len={self.spec.seq_len}: raise seq_len")
         return examples
 
     def answer(self, task: str, texts: list[str], labeller: Labeller, fallback: float, reference: list[str] | None = None,
@@ -216,59 +211,6 @@ def calibration_rows(task: str, train: pd.DataFrame, labeller: Labeller, n: int,
     return known.sample(n=min(n, len(known)), random_state=seed) if len(known) else known
 
 
-def kshot_rows(task: str, train: pd.DataFrame, labeller: Labeller, k: int, seed: int) -> pd.DataFrame:
-    """``k`` training scans per class (per age tertile for the age number) as single-question
-    instruction rows (``scan_id, prompt, answer, task``), each with a paraphrase drawn at random."""
-    from fmrilm.data.instructions import is_missing
-
-    rng = np.random.default_rng(seed)
-    key = "age_bin" if task in REGRESSION else task
-    by_class: dict[str, list] = {}
-    for r in train.itertuples(index=False):
-        label = labeller.label(key, r)
-        if label is not None and not (task in REGRESSION and is_missing(r.age)):
-            by_class.setdefault(label, []).append(r)
-    rows = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        for j in rng.permutation(len(members))[:k]:
-            r = members[j]
-            answer = labeller.answer(task, r, {}, rng)
-            q = QUESTIONS[task][int(rng.integers(len(QUESTIONS[task])))]
-            rows.append({"scan_id": r.scan_id, "prompt": question_prompt(r.scan_id, q), "answer": answer, "task": task})
-    return pd.DataFrame(rows, columns=["scan_id", "prompt", "answer", "task"])
-
-
-def kshot_tune(pretrained: str, rows: pd.DataFrame, blocks, spec: EvalSpec, seed: int, descriptions: dict[str, str] | None = None):
-    """LoRA tuned in this process on a handful of instruction rows (full batch, AdamW, loss on
-    the answers, plus the number-token loss on age answers; prompts with ``descriptions`` as the
-    instruct export had them); returns
-    ``(model, tokenizer)`` in eval mode."""
-    from fmrilm.data.instructions import with_descriptions
-    from fmrilm.data.lm_sequences import pack
-    from fmrilm.artifacts.lm import load_model
-    from fmrilm.data.instructions import encode_rows
-    from fmrilm.models.fmri_lm import forward_loss
-    from fmrilm.models.lora import add_adapters
-
-    rows = rows.assign(prompt=[with_descriptions(p, descriptions or {}) for p in rows["prompt"]])
-    torch.manual_seed(seed)
-    model, tok, meta = load_model(pretrained)
-    model = add_adapters(model, spec.kshot.lora, meta.get("vocab"))  # the fMRI rows train with the adapters, as in instruct
-    examples, _ = encode_rows(rows, blocks, tok, spec.fmri_steps, spec.seq_len)
-    arrays = pack(examples, spec.seq_len, tok.pad_token_id)
-    number = number_objective(arrays, tok, 0, spec.kshot.number_loss, part=1) if set(rows["task"]) <= set(REGRESSION) else None
-    packed = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.kshot.lr)
-    model.train()
-    for _ in range(spec.kshot.steps):
-        loss, _ = forward_loss(model, packed, {0: 1.0}, number)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), tok
-
-
 # ---------------------------------------------------------------- evaluation
 
 
@@ -300,6 +242,32 @@ def check_contract(spec: EvalSpec, contract: dict | None, datasets: set[str], mo
         log.warning(warning)
 
 
+def check(spec: EvalSpec) -> tuple[EvalSpec, str, dict | None]:
+    """Checks before scoring: the exports to score exist (the instruct export and its pretrained
+    base, or ``pretrained``), and the k-shot index when ``kshot_lora`` is asked; returns ``(spec
+    with fmri_steps resolved, the pretrained export's URI, the k-shot index or None)``."""
+    from fmrilm.artifacts.lm import export_meta
+
+    if spec.model is None and spec.pretrained is None:
+        raise UserError("eval needs model (an instruct export) or pretrained (a pretrain export)")
+    pretrained = spec.pretrained or export_meta(spec.model)["base_model"]
+    if spec.fmri_steps is None:  # ask with the prompts the model was tuned on
+        spec = spec.model_copy(update={"fmri_steps": (export_meta(spec.model).get("fmri_steps") if spec.model else None) or 4})
+    export_meta(pretrained)
+    kshot = None
+    if "kshot_lora" in spec.paradigms:
+        if spec.kshot:
+            from fmrilm.artifacts.kshot import read_index
+
+            kshot = read_index(spec.kshot)
+            if storage.absolute(kshot["base_model"]).rstrip("/") != storage.absolute(pretrained).rstrip("/"):
+                log.warning("the k-shot adapters %s were tuned from %s, not from this evaluation's pretrained export %s: "
+                            "their rows compare other models", spec.kshot, kshot["base_model"], pretrained)
+        else:
+            log.info("kshot is null: the kshot_lora paradigm is skipped")
+    return spec, pretrained, kshot
+
+
 def run(spec: EvalSpec) -> dict:
     """Evaluate every task x paradigm and the baselines; write the report; return it."""
     from fmrilm.eval.report import write_report
@@ -307,12 +275,7 @@ def run(spec: EvalSpec) -> dict:
     from fmrilm.artifacts.lm import export_meta, load_model
     from fmrilm.tokens import ScanBlocks
 
-    if spec.model is None and spec.pretrained is None:
-        raise ValueError("eval needs model (an instruct export) or pretrained (a pretrain export)")
-    pretrained = spec.pretrained or export_meta(spec.model)["base_model"]
-    if spec.fmri_steps is None:  # ask with the prompts the model was tuned on
-        spec = spec.model_copy(update={"fmri_steps": (export_meta(spec.model).get("fmri_steps") if spec.model else None) or 4})
-    export_meta(pretrained)
+    spec, pretrained, kshot = check(spec)
     blocks = ScanBlocks(pretrained, spec.data, spec.datasets, spec.tokens)
     trained = {f"the instruct export {spec.model}": export_meta(spec.model).get("split")} if spec.model else {}
     trained[f"the pretrained export {pretrained}"] = export_meta(pretrained).get("split")
@@ -321,19 +284,25 @@ def run(spec: EvalSpec) -> dict:
 
         trained_on = spec.datasets or [m["dataset"] for _, m in find_datasets(spec.data) if m["dataset"] not in spec.heldout_datasets]
         trained[f"the features build of {spec.data} (descriptor baselines)"] = features_split(spec.data, trained_on)
+    if kshot is not None:
+        trained[f"the k-shot adapters {spec.kshot}"] = kshot["split"]
     meta = eval_meta(spec, set(blocks.codes), trained)
     check_contract(spec, export_meta(pretrained).get("contract"), set(meta["dataset"]), pretrained)
-    descriptions = {}
-    if spec.model and export_meta(spec.model).get("descriptions"):  # asked the way the instruct export was tuned
-        from fmrilm.features.job import read_captions
-        from fmrilm.features.job import first_captions
 
-        descriptions = first_captions(read_captions(spec.data, None))
+    def described(flag: bool) -> dict[str, str]:  # each model asked the way it was tuned: with descriptions, or not
+        from fmrilm.features.job import first_captions, read_captions
+
+        return first_captions(read_captions(spec.data, None)) if flag else {}
+
+    descriptions = described(bool(spec.model and export_meta(spec.model).get("descriptions")))
     train = meta[meta["group"] == "train"]
     groups = [g for g in ("heldout_subjects", "heldout_dataset") if (meta["group"] == g).any()]
     if train.empty or not groups:
-        raise ValueError(f"eval needs training scans and held-out scans with tokens; found groups {meta['group'].value_counts().to_dict()}")
+        raise UserError(f"eval needs training scans and held-out scans with tokens; found groups {meta['group'].value_counts().to_dict()}")
     labeller = fit_labeller(meta)
+    if kshot and (kshot["age_cuts"] != (list(labeller.age_cuts) if labeller.age_cuts else None)):
+        raise UserError(f"the k-shot adapters {spec.kshot} were tuned with age bins cut at {kshot['age_cuts']}, this evaluation's "
+                        f"training scans cut at {labeller.age_cuts}: run the kshot stage on the same datasets")
     results: list[dict] = []
     by_site: list[dict] = []
     predictions: list[dict] = []
@@ -354,8 +323,15 @@ def run(spec: EvalSpec) -> dict:
     used = meta[meta["group"] != "unused"]["scan_id"]
     need_fc = spec.baselines or spec.probes
     seen = blocks.seen_timepoints(spec.fmri_steps)  # what the LM's prompt shows (all of it with the scan token)
-    whole = fc_matrices(spec, used) if need_fc else {}
-    fcs = (whole if seen is None else fc_matrices(spec, used, seen)) if need_fc else {}
+    series, networks = scan_series(spec, used) if need_fc else ({}, {})
+    shown = {s: x for s, (x, _) in series.items()} if seen is None else {s: prompt_part(x, tr, seen) for s, (x, tr) in series.items()}
+    whole = {s: baselines.fc_matrix(x) for s, (x, _) in series.items()}
+    fcs = whole if seen is None else {s: baselines.fc_matrix(x) for s, x in shown.items()}
+    readers = {}  # suffix -> reader -> scan_id -> vector: the classical readers beyond FC
+    if spec.baselines and spec.classical:
+        readers[""] = classical.reader_vectors(shown, networks)
+        if seen is not None:
+            readers["_whole_scan"] = classical.reader_vectors({s: x for s, (x, _) in series.items()}, networks)
     from rich.progress import track
 
     plan = [(task, group) for task in tasks for group in groups]
@@ -367,6 +343,7 @@ def run(spec: EvalSpec) -> dict:
         if len(test) == 0:
             continue
         classes = labeller.classes.get(task, [])
+        said: dict[tuple, tuple[dict, np.ndarray]] = {}  # (paradigm, method, k, seed) -> (result row, predictions)
 
         def record(paradigm, method, out, k=None, seed=None, extra=None):
             res = score(task, y, out["pred"], out.get("scores"), classes, spec.bootstrap, spec.seed)
@@ -385,14 +362,15 @@ def run(spec: EvalSpec) -> dict:
                     by_site.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "site": site, **part})
             predictions.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
                                 "scan_id": list(test["scan_id"]), "true": [_plain(v) for v in y], "pred": [_plain(v) for v in out["pred"]]})
+            said[(paradigm, method, k, seed)] = (results[-1], out["pred"])
 
         reference = calibration_rows(task, train, labeller, spec.calibration_scans, spec.seed)
         context_pool = train[~train["scan_id"].isin(reference["scan_id"])]  # a reference scan is never its own example
 
-        def answer(model, tok, k_context, seed):
+        def answer(model, tok, k_context, seed, asked=spec, described=descriptions):
             ref = task_prompts(task, reference, context_pool, labeller, k_context, seed) if len(reference) else None
-            out = Answerer(model, tok, blocks, spec, descriptions).answer(task, task_prompts(task, test, train, labeller, k_context, seed), labeller,
-                                                            age_mean, ref, age_values)
+            out = Answerer(model, tok, blocks, asked, described).answer(task, task_prompts(task, test, train, labeller, k_context, seed),
+                                                                         labeller, age_mean, ref, age_values)
             return out, {k: out[k] for k in ("parse_rate", "calibrated_on", "decoding") if k in out}
 
         def lm(model_name, k_context, paradigm, k=None):
@@ -405,21 +383,20 @@ def run(spec: EvalSpec) -> dict:
             lm("instruct" if spec.model else "pretrained", spec.in_context_k, "in_context", k=spec.in_context_k)
         if "full" in spec.paradigms and spec.model:
             lm("instruct", 0, "full")
-        if "kshot_lora" in spec.paradigms:
-            for k in spec.kshot.k:
-                for seed in spec.kshot.seeds:
-                    rows = kshot_rows(task, train, labeller, k, seed)
-                    model, tok = kshot_tune(pretrained, rows, blocks, spec, seed, descriptions)
-                    out, extra = answer(model, tok, 0, seed)
-                    record("kshot_lora", "fmrilm", out, k=k, seed=seed, extra={"train_rows": len(rows)} | extra)
-                    if spec.baselines:  # FC + linear fitted on the same k scans per class
-                        few = baseline_predictions(task, train[train["scan_id"].isin(rows["scan_id"])], test, labeller, pd.DataFrame(),
-                                                   fcs, spec)
-                        if "fc_linear" in few:
-                            record("kshot_lora", "fc_linear", few["fc_linear"], k=k, seed=seed, extra={"train_rows": len(rows)})
+        for entry in (a for a in (kshot or {}).get("adapters", []) if a["task"] == task):
+            model, tok, tuned = load_model(entry["model"])
+            asked = spec.model_copy(update={"fmri_steps": tuned.get("fmri_steps") or spec.fmri_steps})
+            out, extra = answer(model, tok, 0, entry["seed"], asked, described(bool(tuned.get("descriptions"))))
+            k, seed, shots = entry["k"], entry["seed"], {"train_rows": entry["train_rows"]}
+            record("kshot_lora", "fmrilm", out, k=k, seed=seed, extra=shots | extra)
+            if spec.baselines:  # FC + linear fitted on the same k scans per class
+                few = baseline_predictions(task, train[train["scan_id"].isin(entry["scan_ids"])], test, labeller, pd.DataFrame(), fcs, spec)
+                if "fc_linear" in few:
+                    record("kshot_lora", "fc_linear", few["fc_linear"], k=k, seed=seed, extra=shots)
         if spec.baselines:
-            for method, out in baseline_predictions(task, train, test, labeller, descriptors, fcs, spec, whole).items():
-                record("baseline", method, out)
+            for method, out in baseline_predictions(task, train, test, labeller, descriptors, fcs, spec, whole, readers).items():
+                record("baseline", method, out, extra={k: out[k] for k in ("reader", "cv_score") if out.get(k) is not None})
+            paired_gaps(task, y, said, spec)
     probe_rows = []
     if spec.probes:
         def states(name, task, test):
@@ -494,10 +471,14 @@ def _plain(v):
 
 
 def baseline_predictions(task: str, train: pd.DataFrame, test: pd.DataFrame, labeller: Labeller, descriptors: pd.DataFrame,
-                         fcs: dict[str, np.ndarray], spec: EvalSpec, whole: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
+                         fcs: dict[str, np.ndarray], spec: EvalSpec, whole: dict[str, np.ndarray] | None = None,
+                         readers: dict[str, dict] | None = None) -> dict[str, dict]:
     """Predictions of every baseline that applies (see :mod:`fmrilm.eval.baselines`); ``fcs``
     maps scan_id to its FC matrix on the time points the LM's prompt shows (``fc_linear``),
-    ``whole`` to the whole scan's (``fc_linear_whole_scan``)."""
+    ``whole`` to the whole scan's (``fc_linear_whole_scan``), ``readers`` a method suffix ("" for
+    the prompt's time points, "_whole_scan") to the classical readers' vectors
+    (:func:`fmrilm.eval.classical.reader_vectors`); with them, ``best_classical<suffix>`` is the
+    reader (FC included) with the best inner-CV score on the training scans."""
     tr, y_tr = truth(task, train, labeller)
     classes = labeller.classes.get(task, [])
     out: dict[str, dict] = {}
@@ -528,10 +509,14 @@ def baseline_predictions(task: str, train: pd.DataFrame, test: pd.DataFrame, lab
         x_tr = np.stack([feats[s] for s in tr["scan_id"]])
         x_te = np.stack([feats[s] for s in test["scan_id"]])
         if task in REGRESSION:
-            out[name] = {"pred": baselines.linear_regressor(x_tr, y_tr.astype(float), x_te)}
+            out[name] = baselines.fit_regressor(x_tr, y_tr.astype(float), x_te)
         elif len(set(y_tr)) >= 2:
-            pred, scores = baselines.linear_classifier(x_tr, y_tr, x_te, classes, spec.seed)
-            out[name] = {"pred": pred, "scores": scores}
+            out[name] = baselines.fit_classifier(x_tr, y_tr, x_te, classes, spec.seed)
+    for suffix, vectors in (readers or {}).items():
+        out |= classical.fit_readers(vectors, list(tr["scan_id"]), y_tr, list(test["scan_id"]), classes, task in REGRESSION, spec.seed, suffix)
+        best = classical.best_of({m: o for m, o in out.items() if m in {f"{r}_linear{suffix}" for r in dynamics.READERS}})
+        if best is not None:
+            out[f"{classical.BEST}{suffix}"] = best[1] | {"reader": best[0]}
     planted = _planted_pattern(task, tr, y_tr, test, whole or fcs, spec, labeller)
     if planted is not None:
         out["planted_pattern"] = planted
@@ -547,22 +532,48 @@ def mean_fd(scans: pd.DataFrame) -> list[float | None]:
     return out
 
 
-def fc_matrices(spec: EvalSpec, scan_ids, seen: dict | None = None) -> dict[str, np.ndarray]:
-    """Pearson FC of every listed scan (robust-scaled series), read from the scan tables once.
-    With ``seen`` (:meth:`fmrilm.tokens.ScanBlocks.seen_timepoints`) only the time points
-    an evaluation prompt shows the LM (resampled as the tokenizer was trained), else the whole scan."""
+def scan_series(spec: EvalSpec, scan_ids) -> tuple[dict[str, tuple[np.ndarray, float]], dict[str, list[str] | None]]:
+    """Every listed scan's series read from the scan tables once, ``scan_id -> ([rois, time],
+    TR)``, and its ROIs' networks (``None`` where its dataset's manifest names none)."""
     from fmrilm.data import table
-    from fmrilm.data.signal import resample
-    from fmrilm.features.job import read_series
+    from fmrilm.features.job import FeaturesError, networks_of, read_series
 
     want = set(scan_ids)
-    out = {}
+    series, networks = {}, {}
     for loc, manifest in table.find_datasets(spec.data):
-        for sid, (x, tr) in read_series(loc, manifest, want).items():
-            if seen is not None:
-                x = (resample(x, tr, seen["target_tr"]) if seen["target_tr"] else x)[:, : seen["timepoints"]]
-            out[sid] = baselines.fc_matrix(x)
-    return out
+        found = read_series(loc, manifest, want)
+        try:
+            nets = networks_of(manifest)
+        except FeaturesError:
+            nets = None
+        series |= found
+        networks |= {sid: nets for sid in found}
+    return series, networks
+
+
+def prompt_part(x: np.ndarray, tr: float, seen: dict) -> np.ndarray:
+    """The time points of ``x [rois, time]`` an evaluation prompt shows the LM (resampled as the
+    tokenizer was trained; :meth:`fmrilm.tokens.ScanBlocks.seen_timepoints`)."""
+    from fmrilm.data.signal import resample
+
+    return (resample(x, tr, seen["target_tr"]) if seen["target_tr"] else x)[:, : seen["timepoints"]]
+
+
+def paired_gaps(task: str, y: np.ndarray, said: dict[tuple, tuple[dict, np.ndarray]], spec: EvalSpec) -> None:
+    """Each LM result of one task and group gets ``vs``: its paired gap to ``best_classical``
+    and to ``fc_linear`` on the same scans (:func:`fmrilm.eval.metrics.compare`; k-shot rows
+    against FC + linear on the same k scans per class)."""
+    for (paradigm, method, k, seed), (row, pred) in said.items():
+        if method != "fmrilm":
+            continue
+        bases = ({"fc_linear": (paradigm, "fc_linear", k, seed)} if paradigm == "kshot_lora" else
+                 {classical.BEST: ("baseline", classical.BEST, None, None), "fc_linear": ("baseline", "fc_linear", None, None)})
+        row["vs"] = {}
+        for name, key in bases.items():
+            if key in said:
+                base_row, base_pred = said[key]
+                gap = metrics.compare(y, pred, base_pred, task in REGRESSION, max(spec.bootstrap, 200), spec.seed)
+                row["vs"][name] = gap | ({"reader": base_row["reader"]} if base_row.get("reader") else {})
 
 
 def _planted_pattern(task: str, tr: pd.DataFrame, y_tr: np.ndarray, test: pd.DataFrame, fcs: dict[str, np.ndarray], spec: EvalSpec,
@@ -592,3 +603,11 @@ def _planted_pattern(task: str, tr: pd.DataFrame, y_tr: np.ndarray, test: pd.Dat
         return {"pred": pred}
     pred, scores = baselines.linear_classifier(s_tr, y_tr, s_te, classes, spec.seed)
     return {"pred": pred, "scores": scores}
+
+
+def summary(report: dict) -> list[str]:
+    """Lines a person reads after :func:`run`; the first is the headline (where the report went), then
+    a Markdown table per held-out group."""
+    from fmrilm.eval.report import group_tables
+
+    return [f"report {report['files']['report.md']}", *group_tables(report)]

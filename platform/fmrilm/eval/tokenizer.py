@@ -14,16 +14,7 @@ from fmrilm.data.pipeline import PipelineSpec, build_windows, torch_batches
 from fmrilm.errors import UserError
 from fmrilm.models.tokenizer import r2_per_roi
 from fmrilm.models.tokenizer_objective import TokenizerObjective
-
-
-def _sum_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Sums over ranks; the tensor lives on ``device`` (NCCL reduces only CUDA tensors)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
+from fmrilm.ranks import sum_across_ranks
 
 
 @torch.no_grad()
@@ -64,7 +55,7 @@ def window_metrics(objective: TokenizerObjective, shard, batch_size: int, text_t
     for windows in scans.values():  # the windows this rank holds of each scan, stitched
         sums["fc_r"] += fc_preservation(stitch([(s, xi) for s, xi, _ in windows]), stitch([(s, ri) for s, _, ri in windows]))
         sums["fc_n"] += 1
-    sums = _sum_across_ranks(sums, device)
+    sums = sum_across_ranks(sums, device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
     objective.train()

@@ -225,15 +225,21 @@ def plot_distributions(z: pd.DataFrame, splits: pd.Series, n: int = 16) -> bytes
     return png_bytes(fig)
 
 
-def run(spec: FeaturesSpec) -> dict:
-    """Build features and captions for every selected dataset; returns ``{dataset: summary}``."""
+def check(spec: FeaturesSpec) -> list:
+    """Checks before building: every dataset named exists; returns ``[(dataset location, manifest)]``
+    of those selected."""
     found = table.find_datasets(spec.data)
     if spec.datasets:
         unknown = sorted(set(spec.datasets) - {m["dataset"] for _, m in found})
         if unknown:
             raise FeaturesError(f"dataset(s) {unknown} not found under {spec.data}")
         found = [(loc, m) for loc, m in found if m["dataset"] in spec.datasets]
-    return {m["dataset"]: build_dataset(loc, m, spec) for loc, m in found}
+    return found
+
+
+def run(spec: FeaturesSpec) -> dict:
+    """Build features and captions for every selected dataset; returns ``{dataset: summary}``."""
+    return {m["dataset"]: build_dataset(loc, m, spec) for loc, m in check(spec)}
 
 
 def _builds(data: str, datasets: list[str] | None):
@@ -294,3 +300,19 @@ def read_descriptors(data: str, datasets: list[str] | None = None) -> pd.DataFra
 def first_captions(captions: dict[str, list[str]]) -> dict[str, str]:
     """``scan_id -> description``: each scan's first caption (what ``descriptions: true`` prompts show)."""
     return {sid: caps[0] for sid, caps in captions.items() if caps}
+
+
+def summary(result: dict) -> list[str]:
+    """Lines a person reads after :func:`run` (``{dataset: build summary}``); the first is the headline."""
+    lines = [", ".join(f"{k}: {v['described']}/{v['scans']} scans described" for k, v in result.items())]
+    for name, s in result.items():
+        lines.append(f"{name}: {s['descriptors']} descriptors, {s['captions']} captions, {len(s['failed'])} scan(s) failed, "
+                     f"{s.get('resumed_shards', 0)} shard(s) resumed")
+        lines += [f"warning: {name}: no descriptors for {f['scan_id']}: {f['error']}" for f in s["failed"]]
+        if s.get("example_caption"):
+            lines.append(f"{name} example caption: {s['example_caption']}")
+        if s.get("sex_probe"):
+            p = s["sex_probe"]
+            lines.append(f"{name} sex probe (balanced accuracy, {p['n_train']} train -> {p['n_test']} held-out scans): "
+                         f"descriptors + logistic {p['descriptors_logistic']:.2f}, FC + logistic {p['fc_logistic']:.2f}, chance 0.50")
+    return lines

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from fmrilm import runtime, storage
-from fmrilm.config import Strict
+from fmrilm.config import RUN_NAME, RunLocation, Strict
 from fmrilm.errors import UserError
 
 
@@ -33,11 +33,10 @@ class ScalingSpec(Strict):
     use_gpu: bool = False
 
 
-class RunSpec(Strict):
-    """Where a run lives: ``<storage>/<name>/`` (re-running the same name resumes)."""
+class RunSpec(RunLocation):
+    """Where a training run lives (``<storage>/<name>/``; the same name resumes) and how it runs."""
 
-    storage: str = "./fmrilm-data/runs"
-    name: str = Field("tokenizer", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field("tokenizer", pattern=RUN_NAME)
     max_failures: int = Field(0, ge=-1, description="worker failures to recover from (-1: unlimited)")
     keep_checkpoints: int = Field(2, ge=1)
     logger: Literal["tensorboard", "none"] = "tensorboard"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Literal
 
 import numpy as np
@@ -29,7 +28,7 @@ from pydantic import Field
 
 from fmrilm import runtime, storage
 from fmrilm.artifacts import lm as lm_artifact
-from fmrilm.artifacts.lm import export_meta, export_tokenizer, load_model, root_export
+from fmrilm.artifacts.lm import export_meta, export_tokenizer, load_model
 from fmrilm.config import Strict
 from fmrilm.data import splits
 from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions, encode_rows, fit_labeller, with_descriptions
@@ -38,7 +37,7 @@ from fmrilm.data.pipeline import scan_meta
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.errors import UserError
 from fmrilm.features.job import first_captions
-from fmrilm.models.fmri_lm import BackboneError, FMRIInputLM
+from fmrilm.models.fmri_lm import FMRIInputLM
 from fmrilm.models.lora import LoraSpec, add_adapters
 from fmrilm.models.number_loss import NumberObjective, number_objective
 from fmrilm.tokens import ScanBlocks
@@ -95,25 +94,12 @@ def training_split(spec: InstructSpec, meta: pd.DataFrame, base_split: dict | No
 
 
 def check(spec: InstructSpec) -> dict:
-    """Checks before any worker starts: the export exists, LoRA targets exist; returns its meta."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fmrilm.models.lora import lora_targets
+    """Checks before any worker starts: the export exists, LoRA targets exist, the datasets match
+    its input contract; returns its meta."""
     from fmrilm.train.lm import check_inputs
 
-    meta = export_meta(spec.model)
+    meta = lm_artifact.check_tunable(spec.model, spec.lora, spec.seq_len)
     check_inputs(meta.get("contract"), spec.data, spec.datasets, f"the export {spec.model}")
-    root = root_export(spec.model)
-    sub = "full" if export_meta(root)["layout"] == "full" else "base"
-    local = lm_artifact.local_folder(root)
-    cfg = AutoConfig.from_pretrained(os.path.join(local, sub))
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(cfg)
-    if spec.lora.enabled:
-        lora_targets(spec.lora, skeleton)
-    limit = getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", 10**9))
-    if spec.seq_len > limit:
-        raise BackboneError(f"seq_len {spec.seq_len} exceeds the backbone's maximum positions ({limit})")
     return meta
 
 
@@ -223,15 +209,17 @@ def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: 
     from fmrilm.train.loop import write_export
 
     def write(d: str, lm) -> dict:
-        sub = "adapter" if spec.lora.enabled else "full"
-        if spec.lora.enabled:
-            lm.save_pretrained(os.path.join(d, sub))
-        else:
-            lm.save_pretrained(os.path.join(d, sub), state_dict={k: v.detach().cpu().clone() for k, v in lm.state_dict().items()})
-        tok.save_pretrained(os.path.join(d, sub))
-        meta = {k: base_meta[k] for k in ("backbone", "vocab", "tokenizer", "input_mode", "contract") if k in base_meta}
-        return meta | {"layout": sub, "base_model": spec.model, "lora": spec.lora.enabled, "seq_len": spec.seq_len, "stage": "instruct",
+        layout = lm_artifact.save_tuned(d, lm, tok, spec.lora.enabled)
+        meta = {k: base_meta[k] for k in lm_artifact.TUNED_KEYS if k in base_meta}
+        return meta | {"layout": layout, "base_model": spec.model, "lora": spec.lora.enabled, "seq_len": spec.seq_len, "stage": "instruct",
                        "fmri_steps": spec.fmri_steps, "tasks": spec.instructions.tasks, "split": split_rec,
                        "descriptions": spec.descriptions}
 
     write_export(engine, spec.deepspeed.zero_stage, probe, rank, lm_artifact.location(spec.run.storage, spec.run.name), write)
+
+
+def summary(result: dict) -> list[str]:
+    """Lines a person reads after :func:`run`; the first is the headline (losses per task)."""
+    m = result["metrics"]
+    return [", ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("loss")) + f" (step {m.get('step')})",
+            f"model: {result['model']} ({result['rows']} instruction rows; table {result['instructions']})"]

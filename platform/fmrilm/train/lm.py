@@ -395,3 +395,13 @@ def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tenso
     return run_trainer(train_loop, config, spec.scaling, {"train": to_dataset(packed)}, spec.run, (split_rec or {}).get("datasets"))
 
 
+def summary(result: dict) -> list[str]:
+    """Lines a person reads after :func:`run`; the first is the headline (losses per objective)."""
+    m = result["metrics"]
+    losses = ", ".join(f"{k} {m[k]:.3f}" for k in ("loss/fmri_text", "loss/fmri_fmri", "loss/text_text", "loss", "tokens_per_s") if k in m)
+    lines = [f"{losses} (step {m.get('step')})",
+             f"model: {result['model']} ({result['sequences']} packed sequences, examples per objective {result['objective_examples']}; "
+             f"code embeddings init: {m.get('code_init')})"]
+    if m.get("pretrained_backbone") is False:
+        lines.append("warning: the backbone was a built-in decoder, not pretrained: set backbone.source to a real model for science")
+    return lines

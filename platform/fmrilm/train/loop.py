@@ -15,6 +15,7 @@ import torch
 
 from fmrilm.models.fmri_lm import FMRIInputLM, forward_loss, probe_logits
 from fmrilm.models.number_loss import NumberObjective
+from fmrilm.ranks import mean_across_ranks
 from fmrilm.train.common import (CorruptCheckpoint, check_pickles, check_shape, checkpoint_name, cosine_schedule, inject_fault,
                                  read_meta, resume, shape_of, write_meta)
 from fmrilm.train.deepspeed import adamw, autocast, build_config, resolve_precision
@@ -43,19 +44,6 @@ def packed_collate():
     return PackedCollate()
 
 
-def _mean_across_ranks(sums: dict[str, float], counts: dict[str, float], keys: tuple[str, ...], device) -> dict[str, float]:
-    """Means of ``keys`` over every rank's micro-steps (a fixed-size all-reduce on ``device``, as
-    NCCL reduces only CUDA tensors; ranks may have seen different objectives); keys no rank saw
-    are left out."""
-    import torch.distributed as dist
-
-    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    n = len(keys)
-    return {k: t[i].item() / t[n + i].item() for i, k in enumerate(keys) if t[n + i] > 0}
-
-
 @torch.no_grad()
 def validation_losses(engine, shard, micro_batch: int, objectives: tuple[str, ...], weights: dict[int, float], device,
                       number: NumberObjective | None = None, precision: str = "fp32") -> dict[str, float]:
@@ -76,7 +64,7 @@ def validation_losses(engine, shard, micro_batch: int, objectives: tuple[str, ..
             sums[k] = sums.get(k, 0.0) + v.item()
             counts[k] = counts.get(k, 0.0) + 1
     engine.train()
-    return {f"val/{k}": v for k, v in _mean_across_ranks(sums, counts, keys, device).items()}
+    return {f"val/{k}": v for k, v in mean_across_ranks(sums, counts, keys, device).items()}
 
 
 def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weights: dict[int, float], static: dict,
@@ -144,7 +132,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     first: dict[str, float] = {}
 
     def report(final: bool = False) -> None:
-        metrics = _mean_across_ranks(sums, counts, keys, device)
+        metrics = mean_across_ranks(sums, counts, keys, device)
         if not first and "loss" in metrics:
             first["first_loss"] = metrics["loss"]  # the mean over the first log interval, to see the fall
         metrics |= first

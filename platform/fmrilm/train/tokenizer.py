@@ -255,3 +255,11 @@ def export(checkpoint, spec: TokenizerStageSpec, split_rec: dict | None = None, 
            "data": {"window": spec.data.window, "stride": spec.data.stride, "normalise": spec.data.normalise, "target_tr": spec.data.target_tr},
            "step": meta["step"], "run": spec.run.name, "split": split_rec, "contract": contract}
     return artifact.write(artifact.location(spec.run.storage, spec.run.name), objective, cfg, metrics)
+
+
+def summary(result: dict) -> list[str]:
+    """Lines a person reads after :func:`run`; the first is the headline (validation figures)."""
+    m = result["metrics"]
+    figures = ", ".join(f"{k} {m[k]:.3f}" for k in ("val/r2", "val/fc_preservation", "val/perplexity", "val/used_fraction",
+                                                     "val/domain_acc", "samples_per_s") if k in m)
+    return [f"{figures} (step {m.get('step')})", f"tokenizer artifact: {result['artifact']} ({result['train_windows']} train windows)"]

@@ -346,12 +346,16 @@ def write_results(spec: SweepSpec, table: pd.DataFrame, grid) -> dict[str, str]:
 
 
 def _markdown(spec: SweepSpec, table: pd.DataFrame) -> str:
-    cols = list(table.columns)
-    lines = [f"# sweep {spec.name} ({spec.stage}): {spec.metric} ({spec.mode}), scheduler {spec.scheduler}", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    lines = [f"# sweep {spec.name} ({spec.stage}): {spec.metric} ({spec.mode}), scheduler {spec.scheduler}", "", *_table_lines(table)]
     return "\n".join(lines) + "\n"
+
+
+def _table_lines(table: pd.DataFrame) -> list[str]:
+    """The results table as Markdown rows."""
+    cols = [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return lines + ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
+                    for row in table.itertuples(index=False)]
 
 
 def _short(value) -> str:
@@ -391,3 +395,10 @@ def _plot(spec: SweepSpec, table: pd.DataFrame, grid) -> bytes:
     curves.set_title("learning curves", fontsize=9)
     fig.tight_layout()
     return png_bytes(fig)
+
+
+def summary(result: dict) -> list[str]:
+    """Lines a person reads after :func:`run`; the first is the headline, then the results table."""
+    return [f"{result['trials']} trials, {result['stopped_early']} stopped early, {result['errored']} errored "
+            f"(up to {result['max_concurrent_trials']} at once); best spec: {result['best']}",
+            *_table_lines(result["table"]), f"results: {result['files']['results.md']}"]
