@@ -375,3 +375,25 @@ def test_the_table_shows_the_best_classical_reader_and_the_paired_gap():
     assert table["prewhitened_fc"] == "0.950 *" and table["fc"] == "0.930" and table["lagged_fc"] == "-"
     md = markdown({"pretrained": "p", "spec": {"model": "m"}, "groups": {"train": 10, "heldout_subjects": 40}, "results": results})
     assert "## Classical readers (heldout subjects)" in md and "paired difference" in md
+
+
+def test_calibration_uses_validation_subjects_class_balanced(monkeypatch):
+    import pandas as pd
+
+    from fmrilm.data.instructions import fit_labeller
+    from fmrilm.eval import run as ev
+
+    train = pd.DataFrame({"scan_id": [f"s{i}" for i in range(40)], "subject_id": [f"p{i}" for i in range(40)],
+                          "sex": ["F"] * 30 + ["M"] * 10, "age": [30.0] * 40, "diagnosis": [None] * 40, "site": ["a"] * 40,
+                          "dataset": ["d"] * 40, "split": ["train"] * 40, "group": ["train"] * 40})
+    labeller = fit_labeller(train)
+    picked = ev.calibration_rows("sex", train, labeller, 16, 0)
+    assert sorted(picked["sex"].value_counts().tolist()) == [8, 8]  # 3:1 in the pool, 1:1 in the reference
+    assert ev.calibration_rows("age", train, labeller, 16, 0).empty
+    monkeypatch.setattr("fmrilm.artifacts.lm.export_meta", lambda uri: {"validation_subjects": ["p1", "p35", "p36"]})
+    spec = ev.EvalSpec(model="m")
+    pool, which = ev.calibration_pool(spec, train)
+    assert set(pool["subject_id"]) == {"p1", "p35", "p36"} and which.startswith("validation subjects")
+    monkeypatch.setattr("fmrilm.artifacts.lm.export_meta", lambda uri: {})
+    pool, which = ev.calibration_pool(spec, train)
+    assert len(pool) == 40 and which == "training scans"

@@ -85,6 +85,20 @@ def test_summary_with_repeats_and_the_dynamics_cohort():
     assert ScienceSpec(dynamics=None).dynamics is None and len(plan(ScienceSpec(dynamics=None))) == 4
 
 
+def test_a_fresh_seed_confirms_the_targets():
+    from fmrilm.science import cohorts, plan, summarise
+
+    spec = ScienceSpec(select=["scan_token"], fresh_seed=1001, dynamics=None)
+    assert cohorts(spec)["fresh"][0].seed == 1001 and cohorts(spec)["fresh"][1].endswith("fresh-seed")
+    chains = plan(spec)
+    assert [(c["cohort"], c["variant"]) for c in chains] == [("main", "scan_token"), ("fresh", "scan_token")]
+    for c, sex in zip(chains, (0.9, 0.7)):
+        c |= {"report": _report(sex=sex), "stages": []}
+    out = summarise(spec, chains)
+    assert all(t["met"] for t in out["targets"]) and not met(out)  # the fresh seed misses: the job does too
+    assert "## Confirmation on a fresh seed (1001)" in markdown(out)
+
+
 def test_variants_add_to_the_shared_overrides():
     spec = ScienceSpec(overrides={"pretrain": ["train.max_steps=5"]})
     assert variant_overrides(spec, "codes_only")["pretrain"] == ["train.max_steps=5", "scan_token=false"]

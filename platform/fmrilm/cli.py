@@ -81,14 +81,22 @@ def data_synth(
     sessions: int = typer.Option(1, help="scans per subject"),
     seed: int = typer.Option(0, help="random seed"),
     name: str = typer.Option("synthetic", help="dataset name"),
+    dynamics: str = typer.Option("", help="dynamic effects that carry a Case/Control diagnosis, comma-separated: "
+                                 "timescale, lag, dwell, bursts (none by default)"),
     ray: bool = typer.Option(True, "--ray/--no-ray", help="parallel Ray tasks"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="other generator fields key=value (e.g. burst_gain=3, "
+                                                    "sex_effect=0.2): fmrilm.data.synth.SynthParams"),
 ) -> None:
-    """Generate a synthetic cohort with planted sex/age/site effects and ingest it."""
+    """Generate a synthetic cohort with planted sex/age/site effects in FC (and, with --dynamics,
+    a diagnosis carried by dynamics FC cannot see) and ingest it."""
+    from fmrilm import config
     from fmrilm.data.ingest import ingest_synthetic
     from fmrilm.data.synth import SynthParams
 
-    params = _guard(SynthParams, name=name, subjects=subjects, sessions=sessions, n_rois=rois, n_networks=networks,
-                    n_timepoints=timepoints, tr=tr, n_sites=sites, seed=seed)
+    fields = {"name": name, "subjects": subjects, "sessions": sessions, "n_rois": rois, "n_networks": networks,
+              "n_timepoints": timepoints, "tr": tr, "n_sites": sites, "seed": seed,
+              "dynamic_effects": [e.strip() for e in dynamics.split(",") if e.strip()]}
+    params = _guard(lambda: config.build(SynthParams, config.apply_overrides(fields, overrides or []), "fmrilm data synth"))
     result = _guard(ingest_synthetic, params, out_uri, use_ray=ray)
     _report_ingest([result])
 
@@ -527,11 +535,14 @@ def bench_science(
     spec: str = typer.Option("jobs/science.yaml", "--spec", help="the science job spec"),
     overrides: Optional[List[str]] = typer.Argument(None, help="overrides key.path=value"),
 ) -> None:
-    """The science job: every stage on a synthetic cohort, fmrilm beside majority and FC + linear
-    on held-out subjects, per input variant; exit 1 when a target is missed."""
+    """The science job: every stage on a synthetic cohort, fmrilm beside majority and the best
+    classical readers on held-out subjects, per input variant, confirmed on a fresh seed of the
+    cohort (synth.seed + 1000 unless fresh_seed is set); exit 1 when a target is missed."""
     from fmrilm.science import met
 
     job, fn, _ = _guard(__import__("fmrilm.registry", fromlist=["load_job"]).load_job, spec, overrides or [], "science")
+    if job.fresh_seed is None:
+        job = job.model_copy(update={"fresh_seed": job.synth.seed + 1000})
     report = _guard(fn, job)
     print_result("science", report)
     if not met(report):

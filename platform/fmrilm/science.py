@@ -74,9 +74,11 @@ class ScienceSpec(Strict):
                          "initialisation and data order 0..repeats-1 on the same split and tokenizer; the report gives each "
                          "headline figure's mean and spread")
     dynamics: SynthParams | None = Field(
-        SynthParams(name="dynamics", subjects=400, dynamic_effects=["timescale", "lag", "dwell", "bursts"], seed=2),
+        SynthParams(subjects=400, dynamic_effects=["timescale", "lag", "dwell", "bursts"], seed=2),
         description="a second cohort whose diagnosis (Case/Control) is carried only by dynamics static FC cannot see "
         "(sex and age stay in FC); the headline variant runs on it too, asked the diagnosis as well (null: skipped)")
+    fresh_seed: int | None = Field(None, description="a seed of the main cohort nothing was tuned on: the headline runs on it too, "
+                                   "its targets beside the spec cohort's (`fmrilm bench science` uses synth.seed + 1000 when unset)")
     dynamics_overrides: dict[str, list[str]] = Field(
         {"instruct": ["instructions.tasks={diagnosis: 1.0, sex: 1.0, age: 1.0}"], "eval": ["tasks=[diagnosis, sex, age]", "paradigms=[full]"]},
         description="stage -> key=value for the dynamics cohort, on top of `overrides`")
@@ -105,12 +107,25 @@ def variant_overrides(spec: ScienceSpec, name: str, repeat: int = 0, dynamics: b
     return out
 
 
+def cohorts(spec: ScienceSpec) -> dict[str, tuple[SynthParams, str]]:
+    """``name -> (generator parameters, storage root)``: ``main`` (the spec's cohort), ``fresh``
+    (the same generator on ``fresh_seed``) and ``dynamics``, each where the spec asks for it."""
+    from fmrilm import storage
+
+    out = {"main": (spec.synth, spec.storage)}
+    if spec.fresh_seed is not None:
+        out["fresh"] = (spec.synth.model_copy(update={"seed": spec.fresh_seed}), storage.join(spec.storage, "fresh-seed"))
+    if spec.dynamics is not None:
+        out["dynamics"] = (spec.dynamics, storage.join(spec.storage, "dynamics"))
+    return out
+
+
 def plan(spec: ScienceSpec) -> list[dict]:
     """The chains to run, in order: ``{"cohort", "variant", "repeat", "tag"}``; every selected
     variant once on the main cohort (headline first), the headline's repeats, then the headline
-    on the dynamics cohort (and its repeats)."""
+    on the fresh seed and on the dynamics cohort (and their repeats)."""
     out = []
-    for cohort in ("main", "dynamics") if spec.dynamics is not None else ("main",):
+    for cohort in cohorts(spec):
         for name in selected(spec) if cohort == "main" else [spec.headline]:
             for r in range(spec.repeats if name == spec.headline else 1):
                 out.append({"cohort": cohort, "variant": name, "repeat": r, "tag": f"-{name}" + (f"-r{r}" if r else "")})
@@ -141,13 +156,13 @@ def run(spec: ScienceSpec) -> dict:
 
     check(spec)
     start = time.perf_counter()
-    chains = plan(spec)
+    chains, where = plan(spec), cohorts(spec)
     for i, c in enumerate(chains):
         log.info("science chain %d/%d: %s cohort, %s, repeat %d", i + 1, len(chains), c["cohort"], c["variant"], c["repeat"])
-        dyn = c["cohort"] == "dynamics"
-        out = run_chain(QuickstartSpec(storage=storage.join(spec.storage, "dynamics") if dyn else spec.storage,
-                                       synth=spec.dynamics if dyn else spec.synth, split=spec.split, neurolib=[], stages=list(STAGES),
-                                       overrides=variant_overrides(spec, c["variant"], c["repeat"], dyn), tag=c["tag"]))
+        params, root = where[c["cohort"]]
+        out = run_chain(QuickstartSpec(storage=root, synth=params, split=spec.split, neurolib=[], stages=list(STAGES),
+                                       overrides=variant_overrides(spec, c["variant"], c["repeat"], c["cohort"] == "dynamics"),
+                                       tag=c["tag"]))
         c |= {"report": out["report"], "stages": out["stages"]}
     report = summarise(spec, chains)
     report["seconds"] = time.perf_counter() - start
@@ -287,7 +302,7 @@ def summarise(spec: ScienceSpec, chains: list[dict]) -> dict:
     head = next(c for c in main if c["variant"] == spec.headline and c["repeat"] == 0)["report"]
     first = {c["variant"]: c["report"] for c in main if c["repeat"] == 0}
     dyn = [c for c in chains if c["cohort"] == "dynamics"]
-    name = lambda c: f"{c['variant']}" + (f" (repeat {c['repeat']})" if c["repeat"] else "") + (" [dynamics]" if c["cohort"] == "dynamics" else "")  # noqa: E731
+    name = lambda c: f"{c['variant']}" + (f" (repeat {c['repeat']})" if c["repeat"] else "") + (f" [{c['cohort']}]" if c["cohort"] != "main" else "")  # noqa: E731
     out = {"spec": spec.model_dump(mode="json"), "groups": head["groups"], "headline": spec.headline,
            "targets": targets(head, spec.targets), "ablation": ablation(first), "headline_rows": headline_rows(head),
            "spread": spread([c["report"] for c in main if c["variant"] == spec.headline]),
@@ -296,6 +311,10 @@ def summarise(spec: ScienceSpec, chains: list[dict]) -> dict:
     if dyn:
         out["dynamics"] = {"groups": dyn[0]["report"]["groups"], "rows": headline_rows(dyn[0]["report"]),
                            "spread": spread([c["report"] for c in dyn])}
+    fresh = [c for c in chains if c["cohort"] == "fresh"]
+    if fresh:
+        out["fresh"] = {"seed": spec.fresh_seed, "groups": fresh[0]["report"]["groups"], "targets": targets(fresh[0]["report"], spec.targets),
+                        "rows": headline_rows(fresh[0]["report"]), "spread": spread([c["report"] for c in fresh])}
     return out
 
 
@@ -313,20 +332,30 @@ def _cell(v: dict | None, digits: int = 3) -> str:
 def markdown(report: dict) -> str:
     """``science.md``: targets, ablation, time per stage, links to each variant's report."""
     g = report["groups"]
+    def target_table(rows: list[dict]) -> list[str]:
+        out = ["| target | measured | bar | met |", "|---|---|---|---|"]
+        for t in rows:
+            digits = 0 if "parse" in t["target"] else 3
+            value = "-" if t["measured"] is None else (f"{t['measured']['value']:.0%}" if digits == 0 else _cell(t["measured"]))
+            out.append(f"| {t['target']} | {value}{' (' + t['note'] + ')' if t['note'] else ''} | {t['bar']} | {'yes' if t['met'] else 'NO'} |")
+        return out
+
     lines = ["# fmrilm science job", "",
              f"Synthetic cohort: {g.get('train', 0)} training scans, {g.get('heldout_subjects', 0)} held-out test scans "
              "(subjects never seen by any stage). 95 % bootstrap CIs over test scans (within each class) in brackets. "
              f"Headline variant: `{report['headline']}`. Settings were fixed before the run; nothing is tuned on the test subjects.", "",
-             "## Targets", "", "| target | measured | bar | met |", "|---|---|---|---|"]
-    for t in report["targets"]:
-        digits = 0 if "parse" in t["target"] else 3
-        value = "-" if t["measured"] is None else (f"{t['measured']['value']:.0%}" if digits == 0 else _cell(t["measured"]))
-        lines.append(f"| {t['target']} | {value}{' (' + t['note'] + ')' if t['note'] else ''} | {t['bar']} | {'yes' if t['met'] else 'NO'} |")
+             "## Targets", ""] + target_table(report["targets"])
     lines += ["", "## fmrilm beside the best classical reader (full paradigm, held-out subjects)", ""]
     lines += _headline_table(report.get("headline_rows", []))
     if report.get("spread") and max(r["repeats"] for r in report["spread"]) > 1:
         lines += ["", "## Run-to-run spread of the headline (seeds of initialisation and data order, the same split)", ""]
         lines += _spread_table(report["spread"])
+    if report.get("fresh"):
+        f = report["fresh"]
+        lines += ["", f"## Confirmation on a fresh seed ({f['seed']})", "",
+                  f"The same generator and recipe on a cohort drawn with seed {f['seed']}, which nothing was tuned on "
+                  f"({f['groups'].get('train', 0)} training, {f['groups'].get('heldout_subjects', 0)} test scans):", ""]
+        lines += _headline_table(f["rows"]) + [""] + target_table(f["targets"])
     if report.get("dynamics"):
         d = report["dynamics"]
         lines += ["", "## The dynamics cohort", "",
@@ -378,8 +407,8 @@ def _stage_names(report: dict) -> list[str]:
 
 
 def met(report: dict) -> bool:
-    """Whether every target of a science report is met."""
-    return all(t["met"] for t in report["targets"])
+    """Whether every target of a science report is met, on the fresh seed too when it ran."""
+    return all(t["met"] for t in report["targets"] + (report.get("fresh") or {}).get("targets", []))
 
 
 def summary(report: dict) -> list[str]:

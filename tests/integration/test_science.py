@@ -27,6 +27,8 @@ TINY = {
     },
     "variants": {"scan_token": {}, "codes_only": {"pretrain": ["scan_token=false"]}},
     "select": ["scan_token"],
+    "dynamics": {"subjects": 24, "n_rois": 8, "n_networks": 4, "n_timepoints": 96, "seed": 5,
+                 "dynamic_effects": ["bursts", "lag"]},
 }
 
 
@@ -38,7 +40,7 @@ def test_science_job_runs_variants_and_writes_one_report(ray_cluster, tmp_path):
     r = CliRunner().invoke(app, ["bench", "science", "--spec", str(spec)])
     assert r.exit_code == 1, r.output  # two training steps meet no target: said, with exit 1
     report = json.loads((tmp_path / "science" / "science" / "science.json").read_text())
-    assert [row["variant"] for row in report["ablation"]][0] == "scan_token" and list(report["stages"]) == ["scan_token"]
+    assert [row["variant"] for row in report["ablation"]][0] == "scan_token" and list(report["stages"]) == ["scan_token", "scan_token [fresh]", "scan_token [dynamics]"]
     assert report["groups"]["heldout_subjects"] > 0 and {t["target"] for t in report["targets"]} >= {"sex balanced accuracy (full)", "age MAE (full)"}
     stages = {s["stage"]: s["status"] for s in report["stages"]["scan_token"]}
     assert stages == {s: "ran" for s in ("ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "kshot", "eval")}
@@ -47,5 +49,11 @@ def test_science_job_runs_variants_and_writes_one_report(ray_cluster, tmp_path):
     assert not (runs / "pretrain-codes_only").exists()  # not selected
     md = (tmp_path / "science" / "science" / "science.md").read_text()
     assert "## Targets" in md and "| scan_token |" in md and "baseline: fc_linear" in md and "sex k-shot LoRA k=" in md
+    assert [r["task"] for r in report["dynamics"]["rows"]] == ["diagnosis", "sex", "age"]  # the dynamics cohort, asked its diagnosis
+    assert report["dynamics"]["rows"][0]["reader"] and report["headline_rows"][0]["gap"]["ci"]  # best classical and the paired gap
+    assert report["fresh"]["seed"] == 1004 and report["fresh"]["targets"]  # `bench science` confirms on synth.seed + 1000
+    assert "## Confirmation on a fresh seed (1004)" in md
+    assert "## The dynamics cohort" in md and "## fmrilm beside the best classical reader" in md
+    assert (tmp_path / "science" / "dynamics" / "runs" / "eval-scan_token" / "eval" / "report.md").is_file()
     with_scan = json.loads((runs / "pretrain-scan_token" / "model" / "fmri_lm.json").read_text())
     assert with_scan["scan_dim"] == 28

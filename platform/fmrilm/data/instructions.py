@@ -61,6 +61,15 @@ CLASSIFICATION = ("sex", "age_bin", "diagnosis", "site", "dataset")
 REGRESSION = ("age",)
 OPEN = ("description",)
 TASKS = (*CLASSIFICATION, *REGRESSION, *OPEN)
+
+
+def answerable(tasks: list[str], what: str) -> list[str]:
+    """``tasks`` if every one is a classification or regression task (a spec validator's check;
+    ``what`` names the spec in the message), else ValueError."""
+    bad = sorted(set(tasks) - set(CLASSIFICATION) - set(REGRESSION))
+    if bad or not tasks:
+        raise ValueError(f"unknown or no {what} task(s) {bad}; known: {list(CLASSIFICATION) + list(REGRESSION)}")
+    return tasks
 SEX_WORDS = {"M": "Male", "F": "Female"}
 AGE_BINS = ("lower", "mean", "higher")
 

@@ -31,7 +31,7 @@ from fmrilm.config import RunLocation, Strict
 from fmrilm.data import splits
 from fmrilm.data.contract import AtlasMapping
 from fmrilm.data.splits import SplitPolicy
-from fmrilm.data.instructions import CLASSIFICATION, QUESTIONS, REGRESSION, Labeller, fewshot_context, fit_labeller, question_prompt
+from fmrilm.data.instructions import QUESTIONS, REGRESSION, Labeller, answerable, fewshot_context, fit_labeller, question_prompt
 from fmrilm.eval import baselines, classical, metrics
 from fmrilm.errors import UserError
 from fmrilm.features import dynamics
@@ -62,8 +62,9 @@ class EvalSpec(Strict):
     number_decoding: Literal["expected", "greedy"] = Field(
         "expected", description="the age number: expected = constrained to the whole ages seen in training, the mean under the "
         "model's probabilities; greedy = generated and parsed (its parse rate is reported either way)")
-    calibration_scans: int = Field(16, ge=0, description="training scans asked each question first: every answer's mean score over "
-                                   "them is subtracted before the argmax (0: the raw argmax)")
+    calibration_scans: int = Field(16, ge=0, description="scans asked each question first, class-balanced, from the training "
+                                   "subjects the instruct export held out of tuning (else any training scans): every answer's "
+                                   "mean score over them is subtracted before the argmax (0: the raw argmax)")
     kshot: str | None = Field("./fmrilm-data/runs/kshot", description="the kshot stage's adapter set (its run folder): "
                               "the kshot_lora paradigm; null: that paradigm is skipped")
     fmri_steps: int | None = Field(None, ge=1, description="time steps of each scan's fMRI block in a prompt "
@@ -89,10 +90,7 @@ class EvalSpec(Strict):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v):
-        bad = sorted(set(v) - set(CLASSIFICATION) - set(REGRESSION))
-        if bad or not v:
-            raise ValueError(f"unknown or no eval task(s) {bad}; known: {list(CLASSIFICATION) + list(REGRESSION)}")
-        return v
+        return answerable(v, "eval")
 
     @field_validator("paradigms")
     @classmethod
@@ -202,13 +200,33 @@ def task_prompts(task: str, test: pd.DataFrame, train: pd.DataFrame, labeller: L
     return out
 
 
-def calibration_rows(task: str, train: pd.DataFrame, labeller: Labeller, n: int, seed: int) -> pd.DataFrame:
-    """Up to ``n`` training scans (seeded) whose answers to a class question calibrate the LM's
-    choice (none for the age number, which is generated)."""
+def calibration_rows(task: str, pool: pd.DataFrame, labeller: Labeller, n: int, seed: int) -> pd.DataFrame:
+    """Up to ``n`` scans of ``pool`` (seeded, the same number of each class where the pool allows)
+    whose answers to a class question calibrate the LM's choice (none for the age number)."""
     if task in REGRESSION or n == 0:
-        return train.iloc[:0]
-    known, _ = truth(task, train, labeller)
-    return known.sample(n=min(n, len(known)), random_state=seed) if len(known) else known
+        return pool.iloc[:0]
+    known, y = truth(task, pool, labeller)
+    classes = sorted(set(y))
+    if not classes:
+        return known
+    per = max(1, n // len(classes))
+    return pd.concat([known[y == c].sample(n=min(per, int((y == c).sum())), random_state=seed) for c in classes])
+
+
+def calibration_pool(spec: EvalSpec, train: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The scans that calibrate answers: the training subjects the instruct export held out of
+    tuning (its ``validation_subjects``), else (with a warning: the model has seen their answers)
+    every training scan; returns ``(scans, which)``."""
+    from fmrilm.artifacts.lm import export_meta
+
+    held = set(export_meta(spec.model).get("validation_subjects") or []) if spec.model else set()
+    pool = train[train["subject_id"].isin(held)]
+    if len(pool):
+        return pool, "validation subjects (held out of instruct tuning)"
+    if spec.model and spec.calibration_scans:
+        log.warning("the instruct export %s held no training subjects out of tuning: answers are calibrated on scans it was tuned "
+                    "on; set validation (e.g. 0.1) in its instruct spec", spec.model)
+    return train, "training scans"
 
 
 # ---------------------------------------------------------------- evaluation
@@ -300,6 +318,7 @@ def run(spec: EvalSpec) -> dict:
     if train.empty or not groups:
         raise UserError(f"eval needs training scans and held-out scans with tokens; found groups {meta['group'].value_counts().to_dict()}")
     labeller = fit_labeller(meta)
+    pool, pool_name = calibration_pool(spec, train)
     if kshot and (kshot["age_cuts"] != (list(labeller.age_cuts) if labeller.age_cuts else None)):
         raise UserError(f"the k-shot adapters {spec.kshot} were tuned with age bins cut at {kshot['age_cuts']}, this evaluation's "
                         f"training scans cut at {labeller.age_cuts}: run the kshot stage on the same datasets")
@@ -364,14 +383,15 @@ def run(spec: EvalSpec) -> dict:
                                 "scan_id": list(test["scan_id"]), "true": [_plain(v) for v in y], "pred": [_plain(v) for v in out["pred"]]})
             said[(paradigm, method, k, seed)] = (results[-1], out["pred"])
 
-        reference = calibration_rows(task, train, labeller, spec.calibration_scans, spec.seed)
+        reference = calibration_rows(task, pool, labeller, spec.calibration_scans, spec.seed)
+        calibration = {"calibration": {"scans": list(reference["scan_id"]), "from": pool_name}} if len(reference) else {}
         context_pool = train[~train["scan_id"].isin(reference["scan_id"])]  # a reference scan is never its own example
 
         def answer(model, tok, k_context, seed, asked=spec, described=descriptions):
             ref = task_prompts(task, reference, context_pool, labeller, k_context, seed) if len(reference) else None
             out = Answerer(model, tok, blocks, asked, described).answer(task, task_prompts(task, test, train, labeller, k_context, seed),
                                                                          labeller, age_mean, ref, age_values)
-            return out, {k: out[k] for k in ("parse_rate", "calibrated_on", "decoding") if k in out}
+            return out, {k: out[k] for k in ("parse_rate", "calibrated_on", "decoding") if k in out} | (calibration if ref is not None else {})
 
         def lm(model_name, k_context, paradigm, k=None):
             out, extra = answer(*model_for(model_name), k_context, spec.seed)

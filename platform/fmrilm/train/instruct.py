@@ -142,7 +142,7 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
     where = storage.resolve(storage.join(spec.run.storage, spec.run.name, "instructions.parquet"))
     storage.write_parquet(where, rows)
     objective_of = {t: i for i, t in enumerate(TASKS)}
-    out = {"table": where.uri, "split": record}
+    out = {"table": where.uri, "split": record, "validation_subjects": sorted(held)}
     for split in ("train", VALIDATION):
         part = rows[rows["split"] == split].reset_index(drop=True)
         if part.empty:
@@ -172,6 +172,7 @@ def run(spec: InstructSpec) -> dict:
     number = prepared.get("number")
     config = {"spec": worker_spec(spec), "rows_per_rank": math.ceil(len(packed["ids"]) / spec.scaling.num_workers),
               "probe": probe, "fault": fault_plan(), "has_val": "val" in prepared, "split": prepared["split"],
+              "validation_subjects": prepared["validation_subjects"],
               "number": number.as_dict() if number else None}
     datasets = {"train": to_dataset(packed)} | ({"val": to_dataset(prepared["val"])} if "val" in prepared else {})
     result = run_trainer(train_loop, config, spec.scaling, datasets, spec.run, prepared["split"]["datasets"])
@@ -199,13 +200,16 @@ def train_loop(config: dict) -> None:
     weights = {i: spec.instructions.tasks.get(t, 0.0) for i, t in enumerate(TASKS)}
     number = NumberObjective.from_dict(config["number"]) if config.get("number") else None
     engine = deepspeed_train(spec, model, config, (*TASKS, "number"), weights, {}, number)
-    export(engine, tok, spec, meta, config["probe"], ray.train.get_context().get_world_rank(), config.get("split"))
+    export(engine, tok, spec, meta, config["probe"], ray.train.get_context().get_world_rank(), config.get("split"),
+           config.get("validation_subjects", []))
 
 
-def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: int, split_rec: dict | None = None) -> None:
+def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: int, split_rec: dict | None = None,
+           validation_subjects: list[str] = ()) -> None:
     """Write the export (every rank takes part: ZeRO-3 gathers): ``adapter/`` over the pretrained
     export, or with ``lora.enabled=false`` the whole fine-tuned model (``full/``); ``fmri_lm.json``
-    names the base export either way and carries the split record."""
+    names the base export either way and carries the split record and the training subjects held
+    out of tuning (``validation_subjects``: evaluation calibrates its answers on them)."""
     from fmrilm.train.loop import write_export
 
     def write(d: str, lm) -> dict:
@@ -213,7 +217,7 @@ def export(engine, tok, spec: InstructSpec, base_meta: dict, probe: dict, rank: 
         meta = {k: base_meta[k] for k in lm_artifact.TUNED_KEYS if k in base_meta}
         return meta | {"layout": layout, "base_model": spec.model, "lora": spec.lora.enabled, "seq_len": spec.seq_len, "stage": "instruct",
                        "fmri_steps": spec.fmri_steps, "tasks": spec.instructions.tasks, "split": split_rec,
-                       "descriptions": spec.descriptions}
+                       "descriptions": spec.descriptions, "validation_subjects": list(validation_subjects)}
 
     write_export(engine, spec.deepspeed.zero_stage, probe, rank, lm_artifact.location(spec.run.storage, spec.run.name), write)
 

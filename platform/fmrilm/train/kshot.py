@@ -30,7 +30,7 @@ from fmrilm.artifacts import kshot as kshot_artifact
 from fmrilm.artifacts import lm as lm_artifact
 from fmrilm.config import RunLocation, Strict
 from fmrilm.data import splits
-from fmrilm.data.instructions import CLASSIFICATION, REGRESSION, encode_rows, fit_labeller, kshot_rows, with_descriptions
+from fmrilm.data.instructions import REGRESSION, answerable, encode_rows, fit_labeller, kshot_rows, with_descriptions
 from fmrilm.data.lm_sequences import pack
 from fmrilm.data.pipeline import scan_meta
 from fmrilm.data.splits import SplitPolicy
@@ -67,10 +67,7 @@ class KShotSpec(Strict):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v):
-        bad = sorted(set(v) - set(CLASSIFICATION) - set(REGRESSION))
-        if bad or not v:
-            raise ValueError(f"unknown or no k-shot task(s) {bad}; known: {list(CLASSIFICATION) + list(REGRESSION)}")
-        return v
+        return answerable(v, "k-shot")
 
     @field_validator("k")
     @classmethod
