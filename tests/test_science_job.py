@@ -59,6 +59,7 @@ def test_ablation_table_and_markdown():
     text = markdown(summary)
     assert "| codes_only | 0.520" in text and "Targets" in text and met(summary)
     assert any(r["variant"] == "baseline: best_classical" for r in rows)
+    assert rows[0]["fc_same_points"]["value"] == 0.91  # FC + logistic on the variant's own prompt time points
 
 
 def test_summary_with_repeats_and_the_dynamics_cohort():

@@ -248,13 +248,16 @@ def targets(report: dict, t: Targets, group: str = "heldout_subjects") -> list[d
 
 
 def ablation(reports: dict[str, dict], group: str = "heldout_subjects") -> list[dict]:
-    """One row per variant: sex balanced accuracy and AUC, age MAE and r (full paradigm), with
-    the baselines of the same test subjects as rows of their own (from the first report)."""
+    """One row per variant: sex balanced accuracy and AUC, age MAE and r (full paradigm) and FC +
+    logistic's sex balanced accuracy on the time points the variant's prompts show, with the
+    baselines of the same test subjects as rows of their own (from the first report)."""
     rows = []
     for name, rep in reports.items():
         res = rep["results"]
         pick = {key: _value(next(iter(_find(res, group, task, "full")), None), key)
                 for task, key in (("sex", "balanced_accuracy"), ("sex", "auc"), ("age", "mae"), ("age", "pearson_r"))}
+        # FC + logistic on the time points this variant's prompts show (the whole scan with the scan token)
+        pick["fc_same_points"] = _value(next(iter(_find(res, group, "sex", "baseline", "fc_linear")), None), "balanced_accuracy")
         rows.append({"variant": name, **pick})
     first = next(iter(reports.values()))["results"]
     for method in ("majority", "fc_linear", "fc_linear_whole_scan", "descriptors_linear", "prewhitened_fc_linear", BEST):
@@ -367,9 +370,11 @@ def markdown(report: dict) -> str:
         if d.get("spread") and max(r["repeats"] for r in d["spread"]) > 1:
             lines += [""] + _spread_table(d["spread"])
     lines += ["", "## What carries the signal (full paradigm, held-out subjects)", "",
-              "| variant | sex balanced accuracy | sex AUC | age MAE (y) | age r |", "|---|---|---|---|---|"]
+              "| variant | sex balanced accuracy | sex AUC | age MAE (y) | age r | sex: FC + logistic on the prompt's time points |",
+              "|---|---|---|---|---|---|"]
     for r in report["ablation"]:
-        lines.append(f"| {r['variant']} | {_cell(r['balanced_accuracy'])} | {_cell(r['auc'])} | {_cell(r['mae'], 2)} | {_cell(r['pearson_r'])} |")
+        lines.append(f"| {r['variant']} | {_cell(r['balanced_accuracy'])} | {_cell(r['auc'])} | {_cell(r['mae'], 2)} | {_cell(r['pearson_r'])} "
+                     f"| {_cell(r.get('fc_same_points'))} |")
     lines += ["", "## Time per stage (s)", "", "| variant | " + " | ".join(_stage_names(report)) + " |",
               "|---|" + "---|" * len(_stage_names(report))]
     for name, st in report["stages"].items():

@@ -40,6 +40,7 @@ from fmrilm.eval.probes import answer_states
 log = logging.getLogger("fmrilm.eval")
 PARADIGMS = ("zero_shot", "in_context", "kshot_lora", "full")
 ANSWER_ROOM = 8  # tokens kept free after an evaluation prompt for the scored or generated answer
+BY_SITE = ("majority", "mean", "fc_linear", "fc_linear_deconfounded", "descriptors_linear", classical.BEST)  # baselines scored per site
 
 
 class EvalSpec(Strict):
@@ -372,7 +373,7 @@ def run(spec: EvalSpec) -> dict:
                                                    None if task in REGRESSION else len(set(y)), y if task in REGRESSION else None)
             results.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
                             **res, **(extra or {})})
-            if paradigm in ("full", "baseline") and test["site"].nunique() > 1:  # the same predictions, scored within each site
+            if (paradigm == "full" or method in BY_SITE) and test["site"].nunique() > 1:  # the same predictions, scored within each site
                 sites = test["site"].astype(str).to_numpy()
                 for site in sorted(set(sites)):
                     at = sites == site
