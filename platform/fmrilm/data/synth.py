@@ -315,7 +315,7 @@ def sources(params: SynthParams) -> list:
             uri=f"synth://{params.name}/seed-{params.seed}/sub-{sid}" + (f"/ses-{row['session']}" if row["session"] else ""),
             tr=params.tr, session=row["session"], task="rest", site=row["site_name"], age=row["age"], sex=row["sex"],
             diagnosis=row["diagnosis"],
-            options={"params": params.model_dump(), "index": int(sid), "session": row["session_index"], "labels": labels},
+            options={"params": params.model_dump(mode="json"), "index": int(sid), "session": row["session_index"], "labels": labels},
         ))
     return out
 
@@ -327,5 +327,5 @@ def manifest_extra(params: SynthParams) -> dict:
     return {
         "source": "synthetic",
         "roi_networks": {label: names[n] for label, n in zip(roi_labels(params), nets)},
-        "synthetic": {"params": params.model_dump(), "network_patterns": truth["network_patterns"], "networks": names},
+        "synthetic": {"params": params.model_dump(mode="json"), "network_patterns": truth["network_patterns"], "networks": names},
     }
