@@ -107,3 +107,13 @@ def test_the_best_classical_reader_is_chosen_on_training_scans():
     reg = classical.fit_readers({"amplitude": vectors["amplitude"]}, ids[:120], ages[:120], ids[120:], [], True, suffix="_whole_scan")
     assert set(reg) == {"amplitude_linear_whole_scan"} and reg["amplitude_linear_whole_scan"]["pred"].shape == (40,)
     assert classical.best_of({"x": {"pred": None}}) is None
+
+
+def test_read_all_matches_each_reader():
+    params = synth.SynthParams(subjects=2, n_rois=12, n_networks=3, dynamic_effects=["dwell"])
+    nets = [synth.network_names(params)[k] for k in synth.roi_networks(params)]
+    x = synth.simulate_scan(params, 1)
+    every = dynamics.read_all(x, nets)
+    assert set(every) == set(dynamics.READERS)
+    for name in dynamics.READERS:
+        np.testing.assert_allclose(every[name], dynamics.read(name, x, nets))

@@ -33,9 +33,9 @@ from pydantic import Field
 from fmrilm.config import Strict
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.synth import SynthParams
+from fmrilm.eval.classical import BEST
 
 log = logging.getLogger("fmrilm.science")
-BEST = "best_classical"
 SHARED = ("ingest", "features", "tokenizer", "tokenize")
 VARIANTS = {
     "scan_token": {},

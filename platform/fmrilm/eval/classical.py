@@ -31,9 +31,10 @@ def reader_vectors(series: dict[str, np.ndarray], networks: dict[str, Sequence[s
     """``reader -> scan_id -> vector`` for every reader but FC; ``series`` maps scan_id to its
     ``[rois, time]`` series, ``networks`` scan_id to its ROIs' networks (None: ROI level). A reader
     whose vectors differ in length across the scans (mixed atlases) is left out with a warning."""
+    every = {s: dynamics.read_all(x, networks.get(s)) for s, x in series.items()}
     out: dict[str, dict[str, np.ndarray]] = {}
     for reader in READERS:
-        vecs = {s: dynamics.read(reader, x, networks.get(s)) for s, x in series.items()}
+        vecs = {s: v[reader] for s, v in every.items()}
         if len({v.shape for v in vecs.values()}) > 1:
             log.warning("%s baseline skipped: the scans have different ROI counts or networks", reader)
             continue

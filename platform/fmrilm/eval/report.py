@@ -14,9 +14,9 @@ import json
 import numpy as np
 
 from fmrilm import storage
+from fmrilm.eval.classical import BEST
 
 HEADLINE = {"classification": "balanced_accuracy", "regression": "mae"}
-BEST = "best_classical"
 
 
 def headline(task: str) -> str:

@@ -593,7 +593,7 @@ def paired_gaps(task: str, y: np.ndarray, said: dict[tuple, tuple[dict, np.ndarr
         for name, key in bases.items():
             if key in said:
                 base_row, base_pred = said[key]
-                gap = metrics.compare(y, pred, base_pred, task in REGRESSION, max(spec.bootstrap, 200), spec.seed)
+                gap = metrics.compare(y, pred, base_pred, task in REGRESSION, spec.bootstrap, spec.seed)
                 row["vs"][name] = gap | ({"reader": base_row["reader"]} if base_row.get("reader") else {})
 
 

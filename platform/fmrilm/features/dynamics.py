@@ -129,12 +129,12 @@ def windowed_fc(x: np.ndarray, networks: Sequence[str] | None = None, window: in
     """Spread over sliding windows (``window`` time points, every ``step``) of the FC: per edge
     (network pair with ``networks``) its standard deviation over windows, then the mean spread:
     ``[pairs + 1]``."""
+    from fmrilm.data.signal import windows
+
     groups = _groups(networks, x.shape[0])
-    window = min(window, x.shape[1])
-    starts = range(0, x.shape[1] - window + 1, step)
     mats = []
-    for s in starts:
-        m = _corr(x[:, s:s + window], x[:, s:s + window])
+    for w in windows(x, min(window, x.shape[1]), step):
+        m = _corr(w, w)
         mats.append(_upper(m) if groups is None else _pool(m, groups))
     spread = np.std(np.stack(mats), axis=0)
     return np.concatenate([spread, [spread.mean()]])
@@ -168,3 +168,13 @@ def read(name: str, x: np.ndarray, networks: Sequence[str] | None = None) -> np.
     if name not in READER_FUNCTIONS:
         raise ValueError(f"unknown reader {name!r}: one of {', '.join(READERS)}")
     return READER_FUNCTIONS[name](robust_scale(np.asarray(x, np.float64)), networks)
+
+
+def read_all(x: np.ndarray, networks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Every reader of one series ``[rois, time]``, robust-scaled once; ``combined`` is the
+    concatenation of the others (equal to :func:`combined`, without computing them twice)."""
+    from fmrilm.data.signal import robust_scale
+
+    z = robust_scale(np.asarray(x, np.float64))
+    out = {name: READER_FUNCTIONS[name](z, networks) for name in READERS if name != "combined"}
+    return out | {"combined": np.concatenate(list(out.values()))}
