@@ -22,6 +22,12 @@ import pytest  # noqa: E402
 from fmrilm.data.synth import SynthParams  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _log_dir(tmp_path_factory):
+    """Commands run by tests write their log files under pytest's temporary folder."""
+    os.environ["FMRILM_LOG_DIR"] = str(tmp_path_factory.mktemp("logs"))
+
+
 @pytest.fixture(scope="session")
 def local_s3():
     """moto's S3 server on 127.0.0.1 for the whole session (env points at it)."""

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
+
+from fmrilm.console import make_console
 
 app = typer.Typer(help="fmrilm: a language-aligned foundation model for fMRI, on Ray.", no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Build, ingest and inspect scan tables.", no_args_is_help=True)
@@ -24,8 +23,8 @@ lm_app = typer.Typer(help="Stage 2: the fMRI-language model.", no_args_is_help=T
 app.add_typer(lm_app, name="lm")
 app.add_typer(bench_app, name="bench")
 app.add_typer(tokenizer_app, name="tokenizer")
-console = Console(stderr=True)
-out = Console()
+console = make_console(stderr=True)
+out = make_console()
 
 
 def _guard(fn, *args, **kwargs):
@@ -61,9 +60,11 @@ def escape(text: str) -> str:
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+def _main(ctx: typer.Context, verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="show debug lines, library logs and Ray workers' output (else in the log files)")) -> None:
+    from fmrilm.console import setup
+
+    setup(show_all=verbose, command=ctx.invoked_subcommand or "fmrilm", console=console)
 
 
 # ---------------------------------------------------------------- data

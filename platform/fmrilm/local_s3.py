@@ -19,16 +19,11 @@ import sys
 import time
 
 from fmrilm.errors import UserError
+from fmrilm.runtime import free_port
 
 
 class LocalS3Error(UserError, RuntimeError):
     """The local S3 server could not be started."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalS3:

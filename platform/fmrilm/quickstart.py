@@ -125,6 +125,7 @@ def run(spec: QuickstartSpec) -> dict:
             log.info("quickstart %d/%d %s: running", i + 1, len(jobs), stage)
             result = fn(job)
             done, status = {"hash": chain, "note": JOBS[stage].summary()(result)[0]}, "ran"
+            log.info("quickstart %d/%d %s: done in %.0f s: %s", i + 1, len(jobs), stage, time.perf_counter() - start, done["note"])
             if stage == "eval":
                 done["report"] = result["files"]["report.json"]
             storage.write_text(marker, json.dumps(done))

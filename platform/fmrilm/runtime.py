@@ -17,10 +17,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 from fmrilm import LOOPBACK_ENV
-# Only these variables travel to workers through runtime_env: endpoints and regions, never keys.
+# Only these variables travel to workers through runtime_env: endpoints, regions and console
+# settings, never keys.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                  "GLOO_SOCKET_IFNAME", "FMRILM_CACHE", "FMRILM_S3_MAX_ATTEMPTS", "FMRILM_S3_CONNECT_TIMEOUT", "FMRILM_S3_REQUEST_TIMEOUT",
-                 "FMRILM_S3_BUCKETS")
+                 "FMRILM_S3_BUCKETS", "FMRILM_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
+                 "TRANSFORMERS_NO_ADVISORY_WARNINGS")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -39,26 +41,53 @@ def root_cause(err: BaseException) -> BaseException:
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local loopback-only Ray.
 
-    A no-op when Ray is already initialised in this process.
+    A no-op when Ray is already initialised in this process. Ray's own log lines go through
+    fmrilm's logging (:mod:`fmrilm.console`) and workers' output stays in the session's
+    ``logs/`` folder unless ``--verbose``. A local Ray gets its dashboard on a free port of
+    127.0.0.1: Ray Train's placement-group cleaner asks the State API (served by it) every
+    second whether the controller is alive; without it, it logs a warning each time, and with
+    another local Ray's dashboard it removes a live run's workers.
     """
     import ray
+
+    from fmrilm import console
 
     if ray.is_initialized():
         return
     _quiet_ray_data()
+    console.route_ray_logs()
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:  # also set when fmrilm is imported, before Ray reads it (see fmrilm/__init__.py)
         for key, value in LOOPBACK_ENV.items():
             os.environ.setdefault(key, value)
-    ray.init(
+    dashboard = {}
+    if not address:
+        port = free_port()
+        # workers inherit this: Ray Train's cleaner then asks this cluster's State API, never the
+        # one of another local Ray on the machine (whose answer "no such actor" removes our workers)
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    env = forwarded_env()
+    ctx = ray.init(
         address=address,
         num_cpus=None if address else (num_cpus or max(4, os.cpu_count() or 1)),
-        include_dashboard=False if not address else None,
-        runtime_env={"env_vars": forwarded_env()} if forwarded_env() else None,
-        log_to_driver=True,
-        logging_level=logging.WARNING,
+        **dashboard,
+        runtime_env={"env_vars": env} if env else None,
+        log_to_driver=console.verbose(),
+        logging_level=logging.INFO,
         configure_logging=True,
     )
+    session = getattr(ctx, "address_info", {}).get("session_dir")
+    console.announce_logs(os.path.join(session, "logs") if session and not address else None)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _quiet_ray_data() -> None:

@@ -1,0 +1,128 @@
+"""What a person sees while fmrilm runs, and where everything else goes.
+
+The console gets fmrilm's own lines (a line per stage start and end, progress bars, result
+tables, errors) and any library's errors. Library warnings and INFO chatter (Ray, transformers,
+peft, DeepSpeed, Python warnings) go to a log file per command under ``FMRILM_LOG_DIR``
+(default ``./fmrilm-data/logs``); Ray's worker and actor output stays in its session's
+``logs/`` folder. ``fmrilm --verbose`` (``FMRILM_VERBOSE=1``) shows all of it on the console
+again. When the output is not a terminal (a pipe, a CI log), lines are written whole, never cut
+or wrapped at a width.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from rich.console import Console
+
+VERBOSE_ENV = "FMRILM_VERBOSE"
+LOG_DIR_ENV = "FMRILM_LOG_DIR"
+DEFAULT_LOG_DIR = "./fmrilm-data/logs"
+OURS = "fmrilm"
+# progress bars and advisory warnings of the Hugging Face libraries (they have their own handlers)
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+             "TOKENIZERS_PARALLELISM": "false"}
+_announced = False
+
+
+def verbose() -> bool:
+    """Whether this process (and the Ray workers it starts) should show library logs."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console; off a terminal it writes each line whole (no wrapping, tables up to 200 columns)."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, soft_wrap=True, width=max(200, int(os.environ.get("COLUMNS", 0) or 0)))
+
+
+class ConsoleFilter(logging.Filter):
+    """Passes fmrilm's records, and other loggers' only from ERROR up (all of them when verbose)."""
+
+    def __init__(self, show_all: bool):
+        super().__init__()
+        self.show_all = show_all
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name == OURS or record.name.startswith(OURS + ".")
+        return self.show_all or ours or record.levelno >= logging.ERROR
+
+
+def setup(show_all: bool = False, command: str = "fmrilm", console: Console | None = None) -> None:
+    """Route logging: fmrilm's lines (and errors) to the console, everything from INFO up to
+    :func:`log_file`. ``show_all`` (``--verbose``) adds DEBUG lines and every library's log to the
+    console, and is passed on to Ray workers through ``FMRILM_VERBOSE``."""
+    global _log_path
+    if show_all:
+        os.environ[VERBOSE_ENV] = "1"
+    else:
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+    console = console or make_console(stderr=True)
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        screen: logging.Handler = RichHandler(console=console, show_path=False)
+        screen.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        screen = logging.StreamHandler(console.file)
+        screen.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    screen.addFilter(ConsoleFilter(show_all))
+    _log_path = os.path.join(os.environ.get(LOG_DIR_ENV) or DEFAULT_LOG_DIR,
+                             f"{command}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log")
+    handlers = [screen, _LazyFileHandler(_log_path)]
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+    logging.getLogger(OURS).setLevel(logging.DEBUG if show_all else logging.INFO)
+    logging.captureWarnings(True)  # library deprecation warnings: to the log file
+
+
+_log_path: str | None = None
+
+
+def log_file() -> str | None:
+    """This command's log file (set by :func:`setup`; it exists once something was logged)."""
+    return _log_path
+
+
+class _LazyFileHandler(logging.FileHandler):
+    """A file handler that makes its folder and file at the first record (a command that logs
+    nothing leaves nothing behind)."""
+
+    def __init__(self, path: str):
+        self._path = path
+        super().__init__(path, delay=True, encoding="utf-8")
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
+        super().emit(record)
+
+
+def route_ray_logs() -> None:
+    """Send the ``ray`` logger's records through the root handlers (console filter, log file)
+    instead of Ray's own stderr handler. Call after importing Ray, before ``ray.init``."""
+    if _log_path is None:
+        return  # logging not set up by fmrilm (a library user's own): leave Ray's
+    ray_log = logging.getLogger("ray")
+    for handler in list(ray_log.handlers):
+        ray_log.removeHandler(handler)
+    ray_log.propagate = True
+    ray_log.setLevel(logging.INFO)
+
+
+def announce_logs(ray_logs: str | None) -> None:
+    """Say once where the logs the console leaves out are (this command's file, Ray's folder)."""
+    global _announced
+    if _announced or verbose():
+        return
+    _announced = True
+    where = [f"fmrilm: {_log_path}"] if _log_path else []
+    where += [f"Ray workers: {ray_logs}"] if ray_logs else []
+    if where:
+        logging.getLogger(OURS).info("logs: %s (fmrilm --verbose shows them here)", "; ".join(where))
