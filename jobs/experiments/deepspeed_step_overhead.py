@@ -1,7 +1,7 @@
 """Where does the LM stage lose to a plain loop on a GPU? The same model and batches (GPT-2-small
 size, 8 x 1024 tokens, bf16), no Ray: plain loops (bf16 weights; fp32 weights + autocast; fused
 AdamW) vs the DeepSpeed engine at ZeRO-0/1/2. Needs a CUDA GPU; prints ms per step.
-Figures: README, "On a GPU"."""
+Figures: docs/benchmarks.md, "On a GPU"."""
 
 import os
 import time
