@@ -105,15 +105,20 @@ class _LazyFileHandler(logging.FileHandler):
 
 
 def route_ray_logs() -> None:
-    """Send the ``ray`` logger's records through the root handlers (console filter, log file)
-    instead of Ray's own stderr handler. Call after importing Ray, before ``ray.init``."""
+    """Send the records of Ray's loggers (``ray``, and ``ray.data``, which has its own) through the
+    root handlers (console filter, log file) instead of their console handlers; their session
+    log files stay. Call after importing Ray and Ray Data, before ``ray.init``."""
     if _log_path is None:
         return  # logging not set up by fmrilm (a library user's own): leave Ray's
-    ray_log = logging.getLogger("ray")
-    for handler in list(ray_log.handlers):
-        ray_log.removeHandler(handler)
-    ray_log.propagate = True
-    ray_log.setLevel(logging.INFO)
+    names = [n for n in logging.Logger.manager.loggerDict if n == "ray" or n.startswith("ray.")]
+    for name in names:
+        lg = logging.getLogger(name)
+        screens = [h for h in lg.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+        for handler in screens:
+            lg.removeHandler(handler)
+        if screens or name == "ray":
+            lg.propagate = True
+    logging.getLogger("ray").setLevel(logging.INFO)
 
 
 def announce_logs(ray_logs: str | None) -> None:
