@@ -69,7 +69,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
     env = forwarded_env()
     ctx = ray.init(
-        address=address,
+        address=address or "local",  # "local": a new instance, never the one a stale /tmp/ray/ray_current_cluster names
         num_cpus=None if address else (num_cpus or max(4, os.cpu_count() or 1)),
         **dashboard,
         runtime_env={"env_vars": env} if env else None,
