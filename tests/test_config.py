@@ -73,3 +73,29 @@ def test_shipped_dataset_cards_validate():
     assert cards
     for path in cards:
         config.build(DatasetCard, config.load_yaml(path), path)
+
+
+def test_yaml_alias_bombs_and_duplicate_keys_are_one_line_fast(tmp_path):
+    import time
+
+    from fmrilm.config import ConfigError, load_yaml
+
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]"
+                                                     for p, c in zip("abcdefgh", "bcdefghi")]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\n")  # 9^9 values once expanded, ~400 bytes
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb.yaml: its aliases \(\*name\) expand to more than 100,000 values") as err:
+        load_yaml(str(bomb))
+    assert time.perf_counter() - start < 1 and len(str(err.value)) < 300
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("a: &a [1, *a]\n")
+    with pytest.raises(ConfigError, match="refers to the collection that contains it"):
+        load_yaml(str(loop))
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 4: key 'epochs' is written twice in one mapping"):
+        load_yaml(str(dup))
+    ok = tmp_path / "ok.yaml"  # aliases and merge keys within the limit still work
+    ok.write_text("base: &b {lr: 0.1, epochs: 3}\ntrain:\n  <<: *b\n  epochs: 5\nlist: [*b, *b]\n")
+    assert load_yaml(str(ok))["train"] == {"lr": 0.1, "epochs": 5}

@@ -37,6 +37,56 @@ class RunLocation(Strict):
 
 
 M = TypeVar("M", bound=BaseModel)
+MAX_YAML_VALUES = 100_000  # values a YAML document may expand to through its aliases (a spec or card has hundreds)
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = key_node.value
+                if key in seen:
+                    raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is written twice in one mapping; keep one")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int | None]) -> int:
+    """How many values ``node`` stands for once every alias is expanded (shared nodes counted
+    each time they are referenced, computed once each)."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] is None:
+            raise ConfigError("a YAML alias refers to the collection that contains it")
+        return sizes[key]
+    sizes[key] = None
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, sizes) for v in node.value)
+    else:
+        size = 1
+    sizes[key] = min(size, 10 * MAX_YAML_VALUES)
+    return sizes[key]
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse one YAML document safely: no Python objects, no key written twice in one mapping, no
+    aliases expanding past :data:`MAX_YAML_VALUES` values (a few hundred bytes of nested aliases
+    otherwise take minutes and gigabytes to walk). Raises :class:`ConfigError` or ``yaml.YAMLError``."""
+    loader = _SpecLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise ConfigError(f"its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values: write the values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -48,9 +98,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    except ConfigError as err:
+        raise ConfigError(f"override {text!r}: {err}") from None
     return key.split("."), value
 
 
@@ -114,9 +166,11 @@ def load_yaml(uri: str) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"spec file {uri} does not exist") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{uri} is not valid YAML: {err}") from err
+    except ConfigError as err:
+        raise ConfigError(f"{uri}: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
