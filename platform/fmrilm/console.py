@@ -70,7 +70,7 @@ def setup(show_all: bool = False, command: str = "fmrilm", console: Console | No
         screen: logging.Handler = RichHandler(console=console, show_path=False)
         screen.setFormatter(logging.Formatter("%(message)s"))
     else:
-        screen = logging.StreamHandler(console.file)
+        screen = _PlainHandler(console)
         screen.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
     screen.addFilter(ConsoleFilter(show_all))
     _log_path = os.path.join(os.environ.get(LOG_DIR_ENV) or DEFAULT_LOG_DIR,
@@ -87,6 +87,19 @@ _log_path: str | None = None
 def log_file() -> str | None:
     """This command's log file (set by :func:`setup`; it exists once something was logged)."""
     return _log_path
+
+
+class _PlainHandler(logging.StreamHandler):
+    """Plain lines to the console's current stream (looked up at each record, as rich does: a
+    stream replaced since set-up, e.g. by a test runner, is never written to after it closed)."""
+
+    def __init__(self, console: Console):
+        super().__init__(console.file)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = self.console.file
+        super().emit(record)
 
 
 class _LazyFileHandler(logging.FileHandler):

@@ -28,6 +28,11 @@ class ExportMissing(UserError, FileNotFoundError):
     """No LM export where a spec points."""
 
 
+class ExportDamaged(UserError, ValueError):
+    """An export's files cannot be read as the model its ``fmri_lm.json`` describes."""
+
+
+
 def location(run_storage: str, run_name: str) -> str:
     """URI of the export an LM stage run ``run_name`` under ``run_storage`` writes."""
     return storage.join(run_storage, run_name, "model")
@@ -94,14 +99,27 @@ def load_exported(uri: str, merged: bool = False):
     returns ``(model, tokenizer, meta)``. Layouts: ``full``, ``base+adapter`` (pretraining with
     LoRA) and ``adapter`` (instruction tuning: adapters over another export, named in
     ``base_model``). With continuous fMRI inputs (the features input mode, the scan token) the
-    model is wrapped in :class:`FMRIInputLM` with its saved input weights. ``merged=True`` folds every LoRA adapter into plain weights."""
+    model is wrapped in :class:`FMRIInputLM` with its saved input weights. ``merged=True`` folds every LoRA adapter into plain weights.
+    Raises :class:`ExportMissing` or :class:`ExportDamaged` (one line) for a folder that is not an intact export."""
+    from safetensors import SafetensorError
+
+    loc = storage.resolve(uri)
+    meta = export_meta(uri)
+    try:
+        return _load_layout(loc, local_folder(uri), meta, merged)
+    except UserError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as err:  # a file missing, truncated, altered
+        raise ExportDamaged(f"{uri} cannot be loaded as the {meta.get('layout')!r} export its {META} describes "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else 'no detail'}): "
+                            "re-run the stage that wrote it, or point at an intact copy") from None
+
+
+def _load_layout(loc, local: str, meta: dict, merged: bool):
     from peft import PeftModel
     from safetensors.torch import load
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loc = storage.resolve(uri)
-    local = local_folder(uri)
-    meta = json.loads(storage.read_text(loc.join(META)))
     if meta["layout"] == "full":
         model, tok = AutoModelForCausalLM.from_pretrained(os.path.join(local, "full")), AutoTokenizer.from_pretrained(os.path.join(local, "full"))
     elif meta["layout"] == "base+adapter":
@@ -123,7 +141,7 @@ def export_tokenizer(uri: str):
     """The tokenizer of an LM export (with a pad token), without loading any weights."""
     from transformers import AutoTokenizer
 
-    meta = json.loads(storage.read_text(storage.resolve(uri).join(META)))
+    meta = export_meta(uri)
     local = local_folder(uri)
     tok = AutoTokenizer.from_pretrained(os.path.join(local, {"full": "full", "base+adapter": "base", "adapter": "adapter"}[meta["layout"]]))
     if tok.pad_token is None:
