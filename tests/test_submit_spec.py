@@ -121,3 +121,39 @@ def test_uris_with_embedded_credentials_are_refused_without_echoing_them():
     assert r.exit_code == 2 and "s3cr3tVALUE" not in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["run", "jobs/tokenizer.yaml", f"run.storage={secret}"])
     assert r.exit_code == 2 and "s3cr3tVALUE" not in r.output and "embed(s) credentials" in r.output
+
+
+@pytest.mark.parametrize("name", ["GH_PAT", "APIKEY", "MY_JWT", "BEARER", "REDIS_URL", "MONGODB_URI"])
+def test_more_credential_names_are_refused(monkeypatch, name):
+    monkeypatch.setenv(name, "x")
+    with pytest.raises(submit.SubmitError, match=f"{name}: credentials are never sent"):
+        submit.check_env([name])
+
+
+@pytest.mark.parametrize("value", [
+    "0123456789abcdef" * 4,  # `openssl rand -hex 32`, the format of the Ray auth token the docs create
+    "hf_" + "aB3dE" * 7, "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJl", "glpat-" + "x1Y2z3" * 4,
+    "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc", "s3://bucket/data?secret_key=abc123", "https://h/x?X-Amz-Signature=deadbeef&a=1"])
+def test_more_credential_values_are_refused_unshown(monkeypatch, value):
+    monkeypatch.setenv("MY_SETTING", value)
+    with pytest.raises(submit.SubmitError, match="the value of MY_SETTING looks like a credential") as err:
+        submit.check_env(["MY_SETTING"])
+    assert value not in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["us-east-1", "s3://bucket/fmrilm/datasets", "http://127.0.0.1:8265", "/work/fmrilm-data/runs",
+                                   "Qwen/Qwen3-0.6B", "train.epochs=3"])
+def test_ordinary_values_pass(monkeypatch, value):
+    monkeypatch.setenv("MY_SETTING", value)
+    assert submit.check_env(["MY_SETTING"]) == {"MY_SETTING": value}
+
+
+def test_a_secret_in_a_uri_query_is_refused_and_redacted():
+    from fmrilm import config
+    from fmrilm.errors import redact
+    from fmrilm.train.tokenizer import TokenizerStageSpec
+
+    with pytest.raises(config.ConfigError, match=r"data.data embed\(s\) credentials in a URI") as err:
+        config.build(TokenizerStageSpec, {"data": {"data": "s3://bucket/d?secret_key=abc123"}})
+    assert "abc123" not in str(err.value)
+    assert redact("reading s3://b/x?token=abc123&region=eu failed") == "reading s3://b/x?token=***&region=eu failed"

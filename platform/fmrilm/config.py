@@ -151,7 +151,7 @@ def build(model: type[M], data: dict, source: str = "<spec>") -> M:
     that embeds credentials in a URI is refused (naming the key, never the value)."""
     secret = credential_keys(data)
     if secret:
-        raise ConfigError(f"invalid spec {source}: {', '.join(secret)} embed(s) credentials in a URI (scheme://user:secret@...): "
+        raise ConfigError(f"invalid spec {source}: {', '.join(secret)} embed(s) credentials in a URI (scheme://user:secret@... or a ?secret=... query): "
                           "remove them; credentials come from the environment or the instance/pod role, never from a spec")
     try:
         return model.model_validate(data)

@@ -16,16 +16,22 @@ class UserError(Exception):
 
 
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
+# a URI query parameter that carries a secret (?secret_key=..., &X-Amz-Signature=..., &token=...)
+_SECRET_QUERY = re.compile(r"(?P<name>[?&;](?:[\w.-]*(?:secret|token|password|passwd|pwd|signature|credential|api_?key|access_?key|"
+                           r"private_?key|auth)[\w.-]*|sig|key))=(?P<value>[^&#\s'\"]+)", re.IGNORECASE)
 
 
 def embeds_credentials(text: str) -> bool:
-    """Whether ``text`` holds a URI with userinfo (``scheme://user:secret@host``)."""
-    return bool(_USERINFO.search(str(text)))
+    """Whether ``text`` holds a URI with userinfo (``scheme://user:secret@host``) or a secret
+    query parameter (``?secret_key=...``, ``&X-Amz-Signature=...``)."""
+    return bool(_USERINFO.search(str(text)) or ("://" in str(text) and _SECRET_QUERY.search(str(text))))
 
 
 def redact(text: str) -> str:
-    """``text`` with the userinfo of every URI in it (``s3://KEY:SECRET@bucket``) replaced by ``***``."""
-    return _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(text))
+    """``text`` with the userinfo of every URI in it (``s3://KEY:SECRET@bucket``) and the values of
+    secret query parameters replaced by ``***``."""
+    text = _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(text))
+    return _SECRET_QUERY.sub(lambda m: f"{m.group('name')}=***", text) if "://" in text else text
 
 
 def _children(err: BaseException) -> list[BaseException]:

@@ -39,12 +39,15 @@ CREDENTIAL_FILES = [".env", ".env.*", "*.env", ".envrc", "id_rsa*", "id_dsa*", "
                     "*.pfx", "*.jks", ".netrc", "_netrc", ".aws", ".ssh", ".gnupg", ".kube", "kubeconfig*", ".docker", ".git-credentials",
                     ".npmrc", ".pypirc", ".boto", ".s3cfg", "credentials", "credentials.*", "*credentials*.json", "*service-account*.json", "*serviceaccount*.json",
                     "terraform.tfvars", "*.tfvars", "*.tfvars.json", "secrets.*", "*.secret", ".htpasswd", "gcloud"]
-CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASS|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|_KEY$|^KEY_|_KEY_|AUTH|COOKIE|SESSION|"
-                             r"DATABASE_URL|_DSN$|CONNECTION_STRING|CONN_STR|SAS$|SIGNATURE|CERT", re.IGNORECASE)
+CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASS|CREDENTIAL|PRIVATE|ACCESS_KEY|API_?KEY|_KEY$|^KEY_|_KEY_|AUTH|COOKIE|SESSION|"
+                             r"DATABASE_URL|_DSN$|CONNECTION_STRING|CONN_STR|SAS$|SIGNATURE|CERT|JWT|BEARER|(^|_)PAT($|_)|"
+                             r"(REDIS|MONGO\w*|AMQP|BROKER|CELERY\w*|POSTGRES\w*|MYSQL\w*|DB)_(URL|URI)$", re.IGNORECASE)
 # values that are credentials whatever the variable is called
 CREDENTIAL_VALUE = re.compile(
     r"\b(AKIA|ASIA|AROA|AIDA)[0-9A-Z]{16}\b|-----BEGIN [A-Z ]*PRIVATE KEY|\bgh[pousr]_[A-Za-z0-9]{30,}|\bxox[abprs]-|"
     r"\bsk-[A-Za-z0-9_-]{20,}|\bAIza[0-9A-Za-z_-]{30,}|AccountKey=|SharedAccessSignature=|\bsig=[A-Za-z0-9%/+]{20,}|"
+    r"\bhf_[A-Za-z0-9]{30,}|\bglpat-[A-Za-z0-9_-]{20,}|\b[sr]k_(live|test)_[A-Za-z0-9]{16,}|"
+    r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.|"  # a JWT: base64url JSON header and payload
     r"(password|pwd|secret|token)\s*[=:]", re.IGNORECASE)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -54,13 +57,17 @@ class SubmitError(UserError, RuntimeError):
 
 
 def looks_secret(value: str) -> bool:
-    """Whether a value looks like a credential: a known key format, a private key, a connection
-    string or URI with a password, or a long random-looking token (40+ characters of base64)."""
+    """Whether a value looks like a credential: a known key format (AWS, GitHub, GitLab, Hugging
+    Face, Stripe, Slack, OpenAI, Google, a JWT), a private key, a connection string or a URI with a
+    password or a secret query parameter, or a long random-looking token (32+ hex or base64 characters)."""
     value = str(value)
     if CREDENTIAL_VALUE.search(value) or embeds_credentials(value):
         return True
-    token = re.fullmatch(r"[A-Za-z0-9+/=_-]{40,}", value.strip())
-    return bool(token) and len(set(value)) > 16 and any(c.isdigit() for c in value) and any(c.isupper() for c in value)
+    text = value.strip()
+    if re.fullmatch(r"[0-9a-fA-F]{32,}", text):  # hex keys and tokens (`openssl rand -hex 16` and longer)
+        return True
+    token = re.fullmatch(r"[A-Za-z0-9+/=_-]{32,}", text)
+    return bool(token) and len(set(text)) > 12 and any(c.isdigit() for c in text) and any(c.isalpha() for c in text)
 
 
 def check_env(names: list[str]) -> dict[str, str]:
