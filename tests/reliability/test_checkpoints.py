@@ -132,3 +132,26 @@ def subprocess_sleeper():
     import sys
 
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_a_symlink_in_a_checkpoint_is_refused_before_any_pickle_is_read(tmp_path):
+    """A payload reached through a symlinked folder ran on resume: the check walked past links."""
+    import torch
+
+    from fmrilm.train.common import UnsafeCheckpoint, check_pickles
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    marker = tmp_path / "ran"
+    torch.save({"x": Payload(str(marker))}, elsewhere / "mp_rank_00_model_states.pt")
+    ckpt = tmp_path / "checkpoint_0000006"
+    ckpt.mkdir()
+    torch.save({"w": torch.zeros(2)}, ckpt / "state.pt")
+    (ckpt / "ds").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UnsafeCheckpoint, match=r"holds a symbolic link .*ds -> .*elsewhere: refused"):
+        check_pickles(str(ckpt))
+    (ckpt / "ds").unlink()
+    (ckpt / "ds.pt").symlink_to(elsewhere / "mp_rank_00_model_states.pt")
+    with pytest.raises(UnsafeCheckpoint, match="symbolic link"):
+        check_pickles(str(ckpt))
+    assert not marker.exists()

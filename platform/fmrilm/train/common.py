@@ -339,8 +339,15 @@ DEEPSPEED_GLOBALS = frozenset({  # classes only (no callables that could be chai
 
 def check_pickles(directory: str, allowed: frozenset[str] = DEEPSPEED_GLOBALS) -> None:
     """Refuse (:class:`UnsafeCheckpoint`) any ``.pt`` file below ``directory`` that pickles a global
-    outside torch's ``weights_only`` set and ``allowed``; an unreadable one is :class:`CorruptCheckpoint`."""
-    for root, _, files in os.walk(directory):
+    outside torch's ``weights_only`` set and ``allowed``, and any symbolic link below it (fmrilm
+    writes none; a loader that follows one reads files this check never saw); an unreadable file
+    is :class:`CorruptCheckpoint`."""
+    for root, dirs, files in os.walk(directory):
+        for name in sorted(dirs + files):
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                raise UnsafeCheckpoint(f"checkpoint {directory} holds a symbolic link {path} -> {os.readlink(path)}: refused (a "
+                                       "checkpoint is plain files). Delete that checkpoint folder (or the run) if it did not come from fmrilm")
         for name in sorted(files):
             if not name.endswith((".pt", ".pth", ".bin")):
                 continue
