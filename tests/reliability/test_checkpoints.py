@@ -155,3 +155,18 @@ def test_a_symlink_in_a_checkpoint_is_refused_before_any_pickle_is_read(tmp_path
     with pytest.raises(UnsafeCheckpoint, match="symbolic link"):
         check_pickles(str(ckpt))
     assert not marker.exists()
+
+
+def test_checkpoints_without_ray_s_record_are_refused_not_overwritten(tmp_path):
+    """A run folder whose checkpoint_manager_snapshot.json is gone restarted at step 0 and rotated its checkpoints away."""
+    from fmrilm import storage
+    from fmrilm.train.common import RunRecordMissing, repair_run_record
+
+    run_dir = tmp_path / "run"
+    for step in (2, 4, 6):
+        (run_dir / f"checkpoint_{step:07d}").mkdir(parents=True)
+    with pytest.raises(RunRecordMissing, match=r"run 'r' has checkpoints \(checkpoint_0000002, checkpoint_0000004, checkpoint_0000006\) "
+                                                r"but no Ray record of them .*start a new run.name"):
+        repair_run_record(storage.resolve(str(run_dir)), "r")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_0000002", "checkpoint_0000004", "checkpoint_0000006"]
+    repair_run_record(storage.resolve(str(tmp_path / "fresh")), "r")  # a new run: nothing to refuse

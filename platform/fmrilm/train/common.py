@@ -304,6 +304,10 @@ class SpecMismatch(UserError):
     """A checkpoint was written by a spec of another shape than the one resuming it."""
 
 
+class RunRecordMissing(UserError):
+    """A run folder holds checkpoints but not Ray Train's record of them."""
+
+
 class NoIntactCheckpoint(UserError):
     """Every checkpoint of a run is damaged."""
 
@@ -442,13 +446,21 @@ def repair_run_record(run_dir: storage.Location, name: str) -> None:
     """Drop from Ray Train's record of a run (``checkpoint_manager_snapshot.json``) the checkpoints
     whose folders are gone (deleted by hand or by a bucket lifecycle rule), so the run resumes
     from the newest one that is still there instead of Ray refusing the whole run folder. Says
-    which it dropped. A record it cannot read as Ray 2.60 writes it is left alone."""
+    which it dropped. A record it cannot read as Ray 2.60 writes it is left alone; a missing
+    record beside checkpoint folders is :class:`RunRecordMissing` (never a silent restart)."""
     import ray
 
     snap_loc = run_dir.join("checkpoint_manager_snapshot.json")
     try:
         snap = json.loads(storage.read_text(snap_loc))
-    except (FileNotFoundError, json.JSONDecodeError):
+    except FileNotFoundError:
+        orphans = [n for n in storage.list_dir(run_dir) if n.startswith("checkpoint_")]
+        if orphans:  # Ray would start from step 0 and rotate these away
+            raise RunRecordMissing(f"run {name!r} has checkpoints ({', '.join(orphans[-3:])}{', ...' if len(orphans) > 3 else ''}) but "
+                                   f"no Ray record of them ({snap_loc.uri} is missing), so it would start again from step 0 and "
+                                   "overwrite them: restore that file, move the checkpoint folders away, or start a new run.name")
+        return
+    except json.JSONDecodeError:
         return
     needed = {"checkpoint_results", "checkpoint_report_indices", "latest_checkpoint_result", "pending_training_results",
               "pending_validation_specs"}
