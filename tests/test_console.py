@@ -68,3 +68,22 @@ def test_verbose_shows_library_logs(tmp_path, monkeypatch, capsys, restore_loggi
     err = capsys.readouterr().err
     assert "Failed to query" in err and "a debug line" in err
     monkeypatch.delenv(console.VERBOSE_ENV)
+
+
+def test_a_quiet_worker_keeps_ray_train_reports_and_warnings_off_its_stderr(monkeypatch, capsys, restore_logging):
+    import warnings
+
+    from ray.train.v2._internal.execution import context
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    report_log = logging.getLogger(context.__file__)
+    before = report_log.level
+    try:
+        console.worker_setup()
+        assert not report_log.isEnabledFor(logging.INFO)  # "Reporting training result N: TrainingReport(...)"
+        warnings.warn("a library deprecation", DeprecationWarning, stacklevel=1)
+        assert "a library deprecation" not in capsys.readouterr().err
+    finally:
+        report_log.setLevel(before)
+        logging.getLogger("py.warnings").handlers.clear()
+        logging.getLogger("py.warnings").propagate = True

@@ -1,12 +1,14 @@
 """What a person sees while fmrilm runs, and where everything else goes.
 
 The console gets fmrilm's own lines (a line per stage start and end, progress bars, result
-tables, errors) and any library's errors. Library warnings and INFO chatter (Ray, transformers,
-peft, DeepSpeed, Python warnings) go to a log file per command under ``FMRILM_LOG_DIR``
-(default ``./fmrilm-data/logs``); Ray's worker and actor output stays in its session's
-``logs/`` folder. ``fmrilm --verbose`` (``FMRILM_VERBOSE=1``) shows all of it on the console
-again. When the output is not a terminal (a pipe, a CI log), lines are written whole, never cut
-or wrapped at a width.
+tables, errors, and fmrilm's lines from Ray workers, such as "resumed at step N") and any
+library's errors. Library warnings and INFO chatter (Ray, transformers, peft, DeepSpeed, Python
+warnings) go to a log file per command under ``FMRILM_LOG_DIR`` (default
+``./fmrilm-data/logs``); in Ray's workers and actors the same chatter is quieted at its source
+(Ray Train's and Ray Data's log levels, Hugging Face progress bars, warnings to a file) and
+stays in the Ray session's ``logs/`` folder. ``fmrilm --verbose`` (``FMRILM_VERBOSE=1``) shows
+all of it on the console again. When the output is not a terminal (a pipe, a CI log), lines are
+written whole, never cut or wrapped at a width.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ VERBOSE_ENV = "FMRILM_VERBOSE"
 LOG_DIR_ENV = "FMRILM_LOG_DIR"
 DEFAULT_LOG_DIR = "./fmrilm-data/logs"
 OURS = "fmrilm"
-# progress bars and advisory warnings of the Hugging Face libraries (they have their own handlers)
+# For the processes Ray starts: progress bars and advisory warnings of the Hugging Face libraries
+# (they have their own handlers), Ray Data's lines in its actors (execution plans, "execution
+# finished", "Progress bars disabled"), and deprecation warnings libraries raise inside Ray's own
+# actors (Ray Train's DatasetManager warns of a Ray Data option Ray itself sets).
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-             "TOKENIZERS_PARALLELISM": "false"}
+             "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_LOG_LEVEL": "ERROR",
+             "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
 _announced = False
 
 
@@ -115,6 +121,36 @@ class _LazyFileHandler(logging.FileHandler):
         if self.stream is None:
             os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
         super().emit(record)
+
+
+def train_log_level() -> str:
+    """Level of Ray Train's own console lines (its ``LoggingConfig``): every worker's
+    "Reporting training result ... TrainingReport(...)" and the controller's scheduling lines
+    are INFO; they stay in Ray's Train log files unless verbose."""
+    return "INFO" if verbose() else "WARNING"
+
+
+def worker_setup() -> None:
+    """In a Ray Train worker: Python warnings (library deprecations) go to a file in Ray's session
+    log folder instead of the worker's stderr, which Ray streams to the driver's console; fmrilm's
+    own lines still reach it. Verbose: nothing changes."""
+    if verbose():
+        return
+    try:  # Ray Train logs every report ("Reporting training result N: TrainingReport(...)") at INFO on a logger
+        from ray.train.v2._internal.execution import context  # named by its file, outside `ray.train`, so its
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)  # LoggingConfig does not reach it
+    except ImportError:
+        pass
+    logging.captureWarnings(True)
+    warned = logging.getLogger("py.warnings")
+    warned.propagate = False
+    try:
+        import ray
+
+        folder = ray._private.worker._global_node.get_logs_dir_path()  # the session's logs/ (no public accessor in 2.60)
+        warned.addHandler(logging.FileHandler(os.path.join(folder, f"fmrilm-warnings-{os.getpid()}.log"), delay=True))
+    except Exception:  # noqa: BLE001 - outside a Ray session: dropped, never on the console
+        warned.addHandler(logging.NullHandler())
 
 
 def route_ray_logs() -> None:

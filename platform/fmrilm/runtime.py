@@ -22,7 +22,7 @@ from fmrilm import LOOPBACK_ENV
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                  "GLOO_SOCKET_IFNAME", "FMRILM_CACHE", "FMRILM_S3_MAX_ATTEMPTS", "FMRILM_S3_CONNECT_TIMEOUT", "FMRILM_S3_REQUEST_TIMEOUT",
                  "FMRILM_S3_BUCKETS", "FMRILM_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
-                 "TRANSFORMERS_NO_ADVISORY_WARNINGS")
+                 "TRANSFORMERS_NO_ADVISORY_WARNINGS", "RAY_DATA_LOG_LEVEL", "PYTHONWARNINGS")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -42,8 +42,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local loopback-only Ray.
 
     A no-op when Ray is already initialised in this process. Ray's own log lines go through
-    fmrilm's logging (:mod:`fmrilm.console`) and workers' output stays in the session's
-    ``logs/`` folder unless ``--verbose``. A local Ray gets its dashboard on a free port of
+    fmrilm's logging (:mod:`fmrilm.console`); workers' output reaches this console, quieted at
+    its sources (Ray Train's and Ray Data's INFO lines, library warnings). A local Ray gets its dashboard on a free port of
     127.0.0.1: Ray Train's placement-group cleaner asks the State API (served by it) every
     second whether the controller is alive; without it, it logs a warning each time, and with
     another local Ray's dashboard it removes a live run's workers.
@@ -67,13 +67,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # one of another local Ray on the machine (whose answer "no such actor" removes our workers)
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+        # Ray Train's spot-preemption watcher has nothing to watch on one machine, and its actor's start logs a core-worker error
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     env = forwarded_env()
     ctx = ray.init(
         address=address or "local",  # "local": a new instance, never the one a stale /tmp/ray/ray_current_cluster names
         num_cpus=None if address else (num_cpus or max(4, os.cpu_count() or 1)),
         **dashboard,
         runtime_env={"env_vars": env} if env else None,
-        log_to_driver=console.verbose(),
+        log_to_driver=True,  # fmrilm's lines in workers (resumed at step N, ...) reach the console and the job's log
         logging_level=logging.INFO,
         configure_logging=True,
     )

@@ -89,8 +89,10 @@ def run_config(run: RunSpec):
     """Ray Train ``RunConfig`` on our storage layer (any URI), with failure recovery, workers seeing
     this process's storage settings (:func:`fmrilm.runtime.forwarded_env`); inside a Ray
     Tune trial it also forwards every report to Tune (``TuneReportCallback``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    from fmrilm import console
 
     loc = storage.resolve(run.storage)
     storage.makedirs(loc)
@@ -102,6 +104,7 @@ def run_config(run: RunSpec):
     return RunConfig(name=run.name, storage_path=loc.path, storage_filesystem=loc.fs,
                      failure_config=FailureConfig(max_failures=run.max_failures),
                      checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints), callbacks=callbacks,
+                     logging_config=LoggingConfig(log_level=console.train_log_level()),
                      # workers write exports through our storage layer: the same endpoint as this process
                      worker_runtime_env={"env_vars": runtime.forwarded_env()})
 
@@ -253,7 +256,7 @@ def run_trainer(loop, config: dict, scaling: ScalingSpec, datasets: dict, run: R
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
-        loop, train_loop_config=config, datasets=datasets, run_config=run_config(run),
+        _quiet_worker(loop), train_loop_config=config, datasets=datasets, run_config=run_config(run),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}))
     run_dir = storage.resolve(storage.join(run.storage, run.name))
@@ -264,6 +267,17 @@ def run_trainer(loop, config: dict, scaling: ScalingSpec, datasets: dict, run: R
         return _fit(trainer, run)
     finally:
         lock.release()
+
+
+def _quiet_worker(loop):
+    """``loop`` run after :func:`fmrilm.console.worker_setup` in each worker."""
+    def worker(config: dict):
+        from fmrilm import console
+
+        console.worker_setup()
+        return loop(config)
+
+    return worker
 
 
 def _fit(trainer, run: RunSpec):
