@@ -67,3 +67,18 @@ def test_s3_round_trip(local_s3):
         storage.read_bytes(storage.resolve(local_s3.uri("storage-test", "nope")))
     storage.delete_dir(storage.resolve(local_s3.uri("storage-test")))
     assert storage.list_dir(storage.resolve(local_s3.uri("storage-test"))) == []
+
+
+def test_an_exclusive_create_uses_the_bucket_s_own_endpoint(local_s3, monkeypatch):
+    """A bucket on another S3 service: the commit lock went to the default endpoint but was read at the bucket's."""
+    import json
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the default endpoint: nothing listens there
+    monkeypatch.setenv(storage.BUCKETS_ENV, json.dumps({"fmrilm-test": {"endpoint": local_s3.endpoint}}))
+    loc = storage.resolve(local_s3.uri("own-endpoint", "lock.json"))
+    try:
+        assert storage.create_exclusive(loc, b"first") is True
+        assert storage.create_exclusive(loc, b"second") is False
+        assert storage.read_bytes(loc) == b"first"
+    finally:
+        storage.delete_dir(storage.resolve(local_s3.uri("own-endpoint")))

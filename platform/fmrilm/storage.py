@@ -118,6 +118,11 @@ def bucket_options(bucket: str) -> dict:
         raise StorageError(f"{BUCKETS_ENV} is not a JSON object of bucket -> options: fix or unset it") from None
 
 
+def bucket_endpoint(bucket: str) -> str | None:
+    """The S3 endpoint of ``bucket``: its own (:func:`bucket_options`), else the environment's."""
+    return bucket_options(bucket).get("endpoint") or s3_endpoint()
+
+
 def configure_bucket(uri: str, anonymous: bool = False, endpoint: str | None = None) -> None:
     """Give the bucket of the ``s3://`` URI ``uri`` its own options in this process's environment
     (so every Ray worker started from it sees them): ``anonymous`` for unsigned requests (public
@@ -143,7 +148,7 @@ def s3_filesystem(bucket: str | None = None) -> pafs.S3FileSystem:
         "connect_timeout": float(os.environ.get("FMRILM_S3_CONNECT_TIMEOUT", "5")),
         "request_timeout": float(os.environ.get("FMRILM_S3_REQUEST_TIMEOUT", "60")),
     }
-    endpoint = options.get("endpoint") or s3_endpoint()
+    endpoint = bucket_endpoint(bucket) if bucket else s3_endpoint()
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -288,7 +293,8 @@ def _s3_put_if_absent(loc: Location, data: bytes) -> bool:
     logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials in ..." on every commit
 
     bucket, _, key = loc.path.partition("/")
-    client = boto3.client("s3", endpoint_url=s3_endpoint(), region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    endpoint = bucket_endpoint(bucket)  # the same endpoint every other call for this bucket uses
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
                           config=Config(retries={"max_attempts": int(os.environ.get("FMRILM_S3_MAX_ATTEMPTS", "4"))},
                                         connect_timeout=float(os.environ.get("FMRILM_S3_CONNECT_TIMEOUT", "5"))))
     try:
@@ -300,7 +306,7 @@ def _s3_put_if_absent(loc: Location, data: bytes) -> bool:
             return False
         raise StorageError(f"cannot write {loc.uri}: {err}") from err
     except BotoCoreError as err:
-        raise StorageError(f"cannot write {loc.uri}: {err} [the object store at {s3_endpoint() or 'AWS S3'} is unreachable]") from err
+        raise StorageError(f"cannot write {loc.uri}: {err} [the object store at {endpoint or 'AWS S3'} is unreachable]") from err
 
 
 def delete_file(loc: Location) -> None:
