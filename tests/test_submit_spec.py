@@ -9,77 +9,13 @@ from fmrilm import submit
 from fmrilm.registry import load_job
 
 
-def test_runtime_env_uploads_the_checkout_without_data_runs_or_vcs():
-    root = submit.project_root()
-    env = submit.runtime_env(root, {"A": "1"})
-    assert env["working_dir"] == root and env["py_modules"] == [os.path.join(root, "platform", "fmrilm")]
-    assert {".git", ".venv", "fmrilm-data", "runs", "*.parquet", "*.safetensors"} <= set(env["excludes"])
-    assert env["env_vars"] == {"A": "1"}
+def test_runtime_env_uploads_the_staged_checkout():
+    env = submit.runtime_env("/tmp/staged", {"A": "1"})
+    assert env == {"working_dir": "/tmp/staged", "py_modules": ["/tmp/staged/platform/fmrilm"], "env_vars": {"A": "1"}}
     assert submit.entrypoint("jobs/x.yaml", ["a.b=c d"]) == "python -m fmrilm run jobs/x.yaml 'a.b=c d'"
-
-
-def test_credentials_and_unset_variables_are_refused(monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
-    monkeypatch.setenv("HF_TOKEN", "x")
-    monkeypatch.setenv("WANDB_PROJECT", "p")
-    with pytest.raises(submit.SubmitError, match="AWS_SECRET_ACCESS_KEY, HF_TOKEN: credentials are never sent"):
-        submit.check_env(["AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "WANDB_PROJECT"])
-    with pytest.raises(submit.SubmitError, match="NOT_SET_ANYWHERE, which is not set"):
-        submit.check_env(["WANDB_PROJECT", "NOT_SET_ANYWHERE"])
-    assert submit.check_env(["WANDB_PROJECT"]) == {"WANDB_PROJECT": "p"}
-    with pytest.raises(submit.SubmitError, match="credentials are never sent"):  # before any cluster is contacted
-        submit.submit("jobs/tokenizer.yaml", ["submit.env=[AWS_SECRET_ACCESS_KEY]"], "http://127.0.0.1:9")
-
-
-def test_local_paths_absolute_on_loopback_refused_on_a_remote_cluster():
-    root = submit.project_root()
-    spec, _, sub = load_job("jobs/tokenizer.yaml", ["run.storage=s3://bucket/runs"])
-    assert sub.env == []
-    fixed = submit.path_overrides(spec, "http://127.0.0.1:8265", root)
-    assert f"data.data={os.path.abspath('fmrilm-data/datasets')}" in fixed and not any(f.startswith("run.storage") for f in fixed)
-    with pytest.raises(submit.SubmitError, match=r"cannot see: data\.data=\./fmrilm-data/datasets, run\.log_dir="):
-        submit.path_overrides(spec, "http://10.0.0.5:8265", root)
-    assert submit.run_name(spec) == "tokenizer"
-    # a file inside the checkout travels with the job (working_dir): the sweep's base spec stays relative
-    sweep, _, _ = load_job("jobs/sweep_tokenizer.yaml", ["storage=s3://bucket/sweeps"])
-    assert submit.path_overrides(sweep, "http://10.0.0.5:8265", root) == []
-    assert submit.travels("jobs/tokenizer.yaml", root) and not submit.travels("fmrilm-data", root)
-
-
-def test_submit_section_is_validated_and_ignored_by_run():
-    from fmrilm.config import ConfigError
-
-    with pytest.raises(ConfigError, match="submit.*envs: unknown key"):
-        load_job("jobs/tokenizer.yaml", ["submit.envs=[X]"])
-    spec, _, sub = load_job("jobs/tokenizer.yaml", ["submit.env=[X]"])
-    assert sub.env == ["X"] and not hasattr(spec, "submit")
-
-
-def test_bad_addresses_fail_with_a_clear_message():
-    with pytest.raises(submit.SubmitError, match="give the Ray dashboard URL"):
-        submit.connect("127.0.0.1:8265")
-    with pytest.raises(submit.SubmitError, match="cannot reach the Ray dashboard at http://127.0.0.1:9"):
-        submit.connect("http://127.0.0.1:9", timeout_s=1)
-
-
-
-def test_credential_files_and_gitignored_paths_never_travel(tmp_path):
-    """What Ray's working_dir upload leaves out, matched the way Ray matches (gitignore patterns)."""
-    from ray._private.thirdparty.pathspec import PathSpec  # what Ray matches runtime_env excludes with
-
-    root = tmp_path / "checkout"
-    (root / "platform" / "fmrilm").mkdir(parents=True)
-    (root / "pyproject.toml").write_text("")
-    (root / ".gitignore").write_text("# local notes\nscratch/\n*.local\n")
-    secret_files = [".env", ".env.production", "id_rsa", "id_ed25519.pub", ".netrc", ".aws/credentials", "deploy/key.pem",
-                    "infra/terraform/terraform.tfvars", ".ssh/config", "gcp-service-account.json", "scratch/notes.txt", "x.local"]
-    kept = ["jobs/tokenizer.yaml", "platform/fmrilm/cli.py", "README.md"]
-    for rel in secret_files + kept:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text("x")
-    spec = PathSpec.from_lines("gitwildmatch", submit.runtime_env(str(root), {})["excludes"])
-    assert [f for f in secret_files if not spec.match_file(f)] == []
-    assert [f for f in kept if spec.match_file(f)] == []
+    files = submit.upload_files(submit.project_root())
+    assert "platform/fmrilm/cli.py" in files and "jobs/tokenizer.yaml" in files and "pyproject.toml" in files
+    assert not [f for f in files if f.startswith((".git/", ".venv/", "fmrilm-data/")) or f.endswith((".parquet", ".safetensors"))]
 
 
 @pytest.mark.parametrize("name, value", [

@@ -2,8 +2,8 @@
 
 A submission is the same ``fmrilm run SPEC key=value ...`` a user runs locally, started on the
 cluster by the Ray Jobs API (:class:`ray.job_submission.JobSubmissionClient`) with a runtime
-environment holding this checkout (``working_dir``, without data, runs, .git or virtualenvs) and
-the ``fmrilm`` package (``py_modules``, so every worker imports the submitted code, not an older
+environment holding this checkout (``working_dir``: an allowlist, the checkout's tracked files and
+the files the spec names, never credential files, data or runs) and the ``fmrilm`` package (``py_modules``, so every worker imports the submitted code, not an older
 copy in the image). The spec is validated here first, so a bad key fails before anything is sent.
 
 The submission id is the run name (``run.name`` of the spec, else its ``name``, else its kind);
@@ -25,6 +25,7 @@ import re
 import shlex
 import socket
 import time
+from contextlib import contextmanager
 from urllib.parse import urlparse
 
 from fmrilm import storage
@@ -38,7 +39,9 @@ EXCLUDES = [".git", ".venv", "venv", "fmrilm-data", "runs", "**/__pycache__", ".
 CREDENTIAL_FILES = [".env", ".env.*", "*.env", ".envrc", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12",
                     "*.pfx", "*.jks", ".netrc", "_netrc", ".aws", ".ssh", ".gnupg", ".kube", "kubeconfig*", ".docker", ".git-credentials",
                     ".npmrc", ".pypirc", ".boto", ".s3cfg", "credentials", "credentials.*", "*credentials*.json", "*service-account*.json", "*serviceaccount*.json",
-                    "terraform.tfvars", "*.tfvars", "*.tfvars.json", "secrets.*", "*.secret", ".htpasswd", "gcloud"]
+                    "terraform.tfvars", "*.tfvars", "*.tfvars.json", "secrets.*", "*.secret", ".htpasswd", "gcloud", ".pgpass", ".my.cnf",
+                    "kaggle.json", "client_secret*.json", ".vault-token", ".config", "*_history", "*token*.json", "*service_account*.json",
+                    ".hf_token", ".huggingface", ".wandb", ".netrc*"]
 CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASS|CREDENTIAL|PRIVATE|ACCESS_KEY|API_?KEY|_KEY$|^KEY_|_KEY_|AUTH|COOKIE|SESSION|"
                              r"DATABASE_URL|_DSN$|CONNECTION_STRING|CONN_STR|SAS$|SIGNATURE|CERT|JWT|BEARER|(^|_)PAT($|_)|"
                              r"(REDIS|MONGO\w*|AMQP|BROKER|CELERY\w*|POSTGRES\w*|MYSQL\w*|DB)_(URL|URI)$", re.IGNORECASE)
@@ -169,18 +172,69 @@ def local_paths(data, prefix: str = "") -> list[tuple[str, str]]:
     return found
 
 
-def travels(value, root: str) -> bool:
-    """Whether a local path (or every one in a list) is uploaded with the job: an existing file or
-    folder inside the checkout, outside the excluded folders (a base spec, a dataset card)."""
+def _excluded(rel: str, patterns: list[str]) -> bool:
+    """Whether a checkout-relative path, or any folder it is in, matches one of ``patterns``."""
     import fnmatch
 
+    parts = rel.split("/")
+    return any(fnmatch.fnmatch(part, pattern.strip("/").removeprefix("**/")) for part in parts for pattern in patterns) or \
+        any(fnmatch.fnmatch(rel, pattern) for pattern in patterns)
+
+
+def travels(value, root: str) -> bool:
+    """Whether a local path (or every one in a list) is uploaded with the job: an existing file or
+    folder inside the checkout, outside the excluded folders and credential files (a base spec, a
+    dataset card)."""
     if isinstance(value, list):
         return all(travels(v, root) for v in value if isinstance(v, str) and storage.is_local_path(v))
     path = os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
     rel = os.path.relpath(path, root)
     if rel.startswith("..") or not os.path.exists(path):
         return False
-    return not any(fnmatch.fnmatch(part, pattern.strip("/")) for part in rel.split(os.sep) for pattern in excludes(root))
+    return not _excluded(rel.replace(os.sep, "/"), excludes(root))
+
+
+def upload_files(root: str, named: list[str] = ()) -> list[str]:
+    """Checkout-relative paths of the files a job takes, an allowlist: the checkout's tracked files
+    (``git ls-files``; outside git, ``pyproject.toml``, ``README.md`` and what is under ``platform/``,
+    ``jobs/`` and ``datasets/``), plus the files and folders the spec names inside the checkout
+    (``named``); never a symbolic link or a path matching :data:`EXCLUDES`, :data:`CREDENTIAL_FILES`
+    or the ``.gitignore`` (a second line: a tracked ``.env`` stays home too)."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached"], capture_output=True, check=True, timeout=60).stdout
+        files = [f for f in listed.decode().split("\0") if f]
+    except (OSError, subprocess.SubprocessError):
+        files = ["pyproject.toml", "README.md"]
+        for top in ("platform", "jobs", "datasets"):
+            for d, _, names in os.walk(os.path.join(root, top)):
+                files += [os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/") for n in names]
+    for value in named:
+        path = os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
+        walk = os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [os.path.basename(path)])]
+        files += [os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/") for d, _, names in walk for n in names]
+    patterns = excludes(root)
+    keep = []
+    for rel in dict.fromkeys(files):
+        full = os.path.join(root, rel)
+        if not rel.startswith("..") and os.path.isfile(full) and not os.path.islink(full) and not _excluded(rel, patterns):
+            keep.append(rel)
+    return keep
+
+
+@contextmanager
+def staged_checkout(root: str, files: list[str]):
+    """A temporary folder holding copies of ``files`` (relative to ``root``), removed on exit: what
+    Ray uploads as the job's ``working_dir``."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fmrilm-submit-") as d:
+        for rel in files:
+            os.makedirs(os.path.join(d, os.path.dirname(rel)), exist_ok=True)
+            shutil.copy2(os.path.join(root, rel), os.path.join(d, rel))
+        yield d
 
 
 def path_overrides(spec, address: str, root: str) -> list[str]:
@@ -213,11 +267,11 @@ def excludes(root: str) -> list[str]:
     return list(dict.fromkeys([*EXCLUDES, *CREDENTIAL_FILES, *gitignore_patterns(root)]))
 
 
-def runtime_env(root: str, env_vars: dict[str, str]) -> dict:
-    """The job's runtime environment: the checkout (minus :func:`excludes`), the fmrilm package on
-    every worker, and only the named environment variables."""
-    return {"working_dir": root, "excludes": excludes(root), "py_modules": [os.path.join(root, "platform", "fmrilm")],
-            "env_vars": dict(env_vars)}
+def runtime_env(staged: str, env_vars: dict[str, str]) -> dict:
+    """The job's runtime environment: the staged checkout (:func:`staged_checkout` of
+    :func:`upload_files`), the fmrilm package from it on every worker, and only the named
+    environment variables."""
+    return {"working_dir": staged, "py_modules": [os.path.join(staged, "platform", "fmrilm")], "env_vars": dict(env_vars)}
 
 
 def entrypoint(spec_path: str, overrides: list[str]) -> str:
@@ -245,9 +299,12 @@ def submit(spec_uri: str, overrides: list[str], address: str | None = None, name
     taken = {j.submission_id for j in previous}
     job_id = run if run not in taken else next(f"{run}.{i}" for i in range(len(taken) + 1, 10**6) if f"{run}.{i}" not in taken)
     command = entrypoint(spec_path, [*overrides, *path_overrides(spec, address, root)])
-    client.submit_job(entrypoint=command, submission_id=job_id, runtime_env=runtime_env(root, env_vars),
-                      entrypoint_num_cpus=submit_spec.entrypoint_num_cpus or None,
-                      metadata={"fmrilm_run": run, "fmrilm_spec": spec_path, "fmrilm_kind": spec.kind})
+    named = [spec_uri] + [p for _, v in local_paths(spec.model_dump(mode="json")) for p in (v if isinstance(v, list) else [v])
+                          if isinstance(p, str) and storage.is_local_path(p) and travels(p, root)]
+    with staged_checkout(root, upload_files(root, named)) as staged:  # Ray packs and uploads it before submit_job returns
+        client.submit_job(entrypoint=command, submission_id=job_id, runtime_env=runtime_env(staged, env_vars),
+                          entrypoint_num_cpus=submit_spec.entrypoint_num_cpus or None,
+                          metadata={"fmrilm_run": run, "fmrilm_spec": spec_path, "fmrilm_kind": spec.kind})
     return {"id": job_id, "run": run, "address": address, "entrypoint": command, "resubmitted": bool(previous)}
 
 
