@@ -368,3 +368,60 @@ def test_a_card_split_file_is_frozen_into_the_manifest_and_checked(tmp_path):
     (tmp_path / "split.csv").write_text("subject_id,split\n01,train\n02,tset\n")
     with pytest.raises(InputError, match=r"split name\(s\) \['tset'\] are not one of"):
         ingest_card(card, str(tmp_path / "store2"), use_ray=False)
+
+
+def test_gc_counts_from_replacement_and_never_takes_a_live_writer_s_version(tmp_path, monkeypatch):
+    """`--grace-hours 0.5` deleted a version a job was reading seconds after a re-ingest replaced it
+    (its age was counted from its creation); `--grace-hours 0` during an ingest broke the commit."""
+    import time
+
+    from fmrilm import storage
+    from fmrilm.data import table
+    from fmrilm.data.ingest import ingest_synthetic
+    from fmrilm.data.synth import SynthParams
+
+    root = str(tmp_path / "ds")
+    first = ingest_synthetic(SynthParams(name="c", subjects=4, n_rois=6, n_networks=2, n_timepoints=30, seed=1), root, use_ray=False)
+    loc = storage.resolve(root).join("c")
+    time.sleep(3.5)  # the first version is 3 s old when a re-ingest replaces it
+    second = ingest_synthetic(SynthParams(name="c", subjects=4, n_rois=6, n_networks=2, n_timepoints=30, seed=2), root, use_ray=False)
+    assert table.gc(loc, grace_s=2) == []  # replaced just now: a reader may still stream it
+    time.sleep(2.5)
+    assert table.gc(loc, grace_s=2) == [first.manifest["version"]]
+    # a writer at work: its pinned, uncommitted version stays, even at grace 0, until it is gone
+    time.sleep(1.1)
+    busy = table.new_version()
+    storage.write_text(loc.join(busy, "part-00000.parquet"), "x")
+    pinned = table.pin(loc, busy)
+    assert table.gc(loc, grace_s=0) == []
+    table.unpin(pinned)
+    assert table.gc(loc, grace_s=0) == [busy]
+    assert table.read_manifest(loc)["version"] == second.manifest["version"] and table.verify(loc, second.manifest) == []
+
+
+def test_a_full_disk_at_commit_leaves_the_table_as_it_was(tmp_path, monkeypatch):
+    """Disk full while the manifest was written: the old manifest stayed but an uncommitted version, a
+    .tmp file and a versions/ record stayed too, and the error was a bare [Errno 28]."""
+    import errno
+
+    from fmrilm import storage
+    from fmrilm.data import table
+    from fmrilm.data.ingest import ingest_synthetic
+    from fmrilm.data.synth import SynthParams
+
+    root = str(tmp_path / "ds")
+    first = ingest_synthetic(SynthParams(name="c", subjects=4, n_rois=6, n_networks=2, n_timepoints=30, seed=1), root, use_ray=False)
+    before = snapshot(root)
+    real_replace = storage.os.replace
+
+    def full(src, dst):
+        if dst.endswith("manifest.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", full)
+    with pytest.raises(storage.StorageError, match=r"ingest of 'c' stopped at its commit: nothing was committed \(version "
+                                                   r"v-\S+ is unchanged\)\. .*the disk holding it is full"):
+        ingest_synthetic(SynthParams(name="c", subjects=4, n_rois=6, n_networks=2, n_timepoints=30, seed=2), root, use_ray=False)
+    assert snapshot(root) == before  # no new version, no .tmp, no versions/ record, no pin
+    assert table.read_manifest(storage.resolve(root).join("c"))["version"] == first.manifest["version"]

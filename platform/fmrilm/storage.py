@@ -190,6 +190,8 @@ def unreachable(err: BaseException) -> bool:
 
 def _describe(err: Exception, loc: Location) -> str:
     text = f"{type(err).__name__}: {err}"
+    if getattr(err, "errno", None) == 28 or "No space left" in str(err):
+        text += " [the disk holding it is full: free space there]"
     if isinstance(loc.fs, pafs.S3FileSystem) and unreachable(err):
         attempts = os.environ.get("FMRILM_S3_MAX_ATTEMPTS", "4")
         text += f" [the object store at {s3_endpoint() or 'AWS S3'} is unreachable: no answer after {attempts} attempt(s)]"
@@ -228,9 +230,14 @@ def write_bytes(loc: Location, data: bytes) -> None:
             parent = posixpath.dirname(loc.path)
             loc.fs.create_dir(parent, recursive=True)
             tmp = posixpath.join(parent, f".{posixpath.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
-            with loc.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            os.replace(tmp, loc.path)
+            try:
+                with loc.fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                os.replace(tmp, loc.path)
+            except OSError:  # a full disk, a lost mount: no half-written temporary file stays behind
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
         else:
             with loc.fs.open_output_stream(loc.path) as f:  # one PUT: atomic on object stores
                 f.write(data)

@@ -183,87 +183,94 @@ def ingest(
         log.warning("%s; replacing it", err)
         previous = None
     version = table.new_version()
-    per_task = max(1, min(MAX_SOURCES_PER_TASK, len(todo) // 8 or 1))
-    jobs = [
-        {"sources": todo[i : i + per_task], "dataset_uri": dataset.uri, "version": version, "chunk": k,
-         "labels": labels, "shard_bytes": shard_bytes, "max_mean_fd": max_mean_fd}
-        for k, i in enumerate(range(0, len(todo), per_task))
-    ]
+    pinned = table.pin(dataset, version)  # `fmrilm data gc` leaves this version alone while this writer lives
     try:
-        results = runtime.parallel_map(_extract_chunk, jobs, f"ingest {name}", use_ray=use_ray)
-    except BaseException as err:
-        _discard(dataset.join(version))
-        cause = runtime.root_cause(err)
-        if isinstance(cause, storage.StorageError):
-            kept = f"version {previous['version']} is unchanged" if previous else "no earlier version existed"
-            todo = ("Re-run the same command once the store is reachable" if storage.unreachable(cause) else
-                    "Fix that (permissions, free space, the bucket name) and re-run the same command")
-            raise storage.StorageError(
-                f"ingest of {name!r} stopped: nothing was committed ({kept}). {cause}. {todo}; `fmrilm data gc` removes "
-                "any partly written version folder.") from err
-        raise
-    bad = dup + [b for r in results for b in r["bad"]]
-    if bad and not quarantine:
-        _discard(dataset.join(version))
-        raise IngestError(name, bad)
-    shards = [s for r in results for s in r["shards"]]
-    digests = {k: v for r in results for k, v in r["digests"].items()}
-    meta = [m for r in results for m in r["meta"]]
-    if max_mean_fd is not None:
-        censored = sorted((c for r in results for c in r["censored"]), key=lambda c: c["scan_id"])
-        with_fd = sum(1 for m in meta if dict(m["phenotypes"]).get("mean_fd") is not None) + len(censored)
-        extra = (extra or {}) | {"motion_report": {"max_mean_fd": max_mean_fd, "censored": len(censored), "censored_scans": censored,
-                                                   "scans_without_mean_fd": len(meta) + len(censored) - with_fd}}
-        if censored:
-            log.info("%s: %d scan(s) left out for mean FD above %g mm", name, len(censored), max_mean_fd)
-    if not shards:
-        _discard(dataset.join(version))
-        raise IngestError(name, bad or [{"scan_id": None, "source": out_uri, "reason": "no scan could be ingested"}])
-    if previous is not None and not replace and len(digests) < previous["rows"] / 2:
-        _discard(dataset.join(version))
-        raise IngestError(name, [{"scan_id": None, "source": dataset.uri, "reason":
-                                  f"this ingest found {len(digests)} good scans where version {previous['version']} has {previous['rows']}: "
-                                  "more than half would be dropped (inputs missing?). Re-run with --replace to replace it anyway"}])
-
-    content = hashlib.sha256()
-    for sid in sorted(digests):
-        content.update(f"{sid}:{digests[sid]}\n".encode())
-    content.update(json.dumps(sorted(bad, key=lambda b: (b["source"], b["reason"])), sort_keys=True).encode())
-    content.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
-    content_sha = content.hexdigest()
-    if previous is not None and previous.get("content_sha256") == content_sha:
-        damage = table.verify(dataset, previous)
-        if not damage:
+        per_task = max(1, min(MAX_SOURCES_PER_TASK, len(todo) // 8 or 1))
+        jobs = [
+            {"sources": todo[i : i + per_task], "dataset_uri": dataset.uri, "version": version, "chunk": k,
+             "labels": labels, "shard_bytes": shard_bytes, "max_mean_fd": max_mean_fd}
+            for k, i in enumerate(range(0, len(todo), per_task))
+        ]
+        try:
+            results = runtime.parallel_map(_extract_chunk, jobs, f"ingest {name}", use_ray=use_ray)
+        except BaseException as err:
             _discard(dataset.join(version))
-            log.info("%s: content unchanged, kept version %s (verified intact)", name, previous["version"])
-            return IngestResult(previous, written=False, dataset_uri=dataset.uri)
-        log.warning("%s: content unchanged but version %s is damaged (%d problem(s), e.g. %s): rewriting it",
-                    name, previous["version"], len(damage), damage[0])
+            cause = runtime.root_cause(err)
+            if isinstance(cause, storage.StorageError):
+                kept = f"version {previous['version']} is unchanged" if previous else "no earlier version existed"
+                todo = ("Re-run the same command once the store is reachable" if storage.unreachable(cause) else
+                        "Fix that (permissions, free space, the bucket name) and re-run the same command")
+                raise storage.StorageError(
+                    f"ingest of {name!r} stopped: nothing was committed ({kept}). {cause}. {todo}; `fmrilm data gc` removes "
+                    "any partly written version folder.") from err
+            raise
+        bad = dup + [b for r in results for b in r["bad"]]
+        if bad and not quarantine:
+            _discard(dataset.join(version))
+            raise IngestError(name, bad)
+        shards = [s for r in results for s in r["shards"]]
+        digests = {k: v for r in results for k, v in r["digests"].items()}
+        meta = [m for r in results for m in r["meta"]]
+        if max_mean_fd is not None:
+            censored = sorted((c for r in results for c in r["censored"]), key=lambda c: c["scan_id"])
+            with_fd = sum(1 for m in meta if dict(m["phenotypes"]).get("mean_fd") is not None) + len(censored)
+            extra = (extra or {}) | {"motion_report": {"max_mean_fd": max_mean_fd, "censored": len(censored), "censored_scans": censored,
+                                                       "scans_without_mean_fd": len(meta) + len(censored) - with_fd}}
+            if censored:
+                log.info("%s: %d scan(s) left out for mean FD above %g mm", name, len(censored), max_mean_fd)
+        if not shards:
+            _discard(dataset.join(version))
+            raise IngestError(name, bad or [{"scan_id": None, "source": out_uri, "reason": "no scan could be ingested"}])
+        if previous is not None and not replace and len(digests) < previous["rows"] / 2:
+            _discard(dataset.join(version))
+            raise IngestError(name, [{"scan_id": None, "source": dataset.uri, "reason":
+                                      f"this ingest found {len(digests)} good scans where version {previous['version']} has {previous['rows']}: "
+                                      "more than half would be dropped (inputs missing?). Re-run with --replace to replace it anyway"}])
 
-    index = table.write_shard(schema.meta_table(sorted(meta, key=lambda m: m["scan_id"])), dataset, f"{version}/index.parquet")
-    manifest = {
-        "dataset": name,
-        "version": version,
-        "atlas": sources[0].atlas,
-        "n_rois": len(labels) if labels else None,
-        "roi_labels": labels,
-        "tr": sorted({round(m["tr"], 6) for m in meta}),
-        "rows": sum(s["rows"] for s in shards),
-        "subjects": len({m["subject_id"] for m in meta}),
-        "sites": dict(sorted(Counter(str(m["site"]) for m in meta).items())),
-        "timepoints": {"min": min(m["n_timepoints"] for m in meta), "max": max(m["n_timepoints"] for m in meta)},
-        "content_sha256": content_sha,
-        "shards": shards,
-        "index": table.shard_dicts([index])[0],
-        "quarantined": bad,
-        **(extra or {}),
-    }
-    try:
-        committed = table.commit(dataset, manifest, previous["version"] if previous else None)
-    except table.ConcurrentCommit:
-        _discard(dataset.join(version))
-        raise
-    return IngestResult(committed, written=True, dataset_uri=dataset.uri)
+        content = hashlib.sha256()
+        for sid in sorted(digests):
+            content.update(f"{sid}:{digests[sid]}\n".encode())
+        content.update(json.dumps(sorted(bad, key=lambda b: (b["source"], b["reason"])), sort_keys=True).encode())
+        content.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+        content_sha = content.hexdigest()
+        if previous is not None and previous.get("content_sha256") == content_sha:
+            damage = table.verify(dataset, previous)
+            if not damage:
+                _discard(dataset.join(version))
+                log.info("%s: content unchanged, kept version %s (verified intact)", name, previous["version"])
+                return IngestResult(previous, written=False, dataset_uri=dataset.uri)
+            log.warning("%s: content unchanged but version %s is damaged (%d problem(s), e.g. %s): rewriting it",
+                        name, previous["version"], len(damage), damage[0])
+
+        index = table.write_shard(schema.meta_table(sorted(meta, key=lambda m: m["scan_id"])), dataset, f"{version}/index.parquet")
+        manifest = {
+            "dataset": name,
+            "version": version,
+            "atlas": sources[0].atlas,
+            "n_rois": len(labels) if labels else None,
+            "roi_labels": labels,
+            "tr": sorted({round(m["tr"], 6) for m in meta}),
+            "rows": sum(s["rows"] for s in shards),
+            "subjects": len({m["subject_id"] for m in meta}),
+            "sites": dict(sorted(Counter(str(m["site"]) for m in meta).items())),
+            "timepoints": {"min": min(m["n_timepoints"] for m in meta), "max": max(m["n_timepoints"] for m in meta)},
+            "content_sha256": content_sha,
+            "shards": shards,
+            "index": table.shard_dicts([index])[0],
+            "quarantined": bad,
+            **(extra or {}),
+        }
+        try:
+            committed = table.commit(dataset, manifest, previous["version"] if previous else None)
+        except (table.ConcurrentCommit, storage.StorageError) as err:
+            _discard(dataset.join(version))
+            if isinstance(err, storage.StorageError):
+                kept = f"version {previous['version']} is unchanged" if previous else "no earlier version existed"
+                raise storage.StorageError(f"ingest of {name!r} stopped at its commit: nothing was committed ({kept}). {err}") from err
+            raise
+        return IngestResult(committed, written=True, dataset_uri=dataset.uri)
+    finally:
+        table.unpin(pinned)
 
 
 def ingest_card(card_uri: str, out_uri: str, *, quarantine: bool = False, overrides: list[str] | None = None, use_ray: bool = True,

@@ -170,30 +170,102 @@ def commit(dataset: storage.Location, manifest: dict, base_version: str | None) 
                 f"while this one ran from version {base_version}; this writer's version {manifest['version']} was not committed. "
                 "The dataset holds the other writer's complete version: re-run this command if its inputs should replace it")
         text = json.dumps(manifest, indent=2, sort_keys=False)
-        storage.write_text(dataset.join("versions", f"{manifest['version']}.json"), text)
-        storage.write_text(dataset.join(MANIFEST), text)
+        record = dataset.join("versions", f"{manifest['version']}.json")
+        storage.write_text(record, text)
+        try:
+            storage.write_text(dataset.join(MANIFEST), text)
+        except storage.StorageError:  # not committed: no record of it may say it was
+            try:
+                storage.delete_file(record)
+            except storage.StorageError:
+                pass
+            raise
     finally:
         _release(dataset, me)
     return manifest
 
 
+PINS = "pins"
+_PINNED: set[str] = set()  # this process's pins that are still live (a failed writer in a process that lives on is not)
+
+
+def pin(dataset: storage.Location, version: str) -> storage.Location:
+    """Record that this process is writing ``version`` of ``dataset`` (``pins/<version>.json``:
+    host, pid, time), so :func:`gc` leaves its folder alone whatever the grace period; returns the
+    pin for :func:`unpin`."""
+    loc = dataset.join(PINS, f"{version}.json")
+    storage.write_text(loc, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}))
+    _PINNED.add(loc.uri)
+    return loc
+
+
+def unpin(loc: storage.Location) -> None:
+    """Remove a pin (best effort: an unreachable store leaves it to :func:`gc`, which sees its writer is gone)."""
+    _PINNED.discard(loc.uri)
+    try:
+        storage.delete_file(loc)
+    except storage.StorageError as err:
+        log.warning("could not remove the pin %s (%s); `fmrilm data gc` removes it once its writer is gone", loc.uri, err)
+
+
+def _live_pin(dataset: storage.Location, version: str) -> bool:
+    """Whether a live writer pinned ``version``: its process runs on this host, or, from another
+    host, it pinned less than :data:`DEFAULT_GRACE_S` ago."""
+    loc = dataset.join(PINS, f"{version}.json")
+    try:
+        rec = json.loads(storage.read_text(loc))
+    except (FileNotFoundError, ValueError):
+        return False
+    if rec.get("host") == socket.gethostname() and rec.get("pid") == os.getpid():
+        return loc.uri in _PINNED
+    if rec.get("host") != socket.gethostname():
+        return time.time() - float(rec.get("at", 0)) < DEFAULT_GRACE_S
+    try:
+        os.kill(int(rec["pid"]), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError):
+        return True
+
+
+def _replaced_at(dataset: storage.Location) -> dict[str, float]:
+    """``version -> when a later commit replaced it`` (epoch seconds), from the ``versions/`` records."""
+    out = {}
+    for name in storage.list_dir(dataset.join("versions")):
+        try:
+            rec = json.loads(storage.read_text(dataset.join("versions", name)))
+            out[rec["previous_version"]] = dt.datetime.fromisoformat(rec["committed_at"]).timestamp()
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            continue
+    out.pop(None, None)
+    return out
+
+
 def gc(dataset: storage.Location, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> list[str]:
-    """Delete the version folders (and their ``versions/`` records) the current manifest does not
-    list and that were started more than ``grace_s`` seconds ago: a writer still writing a newer
-    folder, or a reader still streaming a superseded version, is younger than that. Returns the
-    removed version names."""
+    """Delete the version folders (and their ``versions/`` records and pins) the current manifest
+    does not list: a superseded version once ``grace_s`` seconds have passed since the commit that
+    replaced it (a reader that started on it may still stream it), a version no commit took
+    (an interrupted or failed writer's) once its writer is gone (:func:`pin`) and it was started
+    more than ``grace_s`` ago. Returns the removed version names."""
     manifest = read_manifest(dataset)
     keep = {s["path"].split("/", 1)[0] for s in manifest["shards"]} if manifest else set()
-    cutoff = time.time() - grace_s
+    now, replaced = time.time(), _replaced_at(dataset)
     removed = []
     for name in storage.list_dir(dataset):
         started = version_time(name) if name.startswith("v-") else None
-        if started is None or name in keep or started > cutoff:
+        if started is None or name in keep:
+            continue
+        if name in replaced:
+            if now - replaced[name] < grace_s:
+                continue
+        elif now - started < grace_s or _live_pin(dataset, name):
             continue
         removed.append(name)
         if not dry_run:
             storage.delete_dir(dataset.join(name))
             storage.delete_file(dataset.join("versions", f"{name}.json"))
+            storage.delete_file(dataset.join(PINS, f"{name}.json"))
     return removed
 
 
