@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -206,6 +207,15 @@ def exists(loc: Location) -> bool:
         raise StorageError(f"cannot reach {loc.uri}: {_describe(err, loc)}") from err
 
 
+def modified_at(loc: Location) -> float:
+    """When the file at ``loc`` was last written (epoch seconds; 0 when unknown)."""
+    try:
+        info = loc.fs.get_file_info(loc.path)
+        return info.mtime.timestamp() if info.mtime is not None else 0.0
+    except OSError as err:
+        raise StorageError(f"cannot reach {loc.uri}: {_describe(err, loc)}") from err
+
+
 def read_bytes(loc: Location) -> bytes:
     """Read a whole object/file."""
     try:
@@ -267,19 +277,24 @@ def write_parquet(loc: Location, data, compression: str = "zstd") -> None:
 
 
 def create_exclusive(loc: Location, data: bytes) -> bool:
-    """Create the file at ``loc`` only if nothing is there (one atomic step: ``O_EXCL`` locally, a
-    conditional ``PUT`` with ``If-None-Match: *`` on S3); returns False when it already exists.
+    """Create the file at ``loc`` with ``data`` only if nothing is there (one atomic step: a hard
+    link of a written temporary file locally, a conditional ``PUT`` with ``If-None-Match: *`` on
+    S3); returns False when it already exists.
     On GCS (no conditional create here) it checks, then writes: a narrow race remains."""
     try:
         if isinstance(loc.fs, pafs.LocalFileSystem):
-            loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
+            parent = posixpath.dirname(loc.path)
+            loc.fs.create_dir(parent, recursive=True)
+            tmp = posixpath.join(parent, f".{posixpath.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
             try:
-                fd = os.open(loc.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, loc.path)  # atomic and exclusive, with its content: a reader never sees it empty
+                return True
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
+            finally:
+                os.remove(tmp)
         if isinstance(loc.fs, pafs.S3FileSystem):
             return _s3_put_if_absent(loc, data)
         if exists(loc):
@@ -314,6 +329,34 @@ def _s3_put_if_absent(loc: Location, data: bytes) -> bool:
         raise StorageError(f"cannot write {loc.uri}: {err}") from err
     except BotoCoreError as err:
         raise StorageError(f"cannot write {loc.uri}: {err} [the object store at {endpoint or 'AWS S3'} is unreachable]") from err
+
+
+def take_over(loc: Location, stale_id: str, data: bytes) -> bool:
+    """Replace the lock file at ``loc``, whose holder ``stale_id`` (unique per holding) is gone, with
+    ``data``; returns whether this caller now holds the lock. Of several callers that found the
+    same stale holder only the one that creates the marker ``<loc>.takeover-<stale_id>`` first
+    deletes the lock, so none of them deletes a lock another has just taken. Markers stay
+    (a late caller must still find it) until :func:`drop_takeover_markers`."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "-", stale_id)[:120]
+    if not create_exclusive(Location(loc.fs, f"{loc.path}.takeover-{safe}", f"{loc.uri}.takeover-{safe}"), data):
+        return False
+    delete_file(loc)
+    return create_exclusive(loc, data)
+
+
+def drop_takeover_markers(loc: Location, older_than_s: float = 3600.0) -> None:
+    """Remove the takeover markers of the lock at ``loc`` older than ``older_than_s`` (best effort)."""
+    import time
+
+    prefix = posixpath.basename(loc.path) + ".takeover-"
+    parent = Location(loc.fs, posixpath.dirname(loc.path), loc.uri.rsplit("/", 1)[0])
+    try:
+        for info in loc.fs.get_file_info(pafs.FileSelector(parent.path, allow_not_found=True)):
+            name = posixpath.basename(info.path)
+            if name.startswith(prefix) and info.mtime is not None and time.time() - info.mtime.timestamp() > older_than_s:
+                delete_file(parent.join(name))
+    except (OSError, StorageError):
+        pass
 
 
 def delete_file(loc: Location) -> None:

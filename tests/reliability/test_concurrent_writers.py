@@ -59,3 +59,56 @@ def test_a_reader_streaming_a_version_is_not_cut_off_by_a_reingest(tmp_path, ray
     assert second["version"] != first["version"]
     seen += list(rows)
     assert len(seen) == n == first["rows"] * 4
+
+
+def test_a_stale_lock_is_taken_over_by_exactly_one_contender(tmp_path):
+    """Two drivers both held a dead driver's run lock in 8 of 20 trials; two writers were both told
+    "committed" from one base with a stale commit lock: whoever deleted the stale lock could delete
+    the one another contender had just created."""
+    import json
+    import threading
+    import time as _time
+
+    from fmrilm import storage
+    from fmrilm.data import table
+    from fmrilm.train.common import RUN_LOCK, RunBusy, RunLock
+
+    for trial in range(5):
+        run_dir = storage.resolve(str(tmp_path / f"run{trial}"))
+        storage.write_text(run_dir.join(RUN_LOCK), json.dumps({"host": "gone-host", "pid": 1, "token": f"dead{trial}", "heartbeat": 0}))
+        held, busy, start = [], [], threading.Barrier(6)
+
+        def contend():
+            start.wait()
+            try:
+                held.append(RunLock(run_dir, "r").acquire())
+            except RunBusy:
+                busy.append(1)
+
+        threads = [threading.Thread(target=contend) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(held) == 1 and len(busy) == 5, (trial, len(held))
+        held[0].release()
+
+        dataset = storage.resolve(str(tmp_path / f"ds{trial}"))
+        storage.write_text(dataset.join(table.LOCK), json.dumps({"owner": f"gone:1:dead{trial}", "at": 0.0}))
+        inside, overlaps, go = [0], [], threading.Barrier(6)
+
+        def commit_like():
+            go.wait()
+            me = table._acquire(dataset, timeout_s=30)
+            inside[0] += 1
+            overlaps.append(inside[0])
+            _time.sleep(0.05)
+            inside[0] -= 1
+            table._release(dataset, me)
+
+        threads = [threading.Thread(target=commit_like) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(overlaps) == 6 and max(overlaps) == 1, overlaps

@@ -127,12 +127,19 @@ def _acquire(dataset: storage.Location, timeout_s: float = 60.0) -> dict:
         if storage.create_exclusive(lock, json.dumps(me).encode()):
             return me
         try:
-            held = json.loads(storage.read_text(lock))
-        except (FileNotFoundError, json.JSONDecodeError):
-            held = {"at": 0.0}
+            text = storage.read_text(lock)
+        except FileNotFoundError:
+            continue  # released in between
+        try:
+            held = json.loads(text)
+        except json.JSONDecodeError:  # a damaged lock: stale once as old as a stale one, named by its content
+            held = {"at": storage.modified_at(lock), "owner": "unreadable-" + hashlib.sha256(text.encode()).hexdigest()[:12]}
         if time.time() - float(held.get("at", 0.0)) > LOCK_STALE_S:
-            log.warning("%s: removing a stale commit lock left by %s", dataset.uri, held.get("owner", "a killed writer"))
-            storage.delete_file(lock)
+            if storage.take_over(lock, str(held.get("owner", "unreadable")), json.dumps(me).encode()):  # one contender wins
+                log.warning("%s: took over a stale commit lock left by %s", dataset.uri, held.get("owner", "a killed writer"))
+                storage.drop_takeover_markers(lock)
+                return me
+            time.sleep(0.2)
             continue
         if time.monotonic() > deadline:
             raise ConcurrentCommit(f"{dataset.uri}: another writer ({held.get('owner')}) holds the commit lock {lock.uri}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -193,21 +194,32 @@ class RunLock:
                 self._thread.start()
                 return self
             try:
-                held = json.loads(storage.read_text(self.loc))
-            except (FileNotFoundError, json.JSONDecodeError):
-                held = {}
-            if held and not self._stale(held):
+                text = storage.read_text(self.loc)
+            except FileNotFoundError:
+                continue  # released in between
+            try:
+                held = json.loads(text)
+            except json.JSONDecodeError:  # a damaged lock: stale once as old as a stale one, named by its content
+                held = {"token": "unreadable-" + hashlib.sha256(text.encode()).hexdigest()[:12], "heartbeat": storage.modified_at(self.loc)}
+            if not self._stale(held):
                 raise RunBusy(f"run {self.name!r} is already running (driver {held.get('host')}:{held.get('pid')}, lock "
                               f"{self.loc.uri}): wait for it to finish, stop it, or choose another run.name")
-            logging.getLogger("fmrilm.train").warning("run %s: taking over the lock of a driver that is gone (%s)", self.name, held)
-            storage.delete_file(self.loc)
-        raise RunBusy(f"run {self.name!r}: could not take its lock {self.loc.uri}")
+            if storage.take_over(self.loc, str(held.get("token")), self._body()):  # one of several contenders wins
+                logging.getLogger("fmrilm.train").warning("run %s: took over the lock of a driver that is gone (%s)", self.name, held)
+                storage.drop_takeover_markers(self.loc)
+                _LIVE_LOCKS.add(self.me["token"])
+                self._thread.start()
+                return self
+            time.sleep(0.5)
+        raise RunBusy(f"run {self.name!r}: could not take its lock {self.loc.uri}; another driver is taking it over")
 
     def _beat(self) -> None:
         while not self._stop.wait(LOCK_HEARTBEAT_S):
             try:
+                if json.loads(storage.read_text(self.loc)).get("token") != self.me["token"]:
+                    return  # taken over (this driver looked gone): never overwrite the new holder's lock
                 storage.write_bytes(self.loc, self._body())
-            except storage.StorageError:
+            except (storage.StorageError, FileNotFoundError, json.JSONDecodeError):
                 pass  # an outage: the run itself reports it
 
     def release(self) -> None:
