@@ -99,3 +99,12 @@ def test_yaml_alias_bombs_and_duplicate_keys_are_one_line_fast(tmp_path):
     ok = tmp_path / "ok.yaml"  # aliases and merge keys within the limit still work
     ok.write_text("base: &b {lr: 0.1, epochs: 3}\ntrain:\n  <<: *b\n  epochs: 5\nlist: [*b, *b]\n")
     assert load_yaml(str(ok))["train"] == {"lr": 0.1, "epochs": 5}
+
+
+def test_a_uri_of_an_unknown_scheme_is_refused_before_any_work():
+    """`run.storage=hdfs://...` was refused only after about 20 s of data preparation."""
+    from fmrilm.train.tokenizer import TokenizerStageSpec
+
+    with pytest.raises(ConfigError, match=r"run.storage \(hdfs://\): fmrilm reads local paths, file://, s3:// and gs://"):
+        config.build(TokenizerStageSpec, {"run": {"storage": "hdfs://namenode/runs"}})
+    assert config.build(TokenizerStageSpec, {"run": {"storage": "s3://b/runs"}, "data": {"data": "gs://b/d"}}).run.storage == "s3://b/runs"

@@ -6,6 +6,7 @@ or an override never silently falls back to a default.
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import yaml
@@ -146,13 +147,31 @@ def credential_keys(data, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if isinstance(data, str) and embeds_credentials(data) else []
 
 
+URI_SCHEMES = ("file", "s3", "s3a", "gs", "gcs", "http", "https")  # storage, plus endpoints and dashboard addresses
+
+
+def unsupported_uris(data, prefix: str = "") -> list[str]:
+    """``key (scheme)`` of every string value in ``data`` that is a URI of a scheme fmrilm cannot read."""
+    if isinstance(data, dict):
+        return [k for key, v in data.items() for k in unsupported_uris(v, f"{prefix}{key}.")]
+    if isinstance(data, list):
+        return [k for i, v in enumerate(data) for k in unsupported_uris(v, f"{prefix}{i}.")]
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://", data) if isinstance(data, str) else None
+    return [f"{prefix.rstrip('.')} ({scheme.group(1)}://)"] if scheme and scheme.group(1).lower() not in URI_SCHEMES else []
+
+
 def build(model: type[M], data: dict, source: str = "<spec>") -> M:
     """Validate ``data`` into ``model``; raise :class:`ConfigError` naming every bad key. A value
-    that embeds credentials in a URI is refused (naming the key, never the value)."""
+    that embeds credentials in a URI is refused (naming the key, never the value), and so is a
+    URI of a scheme no storage here reads (before any work starts)."""
     secret = credential_keys(data)
     if secret:
         raise ConfigError(f"invalid spec {source}: {', '.join(secret)} embed(s) credentials in a URI (scheme://user:secret@... or a ?secret=... query): "
                           "remove them; credentials come from the environment or the instance/pod role, never from a spec")
+    unknown = unsupported_uris(data)
+    if unknown:
+        raise ConfigError(f"invalid spec {source}: {', '.join(unknown)}: fmrilm reads local paths, file://, s3:// and gs:// URIs; "
+                          "copy the data there or mount it as a local path")
     try:
         return model.model_validate(data)
     except ValidationError as err:
