@@ -425,3 +425,21 @@ def test_a_full_disk_at_commit_leaves_the_table_as_it_was(tmp_path, monkeypatch)
         ingest_synthetic(SynthParams(name="c", subjects=4, n_rois=6, n_networks=2, n_timepoints=30, seed=2), root, use_ray=False)
     assert snapshot(root) == before  # no new version, no .tmp, no versions/ record, no pin
     assert table.read_manifest(storage.resolve(root).join("c"))["version"] == first.manifest["version"]
+
+
+def test_a_damaged_dataset_does_not_stop_a_job_that_reads_another(tmp_path):
+    from fmrilm.data import table
+    from fmrilm.data.ingest import ingest_synthetic
+    from fmrilm.data.pipeline import PipelineSpec, selected_datasets
+    from fmrilm.data.synth import SynthParams
+
+    root = tmp_path / "ds"
+    for name in ("good", "broken"):
+        ingest_synthetic(SynthParams(name=name, subjects=4, n_rois=6, n_networks=2, n_timepoints=30, seed=1), str(root), use_ray=False)
+    (root / "broken" / "manifest.json").write_text("{ not json")
+    found = selected_datasets(PipelineSpec(data=str(root), datasets=["good"]))
+    assert [m["dataset"] for _, m in found] == ["good"]
+    with pytest.raises(table.ManifestError, match="broken/manifest.json is not valid JSON"):
+        selected_datasets(PipelineSpec(data=str(root)))  # all of them: the damaged one is named
+    with pytest.raises(table.ManifestError, match="broken/manifest.json"):
+        selected_datasets(PipelineSpec(data=str(root), datasets=["broken"]))

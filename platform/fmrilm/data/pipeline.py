@@ -59,13 +59,15 @@ class PipelineSpec(Strict):
 def selected_datasets(spec: PipelineSpec) -> list[tuple[storage.Location, dict]]:
     """``[(dataset location, manifest)]`` of the datasets the spec reads; raises
     :class:`PipelineError` for unknown names or mixed ROI counts."""
-    found = table.find_datasets(spec.data)
+    found = table.find_datasets(spec.data, spec.datasets)
     if spec.datasets:
-        names = {m["dataset"] for _, m in found}
-        unknown = sorted(set(spec.datasets) - names)
+        unknown = sorted(set(spec.datasets) - {m["dataset"] for _, m in found})
         if unknown:
-            raise PipelineError(f"dataset(s) {unknown} not found under {spec.data} (have {sorted(names)})")
-        found = [(loc, m) for loc, m in found if m["dataset"] in spec.datasets]
+            try:
+                have = sorted(m["dataset"] for _, m in table.find_datasets(spec.data))
+            except table.ManifestError as err:  # another dataset there is damaged
+                have = f"a damaged dataset among them: {err}"
+            raise PipelineError(f"dataset(s) {unknown} not found under {spec.data} (have {have})")
     rois = {m["n_rois"] for _, m in found}
     if len(rois) > 1:
         detail = ", ".join(f"{m['dataset']}: {m['n_rois']} ({m['atlas']})" for _, m in found)

@@ -284,21 +284,23 @@ def shard_dicts(shards: list[Shard]) -> list[dict]:
     return [asdict(s) for s in shards]
 
 
-def find_datasets(root_uri: str) -> list[tuple[storage.Location, dict]]:
+def find_datasets(root_uri: str, names: list[str] | None = None) -> list[tuple[storage.Location, dict]]:
     """Datasets under ``root_uri``: the folder itself if it holds a manifest, else each child
-    folder that does. Returns ``(location, manifest)`` pairs sorted by dataset name."""
+    folder that does (only the folders ``names``, when given: a damaged dataset beside them does not
+    stop a job that does not read it). Returns ``(location, manifest)`` pairs sorted by dataset
+    name; a named folder without a manifest is left out (the caller says it is unknown)."""
     root = storage.resolve(root_uri)
     own = read_manifest(root)
     if own is not None:
-        return [(root, own)]
+        return [(root, own)] if not names or own["dataset"] in names else []
     found = []
-    for name in storage.list_dir(root):
+    for name in sorted(names) if names else storage.list_dir(root):
         if name.startswith((".", "_")) or not storage.is_dir(root.join(name)):
             continue  # markers and stray files (".done", "_SUCCESS") are not datasets
         manifest = read_manifest(root.join(name))
         if manifest is not None:
             found.append((root.join(name), manifest))
-    if not found:
+    if not found and not names:
         raise ManifestError(f"no dataset under {root_uri}: expected {MANIFEST} there or in its sub-folders")
     return found
 

@@ -255,7 +255,7 @@ def check_contract(spec: EvalSpec, contract: dict | None, datasets: set[str], mo
     from fmrilm.data.contract import check_datasets
     from fmrilm.data.table import find_datasets
 
-    manifests = [m for _, m in find_datasets(spec.data) if m["dataset"] in datasets]
+    manifests = [m for _, m in find_datasets(spec.data, datasets)]
     for warning in check_datasets(contract, manifests, f"the pretrained export {model}", spec.atlas_mapping,
                                   (contract or {}).get("target_tr")):
         log.warning(warning)

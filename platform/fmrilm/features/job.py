@@ -228,12 +228,10 @@ def plot_distributions(z: pd.DataFrame, splits: pd.Series, n: int = 16) -> bytes
 def check(spec: FeaturesSpec) -> list:
     """Checks before building: every dataset named exists; returns ``[(dataset location, manifest)]``
     of those selected."""
-    found = table.find_datasets(spec.data)
-    if spec.datasets:
-        unknown = sorted(set(spec.datasets) - {m["dataset"] for _, m in found})
-        if unknown:
-            raise FeaturesError(f"dataset(s) {unknown} not found under {spec.data}")
-        found = [(loc, m) for loc, m in found if m["dataset"] in spec.datasets]
+    found = table.find_datasets(spec.data, spec.datasets)
+    unknown = sorted(set(spec.datasets or []) - {m["dataset"] for _, m in found})
+    if unknown:
+        raise FeaturesError(f"dataset(s) {unknown} not found under {spec.data}")
     return found
 
 
@@ -244,9 +242,7 @@ def run(spec: FeaturesSpec) -> dict:
 
 def _builds(data: str, datasets: list[str] | None):
     """``(dataset location, features manifest)`` of every committed features build under ``data``."""
-    for loc, manifest in table.find_datasets(data):
-        if datasets and manifest["dataset"] not in datasets:
-            continue
+    for loc, manifest in table.find_datasets(data, datasets):
         fm = _read_json(features_root(loc).join("manifest.json"))
         if fm is not None:
             yield loc, fm

@@ -127,7 +127,7 @@ def check_inputs(contract: dict | None, data: str, datasets: list[str] | None, m
 
     if not datasets:
         return
-    manifests = [m for _, m in find_datasets(data) if m["dataset"] in datasets]
+    manifests = [m for _, m in find_datasets(data, datasets)]
     for warning in check_datasets(contract, manifests, model, "position", (contract or {}).get("target_tr")):
         log.warning(warning)
 
