@@ -88,3 +88,19 @@ def test_a_quickstart_specs_entry_is_not_an_unknown_stage():
     check(QuickstartSpec(specs={"features": "jobs/features.yaml"}, stages=["ingest", "features"]))  # used to say "unknown stage(s)"
     with pytest.raises(Exception, match=r"unknown stage\(s\) \['featurs'\]"):
         check(QuickstartSpec(overrides={"featurs": ["plot=false"]}, stages=["ingest"]))
+
+
+def test_a_user_error_wrapped_by_ray_shows_its_own_line():
+    """A dataset deleted mid-training: the error line was Ray's SplitCoordinator report (Ray makes its
+    task error an instance of the cause's class, so the wrapper itself looked like ours)."""
+    from ray.exceptions import RayTaskError
+
+    from fmrilm.data.table import ManifestError
+    from fmrilm.errors import user_error_in
+
+    cause = ManifestError("/data/cohort/v-1/part-00003.parquet is gone: re-ingest the dataset")
+    wrapped = RayTaskError("SplitCoordinator.start_epoch", "Traceback (most recent call last):\n  ...\n" * 50, cause).as_instanceof_cause()
+    outer = RuntimeError("Training failed due to worker errors")
+    outer.__cause__ = wrapped
+    found = user_error_in(outer)
+    assert found is cause and str(found).count("\n") == 0

@@ -61,6 +61,10 @@ def user_error_in(err: BaseException, depth: int = 12) -> UserError | None:
             continue
         seen.add(id(e))
         if isinstance(e, UserError):
+            # Ray's task error is made an instance of its cause's class too, its text Ray's whole
+            # report (actor, traceback): the innermost cause is the one line to show
+            while isinstance(getattr(e, "cause", None), UserError) and e.cause is not e:
+                e = e.cause
             return e
         stack += [(c, d + 1) for c in _children(e)]
     return None
