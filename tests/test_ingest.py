@@ -153,10 +153,35 @@ def _break(tmp_path, what):
         spec["glob"] = "sub-*/func/**/*_timeseries.npy"
         open(card, "w").write(yaml.safe_dump(spec))
         return card, "duplicate scan_id 'toy_sub-02_task-rest_run-1'"
+    if what == "run-01 beside run-1":
+        np.save(f(2).parent / "sub-02_task-rest_run-01_timeseries.npy", _series(9))
+        return card, "duplicate scan_id 'toy_sub-02_task-rest_run-01'"
+    if what == "space in a name":
+        np.save(f(2).parent / "sub-02_task-rest_run-2_timeseries copy.npy", _series(9))
+        spec = yaml.safe_load(open(card))
+        spec["glob"] = "sub-*/func/*_timeseries*.npy"
+        open(card, "w").write(yaml.safe_dump(spec))
+        return card, "its name has white space, which would cut its scan id short"
+    if what == "device":
+        f(2).unlink()
+        f(2).symlink_to("/dev/zero")
+        return card, "not a regular file (/dev/zero is a device, pipe or socket)"
+    if what == "header of numbers":
+        spec = yaml.safe_load(open(card))
+        spec["glob"], spec["arrays"]["header"] = "sub-*/func/*_timeseries.csv", True
+        open(card, "w").write(yaml.safe_dump(spec))
+        for i in range(1, 5):
+            np.savetxt(str(f(i)).replace(".npy", ".csv"), _series(i), delimiter=",")
+        return card, "arrays.header is true but its first row is numbers"
+    if what == "giant phenotype cell":
+        table = tmp_path / "participants.tsv"
+        table.write_text(table.read_text().replace("\tR\n", "\t" + "R" * 5000 + "\n", 1))
+        return card, "over 4096 characters in one cell"
     raise AssertionError(what)
 
 
-@pytest.mark.parametrize("what", ["unreadable", "shape", "nan", "constant", "dtype", "duplicate"])
+@pytest.mark.parametrize("what", ["unreadable", "shape", "nan", "constant", "dtype", "duplicate", "run-01 beside run-1", "space in a name",
+                                  "device", "header of numbers", "giant phenotype cell"])
 def test_bad_input_fails_clearly_and_keeps_what_was_written(tmp_path, what):
     out = tmp_path / "store"
     good = make_cohort(tmp_path / "good")
@@ -443,3 +468,21 @@ def test_a_damaged_dataset_does_not_stop_a_job_that_reads_another(tmp_path):
         selected_datasets(PipelineSpec(data=str(root)))  # all of them: the damaged one is named
     with pytest.raises(table.ManifestError, match="broken/manifest.json"):
         selected_datasets(PipelineSpec(data=str(root), datasets=["broken"]))
+
+
+def test_another_cohort_under_an_existing_name_needs_replace(tmp_path):
+    """A different cohort ingested under an existing name replaced it silently (only counts were compared)."""
+    out = tmp_path / "store"
+    ingest_card(make_cohort(tmp_path / "a"), str(out), use_ray=False)
+    before = snapshot(out)
+    other = make_cohort(tmp_path / "b")
+    for d in sorted((tmp_path / "b" / "derivatives").iterdir()):  # the same size, other subjects
+        for f in (d / "func").iterdir():
+            f.rename(d / "func" / f.name.replace("sub-0", "sub-9"))
+        d.rename(d.parent / d.name.replace("sub-0", "sub-9"))
+    pheno = tmp_path / "b" / "participants.tsv"
+    pheno.write_text(pheno.read_text().replace("sub-0", "sub-9"))
+    with pytest.raises(IngestError, match=r"shares 0 of its 4 scan ids with version .*another cohort under the name 'toy'"):
+        ingest_card(other, str(out), use_ray=False)
+    assert snapshot(out) == before
+    assert ingest_card(other, str(out), use_ray=False, replace=True).written

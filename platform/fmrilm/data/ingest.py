@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -117,12 +118,15 @@ def _discard(version: storage.Location) -> None:
 
 
 def _duplicates(sources: list[ScanSource]) -> list[dict]:
+    """Bad-input rows for scans whose ids collide, numeric entity indices compared as numbers
+    (``run-01`` and ``run-1`` name the same run)."""
     by_id = defaultdict(list)
     for s in sources:
-        by_id[s.scan_id].append(s.uri)
+        by_id[re.sub(r"(?<=_run-)0+(?=\d)", "", s.scan_id)].append((s.scan_id, s.uri))
     return [
-        {"scan_id": sid, "source": uri, "reason": f"duplicate scan_id {sid!r} (also from {', '.join(u for u in uris if u != uri) or 'the same file'})"}
-        for sid, uris in by_id.items() if len(uris) > 1 for uri in uris
+        {"scan_id": sid, "source": uri, "reason": f"duplicate scan_id {sid!r} (also from "
+         f"{', '.join(u for _, u in found if u != uri) or 'the same file'})"}
+        for found in by_id.values() if len(found) > 1 for sid, uri in found
     ]
 
 
@@ -226,6 +230,15 @@ def ingest(
             raise IngestError(name, [{"scan_id": None, "source": dataset.uri, "reason":
                                       f"this ingest found {len(digests)} good scans where version {previous['version']} has {previous['rows']}: "
                                       "more than half would be dropped (inputs missing?). Re-run with --replace to replace it anyway"}])
+        if previous is not None and not replace:
+            before = set(table.read_meta(dataset, previous).column("scan_id").to_pylist())
+            shared = len(before & set(digests))
+            if shared < len(before) / 2:
+                _discard(dataset.join(version))
+                raise IngestError(name, [{"scan_id": None, "source": dataset.uri, "reason":
+                                          f"this ingest shares {shared} of its {len(digests)} scan ids with version {previous['version']} "
+                                          f"({len(before)} scans): another cohort under the name {name!r}? Ingest it under its own "
+                                          "name, or re-run with --replace to replace this dataset"}])
 
         content = hashlib.sha256()
         for sid in sorted(digests):

@@ -45,12 +45,25 @@ def _list_files(root: str, pattern: str) -> list[str]:
         raise storage.StorageError(f"cannot list {root}: {err}") from err
     out = []
     for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
         rel = info.path[len(loc.path):].lstrip("/")
-        if glob_match(rel, pattern):
-            out.append(storage.join(root, rel))
+        if info.type == pafs.FileType.Directory or not glob_match(rel, pattern):
+            continue
+        out.append(storage.join(root, rel))  # not a regular file (a device, a broken link): a bad input, reported
     return sorted(out)
+
+
+def _not_regular(uri: str) -> str | None:
+    """Why a matched local path cannot be a scan file (a device, a pipe, a broken link), else None."""
+    import stat
+
+    if storage.is_remote(uri):
+        return None
+    path = storage.resolve(uri).path
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken link (its target does not exist)"
+    return None if stat.S_ISREG(mode) else f"not a regular file ({os.path.realpath(path)} is a device, pipe or socket)"
 
 
 def glob_match(rel_path: str, pattern: str) -> bool:
@@ -66,6 +79,9 @@ def glob_match(rel_path: str, pattern: str) -> bool:
         return i < len(parts) and fnmatch.fnmatchcase(parts[i], pats[j]) and match(i + 1, j + 1)
 
     return match(0, 0)
+
+
+MAX_CELL_CHARS = 4096  # a phenotype cell longer than this is a broken table, not a value
 
 
 @dataclass
@@ -114,6 +130,11 @@ def load_phenotypes(card: DatasetCard) -> Phenotypes:
             problems.setdefault(sub, []).append(f"{line}: subject {sub!r} also has row {first_row[sub]} (duplicate phenotype rows)")
             continue
         first_row[sub] = i + 2
+        huge = [c for c in df.columns if len(str(rec[c])) > MAX_CELL_CHARS]
+        if huge:
+            problems.setdefault(sub, []).append(f"{line} column(s) {huge[:3]}: over {MAX_CELL_CHARS} characters in one cell "
+                                                "(a phenotype is a short value; is the file's separator right?)")
+            continue
         entry = {"phenotypes": {c: str(rec[c]) for c in pc.extra if rec[c] != ""}}
         for target, col in pc.columns.items():
             value = str(rec[col]).strip()
@@ -174,6 +195,12 @@ def discover(card: DatasetCard) -> tuple[list[ScanSource], dict]:
     labels = atlas_labels(card)
     sources = []
     for uri in files:
+        odd = _not_regular(uri) or ("its name has white space, which would cut its scan id short: rename it"
+                                    if re.search(r"\s", os.path.basename(uri)) else None)
+        if odd:
+            sources.append(ScanSource(scan_id=f"{card.name}_file-{os.path.basename(uri)}", subject_id="", dataset=card.name,
+                                      atlas=card.atlas.name, kind="array", uri=uri, problem=odd))
+            continue
         m = entity_re.search(os.path.basename(uri))
         if (not m or not m.groupdict().get("subject")) and card.entity_pattern != BIDS_ENTITY_PATTERN:
             m = entity_re.search(uri[len(card.root.rstrip("/")) + 1:])  # a layout naming the subject in a folder (HCP: 100307/...)
@@ -312,6 +339,14 @@ def _local_copy(uri: str, workdir: str) -> str:
     return dest
 
 
+def _is_number(text) -> bool:
+    try:
+        float(str(text))
+        return True
+    except ValueError:
+        return False
+
+
 def read_array(uri: str, layout: str = "time_by_rois", mat_key: str | None = None, header: bool = False) -> np.ndarray:
     """Read a per-scan array file (``.npy``, ``.csv``, ``.tsv``, ``.txt``, ``.mat``) -> ``[rois, time]``."""
     try:
@@ -325,6 +360,9 @@ def read_array(uri: str, layout: str = "time_by_rois", mat_key: str | None = Non
         elif name.endswith((".csv", ".tsv", ".txt")):
             sep = "," if name.endswith(".csv") else "\t" if name.endswith(".tsv") else r"\s+"
             df = pd.read_csv(io.BytesIO(raw), sep=sep, header=0 if header else None)
+            if header and all(_is_number(c) for c in df.columns):
+                raise InputError(f"{uri}: arrays.header is true but its first row is numbers (a time point, which would be "
+                                 "dropped): set arrays.header: false for files without a row of labels")
             non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
             if non_numeric:
                 raise InputError(f"{uri}: column(s) {non_numeric[:5]} are not numeric (wrong dtype; set arrays.header if the first row holds labels)")
