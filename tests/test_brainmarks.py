@@ -82,3 +82,11 @@ def test_brainmarks_own_model_test_passes_on_a_tiny_export(tmp_path, monkeypatch
     test = subprocess.run([sys.executable, "-m", "brainmarks.models.test_models", "fmrilm_tiny"], capture_output=True, text=True,
                           timeout=600, cwd=tmp_path, env={**os.environ, bm.REGISTRY_ENV: str(tmp_path / "registry")})
     assert test.returncode == 0 and "2 passed" in test.stdout, test.stdout[-3000:] + test.stderr[-2000:]
+
+
+def test_a_damaged_tokenizer_artifact_is_one_line(tmp_path):
+    uri = tiny_export(tmp_path / "tok", rois=12, atlas="s12")
+    weights = tmp_path / "tok" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    with pytest.raises(artifact.ArtifactDamaged, match=r"model.safetensors cannot be read .*train it again"):
+        artifact.load_tokenizer(uri)

@@ -64,36 +64,54 @@ def write(uri: str, objective: TokenizerObjective, config: dict, metrics: dict |
     return out.uri
 
 
-def load_tokenizer(uri: str) -> tuple[FMRITokenizer, dict]:
-    """The trained tokenizer at ``uri`` (eval mode) and its config."""
+class ArtifactDamaged(UserError, ValueError):
+    """A tokenizer artifact's files cannot be read as the model its ``config.json`` describes."""
+
+
+def _weights(uri: str, name: str) -> dict:
+    """The tensors of ``<uri>/<name>``; :class:`ArtifactDamaged` when missing, truncated or altered."""
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
+    try:
+        return load(storage.read_bytes(storage.resolve(uri).join(name)))
+    except (FileNotFoundError, SafetensorError, OSError, ValueError) as err:
+        raise ArtifactDamaged(f"tokenizer artifact {uri}: {name} cannot be read ({type(err).__name__}: {str(err)[:200]}): "
+                              "train it again (same run name) or point at an intact copy") from None
+
+
+def _load_state(module, state: dict, uri: str, name: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:  # shapes or keys that do not match config.json
+        raise ArtifactDamaged(f"tokenizer artifact {uri}: {name} does not match its config.json ({str(err).splitlines()[0][:200]}): "
+                              "train it again (same run name) or point at an intact copy") from None
+
+
+def load_tokenizer(uri: str) -> tuple[FMRITokenizer, dict]:
+    """The trained tokenizer at ``uri`` (eval mode) and its config."""
     cfg = read_config(uri)
     model = FMRITokenizer(TokenizerConfig(**cfg["model"]))
-    model.load_state_dict(load(storage.read_bytes(storage.resolve(uri).join("model.safetensors"))))
+    _load_state(model, _weights(uri, "model.safetensors"), uri, "model.safetensors")
     return model.eval(), cfg
 
 
 def codebook(uri: str):
     """The artifact's codebook ``[num_codes, code_dim]`` (a tensor), without building the model."""
-    from safetensors.torch import load
-
-    return load(storage.read_bytes(storage.resolve(uri).join("model.safetensors")))["quantizer.codebook"]
+    return _weights(uri, "model.safetensors")["quantizer.codebook"]
 
 
 def load_objective(uri: str) -> tuple[TokenizerObjective, dict]:
     """The artifact's tokenizer with its alignment head (when it has one; ``objective.align`` is
     None otherwise), eval mode, and its config."""
-    from safetensors.torch import load
-
     cfg = read_config(uri)
     loc = storage.resolve(uri)
     has_head = storage.exists(loc.join("alignment.safetensors"))
     align = AlignmentConfig(**cfg["alignment"]) if has_head else AlignmentConfig(domain_weight=0, contrastive_weight=0)
     objective = TokenizerObjective(TokenizerConfig(**cfg["model"]), align, cfg["text_dim"])
-    objective.tokenizer.load_state_dict(load(storage.read_bytes(loc.join("model.safetensors"))))
+    _load_state(objective.tokenizer, _weights(uri, "model.safetensors"), uri, "model.safetensors")
     if has_head:
-        objective.align.load_state_dict(load(storage.read_bytes(loc.join("alignment.safetensors"))))
+        _load_state(objective.align, _weights(uri, "alignment.safetensors"), uri, "alignment.safetensors")
     return objective.eval(), cfg
 
 
