@@ -8,7 +8,7 @@ import yaml
 
 from fmrilm import config
 from fmrilm.config import ConfigError
-from fmrilm.train.common import worker_spec
+from fmrilm.train.specs import worker_spec
 from fmrilm.tune.sweep import Dimension, SweepSpec, check, concurrency, trial_spec
 
 

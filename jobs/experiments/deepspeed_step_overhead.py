@@ -9,7 +9,8 @@ import time
 import torch
 
 from fmrilm.bench.lm import synthetic_packed
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
+from fmrilm.train.optim import OptimSpec
+from fmrilm.train.specs import RunSpec, ScalingSpec
 from fmrilm.train.deepspeed import DeepSpeedSpec, build_config
 from fmrilm.models.fmri_lm import forward_loss
 from fmrilm.train.lm import BackboneSpec, PretrainSpec, build_model

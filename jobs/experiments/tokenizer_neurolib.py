@@ -27,7 +27,8 @@ from fmrilm.data.pipeline import PipelineSpec, scan_index
 from fmrilm.eval.tokenizer import evaluate
 from fmrilm.models.alignment import AlignmentConfig
 from fmrilm.models.tokenizer import TokenizerConfig
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
+from fmrilm.train.optim import OptimSpec
+from fmrilm.train.specs import RunSpec, ScalingSpec
 from fmrilm.train.tokenizer import TokenizerStageSpec, run
 
 HELD_OUT_HCP = 2

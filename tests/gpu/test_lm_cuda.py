@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _spec(tmp_path, zero: int, lora: bool, precision: str = "auto"):
-    from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
+    from fmrilm.train.optim import OptimSpec
+    from fmrilm.train.specs import RunSpec, ScalingSpec
     from fmrilm.train.deepspeed import DeepSpeedSpec
     from fmrilm.models.lora import LoraSpec
     from fmrilm.train.lm import BackboneSpec, PretrainSpec

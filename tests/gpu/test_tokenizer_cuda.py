@@ -19,7 +19,8 @@ def test_tokenizer_stage_on_gpu(gpu_ray, tmp_path, precision, checkpointing):
     from fmrilm.models.alignment import AlignmentConfig
     from fmrilm.models.fmri_lm import load_backbone
     from fmrilm.models.tokenizer import TokenizerConfig
-    from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
+    from fmrilm.train.optim import OptimSpec
+    from fmrilm.train.specs import RunSpec, ScalingSpec
     from fmrilm.artifacts.tokenizer import load_tokenizer
     from fmrilm.train.tokenizer import ComputeSpec, TokenizerStageSpec, run
 

@@ -12,7 +12,8 @@ from fmrilm.data.pipeline import PipelineSpec
 from fmrilm.data.synth import SynthParams
 from fmrilm.models.fmri_lm import BackboneError
 from fmrilm.models.tokenizer import TokenizerConfig
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
+from fmrilm.train.optim import OptimSpec
+from fmrilm.train.specs import RunSpec, ScalingSpec
 from fmrilm.train.deepspeed import DeepSpeedSpec
 from fmrilm.artifacts.lm import load_exported
 from fmrilm.models.lora import LoraSpec

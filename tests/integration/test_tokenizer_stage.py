@@ -10,7 +10,8 @@ from fmrilm.data.ingest import ingest_synthetic
 from fmrilm.data.pipeline import PipelineSpec
 from fmrilm.data.synth import SynthParams
 from fmrilm.models.tokenizer import TokenizerConfig
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
+from fmrilm.train.optim import OptimSpec
+from fmrilm.train.specs import RunSpec, ScalingSpec
 from fmrilm.artifacts.tokenizer import load_tokenizer
 from fmrilm.train.tokenizer import TokenizerStageSpec, run
 

@@ -138,7 +138,7 @@ def test_a_symlink_in_a_checkpoint_is_refused_before_any_pickle_is_read(tmp_path
     """A payload reached through a symlinked folder ran on resume: the check walked past links."""
     import torch
 
-    from fmrilm.train.common import UnsafeCheckpoint, check_pickles
+    from fmrilm.train.checkpoints import check_pickles, UnsafeCheckpoint
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -160,7 +160,7 @@ def test_a_symlink_in_a_checkpoint_is_refused_before_any_pickle_is_read(tmp_path
 def test_checkpoints_without_ray_s_record_are_refused_not_overwritten(tmp_path):
     """A run folder whose checkpoint_manager_snapshot.json is gone restarted at step 0 and rotated its checkpoints away."""
     from fmrilm import storage
-    from fmrilm.train.common import RunRecordMissing, repair_run_record
+    from fmrilm.train.run_lock import repair_run_record, RunRecordMissing
 
     run_dir = tmp_path / "run"
     for step in (2, 4, 6):

@@ -71,7 +71,7 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_contender(tmp_path):
 
     from fmrilm import storage
     from fmrilm.data import table
-    from fmrilm.train.common import RUN_LOCK, RunBusy, RunLock
+    from fmrilm.train.run_lock import RUN_LOCK, RunBusy, RunLock
 
     for trial in range(5):
         run_dir = storage.resolve(str(tmp_path / f"run{trial}"))

@@ -16,7 +16,8 @@ from fmrilm.data.ingest import ingest_synthetic
 from fmrilm.data.pipeline import PipelineSpec
 from fmrilm.data.synth import SynthParams
 from fmrilm.models.tokenizer import TokenizerConfig
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec
+from fmrilm.train.optim import OptimSpec
+from fmrilm.train.specs import RunSpec, ScalingSpec
 from fmrilm.train.tokenizer import TokenizerStageSpec, run
 
 from tests.credentials import fake_aws_credentials

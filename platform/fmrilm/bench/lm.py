@@ -25,7 +25,8 @@ from fmrilm.bench.common import machine
 from fmrilm.data.lm_sequences import pack
 from fmrilm.models.fmri_lm import extend_tokenizer, forward_loss
 from fmrilm.models.text import FALLBACK_CORPUS
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule
+from fmrilm.train.optim import cosine_schedule, OptimSpec
+from fmrilm.train.specs import RunSpec, ScalingSpec
 from fmrilm.train.deepspeed import DeepSpeedSpec
 from fmrilm.train.lm import BackboneSpec, PretrainSpec, _text_tokenizer, build_examples, build_model, fit, pad_rows
 from fmrilm.train.loop import packed_collate, peak_memory

@@ -22,7 +22,8 @@ from fmrilm.features.text_bank import text_inputs
 from fmrilm.models.alignment import dann_coefficient
 from fmrilm.models.tokenizer import TokenizerConfig
 from fmrilm.models.tokenizer_objective import TokenizerObjective
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, cosine_schedule
+from fmrilm.train.optim import cosine_schedule, OptimSpec
+from fmrilm.train.specs import RunSpec, ScalingSpec
 from fmrilm.train.tokenizer import TokenizerStageSpec, optimizer_step, run
 
 TARGET = 0.95

@@ -41,7 +41,10 @@ from fmrilm.models.fmri_lm import FMRIInputLM
 from fmrilm.models.lora import LoraSpec, add_adapters
 from fmrilm.models.number_loss import NumberObjective, number_objective
 from fmrilm.tokens import ScanBlocks
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, fault_plan, run_trainer, worker_spec
+from fmrilm.train.faults import fault_plan
+from fmrilm.train.optim import OptimSpec
+from fmrilm.train.specs import RunSpec, ScalingSpec, worker_spec
+from fmrilm.train.trainer import run_trainer
 from fmrilm.train.deepspeed import DeepSpeedSpec
 
 log = logging.getLogger("fmrilm.instruct")

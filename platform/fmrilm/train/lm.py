@@ -44,7 +44,10 @@ from fmrilm.models.fmri_lm import (INPUT_KEYS, MAX_CODES, BackboneError, FMRIInp
                                    locate_backbone)
 from fmrilm.models.lora import LoraSpec, lora_targets, wrap_lora
 from fmrilm.models.scan_token import scan_vectors
-from fmrilm.train.common import OptimSpec, RunSpec, ScalingSpec, fault_plan, run_trainer, worker_spec
+from fmrilm.train.faults import fault_plan
+from fmrilm.train.optim import OptimSpec
+from fmrilm.train.specs import RunSpec, ScalingSpec, worker_spec
+from fmrilm.train.trainer import run_trainer
 from fmrilm.train.deepspeed import DeepSpeedSpec
 from fmrilm.train.loop import deepspeed_train, write_export
 

@@ -16,8 +16,9 @@ import torch
 from fmrilm.models.fmri_lm import FMRIInputLM, forward_loss, probe_logits
 from fmrilm.models.number_loss import NumberObjective
 from fmrilm.ranks import mean_across_ranks
-from fmrilm.train.common import (CorruptCheckpoint, check_pickles, check_shape, checkpoint_name, cosine_schedule, inject_fault,
-                                 read_meta, resume, shape_of, write_meta)
+from fmrilm.train.checkpoints import check_pickles, check_shape, checkpoint_name, CorruptCheckpoint, read_meta, resume, shape_of, write_meta
+from fmrilm.train.faults import inject_fault
+from fmrilm.train.optim import cosine_schedule
 from fmrilm.train.deepspeed import adamw, autocast, build_config, resolve_precision
 
 log = logging.getLogger("fmrilm.lm")

@@ -32,8 +32,12 @@ from fmrilm.features.text_bank import text_inputs
 from fmrilm.models.alignment import AlignmentConfig, dann_coefficient
 from fmrilm.models.tokenizer import TokenizerConfig
 from fmrilm.models.tokenizer_objective import TokenizerObjective
-from fmrilm.train.common import (MetricLog, OptimSpec, RunSpec, ScalingSpec, check_shape, checkpoint_dir, checkpoint_name, cosine_schedule, fault_plan,
-                                 inject_fault, load_state, resume, run_trainer, save_state, shape_of, worker_spec)
+from fmrilm.train.checkpoints import check_shape, checkpoint_dir, checkpoint_name, load_state, resume, save_state, shape_of
+from fmrilm.train.faults import fault_plan, inject_fault
+from fmrilm.train.metric_log import MetricLog
+from fmrilm.train.optim import cosine_schedule, OptimSpec
+from fmrilm.train.specs import RunSpec, ScalingSpec, worker_spec
+from fmrilm.train.trainer import run_trainer
 
 log = logging.getLogger("fmrilm.tokenizer")
 

@@ -3,7 +3,7 @@
 The Ray Train V2 pattern: each trial is a Tune *function* that builds the stage's spec from the
 base spec plus the trial's values (dotted keys), names its run ``<sweep>-<trial id>`` under the
 sweep's folder, and calls the stage's ``run``; that builds a ``TorchTrainer`` whose
-``RunConfig`` carries ``TuneReportCallback`` (added by :func:`fmrilm.train.common.run_config`
+``RunConfig`` carries ``TuneReportCallback`` (added by :func:`fmrilm.train.trainer.run_config`
 inside a Tune session), so every Ray Train report reaches the scheduler. ASHA (default) stops
 weak trials early; a stopped trial's actors, including its Train controller and workers, die
 with it and free their CPUs. ``max_concurrent_trials`` is derived from the cluster's CPUs and a
@@ -153,7 +153,7 @@ def sweep_dir(spec: SweepSpec) -> str:
 def base_stage(spec: SweepSpec) -> dict:
     """The base stage spec with the sweep's overrides, validated, local paths made absolute (trials
     run in their own folders), as a dict the trials add their values to."""
-    from fmrilm.train.common import worker_spec
+    from fmrilm.train.specs import worker_spec
 
     model = stage_of(spec.stage).model
     data = cfg.apply_overrides(cfg.load_yaml(spec.base), spec.overrides)

@@ -1,0 +1,87 @@
+"""The one trainer of every stage: a Ray Train ``TorchTrainer`` of a stage's loop on our storage
+layer, under the run's lock, with quiet workers and a clear error when its store is unreachable."""
+
+from __future__ import annotations
+
+from fmrilm import runtime, storage
+from fmrilm.train.run_lock import RunLock, check_run_inputs, repair_run_record
+from fmrilm.train.specs import RunSpec, ScalingSpec
+
+
+def run_config(run: RunSpec):
+    """Ray Train ``RunConfig`` on our storage layer (any URI), with failure recovery, workers seeing
+    this process's storage settings (:func:`fmrilm.runtime.forwarded_env`); inside a Ray
+    Tune trial it also forwards every report to Tune (``TuneReportCallback``)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    from fmrilm import console
+
+    loc = storage.resolve(run.storage)
+    storage.makedirs(loc)
+    callbacks = []
+    if _in_tune_session():
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    return RunConfig(name=run.name, storage_path=loc.path, storage_filesystem=loc.fs,
+                     failure_config=FailureConfig(max_failures=run.max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints), callbacks=callbacks,
+                     logging_config=LoggingConfig(log_level=console.train_log_level()),
+                     # workers write exports through our storage layer: the same endpoint as this process
+                     worker_runtime_env={"env_vars": runtime.forwarded_env()})
+
+
+def run_trainer(loop, config: dict, scaling: ScalingSpec, datasets: dict, run: RunSpec, versions: dict | None = None):
+    """The one trainer of every stage: a ``TorchTrainer`` of ``loop(config)`` on
+    ``scaling.num_workers`` workers over the Ray ``datasets`` (name -> dataset), fitted under the
+    run's lock (:class:`RunLock`: one live driver per run name) after :func:`check_run_inputs`
+    (``versions``: dataset -> version read); returns Ray's ``Result``. When the run's object store
+    stopped answering (the error says so, or the run folder cannot be listed afterwards), raise a
+    :class:`fmrilm.storage.StorageError` that says so and how to resume, instead of a worker-group
+    traceback."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _quiet_worker(loop), train_loop_config=config, datasets=datasets, run_config=run_config(run),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}))
+    run_dir = storage.resolve(storage.join(run.storage, run.name))
+    lock = RunLock(run_dir, run.name).acquire()
+    try:
+        check_run_inputs(run_dir, run, versions)
+        repair_run_record(run_dir, run.name)
+        return _fit(trainer, run)
+    finally:
+        lock.release()
+
+
+def _quiet_worker(loop):
+    """``loop`` run after :func:`fmrilm.console.worker_setup` in each worker."""
+    def worker(config: dict):
+        from fmrilm import console
+
+        console.worker_setup()
+        return loop(config)
+
+    return worker
+
+
+def _fit(trainer, run: RunSpec):
+    try:
+        return trainer.fit()
+    except Exception as err:
+        if not storage.is_remote(run.storage):
+            raise
+        reason = next((ln.strip() for ln in reversed(str(err).splitlines()) if storage.unreachable(ln)), None)
+        if reason is None:
+            try:
+                storage.list_dir(storage.resolve(storage.join(run.storage, run.name)))
+            except storage.StorageError as probe:
+                reason = str(probe) if storage.unreachable(probe) else None
+        if reason is None:
+            raise
+        raise storage.StorageError(
+            f"run {run.name!r} stopped: its storage {run.storage} is unreachable ({reason}). Checkpoints registered "
+            "before the outage are kept: re-run the same command once the store answers to resume from the newest.") from err
