@@ -280,12 +280,34 @@ def target_logits(model, batch: dict, **inputs) -> tuple[torch.Tensor, torch.Ten
         keep = keep.new_zeros(1)
     args = dict(input_ids=batch["ids"], attention_mask=inputs.pop("attention_mask"), position_ids=batch["positions"], use_cache=False,
                 **fmri_inputs(batch), **inputs)
-    try:
+    if takes_logits_to_keep(model):
         return model(**args, logits_to_keep=keep).logits, keep
-    except TypeError as err:
-        if "logits_to_keep" not in str(err):
-            raise
-        return model(**args).logits[:, keep], keep
+    return model(**args).logits[:, keep], keep
+
+
+def causal_lm(model) -> torch.nn.Module:
+    """The Hugging Face causal LM inside ``model``: through DeepSpeed's engine, :class:`FMRIInputLM`
+    and peft's adapters (a wrapper whose library was never imported cannot be around it)."""
+    import sys
+
+    engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", ())
+    peft_model = getattr(sys.modules.get("peft"), "PeftModel", ())
+    while True:
+        if isinstance(model, engine):
+            model = model.module
+        elif isinstance(model, FMRIInputLM):
+            model = model.lm
+        elif isinstance(model, peft_model):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM inside ``model`` computes logits at chosen positions only (``logits_to_keep``)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(causal_lm(model).forward).parameters
 
 
 def objective_losses(logits: torch.Tensor, targets: torch.Tensor, objective: torch.Tensor, weights: dict[int, float]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
