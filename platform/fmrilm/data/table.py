@@ -28,6 +28,7 @@ import posixpath
 import socket
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -197,43 +198,65 @@ _PINNED: set[str] = set()  # this process's pins that are still live (a failed w
 
 
 def pin(dataset: storage.Location, version: str) -> storage.Location:
-    """Record that this process is writing ``version`` of ``dataset`` (``pins/<version>.json``:
-    host, pid, time), so :func:`gc` leaves its folder alone whatever the grace period; returns the
-    pin for :func:`unpin`."""
-    loc = dataset.join(PINS, f"{version}.json")
+    """Record that this process writes or reads ``version`` of ``dataset``
+    (``pins/<version>--<token>.json``: host, pid, time), so :func:`gc` leaves that version alone
+    whatever the grace period while the process lives; returns the pin for :func:`unpin`."""
+    loc = dataset.join(PINS, f"{version}--{uuid.uuid4().hex[:12]}.json")
     storage.write_text(loc, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}))
     _PINNED.add(loc.uri)
     return loc
 
 
 def unpin(loc: storage.Location) -> None:
-    """Remove a pin (best effort: an unreachable store leaves it to :func:`gc`, which sees its writer is gone)."""
+    """Remove a pin (best effort: an unreachable store leaves it to :func:`gc`, which sees its owner is gone)."""
     _PINNED.discard(loc.uri)
     try:
         storage.delete_file(loc)
     except storage.StorageError as err:
-        log.warning("could not remove the pin %s (%s); `fmrilm data gc` removes it once its writer is gone", loc.uri, err)
+        log.warning("could not remove the pin %s (%s); `fmrilm data gc` removes it once its owner is gone", loc.uri, err)
+
+
+@contextmanager
+def reading(found: list[tuple[storage.Location, dict]]):
+    """Pin the versions of ``found`` (``(dataset location, manifest)`` pairs) while a job streams them."""
+    pins = [pin(loc, manifest["version"]) for loc, manifest in found]
+    try:
+        yield
+    finally:
+        for p in pins:
+            unpin(p)
+
+
+def _pins(dataset: storage.Location, version: str) -> list[str]:
+    return [n for n in storage.list_dir(dataset.join(PINS)) if n.startswith(f"{version}--")]
 
 
 def _live_pin(dataset: storage.Location, version: str) -> bool:
-    """Whether a live writer pinned ``version``: its process runs on this host, or, from another
-    host, it pinned less than :data:`DEFAULT_GRACE_S` ago."""
-    loc = dataset.join(PINS, f"{version}.json")
-    try:
-        rec = json.loads(storage.read_text(loc))
-    except (FileNotFoundError, ValueError):
-        return False
-    if rec.get("host") == socket.gethostname() and rec.get("pid") == os.getpid():
-        return loc.uri in _PINNED
-    if rec.get("host") != socket.gethostname():
-        return time.time() - float(rec.get("at", 0)) < DEFAULT_GRACE_S
-    try:
-        os.kill(int(rec["pid"]), 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError):
-        return True
+    """Whether a live writer or reader pinned ``version``: its process runs on this host (in this
+    process: it has not unpinned), or, from another host, it pinned less than
+    :data:`DEFAULT_GRACE_S` ago."""
+    for name in _pins(dataset, version):
+        loc = dataset.join(PINS, name)
+        try:
+            rec = json.loads(storage.read_text(loc))
+        except (FileNotFoundError, ValueError):
+            continue
+        if rec.get("host") != socket.gethostname():
+            if time.time() - float(rec.get("at", 0)) < DEFAULT_GRACE_S:
+                return True
+            continue
+        if rec.get("pid") == os.getpid():
+            if loc.uri in _PINNED:
+                return True
+            continue
+        try:
+            os.kill(int(rec["pid"]), 0)
+            return True
+        except ProcessLookupError:
+            continue
+        except (PermissionError, KeyError, ValueError):
+            return True
+    return False
 
 
 def _replaced_at(dataset: storage.Location) -> dict[str, float]:
@@ -251,10 +274,10 @@ def _replaced_at(dataset: storage.Location) -> dict[str, float]:
 
 def gc(dataset: storage.Location, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> list[str]:
     """Delete the version folders (and their ``versions/`` records and pins) the current manifest
-    does not list: a superseded version once ``grace_s`` seconds have passed since the commit that
-    replaced it (a reader that started on it may still stream it), a version no commit took
-    (an interrupted or failed writer's) once its writer is gone (:func:`pin`) and it was started
-    more than ``grace_s`` ago. Returns the removed version names."""
+    does not list and no live job pinned (:func:`pin`): a superseded version once ``grace_s``
+    seconds have passed since the commit that replaced it (a reader that started on it without a
+    pin may still stream it), a version no commit took (an interrupted or failed writer's) once it
+    was started more than ``grace_s`` ago. Returns the removed version names."""
     manifest = read_manifest(dataset)
     keep = {s["path"].split("/", 1)[0] for s in manifest["shards"]} if manifest else set()
     now, replaced = time.time(), _replaced_at(dataset)
@@ -263,16 +286,14 @@ def gc(dataset: storage.Location, grace_s: float = DEFAULT_GRACE_S, dry_run: boo
         started = version_time(name) if name.startswith("v-") else None
         if started is None or name in keep:
             continue
-        if name in replaced:
-            if now - replaced[name] < grace_s:
-                continue
-        elif now - started < grace_s or _live_pin(dataset, name):
+        if now - replaced.get(name, started) < grace_s or _live_pin(dataset, name):
             continue
         removed.append(name)
         if not dry_run:
             storage.delete_dir(dataset.join(name))
             storage.delete_file(dataset.join("versions", f"{name}.json"))
-            storage.delete_file(dataset.join(PINS, f"{name}.json"))
+            for pinned in _pins(dataset, name):
+                storage.delete_file(dataset.join(PINS, pinned))
     return removed
 
 

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from fmrilm import runtime
 from fmrilm.artifacts import tokenizer as artifact
 from fmrilm.config import Strict
-from fmrilm.data import splits
+from fmrilm.data import splits, table
 from fmrilm.data.contract import input_contract, signal_summary
 from fmrilm.data.pipeline import (PipelineSpec, dataset_versions, epoch_stream, sample_windows, scan_index, selected_datasets,
                                   train_datasets)
@@ -229,7 +229,8 @@ def run(spec: TokenizerStageSpec) -> dict:
     config = {"spec": worker_spec(spec), "text_tokens": text_tokens, "captions": caption_emb,
               "rows_per_rank": math.ceil(rows / world), "has_val": "val" in prepared["datasets"],
               "fault": fault_plan()}
-    result = run_trainer(train_loop, config, spec.scaling, prepared["datasets"], spec.run, split_rec["datasets"])
+    with table.reading(found):  # `fmrilm data gc` keeps the versions this run streams
+        result = run_trainer(train_loop, config, spec.scaling, prepared["datasets"], spec.run, split_rec["datasets"])
     if result.checkpoint is None:
         raise RuntimeError(f"run {spec.run.name} finished without a checkpoint")
     uri = export(result.checkpoint, spec, split_rec, contract, dict(result.metrics or {}))
