@@ -308,7 +308,7 @@ def create_exclusive(loc: Location, data: bytes) -> bool:
 def _s3_put_if_absent(loc: Location, data: bytes) -> bool:
     import logging
 
-    import boto3
+    import botocore.session
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -316,7 +316,7 @@ def _s3_put_if_absent(loc: Location, data: bytes) -> bool:
 
     bucket, _, key = loc.path.partition("/")
     endpoint = bucket_endpoint(bucket)  # the same endpoint every other call for this bucket uses
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    client = botocore.session.get_session().create_client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
                           config=Config(retries={"max_attempts": int(os.environ.get("FMRILM_S3_MAX_ATTEMPTS", "4"))},
                                         connect_timeout=float(os.environ.get("FMRILM_S3_CONNECT_TIMEOUT", "5"))))
     try:
