@@ -32,6 +32,7 @@ QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "err
              "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_LOG_LEVEL": "ERROR",
              "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
 _announced = False
+_log_path: str | None = None
 
 
 def verbose() -> bool:
@@ -85,9 +86,6 @@ def setup(show_all: bool = False, command: str = "fmrilm", console: Console | No
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
     logging.getLogger(OURS).setLevel(logging.DEBUG if show_all else logging.INFO)
     logging.captureWarnings(True)  # library deprecation warnings: to the log file
-
-
-_log_path: str | None = None
 
 
 def log_file() -> str | None:
