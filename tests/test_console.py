@@ -87,3 +87,12 @@ def test_a_quiet_worker_keeps_ray_train_reports_and_warnings_off_its_stderr(monk
         report_log.setLevel(before)
         logging.getLogger("py.warnings").handlers.clear()
         logging.getLogger("py.warnings").propagate = True
+
+
+def test_what_a_library_prints_goes_to_the_log(monkeypatch, capsys, caplog):
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    with caplog.at_level(logging.DEBUG, logger="deepspeed"):
+        with console.library_prints("deepspeed"):
+            print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+    assert "built successfully" not in capsys.readouterr().out
+    assert any("built successfully" in r.getMessage() for r in caplog.records)

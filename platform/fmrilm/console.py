@@ -13,10 +13,12 @@ written whole, never cut or wrapped at a width.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
 import time
+from contextlib import contextmanager, redirect_stdout
 
 from rich.console import Console
 
@@ -149,6 +151,20 @@ def worker_setup() -> None:
         warned.addHandler(logging.FileHandler(os.path.join(folder, f"fmrilm-warnings-{os.getpid()}.log"), delay=True))
     except Exception:  # noqa: BLE001 - outside a Ray session: dropped, never on the console
         warned.addHandler(logging.NullHandler())
+
+
+@contextmanager
+def library_prints(name: str):
+    """What a library prints (not logs) to stdout inside this block goes to the logger ``name`` at
+    DEBUG instead (DeepSpeed prints "... built successfully" on every CPU start); verbose: printed."""
+    if verbose():
+        yield
+        return
+    caught = io.StringIO()
+    with redirect_stdout(caught):
+        yield
+    for line in caught.getvalue().splitlines():
+        logging.getLogger(name).debug(line)
 
 
 def route_ray_logs() -> None:

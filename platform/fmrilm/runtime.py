@@ -6,6 +6,7 @@ stay on loopback, and tasks leave CPU for Ray Data.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from typing import Callable, Iterable, TypeVar
@@ -69,6 +70,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
         # Ray Train's spot-preemption watcher has nothing to watch on one machine, and its actor's start logs a core-worker error
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if not glob.glob("/dev/nvidia[0-9]*"):  # no GPU here: DeepSpeed's CPU accelerator, named (it warns when it falls back to it)
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
     env = forwarded_env()
     ctx = ray.init(
         address=address or "local",  # "local": a new instance, never the one a stale /tmp/ray/ray_current_cluster names

@@ -56,7 +56,7 @@ class TokenizeBatch:
         import pyarrow as pa
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(batch["x"], dtype=np.float32))
+        x = torch.from_numpy(np.array(batch["x"], dtype=np.float32))  # a writable copy (Ray Data hands a read-only view)
         codes, feats = self.model.tokenize_with_features(x)
         codes = codes.numpy().astype(np.int32)  # [b, rois, patches]
         b, r, n = codes.shape

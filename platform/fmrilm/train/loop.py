@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from fmrilm import console
 from fmrilm.models.fmri_lm import FMRIInputLM, forward_loss, probe_logits
 from fmrilm.models.number_loss import NumberObjective
 from fmrilm.ranks import mean_across_ranks
@@ -93,7 +94,8 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     sched = cosine_schedule(opt, spec.train.warmup_steps, total)
     ds_config = build_config(spec.deepspeed, world, spec.train.grad_clip, on_gpu)
     precision = resolve_precision(spec.deepspeed, on_gpu)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False)
+    with console.library_prints("deepspeed"):
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False)
     if spec.deepspeed.compile:
         engine.compile()
     device = engine.device
