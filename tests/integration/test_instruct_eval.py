@@ -112,8 +112,9 @@ def test_instruct_then_eval_report(pretrained):
             assert (group, task, "baseline", "majority" if task != "age" else "mean") in methods
     assert ("heldout_subjects", "sex", "baseline", "planted_pattern") in methods  # planted truth of the synthetic cohort
     assert ("heldout_subjects", "age", "baseline", "fc_linear_deconfounded") in methods  # two sites: site regressed out of FC
-    sited = {(r["task"], r["method"], r["site"]) for r in report["by_site"] if r["group"] == "heldout_subjects"}
-    assert {("sex", "fmrilm", "site0"), ("sex", "fc_linear", "site1")} <= sited
+    sited = [(r["task"], r["method"], r["site"]) for r in report["by_site"] if r["group"] == "heldout_subjects"]
+    assert {("sex", "fmrilm", "site0"), ("sex", "fc_linear", "site1")} <= set(sited)
+    assert len(sited) == len(set(sited))  # one row per task, method and site (k-shot's FC on k scans was a second fc_linear)
     sex = next(r for r in report["results"] if r["task"] == "sex" and r["method"] == "fc_linear" and r["group"] == "heldout_subjects")
     assert {"accuracy", "balanced_accuracy", "auc"} <= set(sex["metrics"]) and "balanced_accuracy" in sex["ci"]
     age = next(r for r in report["results"] if r["task"] == "age" and r["paradigm"] == "full")

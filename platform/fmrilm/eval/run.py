@@ -373,7 +373,9 @@ def run(spec: EvalSpec) -> dict:
                                                    None if task in REGRESSION else len(set(y)), y if task in REGRESSION else None)
             results.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
                             **res, **(extra or {})})
-            if (paradigm == "full" or method in BY_SITE) and test["site"].nunique() > 1:  # the same predictions, scored within each site
+            # the full paradigm and the baselines beside it, scored within each site (the same predictions; not the
+            # k-shot paradigm's FC fitted on k scans, which would be a second "fc_linear" row per site)
+            if (paradigm == "full" or paradigm == "baseline" and method in BY_SITE) and test["site"].nunique() > 1:
                 sites = test["site"].astype(str).to_numpy()
                 for site in sorted(set(sites)):
                     at = sites == site
