@@ -41,6 +41,9 @@ def test_the_export_checks_the_space(tmp_path):
     assert rec["model"] == "fmrilm_tiny" and rec["tr"] == 2.0 and rec["n_rois"] == 400
     with pytest.raises(bm.BrainmarksError, match=r"reads 400 ROIs \(atlas 'schaefer400'\) but Brainmarks' space 'a424' has 424"):
         bm.record(uri, "tiny", "a424", SPACES)
+    with pytest.raises(bm.BrainmarksError, match="letters, digits and _ only"):
+        bm.record(uri, "my-model", "schaefer400", SPACES)
+    assert bm.record(uri, "tiny", None, SPACES)["space"] == "schaefer400"  # the tokenizer's own atlas
     with pytest.raises(bm.BrainmarksError, match="not a Brainmarks input space"):
         bm.record(uri, "tiny", "aal2", SPACES)
     other = tiny_export(tmp_path / "other", atlas="my-400-parcels")

@@ -386,15 +386,8 @@ def export_brainmarks(
 ) -> None:
     """Register a trained tokenizer as the Brainmarks model fmrilm_<name> (the plugin fmrilm ships
     reads the registry, FMRILM_BRAINMARKS_DIR or ~/.config/fmrilm/brainmarks)."""
-    import re
-
     from fmrilm.artifacts import brainmarks as bm
-    from fmrilm.artifacts.tokenizer import read_config
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_]*", name):
-        console.print(f"[bold red]error:[/] --name {escape(name)!r}: letters, digits and _ only (it becomes a Python model name)")
-        raise typer.Exit(2)
-    space = space or (_guard(read_config, artifact).get("contract") or {}).get("atlas")
     rec = _guard(lambda: bm.record(artifact, name, space, bm.space_rois(), atlas_mapping))
     path = bm.write_record(rec)
     console.print(f"registered {rec['model']} ({rec['space']}, {rec['n_rois']} ROIs, TR {rec['tr']:g} s) in {escape(path)}")

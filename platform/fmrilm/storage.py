@@ -195,7 +195,7 @@ def _describe(err: Exception, loc: Location) -> str:
         text += " [the disk holding it is full: free space there]"
     if isinstance(loc.fs, pafs.S3FileSystem) and unreachable(err):
         attempts = os.environ.get("FMRILM_S3_MAX_ATTEMPTS", "4")
-        text += f" [the object store at {s3_endpoint() or 'AWS S3'} is unreachable: no answer after {attempts} attempt(s)]"
+        text += f" [the object store at {bucket_endpoint(loc.path.split('/', 1)[0]) or 'AWS S3'} is unreachable: no answer after {attempts} attempt(s)]"
     return text
 
 

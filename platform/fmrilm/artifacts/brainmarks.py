@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -57,12 +58,16 @@ def space_rois() -> dict[str, int]:
     return dict(DATA_DIMS)
 
 
-def record(tokenizer_uri: str, name: str, space: str, spaces: dict[str, int], atlas_mapping: str = "refuse") -> dict:
-    """The export record of the tokenizer at ``tokenizer_uri`` reading Brainmarks' ``space``
-    (``spaces``: space -> dimension); raises :class:`BrainmarksError` naming both sides when the
-    tokenizer cannot read that space."""
+def record(tokenizer_uri: str, name: str, space: str | None, spaces: dict[str, int], atlas_mapping: str = "refuse") -> dict:
+    """The export record of the tokenizer at ``tokenizer_uri`` reading Brainmarks' ``space`` (None:
+    the tokenizer's own atlas; ``spaces``: space -> dimension); raises :class:`BrainmarksError`
+    naming both sides when the tokenizer cannot read that space, or when ``name`` cannot be a
+    Python model name."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_]*", name):
+        raise BrainmarksError(f"--name {name!r}: letters, digits and _ only (it becomes the model name {PREFIX}<name>)")
     cfg = artifact.read_config(tokenizer_uri)
     contract = cfg.get("contract") or {}
+    space = space or contract.get("atlas")
     rois = contract.get("n_rois")
     if space not in spaces:
         raise BrainmarksError(f"--space {space!r} is not a Brainmarks input space; choose one of {sorted(spaces)}")

@@ -188,6 +188,7 @@ def ingest(
         previous = None
     version = table.new_version()
     pinned = table.pin(dataset, version)  # `fmrilm data gc` leaves this version alone while this writer lives
+    committed = None
     try:
         per_task = max(1, min(MAX_SOURCES_PER_TASK, len(todo) // 8 or 1))
         jobs = [
@@ -198,7 +199,6 @@ def ingest(
         try:
             results = runtime.parallel_map(_extract_chunk, jobs, f"ingest {name}", use_ray=use_ray)
         except BaseException as err:
-            _discard(dataset.join(version))
             cause = runtime.root_cause(err)
             if isinstance(cause, storage.StorageError):
                 kept = f"version {previous['version']} is unchanged" if previous else "no earlier version existed"
@@ -210,7 +210,6 @@ def ingest(
             raise
         bad = dup + [b for r in results for b in r["bad"]]
         if bad and not quarantine:
-            _discard(dataset.join(version))
             raise IngestError(name, bad)
         shards = [s for r in results for s in r["shards"]]
         digests = {k: v for r in results for k, v in r["digests"].items()}
@@ -223,10 +222,8 @@ def ingest(
             if censored:
                 log.info("%s: %d scan(s) left out for mean FD above %g mm", name, len(censored), max_mean_fd)
         if not shards:
-            _discard(dataset.join(version))
             raise IngestError(name, bad or [{"scan_id": None, "source": out_uri, "reason": "no scan could be ingested"}])
         if previous is not None and not replace and len(digests) < previous["rows"] / 2:
-            _discard(dataset.join(version))
             raise IngestError(name, [{"scan_id": None, "source": dataset.uri, "reason":
                                       f"this ingest found {len(digests)} good scans where version {previous['version']} has {previous['rows']}: "
                                       "more than half would be dropped (inputs missing?). Re-run with --replace to replace it anyway"}])
@@ -234,7 +231,6 @@ def ingest(
             before = set(table.read_meta(dataset, previous).column("scan_id").to_pylist())
             shared = len(before & set(digests))
             if shared < len(before) / 2:
-                _discard(dataset.join(version))
                 raise IngestError(name, [{"scan_id": None, "source": dataset.uri, "reason":
                                           f"this ingest shares {shared} of its {len(digests)} scan ids with version {previous['version']} "
                                           f"({len(before)} scans): another cohort under the name {name!r}? Ingest it under its own "
@@ -249,7 +245,6 @@ def ingest(
         if previous is not None and previous.get("content_sha256") == content_sha:
             damage = table.verify(dataset, previous)
             if not damage:
-                _discard(dataset.join(version))
                 log.info("%s: content unchanged, kept version %s (verified intact)", name, previous["version"])
                 return IngestResult(previous, written=False, dataset_uri=dataset.uri)
             log.warning("%s: content unchanged but version %s is damaged (%d problem(s), e.g. %s): rewriting it",
@@ -275,14 +270,13 @@ def ingest(
         }
         try:
             committed = table.commit(dataset, manifest, previous["version"] if previous else None)
-        except (table.ConcurrentCommit, storage.StorageError) as err:
-            _discard(dataset.join(version))
-            if isinstance(err, storage.StorageError):
-                kept = f"version {previous['version']} is unchanged" if previous else "no earlier version existed"
-                raise storage.StorageError(f"ingest of {name!r} stopped at its commit: nothing was committed ({kept}). {err}") from err
-            raise
+        except storage.StorageError as err:  # a full disk, an outage (another writer's commit raises as it is)
+            kept = f"version {previous['version']} is unchanged" if previous else "no earlier version existed"
+            raise storage.StorageError(f"ingest of {name!r} stopped at its commit: nothing was committed ({kept}). {err}") from err
         return IngestResult(committed, written=True, dataset_uri=dataset.uri)
     finally:
+        if committed is None:  # refused, failed or unchanged: this writer's version folder goes (best effort)
+            _discard(dataset.join(version))
         table.unpin(pinned)
 
 

@@ -227,15 +227,11 @@ def reading(found: list[tuple[storage.Location, dict]]):
             unpin(p)
 
 
-def _pins(dataset: storage.Location, version: str) -> list[str]:
-    return [n for n in storage.list_dir(dataset.join(PINS)) if n.startswith(f"{version}--")]
-
-
-def _live_pin(dataset: storage.Location, version: str) -> bool:
-    """Whether a live writer or reader pinned ``version``: its process runs on this host (in this
-    process: it has not unpinned), or, from another host, it pinned less than
-    :data:`DEFAULT_GRACE_S` ago."""
-    for name in _pins(dataset, version):
+def _live_pin(dataset: storage.Location, pins: list[str]) -> bool:
+    """Whether one of a version's ``pins`` (names in ``pins/``) is held by a live writer or reader:
+    its process runs on this host (in this process: it has not unpinned), or, from another host,
+    it pinned less than :data:`DEFAULT_GRACE_S` ago."""
+    for name in pins:
         loc = dataset.join(PINS, name)
         try:
             rec = json.loads(storage.read_text(loc))
@@ -280,19 +276,20 @@ def gc(dataset: storage.Location, grace_s: float = DEFAULT_GRACE_S, dry_run: boo
     was started more than ``grace_s`` ago. Returns the removed version names."""
     manifest = read_manifest(dataset)
     keep = {s["path"].split("/", 1)[0] for s in manifest["shards"]} if manifest else set()
-    now, replaced = time.time(), _replaced_at(dataset)
+    now, replaced, all_pins = time.time(), _replaced_at(dataset), storage.list_dir(dataset.join(PINS))
     removed = []
     for name in storage.list_dir(dataset):
         started = version_time(name) if name.startswith("v-") else None
         if started is None or name in keep:
             continue
-        if now - replaced.get(name, started) < grace_s or _live_pin(dataset, name):
+        pins = [p for p in all_pins if p.startswith(f"{name}--")]
+        if now - replaced.get(name, started) < grace_s or _live_pin(dataset, pins):
             continue
         removed.append(name)
         if not dry_run:
             storage.delete_dir(dataset.join(name))
             storage.delete_file(dataset.join("versions", f"{name}.json"))
-            for pinned in _pins(dataset, name):
+            for pinned in pins:
                 storage.delete_file(dataset.join(PINS, pinned))
     return removed
 
