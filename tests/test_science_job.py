@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fmrilm.data.instructions import with_descriptions
-from fmrilm.eval.probes import code_agreement, cv_probe
+from fmrilm.eval.probes import code_histogram, cv_probe
 from fmrilm.science import ScienceSpec, ablation, markdown, met, targets, variant_overrides
 
 
@@ -134,8 +134,8 @@ def test_probes_find_a_signal_and_not_noise():
     age = rng.uniform(20, 60, 80)
     assert cv_probe(np.c_[age + rng.normal(size=80), x], age, True)["pearson_r"] > 0.9
     assert cv_probe(x[:3], y[:3], False) == {}  # too few rows per class: no number rather than a wrong one
-    codes = np.array([[1, 2, 3, 4], [1, 2, 0, 0], [5, 5, 5, 5]])
-    np.testing.assert_allclose(code_agreement(codes), [0.5, 0.0, 0.0])
+    codes = np.array([[1, 2, 3, 4], [1, 2, 0, 0]])
+    np.testing.assert_allclose(code_histogram(codes, 6), [2 / 8, 2 / 8, 2 / 8, 1 / 8, 1 / 8, 0])
 
 
 def test_descriptions_follow_each_scan_block():

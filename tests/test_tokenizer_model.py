@@ -140,6 +140,32 @@ def test_tokenizer_shapes_any_rois_and_patch_errors():
         m(torch.randn(1, 3, 20))
 
 
+def test_state_layout_has_one_whole_brain_code_per_patch_for_any_rois():
+    torch.manual_seed(0)
+    m = FMRITokenizer(TokenizerConfig(layout="state", patch=2, width=16, heads=2, depth=1, code_dim=8, num_codes=16, spectrum_weight=1.0))
+    for rois in (3, 11):
+        out = m(torch.randn(2, rois, 8))
+        assert out.recon.shape == (2, rois, 8) and out.codes.shape == (2, 1, 4) and out.features.shape == (2, 4, 16)
+        assert out.spectrum_loss.item() > 0
+        codes, feats = m.tokenize_with_features(torch.randn(2, rois, 8))
+        assert codes.shape == (2, 1, 4) and feats.shape == (2, 1, 4, 16)
+    x = torch.randn(2, 5, 8)
+    m.eval()
+    x2 = x[:, [1, 0, 2, 3, 4]]  # swapping two ROIs' signals changes the state: the encoder knows which ROI is which
+    assert not torch.equal(m.tokenize_with_features(x)[1], m.tokenize_with_features(x2)[1])
+
+
+def test_decode_rebuilds_the_forward_pass_from_codes_alone():
+    torch.manual_seed(0)
+    for layout in ("roi", "state"):
+        m = FMRITokenizer(TokenizerConfig(layout=layout, patch=4, width=16, heads=2, depth=1, code_dim=8, num_codes=16)).eval()
+        x = torch.randn(3, 6, 16)
+        out = m(x)
+        torch.testing.assert_close(m.decode(out.codes, rois=6), out.recon)
+        with pytest.raises(ValueError, match="code channels"):
+            m.decode(out.codes[:, :1].repeat(1, 2, 1), rois=6)
+
+
 def test_tiny_tokenizer_overfits_a_handful_of_windows():
     torch.manual_seed(0)
     t = torch.linspace(0, 6.28, 32)

@@ -3,8 +3,10 @@ and the readers of that table.
 
 A Ray Data map over the window stream, with the tokenizer loaded once per worker (an actor
 pool). Rows: ``scan_id``, ``subject_id``, ``start`` (window start, timepoints), ``n_rois``,
-``n_patches``, ``codes`` (``list<int32>``, ROI-major: ``reshape(n_rois, n_patches)``) and, with
-``features: true`` (the default), ``features`` (``list<float32>``, ``reshape(n_rois, n_patches, width)``:
+``n_channels`` (code channels per patch: ``n_rois`` in the tokenizer's ``roi`` layout, 1 in its
+``state`` layout), ``n_patches``, ``codes`` (``list<int32>``, channel-major:
+``reshape(n_channels, n_patches)``) and, with ``features: true`` (the default), ``features``
+(``list<float32>``, ``reshape(n_channels, n_patches, width)``:
 the encoder features the LM's scan token summarises and its ``features`` input mode projects). Token ids are deterministic for a
 given artifact and input (eval mode, nearest code, no updates).
 """
@@ -58,19 +60,19 @@ class TokenizeBatch:
 
         x = torch.from_numpy(np.array(batch["x"], dtype=np.float32))  # a writable copy (Ray Data hands a read-only view)
         codes, feats = self.model.tokenize_with_features(x)
-        codes = codes.numpy().astype(np.int32)  # [b, rois, patches]
-        b, r, n = codes.shape
-        flat = pa.ListArray.from_arrays(pa.array(np.arange(b + 1, dtype=np.int32) * (r * n)), pa.array(codes.ravel()))
+        codes = codes.numpy().astype(np.int32)  # [b, channels, patches]
+        b, c, n = codes.shape
+        flat = pa.ListArray.from_arrays(pa.array(np.arange(b + 1, dtype=np.int32) * (c * n)), pa.array(codes.ravel()))
         extra = {}
         if self.features:
             w = feats.shape[-1]
-            extra["features"] = pa.ListArray.from_arrays(pa.array(np.arange(b + 1, dtype=np.int32) * (r * n * w)),
+            extra["features"] = pa.ListArray.from_arrays(pa.array(np.arange(b + 1, dtype=np.int32) * (c * n * w)),
                                                          pa.array(feats.numpy().astype(np.float32).ravel()))
         return pa.table({
             "scan_id": pa.array(batch["scan_id"].tolist(), pa.string()),
             "subject_id": pa.array(batch["subject_id"].tolist(), pa.string()),
-            "start": pa.array(batch["start"], pa.int64()), "n_rois": pa.array(np.full(b, r, np.int32)),
-            "n_patches": pa.array(np.full(b, n, np.int32)), "codes": flat, **extra,
+            "start": pa.array(batch["start"], pa.int64()), "n_rois": pa.array(np.full(b, x.shape[1], np.int32)),
+            "n_channels": pa.array(np.full(b, c, np.int32)), "n_patches": pa.array(np.full(b, n, np.int32)), "codes": flat, **extra,
         })
 
 
@@ -105,36 +107,39 @@ def run(spec: TokenizeSpec) -> dict:
     summary = {"tokens": out.uri, "windows": n, "artifact": loc.uri, "window": data.window, "stride": data.stride,
                "num_codes": cfg["model"]["num_codes"], "features": spec.features, "width": cfg["model"]["width"], "input_warnings": warnings}
     if spec.probes:
-        summary["probes"] = held_out_probes(out.uri, data, cfg["data"]["window"])
+        summary["probes"] = held_out_probes(out.uri, data, loc.uri)
     storage.write_text(out.join("manifest.json"), json.dumps(summary, indent=1))
     log.info("tokenized %d windows -> %s", n, out.uri)
     return summary
 
 
-def held_out_probes(tokens_uri: str, data: PipelineSpec, window: int, splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
+def held_out_probes(tokens_uri: str, data: PipelineSpec, tokenizer_uri: str, splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
     """Cross-validated linear probes (:mod:`fmrilm.eval.probes`) of sex and age on the held-out
-    scans' codes (ROI pairs sharing a code) and, when stored, scan vectors (the encoder
+    scans' codes (:func:`code_representations`) and, when stored, scan vectors (the encoder
     features' connectivity): what the tokenizer's outputs keep, before any LM sees them.
     ``[{"task", "representation", "n", "metrics"}]``; empty when too few held-out scans."""
     from fmrilm.data.pipeline import scan_index
-    from fmrilm.eval.probes import code_agreement, cv_probe
+    from fmrilm.eval.probes import cv_probe
     from fmrilm.models.scan_token import scan_vector
 
     index = scan_index(data)
     held = index[index["split"].isin(splits)]
     tokens = read_tokens(tokens_uri)
-    codes, feats = scan_codes(tokens[tokens["scan_id"].isin(held["scan_id"])], window)
+    tokens = tokens[tokens["scan_id"].isin(held["scan_id"])]
+    cfg = artifact.read_config(tokenizer_uri)
+    codes, feats = scan_codes(tokens, cfg["data"]["window"])
+    decoder = CodeDecoder(tokenizer_uri, scan_rois(tokens))
     rows = []
     for task, column in (("sex", "sex"), ("age", "age")):
         part = held[held["scan_id"].isin(codes) & held[column].notna()]
         if task == "sex":
             part = part[part["sex"].isin(["M", "F"])]
         ids = list(part["scan_id"])
-        if len(ids) < 10 or len({codes[s].shape[0] for s in ids}) > 1:
+        if len(ids) < 10 or len({codes[s].shape for s in ids}) > 1:
             continue
         y = part[column].to_numpy(float if task == "age" else object)
-        reps = {"codes (ROI pairs sharing a code)": np.stack([code_agreement(codes[s]) for s in ids])}
-        if feats:
+        reps = {name: fn() for name, fn in code_representations(ids, codes, decoder).items()}
+        if feats and len({feats[s].shape[0] for s in ids}) == 1 and feats[ids[0]].shape[0] > 1:
             reps["scan vector (encoder features)"] = np.stack([scan_vector(feats[s]) for s in ids])
         for name, x in reps.items():
             rows.append({"task": task, "representation": name, "n": len(ids), "metrics": cv_probe(x, y, task == "age")})
@@ -142,6 +147,47 @@ def held_out_probes(tokens_uri: str, data: PipelineSpec, window: int, splits: tu
         log.info("probe on %d held-out scans: %s from %s: %s", r["n"], r["task"], r["representation"],
                  ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items()))
     return rows
+
+
+def code_representations(ids: list[str], codes: dict[str, np.ndarray], decoder: "CodeDecoder") -> dict:
+    """What a linear probe of the codes reads, name -> a function giving ``[scans, dim]``: how
+    often each code occurs (a bag of tokens) and the FC of the signal the tokenizer's decoder
+    rebuilds from the codes alone (the coupling the codes keep, in the roi layout carried by
+    which codes co-occur)."""
+    from fmrilm.eval.probes import code_histogram
+    from fmrilm.features.dynamics import fc
+
+    return {"codes: histogram": lambda: np.stack([code_histogram(codes[s], decoder.num_codes) for s in ids]),
+            "codes: decoded FC": lambda: np.stack([fc(decoder(s, codes[s])) for s in ids])}
+
+
+class CodeDecoder:
+    """``decoder(scan_id, codes [channels, steps])`` -> the signal ``[rois, steps * patch]`` the
+    tokenizer artifact's decoder rebuilds from the codes alone (loaded on first use)."""
+
+    def __init__(self, tokenizer_uri: str, rois: dict[str, int]):
+        self.uri, self.rois = tokenizer_uri, rois
+        cfg = artifact.read_config(tokenizer_uri)
+        self.num_codes = cfg["model"]["num_codes"]
+        self.per_window = cfg["data"]["window"] // cfg["model"]["patch"]
+        self.model = None
+
+    def __call__(self, scan_id: str, codes: np.ndarray) -> np.ndarray:
+        import torch
+
+        if self.model is None:
+            self.model = artifact.load_tokenizer(self.uri)[0]
+        c, steps = codes.shape
+        n = self.per_window
+        windows = torch.from_numpy(np.asarray(codes[:, : steps // n * n], np.int64).reshape(c, -1, n).transpose(1, 0, 2).copy())
+        signal = self.model.decode(windows, self.rois[scan_id])  # [windows, rois, time]
+        return signal.permute(1, 0, 2).reshape(signal.shape[1], -1).numpy()
+
+
+def scan_rois(tokens) -> dict[str, int]:
+    """``scan_id -> ROIs`` of a tokens table (pandas); tables before the state layout hold codes
+    per ROI, so their channels are the ROIs."""
+    return tokens.groupby("scan_id")["n_rois"].first().astype(int).to_dict()
 
 
 def read_tokens(uri: str):
@@ -181,17 +227,19 @@ def tokens_for(tokenizer_uri: str, tokens_uri: str | None = None, need_features:
 
 def scan_codes(tokens, window: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per scan of a tokens table (pandas), the codes of consecutive non-overlapping windows
-    joined along time, ``scan_id -> [rois, steps]`` (code indices), and, when the table has them,
-    the encoder features the same way, ``scan_id -> [rois, steps, width]``."""
+    joined along time, ``scan_id -> [channels, steps]`` (code indices), and, when the table has
+    them, the encoder features the same way, ``scan_id -> [channels, steps, width]``."""
     has_feats = "features" in tokens.columns
+    channels = "n_channels" if "n_channels" in tokens.columns else "n_rois"  # tables before the state layout
     codes, feats = {}, {}
     for scan_id, group in tokens.sort_values(["scan_id", "start"]).groupby("scan_id", sort=False):
         blocks, fblocks, end = [], [], -1
         for row in group.itertuples(index=False):
             if row.start >= end:
-                blocks.append(np.asarray(row.codes).reshape(row.n_rois, row.n_patches))
+                c = getattr(row, channels)
+                blocks.append(np.asarray(row.codes).reshape(c, row.n_patches))
                 if has_feats:
-                    fblocks.append(np.asarray(row.features, np.float32).reshape(row.n_rois, row.n_patches, -1))
+                    fblocks.append(np.asarray(row.features, np.float32).reshape(c, row.n_patches, -1))
                 end = row.start + window
         codes[scan_id] = np.concatenate(blocks, axis=1)
         if has_feats:
@@ -245,6 +293,7 @@ class ScanBlocks:
         tokens, self.tokens_uri = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features or self.scan_token)
         self.tokenizer_cfg = artifact.read_config(meta["tokenizer"])
         self.codes, self.feats = scan_codes(tokens, self.tokenizer_cfg["data"]["window"])
+        self.decoder = CodeDecoder(meta["tokenizer"], scan_rois(tokens))
         self.vectors = scan_vectors(self.feats) if self.scan_token else {}
 
     def seen_timepoints(self, steps: int) -> dict | None:

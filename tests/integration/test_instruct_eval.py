@@ -138,7 +138,8 @@ def test_instruct_then_eval_report(pretrained):
     assert saved["groups"]["heldout_dataset"] == 6
     probed = {r["representation"] for r in saved["probes"] if r["group"] == "heldout_subjects" and r["task"] == "sex"}
     assert probed == {"fc (prompt time points)", "fc (whole scan)", "tokenizer: scan vector (encoder features)",
-                      "tokenizer: codes (ROI pairs sharing a code)", "LM answer state: pretrained", "LM answer state: instruct"}
+                      "tokenizer: codes: histogram", "tokenizer: codes: decoded FC", "LM answer state: pretrained",
+                      "LM answer state: instruct"}
     assert "## Linear probes (heldout subjects" in md
     card = open(os.path.join(result["model"], "README.md")).read()  # the export's card, with the figures eval measured
     assert "Model Card for Model ID" not in card and "atlas `synthetic-8`, 8 ROIs" in card and "## Evaluation" in card

@@ -2,8 +2,9 @@
 
 On the held-out subjects alone, a cross-validated linear model predicts each target from: FC on
 the time points a prompt shows and on the whole scan (the input), the tokenizer's scan vector
-(its encoder features, :mod:`fmrilm.models.scan_token`) and its codes (how often two ROIs share
-a code), and the LM's last hidden state where it answers (pretrained and instruct exports). A
+(its encoder features, :mod:`fmrilm.models.scan_token`), its codes (how often each code occurs,
+and the FC of the signal the tokenizer's decoder rebuilds from the codes alone), and the LM's
+last hidden state where it answers (pretrained and instruct exports). A
 representation that has lost the signal scores at chance, so the stage that loses it shows.
 Probes measure what is linearly decodable; they are not the model's answers.
 """
@@ -16,11 +17,11 @@ import numpy as np
 import torch
 
 
-def code_agreement(codes: np.ndarray) -> np.ndarray:
-    """``codes [rois, steps]`` -> the fraction of steps at which each pair of ROIs has the same
-    code, upper triangle ``[rois * (rois - 1) / 2]``."""
-    same = (codes[:, None, :] == codes[None, :, :]).mean(-1)
-    return same[np.triu_indices(len(codes), 1)].astype(np.float32)
+def code_histogram(codes: np.ndarray, num_codes: int) -> np.ndarray:
+    """``codes [channels, steps]`` -> how often each code occurs, ``[num_codes]`` fractions: what a
+    reader that ignores order and channel (a bag of tokens) can see."""
+    codes = np.asarray(codes).ravel()
+    return (np.bincount(codes, minlength=num_codes)[:num_codes] / max(codes.size, 1)).astype(np.float32)
 
 
 def cv_probe(x: np.ndarray, y: np.ndarray, regression: bool, folds: int = 5, seed: int = 0) -> dict[str, float]:

@@ -1,17 +1,29 @@
 """The neural tokenizer: a VQ autoencoder over ROI x time windows.
 
 ``x [batch, rois, time]`` is cut along time into patches of ``patch`` timepoints per ROI
-(``[batch, rois, patches, patch]``); each patch is embedded linearly, plus a learned ROI
-embedding and a learned temporal-position embedding, and a transformer encoder mixes all
-``rois * patches`` tokens. Tokens are projected to the code dimension and quantized; the decoder
-(same architecture) reconstructs the normalised signal of every patch, and optionally its
-amplitude spectrum (NeuroLM). Any number of ROIs up to ``max_rois`` and of patches up to
-``max_patches`` works with the same weights.
+(``[batch, rois, patches, patch]``). Codes are ``[batch, channels, patches]``; two layouts:
+
+* ``roi`` (NeuroLM / fMRI-LM): one token per ROI and patch (``channels = rois``). Each patch is
+  embedded linearly, plus a learned ROI embedding and a temporal-position embedding, and a
+  transformer encoder mixes all ``rois * patches`` tokens. A code describes one ROI's waveform;
+  the coupling between regions lives only in which codes co-occur.
+* ``state``: one token per patch for the whole brain (``channels = 1``), a brain-state code. A
+  set encoder weights every ROI's patch embedding by a learned vector of that ROI and sums over
+  ROIs (any number of ROIs), a transformer mixes the patches along time; the decoder reads each
+  ROI out of the state with a second learned vector per ROI. A code names a
+  whole-brain pattern, so the coupling between regions is in each code and the histogram of a
+  scan's codes carries its connectivity; the order of the codes carries the dynamics.
+
+Tokens are projected to the code dimension and quantized; the decoder (same transformer)
+reconstructs the normalised signal of every ROI and patch, and optionally its amplitude spectrum
+(NeuroLM). Any number of ROIs up to ``max_rois`` and of patches up to ``max_patches`` works with
+the same weights. :meth:`FMRITokenizer.decode` rebuilds a signal from codes alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +38,7 @@ from fmrilm.models.quantizer import QuantizerOutput, VectorQuantizer
 class TokenizerConfig(Strict):
     """Sizes of the tokenizer (defaults: a small model that trains on a CPU)."""
 
+    layout: Literal["roi", "state"] = Field("roi", description="roi: a token per ROI and patch; state: a whole-brain token per patch")
     patch: int = Field(16, ge=1, description="timepoints per patch")
     width: int = Field(64, ge=8, description="transformer width")
     depth: int = Field(2, ge=1, description="encoder layers (the decoder has the same)")
@@ -45,8 +58,8 @@ class TokenizerConfig(Strict):
 @dataclass
 class TokenizerOutput:
     recon: torch.Tensor  # [batch, rois, time]
-    codes: torch.Tensor  # [batch, rois, patches]
-    features: torch.Tensor  # [batch, rois * patches, width] encoder features (pre-quantization)
+    codes: torch.Tensor  # [batch, channels, patches]; channels = rois (roi layout) or 1 (state)
+    features: torch.Tensor  # [batch, channels * patches, width] encoder features (pre-quantization)
     quant: QuantizerOutput
     spectrum_loss: torch.Tensor  # scalar (0 when off)
 
@@ -78,7 +91,16 @@ class FMRITokenizer(nn.Module):
         self.to_patch = nn.Linear(cfg.width, cfg.patch)
         self.to_spectrum = nn.Linear(cfg.width, cfg.patch // 2 + 1) if cfg.spectrum_weight > 0 else None
         nn.init.normal_(self.roi_embed.weight, std=0.02)
+        if cfg.layout == "state":  # ROI weights of the set encoder (roi_embed) and of the read-out to each ROI (roi_out)
+            self.roi_out = nn.Embedding(cfg.max_rois, cfg.width)
+            self.state_out = nn.Linear(cfg.width, cfg.width)
+            nn.init.normal_(self.roi_embed.weight, std=1.0)
+            nn.init.normal_(self.roi_out.weight, std=1.0)
         nn.init.normal_(self.time_embed.weight, std=0.02)
+
+    def channels(self, rois: int) -> int:
+        """Code channels per patch for ``rois`` ROIs: ``rois`` (roi layout) or 1 (state layout)."""
+        return rois if self.cfg.layout == "roi" else 1
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """``[batch, rois, time]`` -> ``[batch, rois, patches, patch]``."""
@@ -90,10 +112,14 @@ class FMRITokenizer(nn.Module):
             raise ValueError(f"{r} ROIs x {t // p} patches exceed max_rois={self.cfg.max_rois} / max_patches={self.cfg.max_patches}")
         return x.reshape(b, r, t // p, p)
 
-    def _positions(self, r: int, n: int, device) -> torch.Tensor:
-        rois = self.roi_embed(torch.arange(r, device=device))[:, None, :]
+    def _positions(self, c: int, n: int, device) -> torch.Tensor:
+        """Position embedding of ``c`` channels x ``n`` patches, channel-major ``[c * n, width]``
+        (the state layout's single channel carries no ROI embedding)."""
         times = self.time_embed(torch.arange(n, device=device))[None, :, :]
-        return (rois + times).reshape(r * n, -1)  # ROI-major token order
+        if self.cfg.layout == "state":
+            return times.reshape(n, -1)
+        rois = self.roi_embed(torch.arange(c, device=device))[:, None, :]
+        return (rois + times).reshape(c * n, -1)
 
     checkpointing = False  # activation checkpointing of every transformer layer while training (set by the training stage)
 
@@ -106,11 +132,27 @@ class FMRITokenizer(nn.Module):
         return h
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder features ``[batch, rois * patches, width]`` of windows ``[batch, rois, time]``."""
+        """Encoder features ``[batch, channels * patches, width]`` of windows ``[batch, rois, time]``."""
         patches = self.patchify(x)
         b, r, n, _ = patches.shape
-        tokens = self.patch_embed(patches).reshape(b, r * n, -1) + self._positions(r, n, x.device)
+        if self.cfg.layout == "state":  # set encoder: each ROI's patch embedding weighted by its ROI vector, summed / sqrt(rois)
+            roi = self.roi_embed(torch.arange(r, device=x.device))[None, :, None, :]
+            tokens = (self.patch_embed(patches) * roi).sum(1) / r**0.5
+        else:
+            tokens = self.patch_embed(patches).reshape(b, r * n, -1)
+        tokens = tokens + self._positions(self.channels(r), n, x.device)
         return self.enc_norm(self._layers(self.encoder, tokens))
+
+    def _decode(self, quantized: torch.Tensor, r: int, n: int) -> torch.Tensor:
+        """Decoder state of every ROI and patch ``[batch, rois, patches, width]`` from quantized
+        vectors ``[batch * channels * patches, code_dim]``."""
+        c = self.channels(r)
+        h = self.from_code(quantized).reshape(-1, c * n, self.cfg.width) + self._positions(c, n, quantized.device)
+        h = self.dec_norm(self._layers(self.decoder, h))
+        if self.cfg.layout == "state":  # read each ROI out of the brain state with its own weights
+            roi = self.roi_out(torch.arange(r, device=h.device))[None, :, None, :]
+            return self.state_out(h)[:, None] * roi
+        return h.reshape(-1, r, n, self.cfg.width)
 
     def forward(self, x: torch.Tensor) -> TokenizerOutput:
         """Encode, quantize, decode windows ``[batch, rois, time]``."""
@@ -118,30 +160,38 @@ class FMRITokenizer(nn.Module):
         n = t // self.cfg.patch
         feats = self.encode(x)
         with torch.autocast(x.device.type, enabled=False):  # code search and EMA updates in fp32 under any autocast
-            quant = self.quantizer(self.to_code(feats.float()).reshape(b * r * n, -1))
-        h = self.from_code(quant.quantized).reshape(b, r * n, -1) + self._positions(r, n, x.device)
-        h = self.dec_norm(self._layers(self.decoder, h))
+            quant = self.quantizer(self.to_code(feats.float()).reshape(-1, self.cfg.code_dim))
+        h = self._decode(quant.quantized, r, n)
         recon = self.to_patch(h).reshape(b, r, t)
         spectrum_loss = torch.zeros((), device=x.device)
         if self.to_spectrum is not None:
             target = torch.fft.rfft(self.patchify(x), dim=-1).abs()
-            pred = self.to_spectrum(h).reshape(target.shape)
-            spectrum_loss = F.mse_loss(pred, target)
-        return TokenizerOutput(recon, quant.codes.reshape(b, r, n), feats, quant, spectrum_loss)
+            spectrum_loss = F.mse_loss(self.to_spectrum(h), target)
+        return TokenizerOutput(recon, quant.codes.reshape(b, self.channels(r), n), feats, quant, spectrum_loss)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, rois: int) -> torch.Tensor:
+        """The signal ``[batch, rois, patches * patch]`` rebuilt from code ids
+        ``[batch, channels, patches]`` alone: what the codes keep of the input."""
+        b, c, n = codes.shape
+        if c != self.channels(rois):
+            raise ValueError(f"{c} code channels do not fit {rois} ROIs in the {self.cfg.layout} layout")
+        h = self._decode(self.quantizer.codebook[codes.reshape(-1)], rois, n)
+        return self.to_patch(h).reshape(b, rois, n * self.cfg.patch)
 
     @torch.no_grad()
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
-        """Code ids ``[batch, rois, patches]`` of windows ``[batch, rois, time]`` (no updates)."""
+        """Code ids ``[batch, channels, patches]`` of windows ``[batch, rois, time]`` (no updates)."""
         return self.tokenize_with_features(x)[0]
 
     @torch.no_grad()
     def tokenize_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Code ids ``[batch, rois, patches]`` and encoder features ``[batch, rois, patches, width]``."""
+        """Code ids ``[batch, channels, patches]`` and encoder features ``[batch, channels, patches, width]``."""
         b, r, t = x.shape
-        n = t // self.cfg.patch
+        c, n = self.channels(r), t // self.cfg.patch
         feats = self.encode(x)
-        z = F.normalize(self.to_code(feats).reshape(b * r * n, -1), dim=-1)
-        return self.quantizer.nearest(z).reshape(b, r, n), feats.reshape(b, r, n, -1)
+        z = F.normalize(self.to_code(feats).reshape(b * c * n, -1), dim=-1)
+        return self.quantizer.nearest(z).reshape(b, c, n), feats.reshape(b, c, n, -1)
 
 
 def r2_per_roi(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:

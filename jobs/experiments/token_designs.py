@@ -1,0 +1,159 @@
+"""Which token design keeps what matters: codes of several layouts, probed beside FC readers.
+
+Generates the science cohort (or the dynamics cohort) in memory, splits subjects 3:1, and for
+each design learns a codebook on the training subjects' time points, codes every scan and fits
+a logistic reader on the training subjects, scored on the test subjects (balanced accuracy):
+
+* ``roi patch P``: one code per ROI and patch of P TRs (the tokenizer's ``roi`` layout);
+* ``brain state``: one code per TR for the whole brain (the ``state`` layout);
+* ``network``: one code per network and TR (a code per network's ROIs);
+* ``learned state``: the tokenizer's ``state`` layout itself, trained here without Ray
+  (``--steps``; no alignment), coded with its nearest-code search.
+
+Each design is read two ways: the histogram of a scan's codes (a bag of tokens: what a reader
+that ignores order sees) and the FC of the signal rebuilt from the codes alone (codebook
+centroids, or the learned decoder): the coupling the codes keep. The offline codebooks are
+k-means on the raw (z-scored) values. Usage::
+
+    python jobs/experiments/token_designs.py [--cohort science|dynamics] [--steps 3000] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+
+def cohort(name: str):
+    """``(x [subjects, rois, time] z-scored, labels, network per ROI, train ids, test ids)``."""
+    from fmrilm.data import synth
+
+    if name == "science":  # jobs/science.yaml's cohort
+        p = synth.SynthParams(subjects=640, n_rois=42, n_networks=7, n_timepoints=200, tr=2.0, n_sites=2, sex_effect=0.3,
+                              age_effect=0.2, site_effect=0.1, seed=1)
+        label = "sex"
+    else:  # the science job's dynamics cohort
+        p = synth.SynthParams(subjects=400, dynamic_effects=["timescale", "lag", "dwell", "bursts"], seed=2)
+        label = "diagnosis"
+    x = np.stack([synth.simulate_scan(p, i) for i in range(p.subjects)])
+    x = ((x - x.mean(2, keepdims=True)) / x.std(2, keepdims=True)).astype(np.float32)
+    y = np.array([synth.subject(p, i)[label] for i in range(p.subjects)])
+    nets = [synth.network_names(p)[k] for k in synth.roi_networks(p)]
+    order = np.random.default_rng(0).permutation(p.subjects)
+    cut = int(0.75 * p.subjects)
+    return x, y, nets, order[:cut], order[cut:]
+
+
+def score(features, y, train, test) -> float:
+    """Balanced accuracy on ``test`` of a standardised logistic reader fitted on ``train``."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    f = np.nan_to_num(np.asarray(features, np.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=10, cv=5, max_iter=3000)).fit(f[train], y[train])
+    return float(balanced_accuracy_score(y[test], model.predict(f[test])))
+
+
+def kmeans_codes(vectors: np.ndarray, train, k: int, seed: int = 0):
+    """``vectors [subjects, tokens, dim]`` -> ``(codes [subjects, tokens], centroids [k, dim])``."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    km = MiniBatchKMeans(k, random_state=seed, batch_size=4096, n_init=3, max_iter=100).fit(vectors[train].reshape(-1, vectors.shape[-1]))
+    return km.predict(vectors.reshape(-1, vectors.shape[-1])).reshape(vectors.shape[:2]), km.cluster_centers_
+
+
+def histogram(codes: np.ndarray, k: int) -> np.ndarray:
+    return np.stack([np.bincount(c.ravel(), minlength=k) / c.size for c in codes])
+
+
+def designs(x, nets, train, steps: int):
+    """``{design: (tokens per scan, histogram features, rebuilt signal [subjects, rois, time])}``."""
+    n, r, t = x.shape
+    out = {}
+    for patch, k in ((16, 128), (4, 128)):
+        v = x[:, :, : t // patch * patch].reshape(n, r * (t // patch), patch)
+        codes, cent = kmeans_codes(v, train, k)
+        out[f"roi patch {patch} (k-means {k})"] = (v.shape[1], histogram(codes, k), cent[codes].reshape(n, r, -1))
+    frames = x.transpose(0, 2, 1)
+    for k in (256, 1024):
+        codes, cent = kmeans_codes(frames, train, k)
+        out[f"brain state, 1 TR (k-means {k})"] = (t, histogram(codes, k), cent[codes].transpose(0, 2, 1))
+    groups = [np.flatnonzero(np.asarray(nets) == g) for g in dict.fromkeys(nets)]
+    rebuilt, hists = np.zeros_like(x), []
+    for g in groups:
+        codes, cent = kmeans_codes(frames[:, :, g], train, 16)
+        rebuilt[:, g, :] = cent[codes].transpose(0, 2, 1)
+        hists.append(histogram(codes, 16))
+    out["network, 1 TR (k-means 16 per network)"] = (t * len(groups), np.hstack(hists), rebuilt)
+    if steps:
+        out["learned state, 1 TR (256 codes)"] = learned_state(x, train, steps)
+    return out
+
+
+def learned_state(x, train, steps: int, window: int = 32, k: int = 256):
+    """The tokenizer's ``state`` layout (patch 1) trained ``steps`` steps on training windows."""
+    import torch
+
+    from fmrilm.models.alignment import AlignmentConfig
+    from fmrilm.models.tokenizer import TokenizerConfig
+    from fmrilm.models.tokenizer_objective import TokenizerObjective
+
+    torch.manual_seed(0)
+    objective = TokenizerObjective(TokenizerConfig(layout="state", patch=1, num_codes=k), AlignmentConfig(domain_weight=0.0), 1)
+    opt = torch.optim.AdamW(objective.parameters(), 1e-3)
+    rng = np.random.default_rng(0)
+    xt = torch.from_numpy(x)
+    starts = np.arange(0, x.shape[2] - window + 1, window // 2)
+    for _ in range(steps):
+        batch = torch.stack([xt[i, :, s : s + window] for i, s in zip(rng.choice(train, 32), rng.choice(starts, 32))])
+        loss = objective(batch, torch.ones(32, dtype=torch.bool))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tok = objective.tokenizer.eval()
+    nw = x.shape[2] // window
+    codes, rebuilt = [], []
+    for scan in xt:
+        c = tok.tokenize(torch.stack([scan[:, j * window : (j + 1) * window] for j in range(nw)]))  # [windows, 1, window]
+        codes.append(c.reshape(-1).numpy())
+        rebuilt.append(tok.decode(c, x.shape[1]).permute(1, 0, 2).reshape(x.shape[1], -1).numpy())
+    return nw * window, histogram(np.stack(codes), k), np.stack(rebuilt)
+
+
+def main() -> None:
+    from fmrilm.features import dynamics
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cohort", choices=["science", "dynamics"], default="science")
+    ap.add_argument("--steps", type=int, default=3000, help="training steps of the learned state tokenizer (0: skip it)")
+    ap.add_argument("--out", default="./fmrilm-data/experiments/token_designs")
+    args = ap.parse_args()
+    t0 = time.time()
+    x, y, nets, train, test = cohort(args.cohort)
+    rows = [("FC + logistic", x.shape[1] * (x.shape[1] - 1) // 2, score([dynamics.fc(s) for s in x], y, train, test), None),
+            ("pre-whitened network FC", None, score([dynamics.prewhitened_fc(s, nets) for s in x], y, train, test), None)]
+    if args.cohort == "dynamics":
+        rows.append(("every classical reader combined", None, score([dynamics.combined(s, nets) for s in x], y, train, test), None))
+    for name, (tokens, hist, rebuilt) in designs(x, nets, train, args.steps).items():
+        rows.append((name, tokens, score(hist, y, train, test), score([dynamics.fc(s) for s in rebuilt], y, train, test)))
+    lines = [f"{args.cohort} cohort: {len(train)} training / {len(test)} test subjects, balanced accuracy", "",
+             "| reader / design | tokens per scan | histogram (or reader) | FC of the signal rebuilt from codes |", "|---|---|---|---|"]
+    lines += [f"| {n} | {t if t is not None else ''} | {h:.3f} | {'' if d is None else f'{d:.3f}'} |" for n, t, h, d in rows]
+    print("\n".join(lines) + f"\n\n{time.time() - t0:.0f} s")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{args.cohort}.json"), "w") as f:
+        json.dump([dict(zip(("design", "tokens", "histogram", "rebuilt_fc"), r)) for r in rows], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
