@@ -26,7 +26,8 @@ def test_vocab_extension_keeps_text_ids_and_logits(name):
     assert vocab.base_vocab == before.shape[-1] and vocab.first_code_id >= vocab.base_vocab
     assert tok.convert_tokens_to_ids("<fmri_39>") == vocab.first_code_id + 39
     assert tok.tokenize("<fmri><fmri_7></fmri>") == ["<fmri>", "<fmri_7>", "</fmri>"]
-    assert init_code_embeddings(model, vocab, torch.randn(40, 8)) == "text-scale"
+    codebook = torch.nn.functional.normalize(torch.randn(40, 8), dim=-1)
+    assert init_code_embeddings(model, vocab, codebook) == "codebook-projection"
     with torch.no_grad():
         after = model(x).logits
     assert after.shape[-1] == len(tok) == vocab.base_vocab + 42
@@ -35,7 +36,12 @@ def test_vocab_extension_keeps_text_ids_and_logits(name):
     rows, text = table[vocab.code_ids()], table[: vocab.base_vocab]
     assert rows.std(0).sum() > 0  # new rows differ from each other
     assert rows.norm(dim=1).mean() == pytest.approx(float(text.norm(dim=1).mean()), rel=0.2)  # at a text row's scale
-    assert model.config.fmri_code_init == "text-scale" and model.config.fmri_vocab["num_codes"] == 40
+    near = torch.nn.functional.cosine_similarity(codebook[:, None], codebook[None], dim=-1)
+    centred = rows - rows.mean(0)
+    kept = torch.nn.functional.cosine_similarity(centred[:, None], centred[None], dim=-1)
+    iu = torch.triu_indices(40, 40, 1)
+    assert torch.corrcoef(torch.stack([near[iu[0], iu[1]], kept[iu[0], iu[1]]]))[0, 1] > 0.5  # the codebook's angles survive
+    assert model.config.fmri_code_init == "codebook-projection" and model.config.fmri_vocab["num_codes"] == 40
 
 
 def test_codebook_init_through_a_fitted_linear_map():
@@ -53,8 +59,8 @@ def test_codebook_init_through_a_fitted_linear_map():
     want = codebook @ true_w
     cos = torch.nn.functional.cosine_similarity(rows, want, dim=-1)
     assert (cos > 0.99).all()
-    # wrong width: falls back to the mean, and says so
-    assert init_code_embeddings(model, vocab, codebook, pairs=(x, torch.randn(200, 32))) == "text-scale"
+    # wrong width: falls back to a projection of the codebook, and says so
+    assert init_code_embeddings(model, vocab, codebook, pairs=(x, torch.randn(200, 32))) == "codebook-projection"
 
 
 def test_bad_backbones_and_codebooks_fail_clearly(tmp_path):

@@ -77,27 +77,25 @@ def histogram(codes: np.ndarray, k: int) -> np.ndarray:
 
 
 def designs(x, nets, train, steps: int):
-    """``{design: (tokens per scan, histogram features, rebuilt signal [subjects, rois, time])}``."""
+    """Yields ``(design, (tokens per scan, histogram features, rebuilt signal [subjects, rois, time]))``."""
     n, r, t = x.shape
-    out = {}
     for patch, k in ((16, 128), (4, 128)):
         v = x[:, :, : t // patch * patch].reshape(n, r * (t // patch), patch)
         codes, cent = kmeans_codes(v, train, k)
-        out[f"roi patch {patch} (k-means {k})"] = (v.shape[1], histogram(codes, k), cent[codes].reshape(n, r, -1))
+        yield f"roi patch {patch} (k-means {k})", (v.shape[1], histogram(codes, k), cent[codes].reshape(n, r, -1))
     frames = x.transpose(0, 2, 1)
     for k in (256, 1024):
         codes, cent = kmeans_codes(frames, train, k)
-        out[f"brain state, 1 TR (k-means {k})"] = (t, histogram(codes, k), cent[codes].transpose(0, 2, 1))
+        yield f"brain state, 1 TR (k-means {k})", (t, histogram(codes, k), cent[codes].transpose(0, 2, 1))
     groups = [np.flatnonzero(np.asarray(nets) == g) for g in dict.fromkeys(nets)]
     rebuilt, hists = np.zeros_like(x), []
     for g in groups:
         codes, cent = kmeans_codes(frames[:, :, g], train, 16)
         rebuilt[:, g, :] = cent[codes].transpose(0, 2, 1)
         hists.append(histogram(codes, 16))
-    out["network, 1 TR (k-means 16 per network)"] = (t * len(groups), np.hstack(hists), rebuilt)
+    yield "network, 1 TR (k-means 16 per network)", (t * len(groups), np.hstack(hists), rebuilt)
     if steps:
-        out["learned state, 1 TR (256 codes)"] = learned_state(x, train, steps)
-    return out
+        yield "learned state, 1 TR (256 codes)", learned_state(x, train, steps)
 
 
 def learned_state(x, train, steps: int, window: int = 32, k: int = 256):
@@ -109,7 +107,7 @@ def learned_state(x, train, steps: int, window: int = 32, k: int = 256):
     from fmrilm.models.tokenizer_objective import TokenizerObjective
 
     torch.manual_seed(0)
-    objective = TokenizerObjective(TokenizerConfig(layout="state", patch=1, num_codes=k), AlignmentConfig(domain_weight=0.0), 1)
+    objective = TokenizerObjective(TokenizerConfig(layout="state", patch=1, num_codes=k, dead_threshold=0.5), AlignmentConfig(domain_weight=0.0), 1)
     opt = torch.optim.AdamW(objective.parameters(), 1e-3)
     rng = np.random.default_rng(0)
     xt = torch.from_numpy(x)
@@ -144,12 +142,14 @@ def main() -> None:
             ("pre-whitened network FC", None, score([dynamics.prewhitened_fc(s, nets) for s in x], y, train, test), None)]
     if args.cohort == "dynamics":
         rows.append(("every classical reader combined", None, score([dynamics.combined(s, nets) for s in x], y, train, test), None))
-    for name, (tokens, hist, rebuilt) in designs(x, nets, train, args.steps).items():
+    print(f"{args.cohort} cohort: {len(train)} training / {len(test)} test subjects, balanced accuracy\n\n"
+          "| reader / design | tokens per scan | histogram (or reader) | FC of the signal rebuilt from codes |\n|---|---|---|---|")
+    for n, t, h, d in rows:
+        print(f"| {n} | | {h:.3f} | |", flush=True)
+    for name, (tokens, hist, rebuilt) in designs(x, nets, train, args.steps):
         rows.append((name, tokens, score(hist, y, train, test), score([dynamics.fc(s) for s in rebuilt], y, train, test)))
-    lines = [f"{args.cohort} cohort: {len(train)} training / {len(test)} test subjects, balanced accuracy", "",
-             "| reader / design | tokens per scan | histogram (or reader) | FC of the signal rebuilt from codes |", "|---|---|---|---|"]
-    lines += [f"| {n} | {t if t is not None else ''} | {h:.3f} | {'' if d is None else f'{d:.3f}'} |" for n, t, h, d in rows]
-    print("\n".join(lines) + f"\n\n{time.time() - t0:.0f} s")
+        print(f"| {name} | {tokens} | {rows[-1][2]:.3f} | {rows[-1][3]:.3f} |", flush=True)
+    print(f"\n{time.time() - t0:.0f} s")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.cohort}.json"), "w") as f:
         json.dump([dict(zip(("design", "tokens", "histogram", "rebuilt_fc"), r)) for r in rows], f, indent=1)

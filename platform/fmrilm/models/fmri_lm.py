@@ -239,13 +239,15 @@ def fit_linear_map(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tup
 @torch.no_grad()
 def init_code_embeddings(model, vocab: FMRIVocab, codebook: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
                          seed: int = 0) -> str:
-    """Initialise the new input-embedding rows; returns ``"linear-map"`` or ``"text-scale"``.
+    """Initialise the new input-embedding rows; returns ``"linear-map"`` or ``"codebook-projection"``.
 
     ``codebook [K, d]``; ``pairs = (code vectors [n, d], LM-space targets [n, hidden])``. With
     pairs whose width is the LM's hidden size, codes go through the fitted map and are rescaled
-    to the mean norm of the text embeddings; otherwise every new row is drawn like a text row
-    (the text embeddings' per-dimension mean and spread), so fMRI rows start at a text row's
-    scale and apart from each other (rows near the mean embedding are almost invisible to the LM).
+    to the mean norm of the text embeddings. Otherwise the codebook goes through a fixed random
+    projection (which keeps the angles between codes: similar codes start with similar rows),
+    standardised per dimension and drawn at the text embeddings' per-dimension mean and spread, so
+    fMRI rows start at a text row's scale and apart from each other (rows near the mean embedding
+    are almost invisible to the LM).
     """
     table = model.get_input_embeddings().weight
     text = table[: vocab.base_vocab].float()
@@ -260,10 +262,12 @@ def init_code_embeddings(model, vocab: FMRIVocab, codebook: torch.Tensor, pairs:
         method = "linear-map"
     else:
         if pairs is not None:
-            log.warning("codebook init: %s; drawing the rows at the text embeddings' scale",
+            log.warning("codebook init: %s; projecting the codebook at the text embeddings' scale",
                         f"targets have width {pairs[1].shape[1]}, the LM {hidden}" if pairs[1].shape[1] != hidden else "too few pairs")
-        rows = text.mean(0) + text.std(0) * torch.randn(vocab.num_codes, hidden, generator=g)
-        method = "text-scale"
+        z = codebook.float() @ torch.randn(codebook.shape[1], hidden, generator=g)
+        z = (z - z.mean(0)) / z.std(0).clamp_min(1e-8)
+        rows = text.mean(0) + text.std(0) * z
+        method = "codebook-projection"
     table[vocab.first_code_id : vocab.first_code_id + vocab.num_codes] = rows.to(table.dtype)
     model.config.fmri_code_init = method
     return method
