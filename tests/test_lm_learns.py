@@ -1,6 +1,7 @@
 """The LM path can learn: on a few hundred synthetic subjects, scan tokens from a tokenizer
 encoder carry the planted sex effect into a tiny decoder that answers above chance on held-out
-subjects, and tuning overfits a handful of examples. CPU, no Ray: the library functions alone."""
+subjects; whole-brain state tokens alone carry a diagnosis that only dynamics show; tuning
+overfits a handful of examples. CPU, no Ray: the library functions alone."""
 
 import numpy as np
 import pytest
@@ -102,3 +103,69 @@ def test_tuning_overfits_a_handful_of_examples(cohort):
     model, loss = _train(model, tok, vocab, few, steps=80, lr=3e-3, batch=8)
     pred = _answers(model, tok, vocab, few, [])
     assert loss < 0.1 and list(pred) == [{"M": "Male", "F": "Female"}[s["sex"]] for s in few], (loss, list(pred))
+
+
+def test_whole_brain_state_tokens_alone_carry_a_dynamics_diagnosis():
+    """The dynamics cohort (a Case / Control diagnosis carried only by dynamics static FC cannot
+    see): a state-layout tokenizer trained briefly, then a tiny LM fed nothing but each scan's
+    192 codes (no scan vector, no features) answers the diagnosis of 80 held-out subjects well
+    above chance, with a bootstrap CI whose lower bound clears 0.5. Scans are z-scored per ROI:
+    Case scans' bursts then shrink every other frame, which the codes see; under the pipeline's
+    robust scaling the same recipe stays near chance (docs/stages.md, token layouts)."""
+    from fmrilm.models.alignment import AlignmentConfig
+    from fmrilm.models.tokenizer_objective import TokenizerObjective
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    params = SynthParams(subjects=320, n_timepoints=192, dynamic_effects=["timescale", "lag", "dwell", "bursts"], seed=2)
+    rows = cohort_table(params)
+    raw = np.stack([simulate_scan(params, i) for i in range(len(rows))])
+    x = torch.from_numpy(((raw - raw.mean(2, keepdims=True)) / raw.std(2, keepdims=True)).astype(np.float32))
+    diagnosis = np.array([r["diagnosis"] for r in rows], dtype=object)
+    train, test = np.arange(240), np.arange(240, 320)
+    objective = TokenizerObjective(TokenizerConfig(layout="state", patch=1, width=32, depth=1, heads=2, code_dim=16, num_codes=128,
+                                                   dead_threshold=0.5), AlignmentConfig(domain_weight=0.0), 1)
+    opt = torch.optim.AdamW(objective.parameters(), 2e-3)
+    for _ in range(400):
+        batch = torch.stack([x[i, :, s : s + 32] for i, s in zip(rng.choice(train, 32), rng.choice(np.arange(0, 161, 16), 32))])
+        loss = objective(batch, torch.ones(32, dtype=torch.bool))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tok = objective.tokenizer.eval()
+    codes = [tok.tokenize(torch.from_numpy(windows(scan.numpy(), 32, 32))).reshape(1, -1).numpy() for scan in x]  # [1, 192] each
+
+    lm, text_tok, _ = load_backbone("tiny-gpt2", seed=0)
+    vocab = add_fmri_vocab(lm, text_tok, 128)
+    init_code_embeddings(lm, vocab, tok.quantizer.codebook)
+    question, choices = "What is the diagnosis of this participant?", [" Case", " Control"]
+
+    def block(i):
+        return lambda _: fmri_part(codes[i], vocab.first_code_id, vocab.open_id, vocab.close_id)
+
+    examples = [encode(question_prompt("s", question), " " + diagnosis[i], block(i), text_tok) for i in train]
+    length = len(examples[0].ids) + 4
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.1)
+    lm.train()
+    for _ in range(150):
+        packed = {k: torch.from_numpy(v) for k, v in pack([examples[i] for i in rng.choice(len(examples), 32, replace=False)], length,
+                                                           text_tok.pad_token_id).items()}
+        loss, _ = forward_loss(lm, packed, {0: 1.0})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lm.eval()
+
+    def scores(group):
+        prompts = [encode(question_prompt("s", question), "", block(i), text_tok, with_answer=False) for i in group]
+        return score_choices(lm, prompts, choices, text_tok, length)
+
+    pred = np.array([choices[i].strip() for i in calibrated_choices(scores(test), scores(train[:32]))], dtype=object)
+
+    def fn(t, p):
+        return metrics.classification(t, p, None, ["Case", "Control"])
+
+    score = fn(diagnosis[test], pred)["balanced_accuracy"]
+    ci = metrics.bootstrap(fn, [diagnosis[test], pred], n=300, seed=0, strata=diagnosis[test])["balanced_accuracy"]
+    assert len(set(pred)) == 2, "a constant answer"
+    assert score >= 0.7 and ci[0] > 0.5, (score, ci)
