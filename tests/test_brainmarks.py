@@ -20,10 +20,10 @@ from fmrilm.models.tokenizer import TokenizerConfig
 from fmrilm.models.tokenizer_objective import TokenizerObjective
 
 
-def tiny_export(path, rois: int = 400, atlas: str = "schaefer400", target_tr: float | None = 2.0) -> str:
+def tiny_export(path, rois: int = 400, atlas: str = "schaefer400", target_tr: float | None = 2.0, layout: str = "roi") -> str:
     """A tiny untrained tokenizer written as a training run writes its artifact."""
     torch.manual_seed(0)
-    model = TokenizerConfig(patch=4, width=16, depth=1, heads=2, code_dim=8, num_codes=16, max_rois=rois, max_patches=8)
+    model = TokenizerConfig(layout=layout, patch=4, width=16, depth=1, heads=2, code_dim=8, num_codes=16, max_rois=rois, max_patches=8)
     objective = TokenizerObjective(model, AlignmentConfig(domain_weight=0, contrastive_weight=0), 8)
     manifest = {"dataset": "tiny", "atlas": atlas, "n_rois": rois, "tr": [0.72], "version": "v1"}
     cfg = {"model": model.model_dump(), "alignment": AlignmentConfig(domain_weight=0, contrastive_weight=0).model_dump(), "text_dim": 8,
@@ -52,6 +52,9 @@ def test_the_export_checks_the_space(tmp_path):
     assert bm.record(other, "tiny", "schaefer400", SPACES, atlas_mapping="position")["atlas"] == "my-400-parcels"
     native = tiny_export(tmp_path / "native", target_tr=None)
     assert bm.record(native, "tiny", "schaefer400", SPACES)["tr"] == 0.72  # one native TR: its patches' duration
+    state = tiny_export(tmp_path / "state", layout="state")
+    with pytest.raises(bm.BrainmarksError, match="whole-brain state tokens .* model.layout=roi"):
+        bm.record(state, "tiny", "schaefer400", SPACES)
 
 
 def test_transform_and_encoder_give_brainmarks_embeddings(tmp_path):

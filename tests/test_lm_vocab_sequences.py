@@ -286,3 +286,13 @@ def test_an_instruction_scan_vector_enters_where_its_answer_is_predicted():
     assert shots.scan_at.tolist() == cue_ends(shots) and shots.scan[:, 0].tolist() == [2.0, 1.0]
     bare = encode(question_prompt("a", "Sex?"), "", lambda s: part(s, False), tok, with_answer=False)
     assert bare.scan_at is None
+
+
+def test_the_scan_token_needs_per_roi_tokens(tmp_path):
+    from fmrilm.config import ConfigError
+    from fmrilm.train.lm import PretrainSpec, check
+    from tests.test_brainmarks import tiny_export
+
+    uri = tiny_export(tmp_path / "state", rois=8, layout="state")
+    with pytest.raises(ConfigError, match="whole-brain state tokens .* set scan_token=false"):
+        check(PretrainSpec(tokenizer=uri, backbone={"source": "tiny-gpt2"}))

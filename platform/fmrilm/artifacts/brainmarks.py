@@ -66,6 +66,9 @@ def record(tokenizer_uri: str, name: str, space: str | None, spaces: dict[str, i
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_]*", name):
         raise BrainmarksError(f"--name {name!r}: letters, digits and _ only (it becomes the model name {PREFIX}<name>)")
     cfg = artifact.read_config(tokenizer_uri)
+    if cfg["model"].get("layout", "roi") != "roi":
+        raise BrainmarksError(f"tokenizer {tokenizer_uri} has whole-brain state tokens (model.layout={cfg['model']['layout']}); "
+                              "Brainmarks reads per-ROI encoder features: export a tokenizer with model.layout=roi")
     contract = cfg.get("contract") or {}
     space = space or contract.get("atlas")
     rois = contract.get("n_rois")

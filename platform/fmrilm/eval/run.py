@@ -464,8 +464,8 @@ def update_card(model: str, report: dict) -> None:
 
 def probe_table(task: str, group: str, test: pd.DataFrame, y: np.ndarray, blocks, fcs: dict, whole: dict, lm_states: dict) -> list[dict]:
     """Probe rows of one task and test group (:mod:`fmrilm.eval.probes`): FC (prompt time points,
-    whole scan), the scan vector, the codes (:func:`fmrilm.tokens.code_representations`), and ``lm_states`` (name -> a function giving
-    the answer states of the test scans)."""
+    whole scan), the scan vector, the codes (:func:`fmrilm.tokens.code_representations`), and
+    ``lm_states`` (name -> a function giving the answer states of the test scans)."""
     from fmrilm.eval.probes import cv_probe
     from fmrilm.models.scan_token import scan_vector
     from fmrilm.tokens import code_representations

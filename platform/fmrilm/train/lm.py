@@ -141,10 +141,10 @@ def check(spec: PretrainSpec) -> dict:
 
     locate_backbone(spec.backbone.source)
     cfg = read_config(spec.tokenizer)
-    check_inputs(cfg.get("contract"), spec.data, spec.datasets, f"tokenizer {spec.tokenizer}")
     if spec.scan_token and cfg["model"].get("layout", "roi") == "state":
         raise ConfigError(f"the scan token is the connectivity of per-ROI encoder features, and the tokenizer {spec.tokenizer} "
                           "has whole-brain state tokens (model.layout=state): set scan_token=false")
+    check_inputs(cfg.get("contract"), spec.data, spec.datasets, f"tokenizer {spec.tokenizer}")
     k = cfg["model"]["num_codes"]
     if k > MAX_CODES:
         raise BackboneError(f"the tokenizer has {k} codes; the fMRI vocabulary allows at most {MAX_CODES}")
