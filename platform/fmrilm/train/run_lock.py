@@ -69,9 +69,16 @@ class RunLock:
         return time.time() - float(held.get("heartbeat", 0)) > LOCK_STALE_S
 
     def acquire(self) -> "RunLock":
+        _LIVE_LOCKS.add(self.me["token"])  # live before it can be written: a thread of this process reading it then sees it held
+        try:
+            return self._acquire()
+        except BaseException:
+            _LIVE_LOCKS.discard(self.me["token"])
+            raise
+
+    def _acquire(self) -> "RunLock":
         for _ in range(3):
             if storage.create_exclusive(self.loc, self._body()):
-                _LIVE_LOCKS.add(self.me["token"])
                 self._thread.start()
                 return self
             try:
@@ -88,7 +95,6 @@ class RunLock:
             if storage.take_over(self.loc, str(held.get("token")), self._body()):  # one of several contenders wins
                 logging.getLogger("fmrilm.train").warning("run %s: took over the lock of a driver that is gone (%s)", self.name, held)
                 storage.drop_takeover_markers(self.loc)
-                _LIVE_LOCKS.add(self.me["token"])
                 self._thread.start()
                 return self
             time.sleep(0.5)
