@@ -107,67 +107,72 @@ def run(spec: TokenizeSpec) -> dict:
     summary = {"tokens": out.uri, "windows": n, "artifact": loc.uri, "window": data.window, "stride": data.stride,
                "num_codes": cfg["model"]["num_codes"], "features": spec.features, "width": cfg["model"]["width"], "input_warnings": warnings}
     if spec.probes:
-        summary["probes"] = held_out_probes(out.uri, data, loc.uri)
+        summary["probes"] = held_out_probes(out.uri, data, loc.uri, cfg)
     storage.write_text(out.join("manifest.json"), json.dumps(summary, indent=1))
     log.info("tokenized %d windows -> %s", n, out.uri)
     return summary
 
 
-def held_out_probes(tokens_uri: str, data: PipelineSpec, tokenizer_uri: str, splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
+def held_out_probes(tokens_uri: str, data: PipelineSpec, tokenizer_uri: str, cfg: dict, splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
     """Cross-validated linear probes (:mod:`fmrilm.eval.probes`) of sex and age on the held-out
-    scans' codes (:func:`code_representations`) and, when stored, scan vectors (the encoder
-    features' connectivity): what the tokenizer's outputs keep, before any LM sees them.
-    ``[{"task", "representation", "n", "metrics"}]``; empty when too few held-out scans."""
+    scans' tokenizer outputs (:func:`tokenizer_representations`; ``cfg``: the artifact's config):
+    what they keep, before any LM sees them. ``[{"task", "representation", "n", "metrics"}]``;
+    empty when too few held-out scans."""
     from fmrilm.data.pipeline import scan_index
     from fmrilm.eval.probes import cv_probe
-    from fmrilm.models.scan_token import scan_vector
 
     index = scan_index(data)
     held = index[index["split"].isin(splits)]
     tokens = read_tokens(tokens_uri)
     tokens = tokens[tokens["scan_id"].isin(held["scan_id"])]
-    cfg = artifact.read_config(tokenizer_uri)
     codes, feats = scan_codes(tokens, cfg["data"]["window"])
-    decoder = CodeDecoder(tokenizer_uri, scan_rois(tokens))
+    decoder = CodeDecoder(tokenizer_uri, cfg, scan_rois(tokens))
     rows = []
     for task, column in (("sex", "sex"), ("age", "age")):
         part = held[held["scan_id"].isin(codes) & held[column].notna()]
         if task == "sex":
             part = part[part["sex"].isin(["M", "F"])]
         ids = list(part["scan_id"])
-        if len(ids) < 10 or len({codes[s].shape for s in ids}) > 1:
+        if len(ids) < 10:
             continue
         y = part[column].to_numpy(float if task == "age" else object)
-        reps = {name: fn() for name, fn in code_representations(ids, codes, decoder).items()}
-        if feats and len({feats[s].shape[0] for s in ids}) == 1 and feats[ids[0]].shape[0] > 1:
-            reps["scan vector (encoder features)"] = np.stack([scan_vector(feats[s]) for s in ids])
-        for name, x in reps.items():
-            rows.append({"task": task, "representation": name, "n": len(ids), "metrics": cv_probe(x, y, task == "age")})
+        for name, fn in tokenizer_representations(ids, codes, feats, decoder).items():
+            rows.append({"task": task, "representation": name, "n": len(ids), "metrics": cv_probe(fn(), y, task == "age")})
     for r in rows:
         log.info("probe on %d held-out scans: %s from %s: %s", r["n"], r["task"], r["representation"],
                  ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items()))
     return rows
 
 
-def code_representations(ids: list[str], codes: dict[str, np.ndarray], decoder: "CodeDecoder") -> dict:
-    """What a linear probe of the codes reads, name -> a function giving ``[scans, dim]``: how
-    often each code occurs (a bag of tokens) and the FC of the signal the tokenizer's decoder
-    rebuilds from the codes alone (the coupling the codes keep, in the roi layout carried by
-    which codes co-occur)."""
+def tokenizer_representations(ids: list[str], codes: dict[str, np.ndarray], feats: dict[str, np.ndarray], decoder: "CodeDecoder",
+                              vectors: dict[str, np.ndarray] | None = None) -> dict:
+    """What a linear probe reads of the tokenizer's outputs for scans ``ids``, name -> a function
+    giving ``[scans, dim]``: how often each code occurs (a bag of tokens), the FC of the signal
+    the tokenizer's decoder rebuilds from the codes alone (the coupling the codes keep; in the
+    roi layout carried by which codes co-occur), and, with per-ROI encoder features, the scan
+    vector (``vectors`` where already computed). A representation whose shape differs between
+    scans (several atlases) is left out."""
     from fmrilm.eval.probes import code_histogram
     from fmrilm.features.dynamics import fc
+    from fmrilm.models.scan_token import scan_vector
 
-    return {"codes: histogram": lambda: np.stack([code_histogram(codes[s], decoder.num_codes) for s in ids]),
-            "codes: decoded FC": lambda: np.stack([fc(decoder(s, codes[s])) for s in ids])}
+    reps = {}
+    if len({codes[s].shape for s in ids}) == 1:
+        reps["codes: histogram"] = lambda: np.stack([code_histogram(codes[s], decoder.num_codes) for s in ids])
+        reps["codes: decoded FC"] = lambda: np.stack([fc(decoder(s, codes[s])) for s in ids])
+    if feats and len({feats[s].shape[0] for s in ids}) == 1 and feats[ids[0]].shape[0] > 1:  # per-ROI features (roi layout)
+        vectors = vectors or {}
+        reps["scan vector (encoder features)"] = lambda: np.stack([vectors[s] if s in vectors else scan_vector(feats[s]) for s in ids])
+    return reps
 
 
 class CodeDecoder:
     """``decoder(scan_id, codes [channels, steps])`` -> the signal ``[rois, steps * patch]`` the
-    tokenizer artifact's decoder rebuilds from the codes alone (loaded on first use)."""
+    tokenizer artifact's decoder (``cfg``: its config) rebuilds from the codes alone (the model is
+    loaded on first use)."""
 
-    def __init__(self, tokenizer_uri: str, rois: dict[str, int]):
+    def __init__(self, tokenizer_uri: str, cfg: dict, rois: dict[str, int]):
         self.uri, self.rois = tokenizer_uri, rois
-        cfg = artifact.read_config(tokenizer_uri)
         self.num_codes = cfg["model"]["num_codes"]
         self.per_window = cfg["data"]["window"] // cfg["model"]["patch"]
         self.model = None
@@ -185,8 +190,7 @@ class CodeDecoder:
 
 
 def scan_rois(tokens) -> dict[str, int]:
-    """``scan_id -> ROIs`` of a tokens table (pandas); tables before the state layout hold codes
-    per ROI, so their channels are the ROIs."""
+    """``scan_id -> ROIs`` of a tokens table (pandas)."""
     return tokens.groupby("scan_id")["n_rois"].first().astype(int).to_dict()
 
 
@@ -293,7 +297,7 @@ class ScanBlocks:
         tokens, self.tokens_uri = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features or self.scan_token)
         self.tokenizer_cfg = artifact.read_config(meta["tokenizer"])
         self.codes, self.feats = scan_codes(tokens, self.tokenizer_cfg["data"]["window"])
-        self.decoder = CodeDecoder(meta["tokenizer"], scan_rois(tokens))
+        self.decoder = CodeDecoder(meta["tokenizer"], self.tokenizer_cfg, scan_rois(tokens))
         self.vectors = scan_vectors(self.feats) if self.scan_token else {}
 
     def seen_timepoints(self, steps: int) -> dict | None:

@@ -464,11 +464,10 @@ def update_card(model: str, report: dict) -> None:
 
 def probe_table(task: str, group: str, test: pd.DataFrame, y: np.ndarray, blocks, fcs: dict, whole: dict, lm_states: dict) -> list[dict]:
     """Probe rows of one task and test group (:mod:`fmrilm.eval.probes`): FC (prompt time points,
-    whole scan), the scan vector, the codes (:func:`fmrilm.tokens.code_representations`), and
+    whole scan), the tokenizer's outputs (:func:`fmrilm.tokens.tokenizer_representations`), and
     ``lm_states`` (name -> a function giving the answer states of the test scans)."""
     from fmrilm.eval.probes import cv_probe
-    from fmrilm.models.scan_token import scan_vector
-    from fmrilm.tokens import code_representations
+    from fmrilm.tokens import tokenizer_representations
 
     ids = list(test["scan_id"])
     reps = {}
@@ -476,11 +475,8 @@ def probe_table(task: str, group: str, test: pd.DataFrame, y: np.ndarray, blocks
         reps["fc (prompt time points)"] = lambda: np.stack([baselines.upper(fcs[s]) for s in ids])
     if whole and len({whole[s].shape for s in ids}) == 1:
         reps["fc (whole scan)"] = lambda: np.stack([baselines.upper(whole[s]) for s in ids])
-    if blocks.feats and len({blocks.feats[s].shape[0] for s in ids}) == 1 and blocks.feats[ids[0]].shape[0] > 1:  # per-ROI features
-        reps["tokenizer: scan vector (encoder features)"] = lambda: np.stack([blocks.vectors[s] if s in blocks.vectors
-                                                                              else scan_vector(blocks.feats[s]) for s in ids])
-    if len({blocks.codes[s].shape for s in ids}) == 1:
-        reps |= {f"tokenizer: {name}": fn for name, fn in code_representations(ids, blocks.codes, blocks.decoder).items()}
+    reps |= {f"tokenizer: {name}": fn for name, fn in tokenizer_representations(ids, blocks.codes, blocks.feats, blocks.decoder,
+                                                                                   blocks.vectors).items()}
     for name, fn in lm_states.items():
         reps[f"LM answer state: {name}"] = fn
     rows = []
