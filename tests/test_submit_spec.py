@@ -93,3 +93,33 @@ def test_a_secret_in_a_uri_query_is_refused_and_redacted():
         config.build(TokenizerStageSpec, {"data": {"data": "s3://bucket/d?secret_key=abc123"}})
     assert "abc123" not in str(err.value)
     assert redact("reading s3://b/x?token=abc123&region=eu failed") == "reading s3://b/x?token=***&region=eu failed"
+
+
+def test_a_submitted_driver_leaves_the_jobs_own_env_vars_to_the_job(monkeypatch):
+    """Ray refuses a ray.init whose runtime env sets a variable the job's runtime env sets too
+    (a spec's submit.env naming e.g. FMRILM_VERBOSE): init_ray leaves those to the job."""
+    import json
+
+    from fmrilm import runtime
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"FMRILM_VERBOSE": "1"}}}))
+    assert runtime._job_env() == {"FMRILM_VERBOSE": "1"}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{not json")
+    assert runtime._job_env() == {}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert runtime._job_env() == {}
+
+
+def test_placement_and_the_hold_fault_are_spelled_as_ray_and_the_tests_need(monkeypatch):
+    from pydantic import ValidationError
+
+    from fmrilm.train.faults import fault_plan
+    from fmrilm.train.specs import ScalingSpec
+
+    assert ScalingSpec().placement_strategy == "PACK"
+    assert ScalingSpec(placement="strict_spread").placement_strategy == "STRICT_SPREAD"
+    with pytest.raises(ValidationError):
+        ScalingSpec(placement="everywhere")
+    monkeypatch.setenv("FMRILM_FAULT_STEP", "hold:4")
+    monkeypatch.setenv("FMRILM_FAULT_HOLD_S", "7")
+    assert fault_plan() == {"kind": "hold", "step": 4, "hold_s": 7.0}

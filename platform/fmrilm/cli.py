@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import List, Optional
@@ -11,6 +12,7 @@ import typer
 from rich.table import Table
 
 from fmrilm.console import make_console
+from fmrilm.errors import redact
 
 app = typer.Typer(help="fmrilm: a language-aligned foundation model for fMRI, on Ray.", no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Build, ingest and inspect scan tables.", no_args_is_help=True)
@@ -36,7 +38,7 @@ def _guard(fn, *args, **kwargs):
     from pydantic import ValidationError
 
     from fmrilm.config import format_validation_error
-    from fmrilm.errors import redact, user_error_in
+    from fmrilm.errors import user_error_in
     from fmrilm.tune.sweep import SweepFailed
 
     try:
@@ -45,14 +47,24 @@ def _guard(fn, *args, **kwargs):
         console.print(f"[bold red]error:[/] {escape(redact(format_validation_error(err, 'options')))}")
         raise typer.Exit(2) from None
     except (NotImplementedError, FileNotFoundError) as err:
+        _trace_to_log_file(err)
         console.print(f"[bold red]error:[/] {escape(redact(err))}")
         raise typer.Exit(2) from None
     except Exception as err:  # noqa: BLE001 - unwrap Ray's wrappers; anything else is a bug and keeps its traceback
         cause = user_error_in(err)
         if cause is None:
             raise
+        _trace_to_log_file(err)
         console.print(f"[bold red]error:[/] {escape(redact(cause))}")
         raise typer.Exit(1 if isinstance(cause, SweepFailed) else 2) from None
+
+
+def _trace_to_log_file(err: BaseException) -> None:
+    """The traceback of an error shown as one line, into the command's log file only (a logger
+    outside ``fmrilm``: the console shows it with --verbose)."""
+    import traceback
+
+    logging.getLogger("traceback").info("%s", redact("".join(traceback.format_exception(err))))
 
 
 def escape(text: str) -> str:

@@ -72,7 +72,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if not glob.glob("/dev/nvidia[0-9]*"):  # no GPU here: DeepSpeed's CPU accelerator, named (it warns when it falls back to it)
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    env = forwarded_env()
+    env = {k: v for k, v in forwarded_env().items() if k not in _job_env()}  # Ray refuses a key set twice
     ctx = ray.init(
         address=address or "local",  # "local": a new instance, never the one a stale /tmp/ray/ray_current_cluster names
         num_cpus=None if address else (num_cpus or max(4, os.cpu_count() or 1)),
@@ -84,6 +84,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     )
     session = getattr(ctx, "address_info", {}).get("session_dir")
     console.announce_logs(os.path.join(session, "logs") if session and not address else None)
+
+
+def _job_env() -> dict:
+    """The env_vars of the Ray job this driver runs as (``fmrilm submit``: the spec's ``submit.env``),
+    else empty: ``ray.init`` merges its runtime env into the job's and refuses a variable set in both."""
+    import json
+
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set by Ray's job supervisor
+    except json.JSONDecodeError:
+        return {}
+    return ((config.get("runtime_env") or {}).get("env_vars")) or {}
 
 
 def free_port() -> int:

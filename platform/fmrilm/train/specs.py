@@ -12,12 +12,20 @@ from fmrilm.config import RUN_NAME, RunLocation, Strict
 
 
 class ScalingSpec(Strict):
-    """Ray Train workers. On a small machine keep cpus_per_worker fractional: workers that take every CPU leave
-    none for the Ray Data read tasks that feed them."""
+    """Ray Train workers and where Ray places them. On a small machine keep cpus_per_worker fractional:
+    workers that take every CPU leave none for the Ray Data read tasks that feed them."""
 
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    placement: Literal["pack", "spread", "strict_spread"] = Field(
+        "pack", description="pack: as few nodes as fit the workers; spread: one worker per node where the cluster allows; "
+                            "strict_spread: one worker per node or the run waits for nodes")
+
+    @property
+    def placement_strategy(self) -> str:
+        """Ray's name of :attr:`placement` (``PACK``, ``SPREAD``, ``STRICT_SPREAD``)."""
+        return self.placement.upper()
 
 
 class RunSpec(RunLocation):

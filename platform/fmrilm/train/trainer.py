@@ -3,9 +3,13 @@ layer, under the run's lock, with quiet workers and a clear error when its store
 
 from __future__ import annotations
 
+import logging
+
 from fmrilm import runtime, storage
 from fmrilm.train.run_lock import RunLock, check_run_inputs, repair_run_record
 from fmrilm.train.specs import RunSpec, ScalingSpec
+
+log = logging.getLogger("fmrilm.train")
 
 
 def run_config(run: RunSpec):
@@ -46,7 +50,8 @@ def run_trainer(loop, config: dict, scaling: ScalingSpec, datasets: dict, run: R
     trainer = TorchTrainer(
         _quiet_worker(loop), train_loop_config=config, datasets=datasets, run_config=run_config(run),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker}))
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker},
+                                     placement_strategy=scaling.placement_strategy))
     run_dir = storage.resolve(storage.join(run.storage, run.name))
     lock = RunLock(run_dir, run.name).acquire()
     try:
@@ -68,20 +73,56 @@ def _quiet_worker(loop):
     return worker
 
 
-def _fit(trainer, run: RunSpec):
+def alive_nodes() -> dict[str, str]:
+    """Node id -> address of every live node of the connected Ray cluster."""
+    import ray
+
+    return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+
+
+def lost_nodes(before: dict[str, str]) -> list[str]:
+    """The nodes of ``before`` (:func:`alive_nodes`) that are no longer alive, as ``id-prefix (address)``."""
     try:
-        return trainer.fit()
+        now = alive_nodes()
+    except Exception:  # noqa: BLE001 - a report, never a reason to fail
+        return []
+    return [f"{node_id[:8]} ({address})" for node_id, address in before.items() if node_id not in now]
+
+
+def _fit(trainer, run: RunSpec):
+    """``trainer.fit()``; says which nodes the cluster lost during it (the run recovered when
+    ``run.max_failures`` allowed, else it stopped and a re-run resumes)."""
+    before = alive_nodes()
+    try:
+        result = trainer.fit()
     except Exception as err:
-        if not storage.is_remote(run.storage):
-            raise
-        reason = next((ln.strip() for ln in reversed(str(err).splitlines()) if storage.unreachable(ln)), None)
-        if reason is None:
-            try:
-                storage.list_dir(storage.resolve(storage.join(run.storage, run.name)))
-            except storage.StorageError as probe:
-                reason = str(probe) if storage.unreachable(probe) else None
-        if reason is None:
-            raise
-        raise storage.StorageError(
-            f"run {run.name!r} stopped: its storage {run.storage} is unreachable ({reason}). Checkpoints registered "
-            "before the outage are kept: re-run the same command once the store answers to resume from the newest.") from err
+        lost = lost_nodes(before)
+        if lost:
+            log.error("run %r: the cluster lost %d node(s) during the run: %s. Re-run (or re-submit) the same spec to resume "
+                      "from the newest checkpoint; with run.max_failures=N (> 0) the run recovers by itself on the nodes left",
+                      run.name, len(lost), ", ".join(lost))
+        _raise_if_store_unreachable(err, run)
+        raise
+    lost = lost_nodes(before)
+    if lost:
+        log.warning("run %r: the cluster lost %d node(s) during the run (%s); the workers restarted on the nodes left and "
+                    "resumed from the newest checkpoint", run.name, len(lost), ", ".join(lost))
+    return result
+
+
+def _raise_if_store_unreachable(err: Exception, run: RunSpec) -> None:
+    """Raise a :class:`fmrilm.storage.StorageError` when ``err`` came from the run's object store
+    going away; return otherwise."""
+    if not storage.is_remote(run.storage):
+        return
+    reason = next((ln.strip() for ln in reversed(str(err).splitlines()) if storage.unreachable(ln)), None)
+    if reason is None:
+        try:
+            storage.list_dir(storage.resolve(storage.join(run.storage, run.name)))
+        except storage.StorageError as probe:
+            reason = str(probe) if storage.unreachable(probe) else None
+    if reason is None:
+        return
+    raise storage.StorageError(
+        f"run {run.name!r} stopped: its storage {run.storage} is unreachable ({reason}). Checkpoints registered "
+        "before the outage are kept: re-run the same command once the store answers to resume from the newest.") from err
