@@ -89,3 +89,20 @@ def test_base_metric_and_mode_follow_the_stage():
     assert (spec.base, spec.metric, spec.mode) == ("jobs/tokenizer.yaml", "val/r2", "max")
     assert SweepSpec(space=space, metric="val/mse").mode == "min"
     assert SweepSpec(space=space, metric="val/mse", mode="max", base="b.yaml").model_dump()["mode"] == "max"
+
+
+def test_a_tokenizer_sweep_on_a_validation_metric_needs_validation_windows(tmp_path):
+    """Without one 'val' window no trial could report val/r2 (Tune stopped the sweep with a
+    traceback): refused before any trial, saying what to do."""
+    from fmrilm.data.ingest import ingest_synthetic
+    from fmrilm.data.synth import SynthParams
+    from fmrilm.tune.sweep import check_inputs
+
+    data = str(tmp_path / "datasets")
+    ingest_synthetic(SynthParams(name="synthetic", subjects=16, n_rois=8, n_networks=4, n_timepoints=64, seed=4), data, use_ray=False)
+    base = tmp_path / "tok.yaml"
+    base.write_text(yaml.safe_dump({"kind": "tokenizer", "data": {"data": data}, "alignment": {"domain_weight": 0.0}}))
+    spec = config.build(SweepSpec, {"base": str(base), "space": {"model.num_codes": {"grid": [8, 16]}}, "storage": str(tmp_path)})
+    with pytest.raises(ConfigError, match="needs validation windows.*metric=loss"):
+        check_inputs(spec, check(spec))
+    check_inputs(spec.model_copy(update={"metric": "loss", "mode": "min"}), check(spec))  # a training metric needs none

@@ -491,12 +491,13 @@ def bench_ingest(
     timepoints: int = typer.Option(1200, help="timepoints per scan"),
     rois: int = typer.Option(200, help="ROIs per scan"),
     repeats: int = typer.Option(3, help="timed repetitions of each side"),
+    nodes: int = typer.Option(1, min=1, help="Ray nodes on loopback; > 1 also times the pipeline pinned to the head node"),
     out_file: Optional[str] = typer.Option(None, "--out", help="also write the JSON here"),
 ) -> None:
     """Ray Data pipeline vs a plain pyarrow+numpy read of the same files on a local S3 server."""
     from fmrilm.bench.ingest import run_benchmark
 
-    result = _guard(run_benchmark, subjects=subjects, timepoints=timepoints, rois=rois, repeats=repeats)
+    result = _guard(run_benchmark, subjects=subjects, timepoints=timepoints, rois=rois, repeats=repeats, nodes=nodes)
     _report_bench(result, as_json, out_file)
 
 

@@ -47,3 +47,18 @@ def test_bench_lm_compares_the_same_steps(ray_cluster, tmp_path):
     assert "autocast (autocast)" in result["summary"]
     bad = CliRunner().invoke(app, ["bench", "lm", "--variants", "auto+turbo"])
     assert bad.exit_code == 2 and "unknown part 'turbo'" in bad.output and "Traceback" not in bad.output
+
+
+def test_bench_ingest_on_three_loopback_nodes_reports_both_placements(tmp_path):
+    """In a fresh process (this one holds the suite's Ray): the pipeline spread over three nodes
+    and pinned to the head node, beside the plain read, in one run."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "fmrilm", "bench", "ingest", "--json", "--subjects", "8", "--rois", "10", "--timepoints", "96",
+                        "--repeats", "1", "--nodes", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["nodes"] == 3 and result["ray_data_head_node"]["windows"] == result["ray_data"]["windows"] == 8 * 3
+    assert result["spread_over_head_node"] > 0 and "3 loopback nodes" in result["summary"]

@@ -1,9 +1,12 @@
-"""Beyond one node: a head and two worker nodes on 127.0.0.1 (tests/ray_cluster.py: each node its
-own logical CPUs and label resource, token auth on), the local S3 server as the only shared store,
-every path on s3://. `fmrilm submit` runs spread one worker per node (checked from Ray's state
-API), and a node killed mid-run (raylet and workers, SIGKILL) costs at most one checkpoint
-interval: the run goes on from the newest checkpoint on S3 on the nodes left, ends at the same
-final step, and `fmrilm logs` says a node was lost and the run resumed."""
+"""Beyond one node: a head and two worker nodes on 127.0.0.1 (:class:`fmrilm.local_cluster.LocalCluster`:
+each node its own logical CPUs and label resource, token auth on), the local S3 server as the
+only shared store, every path on s3://. `fmrilm submit` runs spread one worker per node (checked
+from Ray's state API): the tokenizer, LM pretraining with DeepSpeed ZeRO-2 and ZeRO-3 (the same
+steps and loss as the same spec on one node), a sweep's trials. A worker node killed mid-run
+(raylet and every process on it, SIGKILL) costs at most one checkpoint interval: the run goes on
+from the newest checkpoint on S3 on the nodes left, ends at the same final step, and `fmrilm
+logs` says a node was lost and the run resumed. The head lost: `fmrilm status` says the cluster
+is gone, and the same spec submitted to a new cluster resumes from S3."""
 
 import secrets
 import time
@@ -14,7 +17,8 @@ from typer.testing import CliRunner
 from fmrilm import storage, submit
 from fmrilm.cli import app
 
-from tests.ray_cluster import ray_nodes
+from fmrilm.local_cluster import LocalCluster
+
 from tests.ray_head import head_env
 
 pytestmark = pytest.mark.integration
@@ -28,7 +32,7 @@ def cohort(local_s3):
     from fmrilm.data.synth import SynthParams
 
     root = local_s3.uri("multinode", "datasets")
-    ingest_synthetic(SynthParams(name="synthetic", subjects=16, n_rois=8, n_networks=4, n_timepoints=128, seed=4), root, use_ray=False)
+    ingest_synthetic(SynthParams(name="synthetic", subjects=24, n_rois=8, n_networks=4, n_timepoints=128, seed=4), root, use_ray=False)
     return root
 
 
@@ -38,8 +42,8 @@ def cluster(local_s3, monkeypatch_module):
     token = secrets.token_hex(32)
     monkeypatch_module.setenv("RAY_AUTH_MODE", "token")
     monkeypatch_module.setenv("RAY_AUTH_TOKEN", token)
-    env = head_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="180")
-    with ray_nodes(env, workers=2, head_cpus=2, worker_cpus=1) as nodes:
+    env = _cluster_env(token)
+    with LocalCluster(workers=2, head_cpus=2, worker_cpus=1, env=env) as nodes:
         yield nodes
 
 
@@ -47,6 +51,10 @@ def cluster(local_s3, monkeypatch_module):
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as mp:
         yield mp
+
+
+def _cluster_env(token: str) -> dict:
+    return head_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="180")
 
 
 def _cli(*args):
@@ -118,3 +126,95 @@ def test_tokenizer_spreads_over_nodes_and_survives_losing_one(cohort, cluster, l
     assert len({a.node_id for a in again}) == 2  # still one worker per node
     code, out = _cli("status", "tok-nodes", "--address", cluster.dashboard, "--json")
     assert code == 0 and '"SUCCEEDED"' in out
+    cluster.add("node3")  # a replacement machine, for the tests after this one
+
+
+def _final_metrics(log: str) -> dict:
+    """The final step, loss (last log interval) and, where the run had validation subjects, the
+    validation loss of an LM run, from its summary line."""
+    import re
+
+    line = [ln for ln in log.splitlines() if re.search(r"\(step \d+\)$", ln)]
+    assert line, log[-3000:]
+    found = dict(re.findall(r"(?:^|, )(loss|val/loss) ([0-9.]+)", line[-1]))
+    return {"step": int(re.search(r"\(step (\d+)\)$", line[-1]).group(1))} | {k: float(v) for k, v in found.items()}
+
+
+def _submit_and_wait(cluster, name: str, *args, timeout_s: float = 400) -> str:
+    code, out = _cli("submit", *args, "--address", cluster.dashboard)
+    assert code == 0, out
+    status = submit.wait(name, cluster.dashboard, timeout_s)
+    log = submit.logs(name, cluster.dashboard)
+    assert status == "SUCCEEDED", log[-4000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def tokens(cohort, cluster, local_s3):
+    """A tokenizer artifact and its tokens table on S3, each made by a submitted job (the node-loss
+    test's tokenizer when it ran first)."""
+    runs = local_s3.uri("multinode", "runs")
+    art = storage.join(runs, "tok-nodes", "tokenizer")
+    if not storage.exists(storage.resolve(storage.join(art, "config.json"))):
+        _submit_and_wait(cluster, "tok-nodes", "jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-nodes",
+                         *TINY, "train.epochs=20", "train.max_steps=8", "train.batch_size=8")
+    _submit_and_wait(cluster, "tokenize", "jobs/tokenize.yaml", f"tokenizer={art}", f"data.data={cohort}", "probes=false")
+    return art
+
+
+@pytest.mark.parametrize("zero,workers", [(2, 3), (3, 2)])
+def test_lm_pretraining_spreads_over_nodes_with_deepspeed(tokens, cohort, cluster, local_s3, zero, workers):
+    """ZeRO-2 on three workers and ZeRO-3 on two, one worker per node, finish every step and
+    export; the ZeRO-3 run against the same spec packed on one node: the same steps, the final
+    loss (and the validation loss, where the split has validation subjects) within 2 %."""
+    name = f"lm-z{zero}-nodes"
+    common = ["jobs/pretrain.yaml", f"tokenizer={tokens}", f"data={cohort}", f"run.storage={local_s3.uri('multinode', 'runs')}",
+              "backbone.tiny_width=32", "seq_len=64", f"deepspeed.zero_stage={zero}", "deepspeed.micro_batch_size=2",
+              "train.epochs=2", "train.checkpoint_every=4", f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1"]
+    log = _submit_and_wait(cluster, name, *common, f"run.name={name}", "scaling.placement=spread")
+    job = submit.job_info(name, cluster.dashboard).job_id
+    assert len({a.node_id for a in _workers(cluster.dashboard, job)}) == workers  # one worker per node
+    spread = _final_metrics(log)
+    assert spread["step"] > 0 and "model: s3://" in log
+    if zero == 3:
+        one = f"lm-z{zero}-one-node"
+        packed = _final_metrics(_submit_and_wait(cluster, one, *common, f"run.name={one}", "scaling.placement=pack"))
+        assert len({a.node_id for a in _workers(cluster.dashboard, submit.job_info(one, cluster.dashboard).job_id)}) == 1
+        assert packed["step"] == spread["step"] and packed.keys() == spread.keys()
+        for key in set(packed) - {"step"}:
+            assert abs(packed[key] - spread[key]) <= 0.02 * packed[key], (packed, spread)
+
+
+def test_a_sweep_s_trials_land_on_more_than_one_node(cohort, cluster, local_s3):
+    """Two tokenizer trials whose workers take a whole CPU each: they run side by side on different nodes."""
+    overrides = ",".join([f"data.data={cohort}", *TINY, "train.epochs=2", "train.max_steps=4", "train.batch_size=8",
+                          "scaling.num_workers=1", "scaling.cpus_per_worker=1"])
+    _submit_and_wait(cluster, "sweep-nodes", "jobs/sweep_tokenizer.yaml", f"overrides=[{overrides}]", "space={model.num_codes: {grid: [8, 16]}}",
+                     "scheduler=fifo", f"storage={local_s3.uri('multinode', 'sweeps')}", "name=sweep-nodes")
+    workers = _workers(cluster.dashboard, submit.job_info("sweep-nodes", cluster.dashboard).job_id)
+    assert len(workers) == 2 and len({a.node_id for a in workers}) == 2, [cluster.name_of(a.node_id) for a in workers]
+
+
+def test_losing_the_head_ends_the_job_and_the_same_spec_resumes_on_a_new_cluster(cohort, cluster, local_s3, monkeypatch):
+    """Last in this module: it kills the module's cluster."""
+    import os
+
+    runs = local_s3.uri("multinode", "runs")
+    spec = ["jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-head", *TINY, "train.epochs=20",
+            "train.max_steps=8", "train.checkpoint_every=2", "train.batch_size=8", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
+            "scaling.placement=spread"]
+    monkeypatch.setenv("FMRILM_FAULT_STEP", "hold:4")
+    code, out = _cli("submit", *spec, "submit.env=[FMRILM_FAULT_STEP]", "--address", cluster.dashboard)
+    assert code == 0, out
+    _wait_for(lambda: storage.exists(storage.resolve(storage.join(runs, "tok-head", "checkpoint_0000004", "meta.json"))), 240,
+              "checkpoint 4 on S3")
+    time.sleep(2)
+    cluster.kill("head")
+    code, out = _cli("status", "tok-head", "--address", cluster.dashboard)
+    assert code == 2 and "cannot reach the Ray dashboard" in out and "Traceback" not in out, out
+
+    monkeypatch.delenv("FMRILM_FAULT_STEP")
+    with LocalCluster(workers=1, head_cpus=2, worker_cpus=1, env=_cluster_env(os.environ["RAY_AUTH_TOKEN"])) as second:
+        log = _submit_and_wait(second, "tok-head", *spec)
+    assert "resumed at step 4" in log, log[-3000:]
+    assert "checkpoint_0000008" in storage.list_dir(storage.resolve(storage.join(runs, "tok-head")))

@@ -367,7 +367,7 @@ def run(spec: PretrainSpec) -> dict:
     train = prepared["train"]
     policy = splits.inherited(spec.split, art_cfg.get("split"))
     result = fit(spec, train["packed"], codebook(spec.tokenizer), code_pairs(spec, policy), art_cfg["model"]["max_rois"], prepared["split"],
-                 prepared.get("scan_scale"), art_cfg.get("contract"))
+                 prepared.get("scan_scale"), art_cfg.get("contract"), val=(prepared.get("val") or {}).get("packed"))
     return {"metrics": dict(result.metrics or {}), "model": lm_artifact.location(spec.run.storage, spec.run.name),
             "sequences": len(train["packed"]["ids"]), "examples": train["examples"], "objective_examples": train["counts"]}
 
@@ -385,10 +385,12 @@ def code_pairs(spec: PretrainSpec, policy: SplitPolicy | None = None):
 
 
 def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tensor, pairs=None, max_rois: int = 512,
-        split_rec: dict | None = None, scan_scale: tuple[np.ndarray, np.ndarray] | None = None, contract: dict | None = None):
+        split_rec: dict | None = None, scan_scale: tuple[np.ndarray, np.ndarray] | None = None, contract: dict | None = None,
+        val: dict[str, np.ndarray] | None = None):
     """Run the ``TorchTrainer`` on packed sequences (rows a multiple of the world size) with a
     codebook ``[K, d]``, optional codebook-map pairs, the split record and input contract the
-    export carries and the scan vectors' standardisation; returns the Ray Train result."""
+    export carries and the scan vectors' standardisation; ``val``: packed sequences of the
+    validation subjects, scored at each checkpoint (``val/loss``). Returns the Ray Train result."""
     world = spec.scaling.num_workers
     probe = probe_row(packed)
     config = {"spec": worker_spec(spec), "num_codes": int(codebook.shape[0]), "codebook": codebook.numpy(),
@@ -397,14 +399,15 @@ def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tenso
               "fault": fault_plan(),
               "feature_width": int(packed["feats"].shape[-1]) if "feats" in packed else None, "max_rois": max_rois,
               "scan_dim": int(packed["scan"].shape[-1]) if "scan" in packed else None, "scan_scale": scan_scale,
-              "split": split_rec, "contract": contract}
-    return run_trainer(train_loop, config, spec.scaling, {"train": to_dataset(packed)}, spec.run, (split_rec or {}).get("datasets"))
+              "split": split_rec, "contract": contract, "has_val": val is not None}
+    datasets = {"train": to_dataset(packed)} | ({"val": to_dataset(val)} if val is not None else {})
+    return run_trainer(train_loop, config, spec.scaling, datasets, spec.run, (split_rec or {}).get("datasets"))
 
 
 def summary(result: dict) -> list[str]:
     """Lines a person reads after :func:`run`; the first is the headline (losses per objective)."""
     m = result["metrics"]
-    losses = ", ".join(f"{k} {m[k]:.3f}" for k in ("loss/fmri_text", "loss/fmri_fmri", "loss/text_text", "loss", "tokens_per_s") if k in m)
+    losses = ", ".join(f"{k} {m[k]:.3f}" for k in ("loss/fmri_text", "loss/fmri_fmri", "loss/text_text", "loss", "val/loss", "tokens_per_s") if k in m)
     lines = [f"{losses} (step {m.get('step')})",
              f"model: {result['model']} ({result['sequences']} packed sequences, examples per objective {result['objective_examples']}; "
              f"code embeddings init: {m.get('code_init')})"]

@@ -221,8 +221,9 @@ def run(spec: TokenizerStageSpec) -> dict:
     contract["signal"] = signal_summary(sample_windows(spec.data, "train"))  # what a distribution shift is measured against
     has_val = bool(index.loc[index["split"] == "val", "n_windows"].sum())
     if not has_val:
-        log.warning("no validation windows (no scan of the 'val' split is at least window=%d long): training without validation",
-                    spec.data.window)
+        val_scans = int((index["split"] == "val").sum())
+        log.warning("no validation windows (%s): training without validation", f"no scan of the 'val' split is at least window="
+                    f"{spec.data.window} long" if val_scans else "the split puts no subject in 'val'; a few more subjects give it some")
     prepared = train_datasets(spec.data, world, ("train", "val") if has_val else ("train",))
     text_tokens, caption_emb = text_inputs(spec.alignment, spec.data, set(index.loc[index["split"] == "train", "scan_id"]))
     rows = prepared["sizes"]["train"]

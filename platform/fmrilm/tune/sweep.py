@@ -197,7 +197,16 @@ def check(spec: SweepSpec) -> dict:
 def check_inputs(spec: SweepSpec, base: dict) -> None:
     """The stage's own pre-flight on a sample trial (its data or model export exists), so missing
     inputs fail once, before any trial starts."""
-    stage_of(spec.stage).check(trial_spec(spec, {k: d.sample_value() for k, d in spec.space.items()}, "check", base))
+    sample = trial_spec(spec, {k: d.sample_value() for k, d in spec.space.items()}, "check", base)
+    stage_of(spec.stage).check(sample)
+    if spec.stage == "tokenizer" and spec.metric.startswith("val/"):
+        from fmrilm.data.pipeline import scan_index
+
+        index = scan_index(sample.data)
+        if not index.loc[index["split"] == "val", "n_windows"].sum():
+            raise cfg.ConfigError(f"a tokenizer sweep on {spec.metric} needs validation windows, and the split of "
+                                  f"{sample.data.data} gives none (no 'val' scan at least data.window={sample.data.window} long): "
+                                  "ingest more subjects or sweep on a training metric (metric=loss, mode=min)")
 
 
 def concurrency(spec: SweepSpec, cluster_cpus: float, base: dict) -> tuple[int, float]:
