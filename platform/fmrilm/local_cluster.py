@@ -31,7 +31,7 @@ import time
 
 from fmrilm.errors import UserError
 
-OBJECT_STORE = 200 * 2**20
+OBJECT_STORE_MB = 200  # per node: enough for the tests' tiny runs; benchmarks give more
 
 
 class LocalClusterError(UserError, RuntimeError):
@@ -40,13 +40,15 @@ class LocalClusterError(UserError, RuntimeError):
 
 class LocalCluster:
     """A head with ``head_cpus`` logical CPUs and ``workers`` worker nodes (``node1`` ... with
-    ``worker_cpus`` each), started with ``env`` (default: this environment, on loopback);
+    ``worker_cpus`` each) and ``object_store_mb`` of object store per node, started with ``env``
+    (default: this environment, on loopback);
     attributes once started: ``dashboard`` (URL), ``gcs`` (address for ``ray.init``) and
     ``node_ids`` (name -> node id)."""
 
     def __init__(self, workers: int = 2, head_cpus: int = 2, worker_cpus: int = 1, env: dict | None = None,
-                 timeout_s: float = 120):
+                 timeout_s: float = 120, object_store_mb: int = OBJECT_STORE_MB):
         self.workers, self.head_cpus, self.worker_cpus = workers, head_cpus, worker_cpus
+        self.object_store_mb = object_store_mb
         self.env = dict(os.environ if env is None else env)
         self.timeout_s = timeout_s
         self.dashboard = self.gcs = ""
@@ -56,7 +58,8 @@ class LocalCluster:
 
     def start(self) -> "LocalCluster":
         self._temp = tempfile.mkdtemp(prefix="fmc", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-        args = json.dumps({"workers": self.workers, "head_cpus": self.head_cpus, "worker_cpus": self.worker_cpus, "temp": self._temp})
+        args = json.dumps({"workers": self.workers, "head_cpus": self.head_cpus, "worker_cpus": self.worker_cpus, "temp": self._temp,
+                           "object_store_mb": self.object_store_mb})
         env = self.env | {"RAY_TMPDIR": self._temp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS", None)
         self._log = open(os.path.join(self._temp, "helper.log"), "w")
@@ -137,7 +140,7 @@ def _descendants(node) -> list:
     return out
 
 
-def _serve(workers: int, head_cpus: int, worker_cpus: int, temp: str) -> None:
+def _serve(workers: int, head_cpus: int, worker_cpus: int, temp: str, object_store_mb: int) -> None:
     """The helper's main thread: start the cluster, print its addresses, obey stdin."""
     import ray
     from ray.cluster_utils import Cluster
@@ -148,14 +151,14 @@ def _serve(workers: int, head_cpus: int, worker_cpus: int, temp: str) -> None:
     os.makedirs(os.path.join(temp, "ray"), exist_ok=True)  # RAY_TMPDIR/ray: where Ray writes ray_current_cluster
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": head_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash,
-        "object_store_memory": OBJECT_STORE, "temp_dir": temp, "resources": {"head": 1}})
+        "object_store_memory": object_store_mb * 2**20, "temp_dir": temp, "resources": {"head": 1}})
     nodes = {}
 
     def add(name: str) -> str:
         # each node its own temp dir and log monitor, as each machine has its own disk: nodes sharing one share the
         # unpacked runtime envs (one node's agent replaced the job driver's working_dir under it), and without its
         # log monitor a node's workers' output never reaches the driver
-        node = cluster.add_node(num_cpus=worker_cpus, resources={name: 1}, object_store_memory=OBJECT_STORE,
+        node = cluster.add_node(num_cpus=worker_cpus, resources={name: 1}, object_store_memory=object_store_mb * 2**20,
                                 temp_dir=os.path.join(temp, name), include_log_monitor=True)
         nodes[name] = node
         return node.node_id

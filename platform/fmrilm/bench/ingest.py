@@ -25,6 +25,7 @@ from fmrilm.data.signal import robust_scale, windows
 from fmrilm.errors import UserError
 
 TARGET = 0.9
+OBJECT_STORE_MB = 2048  # per loopback node: more than the benchmark's data, so nothing spills
 
 
 def plain_pyarrow(spec: PipelineSpec, batch_size: int) -> dict:
@@ -96,7 +97,8 @@ def run_benchmark(subjects: int = 256, timepoints: int = 1200, rois: int = 200, 
         connected = ray.is_initialized()
         if connected and nodes > 1:
             raise UserError("bench ingest --nodes needs a process not yet connected to Ray (run it from the command line)")
-        cluster = stack.enter_context(LocalCluster(workers=nodes - 1, head_cpus=machine()["cpus"] or 2)) if nodes > 1 else None
+        cluster = stack.enter_context(LocalCluster(workers=nodes - 1, head_cpus=machine()["cpus"] or 2,
+                                                           object_store_mb=OBJECT_STORE_MB)) if nodes > 1 else None
         runtime.init_ray(cluster.gcs if cluster else None)
         if cluster:
             stack.callback(ray.shutdown)  # before the cluster stops
