@@ -123,3 +123,13 @@ def test_placement_and_the_hold_fault_are_spelled_as_ray_and_the_tests_need(monk
     monkeypatch.setenv("FMRILM_FAULT_STEP", "hold:4")
     monkeypatch.setenv("FMRILM_FAULT_HOLD_S", "7")
     assert fault_plan() == {"kind": "hold", "step": 4, "hold_s": 7.0}
+
+
+def test_status_lists_a_run_s_recoveries_from_its_log():
+    log = ("starting\n\x1b[36m(RayTrainWorker pid=5)\x1b[0m resumed at step 4 from s3://b/run/checkpoint_0000004\n"
+           "16:00:01 WARNING run 'r': the cluster lost 1 node(s) during the run (ab12cd34 (10.0.0.7)); the workers restarted\n"
+           "\x1b[36m(RayTrainWorker pid=5)\x1b[0m resumed at step 4 from s3://b/run/checkpoint_0000004\nloss 0.1 (step 8)\n")
+    assert submit.recoveries(log) == ["resumed at step 4 from s3://b/run/checkpoint_0000004",
+                                      "16:00:01 WARNING run 'r': the cluster lost 1 node(s) during the run (ab12cd34 (10.0.0.7)); "
+                                      "the workers restarted"]
+    assert submit.recoveries("loss 0.1 (step 8)\n") == []

@@ -295,6 +295,8 @@ def job_status(
     jobs = [_guard(submit.job_info, name, address)] if name else _guard(submit.list_jobs, address)
     rows = [{"id": j.submission_id, "status": str(j.status), "kind": (j.metadata or {}).get("fmrilm_kind", ""),
              "started": _when(j.start_time), "ended": _when(j.end_time), "message": j.message or ""} for j in jobs]
+    if name:  # one run: also what its log says about lost nodes and resumes
+        rows[0]["recoveries"] = submit.recoveries(_guard(submit.logs, name, address))
     if as_json:
         out.print_json(json.dumps(rows[0] if name else rows))
         return
@@ -304,6 +306,8 @@ def job_status(
     for r in rows:
         t.add_row(*(escape(str(r[c])) for c in ("id", "status", "kind", "started", "ended", "message")))
     out.print(t)
+    for line in rows[0].get("recoveries", []) if name else []:
+        out.print(f"  {escape(line)}")
 
 
 def _when(ms: int | None) -> str:

@@ -334,6 +334,22 @@ def logs(name: str, address: str | None = None) -> str:
     return client.get_job_logs(job_info(name, client=client).submission_id)
 
 
+# what a run's log says about its recoveries (fmrilm.train.trainer and the loops write these lines)
+RECOVERY_MARKERS = ("the cluster lost", "resumed at step")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def recoveries(log: str) -> list[str]:
+    """The lines of a run's log that say it lost nodes or resumed from a checkpoint, once each,
+    without the Ray worker prefix or colour codes."""
+    out: list[str] = []
+    for line in log.splitlines():
+        line = re.sub(r"^\([^)]*\)\s*", "", _ANSI.sub("", line)).strip()
+        if any(m in line for m in RECOVERY_MARKERS) and line not in out:
+            out.append(line)
+    return out
+
+
 def follow(name: str, address: str | None = None, write=print) -> str:
     """Stream the log of a run's newest attempt to ``write`` until it ends; returns the final status."""
     import asyncio

@@ -125,7 +125,7 @@ def test_tokenizer_spreads_over_nodes_and_survives_losing_one(cohort, cluster, l
     assert len(again) == 2 and cluster.node_ids[victim] not in {a.node_id for a in again}  # restarted on the nodes left
     assert len({a.node_id for a in again}) == 2  # still one worker per node
     code, out = _cli("status", "tok-nodes", "--address", cluster.dashboard, "--json")
-    assert code == 0 and '"SUCCEEDED"' in out
+    assert code == 0 and '"SUCCEEDED"' in out and "lost 1 node(s)" in out and "resumed at step 4" in out, out
     cluster.add("node3")  # a replacement machine, for the tests after this one
 
 
