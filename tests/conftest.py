@@ -37,14 +37,20 @@ def local_s3():
         yield s3
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(local_s3):
-    """One local Ray for the session, started after the S3 env is set so workers inherit it."""
+def start_local_ray():
+    """The suite's one in-process local Ray (what :func:`ray_cluster` starts)."""
     import ray
     from ray.data import DataContext
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(local_s3):
+    """One local Ray for the session, started after the S3 env is set so workers inherit it."""
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 

@@ -293,7 +293,7 @@ def job_status(
     from fmrilm import submit
 
     jobs = [_guard(submit.job_info, name, address)] if name else _guard(submit.list_jobs, address)
-    rows = [{"id": j.submission_id, "status": str(j.status), "kind": (j.metadata or {}).get("fmrilm_kind", ""),
+    rows = [{"id": j.submission_id, "job_id": j.job_id, "status": str(j.status), "kind": (j.metadata or {}).get("fmrilm_kind", ""),
              "started": _when(j.start_time), "ended": _when(j.end_time), "message": j.message or ""} for j in jobs]
     if name:  # one run: also what its log says about lost nodes and resumes
         rows[0]["recoveries"] = submit.recoveries(_guard(submit.logs, name, address))

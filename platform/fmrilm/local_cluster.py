@@ -83,7 +83,10 @@ class LocalCluster:
         reply = self._proc.stdout.readline()
         if not reply:
             raise LocalClusterError(f"the local cluster's helper exited on {line!r} (log: {self._temp}/helper.log)")
-        return json.loads(reply)
+        answer = json.loads(reply)
+        if "error" in answer:
+            raise LocalClusterError(answer["error"])
+        return answer
 
     def kill(self, name: str) -> None:
         """Kill node ``name`` (its raylet and every process it started; ``head``: also the GCS and
@@ -151,6 +154,9 @@ def _serve(workers: int, head_cpus: int, worker_cpus: int, temp: str, object_sto
     os.makedirs(os.path.join(temp, "ray"), exist_ok=True)  # RAY_TMPDIR/ray: where Ray writes ray_current_cluster
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": head_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash,
+        # its own agent port: the default (52365) is taken by any other Ray on the machine, and a head without its
+        # agent answers every job submission with "No available agent to submit job"
+        "dashboard_agent_listen_port": free_port(),
         "object_store_memory": object_store_mb * 2**20, "temp_dir": temp, "resources": {"head": 1}})
     nodes = {}
 
@@ -168,7 +174,9 @@ def _serve(workers: int, head_cpus: int, worker_cpus: int, temp: str, object_sto
     print(json.dumps({"dashboard": f"http://127.0.0.1:{dash}", "gcs": cluster.address, "nodes": ids}), flush=True)
     for line in sys.stdin:
         verb, _, name = line.strip().partition(" ")
-        if verb == "kill":
+        if (verb == "kill" and name != "head" and name not in nodes) or (verb == "add" and (name in nodes or name == "head")):
+            print(json.dumps({"error": f"cannot {verb} node {name!r}: the nodes are head, {', '.join(nodes) or 'no workers'}"}), flush=True)
+        elif verb == "kill":
             node = cluster.head_node if name == "head" else nodes.pop(name)
             below = _descendants(node)  # a lost machine takes every process on it: job drivers too
             cluster.remove_node(node, allow_graceful=False)

@@ -8,21 +8,39 @@ from the newest checkpoint on S3 on the nodes left, ends at the same final step,
 logs` says a node was lost and the run resumed. The head lost: `fmrilm status` says the cluster
 is gone, and the same spec submitted to a new cluster resumes from S3."""
 
+import json
+import os
 import secrets
+import subprocess
+import sys
 import time
 
 import pytest
-from typer.testing import CliRunner
 
 from fmrilm import storage, submit
-from fmrilm.cli import app
-
 from fmrilm.local_cluster import LocalCluster
 
 from tests.ray_head import head_env
 
 pytestmark = pytest.mark.integration
 TINY = ["model.num_codes=16", "model.width=16", "model.depth=1", "model.heads=2", "model.code_dim=8", "run.logger=none"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_other_ray_here():
+    """The suite's in-process Ray is stopped while this module's cluster runs, and started again
+    after: beside it, jobs on the loopback nodes failed to download their runtime env packages
+    from the head ("prematurely deleted from the GCS")."""
+    import ray
+
+    running = ray.is_initialized()
+    if running:
+        ray.shutdown()
+    yield
+    if running:
+        from tests.conftest import start_local_ray
+
+        start_local_ray()
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +56,13 @@ def cohort(local_s3):
 
 @pytest.fixture(scope="module")
 def cluster(local_s3, monkeypatch_module):
-    """Head (2 CPUs) + node1 + node2 (1 CPU each), token auth on; this process holds the token."""
+    """Head (2 CPUs) + node1 + node2 (1 CPU each), token auth on. Every command that talks to it
+    runs in a fresh process (:func:`_fmrilm`): Ray reads its auth mode and token once per process,
+    and this one holds the suite's own Ray without auth."""
     token = secrets.token_hex(32)
     monkeypatch_module.setenv("RAY_AUTH_MODE", "token")
     monkeypatch_module.setenv("RAY_AUTH_TOKEN", token)
-    env = _cluster_env(token)
-    with LocalCluster(workers=2, head_cpus=2, worker_cpus=1, env=env) as nodes:
+    with LocalCluster(workers=2, head_cpus=2, worker_cpus=1, env=_cluster_env(token)) as nodes:
         yield nodes
 
 
@@ -57,18 +76,44 @@ def _cluster_env(token: str) -> dict:
     return head_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="180")
 
 
-def _cli(*args):
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.output
+def _fmrilm(*args, timeout_s: float = 180) -> tuple[int, str]:
+    """``fmrilm ARGS`` in a fresh process with this environment (the cluster's token); exit code and output."""
+    r = subprocess.run([sys.executable, "-m", "fmrilm", *args], env=dict(os.environ), capture_output=True, text=True, timeout=timeout_s)
+    return r.returncode, r.stdout + r.stderr
 
 
-def _workers(address: str, job_id: str, alive_only: bool = False) -> list:
-    """The Ray Train worker actors of one job (state API), oldest first."""
-    from ray.util.state import list_actors
+def _status(name: str, address: str) -> dict:
+    code, out = _fmrilm("status", name, "--address", address, "--json")
+    return json.loads(out[out.index("{"):]) if code == 0 and "{" in out else {}
 
-    filters = [("job_id", "=", job_id)] + ([("state", "=", "ALIVE")] if alive_only else [])
-    actors = list_actors(address=address, filters=filters, detail=True, limit=1000)
-    return [a for a in actors if "TrainWorker" in a.class_name]
+
+def _wait(name: str, address: str, timeout_s: float = 400) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = _status(name, address).get("status")
+        if status in submit.TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(2)
+
+
+def _logs(name: str, address: str) -> str:
+    return _fmrilm("logs", name, "--address", address)[1]
+
+
+WORKERS = """import json, sys
+from ray.util.state import list_actors
+filters = [("job_id", "=", sys.argv[2])] + ([("state", "=", "ALIVE")] if sys.argv[3] == "1" else [])
+actors = list_actors(address=sys.argv[1], filters=filters, detail=True, limit=1000)
+print(json.dumps([{"actor_id": a.actor_id, "node_id": a.node_id} for a in actors if "TrainWorker" in a.class_name]))
+"""
+
+
+def _workers(address: str, job_id: str, alive_only: bool = False) -> list[dict]:
+    """The Ray Train worker actors of one job (Ray's state API, from a fresh process)."""
+    r = subprocess.run([sys.executable, "-c", WORKERS, address, job_id, "1" if alive_only else "0"], env=dict(os.environ),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
 
 
 def _wait_for(predicate, timeout_s: float, what: str):
@@ -93,42 +138,6 @@ def test_the_cluster_requires_its_token(cluster):
     assert err.value.code in (401, 403)
 
 
-def test_tokenizer_spreads_over_nodes_and_survives_losing_one(cohort, cluster, local_s3, monkeypatch):
-    runs = local_s3.uri("multinode", "runs")
-    monkeypatch.setenv("FMRILM_FAULT_STEP", "hold:4")  # every worker waits at step 4 (after its checkpoint) for the kill
-    monkeypatch.setenv("FMRILM_FAULT_HOLD_S", "90")
-    code, out = _cli("submit", "jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-nodes", *TINY,
-                     "train.epochs=20", "train.max_steps=8", "train.checkpoint_every=2", "train.batch_size=8",
-                     "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.placement=spread", "run.max_failures=2",
-                     "submit.env=[FMRILM_FAULT_STEP,FMRILM_FAULT_HOLD_S]", "--address", cluster.dashboard)
-    assert code == 0, out
-    job_id = _wait_for(lambda: submit.job_info("tok-nodes", cluster.dashboard).job_id, 120, "the job to start")
-
-    # placement, from Ray's state API: the two workers on two different nodes
-    first = _wait_for(lambda: (w := _workers(cluster.dashboard, job_id, alive_only=True)) and len(w) == 2 and w, 240, "two workers")
-    placed = {a.node_id for a in first}
-    assert len(placed) == 2, [cluster.name_of(n) for n in placed]
-
-    # a node lost while every worker holds at step 4, after checkpoint 4 reached S3
-    ckpt = storage.join(runs, "tok-nodes", "checkpoint_0000004", "meta.json")
-    _wait_for(lambda: storage.exists(storage.resolve(ckpt)), 240, "checkpoint 4 on S3")
-    time.sleep(2)  # the controller registers a checkpoint when it next polls the workers
-    victim = next(cluster.name_of(n) for n in placed if cluster.name_of(n) != "head")
-    cluster.kill(victim)
-
-    assert submit.wait("tok-nodes", cluster.dashboard, 400) == "SUCCEEDED", submit.logs("tok-nodes", cluster.dashboard)[-4000:]
-    log = submit.logs("tok-nodes", cluster.dashboard)
-    assert "resumed at step 4" in log and "lost 1 node(s)" in log, log[-4000:]
-    folders = storage.list_dir(storage.resolve(storage.join(runs, "tok-nodes")))
-    assert "checkpoint_0000008" in folders and not any("-after-" in f for f in folders), folders  # same final step, no fall-back
-    again = [a for a in _workers(cluster.dashboard, job_id) if a.actor_id not in {f.actor_id for f in first}]
-    assert len(again) == 2 and cluster.node_ids[victim] not in {a.node_id for a in again}  # restarted on the nodes left
-    assert len({a.node_id for a in again}) == 2  # still one worker per node
-    code, out = _cli("status", "tok-nodes", "--address", cluster.dashboard, "--json")
-    assert code == 0 and '"SUCCEEDED"' in out and "lost 1 node(s)" in out and "resumed at step 4" in out, out
-    cluster.add("node3")  # a replacement machine, for the tests after this one
-
-
 def _final_metrics(log: str) -> dict:
     """The final step, loss (last log interval) and, where the run had validation subjects, the
     validation loss of an LM run, from its summary line."""
@@ -141,23 +150,22 @@ def _final_metrics(log: str) -> dict:
 
 
 def _submit_and_wait(cluster, name: str, *args, timeout_s: float = 400) -> str:
-    code, out = _cli("submit", *args, "--address", cluster.dashboard)
+    """Submit ``args`` as run ``name``, wait for it; its log (it must have succeeded)."""
+    code, out = _fmrilm("submit", *args, "--address", cluster.dashboard)
     assert code == 0, out
-    status = submit.wait(name, cluster.dashboard, timeout_s)
-    log = submit.logs(name, cluster.dashboard)
+    status = _wait(name, cluster.dashboard, timeout_s)
+    log = _logs(name, cluster.dashboard)
     assert status == "SUCCEEDED", log[-4000:]
     return log
 
 
 @pytest.fixture(scope="module")
 def tokens(cohort, cluster, local_s3):
-    """A tokenizer artifact and its tokens table on S3, each made by a submitted job (the node-loss
-    test's tokenizer when it ran first)."""
+    """A tokenizer artifact and its tokens table on S3, each made by a submitted job."""
     runs = local_s3.uri("multinode", "runs")
-    art = storage.join(runs, "tok-nodes", "tokenizer")
-    if not storage.exists(storage.resolve(storage.join(art, "config.json"))):
-        _submit_and_wait(cluster, "tok-nodes", "jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-nodes",
-                         *TINY, "train.epochs=20", "train.max_steps=8", "train.batch_size=8")
+    art = storage.join(runs, "tok-base", "tokenizer")
+    _submit_and_wait(cluster, "tok-base", "jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-base",
+                     *TINY, "train.epochs=20", "train.max_steps=8", "train.batch_size=8")
     _submit_and_wait(cluster, "tokenize", "jobs/tokenize.yaml", f"tokenizer={art}", f"data.data={cohort}", "probes=false")
     return art
 
@@ -172,14 +180,14 @@ def test_lm_pretraining_spreads_over_nodes_with_deepspeed(tokens, cohort, cluste
               "backbone.tiny_width=32", "seq_len=64", f"deepspeed.zero_stage={zero}", "deepspeed.micro_batch_size=2",
               "train.epochs=2", "train.checkpoint_every=4", f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1"]
     log = _submit_and_wait(cluster, name, *common, f"run.name={name}", "scaling.placement=spread")
-    job = submit.job_info(name, cluster.dashboard).job_id
-    assert len({a.node_id for a in _workers(cluster.dashboard, job)}) == workers  # one worker per node
+    job = _status(name, cluster.dashboard)["job_id"]
+    assert len({a["node_id"] for a in _workers(cluster.dashboard, job)}) == workers  # one worker per node
     spread = _final_metrics(log)
     assert spread["step"] > 0 and "model: s3://" in log
     if zero == 3:
         one = f"lm-z{zero}-one-node"
         packed = _final_metrics(_submit_and_wait(cluster, one, *common, f"run.name={one}", "scaling.placement=pack"))
-        assert len({a.node_id for a in _workers(cluster.dashboard, submit.job_info(one, cluster.dashboard).job_id)}) == 1
+        assert len({a["node_id"] for a in _workers(cluster.dashboard, _status(one, cluster.dashboard)["job_id"])}) == 1
         assert packed["step"] == spread["step"] and packed.keys() == spread.keys()
         for key in set(packed) - {"step"}:
             assert abs(packed[key] - spread[key]) <= 0.02 * packed[key], (packed, spread)
@@ -191,8 +199,43 @@ def test_a_sweep_s_trials_land_on_more_than_one_node(cohort, cluster, local_s3):
                           "scaling.num_workers=1", "scaling.cpus_per_worker=1"])
     _submit_and_wait(cluster, "sweep-nodes", "jobs/sweep_tokenizer.yaml", f"overrides=[{overrides}]", "space={model.num_codes: {grid: [8, 16]}}",
                      "scheduler=fifo", f"storage={local_s3.uri('multinode', 'sweeps')}", "name=sweep-nodes")
-    workers = _workers(cluster.dashboard, submit.job_info("sweep-nodes", cluster.dashboard).job_id)
-    assert len(workers) == 2 and len({a.node_id for a in workers}) == 2, [cluster.name_of(a.node_id) for a in workers]
+    workers = _workers(cluster.dashboard, _status("sweep-nodes", cluster.dashboard)["job_id"])
+    assert len(workers) == 2 and len({a["node_id"] for a in workers}) == 2, [cluster.name_of(a["node_id"]) for a in workers]
+
+
+def test_tokenizer_spreads_over_nodes_and_survives_losing_one(cohort, cluster, local_s3, monkeypatch):
+    runs = local_s3.uri("multinode", "runs")
+    monkeypatch.setenv("FMRILM_FAULT_STEP", "hold:4")  # every worker waits at step 4 (after its checkpoint) for the kill
+    monkeypatch.setenv("FMRILM_FAULT_HOLD_S", "90")
+    code, out = _fmrilm("submit", "jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-nodes", *TINY,
+                     "train.epochs=20", "train.max_steps=8", "train.checkpoint_every=2", "train.batch_size=8",
+                     "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.placement=spread", "run.max_failures=2",
+                     "submit.env=[FMRILM_FAULT_STEP,FMRILM_FAULT_HOLD_S]", "--address", cluster.dashboard)
+    assert code == 0, out
+    job_id = _wait_for(lambda: _status("tok-nodes", cluster.dashboard).get("job_id"), 120, "the job to start")
+
+    # placement, from Ray's state API: the two workers on two different nodes
+    first = _wait_for(lambda: (w := _workers(cluster.dashboard, job_id, alive_only=True)) and len(w) == 2 and w, 240, "two workers")
+    placed = {a["node_id"] for a in first}
+    assert len(placed) == 2, [cluster.name_of(n) for n in placed]
+
+    # a node lost while every worker holds at step 4, after checkpoint 4 reached S3
+    ckpt = storage.join(runs, "tok-nodes", "checkpoint_0000004", "meta.json")
+    _wait_for(lambda: storage.exists(storage.resolve(ckpt)), 240, "checkpoint 4 on S3")
+    time.sleep(2)  # the controller registers a checkpoint when it next polls the workers
+    victim = next(cluster.name_of(n) for n in placed if cluster.name_of(n) != "head")
+    cluster.kill(victim)
+
+    assert _wait("tok-nodes", cluster.dashboard) == "SUCCEEDED", _logs("tok-nodes", cluster.dashboard)[-4000:]
+    log = _logs("tok-nodes", cluster.dashboard)
+    assert "resumed at step 4" in log and "lost 1 node(s)" in log, log[-4000:]
+    folders = storage.list_dir(storage.resolve(storage.join(runs, "tok-nodes")))
+    assert "checkpoint_0000008" in folders and not any("-after-" in f for f in folders), folders  # same final step, no fall-back
+    again = [a for a in _workers(cluster.dashboard, job_id) if a["actor_id"] not in {f["actor_id"] for f in first}]
+    assert len(again) == 2 and cluster.node_ids[victim] not in {a["node_id"] for a in again}  # restarted on the nodes left
+    assert len({a["node_id"] for a in again}) == 2  # still one worker per node
+    code, out = _fmrilm("status", "tok-nodes", "--address", cluster.dashboard, "--json")
+    assert code == 0 and '"SUCCEEDED"' in out and "lost 1 node(s)" in out and "resumed at step 4" in out, out
 
 
 def test_losing_the_head_ends_the_job_and_the_same_spec_resumes_on_a_new_cluster(cohort, cluster, local_s3, monkeypatch):
@@ -204,13 +247,13 @@ def test_losing_the_head_ends_the_job_and_the_same_spec_resumes_on_a_new_cluster
             "train.max_steps=8", "train.checkpoint_every=2", "train.batch_size=8", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
             "scaling.placement=spread"]
     monkeypatch.setenv("FMRILM_FAULT_STEP", "hold:4")
-    code, out = _cli("submit", *spec, "submit.env=[FMRILM_FAULT_STEP]", "--address", cluster.dashboard)
+    code, out = _fmrilm("submit", *spec, "submit.env=[FMRILM_FAULT_STEP]", "--address", cluster.dashboard)
     assert code == 0, out
     _wait_for(lambda: storage.exists(storage.resolve(storage.join(runs, "tok-head", "checkpoint_0000004", "meta.json"))), 240,
               "checkpoint 4 on S3")
     time.sleep(2)
     cluster.kill("head")
-    code, out = _cli("status", "tok-head", "--address", cluster.dashboard)
+    code, out = _fmrilm("status", "tok-head", "--address", cluster.dashboard)
     assert code == 2 and "cannot reach the Ray dashboard" in out and "Traceback" not in out, out
 
     monkeypatch.delenv("FMRILM_FAULT_STEP")

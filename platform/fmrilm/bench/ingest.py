@@ -94,11 +94,11 @@ def run_benchmark(subjects: int = 256, timepoints: int = 1200, rois: int = 200, 
         manifest = ingest_synthetic(params, root, use_ray=False).manifest
         import ray
 
-        connected = ray.is_initialized()
-        if connected and nodes > 1:
-            raise UserError("bench ingest --nodes needs a process not yet connected to Ray (run it from the command line)")
-        cluster = stack.enter_context(LocalCluster(workers=nodes - 1, head_cpus=machine()["cpus"] or 2,
-                                                           object_store_mb=OBJECT_STORE_MB)) if nodes > 1 else None
+        cluster = None
+        if nodes > 1:
+            if ray.is_initialized():
+                raise UserError("bench ingest --nodes needs a process not yet connected to Ray (run it from the command line)")
+            cluster = stack.enter_context(LocalCluster(workers=nodes - 1, head_cpus=machine()["cpus"] or 2, object_store_mb=OBJECT_STORE_MB))
         runtime.init_ray(cluster.gcs if cluster else None)
         if cluster:
             stack.callback(ray.shutdown)  # before the cluster stops
