@@ -15,7 +15,7 @@ machine's address. ``Cluster`` adds nodes only from the main thread of the proce
 them, so the helper owns them, in its own process group with its own ``RAY_TMPDIR`` (its
 ``ray_current_cluster`` file and sessions never meet another Ray on the machine), and takes
 commands on stdin: ``kill NAME``, ``add NAME``, ``stop``. Leaving the context kills the process
-group and anything left under the helper's temp folder.
+group and anything left under the helper's temp folder. It is ready once it has run a job.
 """
 
 from __future__ import annotations
@@ -143,6 +143,25 @@ def _descendants(node) -> list:
     return out
 
 
+def _wait_until_it_runs_a_job(dashboard: str, timeout_s: float = 90) -> None:
+    """Ready means a job runs to the end: the head's job agent comes up after its raylet, and a
+    submission before it answers "No available agent to submit job"."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client = JobSubmissionClient(dashboard)
+            job = client.submit_job(entrypoint="true")
+            while str(client.get_job_status(job)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+                time.sleep(0.5)
+            return
+        except Exception:  # noqa: BLE001 - not ready yet; the deadline decides
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def _serve(workers: int, head_cpus: int, worker_cpus: int, temp: str, object_store_mb: int) -> None:
     """The helper's main thread: start the cluster, print its addresses, obey stdin."""
     import ray
@@ -171,6 +190,7 @@ def _serve(workers: int, head_cpus: int, worker_cpus: int, temp: str, object_sto
 
     ids = {"head": cluster.head_node.node_id} | {f"node{i}": add(f"node{i}") for i in range(1, workers + 1)}
     cluster.wait_for_nodes()
+    _wait_until_it_runs_a_job(f"http://127.0.0.1:{dash}")
     print(json.dumps({"dashboard": f"http://127.0.0.1:{dash}", "gcs": cluster.address, "nodes": ids}), flush=True)
     for line in sys.stdin:
         verb, _, name = line.strip().partition(" ")

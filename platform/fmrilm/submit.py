@@ -224,13 +224,9 @@ def upload_files(root: str, named: list[str] = ()) -> list[str]:
 
 
 @contextmanager
-def staged_checkout(root: str, files: list[str], submission: str = ""):
+def staged_checkout(root: str, files: list[str]):
     """A temporary folder holding copies of ``files`` (relative to ``root``), removed on exit: what
-    Ray uploads as the job's ``working_dir``. ``submission`` (the job id) goes into a
-    ``SUBMISSION`` file in it and in its fmrilm package, so each submission uploads packages of its
-    own: Ray skips uploading a package whose hash it holds, and deletes a package when the job
-    that used it ends, so a job submitted right after an identical one could find its package
-    gone before a new node downloaded it ("Failed to download runtime_env file package")."""
+    Ray uploads as the job's ``working_dir``."""
     import shutil
     import tempfile
 
@@ -238,12 +234,6 @@ def staged_checkout(root: str, files: list[str], submission: str = ""):
         for rel in files:
             os.makedirs(os.path.join(d, os.path.dirname(rel)), exist_ok=True)
             shutil.copy2(os.path.join(root, rel), os.path.join(d, rel))
-        if submission:
-            stamp = f"{submission} {time.time_ns()}\n"
-            for folder in (d, os.path.join(d, "platform", "fmrilm")):
-                if os.path.isdir(folder):
-                    with open(os.path.join(folder, "SUBMISSION"), "w") as f:
-                        f.write(stamp)
         yield d
 
 
@@ -311,32 +301,11 @@ def submit(spec_uri: str, overrides: list[str], address: str | None = None, name
     command = entrypoint(spec_path, [*overrides, *path_overrides(spec, address, root)])
     named = [spec_uri] + [p for _, v in local_paths(spec.model_dump(mode="json")) for p in (v if isinstance(v, list) else [v])
                           if isinstance(p, str) and storage.is_local_path(p) and travels(p, root)]
-    with staged_checkout(root, upload_files(root, named), job_id) as staged:  # Ray packs and uploads it before submit_job returns
-        _submit_when_ready(client, dict(entrypoint=command, submission_id=job_id, runtime_env=runtime_env(staged, env_vars),
-                                        entrypoint_num_cpus=submit_spec.entrypoint_num_cpus or None,
-                                        metadata={"fmrilm_run": run, "fmrilm_spec": spec_path, "fmrilm_kind": spec.kind}), address)
+    with staged_checkout(root, upload_files(root, named)) as staged:  # Ray packs and uploads it before submit_job returns
+        client.submit_job(entrypoint=command, submission_id=job_id, runtime_env=runtime_env(staged, env_vars),
+                          entrypoint_num_cpus=submit_spec.entrypoint_num_cpus or None,
+                          metadata={"fmrilm_run": run, "fmrilm_spec": spec_path, "fmrilm_kind": spec.kind})
     return {"id": job_id, "run": run, "address": address, "entrypoint": command, "resubmitted": bool(previous)}
-
-
-# Ray's answer (HTTP 500) while a cluster that just started has no dashboard agent to run the job yet
-NO_AGENT_YET = "No available agent to submit job"
-
-
-def _submit_when_ready(client, job: dict, address: str, wait_s: float = 60.0) -> None:
-    """``client.submit_job(**job)``, retried while a freshly started cluster has no job agent yet
-    (Ray says "please try again later"), up to ``wait_s``."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            client.submit_job(**job)
-            return
-        except RuntimeError as err:
-            if NO_AGENT_YET not in str(err):
-                raise
-            if time.monotonic() > deadline:
-                raise SubmitError(f"the Ray cluster at {address} has no job agent after {wait_s:.0f} s (its head node's dashboard "
-                                  "agent is not up): check the head node's logs, then submit again") from None
-            time.sleep(2)
 
 
 def attempts(client, run: str) -> list:

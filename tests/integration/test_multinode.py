@@ -88,9 +88,12 @@ def _status(name: str, address: str) -> dict:
 
 
 def _wait(name: str, address: str, timeout_s: float = 400) -> str:
+    """Poll the cluster's job table (not one run's status, which also reads its whole log) until run ``name`` ends."""
     deadline = time.monotonic() + timeout_s
     while True:
-        status = _status(name, address).get("status")
+        code, out = _fmrilm("status", "--address", address, "--json")
+        rows = json.loads(out[out.index("["):]) if code == 0 and "[" in out else []
+        status = next((r["status"] for r in rows if r["id"] == name), None)
         if status in submit.TERMINAL or time.monotonic() > deadline:
             return status
         time.sleep(2)
