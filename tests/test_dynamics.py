@@ -51,6 +51,8 @@ def test_readers_have_one_length_per_atlas():
         assert len(shapes) == 1, reader
         assert np.isfinite(dynamics.read(reader, synth.simulate_scan(params, 0), None)).all(), reader
     assert dynamics.read("prewhitened_fc", synth.simulate_scan(params, 0), nets).shape == (6,)  # 3 networks: 3 within + 3 between
+    assert dynamics.read("prewhitened_fc_roi", synth.simulate_scan(params, 0), nets).shape == (66,)  # 12 ROIs: every pair
+    assert "prewhitened_fc_roi" not in dynamics.read_all(synth.simulate_scan(params, 0), None)  # without networks it is prewhitened_fc
     with pytest.raises(ValueError, match="unknown reader"):
         dynamics.read("nope", np.zeros((3, 10)))
 
@@ -113,7 +115,8 @@ def test_read_all_matches_each_reader():
     params = synth.SynthParams(subjects=2, n_rois=12, n_networks=3, dynamic_effects=["dwell"])
     nets = [synth.network_names(params)[k] for k in synth.roi_networks(params)]
     x = synth.simulate_scan(params, 1)
-    every = dynamics.read_all(x, nets)
-    assert set(every) == set(dynamics.READERS)
-    for name in dynamics.READERS:
-        np.testing.assert_allclose(every[name], dynamics.read(name, x, nets))
+    for networks in (nets, None):
+        every = dynamics.read_all(x, networks)
+        assert set(every) == set(dynamics.readers_for(networks))
+        for name in every:
+            np.testing.assert_allclose(every[name], dynamics.read(name, x, networks))

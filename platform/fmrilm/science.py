@@ -260,7 +260,7 @@ def ablation(reports: dict[str, dict], group: str = "heldout_subjects") -> list[
         pick["fc_same_points"] = _value(next(iter(_find(res, group, "sex", "baseline", "fc_linear")), None), "balanced_accuracy")
         rows.append({"variant": name, **pick})
     first = next(iter(reports.values()))["results"]
-    for method in ("majority", "fc_linear", "fc_linear_whole_scan", "descriptors_linear", "prewhitened_fc_linear", BEST):
+    for method in ("majority", "fc_linear", "fc_linear_whole_scan", "descriptors_linear", "prewhitened_fc_linear", "prewhitened_fc_roi_linear", BEST):
         pick = {}
         for task, key, m in (("sex", "balanced_accuracy", method), ("sex", "auc", method), ("age", "mae", "mean" if method == "majority" else method),
                              ("age", "pearson_r", method)):

@@ -1,6 +1,6 @@
 """The classical readers as baselines, and the best of them per task.
 
-Every reader of :mod:`fmrilm.features.dynamics` (FC, pre-whitened FC, ROI timescale, lagged-FC
+Every reader of :mod:`fmrilm.features.dynamics` (FC, pre-whitened FC by network and by ROI, ROI timescale, lagged-FC
 asymmetry, windowed-FC spread, amplitude moments, all combined) gives each scan one vector; a
 linear model (logistic or ridge, penalty by inner CV) is fitted on the training scans' vectors and
 predicts the test scans (:func:`fit_readers`). Method names are ``<reader>_linear`` on the time
@@ -30,12 +30,16 @@ BEST = "best_classical"
 def reader_vectors(series: dict[str, np.ndarray], networks: dict[str, Sequence[str] | None]) -> dict[str, dict[str, np.ndarray]]:
     """``reader -> scan_id -> vector`` for every reader but FC; ``series`` maps scan_id to its
     ``[rois, time]`` series, ``networks`` scan_id to its ROIs' networks (None: ROI level). A reader
-    whose vectors differ in length across the scans (mixed atlases) is left out with a warning."""
+    whose vectors differ in length across the scans (mixed atlases), or that applies to some scans
+    only (``prewhitened_fc_roi`` needs networks), is left out with a warning; one that applies to
+    none is left out silently."""
     every = {s: dynamics.read_all(x, networks.get(s)) for s, x in series.items()}
     out: dict[str, dict[str, np.ndarray]] = {}
     for reader in READERS:
-        vecs = {s: v[reader] for s, v in every.items()}
-        if len({v.shape for v in vecs.values()}) > 1:
+        vecs = {s: v[reader] for s, v in every.items() if reader in v}
+        if not vecs:
+            continue
+        if len(vecs) < len(every) or len({v.shape for v in vecs.values()}) > 1:
             log.warning("%s baseline skipped: the scans have different ROI counts or networks", reader)
             continue
         out[reader] = vecs

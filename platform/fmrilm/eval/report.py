@@ -89,7 +89,8 @@ def gap_text(gap: dict | None) -> str:
 def classical_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one group's table of the classical readers: a row per reader, a column
     per task and time span (the prompt's time points; the whole scan where it differs), the
-    reader chosen as best classical (on the training scans' inner CV) marked with ``*``."""
+    reader chosen as best classical (on the training scans' inner CV) marked with ``*``; a reader
+    fitted in no cell (one that did not apply to these scans) has no row."""
     from fmrilm.features.dynamics import READERS
 
     base = [r for r in report["results"] if r["group"] == group and r["paradigm"] == "baseline"]
@@ -106,7 +107,8 @@ def classical_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]
                 hit = next((r for r in base if r["task"] == t and r["method"] == f"{reader}_linear{s}"), None)
                 chosen = next((r for r in base if r["task"] == t and r["method"] == f"{BEST}{s}"), {}).get("reader") == f"{reader}_linear{s}"
                 cells.append(_fmt(hit, headline(t)) + (" *" if chosen else ""))
-        rows.append([reader, *cells])
+        if any(r["method"] in {f"{reader}_linear{s}" for s in spans} for r in base):
+            rows.append([reader, *cells])
     return header, rows
 
 

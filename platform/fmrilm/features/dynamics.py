@@ -9,6 +9,8 @@ generator names them, the network of each ROI to one feature vector of fixed len
   the ROI's lag-1 autocorrelation, estimated from the scan): the correlation of the innovations,
   free of the autocorrelation that inflates the variance of FC estimates; pooled into
   network-pair means when networks are given;
+* ``prewhitened_fc_roi``: the same at ROI level (upper triangle), only where networks are given
+  (without them ``prewhitened_fc`` is already at ROI level);
 * ``timescale``: per ROI the autocorrelation at lags 1-3 and the spectral slope (log power
   against log frequency of the periodogram);
 * ``lagged_fc``: the asymmetry ``C_ij(l) - C_ji(l)`` of the lagged cross-correlation at lags
@@ -29,7 +31,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 LAGS = (1, 2, 3)
-READERS = ("fc", "prewhitened_fc", "timescale", "lagged_fc", "windowed_fc", "amplitude", "combined")
+READERS = ("fc", "prewhitened_fc", "prewhitened_fc_roi", "timescale", "lagged_fc", "windowed_fc", "amplitude", "combined")
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
@@ -94,9 +96,21 @@ def fc(x: np.ndarray, networks: Sequence[str] | None = None) -> np.ndarray:
 
 def prewhitened_fc(x: np.ndarray, networks: Sequence[str] | None = None) -> np.ndarray:
     """FC of the AR(1) residuals; network-pair means (within included) when ``networks`` is given."""
-    m = _corr(prewhiten(x), prewhiten(x))
+    p = prewhiten(x)
     groups = _groups(networks, x.shape[0])
-    return _upper(m) if groups is None else _pool(m, groups)
+    return _upper(_corr(p, p)) if groups is None else _pool(_corr(p, p), groups)
+
+
+def prewhitened_fc_roi(x: np.ndarray, networks: Sequence[str] | None = None) -> np.ndarray:
+    """FC of the AR(1) residuals at ROI level, whatever ``networks``: ``[rois * (rois - 1) / 2]``."""
+    p = prewhiten(x)
+    return _upper(_corr(p, p))
+
+
+def readers_for(networks: Sequence[str] | None) -> tuple[str, ...]:
+    """The readers that apply to a scan: every one of :data:`READERS`, less ``prewhitened_fc_roi``
+    where no networks are given (``prewhitened_fc`` is then the same vector)."""
+    return READERS if networks is not None else tuple(r for r in READERS if r != "prewhitened_fc_roi")
 
 
 def timescale(x: np.ndarray, networks: Sequence[str] | None = None) -> np.ndarray:
@@ -150,12 +164,12 @@ def amplitude(x: np.ndarray, networks: Sequence[str] | None = None) -> np.ndarra
 
 
 def combined(x: np.ndarray, networks: Sequence[str] | None = None) -> np.ndarray:
-    """Every other reader, concatenated."""
-    return np.concatenate([READER_FUNCTIONS[name](x, networks) for name in READERS if name != "combined"])
+    """Every other reader that applies (:func:`readers_for`), concatenated."""
+    return np.concatenate([READER_FUNCTIONS[name](x, networks) for name in readers_for(networks) if name != "combined"])
 
 
 READER_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
-    "fc": fc, "prewhitened_fc": prewhitened_fc, "timescale": timescale, "lagged_fc": lagged_fc,
+    "fc": fc, "prewhitened_fc": prewhitened_fc, "prewhitened_fc_roi": prewhitened_fc_roi, "timescale": timescale, "lagged_fc": lagged_fc,
     "windowed_fc": windowed_fc, "amplitude": amplitude, "combined": combined,
 }
 
@@ -171,10 +185,11 @@ def read(name: str, x: np.ndarray, networks: Sequence[str] | None = None) -> np.
 
 
 def read_all(x: np.ndarray, networks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Every reader of one series ``[rois, time]``, robust-scaled once; ``combined`` is the
-    concatenation of the others (equal to :func:`combined`, without computing them twice)."""
+    """Every reader that applies (:func:`readers_for`) of one series ``[rois, time]``, robust-scaled
+    once; ``combined`` is the concatenation of the others (equal to :func:`combined`, without
+    computing them twice)."""
     from fmrilm.data.signal import robust_scale
 
     z = robust_scale(np.asarray(x, np.float64))
-    out = {name: READER_FUNCTIONS[name](z, networks) for name in READERS if name != "combined"}
+    out = {name: READER_FUNCTIONS[name](z, networks) for name in readers_for(networks) if name != "combined"}
     return out | {"combined": np.concatenate(list(out.values()))}
