@@ -142,3 +142,31 @@ def test_descriptions_follow_each_scan_block():
     prompt = "<scan:a>### Question: q\n### Answer: x\n\n<scan:b>### Question: q\n### Answer:"
     out = with_descriptions(prompt, {"a": "strong coupling"})
     assert out.startswith("<scan:a>strong coupling\n### Question") and "<scan:b>### Question" in out
+
+
+def test_bench_science_confirms_on_a_fresh_seed_and_exits_1_on_a_missed_target(monkeypatch, tmp_path):
+    """`fmrilm bench science` runs the spec with fresh_seed = synth.seed + 1000 (unless set) and
+    exits 1 when a target, on either seed, is missed (the chains themselves: tests/integration/test_science.py)."""
+    import fmrilm.science
+    from typer.testing import CliRunner
+
+    from fmrilm.cli import app
+    from fmrilm.science import plan, summarise
+
+    seen = []
+
+    def fake_run(spec):
+        seen.append(spec)
+        chains = plan(spec)
+        for c, sex in zip(chains, (0.9, 0.7 if spec.synth.seed == 4 else 0.9)):
+            c |= {"report": _report(sex=sex), "stages": []}
+        return summarise(spec, chains) | {"files": {"science.md": "x/science.md", "science.json": "x/science.json"}}
+
+    monkeypatch.setattr(fmrilm.science, "run", fake_run)
+    spec = tmp_path / "science.yaml"
+    spec.write_text("kind: science\nsynth: {seed: 4}\nselect: [scan_token]\ndynamics: null\n")
+    r = CliRunner().invoke(app, ["bench", "science", "--spec", str(spec)])
+    assert r.exit_code == 1 and seen[-1].fresh_seed == 1004, r.output  # the fresh seed misses: so does the job
+    assert "## Confirmation on a fresh seed (1004)" in r.output
+    r = CliRunner().invoke(app, ["bench", "science", "--spec", str(spec), "synth.seed=5", "fresh_seed=77"])
+    assert r.exit_code == 0 and seen[-1].fresh_seed == 77, r.output

@@ -142,13 +142,14 @@ def test_the_cluster_requires_its_token(cluster):
 
 
 def _final_metrics(log: str) -> dict:
-    """The final step, loss (last log interval) and, where the run had validation subjects, the
-    validation loss of an LM run, from its summary line."""
+    """The final step and figures from a run's summary line: the loss (last log interval) and,
+    where the run had validation subjects, the validation loss of an LM run; the validation R^2
+    and FC preservation of a tokenizer run."""
     import re
 
     line = [ln for ln in log.splitlines() if re.search(r"\(step \d+\)$", ln)]
     assert line, log[-3000:]
-    found = dict(re.findall(r"(?:^|, )(loss|val/loss) ([0-9.]+)", line[-1]))
+    found = dict(re.findall(r"(?:^|, )(loss|val/loss|val/r2|val/fc_preservation) (-?[0-9.]+)", line[-1]))
     return {"step": int(re.search(r"\(step (\d+)\)$", line[-1]).group(1))} | {k: float(v) for k, v in found.items()}
 
 
@@ -162,24 +163,31 @@ def _submit_and_wait(cluster, name: str, *args, timeout_s: float = 400) -> str:
     return log
 
 
+TOKENIZER = [*TINY, "train.epochs=20", "train.max_steps=8", "train.checkpoint_every=2", "train.batch_size=8", "scaling.num_workers=2",
+             "scaling.cpus_per_worker=1"]
+
+
 @pytest.fixture(scope="module")
-def tokens(cohort, cluster, local_s3):
-    """A tokenizer artifact and its tokens table on S3, each made by a submitted job."""
+def one_node_tokenizer(cohort, cluster, local_s3):
+    """The node-loss test's tokenizer spec packed on one node (no fault): its artifact and tokens
+    table on S3 (each made by a submitted job) for the LM runs, and its final figures."""
     runs = local_s3.uri("multinode", "runs")
-    art = storage.join(runs, "tok-base", "tokenizer")
-    _submit_and_wait(cluster, "tok-base", "jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-base",
-                     *TINY, "train.epochs=20", "train.max_steps=8", "train.batch_size=8")
+    log = _submit_and_wait(cluster, "tok-one-node", "jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}",
+                           "run.name=tok-one-node", *TOKENIZER, "scaling.placement=pack")
+    job = _status("tok-one-node", cluster.dashboard)["job_id"]
+    assert len({a["node_id"] for a in _workers(cluster.dashboard, job)}) == 1
+    art = storage.join(runs, "tok-one-node", "tokenizer")
     _submit_and_wait(cluster, "tokenize", "jobs/tokenize.yaml", f"tokenizer={art}", f"data.data={cohort}", "probes=false")
-    return art
+    return {"artifact": art, "final": _final_metrics(log)}
 
 
 @pytest.mark.parametrize("zero,workers", [(2, 3), (3, 2)])
-def test_lm_pretraining_spreads_over_nodes_with_deepspeed(tokens, cohort, cluster, local_s3, zero, workers):
+def test_lm_pretraining_spreads_over_nodes_with_deepspeed(one_node_tokenizer, cohort, cluster, local_s3, zero, workers):
     """ZeRO-2 on three workers and ZeRO-3 on two, one worker per node, finish every step and
     export; the ZeRO-3 run against the same spec packed on one node: the same steps, the final
     loss (and the validation loss, where the split has validation subjects) within 2 %."""
     name = f"lm-z{zero}-nodes"
-    common = ["jobs/pretrain.yaml", f"tokenizer={tokens}", f"data={cohort}", f"run.storage={local_s3.uri('multinode', 'runs')}",
+    common = ["jobs/pretrain.yaml", f"tokenizer={one_node_tokenizer['artifact']}", f"data={cohort}", f"run.storage={local_s3.uri('multinode', 'runs')}",
               "backbone.tiny_width=32", "seq_len=64", f"deepspeed.zero_stage={zero}", "deepspeed.micro_batch_size=2",
               "train.epochs=2", "train.checkpoint_every=4", f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1"]
     log = _submit_and_wait(cluster, name, *common, f"run.name={name}", "scaling.placement=spread")
@@ -198,7 +206,7 @@ def test_lm_pretraining_spreads_over_nodes_with_deepspeed(tokens, cohort, cluste
 
 def test_a_sweep_s_trials_land_on_more_than_one_node(cohort, cluster, local_s3):
     """Two tokenizer trials whose workers take a whole CPU each: they run side by side on different nodes."""
-    overrides = ",".join([f"data.data={cohort}", *TINY, "train.epochs=2", "train.max_steps=4", "train.batch_size=8",
+    overrides = ",".join([f"data.data={cohort}", *TINY, "train.epochs=1", "train.max_steps=2", "train.batch_size=8",
                           "scaling.num_workers=1", "scaling.cpus_per_worker=1"])
     _submit_and_wait(cluster, "sweep-nodes", "jobs/sweep_tokenizer.yaml", f"overrides=[{overrides}]", "space={model.num_codes: {grid: [8, 16]}}",
                      "scheduler=fifo", f"storage={local_s3.uri('multinode', 'sweeps')}", "name=sweep-nodes")
@@ -206,14 +214,18 @@ def test_a_sweep_s_trials_land_on_more_than_one_node(cohort, cluster, local_s3):
     assert len(workers) == 2 and len({a["node_id"] for a in workers}) == 2, [cluster.name_of(a["node_id"]) for a in workers]
 
 
-def test_tokenizer_spreads_over_nodes_and_survives_losing_one(cohort, cluster, local_s3, monkeypatch):
+def test_tokenizer_spreads_over_nodes_and_survives_losing_one(one_node_tokenizer, cohort, cluster, local_s3, monkeypatch):
+    """Spread one worker per node, a worker node killed at step 4: resumed at 4 on the nodes left,
+    ends at step 8 like the same spec packed on one node, with its validation R^2 within 0.05. FC
+    preservation after 8 steps on the cohort's few validation subjects moves with the order of the
+    windows (Ray Data's split over the workers is not fixed; measured 0.61 spread vs 0.48 packed):
+    it is only held within 0.2."""
     runs = local_s3.uri("multinode", "runs")
     monkeypatch.setenv("FMRILM_FAULT_STEP", "hold:4")  # every worker waits at step 4 (after its checkpoint) for the kill
     monkeypatch.setenv("FMRILM_FAULT_HOLD_S", "90")
-    code, out = _fmrilm("submit", "jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-nodes", *TINY,
-                     "train.epochs=20", "train.max_steps=8", "train.checkpoint_every=2", "train.batch_size=8",
-                     "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.placement=spread", "run.max_failures=2",
-                     "submit.env=[FMRILM_FAULT_STEP,FMRILM_FAULT_HOLD_S]", "--address", cluster.dashboard)
+    code, out = _fmrilm("submit", "jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-nodes", *TOKENIZER,
+                        "scaling.placement=spread", "run.max_failures=2", "submit.env=[FMRILM_FAULT_STEP,FMRILM_FAULT_HOLD_S]",
+                        "--address", cluster.dashboard)
     assert code == 0, out
     job_id = _wait_for(lambda: _status("tok-nodes", cluster.dashboard).get("job_id"), 120, "the job to start")
 
@@ -232,6 +244,11 @@ def test_tokenizer_spreads_over_nodes_and_survives_losing_one(cohort, cluster, l
     assert _wait("tok-nodes", cluster.dashboard) == "SUCCEEDED", _logs("tok-nodes", cluster.dashboard)[-4000:]
     log = _logs("tok-nodes", cluster.dashboard)
     assert "resumed at step 4" in log and "lost 1 node(s)" in log, log[-4000:]
+    spread, packed = _final_metrics(log), one_node_tokenizer["final"]
+    print("tokenizer, spread with a node lost:", spread, "packed on one node:", packed)
+    assert spread["step"] == packed["step"] == 8 and spread.keys() == packed.keys() >= {"val/r2", "val/fc_preservation"}, (spread, packed)
+    assert abs(spread["val/r2"] - packed["val/r2"]) <= 0.05 and abs(spread["val/fc_preservation"] - packed["val/fc_preservation"]) <= 0.2, (
+        spread, packed)
     folders = storage.list_dir(storage.resolve(storage.join(runs, "tok-nodes")))
     assert "checkpoint_0000008" in folders and not any("-after-" in f for f in folders), folders  # same final step, no fall-back
     again = [a for a in _workers(cluster.dashboard, job_id) if a["actor_id"] not in {f["actor_id"] for f in first}]
@@ -248,9 +265,7 @@ def test_losing_the_head_ends_the_job_and_the_same_spec_resumes_on_a_new_cluster
     import os
 
     runs = local_s3.uri("multinode", "runs")
-    spec = ["jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-head", *TINY, "train.epochs=20",
-            "train.max_steps=8", "train.checkpoint_every=2", "train.batch_size=8", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
-            "scaling.placement=spread"]
+    spec = ["jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-head", *TOKENIZER, "scaling.placement=spread"]
     monkeypatch.setenv("FMRILM_FAULT_STEP", "hold:4")
     code, out = _fmrilm("submit", *spec, "submit.env=[FMRILM_FAULT_STEP]", "--address", cluster.dashboard)
     assert code == 0, out
