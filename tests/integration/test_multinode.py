@@ -82,18 +82,36 @@ def _fmrilm(*args, timeout_s: float = 180) -> tuple[int, str]:
     return r.returncode, r.stdout + r.stderr
 
 
-def _status(name: str, address: str) -> dict:
-    code, out = _fmrilm("status", name, "--address", address, "--json")
-    return json.loads(out[out.index("{"):]) if code == 0 and "{" in out else {}
+def _api(address: str, path: str, **params) -> dict | list:
+    """GET ``path`` of the cluster's dashboard with the cluster's token, in this process: the
+    polls below run every second or two, and a fresh ``fmrilm`` process per poll (importing Ray)
+    took CPU from the jobs it watched."""
+    import urllib.parse
+    import urllib.request
+
+    query = "?" + urllib.parse.urlencode(params, doseq=True) if params else ""
+    req = urllib.request.Request(f"{address}{path}{query}", headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _job(name: str, address: str) -> dict:
+    """Ray's record of the submission ``name`` (its status, job_id), or {} while there is none."""
+    import urllib.error
+
+    try:
+        return _api(address, f"/api/jobs/{name}")
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return {}
+        raise
 
 
 def _wait(name: str, address: str, timeout_s: float = 400) -> str:
-    """Poll the cluster's job table (not one run's status, which also reads its whole log) until run ``name`` ends."""
+    """Poll the job table until run ``name`` ends; its status."""
     deadline = time.monotonic() + timeout_s
     while True:
-        code, out = _fmrilm("status", "--address", address, "--json")
-        rows = json.loads(out[out.index("["):]) if code == 0 and "[" in out else []
-        status = next((r["status"] for r in rows if r["id"] == name), None)
+        status = _job(name, address).get("status")
         if status in submit.TERMINAL or time.monotonic() > deadline:
             return status
         time.sleep(2)
@@ -103,20 +121,13 @@ def _logs(name: str, address: str) -> str:
     return _fmrilm("logs", name, "--address", address)[1]
 
 
-WORKERS = """import json, sys
-from ray.util.state import list_actors
-filters = [("job_id", "=", sys.argv[2])] + ([("state", "=", "ALIVE")] if sys.argv[3] == "1" else [])
-actors = list_actors(address=sys.argv[1], filters=filters, detail=True, limit=1000)
-print(json.dumps([{"actor_id": a.actor_id, "node_id": a.node_id} for a in actors if "TrainWorker" in a.class_name]))
-"""
-
-
 def _workers(address: str, job_id: str, alive_only: bool = False) -> list[dict]:
-    """The Ray Train worker actors of one job (Ray's state API, from a fresh process)."""
-    r = subprocess.run([sys.executable, "-c", WORKERS, address, job_id, "1" if alive_only else "0"], env=dict(os.environ),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout)
+    """The Ray Train worker actors of one job (Ray's state API over HTTP)."""
+    keys, values = ["job_id"] + (["state"] if alive_only else []), [job_id] + (["ALIVE"] if alive_only else [])
+    out = _api(address, "/api/v0/actors", detail="true", limit=1000, filter_keys=keys, filter_predicates=["="] * len(keys),
+               filter_values=values)
+    assert out["result"], out
+    return [{"actor_id": a["actor_id"], "node_id": a["node_id"]} for a in out["data"]["result"]["result"] if "TrainWorker" in a["class_name"]]
 
 
 def _wait_for(predicate, timeout_s: float, what: str):
@@ -174,7 +185,7 @@ def one_node_tokenizer(cohort, cluster, local_s3):
     runs = local_s3.uri("multinode", "runs")
     log = _submit_and_wait(cluster, "tok-one-node", "jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}",
                            "run.name=tok-one-node", *TOKENIZER, "scaling.placement=pack")
-    job = _status("tok-one-node", cluster.dashboard)["job_id"]
+    job = _job("tok-one-node", cluster.dashboard)["job_id"]
     assert len({a["node_id"] for a in _workers(cluster.dashboard, job)}) == 1
     art = storage.join(runs, "tok-one-node", "tokenizer")
     _submit_and_wait(cluster, "tokenize", "jobs/tokenize.yaml", f"tokenizer={art}", f"data.data={cohort}", "probes=false")
@@ -191,14 +202,14 @@ def test_lm_pretraining_spreads_over_nodes_with_deepspeed(one_node_tokenizer, co
               "backbone.tiny_width=32", "seq_len=64", f"deepspeed.zero_stage={zero}", "deepspeed.micro_batch_size=2",
               "train.epochs=2", "train.checkpoint_every=4", f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1"]
     log = _submit_and_wait(cluster, name, *common, f"run.name={name}", "scaling.placement=spread")
-    job = _status(name, cluster.dashboard)["job_id"]
+    job = _job(name, cluster.dashboard)["job_id"]
     assert len({a["node_id"] for a in _workers(cluster.dashboard, job)}) == workers  # one worker per node
     spread = _final_metrics(log)
     assert spread["step"] > 0 and "model: s3://" in log
     if zero == 3:
         one = f"lm-z{zero}-one-node"
         packed = _final_metrics(_submit_and_wait(cluster, one, *common, f"run.name={one}", "scaling.placement=pack"))
-        assert len({a["node_id"] for a in _workers(cluster.dashboard, _status(one, cluster.dashboard)["job_id"])}) == 1
+        assert len({a["node_id"] for a in _workers(cluster.dashboard, _job(one, cluster.dashboard)["job_id"])}) == 1
         assert packed["step"] == spread["step"] and packed.keys() == spread.keys()
         for key in set(packed) - {"step"}:
             assert abs(packed[key] - spread[key]) <= 0.02 * packed[key], (packed, spread)
@@ -210,7 +221,7 @@ def test_a_sweep_s_trials_land_on_more_than_one_node(cohort, cluster, local_s3):
                           "scaling.num_workers=1", "scaling.cpus_per_worker=1"])
     _submit_and_wait(cluster, "sweep-nodes", "jobs/sweep_tokenizer.yaml", f"overrides=[{overrides}]", "space={model.num_codes: {grid: [8, 16]}}",
                      "scheduler=fifo", f"storage={local_s3.uri('multinode', 'sweeps')}", "name=sweep-nodes")
-    workers = _workers(cluster.dashboard, _status("sweep-nodes", cluster.dashboard)["job_id"])
+    workers = _workers(cluster.dashboard, _job("sweep-nodes", cluster.dashboard)["job_id"])
     assert len(workers) == 2 and len({a["node_id"] for a in workers}) == 2, [cluster.name_of(a["node_id"]) for a in workers]
 
 
@@ -227,7 +238,7 @@ def test_tokenizer_spreads_over_nodes_and_survives_losing_one(one_node_tokenizer
                         "scaling.placement=spread", "run.max_failures=2", "submit.env=[FMRILM_FAULT_STEP,FMRILM_FAULT_HOLD_S]",
                         "--address", cluster.dashboard)
     assert code == 0, out
-    job_id = _wait_for(lambda: _status("tok-nodes", cluster.dashboard).get("job_id"), 120, "the job to start")
+    job_id = _wait_for(lambda: _job("tok-nodes", cluster.dashboard).get("job_id"), 120, "the job to start")
 
     # placement, from Ray's state API: the two workers on two different nodes
     first = _wait_for(lambda: (w := _workers(cluster.dashboard, job_id, alive_only=True)) and len(w) == 2 and w, 240, "two workers")
