@@ -97,14 +97,13 @@ def fc(x: np.ndarray, networks: Sequence[str] | None = None) -> np.ndarray:
 def prewhitened_fc(x: np.ndarray, networks: Sequence[str] | None = None) -> np.ndarray:
     """FC of the AR(1) residuals; network-pair means (within included) when ``networks`` is given."""
     p = prewhiten(x)
-    groups = _groups(networks, x.shape[0])
-    return _upper(_corr(p, p)) if groups is None else _pool(_corr(p, p), groups)
+    m, groups = _corr(p, p), _groups(networks, x.shape[0])
+    return _upper(m) if groups is None else _pool(m, groups)
 
 
 def prewhitened_fc_roi(x: np.ndarray, networks: Sequence[str] | None = None) -> np.ndarray:
     """FC of the AR(1) residuals at ROI level, whatever ``networks``: ``[rois * (rois - 1) / 2]``."""
-    p = prewhiten(x)
-    return _upper(_corr(p, p))
+    return prewhitened_fc(x, None)
 
 
 def readers_for(networks: Sequence[str] | None) -> tuple[str, ...]:
