@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from fmrilm.models.fmri_lm import _minilm_tokenizer
+from fmrilm.models.fmri_lm import minilm_tokenizer
 from fmrilm.models.number_loss import NumberObjective, NumberTokens, number_token_loss, number_tokens
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return _minilm_tokenizer()
+    return minilm_tokenizer()
 
 
 def _id(tok, text):

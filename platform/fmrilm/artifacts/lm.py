@@ -59,7 +59,7 @@ def write_folder(d: str, target: str, meta: dict, model, probe: dict, logits: to
             with open(os.path.join(folder, "README.md"), "w") as f:
                 f.write(card)
     storage.delete_dir(storage.resolve(target))
-    upload_tree(d, target)
+    storage.copy_tree(d, target)
 
 
 def local_folder(uri: str) -> str:
@@ -172,7 +172,7 @@ def merge_adapter(uri: str, out: str) -> str:
                 with open(os.path.join(d, name), "wb") as f:
                     f.write(storage.read_bytes(src))
         storage.delete_dir(storage.resolve(out))
-        upload_tree(d, out)
+        storage.copy_tree(d, out)
     return out
 
 
@@ -209,13 +209,3 @@ def save_tuned(d: str, lm, tok, lora: bool) -> str:
 
 
 TUNED_KEYS = ("backbone", "vocab", "tokenizer", "input_mode", "contract")  # what a tuned export copies from its base's meta
-
-
-def upload_tree(local: str, uri: str) -> None:
-    """Copy the local folder ``local`` to ``uri``, file by file (any storage)."""
-    for root, _, files in os.walk(local):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, local)
-            with open(path, "rb") as f:
-                storage.write_bytes(storage.resolve(storage.join(uri, *rel.split(os.sep))), f.read())

@@ -28,7 +28,7 @@ from fmrilm.models.text import FALLBACK_CORPUS
 from fmrilm.train.optim import cosine_schedule, OptimSpec
 from fmrilm.train.specs import RunSpec, ScalingSpec
 from fmrilm.train.deepspeed import DeepSpeedSpec
-from fmrilm.train.lm import BackboneSpec, PretrainSpec, _text_tokenizer, build_examples, build_model, fit, pad_rows
+from fmrilm.train.lm import BackboneSpec, PretrainSpec, text_tokenizer, build_examples, build_model, fit, pad_rows
 from fmrilm.train.loop import packed_collate, peak_memory
 
 TARGET = 0.95
@@ -39,7 +39,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
 def synthetic_packed(spec: PretrainSpec, num_codes: int, scans: int, rois: int, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Packed sequences of all three objectives from random codes and the fallback captions."""
     rng = np.random.default_rng(seed)
-    tok = _text_tokenizer(spec)
+    tok = text_tokenizer(spec)
     vocab = extend_tokenizer(tok, num_codes)
     codes = {f"s{i:04d}": rng.integers(0, num_codes, (rois, steps)) for i in range(scans)}
     captions = {sid: [FALLBACK_CORPUS[i % len(FALLBACK_CORPUS)]] for i, sid in enumerate(codes)}

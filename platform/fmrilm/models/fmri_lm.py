@@ -122,7 +122,8 @@ def backbone_path(source: str, cache_dir: str | None = None) -> str:
     return sync_to_local(where, cache_dir) if kind == "uri" else where
 
 
-def _minilm_tokenizer():
+def minilm_tokenizer():
+    """The offline all-MiniLM-L6-v2 word-piece tokenizer: the built-in decoder's text vocabulary."""
     from transformers import AutoTokenizer
 
     from fmrilm.models.text import minilm_dir
@@ -153,7 +154,7 @@ def load_backbone(source: str, seed: int = 0, tiny_width: int = 64, tiny_layers:
 
     kind, where = locate_backbone(source)
     if kind == "builtin":
-        tok = _minilm_tokenizer()
+        tok = minilm_tokenizer()
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(builtin_config(where, len(tok), tok, tiny_width, tiny_layers))
         log.warning("backbone %s: a %d-layer decoder built from a config in code, NOT pretrained "

@@ -104,11 +104,11 @@ def _skeleton(spec: PretrainSpec):
     """The backbone's module tree on the meta device (no weights), for checking LoRA targets."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fmrilm.models.fmri_lm import _minilm_tokenizer, backbone_path, builtin_config
+    from fmrilm.models.fmri_lm import minilm_tokenizer, backbone_path, builtin_config
 
     kind, where = locate_backbone(spec.backbone.source)
     if kind == "builtin":
-        tok = _minilm_tokenizer()
+        tok = minilm_tokenizer()
         cfg = builtin_config(where, len(tok), tok, spec.backbone.tiny_width, spec.backbone.tiny_layers)
     else:
         path = backbone_path(spec.backbone.source, spec.backbone.cache_dir)
@@ -230,7 +230,7 @@ def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
         log.warning("no captions under %s: fMRI->text and text->text objectives have no data (run `fmrilm features build`)", spec.data)
     from fmrilm.models.fmri_lm import extend_tokenizer
 
-    tok = _text_tokenizer(spec)
+    tok = text_tokenizer(spec)
     vocab = extend_tokenizer(tok, art_cfg["model"]["num_codes"])  # the same ids the workers' add_fmri_vocab assigns
     codes, feats = scan_codes(tokens, art_cfg["data"]["window"])
     vectors = scan_vectors(feats) if spec.scan_token else {}
@@ -267,15 +267,15 @@ def pad_rows(packed: dict[str, np.ndarray], world: int, pad_id: int) -> dict[str
     return {k: np.concatenate([v, np.full((pad, *v.shape[1:]), fill[k], v.dtype)]) for k, v in packed.items()}
 
 
-def _text_tokenizer(spec: PretrainSpec):
+def text_tokenizer(spec: PretrainSpec):
     """The backbone's tokenizer alone (no weights), with a pad token."""
     from transformers import AutoTokenizer
 
-    from fmrilm.models.fmri_lm import _minilm_tokenizer, backbone_path
+    from fmrilm.models.fmri_lm import minilm_tokenizer, backbone_path
 
     kind, _ = locate_backbone(spec.backbone.source)
     if kind == "builtin":
-        return _minilm_tokenizer()
+        return minilm_tokenizer()
     tok = AutoTokenizer.from_pretrained(backbone_path(spec.backbone.source, spec.backbone.cache_dir))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
