@@ -145,7 +145,8 @@ def _descendants(node) -> list:
 
 def _wait_until_it_runs_a_job(dashboard: str, timeout_s: float = 90) -> None:
     """Ready means a job runs to the end: the head's job agent comes up after its raylet, and a
-    submission before it answers "No available agent to submit job"."""
+    submission before it answers "No available agent to submit job". Raises when the job fails
+    or nothing succeeds within ``timeout_s``."""
     from ray.job_submission import JobSubmissionClient
 
     deadline = time.monotonic() + timeout_s
@@ -153,13 +154,17 @@ def _wait_until_it_runs_a_job(dashboard: str, timeout_s: float = 90) -> None:
         try:
             client = JobSubmissionClient(dashboard)
             job = client.submit_job(entrypoint="true")
-            while str(client.get_job_status(job)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-                time.sleep(0.5)
-            return
+            break
         except Exception:  # noqa: BLE001 - not ready yet; the deadline decides
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
+    while (status := str(client.get_job_status(job))) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the local cluster's first job is still {status} after {timeout_s:.0f} s")
+        time.sleep(0.5)
+    if status != "SUCCEEDED":
+        raise RuntimeError(f"the local cluster's first job (`true`) ended {status}: see {dashboard}")
 
 
 def _serve(workers: int, head_cpus: int, worker_cpus: int, temp: str, object_store_mb: int) -> None:
