@@ -62,6 +62,40 @@ def test_ablation_table_and_markdown():
     assert rows[0]["fc_same_points"]["value"] == 0.91  # FC + logistic on the variant's own prompt time points
 
 
+def test_codes_shuffled_at_test_time_have_rows_with_their_paired_fall():
+    from fmrilm.eval.report import markdown as eval_markdown
+
+    head = _report()
+    head["results"].append(_res("sex", "full_shuffled_time", "fmrilm", 0.62, "balanced_accuracy", (0.55, 0.69),
+                                vs={"full": _gap(0.62, 0.9, p=0.001)}))
+    rows = ablation({"scan_token": head, "codes_only": _report(sex=0.52)})
+    assert [r["variant"] for r in rows][:3] == ["scan_token", "scan_token, codes shuffled over time", "codes_only"]
+    assert rows[1]["balanced_accuracy"]["value"] == 0.62 and rows[1]["shuffle_gap"]["gap"] == pytest.approx(-0.28)
+    text = markdown({"groups": head["groups"], "headline": "scan_token", "targets": [], "ablation": rows, "reports": {}, "stages": {}})
+    assert "| scan_token, codes shuffled over time | 0.620 [0.55, 0.69] |" in text and "-0.280 [-0.31, -0.25], McNemar p 0.001 |" in text
+    md = eval_markdown({"pretrained": "p", "spec": {"model": "m"}, "groups": head["groups"], "results": head["results"]})
+    assert "## Codes shuffled at test time" in md and "sex (heldout subjects), shuffled over time: 0.620 [0.55, 0.69]; minus unshuffled -0.280" in md
+    assert "| sex | balanced_accuracy | full_shuffled_time | 0.620 [0.55, 0.69] |" in md
+
+
+def test_shuffled_codes_keep_each_roi_s_codes_or_each_time_step_s_bag():
+    from fmrilm.tokens import shuffle_codes, shuffle_order
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 64, (6, 40))
+    feats = rng.normal(size=(6, 40, 3))
+    order = shuffle_order(codes.shape, "time", rng)
+    by_time, f = shuffle_codes(codes, order), shuffle_codes(feats, order)
+    assert (np.sort(by_time, axis=1) == np.sort(codes, axis=1)).all() and (by_time != codes).mean() > 0.5  # each ROI keeps its codes
+    assert f.shape == feats.shape and np.allclose(f[..., 0], feats[..., 0][order]) and (f[2, :, 1] == feats[2, order[1][2], 1]).all()
+    by_roi = shuffle_codes(codes, shuffle_order(codes.shape, "rois", rng))
+    assert (np.sort(by_roi, axis=0) == np.sort(codes, axis=0)).all() and (by_roi != codes).mean() > 0.5  # each step keeps its bag
+    again = shuffle_codes(codes, shuffle_order(codes.shape, "time", np.random.default_rng(0)))
+    assert (shuffle_codes(codes, shuffle_order(codes.shape, "time", np.random.default_rng(0))) == again).all()  # seeded
+    with pytest.raises(ValueError, match="time or rois"):
+        shuffle_order(codes.shape, "space", rng)
+
+
 def test_summary_with_repeats_and_the_dynamics_cohort():
     from fmrilm.science import plan, summarise
 
@@ -104,7 +138,7 @@ def test_variants_add_to_the_shared_overrides():
     spec = ScienceSpec(overrides={"pretrain": ["train.max_steps=5"]})
     assert variant_overrides(spec, "codes_only")["pretrain"] == ["train.max_steps=5", "scan_token=false"]
     assert "paradigms=[full]" in variant_overrides(spec, "codes_only")["eval"]  # ablations score the full paradigm only
-    assert "eval" not in variant_overrides(spec, "scan_token")
+    assert variant_overrides(spec, "scan_token")["eval"] == ["shuffles=[time, rois]"]  # the headline: every paradigm, and its codes shuffled
     from fmrilm.config import ConfigError
     from fmrilm.science import check
 
@@ -134,6 +168,8 @@ def test_probes_find_a_signal_and_not_noise():
     age = rng.uniform(20, 60, 80)
     assert cv_probe(np.c_[age + rng.normal(size=80), x], age, True)["pearson_r"] > 0.9
     assert cv_probe(x[:3], y[:3], False) == {}  # too few rows per class: no number rather than a wrong one
+    assert cv_probe(x[:5], y[:5], False) == {}  # two of a class: no fold could fit the penalty by inner CV
+    assert "balanced_accuracy" in cv_probe(x[:6], y[:6], False)
     codes = np.array([[1, 2, 3, 4], [1, 2, 0, 0]])
     np.testing.assert_allclose(code_histogram(codes, 6), [2 / 8, 2 / 8, 2 / 8, 1 / 8, 1 / 8, 0])
 

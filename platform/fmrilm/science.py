@@ -34,11 +34,12 @@ from fmrilm.config import Strict
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.synth import SynthParams
 from fmrilm.eval.classical import BEST
+from fmrilm.eval.report import SHUFFLED, gap_text
 
 log = logging.getLogger("fmrilm.science")
 SHARED = ("ingest", "features", "tokenizer", "tokenize")
 VARIANTS = {
-    "scan_token": {},
+    "scan_token": {"eval": ["shuffles=[time, rois]"]},
     "codes_only": {"pretrain": ["scan_token=false"]},
     "encoder_features": {"pretrain": ["scan_token=false", "input_mode=features"]},
     "descriptions": {"pretrain": ["scan_token=false"], "instruct": ["descriptions=true"]},
@@ -249,16 +250,23 @@ def targets(report: dict, t: Targets, group: str = "heldout_subjects") -> list[d
 
 def ablation(reports: dict[str, dict], group: str = "heldout_subjects") -> list[dict]:
     """One row per variant: sex balanced accuracy and AUC, age MAE and r (full paradigm) and FC +
-    logistic's sex balanced accuracy on the time points the variant's prompts show, with the
-    baselines of the same test subjects as rows of their own (from the first report)."""
+    logistic's sex balanced accuracy on the time points the variant's prompts show; a row per
+    shuffle of a variant's codes at test time, with the paired difference of its sex balanced
+    accuracy from the unshuffled answers (``shuffle_gap``); the baselines of the same test
+    subjects as rows of their own (from the first report)."""
     rows = []
     for name, rep in reports.items():
         res = rep["results"]
-        pick = {key: _value(next(iter(_find(res, group, task, "full")), None), key)
-                for task, key in (("sex", "balanced_accuracy"), ("sex", "auc"), ("age", "mae"), ("age", "pearson_r"))}
-        # FC + logistic on the time points this variant's prompts show (the whole scan with the scan token)
-        pick["fc_same_points"] = _value(next(iter(_find(res, group, "sex", "baseline", "fc_linear")), None), "balanced_accuracy")
-        rows.append({"variant": name, **pick})
+        shuffled = sorted({r["paradigm"] for r in res if r["paradigm"].startswith(SHUFFLED) and r["group"] == group})
+        for paradigm in ["full", *shuffled]:
+            pick = {key: _value(next(iter(_find(res, group, task, paradigm)), None), key)
+                    for task, key in (("sex", "balanced_accuracy"), ("sex", "auc"), ("age", "mae"), ("age", "pearson_r"))}
+            if paradigm == "full":  # FC + logistic on the time points this variant's prompts show (the whole scan with the scan token)
+                pick["fc_same_points"] = _value(next(iter(_find(res, group, "sex", "baseline", "fc_linear")), None), "balanced_accuracy")
+                rows.append({"variant": name, **pick})
+            else:
+                gap = (next(iter(_find(res, group, "sex", paradigm)), None) or {}).get("vs", {}).get("full")
+                rows.append({"variant": f"{name}, codes shuffled over {paradigm[len(SHUFFLED):]}", **pick, "shuffle_gap": gap})
     first = next(iter(reports.values()))["results"]
     for method in ("majority", "fc_linear", "fc_linear_whole_scan", "descriptors_linear", "prewhitened_fc_linear", "prewhitened_fc_roi_linear", BEST):
         pick = {}
@@ -370,11 +378,14 @@ def markdown(report: dict) -> str:
         if d.get("spread") and max(r["repeats"] for r in d["spread"]) > 1:
             lines += [""] + _spread_table(d["spread"])
     lines += ["", "## What carries the signal (full paradigm, held-out subjects)", "",
-              "| variant | sex balanced accuracy | sex AUC | age MAE (y) | age r | sex: FC + logistic on the prompt's time points |",
-              "|---|---|---|---|---|---|"]
+              "| variant | sex balanced accuracy | sex AUC | age MAE (y) | age r | sex: FC + logistic on the prompt's time points "
+              "| sex: shuffled minus unshuffled (paired) |", "|---|---|---|---|---|---|---|"]
     for r in report["ablation"]:
         lines.append(f"| {r['variant']} | {_cell(r['balanced_accuracy'])} | {_cell(r['auc'])} | {_cell(r['mae'], 2)} | {_cell(r['pearson_r'])} "
-                     f"| {_cell(r.get('fc_same_points'))} |")
+                     f"| {_cell(r.get('fc_same_points'))} | {gap_text(r['shuffle_gap']) if r.get('shuffle_gap') else '-'} |")
+    if any("shuffle_gap" in r for r in report["ablation"]):
+        lines += ["", "Codes shuffled at test time: over time, each ROI's codes permuted over the scan's time steps; over ROIs, "
+                  "each time step's codes permuted over ROIs (the scan token's vector is kept). A model that reads its codes falls."]
     lines += ["", "## Time per stage (s)", "", "| variant | " + " | ".join(_stage_names(report)) + " |",
               "|---|" + "---|" * len(_stage_names(report))]
     for name, st in report["stages"].items():

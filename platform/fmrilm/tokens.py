@@ -322,6 +322,44 @@ class ScanBlocks:
 
         return fmri_part(c, v["first_code_id"], v["open_id"], v["close_id"], f, vec)
 
+    def shuffled(self, axis: Shuffle, seed: int = 0) -> ScanBlocks:
+        """These blocks with every scan's codes (and encoder features) shuffled at test time
+        (:func:`shuffle_codes`); the scan vectors are kept."""
+        import copy
+
+        rng = np.random.default_rng(seed)
+        out = copy.copy(self)
+        out.codes, out.feats = {}, {}
+        for scan_id in sorted(self.codes):
+            order = shuffle_order(self.codes[scan_id].shape, axis, rng)
+            out.codes[scan_id] = shuffle_codes(self.codes[scan_id], order)
+            if scan_id in self.feats:
+                out.feats[scan_id] = shuffle_codes(self.feats[scan_id], order)
+        return out
+
+
+Shuffle = Literal["time", "rois"]
+
+
+def shuffle_order(shape: tuple[int, ...], axis: Shuffle, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays ``(channel, step)``, each ``[channels, steps]``, that shuffle a scan's codes of
+    ``shape`` ``[channels, steps, ...]``: ``time`` permutes each channel's steps on its own (each
+    ROI keeps its codes, their co-occurrence across ROIs at a time step is broken); ``rois``
+    permutes the channels at each step on its own (each time step keeps its bag of codes, which
+    ROI had which code is broken)."""
+    channels, steps = shape[:2]
+    ch, st = np.indices((channels, steps))
+    if axis == "time":
+        return ch, rng.permuted(st, axis=1)
+    if axis == "rois":
+        return rng.permuted(ch, axis=0), st
+    raise ValueError(f"unknown shuffle {axis!r}: time or rois")
+
+
+def shuffle_codes(x: np.ndarray, order: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``x`` ``[channels, steps, ...]`` (codes, or encoder features) reordered by :func:`shuffle_order`."""
+    return x[order[0], order[1]]
+
 
 def summary(result: dict) -> list[str]:
     """Lines a person reads after :func:`run`; the first is the headline (windows, the codes' sex probe)."""

@@ -101,7 +101,7 @@ def test_instruct_then_eval_report(pretrained):
     torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=1e-4, rtol=1e-4)
     assert kshot(shots)["kept"] == 6  # the same run again keeps every adapter
     spec = EvalSpec(model=result["model"], data=pretrained["data"], datasets=["cohort"], heldout_datasets=["other"], fmri_steps=2,
-                    seq_len=160, kshot=tuned["run"], bootstrap=50, run={"storage": pretrained["runs"], "name": "eval"})
+                    seq_len=160, kshot=tuned["run"], bootstrap=50, shuffles=["rois"], run={"storage": pretrained["runs"], "name": "eval"})
     report = evaluate(spec)
     methods = {(r["group"], r["task"], r["paradigm"], r["method"]) for r in report["results"]}
     for group in ("heldout_subjects", "heldout_dataset"):
@@ -132,6 +132,9 @@ def test_instruct_then_eval_report(pretrained):
     assert gap["best_classical"]["ci"][0] <= gap["best_classical"]["gap"] <= gap["best_classical"]["ci"][1]
     assert 0 <= gap["best_classical"]["mcnemar_p"] <= 1 and "fc_linear" in gap
     assert "kshot_lora k=2" in md and "## heldout dataset" in md
+    shuffled = [r for r in report["results"] if r["paradigm"].startswith("full_shuffled_") and r["group"] == "heldout_subjects"]
+    assert {(r["task"], r["paradigm"]) for r in shuffled} == {(t, "full_shuffled_rois") for t in ("sex", "age_bin", "age")}
+    assert all("full" in r["vs"] for r in shuffled) and "## Codes shuffled at test time" in md
     scored = {sid for p in json.load(open(files["predictions.json"])) for sid in p["scan_id"]}
     assert train_subjects and scored and not scored & {s for a in index["adapters"] for s in a["scan_ids"]}  # never tuned on a scored scan
     saved = json.load(open(files["report.json"]))

@@ -1,8 +1,9 @@
-"""The science job end to end on a tiny cohort: the real stages on Ray on the main and the dynamics
-cohort, the evaluation on the test subjects, and one report with the targets and the ablation
-table. (Variants sharing one chain are the quickstart's reuse by run-name tag, tested in
-tests/integration/test_quickstart.py; their overrides, the fresh-seed chain of `fmrilm bench
-science` (the main chain on another seed) and its exit code in tests/test_science_job.py.)"""
+"""The science job end to end on a tiny cohort: the real stages on Ray, the evaluation on the test
+subjects with the codes shuffled, and one report with the targets and the ablation table. The
+cohort carries a dynamics-only diagnosis, asked like sex and age. (Variants sharing one chain
+are the quickstart's reuse by run-name tag, tested in tests/integration/test_quickstart.py; the
+chains of the dynamics cohort and the fresh seed are the same chain on another cohort: their
+plan, overrides, report sections and the exit code are in tests/test_science_job.py.)"""
 
 import json
 
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.integration
 
 TINY = {
     "kind": "science",
-    "synth": {"name": "synthetic", "subjects": 24, "n_rois": 8, "n_networks": 4, "n_timepoints": 96, "seed": 4, "sex_effect": 0.6},
+    "synth": {"name": "synthetic", "subjects": 24, "n_rois": 8, "n_networks": 4, "n_timepoints": 96, "seed": 4, "sex_effect": 0.6,
+              "dynamic_effects": ["bursts", "lag"]},
     "split": {"fractions": {"train": 0.7, "test": 0.3}},
     "overrides": {
         "features": ["ica_components=3", "captions_per_scan=1", "plot=false", "probe=false"],
@@ -22,14 +24,13 @@ TINY = {
                       "model.code_dim=8", "train.epochs=1", "train.max_steps=2", "train.batch_size=8", "scaling.num_workers=1", "run.logger=none"],
         "pretrain": ["backbone.tiny_width=32", "seq_len=64", "deepspeed.zero_stage=0", "train.max_steps=2", "scaling.num_workers=1"],
         "instruct": ["seq_len=128", "fmri_steps=1", "train.max_steps=2", "scaling.num_workers=1", "lora.enabled=false",
-                     "instructions.tasks={sex: 1.0, age: 1.0}", "instructions.paradigms=[single]"],
+                     "instructions.tasks={diagnosis: 1.0, sex: 1.0, age: 1.0}", "instructions.paradigms=[single]"],
         "kshot": ["seq_len=128", "fmri_steps=1", "tasks=[sex,age]", "k=[2]", "seeds=[0]", "steps=1"],
-        "eval": ["seq_len=128", "test_splits=[test]", "tasks=[sex,age]", "bootstrap=20"],
+        "eval": ["seq_len=128", "test_splits=[test]", "tasks=[diagnosis,sex,age]", "bootstrap=20"],
     },
-    "variants": {"scan_token": {}, "codes_only": {"pretrain": ["scan_token=false"]}},
+    "variants": {"scan_token": {"eval": ["shuffles=[time]"]}, "codes_only": {"pretrain": ["scan_token=false"]}},
     "select": ["scan_token"],
-    "dynamics": {"subjects": 24, "n_rois": 8, "n_networks": 4, "n_timepoints": 96, "seed": 5,
-                 "dynamic_effects": ["bursts", "lag"]},
+    "dynamics": None,
 }
 
 
@@ -41,7 +42,8 @@ def test_science_job_runs_variants_and_writes_one_report(ray_cluster, tmp_path):
     r = CliRunner().invoke(app, ["run", str(spec)])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "science" / "science" / "science.json").read_text())
-    assert [row["variant"] for row in report["ablation"]][0] == "scan_token" and list(report["stages"]) == ["scan_token", "scan_token [dynamics]"]
+    assert [row["variant"] for row in report["ablation"]][:2] == ["scan_token", "scan_token, codes shuffled over time"]
+    assert list(report["stages"]) == ["scan_token"] and "dynamics" not in report
     assert report["groups"]["heldout_subjects"] > 0 and {t["target"] for t in report["targets"]} >= {"sex balanced accuracy (full)", "age MAE (full)"}
     stages = {s["stage"]: s["status"] for s in report["stages"]["scan_token"]}
     assert stages == {s: "ran" for s in ("ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "kshot", "eval")}
@@ -50,9 +52,8 @@ def test_science_job_runs_variants_and_writes_one_report(ray_cluster, tmp_path):
     assert not (runs / "pretrain-codes_only").exists()  # not selected
     md = (tmp_path / "science" / "science" / "science.md").read_text()
     assert "## Targets" in md and "| scan_token |" in md and "baseline: fc_linear" in md and "sex k-shot LoRA k=" in md
-    assert [r["task"] for r in report["dynamics"]["rows"]] == ["diagnosis", "sex", "age"]  # the dynamics cohort, asked its diagnosis
-    assert report["dynamics"]["rows"][0]["reader"] and report["headline_rows"][0]["gap"]["ci"]  # best classical and the paired gap
-    assert "## The dynamics cohort" in md and "## fmrilm beside the best classical reader" in md
-    assert (tmp_path / "science" / "dynamics" / "runs" / "eval-scan_token" / "eval" / "report.md").is_file()
+    assert [r["task"] for r in report["headline_rows"]] == ["diagnosis", "sex", "age"]  # the dynamics-only diagnosis, asked as well
+    assert report["headline_rows"][0]["reader"] and report["headline_rows"][0]["gap"]["ci"]  # best classical and the paired gap
+    assert "## fmrilm beside the best classical reader" in md and "| scan_token, codes shuffled over time |" in md
     with_scan = json.loads((runs / "pretrain-scan_token" / "model" / "fmri_lm.json").read_text())
     assert with_scan["scan_dim"] == 28

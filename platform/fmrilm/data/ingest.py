@@ -326,10 +326,11 @@ def split_file_report(assignments: dict[str, str], sources: list[ScanSource], ur
 def ingest_synthetic(params, out_uri: str, *, use_ray: bool = True, split=None) -> IngestResult:
     """Generate and ingest a synthetic cohort (``SynthParams``) with its planted truth in the
     manifest, and ``split`` (a :class:`~fmrilm.data.splits.SplitPolicy`) as its subject split
-    (default: the default policy)."""
+    (default: the default policy; a split file is frozen into the manifest, as for a card)."""
     from fmrilm.data import synth
+    from fmrilm.data.splits import frozen_policy
 
-    extra = synth.manifest_extra(params) | ({"split": split.model_dump(mode="json")} if split is not None else {})
+    extra = synth.manifest_extra(params) | ({"split": frozen_policy(split)} if split is not None else {})
     return ingest(synth.sources(params), out_uri, use_ray=use_ray, extra=extra)
 
 

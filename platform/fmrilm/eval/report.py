@@ -4,7 +4,8 @@ One table per test group: rows are task x paradigm of the LM, columns the LM's h
 (balanced accuracy for classification, MAE for the age number) with its 95 % bootstrap CI, the best
 classical reader and the paired gap to it, and every baseline on the same scans; then a table of
 every classical reader per group. k-shot rows show the mean over seeds (and their range), beside
-FC + linear fitted on the same k scans per class.
+FC + linear fitted on the same k scans per class. Rows ``full_shuffled_time`` / ``_rois`` are the
+full paradigm on codes shuffled at test time; a section gives their paired fall from ``full``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 
 from fmrilm import storage
 from fmrilm.eval.classical import BEST
+
+SHUFFLED = "full_shuffled_"  # the full paradigm on codes shuffled at test time (fmrilm.eval.run)
 
 HEADLINE = {"classification": "balanced_accuracy", "regression": "mae"}
 
@@ -62,7 +65,7 @@ def table_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
                 _fmt(base.get("fc_linear_whole_scan"), key), _fmt(base.get("descriptors_linear"), key), _fmt(base.get("planted_pattern"), key)]
         cols += [_fmt(base.get("fc_linear_deconfounded"), key)] if deconfounded else []
         lm = [r for r in results if r["task"] == task and r["method"] == "fmrilm"]
-        for paradigm in ("zero_shot", "in_context", "kshot_lora", "full"):
+        for paradigm in ("zero_shot", "in_context", "kshot_lora", "full", *sorted({r["paradigm"] for r in lm if r["paradigm"].startswith(SHUFFLED)})):
             runs = [r for r in lm if r["paradigm"] == paradigm]
             for k in sorted({r["k"] for r in runs}, key=lambda v: -1 if v is None else v):
                 name = paradigm if k is None else f"{paradigm} k={k}"
@@ -126,6 +129,24 @@ def group_tables(report: dict) -> list[str]:
     return lines
 
 
+def shuffle_lines(report: dict) -> list[str]:
+    """The section on codes shuffled at test time: per group and task, each shuffle's result and
+    its paired difference from the unshuffled full paradigm (none without shuffled rows)."""
+    rows = [r for r in report["results"] if r["paradigm"].startswith(SHUFFLED) and r["method"] == "fmrilm"]
+    if not rows:
+        return []
+    lines = ["## Codes shuffled at test time", "",
+             "The full paradigm asked again with each test scan's codes shuffled: over `time` (each ROI's codes permuted over the "
+             "scan's time steps), over `rois` (each time step's codes permuted over ROIs). A model that reads its codes falls; "
+             "one that does not stays where it was (the scan token's vector is not shuffled). Paired difference from the "
+             "unshuffled answers on the same scans, 95 % bootstrap CI:", ""]
+    for r in rows:
+        key = headline(r["task"])
+        lines.append(f"- {r['task']} ({r['group'].replace('_', ' ')}), shuffled over {r['paradigm'][len(SHUFFLED):]}: "
+                     f"{_fmt(r, key)}; minus unshuffled {gap_text((r.get('vs') or {}).get('full'))}")
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
     """``report.md``: a table per group, the figures, and how to read them."""
     lines = ["# fmrilm evaluation", "",
@@ -137,6 +158,7 @@ def markdown(report: dict) -> str:
     lines += ["The best classical reader is chosen per task on the training scans' inner cross-validation (never on a test scan); "
               "`fmrilm - best classical` is the paired difference on the same test scans with its 95 % bootstrap CI (a negative "
               "MAE gap is fmrilm's win) and, for classes, McNemar's exact p. A target is met when its CI says so, not its point.", ""]
+    lines += shuffle_lines(report)
     for group in report["groups"]:
         header, rows = classical_rows(report, group)
         if rows:

@@ -9,7 +9,10 @@ Paradigms of the LM, each on the same test scans:
 * ``kshot_lora``: the adapters of the kshot stage (:mod:`fmrilm.train.kshot`), each tuned on
   ``k`` training scans per class from the pretrained export, beside FC + linear fitted on the
   same scans;
-* ``full``: the instruct stage's export (multi-task LoRA on every training subject).
+* ``full``: the instruct stage's export (multi-task LoRA on every training subject);
+  with ``shuffles``, asked again with each test scan's codes shuffled over time or over ROIs
+  (paradigms ``full_shuffled_time`` / ``full_shuffled_rois``, each with its paired gap to the
+  unshuffled answers): a model that reads its codes falls.
 
 Classification is constrained scoring over the allowed answers; the age number is generated and
 parsed. Baselines (:mod:`fmrilm.eval.baselines`) are fitted on every training subject. Every
@@ -36,6 +39,8 @@ from fmrilm.eval import baselines, classical, metrics
 from fmrilm.errors import UserError
 from fmrilm.features import dynamics
 from fmrilm.eval.probes import answer_states
+from fmrilm.eval.report import SHUFFLED
+from fmrilm.tokens import Shuffle
 
 log = logging.getLogger("fmrilm.eval")
 PARADIGMS = ("zero_shot", "in_context", "kshot_lora", "full")
@@ -59,6 +64,10 @@ class EvalSpec(Strict):
     test_splits: list[str] = ["val", "test"]
     tasks: list[str] = ["sex", "age_bin", "age"]
     paradigms: list[str] = list(PARADIGMS)
+    shuffles: list[Shuffle] = Field([], description="the full paradigm asked again with every scan's codes shuffled at test time: "
+                                    "time = each ROI's codes permuted over the scan's time steps (their co-occurrence across "
+                                    "ROIs broken), rois = the codes of each time step permuted over ROIs (which ROI had which "
+                                    "code broken); the scan token's vector is kept")
     in_context_k: int = Field(2, ge=1)
     number_decoding: Literal["expected", "greedy"] = Field(
         "expected", description="the age number: expected = constrained to the whole ages seen in training, the mean under the "
@@ -305,6 +314,9 @@ def run(spec: EvalSpec) -> dict:
         trained[f"the features build of {spec.data} (descriptor baselines)"] = features_split(spec.data, trained_on)
     if kshot is not None:
         trained[f"the k-shot adapters {spec.kshot}"] = kshot["split"]
+    if "rois" in spec.shuffles and blocks.tokenizer_cfg["model"].get("layout", "roi") != "roi":
+        raise UserError("eval: shuffles=[rois] needs one code per ROI, but the tokenizer has one whole-brain code per patch "
+                        "(model.layout=state): drop rois from shuffles")
     meta = eval_meta(spec, set(blocks.codes), trained)
     check_contract(spec, export_meta(pretrained).get("contract"), set(meta["dataset"]), pretrained)
 
@@ -390,9 +402,9 @@ def run(spec: EvalSpec) -> dict:
         calibration = {"calibration": {"scans": list(reference["scan_id"]), "from": pool_name}} if len(reference) else {}
         context_pool = train[~train["scan_id"].isin(reference["scan_id"])]  # a reference scan is never its own example
 
-        def answer(model, tok, k_context, seed, asked=spec, described=descriptions):
+        def answer(model, tok, k_context, seed, asked=spec, described=descriptions, scans=blocks):
             ref = task_prompts(task, reference, context_pool, labeller, k_context, seed) if len(reference) else None
-            out = Answerer(model, tok, blocks, asked, described).answer(task, task_prompts(task, test, train, labeller, k_context, seed),
+            out = Answerer(model, tok, scans, asked, described).answer(task, task_prompts(task, test, train, labeller, k_context, seed),
                                                                          labeller, age_mean, ref, age_values)
             return out, {k: out[k] for k in ("parse_rate", "calibrated_on", "decoding") if k in out} | (calibration if ref is not None else {})
 
@@ -406,6 +418,9 @@ def run(spec: EvalSpec) -> dict:
             lm("instruct" if spec.model else "pretrained", spec.in_context_k, "in_context", k=spec.in_context_k)
         if "full" in spec.paradigms and spec.model:
             lm("instruct", 0, "full")
+            for axis in spec.shuffles:  # calibrated on unshuffled training scans, like the answers it is paired with
+                out, extra = answer(*model_for("instruct"), 0, spec.seed, scans=blocks.shuffled(axis, spec.seed))
+                record(SHUFFLED + axis, "fmrilm", out, extra=extra)
         for entry in (a for a in (kshot or {}).get("adapters", []) if a["task"] == task):
             model, tok, tuned = load_model(entry["model"])
             asked = spec.model_copy(update={"fmri_steps": tuned.get("fmri_steps") or spec.fmri_steps})
@@ -582,12 +597,15 @@ def prompt_part(x: np.ndarray, tr: float, seen: dict) -> np.ndarray:
 def paired_gaps(task: str, y: np.ndarray, said: dict[tuple, tuple[dict, np.ndarray]], spec: EvalSpec) -> None:
     """Each LM result of one task and group gets ``vs``: its paired gap to ``best_classical``
     and to ``fc_linear`` on the same scans (:func:`fmrilm.eval.metrics.compare`; k-shot rows
-    against FC + linear on the same k scans per class)."""
+    against FC + linear on the same k scans per class; shuffled-code rows also against the
+    unshuffled ``full`` answers)."""
     for (paradigm, method, k, seed), (row, pred) in said.items():
         if method != "fmrilm":
             continue
         bases = ({"fc_linear": (paradigm, "fc_linear", k, seed)} if paradigm == "kshot_lora" else
                  {classical.BEST: ("baseline", classical.BEST, None, None), "fc_linear": ("baseline", "fc_linear", None, None)})
+        if paradigm.startswith(SHUFFLED):
+            bases["full"] = ("full", "fmrilm", None, None)
         row["vs"] = {}
         for name, key in bases.items():
             if key in said:
