@@ -96,6 +96,25 @@ def test_shuffled_codes_keep_each_roi_s_codes_or_each_time_step_s_bag():
         shuffle_order(codes.shape, "space", rng)
 
 
+def test_scan_blocks_shuffle_every_scan_and_keep_the_scan_vector():
+    from fmrilm.errors import UserError
+    from fmrilm.tokens import ScanBlocks
+
+    rng = np.random.default_rng(1)
+    blocks = object.__new__(ScanBlocks)  # what an export's tokens give, without the export
+    blocks.codes = {f"s{i}": rng.integers(0, 32, (5, 12)) for i in range(3)}
+    blocks.feats = {k: np.stack([c, -c], axis=-1) * 0.5 for k, c in blocks.codes.items()}  # features that name their code
+    blocks.vectors, blocks.tokenizer_cfg = {"s0": np.ones(10)}, {"model": {"layout": "roi"}}
+    by_time = blocks.shuffled("time", seed=3)
+    for k, c in blocks.codes.items():
+        assert (np.sort(by_time.codes[k], axis=1) == np.sort(c, axis=1)).all() and (by_time.codes[k] != c).any()
+        assert (by_time.feats[k][..., 0] == by_time.codes[k] * 0.5).all()  # the features moved with their codes
+    assert by_time.vectors is blocks.vectors and (blocks.shuffled("time", seed=3).codes["s1"] == by_time.codes["s1"]).all()
+    blocks.tokenizer_cfg = {"model": {"layout": "state"}}
+    with pytest.raises(UserError, match="one code per ROI"):
+        blocks.shuffled("rois")
+
+
 def test_summary_with_repeats_and_the_dynamics_cohort():
     from fmrilm.science import plan, summarise
 

@@ -324,9 +324,13 @@ class ScanBlocks:
 
     def shuffled(self, axis: Shuffle, seed: int = 0) -> ScanBlocks:
         """These blocks with every scan's codes (and encoder features) shuffled at test time
-        (:func:`shuffle_codes`); the scan vectors are kept."""
+        (:func:`shuffle_order`); the scan vectors are kept. ``rois`` needs one code per ROI (the
+        tokenizer's ``roi`` layout)."""
         import copy
 
+        if axis == "rois" and self.tokenizer_cfg["model"].get("layout", "roi") != "roi":
+            raise UserError("codes shuffled over ROIs need one code per ROI, but the tokenizer has one whole-brain code per patch "
+                            "(model.layout=state): shuffle over time only")
         rng = np.random.default_rng(seed)
         out = copy.copy(self)
         out.codes, out.feats = {}, {}

@@ -314,9 +314,7 @@ def run(spec: EvalSpec) -> dict:
         trained[f"the features build of {spec.data} (descriptor baselines)"] = features_split(spec.data, trained_on)
     if kshot is not None:
         trained[f"the k-shot adapters {spec.kshot}"] = kshot["split"]
-    if "rois" in spec.shuffles and blocks.tokenizer_cfg["model"].get("layout", "roi") != "roi":
-        raise UserError("eval: shuffles=[rois] needs one code per ROI, but the tokenizer has one whole-brain code per patch "
-                        "(model.layout=state): drop rois from shuffles")
+    shuffled = {axis: blocks.shuffled(axis, spec.seed) for axis in spec.shuffles}
     meta = eval_meta(spec, set(blocks.codes), trained)
     check_contract(spec, export_meta(pretrained).get("contract"), set(meta["dataset"]), pretrained)
 
@@ -418,8 +416,8 @@ def run(spec: EvalSpec) -> dict:
             lm("instruct" if spec.model else "pretrained", spec.in_context_k, "in_context", k=spec.in_context_k)
         if "full" in spec.paradigms and spec.model:
             lm("instruct", 0, "full")
-            for axis in spec.shuffles:  # calibrated on unshuffled training scans, like the answers it is paired with
-                out, extra = answer(*model_for("instruct"), 0, spec.seed, scans=blocks.shuffled(axis, spec.seed))
+            for axis, scans in shuffled.items():  # calibrated on unshuffled training scans, like the answers it is paired with
+                out, extra = answer(*model_for("instruct"), 0, spec.seed, scans=scans)
                 record(SHUFFLED + axis, "fmrilm", out, extra=extra)
         for entry in (a for a in (kshot or {}).get("adapters", []) if a["task"] == task):
             model, tok, tuned = load_model(entry["model"])
