@@ -377,7 +377,7 @@ def test_the_table_shows_the_best_classical_reader_and_the_paired_gap():
     assert "## Classical readers (heldout subjects)" in md and "paired difference" in md
 
 
-def test_calibration_uses_validation_subjects_class_balanced(monkeypatch):
+def test_calibration_uses_validation_subjects_class_balanced():
     import pandas as pd
 
     from fmrilm.data.instructions import fit_labeller
@@ -390,10 +390,8 @@ def test_calibration_uses_validation_subjects_class_balanced(monkeypatch):
     picked = ev.calibration_rows("sex", train, labeller, 16, 0)
     assert sorted(picked["sex"].value_counts().tolist()) == [8, 8]  # 3:1 in the pool, 1:1 in the reference
     assert ev.calibration_rows("age", train, labeller, 16, 0).empty
-    monkeypatch.setattr("fmrilm.artifacts.lm.export_meta", lambda uri: {"validation_subjects": ["p1", "p35", "p36"]})
     spec = ev.EvalSpec(model="m")
-    pool, which = ev.calibration_pool(spec, train)
+    pool, which = ev.calibration_pool(spec, train, {"validation_subjects": ["p1", "p35", "p36"]})
     assert set(pool["subject_id"]) == {"p1", "p35", "p36"} and which.startswith("validation subjects")
-    monkeypatch.setattr("fmrilm.artifacts.lm.export_meta", lambda uri: {})
-    pool, which = ev.calibration_pool(spec, train)
+    pool, which = ev.calibration_pool(spec, train, {})
     assert len(pool) == 40 and which == "training scans"

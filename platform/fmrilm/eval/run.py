@@ -23,6 +23,7 @@ metric carries a bootstrap confidence interval over test scans. Writes ``report.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -40,7 +41,7 @@ from fmrilm.errors import UserError
 from fmrilm.features import dynamics
 from fmrilm.eval.probes import answer_states
 from fmrilm.eval.report import SHUFFLED
-from fmrilm.tokens import Shuffle
+from fmrilm.tokens import ScanBlocks, Shuffle
 
 log = logging.getLogger("fmrilm.eval")
 PARADIGMS = ("zero_shot", "in_context", "kshot_lora", "full")
@@ -223,13 +224,11 @@ def calibration_rows(task: str, pool: pd.DataFrame, labeller: Labeller, n: int, 
     return pd.concat([known[y == c].sample(n=min(per, int((y == c).sum())), random_state=seed) for c in classes])
 
 
-def calibration_pool(spec: EvalSpec, train: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The scans that calibrate answers: the training subjects the instruct export held out of
-    tuning (its ``validation_subjects``), else (with a warning: the model has seen their answers)
-    every training scan; returns ``(scans, which)``."""
-    from fmrilm.artifacts.lm import export_meta
-
-    held = set(export_meta(spec.model).get("validation_subjects") or []) if spec.model else set()
+def calibration_pool(spec: EvalSpec, train: pd.DataFrame, instruct_meta: dict) -> tuple[pd.DataFrame, str]:
+    """The scans that calibrate answers: the training subjects the instruct export (metadata
+    ``instruct_meta``) held out of tuning (its ``validation_subjects``), else (with a warning: the
+    model has seen their answers) every training scan; returns ``(scans, which)``."""
+    held = set(instruct_meta.get("validation_subjects") or [])
     pool = train[train["subject_id"].isin(held)]
     if len(pool):
         return pool, "validation subjects (held out of instruct tuning)"
@@ -270,18 +269,20 @@ def check_contract(spec: EvalSpec, contract: dict | None, datasets: set[str], mo
         log.warning(warning)
 
 
-def check(spec: EvalSpec) -> tuple[EvalSpec, str, dict | None]:
+def check(spec: EvalSpec) -> tuple[EvalSpec, dict, str, dict, dict | None]:
     """Checks before scoring: the exports to score exist (the instruct export and its pretrained
     base, or ``pretrained``), and the k-shot index when ``kshot_lora`` is asked; returns ``(spec
-    with fmri_steps resolved, the pretrained export's URI, the k-shot index or None)``."""
+    with fmri_steps resolved, the instruct export's metadata ({} without one), the pretrained
+    export's URI and metadata, the k-shot index or None)``, each export read once."""
     from fmrilm.artifacts.lm import export_meta
 
     if spec.model is None and spec.pretrained is None:
         raise UserError("eval needs model (an instruct export) or pretrained (a pretrain export)")
-    pretrained = spec.pretrained or export_meta(spec.model)["base_model"]
+    instruct_meta = export_meta(spec.model) if spec.model else {}
+    pretrained = spec.pretrained or instruct_meta["base_model"]
     if spec.fmri_steps is None:  # ask with the prompts the model was tuned on
-        spec = spec.model_copy(update={"fmri_steps": (export_meta(spec.model).get("fmri_steps") if spec.model else None) or 4})
-    export_meta(pretrained)
+        spec = spec.model_copy(update={"fmri_steps": instruct_meta.get("fmri_steps") or 4})
+    pretrained_meta = export_meta(pretrained)
     kshot = None
     if "kshot_lora" in spec.paradigms:
         if spec.kshot:
@@ -293,20 +294,62 @@ def check(spec: EvalSpec) -> tuple[EvalSpec, str, dict | None]:
                             "their rows compare other models", spec.kshot, kshot["base_model"], pretrained)
         else:
             log.info("kshot is null: the kshot_lora paradigm is skipped")
-    return spec, pretrained, kshot
+    return spec, instruct_meta, pretrained, pretrained_meta, kshot
 
 
-def run(spec: EvalSpec) -> dict:
-    """Evaluate every task x paradigm and the baselines; write the report; return it."""
-    from fmrilm.eval.report import write_report
+@dataclass
+class Evaluation:
+    """What scoring every task reads, prepared once by :func:`prepare`: the spec (``fmri_steps``
+    resolved), the exports' metadata, the scans' blocks (and their shuffled copies), the scan
+    index with its groups, the labeller, the calibration pool, and the baselines' inputs."""
+
+    spec: EvalSpec
+    pretrained: str
+    instruct_meta: dict
+    kshot: dict | None
+    blocks: ScanBlocks
+    shuffled: dict[str, ScanBlocks]
+    meta: pd.DataFrame
+    groups: list[str]
+    tasks: list[str]
+    labeller: Labeller
+    pool: pd.DataFrame
+    pool_name: str
+    descriptions: dict[str, str]
+    descriptors: pd.DataFrame
+    fcs: dict[str, np.ndarray]  # scan_id -> FC on the prompt's time points (the whole scan with the scan token)
+    whole: dict[str, np.ndarray]  # scan_id -> FC of the whole scan
+    readers: dict[str, dict]  # suffix ("" prompt time points, "_whole_scan") -> reader -> scan_id -> vector
+    models: dict = field(default_factory=dict)
+
+    @property
+    def train(self) -> pd.DataFrame:
+        return self.meta[self.meta["group"] == "train"]
+
+    def model(self, name: str):
+        """``(model, tokenizer)`` of ``pretrained`` or ``instruct``, loaded on first use."""
+        from fmrilm.artifacts.lm import load_model
+
+        if name not in self.models:
+            self.models[name] = load_model(self.pretrained if name == "pretrained" else self.spec.model)[:2]
+        return self.models[name]
+
+    def described(self, flag: bool) -> dict[str, str]:
+        """Each scan's first caption when a model was tuned with descriptions in its prompts, else none."""
+        from fmrilm.features.job import first_captions, read_captions
+
+        return first_captions(read_captions(self.spec.data, None)) if flag else {}
+
+
+def prepare(spec: EvalSpec) -> Evaluation:
+    """Everything before scoring: the checks (:func:`check`, no held-out scan of a subject any
+    model trained on, the input contract), the blocks, the groups, and the baselines' inputs."""
     from fmrilm.features.job import features_split, read_descriptors
-    from fmrilm.artifacts.lm import export_meta, load_model
-    from fmrilm.tokens import ScanBlocks
 
-    spec, pretrained, kshot = check(spec)
+    spec, instruct_meta, pretrained, pretrained_meta, kshot = check(spec)
     blocks = ScanBlocks(pretrained, spec.data, spec.datasets, spec.tokens)
-    trained = {f"the instruct export {spec.model}": export_meta(spec.model).get("split")} if spec.model else {}
-    trained[f"the pretrained export {pretrained}"] = export_meta(pretrained).get("split")
+    trained = {f"the instruct export {spec.model}": instruct_meta.get("split")} if spec.model else {}
+    trained[f"the pretrained export {pretrained}"] = pretrained_meta.get("split")
     if spec.baselines:  # a held-out dataset's own build normalises its descriptors against itself: never its labels
         from fmrilm.data.table import find_datasets
 
@@ -316,141 +359,175 @@ def run(spec: EvalSpec) -> dict:
         trained[f"the k-shot adapters {spec.kshot}"] = kshot["split"]
     shuffled = {axis: blocks.shuffled(axis, spec.seed) for axis in spec.shuffles}
     meta = eval_meta(spec, set(blocks.codes), trained)
-    check_contract(spec, export_meta(pretrained).get("contract"), set(meta["dataset"]), pretrained)
-
-    def described(flag: bool) -> dict[str, str]:  # each model asked the way it was tuned: with descriptions, or not
-        from fmrilm.features.job import first_captions, read_captions
-
-        return first_captions(read_captions(spec.data, None)) if flag else {}
-
-    descriptions = described(bool(spec.model and export_meta(spec.model).get("descriptions")))
+    check_contract(spec, pretrained_meta.get("contract"), set(meta["dataset"]), pretrained)
     train = meta[meta["group"] == "train"]
     groups = [g for g in ("heldout_subjects", "heldout_dataset") if (meta["group"] == g).any()]
     if train.empty or not groups:
         raise UserError(f"eval needs training scans and held-out scans with tokens; found groups {meta['group'].value_counts().to_dict()}")
     labeller = fit_labeller(meta)
-    pool, pool_name = calibration_pool(spec, train)
     if kshot and (kshot["age_cuts"] != (list(labeller.age_cuts) if labeller.age_cuts else None)):
         raise UserError(f"the k-shot adapters {spec.kshot} were tuned with age bins cut at {kshot['age_cuts']}, this evaluation's "
                         f"training scans cut at {labeller.age_cuts}: run the kshot stage on the same datasets")
-    results: list[dict] = []
-    by_site: list[dict] = []
-    predictions: list[dict] = []
-    models = {}
-
-    def model_for(name: str):
-        if name not in models:
-            models[name] = load_model(pretrained if name == "pretrained" else spec.model)[:2]
-        return models[name]
-
     tasks = [t for t in spec.tasks if t in REGRESSION or len(labeller.classes.get(t, [])) >= 2]
     for task in sorted(set(spec.tasks) - set(tasks)):
         log.warning("task %s has fewer than two classes among the training scans: skipped", task)
-    train_ages = pd.to_numeric(train["age"], errors="coerce").dropna()
-    age_mean = float(train_ages.mean())
-    age_values = np.arange(int(np.floor(train_ages.min())), int(np.ceil(train_ages.max())) + 1) if len(train_ages) else None
-    descriptors = read_descriptors(spec.data, None) if spec.baselines else pd.DataFrame()
-    used = meta[meta["group"] != "unused"]["scan_id"]
-    need_fc = spec.baselines or spec.probes
+    pool, pool_name = calibration_pool(spec, train, instruct_meta)
+    fcs, whole, readers = baseline_inputs(spec, blocks, meta[meta["group"] != "unused"]["scan_id"])
+    ev = Evaluation(spec, pretrained, instruct_meta, kshot, blocks, shuffled, meta, groups, tasks, labeller, pool, pool_name, {},
+                    read_descriptors(spec.data, None) if spec.baselines else pd.DataFrame(), fcs, whole, readers)
+    ev.descriptions = ev.described(bool(instruct_meta.get("descriptions")))
+    return ev
+
+
+def baseline_inputs(spec: EvalSpec, blocks: ScanBlocks, scan_ids) -> tuple[dict, dict, dict]:
+    """``(fcs, whole, readers)`` of the listed scans (see :class:`Evaluation`), read once; empty
+    when neither baselines nor probes are asked."""
+    if not (spec.baselines or spec.probes):
+        return {}, {}, {}
     seen = blocks.seen_timepoints(spec.fmri_steps)  # what the LM's prompt shows (all of it with the scan token)
-    series, networks = scan_series(spec, used) if need_fc else ({}, {})
+    series, networks = scan_series(spec, scan_ids)
     shown = {s: x for s, (x, _) in series.items()} if seen is None else {s: prompt_part(x, tr, seen) for s, (x, tr) in series.items()}
     whole = {s: baselines.fc_matrix(x) for s, (x, _) in series.items()}
     fcs = whole if seen is None else {s: baselines.fc_matrix(x) for s, x in shown.items()}
-    readers = {}  # suffix -> reader -> scan_id -> vector: the classical readers beyond FC
+    readers = {}
     if spec.baselines and spec.classical:
         readers[""] = classical.reader_vectors(shown, networks)
         if seen is not None:
             readers["_whole_scan"] = classical.reader_vectors({s: x for s, (x, _) in series.items()}, networks)
+    return fcs, whole, readers
+
+
+class Recorder:
+    """Collects the evaluation's rows: a result per task, group, paradigm and method (scored with
+    bootstrap CIs), the same per site, the predictions, and per task and group the answers that
+    :func:`paired_gaps` pairs."""
+
+    def __init__(self, spec: EvalSpec):
+        self.spec = spec
+        self.results: list[dict] = []
+        self.by_site: list[dict] = []
+        self.predictions: list[dict] = []
+        self.said: dict[tuple, tuple[dict, np.ndarray]] = {}  # (paradigm, method, k, seed) -> (row, predictions) of the open task
+
+    def open(self, task: str, group: str, test: pd.DataFrame, y: np.ndarray, classes: list[str]) -> None:
+        """Start recording one task on one held-out group's ``test`` scans with true answers ``y``."""
+        self.task, self.group, self.test, self.y, self.classes, self.said = task, group, test, y, classes, {}
+
+    def close(self) -> None:
+        """The open task's paired gaps."""
+        paired_gaps(self.task, self.y, self.said, self.spec)
+
+    def record(self, paradigm: str, method: str, out: dict, k=None, seed=None, extra: dict | None = None) -> None:
+        task, y, spec = self.task, self.y, self.spec
+        res = score(task, y, out["pred"], out.get("scores"), self.classes, spec.bootstrap, spec.seed)
+        if method == "fmrilm":  # majority/mean are constant by design
+            greedy = out.get("decoding") != "expected"  # a constrained number needs no parsing; its parse rate is reported apart
+            res["failures"] = metrics.failures(out["pred"], out.get("parse_rate") if greedy else None,
+                                               None if task in REGRESSION else len(set(y)), y if task in REGRESSION else None)
+        row = {"task": task, "group": self.group, "paradigm": paradigm, "method": method, "k": k, "seed": seed, **res, **(extra or {})}
+        self.results.append(row)
+        # the full paradigm and the baselines beside it, scored within each site (the same predictions; not the
+        # k-shot paradigm's FC fitted on k scans, which would be a second "fc_linear" row per site)
+        if (paradigm == "full" or paradigm == "baseline" and method in BY_SITE) and self.test["site"].nunique() > 1:
+            sites = self.test["site"].astype(str).to_numpy()
+            for site in sorted(set(sites)):
+                at = sites == site
+                part = score(task, y[at], np.asarray(out["pred"], dtype=object if task not in REGRESSION else float)[at],
+                             None if out.get("scores") is None else np.asarray(out["scores"])[at], self.classes, spec.bootstrap, spec.seed)
+                self.by_site.append({"task": task, "group": self.group, "paradigm": paradigm, "method": method, "site": site, **part})
+        self.predictions.append({"task": task, "group": self.group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
+                                 "scan_id": list(self.test["scan_id"]), "true": [_plain(v) for v in y],
+                                 "pred": [_plain(v) for v in out["pred"]]})
+        self.said[(paradigm, method, k, seed)] = (row, out["pred"])
+
+
+def held_out(ev: Evaluation, task: str, group: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The scans of ``group`` with a known answer to ``task`` (a class the training scans have), and their answers."""
+    test, y = truth(task, ev.meta[ev.meta["group"] == group], ev.labeller)
+    if task not in REGRESSION:
+        keep = np.isin(y, ev.labeller.classes[task])
+        test, y = test[keep], y[keep]
+    return test, y
+
+
+def score_task(ev: Evaluation, rec: Recorder, task: str, group: str) -> None:
+    """Every paradigm of the LM and every baseline on one task and held-out group, into ``rec``."""
+    from fmrilm.artifacts.lm import load_model
+
+    spec, labeller, train = ev.spec, ev.labeller, ev.train
+    test, y = held_out(ev, task, group)
+    if len(test) == 0:
+        return
+    rec.open(task, group, test, y, labeller.classes.get(task, []))
+    reference = calibration_rows(task, ev.pool, labeller, spec.calibration_scans, spec.seed)
+    calibration = {"calibration": {"scans": list(reference["scan_id"]), "from": ev.pool_name}} if len(reference) else {}
+    context_pool = train[~train["scan_id"].isin(reference["scan_id"])]  # a reference scan is never its own example
+    ages = pd.to_numeric(train["age"], errors="coerce").dropna()
+    age_values = np.arange(int(np.floor(ages.min())), int(np.ceil(ages.max())) + 1) if len(ages) else None
+
+    def ask(model_name, k_context, seed, asked=spec, described=ev.descriptions, scans=ev.blocks, loaded=None):
+        model, tok = loaded or ev.model(model_name)
+        ref = task_prompts(task, reference, context_pool, labeller, k_context, seed) if len(reference) else None
+        out = Answerer(model, tok, scans, asked, described).answer(task, task_prompts(task, test, train, labeller, k_context, seed),
+                                                                    labeller, float(ages.mean()), ref, age_values)
+        return out, {k: out[k] for k in ("parse_rate", "calibrated_on", "decoding") if k in out} | (calibration if ref is not None else {})
+
+    questions = [("zero_shot", "pretrained", 0, ev.blocks)] if "zero_shot" in spec.paradigms else []
+    if "in_context" in spec.paradigms:
+        questions.append(("in_context", "instruct" if spec.model else "pretrained", spec.in_context_k, ev.blocks))
+    if "full" in spec.paradigms and spec.model:  # shuffled codes calibrated on unshuffled training scans, like the answers they pair with
+        questions += [("full", "instruct", 0, ev.blocks)] + [(SHUFFLED + axis, "instruct", 0, scans) for axis, scans in ev.shuffled.items()]
+    for paradigm, model_name, k_context, scans in questions:
+        out, extra = ask(model_name, k_context, spec.seed, scans=scans)
+        rec.record(paradigm, "fmrilm", out, k=k_context or None, extra=extra)
+    for entry in (a for a in (ev.kshot or {}).get("adapters", []) if a["task"] == task):
+        model, tok, tuned = load_model(entry["model"])
+        as_tuned = spec.model_copy(update={"fmri_steps": tuned.get("fmri_steps") or spec.fmri_steps})
+        out, extra = ask(None, 0, entry["seed"], as_tuned, ev.described(bool(tuned.get("descriptions"))), loaded=(model, tok))
+        k, seed, shots = entry["k"], entry["seed"], {"train_rows": entry["train_rows"]}
+        rec.record("kshot_lora", "fmrilm", out, k=k, seed=seed, extra=shots | extra)
+        if spec.baselines:  # FC + linear fitted on the same k scans per class
+            few = baseline_predictions(task, train[train["scan_id"].isin(entry["scan_ids"])], test, labeller, pd.DataFrame(), ev.fcs, spec)
+            if "fc_linear" in few:
+                rec.record("kshot_lora", "fc_linear", few["fc_linear"], k=k, seed=seed, extra=shots)
+    if spec.baselines:
+        for method, out in baseline_predictions(task, train, test, labeller, ev.descriptors, ev.fcs, spec, ev.whole, ev.readers).items():
+            rec.record("baseline", method, out, extra={k: out[k] for k in ("reader", "cv_score") if out.get(k) is not None})
+    rec.close()
+
+
+def probe_rows(ev: Evaluation, task: str, group: str) -> list[dict]:
+    """The linear probes of one task and held-out group (:func:`probe_table`), the LMs' answer states among them."""
+    test, y = truth(task, ev.meta[ev.meta["group"] == group], ev.labeller)
+
+    def states(name):
+        model, tok = ev.model(name)
+        prompts = Answerer(model, tok, ev.blocks, ev.spec, ev.descriptions).prompts(task_prompts(task, test, ev.train, ev.labeller, 0,
+                                                                                                 ev.spec.seed))
+        return answer_states(model, prompts)
+
+    lms = ["pretrained"] + (["instruct"] if ev.spec.model else [])
+    return probe_table(task, group, test, y, ev.blocks, ev.fcs, ev.whole, {n: (lambda n=n: states(n)) for n in lms})
+
+
+def run(spec: EvalSpec) -> dict:
+    """Evaluate every task x paradigm and the baselines; write the report; return it."""
     from rich.progress import track
 
-    plan = [(task, group) for task in tasks for group in groups]
+    from fmrilm.eval.report import write_report
+
+    ev = prepare(spec)
+    rec = Recorder(ev.spec)
+    plan = [(task, group) for task in ev.tasks for group in ev.groups]
     for task, group in track(plan, description="evaluating"):
-        test, y = truth(task, meta[meta["group"] == group], labeller)
-        if task not in REGRESSION:
-            keep = np.isin(y, labeller.classes[task])
-            test, y = test[keep], y[keep]
-        if len(test) == 0:
-            continue
-        classes = labeller.classes.get(task, [])
-        said: dict[tuple, tuple[dict, np.ndarray]] = {}  # (paradigm, method, k, seed) -> (result row, predictions)
-
-        def record(paradigm, method, out, k=None, seed=None, extra=None):
-            res = score(task, y, out["pred"], out.get("scores"), classes, spec.bootstrap, spec.seed)
-            if method == "fmrilm":  # majority/mean are constant by design
-                greedy = out.get("decoding") != "expected"  # a constrained number needs no parsing; its parse rate is reported apart
-                res["failures"] = metrics.failures(out["pred"], out.get("parse_rate") if greedy else None,
-                                                   None if task in REGRESSION else len(set(y)), y if task in REGRESSION else None)
-            results.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
-                            **res, **(extra or {})})
-            # the full paradigm and the baselines beside it, scored within each site (the same predictions; not the
-            # k-shot paradigm's FC fitted on k scans, which would be a second "fc_linear" row per site)
-            if (paradigm == "full" or paradigm == "baseline" and method in BY_SITE) and test["site"].nunique() > 1:
-                sites = test["site"].astype(str).to_numpy()
-                for site in sorted(set(sites)):
-                    at = sites == site
-                    part = score(task, y[at], np.asarray(out["pred"], dtype=object if task not in REGRESSION else float)[at],
-                                 None if out.get("scores") is None else np.asarray(out["scores"])[at], classes, spec.bootstrap, spec.seed)
-                    by_site.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "site": site, **part})
-            predictions.append({"task": task, "group": group, "paradigm": paradigm, "method": method, "k": k, "seed": seed,
-                                "scan_id": list(test["scan_id"]), "true": [_plain(v) for v in y], "pred": [_plain(v) for v in out["pred"]]})
-            said[(paradigm, method, k, seed)] = (results[-1], out["pred"])
-
-        reference = calibration_rows(task, pool, labeller, spec.calibration_scans, spec.seed)
-        calibration = {"calibration": {"scans": list(reference["scan_id"]), "from": pool_name}} if len(reference) else {}
-        context_pool = train[~train["scan_id"].isin(reference["scan_id"])]  # a reference scan is never its own example
-
-        def answer(model, tok, k_context, seed, asked=spec, described=descriptions, scans=blocks):
-            ref = task_prompts(task, reference, context_pool, labeller, k_context, seed) if len(reference) else None
-            out = Answerer(model, tok, scans, asked, described).answer(task, task_prompts(task, test, train, labeller, k_context, seed),
-                                                                         labeller, age_mean, ref, age_values)
-            return out, {k: out[k] for k in ("parse_rate", "calibrated_on", "decoding") if k in out} | (calibration if ref is not None else {})
-
-        def lm(model_name, k_context, paradigm, k=None):
-            out, extra = answer(*model_for(model_name), k_context, spec.seed)
-            record(paradigm, "fmrilm", out, k=k, extra=extra)
-
-        if "zero_shot" in spec.paradigms:
-            lm("pretrained", 0, "zero_shot")
-        if "in_context" in spec.paradigms:
-            lm("instruct" if spec.model else "pretrained", spec.in_context_k, "in_context", k=spec.in_context_k)
-        if "full" in spec.paradigms and spec.model:
-            lm("instruct", 0, "full")
-            for axis, scans in shuffled.items():  # calibrated on unshuffled training scans, like the answers it is paired with
-                out, extra = answer(*model_for("instruct"), 0, spec.seed, scans=scans)
-                record(SHUFFLED + axis, "fmrilm", out, extra=extra)
-        for entry in (a for a in (kshot or {}).get("adapters", []) if a["task"] == task):
-            model, tok, tuned = load_model(entry["model"])
-            asked = spec.model_copy(update={"fmri_steps": tuned.get("fmri_steps") or spec.fmri_steps})
-            out, extra = answer(model, tok, 0, entry["seed"], asked, described(bool(tuned.get("descriptions"))))
-            k, seed, shots = entry["k"], entry["seed"], {"train_rows": entry["train_rows"]}
-            record("kshot_lora", "fmrilm", out, k=k, seed=seed, extra=shots | extra)
-            if spec.baselines:  # FC + linear fitted on the same k scans per class
-                few = baseline_predictions(task, train[train["scan_id"].isin(entry["scan_ids"])], test, labeller, pd.DataFrame(), fcs, spec)
-                if "fc_linear" in few:
-                    record("kshot_lora", "fc_linear", few["fc_linear"], k=k, seed=seed, extra=shots)
-        if spec.baselines:
-            for method, out in baseline_predictions(task, train, test, labeller, descriptors, fcs, spec, whole, readers).items():
-                record("baseline", method, out, extra={k: out[k] for k in ("reader", "cv_score") if out.get(k) is not None})
-            paired_gaps(task, y, said, spec)
-    probe_rows = []
-    if spec.probes:
-        def states(name, task, test):
-            model, tok = model_for(name)
-            prompts = Answerer(model, tok, blocks, spec, descriptions).prompts(task_prompts(task, test, train, labeller, 0, spec.seed))
-            return answer_states(model, prompts)
-
-        for task, group in track(plan, description="probing"):
-            test, y = truth(task, meta[meta["group"] == group], labeller)
-            lms = ["pretrained"] + (["instruct"] if spec.model else [])
-            probe_rows += probe_table(task, group, test, y, blocks, fcs, whole, {n: (lambda n=n: states(n, task, test)) for n in lms})
-    report = {"spec": spec.model_dump(mode="json"), "pretrained": pretrained, "results": results, "descriptions": bool(descriptions),
-              "probes": probe_rows,
-              "groups": {g: int((meta["group"] == g).sum()) for g in ("train", *groups)}, "classes": labeller.classes,
-              "age_cuts": labeller.age_cuts, "input_warnings": tokens_warnings(blocks.tokens_uri), "by_site": by_site}
-    where = storage.join(spec.run.storage, spec.run.name, "eval")
-    report["files"] = write_report(report, predictions, where)
-    update_card(spec.model or pretrained, report)
+        score_task(ev, rec, task, group)
+    probes = [row for task, group in track(plan, description="probing") for row in probe_rows(ev, task, group)] if spec.probes else []
+    report = {"spec": ev.spec.model_dump(mode="json"), "pretrained": ev.pretrained, "results": rec.results,
+              "descriptions": bool(ev.descriptions), "probes": probes,
+              "groups": {g: int((ev.meta["group"] == g).sum()) for g in ("train", *ev.groups)}, "classes": ev.labeller.classes,
+              "age_cuts": ev.labeller.age_cuts, "input_warnings": tokens_warnings(ev.blocks.tokens_uri), "by_site": rec.by_site}
+    report["files"] = write_report(report, rec.predictions, storage.join(spec.run.storage, spec.run.name, "eval"))
+    update_card(spec.model or ev.pretrained, report)
     return report
 
 
