@@ -34,7 +34,7 @@ from fmrilm.config import Strict
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.synth import SynthParams
 from fmrilm.eval.classical import BEST
-from fmrilm.eval.report import SHUFFLED, gap_text
+from fmrilm.eval.report import SHUFFLED, SHUFFLES_READ, gap_text
 
 log = logging.getLogger("fmrilm.science")
 SHARED = ("ingest", "features", "tokenizer", "tokenize")
@@ -384,8 +384,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['variant']} | {_cell(r['balanced_accuracy'])} | {_cell(r['auc'])} | {_cell(r['mae'], 2)} | {_cell(r['pearson_r'])} "
                      f"| {_cell(r.get('fc_same_points'))} | {gap_text(r['shuffle_gap']) if r.get('shuffle_gap') else '-'} |")
     if any("shuffle_gap" in r for r in report["ablation"]):
-        lines += ["", "Codes shuffled at test time: over time, each ROI's codes permuted over the scan's time steps; over ROIs, "
-                  "each time step's codes permuted over ROIs (the scan token's vector is kept). A model that reads its codes falls."]
+        lines += ["", f"Codes shuffled at test time: {SHUFFLES_READ}"]
     lines += ["", "## Time per stage (s)", "", "| variant | " + " | ".join(_stage_names(report)) + " |",
               "|---|" + "---|" * len(_stage_names(report))]
     for name, st in report["stages"].items():

@@ -18,6 +18,8 @@ from fmrilm import storage
 from fmrilm.eval.classical import BEST
 
 SHUFFLED = "full_shuffled_"  # the full paradigm on codes shuffled at test time (fmrilm.eval.run)
+SHUFFLES_READ = ("over `time`, each ROI's codes permuted over the scan's time steps; over `rois`, each time step's codes permuted "
+                 "over ROIs (the scan token's vector is kept). A model that reads its codes falls; one that does not stays where it was.")
 
 HEADLINE = {"classification": "balanced_accuracy", "regression": "mae"}
 
@@ -136,9 +138,7 @@ def shuffle_lines(report: dict) -> list[str]:
     if not rows:
         return []
     lines = ["## Codes shuffled at test time", "",
-             "The full paradigm asked again with each test scan's codes shuffled: over `time` (each ROI's codes permuted over the "
-             "scan's time steps), over `rois` (each time step's codes permuted over ROIs). A model that reads its codes falls; "
-             "one that does not stays where it was (the scan token's vector is not shuffled). Paired difference from the "
+             f"The full paradigm asked again with each test scan's codes shuffled: {SHUFFLES_READ} Paired difference from the "
              "unshuffled answers on the same scans, 95 % bootstrap CI:", ""]
     for r in rows:
         key = headline(r["task"])
