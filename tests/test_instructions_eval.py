@@ -145,7 +145,7 @@ def test_encode_rows_shrinks_the_fmri_blocks_to_fit_and_leaves_out_what_never_fi
 def test_scan_codes_joins_non_overlapping_windows_of_each_scan():
     import pandas as pd
 
-    from fmrilm.tokens import scan_codes
+    from fmrilm.artifacts.tokens import scan_codes
 
     rng = np.random.default_rng(0)
     rows = []

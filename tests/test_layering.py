@@ -57,7 +57,7 @@ def test_user_errors_of_pure_and_driver_code_are_user_errors():
 
     from fmrilm.errors import UserError
     from fmrilm.features.descriptors import build_reference
-    from fmrilm.tokens import ScanNotTokenized
+    from fmrilm.artifacts.tokens import ScanNotTokenized
 
     with pytest.raises(UserError, match="train split is empty"):
         build_reference([], ["A"], [])

@@ -79,7 +79,7 @@ def test_codes_shuffled_at_test_time_have_rows_with_their_paired_fall():
 
 
 def test_shuffled_codes_keep_each_roi_s_codes_or_each_time_step_s_bag():
-    from fmrilm.tokens import shuffle_codes, shuffle_order
+    from fmrilm.artifacts.tokens import shuffle_codes, shuffle_order
 
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 64, (6, 40))
@@ -98,7 +98,7 @@ def test_shuffled_codes_keep_each_roi_s_codes_or_each_time_step_s_bag():
 
 def test_scan_blocks_shuffle_every_scan_and_keep_the_scan_vector():
     from fmrilm.errors import UserError
-    from fmrilm.tokens import ScanBlocks
+    from fmrilm.artifacts.tokens import ScanBlocks
 
     rng = np.random.default_rng(1)
     blocks = object.__new__(ScanBlocks)  # what an export's tokens give, without the export

@@ -1,5 +1,5 @@
-"""``fmrilm tokenize SPEC``: scans -> ``tokens`` table (code ids per window) with a trained tokenizer,
-and the readers of that table.
+"""``fmrilm tokenize SPEC``: scans -> ``tokens`` table (code ids per window) with a trained tokenizer
+(every later stage reads it with :mod:`fmrilm.artifacts.tokens`).
 
 A Ray Data map over the window stream, with the tokenizer loaded once per worker (an actor
 pool). Rows: ``scan_id``, ``subject_id``, ``start`` (window start, timepoints), ``n_rois``,
@@ -23,8 +23,8 @@ from pydantic import Field
 from fmrilm import runtime, storage
 from fmrilm.artifacts import tokenizer as artifact
 from fmrilm.config import Strict
+from fmrilm.artifacts.tokens import CodeDecoder, read_tokens, scan_codes, scan_rois
 from fmrilm.data.pipeline import PipelineSpec, build_windows
-from fmrilm.errors import UserError
 
 log = logging.getLogger("fmrilm.tokens")
 
@@ -115,11 +115,11 @@ def run(spec: TokenizeSpec) -> dict:
 
 def held_out_probes(tokens_uri: str, data: PipelineSpec, tokenizer_uri: str, cfg: dict, splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
     """Cross-validated linear probes (:mod:`fmrilm.eval.probes`) of sex and age on the held-out
-    scans' tokenizer outputs (:func:`tokenizer_representations`; ``cfg``: the artifact's config):
+    scans' tokenizer outputs (:func:`~fmrilm.eval.probes.tokenizer_representations`; ``cfg``: the artifact's config):
     what they keep, before any LM sees them. ``[{"task", "representation", "n", "metrics"}]``;
     empty when too few held-out scans."""
     from fmrilm.data.pipeline import scan_index
-    from fmrilm.eval.probes import cv_probe
+    from fmrilm.eval.probes import cv_probe, tokenizer_representations
 
     index = scan_index(data)
     held = index[index["split"].isin(splits)]
@@ -142,227 +142,6 @@ def held_out_probes(tokens_uri: str, data: PipelineSpec, tokenizer_uri: str, cfg
         log.info("probe on %d held-out scans: %s from %s: %s", r["n"], r["task"], r["representation"],
                  ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items()))
     return rows
-
-
-def tokenizer_representations(ids: list[str], codes: dict[str, np.ndarray], feats: dict[str, np.ndarray], decoder: "CodeDecoder",
-                              vectors: dict[str, np.ndarray] | None = None) -> dict:
-    """What a linear probe reads of the tokenizer's outputs for scans ``ids``, name -> a function
-    giving ``[scans, dim]``: how often each code occurs (a bag of tokens), the FC of the signal
-    the tokenizer's decoder rebuilds from the codes alone (the coupling the codes keep; in the
-    roi layout carried by which codes co-occur), and, with per-ROI encoder features, the scan
-    vector (``vectors`` where already computed). A representation whose shape differs between
-    scans (several atlases) is left out."""
-    from fmrilm.eval.probes import code_histogram
-    from fmrilm.features.dynamics import fc
-    from fmrilm.models.scan_token import scan_vector
-
-    reps = {}
-    if len({codes[s].shape for s in ids}) == 1:
-        reps["codes: histogram"] = lambda: np.stack([code_histogram(codes[s], decoder.num_codes) for s in ids])
-        reps["codes: decoded FC"] = lambda: np.stack([fc(decoder(s, codes[s])) for s in ids])
-    if feats and len({feats[s].shape[0] for s in ids}) == 1 and feats[ids[0]].shape[0] > 1:  # per-ROI features (roi layout)
-        vectors = vectors or {}
-        reps["scan vector (encoder features)"] = lambda: np.stack([vectors[s] if s in vectors else scan_vector(feats[s]) for s in ids])
-    return reps
-
-
-class CodeDecoder:
-    """``decoder(scan_id, codes [channels, steps])`` -> the signal ``[rois, steps * patch]`` the
-    tokenizer artifact's decoder (``cfg``: its config) rebuilds from the codes alone (the model is
-    loaded on first use)."""
-
-    def __init__(self, tokenizer_uri: str, cfg: dict, rois: dict[str, int]):
-        self.uri, self.rois = tokenizer_uri, rois
-        self.num_codes = cfg["model"]["num_codes"]
-        self.per_window = cfg["data"]["window"] // cfg["model"]["patch"]
-        self.model = None
-
-    def __call__(self, scan_id: str, codes: np.ndarray) -> np.ndarray:
-        import torch
-
-        if self.model is None:
-            self.model = artifact.load_tokenizer(self.uri)[0]
-        c, steps = codes.shape
-        n = self.per_window
-        windows = torch.from_numpy(np.asarray(codes[:, : steps // n * n], np.int64).reshape(c, -1, n).transpose(1, 0, 2).copy())
-        signal = self.model.decode(windows, self.rois[scan_id])  # [windows, rois, time]
-        return signal.permute(1, 0, 2).reshape(signal.shape[1], -1).numpy()
-
-
-def scan_rois(tokens) -> dict[str, int]:
-    """``scan_id -> ROIs`` of a tokens table (pandas)."""
-    return tokens.groupby("scan_id")["n_rois"].first().astype(int).to_dict()
-
-
-def read_tokens(uri: str):
-    """The tokens table as pandas, sorted by (scan_id, start)."""
-    import pyarrow.dataset as pads
-
-    loc = storage.resolve(uri)
-    t = pads.dataset(loc.path, filesystem=loc.fs, format="parquet", exclude_invalid_files=True).to_table()
-    return t.to_pandas().sort_values(["scan_id", "start"]).reset_index(drop=True)
-
-
-class TokensMissing(UserError, FileNotFoundError):
-    """No tokens table where a stage looks for one."""
-
-
-class ScanNotTokenized(UserError, KeyError):
-    """A scan a stage asks about has no rows in the tokens table."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-def tokens_for(tokenizer_uri: str, tokens_uri: str | None = None, need_features: bool = False):
-    """``(tokens table, its URI)`` of a tokenizer artifact: ``tokens_uri`` or the ``tokens`` folder
-    beside the artifact (where ``fmrilm tokenize`` writes it); clear errors when it is missing or
-    lacks the encoder features the scan token and the features input mode need."""
-    uri = tokens_uri or artifact.tokens_location(tokenizer_uri)
-    try:
-        tokens = read_tokens(uri)
-    except (FileNotFoundError, OSError) as err:
-        raise TokensMissing(f"no tokens table at {uri}: run `fmrilm tokenize jobs/tokenize.yaml` first ({err})") from None
-    if need_features and "features" not in tokens.columns:
-        raise UserError(f"the scan token and the features input mode need encoder features in the tokens table {uri}: "
-                         "re-run `fmrilm tokenize jobs/tokenize.yaml features=true`")
-    return tokens, uri
-
-
-def scan_codes(tokens, window: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per scan of a tokens table (pandas), the codes of consecutive non-overlapping windows
-    joined along time, ``scan_id -> [channels, steps]`` (code indices), and, when the table has
-    them, the encoder features the same way, ``scan_id -> [channels, steps, width]``."""
-    has_feats = "features" in tokens.columns
-    channels = "n_channels" if "n_channels" in tokens.columns else "n_rois"  # tables before the state layout
-    codes, feats = {}, {}
-    for scan_id, group in tokens.sort_values(["scan_id", "start"]).groupby("scan_id", sort=False):
-        blocks, fblocks, end = [], [], -1
-        for row in group.itertuples(index=False):
-            if row.start >= end:
-                c = getattr(row, channels)
-                blocks.append(np.asarray(row.codes).reshape(c, row.n_patches))
-                if has_feats:
-                    fblocks.append(np.asarray(row.features, np.float32).reshape(c, row.n_patches, -1))
-                end = row.start + window
-        codes[scan_id] = np.concatenate(blocks, axis=1)
-        if has_feats:
-            feats[scan_id] = np.concatenate(fblocks, axis=1)
-    return codes, feats
-
-
-def codebook_pairs(uri: str, data: PipelineSpec, max_windows: int = 256):
-    """Paired examples for mapping the codebook into the text space the tokenizer was aligned to:
-    ``(code vectors [n, code_dim], projected encoder features [n, text_dim])`` over up to
-    ``max_windows`` training windows, each encoder token paired with its nearest code. ``None``
-    when the artifact has no alignment head."""
-    import torch
-    import torch.nn.functional as F
-
-    objective, cfg = artifact.load_objective(uri)
-    data = artifact.windows_like(data, cfg)
-    if objective.align is None:
-        return None
-    runtime.init_ray()
-    ds, n = build_windows(data, "train")
-    if n == 0:
-        return None
-    tok = objective.tokenizer
-    xs, ys = [], []
-    with torch.no_grad():
-        for batch in ds.limit(max_windows).iter_batches(batch_size=64, batch_format="numpy"):
-            x = torch.from_numpy(np.require(batch["x"], np.float32, ["C", "W"]))
-            feats = tok.encode(x).reshape(-1, tok.cfg.width)
-            codes = tok.quantizer.nearest(F.normalize(tok.to_code(feats), dim=-1))
-            xs.append(tok.quantizer.codebook[codes])
-            ys.append(objective.align.project(feats))
-    return torch.cat(xs), torch.cat(ys)
-
-
-class ScanBlocks:
-    """fMRI blocks of scans for prompts, in the vocabulary of the LM export ``model_uri`` (from
-    the tokens table of its tokenizer, or ``tokens_uri``): ``part(scan_id, steps)`` is a
-    :func:`~fmrilm.data.lm_sequences.fmri_part` of the scan's first ``steps`` time steps, with
-    encoder features in the features input mode and the whole scan's vector when the export
-    has the scan token."""
-
-    def __init__(self, model_uri: str, data: str, datasets: list[str] | None, tokens_uri: str | None = None):
-        from fmrilm.artifacts.lm import export_meta, root_export
-        from fmrilm.models.scan_token import scan_vectors
-
-        meta = export_meta(root_export(model_uri))
-        self.vocab = meta["vocab"]
-        self.features = meta.get("input_mode") == "features"
-        self.scan_token, self.scan_dim = bool(meta.get("scan_dim")), meta.get("scan_dim")
-        tokens, self.tokens_uri = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features or self.scan_token)
-        self.tokenizer_cfg = artifact.read_config(meta["tokenizer"])
-        self.codes, self.feats = scan_codes(tokens, self.tokenizer_cfg["data"]["window"])
-        self.decoder = CodeDecoder(meta["tokenizer"], self.tokenizer_cfg, scan_rois(tokens))
-        self.vectors = scan_vectors(self.feats) if self.scan_token else {}
-
-    def seen_timepoints(self, steps: int) -> dict | None:
-        """What a prompt of ``steps`` time steps shows of a scan: ``timepoints`` (one step is one
-        patch of the tokenizer) counted after resampling to ``target_tr`` (None: the native TR);
-        ``None`` (the whole scan) when the scan token summarises all of it."""
-        if self.scan_token:
-            return None
-        return {"timepoints": steps * self.tokenizer_cfg["model"]["patch"], "target_tr": self.tokenizer_cfg["data"]["target_tr"]}
-
-    def part(self, scan_id: str, steps: int):
-        if scan_id not in self.codes:
-            raise ScanNotTokenized(f"scan {scan_id!r} has no tokens: re-run `fmrilm tokenize` over its dataset")
-        c = self.codes[scan_id][:, :steps]
-        f = self.feats[scan_id][:, :steps] if self.features else None
-        v = self.vocab
-        vec = self.vectors.get(scan_id)
-        if vec is not None and len(vec) != self.scan_dim:
-            raise UserError(f"scan {scan_id!r} has {c.shape[0]} ROIs, but the export's scan token was trained on scans of another "
-                                f"ROI count ({self.scan_dim} ROI pairs): evaluate datasets of the atlas it was trained on")
-        from fmrilm.data.lm_sequences import fmri_part
-
-        return fmri_part(c, v["first_code_id"], v["open_id"], v["close_id"], f, vec)
-
-    def shuffled(self, axis: Shuffle, seed: int = 0) -> ScanBlocks:
-        """These blocks with every scan's codes (and encoder features) shuffled at test time
-        (:func:`shuffle_order`); the scan vectors are kept. ``rois`` needs one code per ROI (the
-        tokenizer's ``roi`` layout)."""
-        import copy
-
-        if axis == "rois" and self.tokenizer_cfg["model"].get("layout", "roi") != "roi":
-            raise UserError("codes shuffled over ROIs need one code per ROI, but the tokenizer has one whole-brain code per patch "
-                            "(model.layout=state): shuffle over time only")
-        rng = np.random.default_rng(seed)
-        out = copy.copy(self)
-        out.codes, out.feats = {}, {}
-        for scan_id in sorted(self.codes):
-            order = shuffle_order(self.codes[scan_id].shape, axis, rng)
-            out.codes[scan_id] = shuffle_codes(self.codes[scan_id], order)
-            if scan_id in self.feats:
-                out.feats[scan_id] = shuffle_codes(self.feats[scan_id], order)
-        return out
-
-
-Shuffle = Literal["time", "rois"]
-
-
-def shuffle_order(shape: tuple[int, ...], axis: Shuffle, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Index arrays ``(channel, step)``, each ``[channels, steps]``, that shuffle a scan's codes of
-    ``shape`` ``[channels, steps, ...]``: ``time`` permutes each channel's steps on its own (each
-    ROI keeps its codes, their co-occurrence across ROIs at a time step is broken); ``rois``
-    permutes the channels at each step on its own (each time step keeps its bag of codes, which
-    ROI had which code is broken)."""
-    channels, steps = shape[:2]
-    ch, st = np.indices((channels, steps))
-    if axis == "time":
-        return ch, rng.permuted(st, axis=1)
-    if axis == "rois":
-        return rng.permuted(ch, axis=0), st
-    raise ValueError(f"unknown shuffle {axis!r}: time or rois")
-
-
-def shuffle_codes(x: np.ndarray, order: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """``x`` ``[channels, steps, ...]`` (codes, or encoder features) reordered by :func:`shuffle_order`."""
-    return x[order[0], order[1]]
 
 
 def summary(result: dict) -> list[str]:

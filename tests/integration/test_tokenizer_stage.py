@@ -59,7 +59,8 @@ def test_two_workers_fault_then_resume_at_the_checkpoint(stage_data, monkeypatch
 
 
 def test_tokenize_is_deterministic(stage_data):
-    from fmrilm.tokens import TokenizeSpec, read_tokens
+    from fmrilm.artifacts.tokens import read_tokens
+    from fmrilm.tokens import TokenizeSpec
     from fmrilm.tokens import run as tokenize
 
     artifact = str(stage_data / "runs" / "resume" / "tokenizer")

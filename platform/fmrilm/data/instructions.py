@@ -310,7 +310,7 @@ def kshot_rows(task: str, train: pd.DataFrame, labeller: Labeller, k: int, seed:
 def encode_rows(rows: pd.DataFrame, blocks, tokenizer, steps: int, seq_len: int, objective_of: dict[str, int] | None = None,
                 with_answer: bool = True) -> tuple[list, list[int]]:
     """Encode instruction rows with fMRI blocks (``blocks.part(scan_id, steps)``, e.g. a
-    :class:`fmrilm.tokens.ScanBlocks`) of up to ``steps`` time steps, shrinking the
+    :class:`fmrilm.artifacts.tokens.ScanBlocks`) of up to ``steps`` time steps, shrinking the
     blocks of a row that would not fit ``seq_len``; returns ``(examples, kept row positions)``
     (rows that do not fit even with one step are left out and counted in the log)."""
     examples, kept, dropped = [], [], 0

@@ -39,9 +39,9 @@ from fmrilm.data.instructions import QUESTIONS, REGRESSION, Labeller, answerable
 from fmrilm.eval import baselines, classical, metrics
 from fmrilm.errors import UserError
 from fmrilm.features import dynamics
-from fmrilm.eval.probes import answer_states
+from fmrilm.eval.probes import answer_states, cv_probe, tokenizer_representations
 from fmrilm.eval.report import SHUFFLED
-from fmrilm.tokens import ScanBlocks, Shuffle
+from fmrilm.artifacts.tokens import ScanBlocks, Shuffle
 
 log = logging.getLogger("fmrilm.eval")
 PARADIGMS = ("zero_shot", "in_context", "kshot_lora", "full")
@@ -554,10 +554,8 @@ def update_card(model: str, report: dict) -> None:
 
 def probe_table(task: str, group: str, test: pd.DataFrame, y: np.ndarray, blocks, fcs: dict, whole: dict, lm_states: dict) -> list[dict]:
     """Probe rows of one task and test group (:mod:`fmrilm.eval.probes`): FC (prompt time points,
-    whole scan), the tokenizer's outputs (:func:`fmrilm.tokens.tokenizer_representations`), and
+    whole scan), the tokenizer's outputs (:func:`fmrilm.eval.probes.tokenizer_representations`), and
     ``lm_states`` (name -> a function giving the answer states of the test scans)."""
-    from fmrilm.eval.probes import cv_probe
-    from fmrilm.tokens import tokenizer_representations
 
     ids = list(test["scan_id"])
     reps = {}
@@ -663,7 +661,7 @@ def scan_series(spec: EvalSpec, scan_ids) -> tuple[dict[str, tuple[np.ndarray, f
 
 def prompt_part(x: np.ndarray, tr: float, seen: dict) -> np.ndarray:
     """The time points of ``x [rois, time]`` an evaluation prompt shows the LM (resampled as the
-    tokenizer was trained; :meth:`fmrilm.tokens.ScanBlocks.seen_timepoints`)."""
+    tokenizer was trained; :meth:`fmrilm.artifacts.tokens.ScanBlocks.seen_timepoints`)."""
     from fmrilm.data.signal import resample
 
     return (resample(x, tr, seen["target_tr"]) if seen["target_tr"] else x)[:, : seen["timepoints"]]

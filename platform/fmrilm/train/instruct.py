@@ -40,7 +40,7 @@ from fmrilm.features.job import first_captions
 from fmrilm.models.fmri_lm import FMRIInputLM
 from fmrilm.models.lora import LoraSpec, add_adapters
 from fmrilm.models.number_loss import NumberObjective, number_objective
-from fmrilm.tokens import ScanBlocks
+from fmrilm.artifacts.tokens import ScanBlocks
 from fmrilm.train.faults import fault_plan
 from fmrilm.train.optim import OptimSpec
 from fmrilm.train.specs import RunSpec, ScalingSpec, worker_spec

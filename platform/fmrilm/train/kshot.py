@@ -38,7 +38,7 @@ from fmrilm.errors import UserError
 from fmrilm.models.fmri_lm import forward_loss, probe_logits
 from fmrilm.models.lora import LoraSpec, add_adapters
 from fmrilm.models.number_loss import number_objective
-from fmrilm.tokens import ScanBlocks
+from fmrilm.artifacts.tokens import ScanBlocks
 
 log = logging.getLogger("fmrilm.kshot")
 

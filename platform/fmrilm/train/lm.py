@@ -220,7 +220,7 @@ def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
     of scan vectors (``scan_scale``: ``(mean, std)``)."""
     from fmrilm.features.job import read_captions
     from fmrilm.models.scan_token import standardiser
-    from fmrilm.tokens import scan_codes, tokens_for
+    from fmrilm.artifacts.tokens import scan_codes, tokens_for
 
     tokens, tokens_uri = tokens_for(spec.tokenizer, spec.tokens, need_features=spec.input_mode == "features" or spec.scan_token)
     split, record = training_split(spec, art_cfg)
@@ -373,15 +373,44 @@ def run(spec: PretrainSpec) -> dict:
 
 
 def code_pairs(spec: PretrainSpec, policy: SplitPolicy | None = None):
-    """Pairs for the codebook -> LM embedding map (:func:`fmrilm.tokens.codebook_pairs`) on the
+    """Pairs for the codebook -> LM embedding map (:func:`codebook_pairs`) on the
     training windows (split by ``policy``), or ``None`` with the reason logged."""
     from fmrilm.data.pipeline import PipelineSpec
-    from fmrilm.tokens import codebook_pairs
 
     pairs = codebook_pairs(spec.tokenizer, PipelineSpec(data=spec.data, datasets=spec.datasets, split=policy))
     if pairs is None:
         log.info("codebook init: the tokenizer has no alignment head; fMRI embeddings start at the mean text embedding")
     return pairs
+
+
+def codebook_pairs(uri: str, data, max_windows: int = 256):
+    """Paired examples for mapping the codebook into the text space the tokenizer was aligned to:
+    ``(code vectors [n, code_dim], projected encoder features [n, text_dim])`` over up to
+    ``max_windows`` training windows of ``data`` (a :class:`~fmrilm.data.pipeline.PipelineSpec`),
+    each encoder token paired with its nearest code. ``None`` when the artifact has no alignment head."""
+    import torch.nn.functional as F
+
+    from fmrilm.artifacts import tokenizer as artifact
+    from fmrilm.data.pipeline import build_windows
+
+    objective, cfg = artifact.load_objective(uri)
+    data = artifact.windows_like(data, cfg)
+    if objective.align is None:
+        return None
+    runtime.init_ray()
+    ds, n = build_windows(data, "train")
+    if n == 0:
+        return None
+    tok = objective.tokenizer
+    xs, ys = [], []
+    with torch.no_grad():
+        for batch in ds.limit(max_windows).iter_batches(batch_size=64, batch_format="numpy"):
+            x = torch.from_numpy(np.require(batch["x"], np.float32, ["C", "W"]))
+            feats = tok.encode(x).reshape(-1, tok.cfg.width)
+            codes = tok.quantizer.nearest(F.normalize(tok.to_code(feats), dim=-1))
+            xs.append(tok.quantizer.codebook[codes])
+            ys.append(objective.align.project(feats))
+    return torch.cat(xs), torch.cat(ys)
 
 
 def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tensor, pairs=None, max_rois: int = 512,
