@@ -94,6 +94,13 @@ def test_shuffled_codes_keep_each_roi_s_codes_or_each_time_step_s_bag():
     assert (shuffle_codes(codes, shuffle_order(codes.shape, "time", np.random.default_rng(0))) == again).all()  # seeded
     with pytest.raises(ValueError, match="time or rois"):
         shuffle_order(codes.shape, "space", rng)
+    from pydantic import ValidationError
+
+    from fmrilm.eval.run import EvalSpec
+
+    with pytest.raises(ValidationError, match="ask the full paradigm again: add full to paradigms"):
+        EvalSpec(shuffles=["time"], paradigms=["zero_shot"])
+    assert EvalSpec(shuffles=["time", "rois"]).shuffles == ["time", "rois"]
 
 
 def test_scan_blocks_shuffle_every_scan_and_keep_the_scan_vector():

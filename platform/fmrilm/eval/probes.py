@@ -71,7 +71,7 @@ def cv_probe(x: np.ndarray, y: np.ndarray, regression: bool, folds: int = 5, see
         k = int(min(folds, counts.min()))
         if len(classes) < 2 or k < 3:  # two folds of two per class leave one per class in a fold: no inner CV to fit the penalty
             return {}
-        model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, cv=max(2, min(3, k - 1 if k > 2 else 2)), max_iter=3000))
+        model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, cv=min(3, k - 1), max_iter=3000))
         proba = cross_val_predict(model, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed), method="predict_proba")
         pred = classes[proba.argmax(1)]
         return metrics.classification(y, pred, np.log(np.clip(proba, 1e-12, 1)), list(classes))

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fmrilm import storage
 from fmrilm.config import RunLocation, Strict
@@ -110,6 +111,12 @@ class EvalSpec(Strict):
         if bad or not v:
             raise ValueError(f"unknown or no paradigm(s) {bad}; known: {list(PARADIGMS)}")
         return v
+
+    @model_validator(mode="after")
+    def _shuffles_ask_the_full_paradigm(self):
+        if self.shuffles and ("full" not in self.paradigms or self.model is None):
+            raise ValueError(f"shuffles {self.shuffles} ask the full paradigm again: add full to paradigms and set model")
+        return self
 
 
 # ---------------------------------------------------------------- data
@@ -310,6 +317,7 @@ class Evaluation:
     blocks: ScanBlocks
     shuffled: dict[str, ScanBlocks]
     meta: pd.DataFrame
+    train: pd.DataFrame  # the training scans of meta (in-context examples, calibration, baselines' fit set)
     groups: list[str]
     tasks: list[str]
     labeller: Labeller
@@ -320,11 +328,9 @@ class Evaluation:
     fcs: dict[str, np.ndarray]  # scan_id -> FC on the prompt's time points (the whole scan with the scan token)
     whole: dict[str, np.ndarray]  # scan_id -> FC of the whole scan
     readers: dict[str, dict]  # suffix ("" prompt time points, "_whole_scan") -> reader -> scan_id -> vector
+    age_mean: float  # the training scans' mean age: the fallback of an unparsed age answer
+    age_values: np.ndarray | None  # the whole ages seen in training: the constrained age answers
     models: dict = field(default_factory=dict)
-
-    @property
-    def train(self) -> pd.DataFrame:
-        return self.meta[self.meta["group"] == "train"]
 
     def model(self, name: str):
         """``(model, tokenizer)`` of ``pretrained`` or ``instruct``, loaded on first use."""
@@ -336,9 +342,14 @@ class Evaluation:
 
     def described(self, flag: bool) -> dict[str, str]:
         """Each scan's first caption when a model was tuned with descriptions in its prompts, else none."""
+        return self.captions if flag else {}
+
+    @cached_property
+    def captions(self) -> dict[str, str]:
+        """Each scan's first caption, read once."""
         from fmrilm.features.job import first_captions, read_captions
 
-        return first_captions(read_captions(self.spec.data, None)) if flag else {}
+        return first_captions(read_captions(self.spec.data, None))
 
 
 def prepare(spec: EvalSpec) -> Evaluation:
@@ -373,8 +384,11 @@ def prepare(spec: EvalSpec) -> Evaluation:
         log.warning("task %s has fewer than two classes among the training scans: skipped", task)
     pool, pool_name = calibration_pool(spec, train, instruct_meta)
     fcs, whole, readers = baseline_inputs(spec, blocks, meta[meta["group"] != "unused"]["scan_id"])
-    ev = Evaluation(spec, pretrained, instruct_meta, kshot, blocks, shuffled, meta, groups, tasks, labeller, pool, pool_name, {},
-                    read_descriptors(spec.data, None) if spec.baselines else pd.DataFrame(), fcs, whole, readers)
+    ages = pd.to_numeric(train["age"], errors="coerce").dropna()
+    age_values = np.arange(int(np.floor(ages.min())), int(np.ceil(ages.max())) + 1) if len(ages) else None
+    ev = Evaluation(spec, pretrained, instruct_meta, kshot, blocks, shuffled, meta, train, groups, tasks, labeller, pool, pool_name, {},
+                    read_descriptors(spec.data, None) if spec.baselines else pd.DataFrame(), fcs, whole, readers, float(ages.mean()),
+                    age_values)
     ev.descriptions = ev.described(bool(instruct_meta.get("descriptions")))
     return ev
 
@@ -462,14 +476,12 @@ def score_task(ev: Evaluation, rec: Recorder, task: str, group: str) -> None:
     reference = calibration_rows(task, ev.pool, labeller, spec.calibration_scans, spec.seed)
     calibration = {"calibration": {"scans": list(reference["scan_id"]), "from": ev.pool_name}} if len(reference) else {}
     context_pool = train[~train["scan_id"].isin(reference["scan_id"])]  # a reference scan is never its own example
-    ages = pd.to_numeric(train["age"], errors="coerce").dropna()
-    age_values = np.arange(int(np.floor(ages.min())), int(np.ceil(ages.max())) + 1) if len(ages) else None
 
     def ask(model_name, k_context, seed, asked=spec, described=ev.descriptions, scans=ev.blocks, loaded=None):
         model, tok = loaded or ev.model(model_name)
         ref = task_prompts(task, reference, context_pool, labeller, k_context, seed) if len(reference) else None
         out = Answerer(model, tok, scans, asked, described).answer(task, task_prompts(task, test, train, labeller, k_context, seed),
-                                                                    labeller, float(ages.mean()), ref, age_values)
+                                                                    labeller, ev.age_mean, ref, ev.age_values)
         return out, {k: out[k] for k in ("parse_rate", "calibrated_on", "decoding") if k in out} | (calibration if ref is not None else {})
 
     questions = [("zero_shot", "pretrained", 0, ev.blocks)] if "zero_shot" in spec.paradigms else []

@@ -372,34 +372,25 @@ def run(spec: PretrainSpec) -> dict:
             "sequences": len(train["packed"]["ids"]), "examples": train["examples"], "objective_examples": train["counts"]}
 
 
-def code_pairs(spec: PretrainSpec, policy: SplitPolicy | None = None):
-    """Pairs for the codebook -> LM embedding map (:func:`codebook_pairs`) on the
-    training windows (split by ``policy``), or ``None`` with the reason logged."""
-    from fmrilm.data.pipeline import PipelineSpec
-
-    pairs = codebook_pairs(spec.tokenizer, PipelineSpec(data=spec.data, datasets=spec.datasets, split=policy))
-    if pairs is None:
-        log.info("codebook init: the tokenizer has no alignment head; fMRI embeddings start at the mean text embedding")
-    return pairs
-
-
-def codebook_pairs(uri: str, data, max_windows: int = 256):
+def code_pairs(spec: PretrainSpec, policy: SplitPolicy | None = None, max_windows: int = 256):
     """Paired examples for mapping the codebook into the text space the tokenizer was aligned to:
     ``(code vectors [n, code_dim], projected encoder features [n, text_dim])`` over up to
-    ``max_windows`` training windows of ``data`` (a :class:`~fmrilm.data.pipeline.PipelineSpec`),
-    each encoder token paired with its nearest code. ``None`` when the artifact has no alignment head."""
+    ``max_windows`` training windows (split by ``policy``), each encoder token paired with its
+    nearest code; ``None`` (the reason logged) when the artifact has no alignment head or no
+    training windows."""
     import torch.nn.functional as F
 
     from fmrilm.artifacts import tokenizer as artifact
-    from fmrilm.data.pipeline import build_windows
+    from fmrilm.data.pipeline import PipelineSpec, build_windows
 
-    objective, cfg = artifact.load_objective(uri)
-    data = artifact.windows_like(data, cfg)
+    objective, cfg = artifact.load_objective(spec.tokenizer)
     if objective.align is None:
+        log.info("codebook init: the tokenizer has no alignment head; fMRI embeddings start at the mean text embedding")
         return None
     runtime.init_ray()
-    ds, n = build_windows(data, "train")
+    ds, n = build_windows(artifact.windows_like(PipelineSpec(data=spec.data, datasets=spec.datasets, split=policy), cfg), "train")
     if n == 0:
+        log.info("codebook init: no training windows; fMRI embeddings start at the mean text embedding")
         return None
     tok = objective.tokenizer
     xs, ys = [], []
