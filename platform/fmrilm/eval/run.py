@@ -323,7 +323,6 @@ class Evaluation:
     labeller: Labeller
     pool: pd.DataFrame
     pool_name: str
-    descriptions: dict[str, str]
     descriptors: pd.DataFrame
     fcs: dict[str, np.ndarray]  # scan_id -> FC on the prompt's time points (the whole scan with the scan token)
     whole: dict[str, np.ndarray]  # scan_id -> FC of the whole scan
@@ -339,6 +338,11 @@ class Evaluation:
         if name not in self.models:
             self.models[name] = load_model(self.pretrained if name == "pretrained" else self.spec.model)[:2]
         return self.models[name]
+
+    @property
+    def descriptions(self) -> dict[str, str]:
+        """What the instruct export's prompts carry beside each scan: its first caption, or none."""
+        return self.described(bool(self.instruct_meta.get("descriptions")))
 
     def described(self, flag: bool) -> dict[str, str]:
         """Each scan's first caption when a model was tuned with descriptions in its prompts, else none."""
@@ -386,11 +390,9 @@ def prepare(spec: EvalSpec) -> Evaluation:
     fcs, whole, readers = baseline_inputs(spec, blocks, meta[meta["group"] != "unused"]["scan_id"])
     ages = pd.to_numeric(train["age"], errors="coerce").dropna()
     age_values = np.arange(int(np.floor(ages.min())), int(np.ceil(ages.max())) + 1) if len(ages) else None
-    ev = Evaluation(spec, pretrained, instruct_meta, kshot, blocks, shuffled, meta, train, groups, tasks, labeller, pool, pool_name, {},
-                    read_descriptors(spec.data, None) if spec.baselines else pd.DataFrame(), fcs, whole, readers, float(ages.mean()),
-                    age_values)
-    ev.descriptions = ev.described(bool(instruct_meta.get("descriptions")))
-    return ev
+    return Evaluation(spec, pretrained, instruct_meta, kshot, blocks, shuffled, meta, train, groups, tasks, labeller, pool, pool_name,
+                      read_descriptors(spec.data, None) if spec.baselines else pd.DataFrame(), fcs, whole, readers, float(ages.mean()),
+                      age_values)
 
 
 def baseline_inputs(spec: EvalSpec, blocks: ScanBlocks, scan_ids) -> tuple[dict, dict, dict]:
