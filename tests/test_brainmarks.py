@@ -4,6 +4,7 @@ own model test passes on a tiny export."""
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def tiny_export(path, rois: int = 400, atlas: str = "schaefer400", target_tr: fl
     model = TokenizerConfig(layout=layout, patch=4, width=16, depth=1, heads=2, code_dim=8, num_codes=16, max_rois=rois, max_patches=8)
     objective = TokenizerObjective(model, AlignmentConfig(domain_weight=0, contrastive_weight=0), 8)
     manifest = {"dataset": "tiny", "atlas": atlas, "n_rois": rois, "tr": [0.72], "version": "v1"}
-    cfg = {"model": model.model_dump(), "alignment": AlignmentConfig(domain_weight=0, contrastive_weight=0).model_dump(), "text_dim": 8,
+    cfg = {"model": asdict(model), "alignment": asdict(AlignmentConfig(domain_weight=0, contrastive_weight=0)), "text_dim": 8,
            "data": {"window": 16, "stride": 16, "normalise": True, "target_tr": target_tr}, "step": 0, "run": "tiny", "split": None,
            "contract": input_contract([manifest], 16, 16, 4, True, target_tr)}
     return artifact.write(str(path), objective.eval(), cfg)

@@ -37,6 +37,27 @@ def test_artifact_readers_import_nothing_from_train():
     assert len(readers) > 20
 
 
+def test_models_take_plain_arguments_not_specs():
+    # torchtune's rule: configs do not intrude into model classes; a job spec validates the
+    # models' dataclasses (bounds included) without the models knowing the config system
+    offenders = {str(p.relative_to(PACKAGE)): sorted(n for n in _imports(p) if n.split(".")[0] == "pydantic" or n == "fmrilm.config")
+                 for p in PACKAGE.glob("models/*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_a_models_dataclass_in_a_spec_is_validated_like_a_spec():
+    import pytest
+
+    from fmrilm.config import ConfigError, build
+    from fmrilm.train.tokenizer import TokenizerStageSpec
+
+    assert build(TokenizerStageSpec, {"model": {"num_codes": 64}, "data": {"window": 32}}).model.num_codes == 64
+    with pytest.raises(ConfigError, match="model.num_codez: unknown key"):
+        build(TokenizerStageSpec, {"model": {"num_codez": 64}})
+    with pytest.raises(ConfigError, match=r"alignment.temperature: Input should be greater than 0"):
+        build(TokenizerStageSpec, {"alignment": {"temperature": 0}})
+
+
 def test_one_stage_table_names_every_job_and_the_quickstart_chain():
     from fmrilm.quickstart import QuickstartSpec
     from fmrilm.registry import JOBS, PIPELINE, SWEEPABLE

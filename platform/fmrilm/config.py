@@ -131,7 +131,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid spec {source}:"]
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"]) or "<root>"
-        if problem["type"] == "extra_forbidden":
+        if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # a model's key, a dataclass's key
             lines.append(f"  {key}: unknown key (check the spelling; see the spec's documented keys)")
         else:
             lines.append(f"  {key}: {problem['msg']} (got {redact(repr(problem.get('input')))})")

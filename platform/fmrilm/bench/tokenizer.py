@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -106,7 +107,7 @@ def run_benchmark(subjects: int = 48, rois: int = 100, timepoints: int = 256, ep
     return {"benchmark": "tokenizer", "ratio": ratio, "target": TARGET, "machine": machine(),
             "data": {"subjects": subjects, "rois": rois, "timepoints": timepoints, "windows": n_windows,
                      "epochs": epochs, "batch_size": batch_size, "steps": ours[-1]["steps"]},
-            "model": spec.model.model_dump(), "ray_train": {"samples_per_s": o, "runs": ours},
+            "model": asdict(spec.model), "ray_train": {"samples_per_s": o, "runs": ours},
             "plain_pytorch": {"samples_per_s": b, "runs": base}, "summary": summary}
 
 

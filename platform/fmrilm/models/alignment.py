@@ -16,29 +16,31 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from annotated_types import Ge, Gt
 from torch import nn
 
-from fmrilm.config import Strict
 
+@dataclass(frozen=True)
+class AlignmentConfig:
+    """Loss weights and sizes of the alignment branch (all weights 0: a plain VQ autoencoder). A
+    plain dataclass: the job spec (``alignment:`` of a tokenizer spec) validates it."""
 
-class AlignmentConfig(Strict):
-    """Loss weights and sizes of the alignment branch (all weights 0: a plain VQ autoencoder)."""
-
-    domain_weight: float = Field(0.5, ge=0, description="weight of the domain-classifier loss")
-    contrastive_weight: float = Field(0.0, ge=0, description="weight of the SigLIP loss (needs captions)")
-    text_source: str = Field("minilm", description="'minilm' (the offline all-MiniLM-L6-v2), or a folder/URI of a Hugging Face model "
-                                                   "whose input embeddings give text tokens (e.g. the stage-2 LM)")
+    domain_weight: Annotated[float, Ge(0)] = 0.5  # weight of the domain-classifier loss
+    contrastive_weight: Annotated[float, Ge(0)] = 0.0  # weight of the SigLIP loss (needs captions)
+    # 'minilm' (the offline all-MiniLM-L6-v2), or a folder/URI of a Hugging Face model whose input
+    # embeddings give text tokens (e.g. the stage-2 LM)
+    text_source: str = "minilm"
     classifier_hidden: int = 256
     contrastive_dim: int = 512
-    temperature: float = Field(0.125, gt=0)
-    tokens_per_step: int = Field(512, ge=8, description="fMRI and text tokens each fed to the classifier per step")
-    adversary: Literal["grl", "nonsaturating"] = Field(
-        "grl", description="'grl': gradient reversal (DANN, the poster); 'nonsaturating': GAN-style fMRI-side loss")
+    temperature: Annotated[float, Gt(0)] = 0.125
+    tokens_per_step: Annotated[int, Ge(8)] = 512  # fMRI and text tokens each fed to the classifier per step
+    # 'grl': gradient reversal (DANN, the poster); 'nonsaturating': GAN-style fMRI-side loss
+    adversary: Literal["grl", "nonsaturating"] = "grl"
 
     @property
     def enabled(self) -> bool:

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from dataclasses import dataclass
+from typing import Annotated
 
-from fmrilm.config import Strict
+from annotated_types import Ge, Lt
+
 from fmrilm.models.fmri_lm import BackboneError, FMRIInputLM
 
 LORA_TARGETS = {
@@ -16,14 +18,16 @@ LORA_TARGETS = {
 }
 
 
-class LoraSpec(Strict):
-    """LoRA adapters (peft). The fMRI token rows of the embeddings stay trainable."""
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters (peft). The fMRI token rows of the embeddings stay trainable. A plain
+    dataclass: the job spec (``lora:``) validates it."""
 
     enabled: bool = False
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | None = Field(None, description="default: attention + MLP projections of the family")
+    r: Annotated[int, Ge(1)] = 16
+    alpha: Annotated[int, Ge(1)] = 32
+    dropout: Annotated[float, Ge(0), Lt(1)] = 0.05
+    target_modules: list[str] | None = None  # default: attention + MLP projections of the family
 
 
 def lora_targets(lora: LoraSpec, model) -> list[str]:

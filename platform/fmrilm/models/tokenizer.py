@@ -23,34 +23,35 @@ the same weights. :meth:`FMRITokenizer.decode` rebuilds a signal from codes alon
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from pydantic import Field
+from annotated_types import Ge, Gt, Lt
 from torch import nn
 
-from fmrilm.config import Strict
 from fmrilm.models.quantizer import QuantizerOutput, VectorQuantizer
 
 
-class TokenizerConfig(Strict):
-    """Sizes of the tokenizer (defaults: a small model that trains on a CPU)."""
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Sizes of the tokenizer (defaults: a small model that trains on a CPU). A plain dataclass:
+    the job spec (``model:`` of a tokenizer spec) validates it, bounds included."""
 
-    layout: Literal["roi", "state"] = Field("roi", description="roi: a token per ROI and patch; state: a whole-brain token per patch")
-    patch: int = Field(16, ge=1, description="timepoints per patch")
-    width: int = Field(64, ge=8, description="transformer width")
-    depth: int = Field(2, ge=1, description="encoder layers (the decoder has the same)")
-    heads: int = Field(4, ge=1)
+    layout: Literal["roi", "state"] = "roi"  # roi: a token per ROI and patch; state: a whole-brain token per patch
+    patch: Annotated[int, Ge(1)] = 16  # timepoints per patch
+    width: Annotated[int, Ge(8)] = 64  # transformer width
+    depth: Annotated[int, Ge(1)] = 2  # encoder layers (the decoder has the same)
+    heads: Annotated[int, Ge(1)] = 4
     mlp_ratio: float = 2.0
     dropout: float = 0.0
-    code_dim: int = Field(32, ge=2)
-    num_codes: int = Field(512, ge=2)
-    beta: float = Field(1.0, ge=0, description="commitment weight")
-    ema_decay: float = Field(0.99, gt=0, lt=1)
+    code_dim: Annotated[int, Ge(2)] = 32
+    num_codes: Annotated[int, Ge(2)] = 512
+    beta: Annotated[float, Ge(0)] = 1.0  # commitment weight
+    ema_decay: Annotated[float, Gt(0), Lt(1)] = 0.99
     dead_threshold: float = 1e-3
-    spectrum_weight: float = Field(0.0, ge=0, description="weight of the amplitude-spectrum target (NeuroLM); 0 = off")
+    spectrum_weight: Annotated[float, Ge(0)] = 0.0  # weight of the amplitude-spectrum target (NeuroLM); 0 = off
     max_rois: int = 512
     max_patches: int = 64
 

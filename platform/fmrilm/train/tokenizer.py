@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import asdict
 from typing import Literal
 
 import torch
@@ -257,7 +258,7 @@ def export(checkpoint, spec: TokenizerStageSpec, split_rec: dict | None = None, 
     state, meta = load_state(checkpoint)
     objective = TokenizerObjective(spec.model, spec.alignment, meta["text_dim"])
     objective.load_state_dict(state["model"])
-    cfg = {"model": spec.model.model_dump(), "alignment": spec.alignment.model_dump(), "text_dim": meta["text_dim"],
+    cfg = {"model": asdict(spec.model), "alignment": asdict(spec.alignment), "text_dim": meta["text_dim"],
            "data": {"window": spec.data.window, "stride": spec.data.stride, "normalise": spec.data.normalise, "target_tr": spec.data.target_tr},
            "step": meta["step"], "run": spec.run.name, "split": split_rec, "contract": contract}
     return artifact.write(artifact.location(spec.run.storage, spec.run.name), objective, cfg, metrics)
