@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fmrilm.data import schema, table
+from fmrilm.data.table import NetworkMapMissing
 from fmrilm.data.ingest import ingest_synthetic
 from fmrilm.data.synth import SynthParams
 from fmrilm.features.job import FeaturesError, FeaturesSpec, run
@@ -111,7 +112,7 @@ def test_dataset_without_network_map_is_refused(tmp_path):
         np.save(tmp_path / "arr" / f"{i}.npy", rng.normal(size=(40, 5)))
         sources.append(ScanSource(f"x_sub-{i}", str(i), "x", "atl", "array", str(tmp_path / "arr" / f"{i}.npy"), tr=2.0))
     ingest(sources, str(tmp_path / "ds"), use_ray=False)
-    with pytest.raises(FeaturesError, match="no ROI->network map"):
+    with pytest.raises(NetworkMapMissing, match="no ROI->network map"):
         run(_spec(tmp_path / "ds"))
     with pytest.raises(FeaturesError, match="not found"):
         run(_spec(tmp_path / "ds", datasets=["nope"]))

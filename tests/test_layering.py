@@ -37,6 +37,14 @@ def test_artifact_readers_import_nothing_from_train():
     assert len(readers) > 20
 
 
+def test_later_stages_read_stores_not_the_jobs_that_wrote_them():
+    # what `fmrilm features build` and `fmrilm tokenize` commit is read through features/store.py
+    # and artifacts/tokens.py; their job modules are reached only through the stage table
+    jobs = {"fmrilm.features.job", "fmrilm.tokens"}
+    importers = {str(p.relative_to(PACKAGE)): sorted(_imports(p) & jobs) for p in PACKAGE.rglob("*.py")}
+    assert {k: v for k, v in importers.items() if v} == {}
+
+
 def test_models_take_plain_arguments_not_specs():
     # torchtune's rule: configs do not intrude into model classes; a job spec validates the
     # models' dataclasses (bounds included) without the models knowing the config system

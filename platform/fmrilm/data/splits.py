@@ -129,6 +129,18 @@ def record(override: SplitPolicy | None, meta: pd.DataFrame, upstream: list[dict
             "trained_subjects": sorted(trained)}
 
 
+def stage_record(policy: SplitPolicy | None, meta: pd.DataFrame, upstream: dict[str, dict | None], what: str,
+                 versions: dict | None = None) -> dict:
+    """The split record of a stage's run over ``meta`` (a ``split`` column), after refusing to
+    hold out (``val``, ``test``) any subject that trained a model or build it reads: ``upstream``
+    maps each source (``"the tokenizer s3://..."``) to its split record (None: none recorded);
+    ``what`` says what this stage would do with such subjects. Raises :class:`SplitError`."""
+    heldout = subject_keys(meta, ("val", "test"))
+    for source, rec in upstream.items():
+        check_unseen(heldout, rec, what, source)
+    return record(policy, meta, [r for r in upstream.values() if r], versions)
+
+
 def inherited(override: SplitPolicy | None, upstream: dict | None) -> SplitPolicy | None:
     """The policy a stage uses: its spec's, else the one the model it builds on was trained with."""
     if override is not None:

@@ -31,6 +31,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -48,6 +49,10 @@ log = logging.getLogger("fmrilm.table")
 
 class ManifestError(UserError, RuntimeError):
     """A dataset folder has no readable manifest, or its shards disagree with it."""
+
+
+class NetworkMapMissing(UserError, ValueError):
+    """A dataset's manifest has no (complete) ROI->network map."""
 
 
 class ConcurrentCommit(ManifestError):
@@ -361,3 +366,27 @@ def verify(dataset: storage.Location, manifest: dict) -> list[schema.Problem]:
         if not shard.path.endswith("/index.parquet"):  # the index holds metadata only
             problems += schema.table_problems(table, loc.uri)
     return problems
+
+
+def read_series(loc: storage.Location, manifest: dict, scan_ids: set[str]) -> dict[str, tuple[np.ndarray, float]]:
+    """``scan_id -> ([rois, time], TR)`` for the requested scans of a dataset."""
+    out = {}
+    if not scan_ids:
+        return out
+    for path in shard_paths(loc, manifest):
+        t = pq.read_table(path, filesystem=loc.fs, columns=["scan_id", "n_rois", "n_timepoints", "tr", "timeseries"],
+                          filters=[("scan_id", "in", sorted(scan_ids))])
+        for row in t.to_pylist():
+            out[row["scan_id"]] = (schema.timeseries(row["timeseries"], row["n_rois"], row["n_timepoints"]), row["tr"])
+    return out
+
+
+def networks_of(manifest: dict) -> list[str]:
+    """The network of each ROI from the manifest's ROI->network map."""
+    mapping, labels = manifest.get("roi_networks"), manifest.get("roi_labels")
+    if not mapping or not labels:
+        raise NetworkMapMissing(f"dataset {manifest['dataset']!r} has no ROI->network map: add atlas.networks to its dataset card and re-ingest")
+    missing = [label for label in labels if label not in mapping]
+    if missing:
+        raise NetworkMapMissing(f"dataset {manifest['dataset']!r}: ROI(s) {missing[:5]} have no network in roi_networks")
+    return [mapping[label] for label in labels]

@@ -351,7 +351,7 @@ class Evaluation:
     @cached_property
     def captions(self) -> dict[str, str]:
         """Each scan's first caption, read once."""
-        from fmrilm.features.job import first_captions, read_captions
+        from fmrilm.features.store import first_captions, read_captions
 
         return first_captions(read_captions(self.spec.data, None))
 
@@ -359,7 +359,7 @@ class Evaluation:
 def prepare(spec: EvalSpec) -> Evaluation:
     """Everything before scoring: the checks (:func:`check`, no held-out scan of a subject any
     model trained on, the input contract), the blocks, the groups, and the baselines' inputs."""
-    from fmrilm.features.job import features_split, read_descriptors
+    from fmrilm.features.store import features_split, read_descriptors
 
     spec, instruct_meta, pretrained, pretrained_meta, kshot = check(spec)
     blocks = ScanBlocks(pretrained, spec.data, spec.datasets, spec.tokens)
@@ -658,15 +658,14 @@ def scan_series(spec: EvalSpec, scan_ids) -> tuple[dict[str, tuple[np.ndarray, f
     """Every listed scan's series read from the scan tables once, ``scan_id -> ([rois, time],
     TR)``, and its ROIs' networks (``None`` where its dataset's manifest names none)."""
     from fmrilm.data import table
-    from fmrilm.features.job import FeaturesError, networks_of, read_series
 
     want = set(scan_ids)
     series, networks = {}, {}
     for loc, manifest in table.find_datasets(spec.data):
-        found = read_series(loc, manifest, want)
+        found = table.read_series(loc, manifest, want)
         try:
-            nets = networks_of(manifest)
-        except FeaturesError:
+            nets = table.networks_of(manifest)
+        except table.NetworkMapMissing:
             nets = None
         series |= found
         networks |= {sid: nets for sid in found}

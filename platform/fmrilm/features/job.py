@@ -33,6 +33,7 @@ from fmrilm.data import schema, table
 from fmrilm.data import splits
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.features import captions as captions_mod
+from fmrilm.features import store
 from fmrilm.features.descriptors import Reference, build_reference, scan_descriptors, zscore, zscore_stats
 
 log = logging.getLogger("fmrilm.features")
@@ -66,30 +67,6 @@ def _key(manifest: dict, spec: FeaturesSpec, policy: SplitPolicy) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def networks_of(manifest: dict) -> list[str]:
-    """The network of each ROI from the manifest's ROI->network map."""
-    mapping, labels = manifest.get("roi_networks"), manifest.get("roi_labels")
-    if not mapping or not labels:
-        raise FeaturesError(f"dataset {manifest['dataset']!r} has no ROI->network map: add atlas.networks to its dataset card and re-ingest")
-    missing = [label for label in labels if label not in mapping]
-    if missing:
-        raise FeaturesError(f"dataset {manifest['dataset']!r}: ROI(s) {missing[:5]} have no network in roi_networks")
-    return [mapping[label] for label in labels]
-
-
-def read_series(loc: storage.Location, manifest: dict, scan_ids: set[str]) -> dict[str, tuple[np.ndarray, float]]:
-    """``scan_id -> ([rois, time], TR)`` for the requested scans of a dataset."""
-    out = {}
-    if not scan_ids:
-        return out
-    for path in table.shard_paths(loc, manifest):
-        t = pq.read_table(path, filesystem=loc.fs, columns=["scan_id", "n_rois", "n_timepoints", "tr", "timeseries"],
-                          filters=[("scan_id", "in", sorted(scan_ids))])
-        for row in t.to_pylist():
-            out[row["scan_id"]] = (schema.timeseries(row["timeseries"], row["n_rois"], row["n_timepoints"]), row["tr"])
-    return out
-
-
 def describe_shard(item: dict) -> dict:
     """Ray Data map: raw descriptors of one scan-table shard -> one output part (skipped if present)."""
     dataset = storage.resolve(item["dataset_uri"])
@@ -117,14 +94,14 @@ def build_dataset(loc: storage.Location, manifest: dict, spec: FeaturesSpec) -> 
     name = manifest["dataset"]
     policy = spec.split or splits.manifest_policy(manifest)
     key = _key(manifest, spec, policy)
-    root = features_root(loc)
+    root = store.features_root(loc)
     work = root.join(key)
-    previous = _read_json(root.join("manifest.json"))
+    previous = store.read_json(root.join("manifest.json"))
     if previous and previous.get("key") == key:
         log.info("%s: features up to date (%s)", name, key)
         return previous["summary"]
 
-    networks = networks_of(manifest)
+    networks = table.networks_of(manifest)
     meta = table.read_meta(loc, manifest).to_pandas()
     meta["split"] = splits.assign(meta, {name: manifest}, spec.split)
     train_ids = sorted(meta.loc[meta["split"] == "train", "scan_id"])
@@ -135,7 +112,7 @@ def build_dataset(loc: storage.Location, manifest: dict, spec: FeaturesSpec) -> 
 
     ref_loc = work.join("reference.npz")
     if not storage.exists(ref_loc):
-        series = read_series(loc, manifest, set(ref_ids))
+        series = table.read_series(loc, manifest, set(ref_ids))
         usable = [s for s in ref_ids if not schema.timeseries_problems(series[s][0])]  # bad scans are reported below
         ref = build_reference([series[s][0] for s in usable], networks, usable, spec.ica_components, spec.seed)
         storage.write_bytes(ref_loc, ref.to_bytes())
@@ -193,15 +170,8 @@ def _probe(loc: storage.Location, manifest: dict, meta: pd.DataFrame, work: stor
     train = labelled[labelled["split"] == "train"]
     if held["sex"].value_counts().min() < 4 or train["sex"].value_counts().min() < 4 or held["sex"].nunique() < 2:
         return None
-    series = read_series(loc, manifest, set(labelled["scan_id"]))
+    series = table.read_series(loc, manifest, set(labelled["scan_id"]))
     return sex_probe(work.join("features.parquet").uri, series, labelled)
-
-
-def _read_json(loc: storage.Location) -> dict | None:
-    try:
-        return json.loads(storage.read_text(loc))
-    except FileNotFoundError:
-        return None
 
 
 def plot_distributions(z: pd.DataFrame, splits: pd.Series, n: int = 16) -> bytes:
@@ -238,64 +208,6 @@ def check(spec: FeaturesSpec) -> list:
 def run(spec: FeaturesSpec) -> dict:
     """Build features and captions for every selected dataset; returns ``{dataset: summary}``."""
     return {m["dataset"]: build_dataset(loc, m, spec) for loc, m in check(spec)}
-
-
-def _builds(data: str, datasets: list[str] | None):
-    """``(dataset location, features manifest)`` of every committed features build under ``data``."""
-    for loc, manifest in table.find_datasets(data, datasets):
-        fm = _read_json(features_root(loc).join("manifest.json"))
-        if fm is not None:
-            yield loc, fm
-
-
-def features_root(dataset: storage.Location) -> storage.Location:
-    """The folder of a dataset's features builds: ``<dataset>/features/`` holding ``manifest.json``
-    (the committed build) and one folder per build key."""
-    return dataset.join("features")
-
-
-def _build_file(dataset: storage.Location, fm: dict, name: str) -> storage.Location:
-    """A file of a committed features build, located from the dataset folder (the dataset may
-    have been copied or moved since the URIs in its summary were written)."""
-    return features_root(dataset).join(fm["key"], name)
-
-
-def read_captions(data: str, datasets: list[str] | None = None) -> dict[str, list[str]]:
-    """Captions per scan (``scan_id -> [caption 0, caption 1, ...]``) from the committed features
-    builds of the datasets under ``data``; datasets without a build contribute nothing."""
-    out: dict[str, list[str]] = {}
-    for loc, fm in _builds(data, datasets):
-        where = _build_file(loc, fm, "captions.parquet")
-        caps = pd.read_parquet(where.path, filesystem=where.fs).sort_values(["scan_id", "caption_index"])
-        for scan_id, group in caps.groupby("scan_id", sort=False):
-            out[scan_id] = group["caption"].tolist()
-    return out
-
-
-def features_split(data: str, datasets: list[str] | None = None) -> dict | None:
-    """The split record of the committed features builds under ``data`` (their references and
-    z-score statistics were fitted on these ``trained_subjects``), or None without a build."""
-    recs = [fm["summary"].get("split") or {} for _, fm in _builds(data, datasets)]
-    if not recs:
-        return None
-    return {"policy": next((r.get("policy") for r in recs if r.get("policy")), None),
-            "trained_subjects": sorted({s for r in recs for s in r.get("trained_subjects") or []})}
-
-
-def read_descriptors(data: str, datasets: list[str] | None = None) -> pd.DataFrame:
-    """Descriptor z-scores (``scan_id`` + ``z.*`` columns) of the committed features builds under
-    ``data``; scans whose descriptors failed are left out. Empty if no dataset has a build."""
-    parts = []
-    for loc, fm in _builds(data, datasets):
-        where = _build_file(loc, fm, "features.parquet")
-        df = pd.read_parquet(where.path, filesystem=where.fs)
-        parts.append(df[df["error"].isna()][["scan_id", *[c for c in df.columns if c.startswith("z.")]]])
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["scan_id"])
-
-
-def first_captions(captions: dict[str, list[str]]) -> dict[str, str]:
-    """``scan_id -> description``: each scan's first caption (what ``descriptions: true`` prompts show)."""
-    return {sid: caps[0] for sid, caps in captions.items() if caps}
 
 
 def summary(result: dict) -> list[str]:

@@ -14,7 +14,7 @@ def text_inputs(align: AlignmentConfig, data: PipelineSpec, scans: set[str] | No
     """``(token bank [n, text_dim] or None, {scan_id: caption embedding [text_dim]})`` from the
     captions of ``scans`` (the training scans; None: every scan) of the datasets ``data`` selects;
     ``(None, {})`` when ``align`` is off. Caption embeddings only with a contrastive weight."""
-    from fmrilm.features.job import read_captions
+    from fmrilm.features.store import read_captions
     from fmrilm.models.text import FALLBACK_CORPUS, embed_texts
 
     if not align.enabled:

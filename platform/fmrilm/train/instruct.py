@@ -36,7 +36,7 @@ from fmrilm.data.lm_sequences import pack
 from fmrilm.data.pipeline import scan_meta
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.errors import UserError
-from fmrilm.features.job import first_captions
+from fmrilm.features.store import first_captions
 from fmrilm.models.fmri_lm import FMRIInputLM
 from fmrilm.models.lora import LoraSpec, add_adapters
 from fmrilm.models.number_loss import NumberObjective, number_objective
@@ -87,13 +87,10 @@ class InstructSpec(Strict):
 def training_split(spec: InstructSpec, meta: pd.DataFrame, base_split: dict | None) -> dict:
     """The split record of this run, after checking that no subject it holds out (``val``,
     ``test``) trained the pretrained export or the features build (captions)."""
-    from fmrilm.features.job import features_split
+    from fmrilm.features.store import features_split
 
-    heldout = splits.subject_keys(meta, ("val", "test"))
-    splits.check_unseen(heldout, base_split, "held out", f"the pretrained export {spec.model}")
-    feats = features_split(spec.data, spec.datasets)
-    splits.check_unseen(heldout, feats, "held out", f"the features build of {spec.data}")
-    return splits.record(splits.inherited(spec.split, base_split), meta, [r for r in (base_split, feats) if r], meta.attrs.get("versions"))
+    upstream = {f"the pretrained export {spec.model}": base_split, f"the features build of {spec.data}": features_split(spec.data, spec.datasets)}
+    return splits.stage_record(splits.inherited(spec.split, base_split), meta, upstream, "held out", meta.attrs.get("versions"))
 
 
 def check(spec: InstructSpec) -> dict:
@@ -123,7 +120,7 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
     """Instructions of the training subjects, encoded and packed (``packed``), those of the
     validation subjects (``val``, when ``spec.validation > 0``); the rows are written as a table
     (``split``: ``train`` or ``tuning_validation``)."""
-    from fmrilm.features.job import read_captions
+    from fmrilm.features.store import read_captions
     from fmrilm.train.lm import pad_rows
 
     base_split = export_meta(spec.model).get("split")

@@ -104,7 +104,7 @@ def settings_key(spec: KShotSpec, versions: dict) -> str:
 def prepare(spec: KShotSpec, base_meta: dict):
     """The training scans (with tokens) and what tuning reads: ``(train, labeller, blocks,
     descriptions, meta)``, after checking that no subject held out of training trained the export."""
-    from fmrilm.features.job import first_captions, read_captions
+    from fmrilm.features.store import first_captions, read_captions
 
     base_split = base_meta.get("split")
     meta = scan_meta(spec.data, spec.datasets, splits.inherited(spec.split, base_split))

@@ -201,16 +201,13 @@ def training_split(spec: PretrainSpec, art_cfg: dict) -> tuple[dict[str, str], d
     """``(scan_id -> split, split record)``: the spec's policy, else the tokenizer's; refuses to
     validate on subjects that trained the tokenizer or the features build (captions)."""
     from fmrilm.data.pipeline import PipelineSpec, dataset_versions, scan_index, selected_datasets
-    from fmrilm.features.job import features_split
+    from fmrilm.features.store import features_split
 
     data = PipelineSpec(data=spec.data, datasets=spec.datasets, split=splits.inherited(spec.split, art_cfg.get("split")))
     found = selected_datasets(data)
     index = scan_index(data, found)
-    heldout = splits.subject_keys(index, ("val", "test"))
-    splits.check_unseen(heldout, art_cfg.get("split"), "validated on", f"the tokenizer {spec.tokenizer}")
-    feats = features_split(spec.data, spec.datasets)
-    splits.check_unseen(heldout, feats, "validated on", f"the features build of {spec.data}")
-    record = splits.record(data.split, index, [r for r in (art_cfg.get("split"), feats) if r], dataset_versions(found))
+    upstream = {f"the tokenizer {spec.tokenizer}": art_cfg.get("split"), f"the features build of {spec.data}": features_split(spec.data, spec.datasets)}
+    record = splits.stage_record(data.split, index, upstream, "validated on", dataset_versions(found))
     return dict(zip(index["scan_id"], index["split"])), record
 
 
@@ -218,7 +215,7 @@ def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
     """Packed train (and val) sequences, padded so every rank gets the same number of rows, the
     run's split record (``split``) and, with the scan token, the training scans' standardisation
     of scan vectors (``scan_scale``: ``(mean, std)``)."""
-    from fmrilm.features.job import read_captions
+    from fmrilm.features.store import read_captions
     from fmrilm.models.scan_token import standardiser
     from fmrilm.artifacts.tokens import scan_codes, tokens_for
 

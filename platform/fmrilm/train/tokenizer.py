@@ -240,14 +240,12 @@ def run(spec: TokenizerStageSpec) -> dict:
 
 
 def training_split(spec: TokenizerStageSpec, index, found) -> dict:
-    """The split record of this run (:func:`fmrilm.data.splits.record`), after checking that no
-    subject it holds out trained the features build whose captions it reads."""
-    from fmrilm.features.job import features_split
+    """The split record of this run (:func:`fmrilm.data.splits.stage_record`); with alignment on
+    it reads captions, so no subject it validates on may have trained their features build."""
+    from fmrilm.features.store import features_split
 
-    if spec.alignment.enabled:
-        heldout = splits.subject_keys(index, ("val", "test"))
-        splits.check_unseen(heldout, features_split(spec.data.data, spec.data.datasets), "validated on", f"the features build of {spec.data.data}")
-    return splits.record(spec.data.split, index, versions=dataset_versions(found))
+    upstream = {f"the features build of {spec.data.data}": features_split(spec.data.data, spec.data.datasets)} if spec.alignment.enabled else {}
+    return splits.stage_record(spec.data.split, index, upstream, "validated on", dataset_versions(found))
 
 
 def export(checkpoint, spec: TokenizerStageSpec, split_rec: dict | None = None, contract: dict | None = None,
