@@ -66,6 +66,18 @@ def test_a_models_dataclass_in_a_spec_is_validated_like_a_spec():
         build(TokenizerStageSpec, {"alignment": {"temperature": 0}})
 
 
+def test_a_checkpoints_shape_records_the_models_dataclasses():
+    import json
+
+    from fmrilm.models.lora import LoraSpec
+    from fmrilm.models.tokenizer import TokenizerConfig
+    from fmrilm.train.checkpoints import check_shape, shape_of
+
+    shape = json.loads(json.dumps(shape_of(model=TokenizerConfig(num_codes=64), lora=LoraSpec(target_modules=["c_attn"]))))
+    assert shape["model.num_codes"] == 64 and shape["lora.target_modules"] == ["c_attn"]
+    check_shape({"shape": shape}, shape_of(model=TokenizerConfig(num_codes=64), lora=LoraSpec(target_modules=["c_attn"])), "ckpt")
+
+
 def test_one_stage_table_names_every_job_and_the_quickstart_chain():
     from fmrilm.quickstart import QuickstartSpec
     from fmrilm.registry import JOBS, PIPELINE, SWEEPABLE

@@ -4,6 +4,7 @@ model-shape check, and resuming from the newest intact checkpoint (all ranks agr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,11 +43,13 @@ class NoIntactCheckpoint(UserError):
 
 def shape_of(**sections) -> dict:
     """The spec keys that size a model, flattened to dotted keys (``model.width``), for
-    :func:`check_shape`. Values are pydantic models, dicts or plain values."""
+    :func:`check_shape`. Values are pydantic models, dataclasses, dicts or plain values."""
     out = {}
 
     def walk(prefix: str, value) -> None:
-        if hasattr(value, "model_dump"):
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        elif hasattr(value, "model_dump"):
             value = value.model_dump(mode="json")
         if isinstance(value, dict):
             for k, v in value.items():
