@@ -31,12 +31,12 @@ def test_user_errors_exit_2_with_a_message(tmp_path):
     spec = tmp_path / "job.yaml"
     # a sweep checks its stage's inputs before any trial starts (base, metric, mode follow the stage)
     spec.write_text(f"kind: sweep\nstage: instruct\noverrides: [model={tmp_path}/none, validation=0.2]\nspace: {{lora.r: {{grid: [4, 8]}}}}\n")
-    r = runner.invoke(app, ["tune", str(spec), f"storage={tmp_path}/runs"])
+    r = runner.invoke(app, ["tune", str(spec), f"run.storage={tmp_path}/runs"])
     assert r.exit_code == 2 and "(no fmri_lm.json)" in r.output
-    r = runner.invoke(app, ["tune", str(spec), f"storage={tmp_path}/runs", "overrides=[]"])
+    r = runner.invoke(app, ["tune", str(spec), f"run.storage={tmp_path}/runs", "overrides=[]"])
     assert r.exit_code == 2 and "an instruct sweep on val/loss needs validation subjects" in r.output
-    spec.write_text(f"kind: sweep\noverrides: [data.data={tmp_path}/nodata]\nspace: {{model.num_codes: {{grid: [8]}}}}\n")
-    r = runner.invoke(app, ["tune", str(spec), f"storage={tmp_path}/runs"])
+    spec.write_text(f"kind: sweep\noverrides: [data.root={tmp_path}/nodata]\nspace: {{model.num_codes: {{grid: [8]}}}}\n")
+    r = runner.invoke(app, ["tune", str(spec), f"run.storage={tmp_path}/runs"])
     assert r.exit_code == 2 and "no dataset under" in r.output
     assert not (tmp_path / "runs").exists()
     spec.write_text("kind: sweep\n")

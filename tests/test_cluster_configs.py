@@ -102,7 +102,7 @@ def test_the_rayjob_runs_a_valid_fmrilm_spec(monkeypatch):
     assert argv[:4] == ["python", "-m", "fmrilm", "run"]
     monkeypatch.chdir(ROOT)
     spec, _, _ = load_job(argv[4], argv[5:])
-    assert spec.run.storage.startswith("s3://") and spec.data.startswith("s3://")
+    assert spec.run.storage.startswith("s3://") and spec.data.root.startswith("s3://")
 
 
 def _unquote(value):

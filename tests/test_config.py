@@ -107,4 +107,30 @@ def test_a_uri_of_an_unknown_scheme_is_refused_before_any_work():
 
     with pytest.raises(ConfigError, match=r"run.storage \(hdfs://\): fmrilm reads local paths, file://, s3:// and gs://"):
         config.build(TokenizerStageSpec, {"run": {"storage": "hdfs://namenode/runs"}})
-    assert config.build(TokenizerStageSpec, {"run": {"storage": "s3://b/runs"}, "data": {"data": "gs://b/d"}}).run.storage == "s3://b/runs"
+    assert config.build(TokenizerStageSpec, {"run": {"storage": "s3://b/runs"}, "data": {"root": "gs://b/d"}}).run.storage == "s3://b/runs"
+
+
+def test_every_stage_spec_has_one_shape_and_old_keys_name_their_replacement():
+    from fmrilm.registry import JOBS, load_job
+
+    stages = [k for k in JOBS if k not in ("quickstart", "science")]
+    for kind in stages:
+        model = JOBS[kind].load()[0]
+        fields = model.model_fields
+        assert "data" in fields or kind == "sweep", kind
+        assert "run" in fields or kind in ("features", "tokenize"), kind  # those two write into the datasets / beside the tokenizer
+        if "data" in fields:
+            assert set(model().data.model_dump()) >= {"root", "datasets", "split"}, kind
+    cases = {
+        ("jobs/pretrain.yaml", "data=./d"): "data: Value error, data is a mapping: write data.root=./d",
+        ("jobs/eval.yaml", "datasets=[a]"): "datasets is now data.datasets",
+        ("jobs/instruct.yaml", "split={method: hash}"): "split is now data.split",
+        ("jobs/tokenizer.yaml", "data.data=./d"): "data.data is now data.root",
+        ("jobs/sweep_tokenizer.yaml", "storage=./s"): "storage is now run.storage",
+    }
+    assert load_job("jobs/pretrain.yaml", ["run={storage: ./x}"])[0].run.name == "pretrain"  # not another stage's default
+    assert load_job("jobs/sweep_lora.yaml", ["run={storage: ./x}"])[0].run.name == "sweep"
+    for (spec, override), message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_job(spec, [override])
+        assert message in str(err.value) and len(str(err.value).splitlines()) == 2, str(err.value)

@@ -17,8 +17,8 @@ from fmrilm.features.job import FeaturesError, FeaturesSpec, run
 PARAMS = SynthParams(name="feat", subjects=24, n_rois=14, n_networks=4, n_timepoints=120, seed=4)
 
 
-def _spec(root, **kw):
-    return FeaturesSpec(data=str(root), use_ray=False, plot=False, ica_components=4, **kw)
+def _spec(root, datasets=None, **kw):
+    return FeaturesSpec(data={"root": str(root), "datasets": datasets}, use_ray=False, plot=False, ica_components=4, **kw)
 
 
 @pytest.fixture

@@ -467,12 +467,12 @@ def test_a_damaged_dataset_does_not_stop_a_job_that_reads_another(tmp_path):
     for name in ("good", "broken"):
         ingest_synthetic(SynthParams(name=name, subjects=4, n_rois=6, n_networks=2, n_timepoints=30, seed=1), str(root), use_ray=False)
     (root / "broken" / "manifest.json").write_text("{ not json")
-    found = selected_datasets(PipelineSpec(data=str(root), datasets=["good"]))
+    found = selected_datasets(PipelineSpec(root=str(root), datasets=["good"]))
     assert [m["dataset"] for _, m in found] == ["good"]
     with pytest.raises(table.ManifestError, match="broken/manifest.json is not valid JSON"):
-        selected_datasets(PipelineSpec(data=str(root)))  # all of them: the damaged one is named
+        selected_datasets(PipelineSpec(root=str(root)))  # all of them: the damaged one is named
     with pytest.raises(table.ManifestError, match="broken/manifest.json"):
-        selected_datasets(PipelineSpec(data=str(root), datasets=["broken"]))
+        selected_datasets(PipelineSpec(root=str(root), datasets=["broken"]))
 
 
 def test_another_cohort_under_an_existing_name_needs_replace(tmp_path):

@@ -89,8 +89,8 @@ def test_a_secret_in_a_uri_query_is_refused_and_redacted():
     from fmrilm.errors import redact
     from fmrilm.train.tokenizer import TokenizerStageSpec
 
-    with pytest.raises(config.ConfigError, match=r"data.data embed\(s\) credentials in a URI") as err:
-        config.build(TokenizerStageSpec, {"data": {"data": "s3://bucket/d?secret_key=abc123"}})
+    with pytest.raises(config.ConfigError, match=r"data.root embed\(s\) credentials in a URI") as err:
+        config.build(TokenizerStageSpec, {"data": {"root": "s3://bucket/d?secret_key=abc123"}})
     assert "abc123" not in str(err.value)
     assert redact("reading s3://b/x?token=abc123&region=eu failed") == "reading s3://b/x?token=***&region=eu failed"
 

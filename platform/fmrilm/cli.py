@@ -377,7 +377,7 @@ def tokenizer_eval(
     from fmrilm.eval.tokenizer import evaluate
 
     policy = {"method": "file", "file": split_file} if split_file else None
-    spec = _guard(PipelineSpec, data=data, datasets=datasets or None, split=policy, atlas_mapping=atlas_mapping)
+    spec = _guard(PipelineSpec, root=data, datasets=datasets or None, split=policy, atlas_mapping=atlas_mapping)
     result = _guard(evaluate, artifact, spec, split)
     if as_json:
         out.print_json(json.dumps(result))

@@ -7,10 +7,10 @@ or an override never silently falls back to a default.
 from __future__ import annotations
 
 import re
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fmrilm import storage
 from fmrilm.errors import UserError, embeds_credentials, redact
@@ -24,6 +24,26 @@ class Strict(BaseModel):
     """Base for every spec model: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StageSpec(Strict):
+    """Base of every stage spec: one shape, ``data: {root, datasets, split}`` for what it reads and
+    ``run: {storage, name}`` for where it writes; keys of the older shapes are refused with the
+    key that replaced them."""
+
+    moved_keys: ClassVar[dict[str, str]] = {"datasets": "data.datasets", "split": "data.split"}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, value):
+        if isinstance(value, dict):
+            moved = [f"{old} is now {new}" for old, new in cls.moved_keys.items() if old in value]
+            if moved:
+                raise ValueError("; ".join(moved))
+            run, default = value.get("run"), cls.model_fields.get("run")
+            if isinstance(run, dict) and "name" not in run and default is not None and default.default is not None:
+                value = {**value, "run": {**run, "name": default.default.name}}  # `run: {storage: X}` keeps the stage's name
+        return value
 
 
 RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -131,7 +151,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid spec {source}:"]
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"]) or "<root>"
-        if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # a model's key, a dataclass's key
+        if problem["type"] == "value_error" and not problem["loc"]:  # a model's own check (StageSpec's moved keys)
+            lines.append(f"  {problem['msg'].removeprefix('Value error, ')}")
+        elif problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # a model's key, a dataclass's key
             lines.append(f"  {key}: unknown key (check the spelling; see the spec's documented keys)")
         else:
             lines.append(f"  {key}: {problem['msg']} (got {redact(repr(problem.get('input')))})")

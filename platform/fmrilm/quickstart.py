@@ -62,13 +62,13 @@ def stage_paths(stage: str, root: str, tag: str = "") -> list[str]:
 
     data, runs = storage.join(root, "datasets"), storage.join(root, "runs")
     return {
-        "features": [f"data={data}"],
-        "tokenizer": [f"data.data={data}", f"run.storage={runs}", "run.name=tokenizer"],
-        "tokenize": [f"data.data={data}", f"tokenizer={runs}/tokenizer/tokenizer"],
-        "pretrain": [f"data={data}", f"tokenizer={runs}/tokenizer/tokenizer", f"run.storage={runs}", f"run.name=pretrain{tag}"],
-        "instruct": [f"data={data}", f"model={runs}/pretrain{tag}/model", f"run.storage={runs}", f"run.name=instruct{tag}"],
-        "kshot": [f"data={data}", f"model={runs}/pretrain{tag}/model", f"run.storage={runs}", f"run.name=kshot{tag}"],
-        "eval": [f"data={data}", f"model={runs}/instruct{tag}/model", f"kshot={runs}/kshot{tag}", f"run.storage={runs}",
+        "features": [f"data.root={data}"],
+        "tokenizer": [f"data.root={data}", f"run.storage={runs}", "run.name=tokenizer"],
+        "tokenize": [f"data.root={data}", f"tokenizer={runs}/tokenizer/tokenizer"],
+        "pretrain": [f"data.root={data}", f"tokenizer={runs}/tokenizer/tokenizer", f"run.storage={runs}", f"run.name=pretrain{tag}"],
+        "instruct": [f"data.root={data}", f"model={runs}/pretrain{tag}/model", f"run.storage={runs}", f"run.name=instruct{tag}"],
+        "kshot": [f"data.root={data}", f"model={runs}/pretrain{tag}/model", f"run.storage={runs}", f"run.name=kshot{tag}"],
+        "eval": [f"data.root={data}", f"model={runs}/instruct{tag}/model", f"kshot={runs}/kshot{tag}", f"run.storage={runs}",
                  f"run.name=eval{tag}"],
     }[stage]
 

@@ -249,7 +249,7 @@ def path_overrides(spec, address: str, root: str) -> list[str]:
     if not is_loopback(address):
         keys = ", ".join(f"{k}={v}" for k, v in found)
         raise SubmitError(f"these keys are local paths, which the cluster at {address} cannot see: {keys}. Point them at "
-                          "object storage, e.g. run.storage=s3://BUCKET/fmrilm/runs data.data=s3://BUCKET/fmrilm/datasets")
+                          "object storage, e.g. run.storage=s3://BUCKET/fmrilm/runs data.root=s3://BUCKET/fmrilm/datasets")
 
     return [f"{k}={yaml.safe_dump(_absolute(v), default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in found]
 

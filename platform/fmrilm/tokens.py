@@ -22,14 +22,14 @@ from pydantic import Field
 
 from fmrilm import runtime, storage
 from fmrilm.artifacts import tokenizer as artifact
-from fmrilm.config import Strict
+from fmrilm.config import StageSpec
 from fmrilm.artifacts.tokens import CodeDecoder, read_tokens, scan_codes, scan_rois
 from fmrilm.data.pipeline import PipelineSpec, build_windows
 
 log = logging.getLogger("fmrilm.tokens")
 
 
-class TokenizeSpec(Strict):
+class TokenizeSpec(StageSpec):
     """Spec of ``jobs/tokenize.yaml``. ``data.window``/``stride`` default to the artifact's."""
 
     kind: Literal["tokenize"] = "tokenize"

@@ -26,12 +26,12 @@ def test_tokenizer_stage_on_gpu(gpu_ray, tmp_path, precision, checkpointing):
 
     data = str(tmp_path / "datasets")
     ingest_synthetic(SynthParams(name="gpu", subjects=24, n_rois=16, n_networks=4, n_timepoints=128, seed=1), data)
-    features(FeaturesSpec(data=data, ica_components=3, captions_per_scan=2, plot=False, probe=False))
+    features(FeaturesSpec(data={"root": data}, ica_components=3, captions_per_scan=2, plot=False, probe=False))
     lm, tok, _ = load_backbone("tiny-gpt2", tiny_width=32)  # a local text model (no hub, no MiniLM weights needed)
     lm.save_pretrained(tmp_path / "text")
     tok.save_pretrained(tmp_path / "text")
     out = run(TokenizerStageSpec(
-        data=PipelineSpec(data=data, window=32, stride=16),
+        data=PipelineSpec(root=data, window=32, stride=16),
         model=TokenizerConfig(patch=16, width=64, heads=4, depth=2, code_dim=16, num_codes=64),
         alignment=AlignmentConfig(domain_weight=0.5, contrastive_weight=0.1, text_source=str(tmp_path / "text")),
         train=OptimSpec(epochs=40, batch_size=16, lr=2e-3, checkpoint_every=10**6, log_every=10),

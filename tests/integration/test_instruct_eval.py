@@ -38,15 +38,15 @@ def pretrained(ray_cluster, tmp_path_factory):
     data = str(root / "datasets")
     ingest_synthetic(SynthParams(name="cohort", subjects=30, n_rois=8, n_networks=4, n_timepoints=96, seed=5, sex_effect=0.6), data)
     ingest_synthetic(SynthParams(name="other", subjects=6, n_rois=8, n_networks=4, n_timepoints=96, seed=9), data)
-    features(FeaturesSpec(data=data, ica_components=3, captions_per_scan=1, plot=False, probe=False))
+    features(FeaturesSpec(data={"root": data}, ica_components=3, captions_per_scan=1, plot=False, probe=False))
     runs = str(root / "runs")
     tok = train_tokenizer(TokenizerStageSpec(  # the held-out dataset never reaches training, the tokenizer included
-        data=PipelineSpec(data=data, datasets=["cohort"], window=32, stride=32), model=TokenizerConfig(patch=16, width=16, heads=2, depth=1, code_dim=8, num_codes=16),
+        data=PipelineSpec(root=data, datasets=["cohort"], window=32, stride=32), model=TokenizerConfig(patch=16, width=16, heads=2, depth=1, code_dim=8, num_codes=16),
         train=OptimSpec(epochs=1, batch_size=8, max_steps=2, checkpoint_every=2),
         scaling=ScalingSpec(num_workers=1, cpus_per_worker=0.5), run=RunSpec(storage=runs, name="tok", logger="none")))
-    tokenize(TokenizeSpec(tokenizer=tok["artifact"], data=PipelineSpec(data=data)))
+    tokenize(TokenizeSpec(tokenizer=tok["artifact"], data=PipelineSpec(root=data)))
     lm = pretrain(PretrainSpec(
-        tokenizer=tok["artifact"], data=data, datasets=["cohort"], backbone=BackboneSpec(source="tiny-gpt2", tiny_width=32), seq_len=64,
+        tokenizer=tok["artifact"], data={"root": data, "datasets": ["cohort"]}, backbone=BackboneSpec(source="tiny-gpt2", tiny_width=32), seq_len=64,
         deepspeed=DeepSpeedSpec(zero_stage=0, micro_batch_size=4), train=OptimSpec(epochs=1, lr=3e-3, warmup_steps=1, max_steps=4, log_every=2),
         scaling=ScalingSpec(num_workers=1, cpus_per_worker=0.5), run=RunSpec(storage=runs, name="lm", logger="none")))
     return {"root": root, "data": data, "runs": runs, "model": lm["model"]}
@@ -57,7 +57,7 @@ def _instruct_spec(p, name="instruct", **update):
     from fmrilm.train.instruct import InstructSpec
     from fmrilm.models.lora import LoraSpec
 
-    spec = InstructSpec(model=p["model"], data=p["data"], datasets=["cohort"], fmri_steps=2, seq_len=160,
+    spec = InstructSpec(model=p["model"], data={"root": p["data"], "datasets": ["cohort"]}, fmri_steps=2, seq_len=160,
                         number_loss=0.0,  # 2 LoRA epochs on a random tiny decoder: the total must fall; with the number loss it rose once (38.05 vs 38.01)
                         instructions=InstructionSpec(tasks={"sex": 1.0, "age_bin": 1.0, "age": 0.5, "description": 0.5}, fewshot_k=2),
                         lora=LoraSpec(enabled=True, r=4, alpha=8), deepspeed=DeepSpeedSpec(zero_stage=3, micro_batch_size=4),
@@ -87,7 +87,7 @@ def test_instruct_then_eval_report(pretrained):
     probe = torch.load(os.path.join(result["model"], "probe.pt"), weights_only=False)
     torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=1e-4, rtol=1e-4)
 
-    shots = KShotSpec(model=pretrained["model"], data=pretrained["data"], datasets=["cohort"], k=[1, 2], seeds=[0], steps=3,
+    shots = KShotSpec(model=pretrained["model"], data={"root": pretrained["data"], "datasets": ["cohort"]}, k=[1, 2], seeds=[0], steps=3,
                       fmri_steps=2, seq_len=160, run={"storage": pretrained["runs"], "name": "kshot"})
     tuned = kshot(shots)
     assert tuned["adapters"] == 6 and tuned["tuned"] == 6 and all(v > 0 for v in tuned["losses"].values())
@@ -100,7 +100,7 @@ def test_instruct_then_eval_report(pretrained):
     probe = torch.load(os.path.join(sex2["model"], "probe.pt"), weights_only=False)
     torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=1e-4, rtol=1e-4)
     assert kshot(shots)["kept"] == 6  # the same run again keeps every adapter
-    spec = EvalSpec(model=result["model"], data=pretrained["data"], datasets=["cohort"], heldout_datasets=["other"], fmri_steps=2,
+    spec = EvalSpec(model=result["model"], data={"root": pretrained["data"], "datasets": ["cohort"]}, heldout_datasets=["other"], fmri_steps=2,
                     seq_len=160, kshot=tuned["run"], bootstrap=50, shuffles=["rois"], run={"storage": pretrained["runs"], "name": "eval"})
     report = evaluate(spec)
     methods = {(r["group"], r["task"], r["paradigm"], r["method"]) for r in report["results"]}
@@ -165,9 +165,9 @@ def test_bad_instruct_and_eval_specs_fail_early(pretrained):
     from fmrilm.errors import UserError
 
     with pytest.raises(UserError, match="heldout_datasets"):
-        evaluate(EvalSpec(model=None, pretrained=pretrained["model"], data=pretrained["data"], heldout_datasets=["nope"], kshot=None))
+        evaluate(EvalSpec(model=None, pretrained=pretrained["model"], data={"root": pretrained["data"]}, heldout_datasets=["nope"], kshot=None))
     with pytest.raises(UserError, match="no k-shot adapters .*run `fmrilm run jobs/kshot.yaml` first"):
-        evaluate(EvalSpec(model=None, pretrained=pretrained["model"], data=pretrained["data"], kshot=str(pretrained["root"] / "nope")))
+        evaluate(EvalSpec(model=None, pretrained=pretrained["model"], data={"root": pretrained["data"]}, kshot=str(pretrained["root"] / "nope")))
     with pytest.raises(config.ConfigError, match="kshot: .*its own stage now"):  # the old in-eval k-shot section
         config.build(EvalSpec, {"kshot": {"k": [8]}})
     with pytest.raises(ValueError, match="unknown or no eval task"):

@@ -38,21 +38,21 @@ def lm_inputs(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
     data = str(root / "datasets")
     ingest_synthetic(SynthParams(name="lmtest", subjects=12, n_rois=8, n_networks=4, n_timepoints=96, seed=3), data)
-    features(FeaturesSpec(data=data, ica_components=3, captions_per_scan=2, plot=False, probe=False))
+    features(FeaturesSpec(data={"root": data}, ica_components=3, captions_per_scan=2, plot=False, probe=False))
     lm, lm_tok, _ = load_backbone("tiny-gpt2", tiny_width=32)
     lm.save_pretrained(root / "tiny-gpt2")
     lm_tok.save_pretrained(root / "tiny-gpt2")
     tok = train_tokenizer(TokenizerStageSpec(
-        data=PipelineSpec(data=data, window=32, stride=32), model=TokenizerConfig(patch=16, width=16, heads=2, depth=1, code_dim=8, num_codes=16),
+        data=PipelineSpec(root=data, window=32, stride=32), model=TokenizerConfig(patch=16, width=16, heads=2, depth=1, code_dim=8, num_codes=16),
         alignment=AlignmentConfig(domain_weight=0.5, text_source=str(root / "tiny-gpt2")), train=OptimSpec(epochs=1, batch_size=8, max_steps=3, checkpoint_every=3),
         scaling=ScalingSpec(num_workers=1, cpus_per_worker=0.5), run=RunSpec(storage=str(root / "runs"), name="tok", logger="none")))
-    tokenize(TokenizeSpec(tokenizer=tok["artifact"], data=PipelineSpec(data=data), features=True))
+    tokenize(TokenizeSpec(tokenizer=tok["artifact"], data=PipelineSpec(root=data), features=True))
     return {"root": root, "data": data, "tokenizer": tok["artifact"]}
 
 
 def _spec(inputs, name, zero=2, lora=False, source="tiny-gpt2", input_mode="tokens", **train):
     return PretrainSpec(input_mode=input_mode,
-        tokenizer=inputs["tokenizer"], data=inputs["data"], backbone=BackboneSpec(source=source, tiny_width=32),
+        tokenizer=inputs["tokenizer"], data={"root": inputs["data"]}, backbone=BackboneSpec(source=source, tiny_width=32),
         seq_len=64, lora=LoraSpec(enabled=lora, r=4, alpha=8),
         deepspeed=DeepSpeedSpec(zero_stage=zero, micro_batch_size=2),
         train=OptimSpec(**({"epochs": 2, "lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 100, "log_every": 2} | train)),

@@ -183,12 +183,12 @@ def one_node_tokenizer(cohort, cluster, local_s3):
     """The node-loss test's tokenizer spec packed on one node (no fault): its artifact and tokens
     table on S3 (each made by a submitted job) for the LM runs, and its final figures."""
     runs = local_s3.uri("multinode", "runs")
-    log = _submit_and_wait(cluster, "tok-one-node", "jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}",
+    log = _submit_and_wait(cluster, "tok-one-node", "jobs/tokenizer.yaml", f"data.root={cohort}", f"run.storage={runs}",
                            "run.name=tok-one-node", *TOKENIZER, "scaling.placement=pack")
     job = _job("tok-one-node", cluster.dashboard)["job_id"]
     assert len({a["node_id"] for a in _workers(cluster.dashboard, job)}) == 1
     art = storage.join(runs, "tok-one-node", "tokenizer")
-    _submit_and_wait(cluster, "tokenize", "jobs/tokenize.yaml", f"tokenizer={art}", f"data.data={cohort}", "probes=false")
+    _submit_and_wait(cluster, "tokenize", "jobs/tokenize.yaml", f"tokenizer={art}", f"data.root={cohort}", "probes=false")
     return {"artifact": art, "final": _final_metrics(log)}
 
 
@@ -198,7 +198,7 @@ def test_lm_pretraining_spreads_over_nodes_with_deepspeed(one_node_tokenizer, co
     export; the ZeRO-3 run against the same spec packed on one node: the same steps, the final
     loss (and the validation loss, where the split has validation subjects) within 2 %."""
     name = f"lm-z{zero}-nodes"
-    common = ["jobs/pretrain.yaml", f"tokenizer={one_node_tokenizer['artifact']}", f"data={cohort}", f"run.storage={local_s3.uri('multinode', 'runs')}",
+    common = ["jobs/pretrain.yaml", f"tokenizer={one_node_tokenizer['artifact']}", f"data.root={cohort}", f"run.storage={local_s3.uri('multinode', 'runs')}",
               "backbone.tiny_width=32", "seq_len=64", f"deepspeed.zero_stage={zero}", "deepspeed.micro_batch_size=2",
               "train.epochs=2", "train.checkpoint_every=4", f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1"]
     log = _submit_and_wait(cluster, name, *common, f"run.name={name}", "scaling.placement=spread")
@@ -217,10 +217,10 @@ def test_lm_pretraining_spreads_over_nodes_with_deepspeed(one_node_tokenizer, co
 
 def test_a_sweep_s_trials_land_on_more_than_one_node(cohort, cluster, local_s3):
     """Two tokenizer trials whose workers take a whole CPU each: they run side by side on different nodes."""
-    overrides = ",".join([f"data.data={cohort}", *TINY, "train.epochs=1", "train.max_steps=2", "train.batch_size=8",
+    overrides = ",".join([f"data.root={cohort}", *TINY, "train.epochs=1", "train.max_steps=2", "train.batch_size=8",
                           "scaling.num_workers=1", "scaling.cpus_per_worker=1"])
     _submit_and_wait(cluster, "sweep-nodes", "jobs/sweep_tokenizer.yaml", f"overrides=[{overrides}]", "space={model.num_codes: {grid: [8, 16]}}",
-                     "scheduler=fifo", f"storage={local_s3.uri('multinode', 'sweeps')}", "name=sweep-nodes")
+                     "scheduler=fifo", f"run.storage={local_s3.uri('multinode', 'sweeps')}", "run.name=sweep-nodes")
     workers = _workers(cluster.dashboard, _job("sweep-nodes", cluster.dashboard)["job_id"])
     assert len(workers) == 2 and len({a["node_id"] for a in workers}) == 2, [cluster.name_of(a["node_id"]) for a in workers]
 
@@ -234,7 +234,7 @@ def test_tokenizer_spreads_over_nodes_and_survives_losing_one(one_node_tokenizer
     runs = local_s3.uri("multinode", "runs")
     monkeypatch.setenv("FMRILM_FAULT_STEP", "hold:4")  # every worker waits at step 4 (after its checkpoint) for the kill
     monkeypatch.setenv("FMRILM_FAULT_HOLD_S", "90")
-    code, out = _fmrilm("submit", "jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-nodes", *TOKENIZER,
+    code, out = _fmrilm("submit", "jobs/tokenizer.yaml", f"data.root={cohort}", f"run.storage={runs}", "run.name=tok-nodes", *TOKENIZER,
                         "scaling.placement=spread", "run.max_failures=2", "submit.env=[FMRILM_FAULT_STEP,FMRILM_FAULT_HOLD_S]",
                         "--address", cluster.dashboard)
     assert code == 0, out
@@ -276,7 +276,7 @@ def test_losing_the_head_ends_the_job_and_the_same_spec_resumes_on_a_new_cluster
     import os
 
     runs = local_s3.uri("multinode", "runs")
-    spec = ["jobs/tokenizer.yaml", f"data.data={cohort}", f"run.storage={runs}", "run.name=tok-head", *TOKENIZER, "scaling.placement=spread"]
+    spec = ["jobs/tokenizer.yaml", f"data.root={cohort}", f"run.storage={runs}", "run.name=tok-head", *TOKENIZER, "scaling.placement=spread"]
     monkeypatch.setenv("FMRILM_FAULT_STEP", "hold:4")
     code, out = _fmrilm("submit", *spec, "submit.env=[FMRILM_FAULT_STEP]", "--address", cluster.dashboard)
     assert code == 0, out

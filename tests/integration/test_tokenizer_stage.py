@@ -27,7 +27,7 @@ def stage_data(ray_cluster, tmp_path_factory):
 
 def _spec(root, name, **train):
     return TokenizerStageSpec(
-        data=PipelineSpec(data=str(root / "datasets"), window=32, stride=32, split={"fractions": {"train": 0.75, "val": 0.25}}),
+        data=PipelineSpec(root=str(root / "datasets"), window=32, stride=32, split={"fractions": {"train": 0.75, "val": 0.25}}),
         model=TokenizerConfig(patch=16, width=16, heads=2, depth=1, code_dim=8, num_codes=32),
         train=OptimSpec(epochs=3, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=4, log_every=2, **train),
         scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5),
@@ -66,7 +66,7 @@ def test_tokenize_is_deterministic(stage_data):
     artifact = str(stage_data / "runs" / "resume" / "tokenizer")
     if not os.path.exists(artifact):
         pytest.skip("needs the trained artifact of the previous test")
-    data = PipelineSpec(data=str(stage_data / "datasets"))
+    data = PipelineSpec(root=str(stage_data / "datasets"))
     a = tokenize(TokenizeSpec(tokenizer=artifact, data=data, out=str(stage_data / "tokens_a")))
     b = tokenize(TokenizeSpec(tokenizer=artifact, data=data, out=str(stage_data / "tokens_b"), batch_size=7))
     ta, tb = read_tokens(a["tokens"]), read_tokens(b["tokens"])

@@ -28,7 +28,7 @@ def base(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     data = str(root / "datasets")
     ingest_synthetic(SynthParams(name="sweep", subjects=16, n_rois=8, n_networks=4, n_timepoints=96, seed=2), data)
-    spec = {"kind": "tokenizer", "data": {"data": data, "window": 32, "stride": 32},
+    spec = {"kind": "tokenizer", "data": {"root": data, "window": 32, "stride": 32},
             "model": {"patch": 16, "width": 16, "heads": 2, "depth": 1, "code_dim": 8, "num_codes": 16},
             "alignment": {"domain_weight": 0.0},
             "train": {"epochs": 2, "batch_size": 8, "checkpoint_every": 2, "warmup_steps": 1},

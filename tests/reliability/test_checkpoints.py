@@ -31,7 +31,7 @@ class Payload:
 def _spec_file(root, name="ckpt-run", **over) -> str:
     spec = {
         "kind": "tokenizer",
-        "data": {"data": str(root / "datasets"), "window": 32, "stride": 32, "split": {"fractions": {"train": 0.75, "val": 0.25}}},
+        "data": {"root": str(root / "datasets"), "window": 32, "stride": 32, "split": {"fractions": {"train": 0.75, "val": 0.25}}},
         "model": {"patch": 16, "width": 16, "heads": 2, "depth": 1, "code_dim": 8, "num_codes": 32},
         "train": {"epochs": 4, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 2},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},

@@ -52,7 +52,7 @@ def test_a_reader_streaming_a_version_is_not_cut_off_by_a_reingest(tmp_path, ray
     root = str(tmp_path / "datasets")
     params = SynthParams(name="live", subjects=12, n_rois=8, n_networks=2, n_timepoints=64, seed=1)
     first = ingest_synthetic(params, root, use_ray=False).manifest
-    ds, n = build_windows(PipelineSpec(data=root, window=16, stride=16), None)
+    ds, n = build_windows(PipelineSpec(root=root, window=16, stride=16), None)
     rows = iter(ds.iter_rows())
     seen = [next(rows)]
     second = ingest_synthetic(params.model_copy(update={"seed": 2, "subjects": 20}), root, use_ray=False).manifest

@@ -34,7 +34,7 @@ def dataset(tmp_path):
 
 
 def _spec(root) -> PipelineSpec:
-    return PipelineSpec(data=str(root), window=16, stride=16, split={"fractions": {"train": 1.0}})
+    return PipelineSpec(root=str(root), window=16, stride=16, split={"fractions": {"train": 1.0}})
 
 
 PARAMS = SynthParams(name="dmg", subjects=24, n_rois=8, n_networks=2, n_timepoints=48, seed=5)

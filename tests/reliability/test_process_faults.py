@@ -32,7 +32,7 @@ def stage_data(ray_cluster, tmp_path_factory):
 
 def _spec(root, name: str, epochs: int = 4, **run) -> TokenizerStageSpec:
     return TokenizerStageSpec(
-        data=PipelineSpec(data=str(root / "datasets"), window=32, stride=32, split={"fractions": {"train": 0.75, "val": 0.25}}),
+        data=PipelineSpec(root=str(root / "datasets"), window=32, stride=32, split={"fractions": {"train": 0.75, "val": 0.25}}),
         model=TokenizerConfig(patch=16, width=16, heads=2, depth=1, code_dim=8, num_codes=32),
         train=OptimSpec(epochs=epochs, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=CHECKPOINT_EVERY, log_every=2),
         scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5),

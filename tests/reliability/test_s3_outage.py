@@ -74,7 +74,7 @@ def test_outage_during_ingestion_keeps_the_committed_table_and_a_rerun_completes
 
 def _tokenizer_spec(data: str, runs: str) -> TokenizerStageSpec:
     return TokenizerStageSpec(
-        data=PipelineSpec(data=data, window=32, stride=32, split={"fractions": {"train": 0.75, "val": 0.25}}),
+        data=PipelineSpec(root=data, window=32, stride=32, split={"fractions": {"train": 0.75, "val": 0.25}}),
         model=TokenizerConfig(patch=16, width=16, heads=2, depth=1, code_dim=8, num_codes=32),
         train=OptimSpec(epochs=4, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=4, log_every=2),
         scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5),

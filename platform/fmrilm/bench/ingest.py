@@ -105,7 +105,7 @@ def run_benchmark(subjects: int = 256, timepoints: int = 1200, rois: int = 200, 
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
-        spec = PipelineSpec(data=root, window=32, stride=32, normalise=True)
+        spec = PipelineSpec(root=root, window=32, stride=32, normalise=True)
         first = plain_pyarrow(spec, batch_size)
         sides = {"ray_data": lambda: ray_data(spec, batch_size, first["bytes"], first["scans"]),
                  "pyarrow": lambda: plain_pyarrow(spec, batch_size)}

@@ -68,7 +68,7 @@ def ray_train(spec: TokenizerStageSpec, name: str) -> dict:
 def bench_spec(root: str, epochs: int, batch_size: int) -> TokenizerStageSpec:
     """The stage spec both sides share: default model, all windows in train, no logs/checkpoints."""
     return TokenizerStageSpec(
-        data=PipelineSpec(data=root, window=32, stride=32, split={"fractions": {"train": 1.0}}),
+        data=PipelineSpec(root=root, window=32, stride=32, split={"fractions": {"train": 1.0}}),
         model=TokenizerConfig(),
         train=OptimSpec(epochs=epochs, batch_size=batch_size, checkpoint_every=10**6, log_every=10**6),
         scaling=ScalingSpec(num_workers=1, cpus_per_worker=1),

@@ -62,7 +62,7 @@ def input_contract(manifests: list[dict], window: int, stride: int, patch: int, 
             raise ContractError(
                 f"training datasets {first['dataset']!r} ({_describe(*_atlas(first)[:2])}) and {m['dataset']!r} "
                 f"({_describe(*_atlas(m)[:2])}) use different atlases, and the tokenizer embeds ROIs by position: "
-                "train on datasets of one atlas (datasets=[...]), or set data.atlas_mapping=position to share the slots")
+                "train on datasets of one atlas (data.datasets=[...]), or set data.atlas_mapping=position to share the slots")
     name, n_rois, labels = _atlas(first)
     trs = sorted({round(float(t), 6) for m in manifests for t in (m.get("tr") or [])})
     return {"atlas": name, "n_rois": n_rois, "roi_labels": list(labels) if labels else None, "tr": trs, "target_tr": target_tr,

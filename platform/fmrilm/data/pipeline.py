@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fmrilm.errors import UserError
 from fmrilm import storage
@@ -38,13 +38,27 @@ class PipelineError(UserError, ValueError):
     """The data cannot be streamed as asked (bad split, mixed atlases, invalid shards)."""
 
 
-class PipelineSpec(Strict):
-    """How scans become training windows."""
+class DataSpec(Strict):
+    """Which scans a stage reads: ``data: {root, datasets, split}``, the same in every stage spec."""
 
-    data: str = Field("./fmrilm-data", description="URI of a dataset folder or a root of several")
+    root: str = Field("./fmrilm-data/datasets", description="URI of a dataset folder or a root of several")
     datasets: list[str] | None = Field(None, description="dataset names to use (default: all)")
     split: SplitPolicy | None = Field(None, description="override every dataset's own split policy (the manifest's); "
-                                      "the stages after this one inherit it")
+                                      "a stage that builds on a model inherits that model's")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_shape(cls, value):
+        if isinstance(value, str):
+            raise ValueError(f"data is a mapping: write data.root={value} (and data.datasets, data.split)")
+        if isinstance(value, dict) and "data" in value:
+            raise ValueError("data.data is now data.root")
+        return value
+
+
+class PipelineSpec(DataSpec):
+    """Which scans (``root``, ``datasets``, ``split``) and how they become training windows."""
+
     normalise: bool = True
     target_tr: float | None = Field(None, gt=0, description="resample every scan to this TR (s)")
     window: int = Field(32, ge=2, description="timepoints per window")
@@ -59,19 +73,19 @@ class PipelineSpec(Strict):
 def selected_datasets(spec: PipelineSpec) -> list[tuple[storage.Location, dict]]:
     """``[(dataset location, manifest)]`` of the datasets the spec reads; raises
     :class:`PipelineError` for unknown names or mixed ROI counts."""
-    found = table.find_datasets(spec.data, spec.datasets)
+    found = table.find_datasets(spec.root, spec.datasets)
     if spec.datasets:
         unknown = sorted(set(spec.datasets) - {m["dataset"] for _, m in found})
         if unknown:
             try:
-                have = sorted(m["dataset"] for _, m in table.find_datasets(spec.data))
+                have = sorted(m["dataset"] for _, m in table.find_datasets(spec.root))
             except table.ManifestError as err:  # another dataset there is damaged
                 have = f"a damaged dataset among them: {err}"
-            raise PipelineError(f"dataset(s) {unknown} not found under {spec.data} (have {have})")
+            raise PipelineError(f"dataset(s) {unknown} not found under {spec.root} (have {have})")
     rois = {m["n_rois"] for _, m in found}
     if len(rois) > 1:
         detail = ", ".join(f"{m['dataset']}: {m['n_rois']} ({m['atlas']})" for _, m in found)
-        raise PipelineError(f"datasets with different ROI counts cannot share a window stream ({detail}); pick datasets=")
+        raise PipelineError(f"datasets with different ROI counts cannot share a window stream ({detail}); pick data.datasets=")
     return found
 
 
@@ -378,7 +392,7 @@ def epoch_stream(shard, batch_size: int, first_epoch: int, epochs: int, ready: i
 def scan_meta(data: str, datasets: list[str] | None, split: SplitPolicy | None = None) -> pd.DataFrame:
     """The scan index (ids, phenotypes, subject-level split by ``split``, else each dataset's
     manifest policy) of the datasets under ``data``, with ``attrs["versions"]`` (dataset -> version)."""
-    spec = PipelineSpec(data=data, datasets=datasets, split=split)
+    spec = PipelineSpec(root=data, datasets=datasets, split=split)
     found = selected_datasets(spec)
     meta = scan_index(spec, found)
     meta.attrs["versions"] = dataset_versions(found)

@@ -32,10 +32,10 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from fmrilm import storage
-from fmrilm.config import RunLocation, Strict
+from fmrilm.config import RunLocation, StageSpec
+from fmrilm.data.pipeline import DataSpec
 from fmrilm.data import splits
 from fmrilm.data.contract import AtlasMapping
-from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.instructions import QUESTIONS, REGRESSION, Labeller, answerable, fewshot_context, fit_labeller, question_prompt
 from fmrilm.eval import baselines, classical, metrics
 from fmrilm.errors import UserError
@@ -50,16 +50,14 @@ ANSWER_ROOM = 8  # tokens kept free after an evaluation prompt for the scored or
 BY_SITE = ("majority", "mean", "fc_linear", "fc_linear_deconfounded", "descriptors_linear", classical.BEST)  # baselines scored per site
 
 
-class EvalSpec(Strict):
+class EvalSpec(StageSpec):
     """Spec of ``jobs/eval.yaml``."""
 
     kind: Literal["eval"] = "eval"
     model: str | None = Field("./fmrilm-data/runs/instruct/model", description="instruct export (the 'full' paradigm); null: skip it")
     pretrained: str | None = Field(None, description="pretrained export for zero-shot and k-shot (default: the instruct export's base)")
     tokens: str | None = None
-    data: str = "./fmrilm-data/datasets"
-    datasets: list[str] | None = None
-    split: SplitPolicy | None = Field(None, description="override the subject split (default: the one the models were trained with)")
+    data: DataSpec = DataSpec()
     heldout_datasets: list[str] = Field([], description="datasets evaluated as a whole, never trained on")
     atlas_mapping: AtlasMapping = Field("refuse", description="datasets of an atlas other than the tokenizer's: refuse, or "
                                         "position (as their tokens were made with data.atlas_mapping=position)")
@@ -130,12 +128,12 @@ def eval_meta(spec: EvalSpec, scans_with_tokens: set[str], trained: dict[str, di
     from fmrilm.data.pipeline import scan_meta
 
     trained = trained or {}
-    policy = splits.inherited(spec.split, next((r for r in trained.values() if r and r.get("policy")), None))
-    datasets = None if spec.datasets is None else sorted(set(spec.datasets) | set(spec.heldout_datasets))
-    meta = scan_meta(spec.data, datasets, policy)
+    policy = splits.inherited(spec.data.split, next((r for r in trained.values() if r and r.get("policy")), None))
+    datasets = None if spec.data.datasets is None else sorted(set(spec.data.datasets) | set(spec.heldout_datasets))
+    meta = scan_meta(spec.data.root, datasets, policy)
     unknown = sorted(set(spec.heldout_datasets) - set(meta["dataset"]))
     if unknown:
-        raise UserError(f"heldout_datasets {unknown} are not under {spec.data} (found {sorted(set(meta['dataset']))})")
+        raise UserError(f"heldout_datasets {unknown} are not under {spec.data.root} (found {sorted(set(meta['dataset']))})")
     meta = meta[meta["scan_id"].isin(scans_with_tokens)].copy()
     held = meta["dataset"].isin(spec.heldout_datasets)
     meta.loc[held, "split"] = "heldout_dataset"  # its subjects are never training subjects, nor in-context examples
@@ -270,7 +268,7 @@ def check_contract(spec: EvalSpec, contract: dict | None, datasets: set[str], mo
     from fmrilm.data.contract import check_datasets
     from fmrilm.data.table import find_datasets
 
-    manifests = [m for _, m in find_datasets(spec.data, datasets)]
+    manifests = [m for _, m in find_datasets(spec.data.root, datasets)]
     for warning in check_datasets(contract, manifests, f"the pretrained export {model}", spec.atlas_mapping,
                                   (contract or {}).get("target_tr")):
         log.warning(warning)
@@ -353,7 +351,7 @@ class Evaluation:
         """Each scan's first caption, read once."""
         from fmrilm.features.store import first_captions, read_captions
 
-        return first_captions(read_captions(self.spec.data, None))
+        return first_captions(read_captions(self.spec.data.root, None))
 
 
 def prepare(spec: EvalSpec) -> Evaluation:
@@ -362,14 +360,14 @@ def prepare(spec: EvalSpec) -> Evaluation:
     from fmrilm.features.store import features_split, read_descriptors
 
     spec, instruct_meta, pretrained, pretrained_meta, kshot = check(spec)
-    blocks = ScanBlocks(pretrained, spec.data, spec.datasets, spec.tokens)
+    blocks = ScanBlocks(pretrained, spec.data.root, spec.data.datasets, spec.tokens)
     trained = {f"the instruct export {spec.model}": instruct_meta.get("split")} if spec.model else {}
     trained[f"the pretrained export {pretrained}"] = pretrained_meta.get("split")
     if spec.baselines:  # a held-out dataset's own build normalises its descriptors against itself: never its labels
         from fmrilm.data.table import find_datasets
 
-        trained_on = spec.datasets or [m["dataset"] for _, m in find_datasets(spec.data) if m["dataset"] not in spec.heldout_datasets]
-        trained[f"the features build of {spec.data} (descriptor baselines)"] = features_split(spec.data, trained_on)
+        trained_on = spec.data.datasets or [m["dataset"] for _, m in find_datasets(spec.data.root) if m["dataset"] not in spec.heldout_datasets]
+        trained[f"the features build of {spec.data.root} (descriptor baselines)"] = features_split(spec.data.root, trained_on)
     if kshot is not None:
         trained[f"the k-shot adapters {spec.kshot}"] = kshot["split"]
     shuffled = {axis: blocks.shuffled(axis, spec.seed) for axis in spec.shuffles}
@@ -391,7 +389,7 @@ def prepare(spec: EvalSpec) -> Evaluation:
     ages = pd.to_numeric(train["age"], errors="coerce").dropna()
     age_values = np.arange(int(np.floor(ages.min())), int(np.ceil(ages.max())) + 1) if len(ages) else None
     return Evaluation(spec, pretrained, instruct_meta, kshot, blocks, shuffled, meta, train, groups, tasks, labeller, pool, pool_name,
-                      read_descriptors(spec.data, None) if spec.baselines else pd.DataFrame(), fcs, whole, readers, float(ages.mean()),
+                      read_descriptors(spec.data.root, None) if spec.baselines else pd.DataFrame(), fcs, whole, readers, float(ages.mean()),
                       age_values)
 
 
@@ -661,7 +659,7 @@ def scan_series(spec: EvalSpec, scan_ids) -> tuple[dict[str, tuple[np.ndarray, f
 
     want = set(scan_ids)
     series, networks = {}, {}
-    for loc, manifest in table.find_datasets(spec.data):
+    for loc, manifest in table.find_datasets(spec.data.root):
         found = table.read_series(loc, manifest, want)
         try:
             nets = table.networks_of(manifest)
@@ -711,7 +709,7 @@ def _planted_pattern(task: str, tr: pd.DataFrame, y_tr: np.ndarray, test: pd.Dat
     names = set(tr["dataset"]) | set(test["dataset"])
     if effect is None or len(names) != 1 or not fcs:
         return None
-    manifest = next((m for _, m in table.find_datasets(spec.data) if m["dataset"] in names), None)
+    manifest = next((m for _, m in table.find_datasets(spec.data.root) if m["dataset"] in names), None)
     params = (manifest or {}).get("synthetic", {}).get("params")
     if params is None:
         return None

@@ -89,7 +89,7 @@ def evaluate(uri: str, data: PipelineSpec, split: str | None = None, batch_size:
     text_tokens = text_inputs(objective.align_cfg, data)[0] if objective.align is not None else None
     ds, n = build_windows(data, split)
     if n == 0:
-        raise UserError(f"no windows to evaluate in split {split!r} of {data.data} (datasets {data.datasets or 'all'})")
+        raise UserError(f"no windows to evaluate in split {split!r} of {data.root} (datasets {data.datasets or 'all'})")
     metrics = window_metrics(objective, ds, batch_size, torch.from_numpy(text_tokens) if text_tokens is not None else None)
     return {k.removeprefix("val/"): v for k, v in metrics.items()} | {"windows": n, "split": split, "num_codes": cfg["model"]["num_codes"],
                                                                       "input_warnings": warnings}

@@ -28,7 +28,8 @@ from pydantic import Field
 
 from fmrilm.errors import UserError
 from fmrilm import runtime, storage
-from fmrilm.config import Strict
+from fmrilm.config import StageSpec
+from fmrilm.data.pipeline import DataSpec
 from fmrilm.data import schema, table
 from fmrilm.data import splits
 from fmrilm.data.splits import SplitPolicy
@@ -43,13 +44,11 @@ class FeaturesError(UserError, ValueError):
     """A dataset cannot be described (no network map, empty train split, ...)."""
 
 
-class FeaturesSpec(Strict):
+class FeaturesSpec(StageSpec):
     """Spec of ``jobs/features.yaml``."""
 
     kind: Literal["features"] = "features"
-    data: str = Field("./fmrilm-data/datasets", description="storage root or one dataset folder")
-    datasets: list[str] | None = Field(None, description="dataset names (default: all)")
-    split: SplitPolicy | None = Field(None, description="override each dataset's own split policy")
+    data: DataSpec = DataSpec()
     ica_components: int = Field(8, ge=2)
     graph_density: float = Field(0.1, gt=0, le=1)
     reference_scans: int = Field(200, ge=1, description="at most this many training scans fit the reference")
@@ -92,7 +91,7 @@ def describe_shard(item: dict) -> dict:
 def build_dataset(loc: storage.Location, manifest: dict, spec: FeaturesSpec) -> dict:
     """Descriptors + captions for one dataset; returns its summary (see module docstring)."""
     name = manifest["dataset"]
-    policy = spec.split or splits.manifest_policy(manifest)
+    policy = spec.data.split or splits.manifest_policy(manifest)
     key = _key(manifest, spec, policy)
     root = store.features_root(loc)
     work = root.join(key)
@@ -103,7 +102,7 @@ def build_dataset(loc: storage.Location, manifest: dict, spec: FeaturesSpec) -> 
 
     networks = table.networks_of(manifest)
     meta = table.read_meta(loc, manifest).to_pandas()
-    meta["split"] = splits.assign(meta, {name: manifest}, spec.split)
+    meta["split"] = splits.assign(meta, {name: manifest}, spec.data.split)
     train_ids = sorted(meta.loc[meta["split"] == "train", "scan_id"])
     if not train_ids:
         raise FeaturesError(f"dataset {name!r} has no training-split scans to fit the reference on")
@@ -151,7 +150,7 @@ def build_dataset(loc: storage.Location, manifest: dict, spec: FeaturesSpec) -> 
         "example_caption": caption_rows[0]["caption"] if caption_rows else None,
         "resumed_shards": sum(1 for r in results if r["scans"] == -1),
         "sex_probe": _probe(loc, manifest, meta, work) if spec.probe else None,
-        "split": splits.record(spec.split, meta, versions={name: manifest["version"]}),
+        "split": splits.record(spec.data.split, meta, versions={name: manifest["version"]}),
     }
     storage.write_text(root.join("manifest.json"), json.dumps({"key": key, "source_version": manifest["version"],
                                                                "spec": spec.model_dump(mode="json"), "summary": summary}, indent=1))
@@ -198,10 +197,10 @@ def plot_distributions(z: pd.DataFrame, splits: pd.Series, n: int = 16) -> bytes
 def check(spec: FeaturesSpec) -> list:
     """Checks before building: every dataset named exists; returns ``[(dataset location, manifest)]``
     of those selected."""
-    found = table.find_datasets(spec.data, spec.datasets)
-    unknown = sorted(set(spec.datasets or []) - {m["dataset"] for _, m in found})
+    found = table.find_datasets(spec.data.root, spec.data.datasets)
+    unknown = sorted(set(spec.data.datasets or []) - {m["dataset"] for _, m in found})
     if unknown:
-        raise FeaturesError(f"dataset(s) {unknown} not found under {spec.data}")
+        raise FeaturesError(f"dataset(s) {unknown} not found under {spec.data.root}")
     return found
 
 

@@ -19,7 +19,7 @@ def text_inputs(align: AlignmentConfig, data: PipelineSpec, scans: set[str] | No
 
     if not align.enabled:
         return None, {}
-    captions = {scan: texts[0] for scan, texts in read_captions(data.data, data.datasets).items() if scans is None or scan in scans}
+    captions = {scan: texts[0] for scan, texts in read_captions(data.root, data.datasets).items() if scans is None or scan in scans}
     if align.contrastive_weight > 0 and not captions:
         raise UserError("alignment.contrastive_weight > 0 needs captions: run `fmrilm features build` on these datasets first")
     texts = sorted(set(captions.values()))[:2000] or FALLBACK_CORPUS

@@ -29,12 +29,11 @@ from pydantic import Field
 from fmrilm import runtime, storage
 from fmrilm.artifacts import lm as lm_artifact
 from fmrilm.artifacts.lm import export_meta, export_tokenizer, load_model
-from fmrilm.config import Strict
+from fmrilm.config import StageSpec
 from fmrilm.data import splits
 from fmrilm.data.instructions import TASKS, InstructionSpec, build_instructions, encode_rows, fit_labeller, with_descriptions
 from fmrilm.data.lm_sequences import pack
-from fmrilm.data.pipeline import scan_meta
-from fmrilm.data.splits import SplitPolicy
+from fmrilm.data.pipeline import DataSpec, scan_meta
 from fmrilm.errors import UserError
 from fmrilm.features.store import first_captions
 from fmrilm.models.fmri_lm import FMRIInputLM
@@ -50,15 +49,13 @@ from fmrilm.train.deepspeed import DeepSpeedSpec
 log = logging.getLogger("fmrilm.instruct")
 
 
-class InstructSpec(Strict):
+class InstructSpec(StageSpec):
     """Spec of ``jobs/instruct.yaml``."""
 
     kind: Literal["instruct"] = "instruct"
     model: str = Field("./fmrilm-data/runs/pretrain/model", description="the pretrained LM export (pretrain stage)")
     tokens: str | None = Field(None, description="tokens table URI (default: beside the export's tokenizer)")
-    data: str = Field("./fmrilm-data/datasets", description="dataset root: phenotypes, captions, subject split")
-    datasets: list[str] | None = None
-    split: SplitPolicy | None = Field(None, description="override the subject split (default: the one the pretrained export was trained with)")
+    data: DataSpec = DataSpec()
     instructions: InstructionSpec = InstructionSpec()
     fmri_steps: int = Field(4, ge=1, description="time steps of each scan's fMRI block in a prompt (fewer if the row would not fit)")
     descriptions: bool = Field(False, description="follow each scan's fMRI block with its description (first caption) in every "
@@ -89,8 +86,8 @@ def training_split(spec: InstructSpec, meta: pd.DataFrame, base_split: dict | No
     ``test``) trained the pretrained export or the features build (captions)."""
     from fmrilm.features.store import features_split
 
-    upstream = {f"the pretrained export {spec.model}": base_split, f"the features build of {spec.data}": features_split(spec.data, spec.datasets)}
-    return splits.stage_record(splits.inherited(spec.split, base_split), meta, upstream, "held out", meta.attrs.get("versions"))
+    upstream = {f"the pretrained export {spec.model}": base_split, f"the features build of {spec.data.root}": features_split(spec.data.root, spec.data.datasets)}
+    return splits.stage_record(splits.inherited(spec.data.split, base_split), meta, upstream, "held out", meta.attrs.get("versions"))
 
 
 def check(spec: InstructSpec) -> dict:
@@ -99,7 +96,7 @@ def check(spec: InstructSpec) -> dict:
     from fmrilm.train.lm import check_inputs
 
     meta = lm_artifact.check_tunable(spec.model, spec.lora, spec.seq_len)
-    check_inputs(meta.get("contract"), spec.data, spec.datasets, f"the export {spec.model}")
+    check_inputs(meta.get("contract"), spec.data.root, spec.data.datasets, f"the export {spec.model}")
     return meta
 
 
@@ -124,20 +121,20 @@ def prepare(spec: InstructSpec, tokenizer) -> dict:
     from fmrilm.train.lm import pad_rows
 
     base_split = export_meta(spec.model).get("split")
-    meta = scan_meta(spec.data, spec.datasets, splits.inherited(spec.split, base_split))
+    meta = scan_meta(spec.data.root, spec.data.datasets, splits.inherited(spec.data.split, base_split))
     record = training_split(spec, meta, base_split)
-    blocks = ScanBlocks(spec.model, spec.data, spec.datasets, spec.tokens)
+    blocks = ScanBlocks(spec.model, spec.data.root, spec.data.datasets, spec.tokens)
     meta = meta[meta["scan_id"].isin(blocks.codes)].copy()
     held = validation_subjects(meta, spec.validation, spec.instructions.seed)
     # a split of its own: the dataset's val/test splits are evaluation's held-out subjects (never tuned on)
     meta.loc[meta["subject_id"].isin(held) & (meta["split"] == "train"), "split"] = VALIDATION
-    captions = read_captions(spec.data, spec.datasets)
+    captions = read_captions(spec.data.root, spec.data.datasets)
     labeller = fit_labeller(meta)  # from the remaining training subjects; in-context support comes from them too
     rows = build_instructions(meta, captions, spec.instructions, labeller, splits=("train", VALIDATION))
     if spec.descriptions:
         rows["prompt"] = [with_descriptions(p, first_captions(captions)) for p in rows["prompt"]]
     if not (rows["split"] == "train").any():
-        raise UserError(f"no instructions: the training split of {spec.data} has no scan with tokens and a known answer "
+        raise UserError(f"no instructions: the training split of {spec.data.root} has no scan with tokens and a known answer "
                          f"for tasks {sorted(spec.instructions.tasks)}")
     where = storage.resolve(storage.join(spec.run.storage, spec.run.name, "instructions.parquet"))
     storage.write_parquet(where, rows)

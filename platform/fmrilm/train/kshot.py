@@ -28,12 +28,11 @@ from pydantic import Field, field_validator
 
 from fmrilm.artifacts import kshot as kshot_artifact
 from fmrilm.artifacts import lm as lm_artifact
-from fmrilm.config import RunLocation, Strict
+from fmrilm.config import RunLocation, StageSpec
 from fmrilm.data import splits
 from fmrilm.data.instructions import REGRESSION, answerable, encode_rows, fit_labeller, kshot_rows, with_descriptions
 from fmrilm.data.lm_sequences import pack
-from fmrilm.data.pipeline import scan_meta
-from fmrilm.data.splits import SplitPolicy
+from fmrilm.data.pipeline import DataSpec, scan_meta
 from fmrilm.errors import UserError
 from fmrilm.models.fmri_lm import forward_loss, probe_logits
 from fmrilm.models.lora import LoraSpec, add_adapters
@@ -43,15 +42,13 @@ from fmrilm.artifacts.tokens import ScanBlocks
 log = logging.getLogger("fmrilm.kshot")
 
 
-class KShotSpec(Strict):
+class KShotSpec(StageSpec):
     """Spec of ``jobs/kshot.yaml``."""
 
     kind: Literal["kshot"] = "kshot"
     model: str = Field("./fmrilm-data/runs/pretrain/model", description="the pretrained LM export the adapters start from")
     tokens: str | None = Field(None, description="tokens table URI (default: beside the export's tokenizer)")
-    data: str = Field("./fmrilm-data/datasets", description="dataset root: phenotypes, captions, subject split")
-    datasets: list[str] | None = None
-    split: SplitPolicy | None = Field(None, description="override the subject split (default: the pretrained export's)")
+    data: DataSpec = DataSpec()
     tasks: list[str] = ["sex", "age_bin", "age"]
     k: list[int] = Field([1, 2, 4, 8, 16], description="training scans per class (per age tertile for the age number)")
     seeds: list[int] = Field([0, 1], description="one adapter per seed: which scans, which paraphrases, the adapters' init")
@@ -90,7 +87,7 @@ def check(spec: KShotSpec) -> dict:
     from fmrilm.train.lm import check_inputs
 
     meta = lm_artifact.check_tunable(spec.model, spec.lora, spec.seq_len)
-    check_inputs(meta.get("contract"), spec.data, spec.datasets, f"the export {spec.model}")
+    check_inputs(meta.get("contract"), spec.data.root, spec.data.datasets, f"the export {spec.model}")
     return meta
 
 
@@ -107,15 +104,15 @@ def prepare(spec: KShotSpec, base_meta: dict):
     from fmrilm.features.store import first_captions, read_captions
 
     base_split = base_meta.get("split")
-    meta = scan_meta(spec.data, spec.datasets, splits.inherited(spec.split, base_split))
+    meta = scan_meta(spec.data.root, spec.data.datasets, splits.inherited(spec.data.split, base_split))
     splits.check_unseen(splits.subject_keys(meta, ("val", "test")), base_split, "held out", f"the pretrained export {spec.model}")
-    blocks = ScanBlocks(spec.model, spec.data, spec.datasets, spec.tokens)
+    blocks = ScanBlocks(spec.model, spec.data.root, spec.data.datasets, spec.tokens)
     meta = meta[meta["scan_id"].isin(blocks.codes)].copy()
     labeller = fit_labeller(meta)
     train = meta[meta["split"] == "train"]
     if train.empty:
-        raise UserError(f"k-shot: the training split of {spec.data} has no scan with tokens")
-    descriptions = first_captions(read_captions(spec.data, spec.datasets)) if spec.descriptions else {}
+        raise UserError(f"k-shot: the training split of {spec.data.root} has no scan with tokens")
+    descriptions = first_captions(read_captions(spec.data.root, spec.data.datasets)) if spec.descriptions else {}
     return train, labeller, blocks, descriptions, meta
 
 
@@ -172,7 +169,7 @@ def run(spec: KShotSpec) -> dict:
     versions = meta.attrs.get("versions") or {}
     key = settings_key(spec, versions)
     where = location(spec)
-    policy, upstream = splits.inherited(spec.split, base_meta.get("split")), [r for r in [base_meta.get("split")] if r]
+    policy, upstream = splits.inherited(spec.data.split, base_meta.get("split")), [r for r in [base_meta.get("split")] if r]
     plan = [(task, k, seed) for task in spec.tasks for k in spec.k for seed in spec.seeds]
     adapters, losses, kept = [], {}, 0
     with runtime.progress() as bar:

@@ -35,10 +35,10 @@ from pydantic import Field
 
 from fmrilm import runtime
 from fmrilm.artifacts import lm as lm_artifact
-from fmrilm.config import ConfigError, Strict
+from fmrilm.config import ConfigError, StageSpec, Strict
 from fmrilm.data import splits
 from fmrilm.data.lm_sequences import F2F, F2T, OBJECTIVES, T2T, fmri_to_fmri, fmri_to_text, pack, steps_that_fit, text_to_text
-from fmrilm.data.pipeline import PipelineError
+from fmrilm.data.pipeline import DataSpec, PipelineError
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.models.fmri_lm import (INPUT_KEYS, MAX_CODES, BackboneError, FMRIInputLM, add_fmri_vocab, init_code_embeddings, load_backbone,
                                    locate_backbone)
@@ -74,15 +74,13 @@ class ObjectiveWeights(Strict):
         return {F2F: self.fmri_fmri, F2T: self.fmri_text, T2T: self.text_text}
 
 
-class PretrainSpec(Strict):
+class PretrainSpec(StageSpec):
     """Spec of ``jobs/pretrain.yaml``."""
 
     kind: Literal["pretrain"] = "pretrain"
     tokenizer: str = Field("./fmrilm-data/runs/tokenizer/tokenizer", description="tokenizer artifact URI")
     tokens: str | None = Field(None, description="tokens table URI (default: <tokenizer>/../tokens)")
-    data: str = Field("./fmrilm-data/datasets", description="dataset root: captions and the subject split")
-    datasets: list[str] | None = None
-    split: SplitPolicy | None = Field(None, description="override the subject split (default: the one the tokenizer was trained with)")
+    data: DataSpec = DataSpec()
     backbone: BackboneSpec = BackboneSpec()
     input_mode: Literal["tokens", "features"] = Field(
         "tokens", description="tokens: codes as input vocabulary (the poster); features: encoder features through a projector (NeuroLM/fMRI-LM)")
@@ -144,7 +142,7 @@ def check(spec: PretrainSpec) -> dict:
     if spec.scan_token and cfg["model"].get("layout", "roi") == "state":
         raise ConfigError(f"the scan token is the connectivity of per-ROI encoder features, and the tokenizer {spec.tokenizer} "
                           "has whole-brain state tokens (model.layout=state): set scan_token=false")
-    check_inputs(cfg.get("contract"), spec.data, spec.datasets, f"tokenizer {spec.tokenizer}")
+    check_inputs(cfg.get("contract"), spec.data.root, spec.data.datasets, f"tokenizer {spec.tokenizer}")
     k = cfg["model"]["num_codes"]
     if k > MAX_CODES:
         raise BackboneError(f"the tokenizer has {k} codes; the fMRI vocabulary allows at most {MAX_CODES}")
@@ -203,10 +201,10 @@ def training_split(spec: PretrainSpec, art_cfg: dict) -> tuple[dict[str, str], d
     from fmrilm.data.pipeline import PipelineSpec, dataset_versions, scan_index, selected_datasets
     from fmrilm.features.store import features_split
 
-    data = PipelineSpec(data=spec.data, datasets=spec.datasets, split=splits.inherited(spec.split, art_cfg.get("split")))
+    data = PipelineSpec(root=spec.data.root, datasets=spec.data.datasets, split=splits.inherited(spec.data.split, art_cfg.get("split")))
     found = selected_datasets(data)
     index = scan_index(data, found)
-    upstream = {f"the tokenizer {spec.tokenizer}": art_cfg.get("split"), f"the features build of {spec.data}": features_split(spec.data, spec.datasets)}
+    upstream = {f"the tokenizer {spec.tokenizer}": art_cfg.get("split"), f"the features build of {spec.data.root}": features_split(spec.data.root, spec.data.datasets)}
     record = splits.stage_record(data.split, index, upstream, "validated on", dataset_versions(found))
     return dict(zip(index["scan_id"], index["split"])), record
 
@@ -222,9 +220,9 @@ def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
     tokens, tokens_uri = tokens_for(spec.tokenizer, spec.tokens, need_features=spec.input_mode == "features" or spec.scan_token)
     split, record = training_split(spec, art_cfg)
     tokens = tokens[tokens["scan_id"].isin(split)]
-    captions = read_captions(spec.data, spec.datasets)
+    captions = read_captions(spec.data.root, spec.data.datasets)
     if spec.objectives.fmri_text > 0 and not captions:
-        log.warning("no captions under %s: fMRI->text and text->text objectives have no data (run `fmrilm features build`)", spec.data)
+        log.warning("no captions under %s: fMRI->text and text->text objectives have no data (run `fmrilm features build`)", spec.data.root)
     from fmrilm.models.fmri_lm import extend_tokenizer
 
     tok = text_tokenizer(spec)
@@ -362,7 +360,7 @@ def run(spec: PretrainSpec) -> dict:
     runtime.init_ray()
     prepared = prepare_sequences(spec, art_cfg)
     train = prepared["train"]
-    policy = splits.inherited(spec.split, art_cfg.get("split"))
+    policy = splits.inherited(spec.data.split, art_cfg.get("split"))
     result = fit(spec, train["packed"], codebook(spec.tokenizer), code_pairs(spec, policy), art_cfg["model"]["max_rois"], prepared["split"],
                  prepared.get("scan_scale"), art_cfg.get("contract"), val=(prepared.get("val") or {}).get("packed"))
     return {"metrics": dict(result.metrics or {}), "model": lm_artifact.location(spec.run.storage, spec.run.name),
@@ -385,7 +383,7 @@ def code_pairs(spec: PretrainSpec, policy: SplitPolicy | None = None, max_window
         log.info("codebook init: the tokenizer has no alignment head; fMRI embeddings start at the mean text embedding")
         return None
     runtime.init_ray()
-    ds, n = build_windows(artifact.windows_like(PipelineSpec(data=spec.data, datasets=spec.datasets, split=policy), cfg), "train")
+    ds, n = build_windows(artifact.windows_like(PipelineSpec(root=spec.data.root, datasets=spec.data.datasets, split=policy), cfg), "train")
     if n == 0:
         log.info("codebook init: no training windows; fMRI embeddings start at the mean text embedding")
         return None

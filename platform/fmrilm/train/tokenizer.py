@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from fmrilm import runtime
 from fmrilm.artifacts import tokenizer as artifact
-from fmrilm.config import Strict
+from fmrilm.config import StageSpec, Strict
 from fmrilm.data import splits, table
 from fmrilm.data.contract import input_contract, signal_summary
 from fmrilm.data.pipeline import (PipelineSpec, dataset_versions, epoch_stream, sample_windows, scan_index, selected_datasets,
@@ -52,7 +52,7 @@ class ComputeSpec(Strict):
                                            "less activation memory for more compute")
 
 
-class TokenizerStageSpec(Strict):
+class TokenizerStageSpec(StageSpec):
     """Spec of ``jobs/tokenizer.yaml``."""
 
     kind: Literal["tokenizer"] = "tokenizer"
@@ -244,7 +244,7 @@ def training_split(spec: TokenizerStageSpec, index, found) -> dict:
     it reads captions, so no subject it validates on may have trained their features build."""
     from fmrilm.features.store import features_split
 
-    upstream = {f"the features build of {spec.data.data}": features_split(spec.data.data, spec.data.datasets)} if spec.alignment.enabled else {}
+    upstream = {f"the features build of {spec.data.root}": features_split(spec.data.root, spec.data.datasets)} if spec.alignment.enabled else {}
     return splits.stage_record(spec.data.split, index, upstream, "validated on", dataset_versions(found))
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from fmrilm.errors import UserError
 from fmrilm import config as cfg
 from fmrilm import runtime, storage
-from fmrilm.config import Strict
+from fmrilm.config import RunLocation, StageSpec, Strict
 from fmrilm.registry import JOBS, SWEEPABLE
 
 log = logging.getLogger("fmrilm.tune")
@@ -83,8 +83,10 @@ class Dimension(Strict):
         return tune.randint(*self.randint)
 
 
-class SweepSpec(Strict):
+class SweepSpec(StageSpec):
     """Spec of ``jobs/sweep_*.yaml``."""
+
+    moved_keys: ClassVar[dict[str, str]] = {"storage": "run.storage", "name": "run.name"}
 
     kind: Literal["sweep"] = "sweep"
     stage: str = Field("tokenizer", description="which stage's spec the trials run: tokenizer or instruct")
@@ -100,8 +102,7 @@ class SweepSpec(Strict):
     search: Literal["random", "optuna"] = Field("random", description="random/grid, or Optuna's TPE (needs optuna installed)")
     num_samples: int = Field(1, ge=1, description="trials (random/optuna), or repeats of the grid")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster's CPUs hold")
-    storage: str = "./fmrilm-data/runs"
-    name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    run: RunLocation = RunLocation(name="sweep")
 
     @model_validator(mode="before")
     @classmethod
@@ -147,7 +148,7 @@ def stage_of(name: str) -> Stage:
 
 
 def sweep_dir(spec: SweepSpec) -> str:
-    return storage.join(spec.storage, spec.name)
+    return storage.join(spec.run.storage, spec.run.name)
 
 
 def base_stage(spec: SweepSpec) -> dict:
@@ -205,7 +206,7 @@ def check_inputs(spec: SweepSpec, base: dict) -> None:
         index = scan_index(sample.data)
         if not index.loc[index["split"] == "val", "n_windows"].sum():
             raise cfg.ConfigError(f"a tokenizer sweep on {spec.metric} needs validation windows, and the split of "
-                                  f"{sample.data.data} gives none (no 'val' scan at least data.window={sample.data.window} long): "
+                                  f"{sample.data.root} gives none (no 'val' scan at least data.window={sample.data.window} long): "
                                   "ingest more subjects or sweep on a training metric (metric=loss, mode=min)")
 
 
@@ -234,7 +235,7 @@ def _trial(config: dict, sweep: dict, base: dict, env: dict[str, str]) -> None:
         else:
             os.environ.pop(key, None)
     spec = SweepSpec(**sweep)
-    name = f"{spec.name}-{tune.get_context().get_trial_id()}"
+    name = f"{spec.run.name}-{tune.get_context().get_trial_id()}"
     stage_of(spec.stage).run(trial_spec(spec, config, name, base))
 
 
@@ -254,7 +255,7 @@ def run(spec: SweepSpec) -> dict:
                                                         env={k: os.environ[k] for k in FORWARDED if k in os.environ}), {"CPU": TRIAL_DRIVER_CPU})
     path = loc.join("tune")
     if Tuner.can_restore(path.path, storage_filesystem=loc.fs):
-        log.info("resuming sweep %s from %s", spec.name, path.uri)
+        log.info("resuming sweep %s from %s", spec.run.name, path.uri)
         tuner = Tuner.restore(path.path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=loc.fs)
     else:
         from ray.tune import RunConfig
@@ -263,12 +264,12 @@ def run(spec: SweepSpec) -> dict:
                       tune_config=TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec), search_alg=_search(spec),
                                              num_samples=spec.num_samples, max_concurrent_trials=limit),
                       run_config=RunConfig(name="tune", storage_path=loc.path, storage_filesystem=loc.fs))
-    log.info("sweep %s: up to %d trial(s) at once, %.2f CPU each", spec.name, limit, per_trial)
+    log.info("sweep %s: up to %d trial(s) at once, %.2f CPU each", spec.run.name, limit, per_trial)
     grid = tuner.fit()
     table = results_table(spec, grid)
     files = write_results(spec, table, grid)
     if len(table) and table["error"].notna().all():
-        raise SweepFailed(f"every trial of sweep {spec.name} failed; the first: {table['error'].iloc[0]} "
+        raise SweepFailed(f"every trial of sweep {spec.run.name} failed; the first: {table['error'].iloc[0]} "
                           f"(table: {files['results.md']}; re-running the spec retries them)")
     return {"trials": len(table), "stopped_early": int(table["stopped_early"].sum()), "errored": int(table["error"].notna().sum()),
             "max_concurrent_trials": limit, "files": files, "best": files.get("best.yaml"), "table": table}
@@ -345,17 +346,17 @@ def write_results(spec: SweepSpec, table: pd.DataFrame, grid) -> dict[str, str]:
     files |= {n: loc.join(n).uri for n in ("results.parquet", "results.md", "sweep.png")}
     best = best_row(spec, table)
     if best is not None:
-        stage = trial_spec(spec, {k: best[k] for k in spec.space}, f"{spec.name}-best")
+        stage = trial_spec(spec, {k: best[k] for k in spec.space}, f"{spec.run.name}-best")
         data = stage.model_dump(mode="json")
-        data["run"] |= {"storage": storage.absolute(spec.storage)}
-        text = f"# best trial {best['trial']} of sweep {spec.name}: {spec.metric} = {best[spec.metric]:.4f}\n" + yaml.safe_dump(data, sort_keys=False)
+        data["run"] |= {"storage": storage.absolute(spec.run.storage)}
+        text = f"# best trial {best['trial']} of sweep {spec.run.name}: {spec.metric} = {best[spec.metric]:.4f}\n" + yaml.safe_dump(data, sort_keys=False)
         storage.write_text(loc.join("best.yaml"), text)
         files["best.yaml"] = loc.join("best.yaml").uri
     return files
 
 
 def _markdown(spec: SweepSpec, table: pd.DataFrame) -> str:
-    lines = [f"# sweep {spec.name} ({spec.stage}): {spec.metric} ({spec.mode}), scheduler {spec.scheduler}", "", *_table_lines(table)]
+    lines = [f"# sweep {spec.run.name} ({spec.stage}): {spec.metric} ({spec.mode}), scheduler {spec.scheduler}", "", *_table_lines(table)]
     return "\n".join(lines) + "\n"
 
 
