@@ -40,6 +40,7 @@ from fmrilm.models.fmri_lm import FMRIInputLM
 from fmrilm.models.lora import LoraSpec, add_adapters
 from fmrilm.models.number_loss import NumberObjective, number_objective
 from fmrilm.artifacts.tokens import ScanBlocks
+from fmrilm.train.checkpoints import shape_of
 from fmrilm.train.faults import fault_plan
 from fmrilm.train.optim import OptimSpec
 from fmrilm.train.specs import RunSpec, ScalingSpec, worker_spec
@@ -196,7 +197,8 @@ def train_loop(config: dict) -> None:
         model = add_adapters(model, spec.lora, meta.get("vocab"))
     weights = {i: spec.instructions.tasks.get(t, 0.0) for i, t in enumerate(TASKS)}
     number = NumberObjective.from_dict(config["number"]) if config.get("number") else None
-    engine = deepspeed_train(spec, model, config, (*TASKS, "number"), weights, {}, number)
+    shape = shape_of(model=spec.model, lora=spec.lora, num_codes=config.get("num_codes"))
+    engine = deepspeed_train(spec, model, config, (*TASKS, "number"), weights, {}, shape, number)
     export(engine, tok, spec, meta, config["probe"], ray.train.get_context().get_world_rank(), config.get("split"),
            config.get("validation_subjects", []))
 

@@ -44,6 +44,7 @@ from fmrilm.models.fmri_lm import (INPUT_KEYS, MAX_CODES, BackboneError, FMRIInp
                                    locate_backbone)
 from fmrilm.models.lora import LoraSpec, lora_targets, wrap_lora
 from fmrilm.models.scan_token import scan_vectors
+from fmrilm.train.checkpoints import shape_of
 from fmrilm.train.faults import fault_plan
 from fmrilm.train.optim import OptimSpec
 from fmrilm.train.specs import RunSpec, ScalingSpec, worker_spec
@@ -327,7 +328,9 @@ def train_loop(config: dict) -> None:
             if config.get("scan_scale") is not None:
                 model.set_scan_scale(*config["scan_scale"])
         static = {"code_init": info["code_init"], "pretrained_backbone": info["pretrained"]}
-        engine = deepspeed_train(spec, model, config, OBJECTIVES, spec.objectives.by_id(), static)
+        shape = shape_of(backbone=spec.backbone, input_mode=spec.input_mode, scan_token=spec.scan_token, lora=spec.lora,
+                         num_codes=config.get("num_codes"))
+        engine = deepspeed_train(spec, model, config, OBJECTIVES, spec.objectives.by_id(), static, shape)
         export(engine, tok, spec, info, vocab, config["probe"], export_base, rank, config.get("split"), config.get("contract"))
 
 

@@ -6,21 +6,24 @@ checkpoints on every rank, and the export protocol (ZeRO-3 gathers) that hands t
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from fmrilm import console
 from fmrilm.models.fmri_lm import FMRIInputLM, forward_loss, probe_logits
+from fmrilm.models.lora import LoraSpec
 from fmrilm.models.number_loss import NumberObjective
 from fmrilm.ranks import mean_across_ranks
-from fmrilm.train.checkpoints import check_pickles, check_shape, checkpoint_name, CorruptCheckpoint, read_meta, resume, shape_of, write_meta
+from fmrilm.train.checkpoints import check_pickles, check_shape, checkpoint_name, CorruptCheckpoint, read_meta, resume, write_meta
 from fmrilm.train.faults import inject_fault
-from fmrilm.train.optim import cosine_schedule
-from fmrilm.train.deepspeed import adamw, autocast, build_config, resolve_precision
+from fmrilm.train.optim import OptimSpec, cosine_schedule
+from fmrilm.train.specs import RunSpec, ScalingSpec
+from fmrilm.train.steps import Running, Steps
+from fmrilm.train.deepspeed import DeepSpeedSpec, adamw, autocast, build_config, resolve_precision
 
 log = logging.getLogger("fmrilm.lm")
 
@@ -69,19 +72,28 @@ def validation_losses(engine, shard, micro_batch: int, objectives: tuple[str, ..
     return {f"val/{k}": v for k, v in mean_across_ranks(sums, counts, keys, device).items()}
 
 
-def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weights: dict[int, float], static: dict,
-                    number: NumberObjective | None = None):
+class LMRecipeSpec(Protocol):
+    """What the shared loop reads of a pretrain or instruct spec."""
+
+    train: OptimSpec
+    deepspeed: DeepSpeedSpec
+    lora: LoraSpec
+    scaling: ScalingSpec
+    run: RunSpec
+
+
+def deepspeed_train(spec: LMRecipeSpec, model, config: dict, objectives: tuple[str, ...], weights: dict[int, float], static: dict,
+                    shape: dict, number: NumberObjective | None = None):
     """The shared DeepSpeed loop of the LM stages on a Ray Train worker: optimizer and cosine
-    schedule over the ``train`` dataset shard, resume from the run's newest checkpoint, the mean
-    loss and one loss per objective name reported every ``log_every`` steps (plus ``static``),
-    a checkpoint every ``checkpoint_every`` steps and at the end, with the losses over the ``val``
-    dataset shard at each checkpoint when ``config["has_val"]``; ``number`` adds the number-token
-    loss (reported as ``loss/<objectives[number.part]>``). ``spec`` has ``train``,
-    ``deepspeed``, ``lora`` and ``scaling``. Returns the DeepSpeed engine after the last step."""
+    schedule over the ``train`` dataset shard, resume from the run's newest checkpoint (refused
+    when its recorded ``shape``, :func:`~fmrilm.train.checkpoints.shape_of` of the keys that size
+    the model, differs), the mean loss and one loss per objective name reported every
+    ``log_every`` steps (plus ``static``), a checkpoint every ``checkpoint_every`` steps and at the
+    end, with the losses over the ``val`` dataset shard at each checkpoint when
+    ``config["has_val"]``; ``number`` adds the number-token loss (reported as
+    ``loss/<objectives[number.part]>``). Returns the DeepSpeed engine after the last step."""
     import deepspeed
     import ray.train
-
-    from fmrilm.data.pipeline import epoch_stream
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -89,9 +101,8 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
     keys = ("loss", *(f"loss/{o}" for o in objectives))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, spec.train.lr, spec.train.weight_decay, on_gpu)
-    per_epoch = math.ceil(config["rows_per_rank"] / (spec.deepspeed.micro_batch_size * spec.deepspeed.grad_accum))
-    total = min(spec.train.epochs * per_epoch, spec.train.max_steps or 10**12)
-    sched = cosine_schedule(opt, spec.train.warmup_steps, total)
+    steps = Steps.plan(config["rows_per_rank"], spec.deepspeed.micro_batch_size * spec.deepspeed.grad_accum, spec.train)
+    sched = cosine_schedule(opt, spec.train.warmup_steps, steps.total)
     ds_config = build_config(spec.deepspeed, world, spec.train.grad_clip, on_gpu)
     precision = resolve_precision(spec.deepspeed, on_gpu)
     with console.library_prints("deepspeed"):
@@ -100,9 +111,7 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
         engine.compile()
     device = engine.device
     pin = on_gpu and spec.deepspeed.pin_memory
-    step, resumed = 0, {}
-    shape = shape_of(**{k: getattr(spec, k) for k in ("backbone", "model", "input_mode", "scan_token", "lora") if hasattr(spec, k)},
-                     num_codes=config.get("num_codes"))
+    resumed = {}
 
     def load(ckpt):
         with ckpt.as_directory() as d:
@@ -118,55 +127,41 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
 
     client, ckpt, suffix = resume(load, log)
     if client is not None:
-        step = int(client["step"])
-        resumed = {"resumed_from_step": step}
+        steps.done = int(client["step"])
+        resumed = {"resumed_from_step": steps.done}
         if rank == 0:
-            log.info("resumed at step %d from %s", step, ckpt.path)
+            log.info("resumed at step %d from %s", steps.done, ckpt.path)
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
+    running = Running()
     tokens_done, seconds, waited, pending_wait = 0, 0.0, 0.0, 0.0
-
-    def add(key: str, value: float) -> None:
-        sums[key] = sums.get(key, 0.0) + value
-        counts[key] = counts.get(key, 0.0) + 1
-
     first: dict[str, float] = {}
 
     def report(final: bool = False) -> None:
-        metrics = mean_across_ranks(sums, counts, keys, device)
+        metrics = mean_across_ranks(running.sums, running.counts, keys, device)
         if not first and "loss" in metrics:
             first["first_loss"] = metrics["loss"]  # the mean over the first log interval, to see the fall
         metrics |= first
-        metrics |= resumed | {"step": step, "epoch": step / per_epoch, "lr": sched.get_last_lr()[0],
+        metrics |= resumed | {"step": steps.done, "epoch": steps.epoch, "lr": sched.get_last_lr()[0],
                               "tokens_per_s": tokens_done / seconds if seconds else 0.0,
                               "input_wait_fraction": waited / seconds if seconds else 0.0,
                               "torch_threads": torch.get_num_threads(), "precision": precision, **peak_memory(on_gpu), **static}
-        sums.clear()
-        counts.clear()
-        checkpoint_now = final or step % spec.train.checkpoint_every == 0
-        if not checkpoint_now:
+        running.clear()
+        if not steps.checkpoint_due(final):
             ray.train.report(metrics)
             return
         if val_shard is not None:
             metrics |= validation_losses(engine, val_shard, spec.deepspeed.micro_batch_size, objectives, weights, device, number, precision)
         with tempfile.TemporaryDirectory(prefix="fmrilm-lm-ckpt-") as d:
-            engine.save_checkpoint(d, tag="ds", client_state={"step": step}, exclude_frozen_parameters=spec.lora.enabled)
-            write_meta(d, {"step": step, "shape": shape})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=checkpoint_name(step, suffix))
+            engine.save_checkpoint(d, tag="ds", client_state={"step": steps.done}, exclude_frozen_parameters=spec.lora.enabled)
+            write_meta(d, {"step": steps.done, "shape": shape})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=checkpoint_name(steps.done, suffix))
 
-    first_epoch = step // per_epoch
-    skip = (step - first_epoch * per_epoch) * spec.deepspeed.grad_accum
     micro = 0
     last = micro_end = time.perf_counter()
     engine.train()
-    for epoch, i, batch in epoch_stream(shard, spec.deepspeed.micro_batch_size, first_epoch, spec.train.epochs, collate_fn=packed_collate(),
-                                        pin_memory=pin):
-        if step >= total:
-            break
-        if epoch == first_epoch and i < skip:
-            continue
+    for batch in steps.batches(shard, spec.deepspeed.micro_batch_size, spec.train.epochs, spec.deepspeed.grad_accum,
+                               collate_fn=packed_collate(), pin_memory=pin):
         pending_wait += time.perf_counter() - micro_end  # waiting for this batch (the input pipeline)
         with autocast(precision, device):
             loss, parts = forward_loss(engine, {k: v.to(device, non_blocking=pin) for k, v in batch.items()}, weights, number)
@@ -174,21 +169,18 @@ def deepspeed_train(spec, model, config: dict, objectives: tuple[str, ...], weig
         engine.step()
         micro_end = time.perf_counter()
         micro += 1
-        add("loss", loss.item())
-        for k, v in parts.items():
-            add(f"loss/{objectives[k]}", v.item())
+        running.add({"loss": loss.item(), **{f"loss/{objectives[k]}": v.item() for k, v in parts.items()}})
         if micro % spec.deepspeed.grad_accum:
             continue
-        step += 1
-        now = time.perf_counter()
-        if step > 2:
-            seconds += now - last
+        steps.done += 1
+        if steps.done > 2:
+            seconds += micro_end - last
             waited += pending_wait
             tokens_done += int((batch["segments"] > 0).sum())
         pending_wait = 0.0
-        if step < total and (step % spec.train.log_every == 0 or step % spec.train.checkpoint_every == 0):
+        if steps.report_due():
             report()
-        inject_fault(config.get("fault"), step, bool(resumed))
+        inject_fault(config.get("fault"), steps.done, bool(resumed))
         last = micro_end = time.perf_counter()
     report(final=True)
     return engine

@@ -26,8 +26,7 @@ from fmrilm.artifacts import tokenizer as artifact
 from fmrilm.config import StageSpec, Strict
 from fmrilm.data import splits, table
 from fmrilm.data.contract import input_contract, signal_summary
-from fmrilm.data.pipeline import (PipelineSpec, dataset_versions, epoch_stream, sample_windows, scan_index, selected_datasets,
-                                  train_datasets)
+from fmrilm.data.pipeline import PipelineSpec, dataset_versions, sample_windows, scan_index, selected_datasets, train_datasets
 from fmrilm.eval.tokenizer import window_metrics
 from fmrilm.features.text_bank import text_inputs
 from fmrilm.models.alignment import AlignmentConfig, dann_coefficient
@@ -38,6 +37,7 @@ from fmrilm.train.faults import fault_plan, inject_fault
 from fmrilm.train.metric_log import MetricLog
 from fmrilm.train.optim import cosine_schedule, OptimSpec
 from fmrilm.train.specs import RunSpec, ScalingSpec, worker_spec
+from fmrilm.train.steps import Running, Steps
 from fmrilm.train.trainer import run_trainer
 
 log = logging.getLogger("fmrilm.tokenizer")
@@ -93,8 +93,7 @@ def optimizer_step(model, opt, sched, batch: dict, coef: float, text_tokens, cap
         out = model(batch["x"].to(device), batch["valid"].to(device), coef, text_tokens, emb, mask, batch["scan_id"])
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
-    params = model.module.parameters() if hasattr(model, "module") else model.parameters()
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # a DDP wrapper's parameters are its module's
     opt.step()
     sched.step()
     return {"loss": out["loss"].item()} | {k: float(v) for k, v in out["terms"].items()}
@@ -115,10 +114,9 @@ def train_loop(config: dict) -> None:
     objective = TokenizerObjective(spec.model, spec.alignment, text_dim)
     objective.tokenizer.checkpointing = spec.compute.activation_checkpointing
     opt = torch.optim.AdamW(objective.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
-    per_epoch = math.ceil(config["rows_per_rank"] / spec.train.batch_size)
-    total = min(spec.train.epochs * per_epoch, spec.train.max_steps or 10**12)
-    sched = cosine_schedule(opt, spec.train.warmup_steps, total)
-    step, resumed = 0, {}
+    steps = Steps.plan(config["rows_per_rank"], spec.train.batch_size, spec.train)
+    sched = cosine_schedule(opt, spec.train.warmup_steps, steps.total)
+    resumed = {}
     shape = shape_of(model=spec.model, alignment=spec.alignment, text_dim=text_dim)
 
     def load(ckpt):
@@ -132,63 +130,51 @@ def train_loop(config: dict) -> None:
         objective.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step = meta["step"]
-        resumed = {"resumed_from_step": step, "resumed_codebook_sum": float(objective.tokenizer.quantizer.codebook.sum())}
+        steps.done = meta["step"]
+        resumed = {"resumed_from_step": steps.done, "resumed_codebook_sum": float(objective.tokenizer.quantizer.codebook.sum())}
         if rank == 0:
-            log.info("resumed at step %d from %s", step, ckpt.path)
+            log.info("resumed at step %d from %s", steps.done, ckpt.path)
     model = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": True})
     if text_tokens is not None:
         text_tokens = text_tokens.to(ray.train.torch.get_device())
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     metrics_log = MetricLog(spec.run, rank)
-    running: dict[str, float] = {}
+    running = Running()
     timed_samples, timed_seconds = 0, 0.0
 
     def report(final: bool = False) -> None:
-        metrics = {k: v / max(running.get("_n", 1), 1) for k, v in running.items() if k != "_n"}
-        metrics |= resumed | {"step": step, "epoch": step / per_epoch, "lr": sched.get_last_lr()[0],
-                              "samples_per_s": timed_samples / timed_seconds if timed_seconds else 0.0,
-                              "torch_threads": torch.get_num_threads()}
-        checkpoint_now = final or step % spec.train.checkpoint_every == 0
+        metrics = running.means() | resumed | {
+            "step": steps.done, "epoch": steps.epoch, "lr": sched.get_last_lr()[0],
+            "samples_per_s": timed_samples / timed_seconds if timed_seconds else 0.0, "torch_threads": torch.get_num_threads()}
+        checkpoint_now = steps.checkpoint_due(final)
         if checkpoint_now and val_shard is not None:
             metrics |= window_metrics(objective, val_shard, spec.train.batch_size, text_tokens)
         metrics |= {f"codebook/{k}": v for k, v in objective.tokenizer.quantizer.stats().items() if isinstance(v, (int, float))}
-        metrics_log.log(metrics, step)
+        metrics_log.log(metrics, steps.done)
         running.clear()
         if checkpoint_now:
             with checkpoint_dir() as d:
                 if rank == 0:
                     save_state(d, {"model": objective.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                               {"step": step, "spec": config["spec"], "text_dim": text_dim, "shape": shape})
+                               {"step": steps.done, "spec": config["spec"], "text_dim": text_dim, "shape": shape})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
-                                 checkpoint_dir_name=checkpoint_name(step, suffix))
+                                 checkpoint_dir_name=checkpoint_name(steps.done, suffix))
         else:
             ray.train.report(metrics)
 
-    first_epoch = step // per_epoch
-    skip = step - first_epoch * per_epoch  # batches of the resumed epoch already trained on
     last = time.perf_counter()
-    for epoch, i, batch in epoch_stream(train_shard, spec.train.batch_size, first_epoch, spec.train.epochs):
-        if step >= total:  # also when resumed from the final checkpoint
-            break
-        if epoch == first_epoch and i < skip:
-            continue
-        terms = optimizer_step(model, opt, sched, batch, dann_coefficient(step / max(1, total)), text_tokens, captions,
+    for batch in steps.batches(train_shard, spec.train.batch_size, spec.train.epochs):
+        terms = optimizer_step(model, opt, sched, batch, dann_coefficient(steps.done / max(1, steps.total)), text_tokens, captions,
                                text_dim, spec.train.grad_clip, spec.compute.precision)
-        step += 1
-        now = time.perf_counter()
-        if step > 3:  # steady state (past codebook init and first allocations); includes waiting for data
-            timed_seconds += now - last
+        steps.done += 1
+        if steps.done > 3:  # steady state (past codebook init and first allocations); includes waiting for data
+            timed_seconds += time.perf_counter() - last
             timed_samples += int(batch["valid"].sum())
-        running["_n"] = running.get("_n", 0) + 1
-        for k, v in terms.items():
-            running[k] = running.get(k, 0.0) + v
-        if step >= total:
-            break
-        if step % spec.train.log_every == 0 or step % spec.train.checkpoint_every == 0:
+        running.add(terms)
+        if steps.report_due():
             report()
-        inject_fault(config.get("fault"), step, bool(resumed))
+        inject_fault(config.get("fault"), steps.done, bool(resumed))
         last = time.perf_counter()  # reports and checkpoints are not training throughput
     report(final=True)
     metrics_log.close()

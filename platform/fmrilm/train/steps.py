@@ -1,0 +1,82 @@
+"""The step skeleton every training recipe shares (the tokenizer's, the LM stages'): how many
+optimizer steps a run has, the batches left after a resume, when a step reports and when it
+checkpoints, and the per-step values averaged between two reports. The recipes keep what differs:
+the model, the optimizer step, what a report holds and how a checkpoint is written."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from fmrilm.train.optim import OptimSpec
+
+
+@dataclass
+class Steps:
+    """Where a run stands: ``per_epoch`` optimizer steps per epoch on one rank, ``total`` in the
+    run, ``done`` so far (the resumed checkpoint's step, then counted up by the recipe)."""
+
+    per_epoch: int
+    total: int
+    log_every: int
+    checkpoint_every: int
+    done: int = 0
+
+    @classmethod
+    def plan(cls, rows_per_rank: int, rows_per_step: int, train: OptimSpec) -> "Steps":
+        """The steps of a run over ``rows_per_rank`` rows, ``rows_per_step`` rows per optimizer
+        step (batch x gradient accumulation), ``train.epochs`` epochs capped at ``train.max_steps``."""
+        per_epoch = max(1, math.ceil(rows_per_rank / rows_per_step))
+        total = min(train.epochs * per_epoch, train.max_steps or 10**12)
+        return cls(per_epoch, total, train.log_every, train.checkpoint_every)
+
+    @property
+    def epoch(self) -> float:
+        return self.done / self.per_epoch
+
+    def batches(self, shard, batch_size: int, epochs: int, micro_per_step: int = 1, **stream) -> Iterator[dict]:
+        """The batches left of the run from a Ray Data ``shard``: the epochs from the resumed one
+        on, skipping the batches of that epoch already trained on (``micro_per_step`` batches per
+        optimizer step), until ``total`` steps are done. ``stream``: :func:`epoch_stream`'s
+        ``collate_fn`` / ``pin_memory``."""
+        from fmrilm.data.pipeline import epoch_stream
+
+        first = self.done // self.per_epoch
+        skip = (self.done - first * self.per_epoch) * micro_per_step
+        for epoch, i, batch in epoch_stream(shard, batch_size, first, epochs, **stream):
+            if self.done >= self.total:  # also when resumed from the final checkpoint
+                return
+            if epoch == first and i < skip:
+                continue
+            yield batch
+
+    def checkpoint_due(self, final: bool = False) -> bool:
+        """Whether the report after this step carries a checkpoint (and validation)."""
+        return final or self.done % self.checkpoint_every == 0
+
+    def report_due(self) -> bool:
+        """Whether this step reports: every ``log_every`` and ``checkpoint_every`` steps, except
+        the last one, which the final report covers."""
+        return self.done < self.total and (self.done % self.log_every == 0 or self.checkpoint_due())
+
+
+@dataclass
+class Running:
+    """Per-step values (losses, loss terms) summed between two reports."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0.0) + 1
+
+    def means(self) -> dict[str, float]:
+        """The mean of each value over the steps since the last :meth:`clear` (this rank's)."""
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
