@@ -80,7 +80,7 @@ def test_a_checkpoints_shape_records_the_models_dataclasses():
 
 def test_one_stage_table_names_every_job_and_the_quickstart_chain():
     from fmrilm.quickstart import QuickstartSpec
-    from fmrilm.registry import JOBS, PIPELINE, SWEEPABLE
+    from fmrilm.registry import JOBS, PIPELINE, SWEEPABLE, chain_paths, load_job
     from fmrilm.tune.sweep import stage_of
 
     for kind, job in JOBS.items():
@@ -89,6 +89,12 @@ def test_one_stage_table_names_every_job_and_the_quickstart_chain():
     assert all(callable(JOBS[stage].check()) for stage in PIPELINE if stage != "ingest")
     assert set(PIPELINE) - {"ingest"} <= set(JOBS) and QuickstartSpec().stages == list(PIPELINE)
     assert SWEEPABLE == {"tokenizer": "val/r2", "instruct": "val/loss"}
+    # a chain's paths come from the table: each input is the output of the stage named for it
+    assert chain_paths("eval", "s3://b/q", "-x") == ["data.root=s3://b/q/datasets", "model=s3://b/q/runs/instruct-x/model",
+                                                    "kshot=s3://b/q/runs/kshot-x", "run.storage=s3://b/q/runs", "run.name=eval-x"]
+    assert chain_paths("tokenize", "s3://b/q", "-x") == ["data.root=s3://b/q/datasets", "tokenizer=s3://b/q/runs/tokenizer/tokenizer"]
+    for stage in PIPELINE[1:]:
+        load_job(f"jobs/{stage}.yaml", chain_paths(stage, "s3://b/q", "-x"), stage)  # every key exists in its spec
     assert all(callable(stage_of(name).check) for name in SWEEPABLE)
 
 

@@ -28,7 +28,7 @@ from pydantic import Field
 from fmrilm.config import Strict
 from fmrilm.data.splits import SplitPolicy
 from fmrilm.data.synth import SynthParams
-from fmrilm.registry import JOBS
+from fmrilm.registry import JOBS, chain_paths, run_name
 from fmrilm.registry import PIPELINE as STAGES
 
 log = logging.getLogger("fmrilm.quickstart")
@@ -52,27 +52,6 @@ class QuickstartSpec(Strict):
     use_ray: bool = True
 
 
-LM_STAGES = ("pretrain", "instruct", "kshot", "eval")
-
-
-def stage_paths(stage: str, root: str, tag: str = "") -> list[str]:
-    """The overrides that put a stage's inputs and outputs under the quickstart's storage root
-    (the LM stages' run names end in ``tag``)."""
-    from fmrilm import storage
-
-    data, runs = storage.join(root, "datasets"), storage.join(root, "runs")
-    return {
-        "features": [f"data.root={data}"],
-        "tokenizer": [f"data.root={data}", f"run.storage={runs}", "run.name=tokenizer"],
-        "tokenize": [f"data.root={data}", f"tokenizer={runs}/tokenizer/tokenizer"],
-        "pretrain": [f"data.root={data}", f"tokenizer={runs}/tokenizer/tokenizer", f"run.storage={runs}", f"run.name=pretrain{tag}"],
-        "instruct": [f"data.root={data}", f"model={runs}/pretrain{tag}/model", f"run.storage={runs}", f"run.name=instruct{tag}"],
-        "kshot": [f"data.root={data}", f"model={runs}/pretrain{tag}/model", f"run.storage={runs}", f"run.name=kshot{tag}"],
-        "eval": [f"data.root={data}", f"model={runs}/instruct{tag}/model", f"kshot={runs}/kshot{tag}", f"run.storage={runs}",
-                 f"run.name=eval{tag}"],
-    }[stage]
-
-
 def check(spec: QuickstartSpec) -> list:
     """Validate every stage's spec before anything runs; returns ``[(stage, spec, run fn)]``."""
     from fmrilm.registry import load_job
@@ -85,7 +64,7 @@ def check(spec: QuickstartSpec) -> list:
     jobs = []
     for stage in (s for s in STAGES if s in spec.stages and s != "ingest"):
         uri = spec.specs.get(stage, f"jobs/{stage}.yaml")
-        job, fn, _ = load_job(uri, [*stage_paths(stage, spec.storage, spec.tag), *spec.overrides.get(stage, [])], stage)
+        job, fn, _ = load_job(uri, [*chain_paths(stage, spec.storage, spec.tag), *spec.overrides.get(stage, [])], stage)
         jobs.append((stage, job, fn))
     evaluation = next((job for stage, job, _ in jobs if stage == "eval"), None)
     if evaluation is not None and "kshot_lora" not in evaluation.paradigms:  # nothing would read the adapters
@@ -111,7 +90,7 @@ def run(spec: QuickstartSpec) -> dict:
                        "note": ", ".join(f"{k}: {v['rows']} scans" for k, v in tables.items())})
     for i, (stage, job, fn) in enumerate(jobs):
         chain = _hash(chain + config.dump(job))
-        marker = done_dir.join(f"{stage}{spec.tag if stage in LM_STAGES else ''}.json")
+        marker = done_dir.join(f"{run_name(stage, spec.tag)}.json")
         previous = json.loads(storage.read_text(marker)) if storage.exists(marker) else None
         start = time.perf_counter()
         if previous and previous.get("hash") == chain:

@@ -6,7 +6,7 @@ through here, so a spec runs the same way locally and on a cluster."""
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from pydantic import Field
@@ -18,12 +18,22 @@ from fmrilm.config import ConfigError, Strict
 class Job:
     """One job kind: the module holding its spec model (named ``spec``), ``run(spec)``,
     ``summary(result)`` (what the CLI prints) and, for the stages, ``check(spec)`` (the
-    pre-flight); ``sweep_metric`` is the default metric when it is swept (None: it cannot be)."""
+    pre-flight); ``sweep_metric`` is the default metric when it is swept (None: it cannot be).
+
+    How a stage sits in a chain (the quickstart, the science job): ``inputs`` maps a spec key to
+    the stage whose output it reads; a stage that writes a run (``run: {storage, name}``) puts
+    its ``output`` under ``<runs>/<name>/`` (``""``: the run folder itself); ``per_variant``
+    stages are run once per LM variant of a chain (their run names carry its tag), the others
+    are shared by every variant."""
 
     kind: str
     module: str
     spec: str
     sweep_metric: str | None = None
+    inputs: dict[str, str] = field(default_factory=dict)
+    writes_run: bool = True
+    output: str = ""
+    per_variant: bool = False
 
     def load(self) -> tuple[type, Callable]:
         """``(spec model, run function)``, imported on first use."""
@@ -42,20 +52,42 @@ class Job:
 # The one table of job kinds: the CLI, `fmrilm run`, Ray Jobs entrypoints, sweeps and the
 # quickstart all read it.
 JOBS: dict[str, Job] = {j.kind: j for j in (
-    Job("quickstart", "fmrilm.quickstart", "QuickstartSpec"),
-    Job("science", "fmrilm.science", "ScienceSpec"),
-    Job("features", "fmrilm.features.job", "FeaturesSpec"),
-    Job("tokenizer", "fmrilm.train.tokenizer", "TokenizerStageSpec", sweep_metric="val/r2"),
-    Job("tokenize", "fmrilm.tokens", "TokenizeSpec"),
-    Job("pretrain", "fmrilm.train.lm", "PretrainSpec"),
-    Job("instruct", "fmrilm.train.instruct", "InstructSpec", sweep_metric="val/loss"),
-    Job("kshot", "fmrilm.train.kshot", "KShotSpec"),
-    Job("eval", "fmrilm.eval.run", "EvalSpec"),
+    Job("quickstart", "fmrilm.quickstart", "QuickstartSpec", writes_run=False),
+    Job("science", "fmrilm.science", "ScienceSpec", writes_run=False),
+    Job("features", "fmrilm.features.job", "FeaturesSpec", writes_run=False),  # writes into each dataset folder
+    Job("tokenizer", "fmrilm.train.tokenizer", "TokenizerStageSpec", sweep_metric="val/r2", output="tokenizer"),
+    Job("tokenize", "fmrilm.tokens", "TokenizeSpec", inputs={"tokenizer": "tokenizer"}, writes_run=False),  # beside the tokenizer
+    Job("pretrain", "fmrilm.train.lm", "PretrainSpec", inputs={"tokenizer": "tokenizer"}, output="model", per_variant=True),
+    Job("instruct", "fmrilm.train.instruct", "InstructSpec", sweep_metric="val/loss", inputs={"model": "pretrain"}, output="model",
+        per_variant=True),
+    Job("kshot", "fmrilm.train.kshot", "KShotSpec", inputs={"model": "pretrain"}, per_variant=True),
+    Job("eval", "fmrilm.eval.run", "EvalSpec", inputs={"model": "instruct", "kshot": "kshot"}, per_variant=True),
     Job("sweep", "fmrilm.tune.sweep", "SweepSpec"),
 )}
 # The quickstart chain, in order: ingestion, then the stage kinds above.
 PIPELINE: tuple[str, ...] = ("ingest", "features", "tokenizer", "tokenize", "pretrain", "instruct", "kshot", "eval")
 SWEEPABLE: dict[str, str] = {k: j.sweep_metric for k, j in JOBS.items() if j.sweep_metric}
+
+
+def run_name(stage: str, tag: str = "") -> str:
+    """A stage's run name in a chain: the stage, plus the variant's ``tag`` for per-variant stages."""
+    return stage + (tag if JOBS[stage].per_variant else "")
+
+
+def chain_paths(stage: str, root: str, tag: str = "") -> list[str]:
+    """The overrides that put a stage's data, inputs and run under a chain's storage ``root``
+    (``<root>/datasets``, ``<root>/runs``): each input is the output of the stage named for it."""
+    from fmrilm import storage
+
+    runs = storage.join(root, "runs")
+    job = JOBS[stage]
+    paths = [f"data.root={storage.join(root, 'datasets')}"]
+    for key, producer in job.inputs.items():
+        output = [JOBS[producer].output] if JOBS[producer].output else []
+        paths.append(f"{key}={storage.join(runs, run_name(producer, tag), *output)}")
+    if job.writes_run:
+        paths += [f"run.storage={runs}", f"run.name={run_name(stage, tag)}"]
+    return paths
 
 
 class SubmitSpec(Strict):

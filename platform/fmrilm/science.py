@@ -37,7 +37,6 @@ from fmrilm.eval.classical import BEST
 from fmrilm.eval.report import SHUFFLED, SHUFFLES_READ, gap_text
 
 log = logging.getLogger("fmrilm.science")
-SHARED = ("ingest", "features", "tokenizer", "tokenize")
 VARIANTS = {
     "scan_token": {"eval": ["shuffles=[time, rois]"]},
     "codes_only": {"pretrain": ["scan_token=false"]},
