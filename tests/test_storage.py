@@ -65,6 +65,7 @@ def test_s3_round_trip(local_s3):
     assert storage.list_dir(storage.resolve(local_s3.uri("storage-test"))) == ["a.txt"]
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(storage.resolve(local_s3.uri("storage-test", "nope")))
+    storage.delete_file(storage.resolve(local_s3.uri("storage-test", "nope")))  # missing is fine
     storage.delete_dir(storage.resolve(local_s3.uri("storage-test")))
     assert storage.list_dir(storage.resolve(local_s3.uri("storage-test"))) == []
 

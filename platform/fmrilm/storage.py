@@ -185,8 +185,18 @@ UNREACHABLE_SIGNS = ("curlcode: 7", "curlcode: 28", "curlcode: 52", "curlcode: 5
 
 def unreachable(err: BaseException) -> bool:
     """Whether a storage error says the object store did not answer (refused, reset, timed out)
-    rather than answering with an error (denied, not found)."""
+    rather than answering with an error (denied, not found). pyarrow raises a generic OSError
+    with curl's text for both, so the text is all there is to read."""
     return any(sign in str(err).lower() for sign in UNREACHABLE_SIGNS)
+
+
+def _missing(loc: Location) -> bool:
+    """Whether ``loc`` does not exist, asked of the store (after an error whose type does not say:
+    object stores answer a missing key with a generic OSError)."""
+    try:
+        return loc.fs.get_file_info(loc.path).type == pafs.FileType.NotFound
+    except OSError:
+        return False
 
 
 def _describe(err: Exception, loc: Location) -> str:
@@ -224,7 +234,7 @@ def read_bytes(loc: Location) -> bytes:
     except FileNotFoundError:
         raise
     except OSError as err:
-        if "not found" in str(err).lower() or "does not exist" in str(err).lower():
+        if _missing(loc):
             raise FileNotFoundError(loc.uri) from err
         raise StorageError(f"cannot read {loc.uri}: {_describe(err, loc)}") from err
 
@@ -366,7 +376,7 @@ def delete_file(loc: Location) -> None:
     except FileNotFoundError:
         pass
     except OSError as err:
-        if "not found" in str(err).lower() or "does not exist" in str(err).lower():
+        if _missing(loc):
             return
         raise StorageError(f"cannot delete {loc.uri}: {_describe(err, loc)}") from err
 
