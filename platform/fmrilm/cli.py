@@ -578,9 +578,10 @@ def bench_science(
     """The science job: every stage on a synthetic cohort, fmrilm beside majority and the best
     classical readers on held-out subjects, per input variant, confirmed on a fresh seed of the
     cohort (synth.seed + 1000 unless fresh_seed is set); exit 1 when a target is missed."""
+    from fmrilm.registry import load_job
     from fmrilm.science import met
 
-    job, fn, _ = _guard(__import__("fmrilm.registry", fromlist=["load_job"]).load_job, spec, overrides or [], "science")
+    job, fn, _ = _guard(load_job, spec, overrides or [], "science")
     if job.fresh_seed is None:
         job = job.model_copy(update={"fresh_seed": job.synth.seed + 1000})
     report = _guard(fn, job)

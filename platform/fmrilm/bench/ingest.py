@@ -31,7 +31,7 @@ OBJECT_STORE_MB = 2048  # per loopback node: more than the benchmark's data, so 
 def plain_pyarrow(spec: PipelineSpec, batch_size: int) -> dict:
     """The baseline: read every shard with pyarrow, same transforms in numpy, torch batches."""
     n_windows, n_bytes, n_scans, buf = 0, 0, 0, []
-    for loc, manifest in table.find_datasets(spec.data):
+    for loc, manifest in table.find_datasets(spec.root):
         for path in table.shard_paths(loc, manifest):
             t = pq.read_table(path, filesystem=loc.fs, columns=["scan_id", "n_rois", "n_timepoints", "timeseries"])
             flat = t.column("timeseries").combine_chunks()
