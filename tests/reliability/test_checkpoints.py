@@ -157,6 +157,35 @@ def test_a_symlink_in_a_checkpoint_is_refused_before_any_pickle_is_read(tmp_path
     assert not marker.exists()
 
 
+def test_the_driver_refuses_the_newest_checkpoint_before_any_worker_starts(tmp_path):
+    """The pickle and shape refusals used to need a Ray Train worker group each (two worker
+    start-ups for a one-line answer); the driver checks the newest checkpoint on the store first."""
+    import json
+
+    from fmrilm import storage
+    from fmrilm.train.checkpoints import SpecMismatch, UnsafeCheckpoint, check_newest_checkpoint
+
+    run = storage.resolve(str(tmp_path / "run"))
+    check_newest_checkpoint(run, "r", {"model.width": 16}, frozenset())  # no run yet: nothing to check
+    for step, payload in ((4, {"w": torch.zeros(2)}), (8, {"w": torch.zeros(2)})):
+        folder = tmp_path / "run" / f"checkpoint_{step:07d}"
+        folder.mkdir(parents=True)
+        torch.save(payload, folder / "state.pt")
+        (folder / "meta.json").write_text(json.dumps({"step": step, "shape": {"model.width": 16}}))
+    check_newest_checkpoint(run, "r", {"model.width": 16}, frozenset())
+    with pytest.raises(SpecMismatch, match=r"checkpoint_0000008 of run 'r' was written with another model shape \(model.width: 16"):
+        check_newest_checkpoint(run, "r", {"model.width": 24}, frozenset())
+    newest = tmp_path / "run" / "checkpoint_0000008" / "state.pt"
+    good = newest.read_bytes()
+    marker = tmp_path / "ran"
+    torch.save({"model": Payload(str(marker))}, newest)
+    with pytest.raises(UnsafeCheckpoint, match=r"checkpoint_0000008/state.pt pickles \['posix.system'\]"):
+        check_newest_checkpoint(run, "r", {"model.width": 16}, frozenset())
+    assert not marker.exists()
+    newest.write_bytes(good[: len(good) // 3])  # damaged: left to the workers, which fall back to checkpoint_0000004
+    check_newest_checkpoint(run, "r", {"model.width": 16}, frozenset())
+
+
 def test_checkpoints_without_ray_s_record_are_refused_not_overwritten(tmp_path):
     """A run folder whose checkpoint_manager_snapshot.json is gone restarted at step 0 and rotated its checkpoints away."""
     from fmrilm import storage

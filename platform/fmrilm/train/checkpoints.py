@@ -96,6 +96,37 @@ def check_pickles(directory: str, allowed: frozenset[str] = DEEPSPEED_GLOBALS) -
                                        "Delete that checkpoint folder (or the run) if it did not come from fmrilm")
 
 
+def check_newest_checkpoint(run_dir, run_name: str, shape: dict, allowed: frozenset[str]) -> None:
+    """The driver's check before any worker starts, so a run that cannot resume fails in seconds
+    with one line: the newest ``checkpoint_*`` folder of the run at ``run_dir`` (a storage
+    Location) must record the same model ``shape`` (:func:`check_shape`) and hold no ``.pt`` file
+    that pickles a global outside torch's ``weights_only`` set and ``allowed`` (read from the
+    store without downloading the tensors). A damaged or unreadable file is left to the workers,
+    which fall back to an older checkpoint (:func:`resume`); they check everything again as they load."""
+    from fmrilm import storage
+
+    newest = next(iter(sorted((n for n in storage.list_dir(run_dir) if n.startswith("checkpoint_")), reverse=True)), None)
+    if newest is None:
+        return
+    folder = run_dir.join(newest)
+    try:
+        meta = json.loads(storage.read_text(folder.join("meta.json")))
+    except (FileNotFoundError, ValueError):
+        meta = {}
+    check_shape(meta, shape, f"checkpoint {folder.uri} of run {run_name!r}")
+    infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, recursive=True, allow_not_found=True))
+    for info in sorted((i for i in infos if i.type == pafs.FileType.File and i.path.endswith((".pt", ".pth", ".bin"))), key=lambda i: i.path):
+        try:
+            with folder.fs.open_input_file(info.path) as f:
+                unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) - set(allowed)
+        except Exception:  # noqa: BLE001 - damage: the workers skip this checkpoint
+            continue
+        if unsafe:
+            raise UnsafeCheckpoint(f"checkpoint file {storage.join(folder.uri, posixpath.relpath(info.path, folder.path))} pickles "
+                                   f"{sorted(unsafe)}, which loading would execute: refused. Delete that checkpoint folder (or the run) "
+                                   "if it did not come from fmrilm")
+
+
 def save_state(directory: str, state: dict, meta: dict) -> None:
     """``state.pt`` (tensors and plain containers only) and ``meta.json`` into a checkpoint folder."""
     torch.save(state, os.path.join(directory, "state.pt"))

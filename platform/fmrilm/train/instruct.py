@@ -40,7 +40,7 @@ from fmrilm.models.fmri_lm import FMRIInputLM
 from fmrilm.models.lora import LoraSpec, add_adapters
 from fmrilm.models.number_loss import NumberObjective, number_objective
 from fmrilm.artifacts.tokens import ScanBlocks
-from fmrilm.train.checkpoints import shape_of
+from fmrilm.train.checkpoints import DEEPSPEED_GLOBALS, shape_of
 from fmrilm.train.faults import fault_plan
 from fmrilm.train.optim import OptimSpec
 from fmrilm.train.specs import RunSpec, ScalingSpec, worker_spec
@@ -172,8 +172,11 @@ def run(spec: InstructSpec) -> dict:
               "probe": probe, "fault": fault_plan(), "has_val": "val" in prepared, "split": prepared["split"],
               "validation_subjects": prepared["validation_subjects"],
               "number": number.as_dict() if number else None}
+    worker = InstructSpec(**config["spec"])  # the spec as the workers see it (local paths absolute)
+    config["shape"] = shape_of(model=worker.model, lora=worker.lora, num_codes=None)
     datasets = {"train": to_dataset(packed)} | ({"val": to_dataset(prepared["val"])} if "val" in prepared else {})
-    result = run_trainer(train_loop, config, spec.scaling, datasets, spec.run, prepared["split"]["datasets"])
+    result = run_trainer(train_loop, config, spec.scaling, datasets, spec.run, prepared["split"]["datasets"], config["shape"],
+                         DEEPSPEED_GLOBALS)
     return {"metrics": dict(result.metrics or {}), "model": lm_artifact.location(spec.run.storage, spec.run.name),
             "instructions": prepared["table"], "rows": prepared["rows"], "task_rows": prepared["counts"],
             "validation_rows": prepared.get("val_rows", 0)}
@@ -197,8 +200,7 @@ def train_loop(config: dict) -> None:
         model = add_adapters(model, spec.lora, meta.get("vocab"))
     weights = {i: spec.instructions.tasks.get(t, 0.0) for i, t in enumerate(TASKS)}
     number = NumberObjective.from_dict(config["number"]) if config.get("number") else None
-    shape = shape_of(model=spec.model, lora=spec.lora, num_codes=config.get("num_codes"))
-    engine = deepspeed_train(spec, model, config, (*TASKS, "number"), weights, {}, shape, number)
+    engine = deepspeed_train(spec, model, config, (*TASKS, "number"), weights, {}, config["shape"], number)
     export(engine, tok, spec, meta, config["probe"], ray.train.get_context().get_world_rank(), config.get("split"),
            config.get("validation_subjects", []))
 

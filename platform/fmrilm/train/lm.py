@@ -44,7 +44,7 @@ from fmrilm.models.fmri_lm import (INPUT_KEYS, MAX_CODES, BackboneError, FMRIInp
                                    locate_backbone)
 from fmrilm.models.lora import LoraSpec, lora_targets, wrap_lora
 from fmrilm.models.scan_token import scan_vectors
-from fmrilm.train.checkpoints import shape_of
+from fmrilm.train.checkpoints import DEEPSPEED_GLOBALS, shape_of
 from fmrilm.train.faults import fault_plan
 from fmrilm.train.optim import OptimSpec
 from fmrilm.train.specs import RunSpec, ScalingSpec, worker_spec
@@ -328,9 +328,7 @@ def train_loop(config: dict) -> None:
             if config.get("scan_scale") is not None:
                 model.set_scan_scale(*config["scan_scale"])
         static = {"code_init": info["code_init"], "pretrained_backbone": info["pretrained"]}
-        shape = shape_of(backbone=spec.backbone, input_mode=spec.input_mode, scan_token=spec.scan_token, lora=spec.lora,
-                         num_codes=config.get("num_codes"))
-        engine = deepspeed_train(spec, model, config, OBJECTIVES, spec.objectives.by_id(), static, shape)
+        engine = deepspeed_train(spec, model, config, OBJECTIVES, spec.objectives.by_id(), static, config["shape"])
         export(engine, tok, spec, info, vocab, config["probe"], export_base, rank, config.get("split"), config.get("contract"))
 
 
@@ -418,8 +416,15 @@ def fit(spec: PretrainSpec, packed: dict[str, np.ndarray], codebook: torch.Tenso
               "feature_width": int(packed["feats"].shape[-1]) if "feats" in packed else None, "max_rois": max_rois,
               "scan_dim": int(packed["scan"].shape[-1]) if "scan" in packed else None, "scan_scale": scan_scale,
               "split": split_rec, "contract": contract, "has_val": val is not None}
+    config["shape"] = model_shape(PretrainSpec(**config["spec"]), config["num_codes"])  # as the workers see the spec
     datasets = {"train": to_dataset(packed)} | ({"val": to_dataset(val)} if val is not None else {})
-    return run_trainer(train_loop, config, spec.scaling, datasets, spec.run, (split_rec or {}).get("datasets"))
+    return run_trainer(train_loop, config, spec.scaling, datasets, spec.run, (split_rec or {}).get("datasets"), config["shape"],
+                       DEEPSPEED_GLOBALS)
+
+
+def model_shape(spec: PretrainSpec, num_codes: int) -> dict:
+    """The spec keys that size the model, recorded in every checkpoint: a resume with others is refused."""
+    return shape_of(backbone=spec.backbone, input_mode=spec.input_mode, scan_token=spec.scan_token, lora=spec.lora, num_codes=num_codes)
 
 
 def summary(result: dict) -> list[str]:

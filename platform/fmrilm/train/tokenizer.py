@@ -110,14 +110,14 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(spec.train.seed)
     text_tokens = torch.from_numpy(config["text_tokens"]) if config.get("text_tokens") is not None else None
     captions = {k: torch.from_numpy(v) for k, v in (config.get("captions") or {}).items()}
-    text_dim = text_tokens.shape[1] if text_tokens is not None else 8
+    text_dim = config["text_dim"]
     objective = TokenizerObjective(spec.model, spec.alignment, text_dim)
     objective.tokenizer.checkpointing = spec.compute.activation_checkpointing
     opt = torch.optim.AdamW(objective.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
     steps = Steps.plan(config["rows_per_rank"], spec.train.batch_size, spec.train)
     sched = cosine_schedule(opt, spec.train.warmup_steps, steps.total)
     resumed = {}
-    shape = shape_of(model=spec.model, alignment=spec.alignment, text_dim=text_dim)
+    shape = config["shape"]
 
     def load(ckpt):
         state, meta = load_state(ckpt)
@@ -214,11 +214,14 @@ def run(spec: TokenizerStageSpec) -> dict:
     prepared = train_datasets(spec.data, world, ("train", "val") if has_val else ("train",))
     text_tokens, caption_emb = text_inputs(spec.alignment, spec.data, set(index.loc[index["split"] == "train", "scan_id"]))
     rows = prepared["sizes"]["train"]
-    config = {"spec": worker_spec(spec), "text_tokens": text_tokens, "captions": caption_emb,
+    text_dim = text_tokens.shape[1] if text_tokens is not None else 8
+    config = {"spec": worker_spec(spec), "text_tokens": text_tokens, "captions": caption_emb, "text_dim": text_dim,
               "rows_per_rank": math.ceil(rows / world), "has_val": "val" in prepared["datasets"],
               "fault": fault_plan()}
+    worker = TokenizerStageSpec(**config["spec"])  # the spec as the workers see it (local paths absolute)
+    config["shape"] = shape_of(model=worker.model, alignment=worker.alignment, text_dim=text_dim)
     with table.reading(found):  # `fmrilm data gc` keeps the versions this run streams
-        result = run_trainer(train_loop, config, spec.scaling, prepared["datasets"], spec.run, split_rec["datasets"])
+        result = run_trainer(train_loop, config, spec.scaling, prepared["datasets"], spec.run, split_rec["datasets"], config["shape"])
     if result.checkpoint is None:
         raise RuntimeError(f"run {spec.run.name} finished without a checkpoint")
     uri = export(result.checkpoint, spec, split_rec, contract, dict(result.metrics or {}))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from fmrilm import runtime, storage
+from fmrilm.train.checkpoints import check_newest_checkpoint
 from fmrilm.train.run_lock import RunLock, check_run_inputs, repair_run_record
 from fmrilm.train.specs import RunSpec, ScalingSpec
 
@@ -36,11 +37,14 @@ def run_config(run: RunSpec):
                      worker_runtime_env={"env_vars": runtime.forwarded_env()})
 
 
-def run_trainer(loop, config: dict, scaling: ScalingSpec, datasets: dict, run: RunSpec, versions: dict | None = None):
+def run_trainer(loop, config: dict, scaling: ScalingSpec, datasets: dict, run: RunSpec, versions: dict | None = None,
+                shape: dict | None = None, pickles: frozenset[str] = frozenset()):
     """The one trainer of every stage: a ``TorchTrainer`` of ``loop(config)`` on
     ``scaling.num_workers`` workers over the Ray ``datasets`` (name -> dataset), fitted under the
     run's lock (:class:`RunLock`: one live driver per run name) after :func:`check_run_inputs`
-    (``versions``: dataset -> version read); returns Ray's ``Result``. When the run's object store
+    (``versions``: dataset -> version read) and, with the model ``shape`` its checkpoints record,
+    :func:`~fmrilm.train.checkpoints.check_newest_checkpoint` (``pickles``: the globals its
+    checkpoint files may hold); returns Ray's ``Result``. When the run's object store
     stopped answering (the error says so, or the run folder cannot be listed afterwards), raise a
     :class:`fmrilm.storage.StorageError` that says so and how to resume, instead of a worker-group
     traceback."""
@@ -56,6 +60,8 @@ def run_trainer(loop, config: dict, scaling: ScalingSpec, datasets: dict, run: R
     lock = RunLock(run_dir, run.name).acquire()
     try:
         check_run_inputs(run_dir, run, versions)
+        if shape is not None:
+            check_newest_checkpoint(run_dir, run.name, shape, pickles)
         repair_run_record(run_dir, run.name)
         return _fit(trainer, run)
     finally:
