@@ -14,7 +14,7 @@ def test_features_build_cli_on_ray_with_sex_probe(ray_cluster, local_s3, tmp_pat
     root = local_s3.uri("features", "datasets")
     ingest_synthetic(SynthParams(name="probe", subjects=80, n_rois=21, n_networks=7, n_timepoints=150, sex_effect=0.4, seed=8), root)
     spec = tmp_path / "features.yaml"
-    spec.write_text(f"kind: features\ndata: {root}\nica_components: 6\nplot: true\nsplit: {{seed: 1, fractions: {{train: 0.6, test: 0.4}}}}\n")
+    spec.write_text(f"kind: features\ndata: {{root: {root}, split: {{seed: 1, fractions: {{train: 0.6, test: 0.4}}}}}}\nica_components: 6\nplot: true\n")
     r = CliRunner().invoke(app, ["features", "build", str(spec)])
     assert r.exit_code == 0, r.output
     assert "sex probe" in r.stdout

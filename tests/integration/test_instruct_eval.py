@@ -191,7 +191,7 @@ def test_lora_sweep_selects_on_validation_subjects(pretrained):
     base["train"] |= {"epochs": 1, "checkpoint_every": 3}
     path = pretrained["root"] / "instruct_base.yaml"
     path.write_text(yaml.safe_dump(base))
-    spec = config.build(SweepSpec, {"stage": "instruct", "base": str(path), "name": "lora", "storage": pretrained["runs"],
+    spec = config.build(SweepSpec, {"stage": "instruct", "base": str(path), "run": {"name": "lora", "storage": pretrained["runs"]},
                                     "space": {"lora.r": {"grid": [2]}}, "metric": "val/loss", "mode": "min"})
     result = sweep(spec)  # one trial: choosing among trials is covered by the tokenizer sweep
     table = result["table"]

@@ -39,7 +39,7 @@ def base(ray_cluster, tmp_path_factory):
 
 
 def _sweep(base, name, **extra):
-    return config.build(SweepSpec, {"stage": "tokenizer", "base": base["base"], "name": name, "storage": str(base["root"] / "runs"),
+    return config.build(SweepSpec, {"stage": "tokenizer", "base": base["base"], "run": {"name": name, "storage": str(base["root"] / "runs")},
                                     "space": {"model.num_codes": {"grid": [8, 32]}, "train.lr": {"grid": [3e-3, 1e-6]}},
                                     "metric": "val/r2", "mode": "max", "max_concurrent_trials": 2} | extra)
 
