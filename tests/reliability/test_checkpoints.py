@@ -172,6 +172,7 @@ def test_the_driver_refuses_the_newest_checkpoint_before_any_worker_starts(tmp_p
         folder.mkdir(parents=True)
         torch.save(payload, folder / "state.pt")
         (folder / "meta.json").write_text(json.dumps({"step": step, "shape": {"model.width": 16}}))
+    (tmp_path / "run" / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's record beside the folders
     check_newest_checkpoint(run, "r", {"model.width": 16}, frozenset())
     with pytest.raises(SpecMismatch, match=r"checkpoint_0000008 of run 'r' was written with another model shape \(model.width: 16"):
         check_newest_checkpoint(run, "r", {"model.width": 24}, frozenset())

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import tempfile
 from contextlib import contextmanager
 
@@ -105,7 +106,8 @@ def check_newest_checkpoint(run_dir, run_name: str, shape: dict, allowed: frozen
     which fall back to an older checkpoint (:func:`resume`); they check everything again as they load."""
     from fmrilm import storage
 
-    newest = next(iter(sorted((n for n in storage.list_dir(run_dir) if n.startswith("checkpoint_")), reverse=True)), None)
+    folders = sorted(n for n in storage.list_dir(run_dir) if re.fullmatch(r"checkpoint_\d+(-after-\d+)?", n))  # not Ray's snapshot file
+    newest = folders[-1] if folders else None
     if newest is None:
         return
     folder = run_dir.join(newest)
