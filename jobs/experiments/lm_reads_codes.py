@@ -1,0 +1,109 @@
+"""What a tiny LM makes of a bag of codes: does the LM read as much as a linear model of its tokens?
+
+The science cohort (as ``token_designs.py``: z-scored scans, 480 training / 160 test subjects)
+coded by a k-means brain-state codebook (one of ``--codes`` codes per TR, fitted on training time
+points). The built-in decoder is fed only each scan's codes (no scan vector, no features) and asked
+the sex question; its calibrated answers on the test subjects are scored beside a logistic reader
+of the code histogram. Choices: how the LM's code rows start (``--rows projection``: today's
+random projection of the codebook; ``pca``: the leading principal axes of the training scans'
+code histograms), ``--frozen`` (the rows never train) and ``--permute`` (the code order shuffled
+in every training example: a bag of tokens by construction). Usage::
+
+    python jobs/experiments/lm_reads_codes.py [--rows projection|pca] [--frozen] [--permute] [--steps 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+QUESTION = "What is the sex of this participant?"
+CHOICES = [" Male", " Female"]
+
+
+def pca_rows(codes: np.ndarray, train, k: int, text: torch.Tensor) -> torch.Tensor:
+    """``[k, hidden]`` code rows: the leading principal axes of the training scans' standardised
+    code histograms, at the text rows' per-dimension mean and spread."""
+    from token_designs import histogram
+
+    h = histogram(codes[train], k)
+    h = (h - h.mean(0)) / (h.std(0) + 1e-6)
+    _, _, vt = np.linalg.svd(h, full_matrices=False)
+    z = torch.from_numpy(vt[: text.shape[1]].T.copy()).float()
+    z = (z - z.mean(0)) / z.std(0).clamp_min(1e-8)
+    return text.mean(0) + text.std(0) * z
+
+
+def main() -> None:
+    from sklearn.metrics import balanced_accuracy_score
+    from token_designs import cohort, histogram, kmeans_codes, score
+
+    from fmrilm.data.instructions import encode, question_prompt
+    from fmrilm.data.lm_sequences import fmri_part, pack
+    from fmrilm.eval.scoring import calibrated_choices, score_choices
+    from fmrilm.models.fmri_lm import add_fmri_vocab, forward_loss, init_code_embeddings, load_backbone
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--codes", type=int, default=256)
+    ap.add_argument("--rows", choices=["projection", "pca"], default="projection")
+    ap.add_argument("--frozen", action="store_true")
+    ap.add_argument("--permute", action="store_true")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    start = time.time()
+    x, y, _, train, test = cohort("science")
+    codes, centroids = kmeans_codes(x.transpose(0, 2, 1), train, args.codes)  # [subjects, time]
+    reader = score(histogram(codes, args.codes), y, train, test)
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    lm, tok, _ = load_backbone("tiny-gpt2", seed=args.seed)
+    vocab = add_fmri_vocab(lm, tok, args.codes)
+    init_code_embeddings(lm, vocab, torch.from_numpy(centroids).float())
+    table = lm.get_input_embeddings().weight
+    rows = slice(vocab.first_code_id, vocab.first_code_id + args.codes)
+    if args.rows == "pca":
+        with torch.no_grad():
+            table[rows] = pca_rows(codes, train, args.codes, table[: vocab.base_vocab].detach())
+    if args.frozen:
+        keep = torch.ones(table.shape[0], 1)
+        keep[rows] = 0
+        table.register_hook(lambda g: g * keep)
+    word = {"M": "Male", "F": "Female"}
+
+    def example(i, order=None, with_answer=True):
+        c = codes[i] if order is None else codes[i][order]
+        part = lambda _: fmri_part(c[None, :], vocab.first_code_id, vocab.open_id, vocab.close_id)  # noqa: E731
+        return encode(question_prompt("s", QUESTION), " " + word[y[i]] if with_answer else "", part, tok, with_answer=with_answer)
+
+    length = len(example(train[0]).ids) + 4
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.1)
+    lm.train()
+    for _ in range(args.steps):
+        batch = [example(i, rng.permutation(codes.shape[1]) if args.permute else None) for i in rng.choice(train, 32, replace=False)]
+        loss, _ = forward_loss(lm, {k: torch.from_numpy(v) for k, v in pack(batch, length, tok.pad_token_id).items()}, {0: 1.0})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lm.eval()
+
+    def scores(group):
+        return score_choices(lm, [example(i, with_answer=False) for i in group], CHOICES, tok, length)
+
+    pred = np.array([CHOICES[i].strip()[0] for i in calibrated_choices(scores(test), scores(train[:64]))])
+    print(json.dumps({"rows": args.rows, "frozen": args.frozen, "permute": args.permute, "steps": args.steps,
+                      "lm_balanced_accuracy": round(float(balanced_accuracy_score(y[test], pred)), 3),
+                      "histogram_logistic": round(reader, 3), "final_loss": round(loss.item(), 3), "seconds": round(time.time() - start)}))
+
+
+if __name__ == "__main__":
+    main()
