@@ -6,10 +6,12 @@ points). The built-in decoder is fed only each scan's codes (no scan vector, no 
 the sex question; its calibrated answers on the test subjects are scored beside a logistic reader
 of the code histogram. Choices: how the LM's code rows start (``--rows projection``: today's
 random projection of the codebook; ``pca``: the leading principal axes of the training scans'
-code histograms), ``--frozen`` (the rows never train) and ``--permute`` (the code order shuffled
-in every training example: a bag of tokens by construction). Usage::
+code histograms), ``--frozen`` (the rows never train), ``--permute`` (the code order shuffled
+in every training example: a bag of tokens by construction) and ``--pool`` (the mean of the scan's
+code rows, through an MLP, added where the answer is predicted: a bag-of-tokens path inside the LM,
+built from its own code rows). Usage::
 
-    python jobs/experiments/lm_reads_codes.py [--rows projection|pca] [--frozen] [--permute] [--steps 400]
+    python jobs/experiments/lm_reads_codes.py [--rows projection|pca] [--frozen] [--permute] [--pool] [--steps 400]
 """
 
 from __future__ import annotations
@@ -42,6 +44,28 @@ def pca_rows(codes: np.ndarray, train, k: int, text: torch.Tensor) -> torch.Tens
     return text.mean(0) + text.std(0) * z
 
 
+class PooledCodes(torch.nn.Module):
+    """A causal LM plus the mean of each row's code embeddings (ids in ``codes``), projected by an
+    MLP and added at ``scan_pos`` (where the answer is predicted). One example per packed row."""
+
+    def __init__(self, lm, codes: range):
+        super().__init__()
+        hidden = lm.get_input_embeddings().weight.shape[1]
+        self.lm, self.codes = lm, codes
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
+        torch.nn.init.zeros_(self.mlp[2].weight)  # starts as the plain LM
+        torch.nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, scan=None, scan_pos=None, use_cache=False, logits_to_keep=0):
+        emb = self.lm.get_input_embeddings()(input_ids)
+        is_code = ((input_ids >= self.codes.start) & (input_ids < self.codes.stop)).to(emb.dtype)[..., None]
+        pooled = (emb * is_code).sum(1) / is_code.sum(1).clamp_min(1)  # [batch, hidden]
+        vec = self.mlp(pooled)[:, None] * (scan_pos >= 0)[..., None].to(emb.dtype)
+        emb = emb.scatter_add(1, scan_pos.clamp_min(0)[..., None].expand(-1, -1, emb.shape[-1]), vec)
+        return self.lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                       logits_to_keep=logits_to_keep)
+
+
 def main() -> None:
     from sklearn.metrics import balanced_accuracy_score
     from token_designs import cohort, histogram, kmeans_codes, score
@@ -56,6 +80,7 @@ def main() -> None:
     ap.add_argument("--rows", choices=["projection", "pca"], default="projection")
     ap.add_argument("--frozen", action="store_true")
     ap.add_argument("--permute", action="store_true")
+    ap.add_argument("--pool", action="store_true")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -79,28 +104,30 @@ def main() -> None:
         keep[rows] = 0
         table.register_hook(lambda g: g * keep)
     word = {"M": "Male", "F": "Female"}
+    model = PooledCodes(lm, range(rows.start, rows.stop)) if args.pool else lm
+    where = np.zeros(1, np.float32) if args.pool else None  # a placeholder vector: marks where the answer is predicted
 
     def example(i, order=None, with_answer=True):
         c = codes[i] if order is None else codes[i][order]
-        part = lambda _: fmri_part(c[None, :], vocab.first_code_id, vocab.open_id, vocab.close_id)  # noqa: E731
+        part = lambda _: fmri_part(c[None, :], vocab.first_code_id, vocab.open_id, vocab.close_id, scan=where)  # noqa: E731
         return encode(question_prompt("s", QUESTION), " " + word[y[i]] if with_answer else "", part, tok, with_answer=with_answer)
 
     length = len(example(train[0]).ids) + 4
-    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.1)
-    lm.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.1)
+    model.train()
     for _ in range(args.steps):
         batch = [example(i, rng.permutation(codes.shape[1]) if args.permute else None) for i in rng.choice(train, 32, replace=False)]
-        loss, _ = forward_loss(lm, {k: torch.from_numpy(v) for k, v in pack(batch, length, tok.pad_token_id).items()}, {0: 1.0})
+        loss, _ = forward_loss(model, {k: torch.from_numpy(v) for k, v in pack(batch, length, tok.pad_token_id).items()}, {0: 1.0})
         opt.zero_grad()
         loss.backward()
         opt.step()
-    lm.eval()
+    model.eval()
 
     def scores(group):
-        return score_choices(lm, [example(i, with_answer=False) for i in group], CHOICES, tok, length)
+        return score_choices(model, [example(i, with_answer=False) for i in group], CHOICES, tok, length)
 
     pred = np.array([CHOICES[i].strip()[0] for i in calibrated_choices(scores(test), scores(train[:64]))])
-    print(json.dumps({"rows": args.rows, "frozen": args.frozen, "permute": args.permute, "steps": args.steps,
+    print(json.dumps({"rows": args.rows, "frozen": args.frozen, "permute": args.permute, "pool": args.pool, "steps": args.steps,
                       "lm_balanced_accuracy": round(float(balanced_accuracy_score(y[test], pred)), 3),
                       "histogram_logistic": round(reader, 3), "final_loss": round(loss.item(), 3), "seconds": round(time.time() - start)}))
 
