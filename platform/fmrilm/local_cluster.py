@@ -193,6 +193,12 @@ def _serve(workers: int, head_cpus: int, worker_cpus: int, temp: str, object_sto
         nodes[name] = node
         return node.node_id
 
+    # what `ray start --head` leaves behind: the file a job's supervisor reads (in the head's temp dir) to tell its
+    # driver the cluster's address; without it Ray falls back to any Ray process on the machine, and once another
+    # local cluster's head is gone, drivers of this one dialled the dead head's address and hung
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(cluster.address, temp)
     ids = {"head": cluster.head_node.node_id} | {f"node{i}": add(f"node{i}") for i in range(1, workers + 1)}
     cluster.wait_for_nodes()
     _wait_until_it_runs_a_job(f"http://127.0.0.1:{dash}")
