@@ -61,6 +61,7 @@ JOBS: dict[str, Job] = {j.kind: j for j in (
     Job("instruct", "fmrilm.train.instruct", "InstructSpec", sweep_metric="val/loss", inputs={"model": "pretrain"}, output="model",
         per_variant=True),
     Job("kshot", "fmrilm.train.kshot", "KShotSpec", inputs={"model": "pretrain"}, per_variant=True),
+    Job("vlm", "fmrilm.train.vlm", "VLMSpec", output="model"),  # the poster's baseline: a VLM shown scans as images
     Job("eval", "fmrilm.eval.run", "EvalSpec", inputs={"model": "instruct", "kshot": "kshot"}, per_variant=True),
     Job("sweep", "fmrilm.tune.sweep", "SweepSpec"),
 )}

@@ -100,8 +100,9 @@ def test_instruct_then_eval_report(pretrained):
     probe = torch.load(os.path.join(sex2["model"], "probe.pt"), weights_only=False)
     torch.testing.assert_close(probe_logits(model, probe["inputs"]), probe["logits"], atol=1e-4, rtol=1e-4)
     assert kshot(shots)["kept"] == 6  # the same run again keeps every adapter
+    vlms = _vlm_baselines(pretrained)
     spec = EvalSpec(model=result["model"], data={"root": pretrained["data"], "datasets": ["cohort"]}, heldout_datasets=["other"], fmri_steps=2,
-                    seq_len=160, kshot=tuned["run"], bootstrap=50, shuffles=["rois"], run={"storage": pretrained["runs"], "name": "eval"})
+                    seq_len=160, kshot=tuned["run"], bootstrap=50, shuffles=["rois"], vlm=vlms, run={"storage": pretrained["runs"], "name": "eval"})
     report = evaluate(spec)
     methods = {(r["group"], r["task"], r["paradigm"], r["method"]) for r in report["results"]}
     for group in ("heldout_subjects", "heldout_dataset"):
@@ -132,6 +133,13 @@ def test_instruct_then_eval_report(pretrained):
     assert gap["best_classical"]["ci"][0] <= gap["best_classical"]["gap"] <= gap["best_classical"]["ci"][1]
     assert 0 <= gap["best_classical"]["mcnemar_p"] <= 1 and "fc_linear" in gap
     assert "kshot_lora k=2" in md and "## heldout dataset" in md
+    for group in ("heldout_subjects", "heldout_dataset"):  # each VLM on the same held-out scans, paired with fmrilm's full answers
+        for family in ("llava", "idefics3"):
+            rows = [r for r in report["results"] if r["group"] == group and r["paradigm"] == "vlm" and r["method"].startswith(f"vlm:{family}:")]
+            assert {r["task"] for r in rows} == {"sex", "age"} and all({"full", "best_classical"} <= set(r["vs"]) for r in rows), rows
+    vlm_age = next(r for r in report["results"] if r["paradigm"] == "vlm" and r["task"] == "age")
+    assert {"mae", "pearson_r", "spread"} <= set(vlm_age["metrics"]) and 0 <= vlm_age["parse_rate"] <= 1
+    assert "## Vision-language models shown the scans as images" in md and "| heldout subjects | vlm | vlm:llava:vlm-llava |" in md
     shuffled = [r for r in report["results"] if r["paradigm"].startswith("full_shuffled_") and r["group"] == "heldout_subjects"]
     assert {(r["task"], r["paradigm"]) for r in shuffled} == {(t, "full_shuffled_rois") for t in ("sex", "age_bin", "age")}
     assert all("full" in r["vs"] for r in shuffled) and "## Codes shuffled at test time" in md
@@ -148,6 +156,29 @@ def test_instruct_then_eval_report(pretrained):
     assert "Model Card for Model ID" not in card and "atlas `synthetic-8`, 8 ROIs" in card and "## Evaluation" in card
     assert "| sex | heldout_subjects | fmrilm (full) |" in card and "| sex | heldout_dataset | majority |" in card
     assert open(os.path.join(result["model"], "adapter", "README.md")).read().startswith("# fmrilm instruct export")
+
+
+def _vlm_baselines(p) -> list[str]:
+    """The poster's baseline in two families: tiny LLaVA on 2 workers (ZeRO-2) and tiny Idefics3
+    (SmolVLM's family) on 1, a few LoRA steps each on the training scans as images; each export
+    reloads with the trained logits; a run resumes by its name."""
+    from fmrilm.artifacts import vlm as artifact
+    from fmrilm.registry import load_job
+
+    exports = []
+    for family, workers, zero in (("llava", 2, 2), ("idefics3", 1, 0)):
+        overrides = [f"model=tiny-{family}", f"data.root={p['data']}", "data.datasets=[cohort]", "render.size=16", "seq_len=96",
+                     f"deepspeed.zero_stage={zero}", "deepspeed.micro_batch_size=4", "train.max_steps=3", "train.log_every=1",
+                     "train.checkpoint_every=2", f"scaling.num_workers={workers}", f"run.storage={p['runs']}", f"run.name=vlm-{family}"]
+        spec, run, _ = load_job("jobs/baseline_vlm.yaml", overrides)
+        result = run(spec)
+        assert result["metrics"]["step"] == 3 and result["task_rows"]["sex"] > 0 and result["task_rows"]["age"] > 0, result
+        model, processor, meta = artifact.load(result["model"])  # checks the reload against the trained logits
+        assert meta["family"] == family and meta["layout"] == "adapter" and set(meta["split"]["trained_subjects"])
+        if family == "llava":  # the same run name resumes at its last checkpoint (the loop LM stages share)
+            assert run(spec)["metrics"].get("resumed_from_step") == 3
+        exports.append(result["model"])
+    return exports
 
 
 def test_bad_instruct_and_eval_specs_fail_early(pretrained):

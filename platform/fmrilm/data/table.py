@@ -390,3 +390,19 @@ def networks_of(manifest: dict) -> list[str]:
     if missing:
         raise NetworkMapMissing(f"dataset {manifest['dataset']!r}: ROI(s) {missing[:5]} have no network in roi_networks")
     return [mapping[label] for label in labels]
+
+
+def series_of(root_uri: str, scan_ids) -> tuple[dict[str, tuple[np.ndarray, float]], dict[str, list[str] | None]]:
+    """Every listed scan's series under ``root_uri``, read once: ``scan_id -> ([rois, time], TR)``,
+    and its ROIs' networks (``None`` where its dataset's manifest names none)."""
+    want = set(scan_ids)
+    series, networks = {}, {}
+    for loc, manifest in find_datasets(root_uri):
+        found = read_series(loc, manifest, want)
+        try:
+            nets = networks_of(manifest)
+        except NetworkMapMissing:
+            nets = None
+        series |= found
+        networks |= {sid: nets for sid in found}
+    return series, networks

@@ -32,10 +32,13 @@ def classification(y_true, y_pred, scores: np.ndarray | None = None, classes: li
 
 
 def regression(y_true, y_pred) -> dict[str, float]:
-    """``mae`` and ``pearson_r`` (NaN when either side is constant)."""
+    """``mae``, ``pearson_r`` (NaN when either side is constant) and ``spread``: the predictions'
+    standard deviation over the true values' (1: as wide as the truth; near 0: one answer for
+    everyone, the Yale poster's "narrow output distribution"; NaN for constant true values)."""
     y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
     r = float(np.corrcoef(y_true, y_pred)[0, 1]) if y_true.std() > 0 and y_pred.std() > 0 else float("nan")
-    return {"mae": float(np.abs(y_true - y_pred).mean()), "pearson_r": r}
+    spread = float(y_pred.std() / y_true.std()) if y_true.std() > 0 else float("nan")
+    return {"mae": float(np.abs(y_true - y_pred).mean()), "pearson_r": r, "spread": spread}
 
 
 def bootstrap(metric, arrays: list[np.ndarray], n: int = 1000, seed: int = 0, level: float = 0.95,

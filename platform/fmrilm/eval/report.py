@@ -18,6 +18,7 @@ from fmrilm import storage
 from fmrilm.eval.classical import BEST
 
 SHUFFLED = "full_shuffled_"  # the full paradigm on codes shuffled at test time (fmrilm.eval.run)
+VLM = "vlm:"  # the method names of VLM baseline exports: vlm:<family>:<run> (fmrilm.eval.vlm)
 SHUFFLES_READ = ("over `time`, each ROI's codes permuted over the scan's time steps; over `rois`, each time step's codes permuted "
                  "over ROIs (the scan token's vector is kept). A model that reads its codes falls; one that does not stays where it was.")
 
@@ -77,7 +78,10 @@ def table_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
                     few = [r for r in results if r["task"] == task and r["paradigm"] == paradigm and r["k"] == k and r["method"] == "fc_linear"]
                     cells = [cols[0], "-", "-", _over_seeds(few, key) + " (same k scans)" if few else "-"] + ["-"] * (len(cols) - 2)
                 rows.append([task, key, name, _over_seeds(same, key), *cells])
-        if not lm:
+        vlms = [r for r in results if r["task"] == task and r["method"].startswith(VLM)]
+        for r in vlms:  # the VLM baseline's answer sits in the fmrilm column of its own row
+            rows.append([task, key, r["method"], _fmt(r, key), cols[0], best_cell, gap_text(r.get("vs", {}).get(BEST)), *cols[1:]])
+        if not lm and not vlms:
             rows.append([task, key, "(baselines only)", "-", cols[0], best_cell, "-", *cols[1:]])
     return header, rows
 
@@ -115,6 +119,28 @@ def classical_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]
         if any(r["method"] in {f"{reader}_linear{s}" for s in spans} for r in base):
             rows.append([reader, *cells])
     return header, rows
+
+
+def vlm_lines(report: dict) -> list[str]:
+    """The section on the VLM baselines (rows named ``vlm:<family>:<run>`` in the tables): each
+    one's paired gap to fmrilm's full paradigm, and the spread of every method's age predictions."""
+    vlms = [r for r in report["results"] if r["method"].startswith(VLM)]
+    if not vlms:
+        return []
+    lines = ["## Vision-language models shown the scans as images", "",
+             "Each `vlm:<family>:<run>` row is a VLM tuned with LoRA on the training scans rendered as images (`fmrilm run "
+             "jobs/baseline_vlm.yaml`), asked the same question about the same held-out scans. Its paired gap to fmrilm's full "
+             "paradigm (VLM minus fmrilm; for MAE, negative is the VLM's win):", ""]
+    for r in vlms:
+        lines.append(f"- {r['task']} / {r['group'].replace('_', ' ')} / {r['method']}: {_fmt(r, headline(r['task']))}; vs fmrilm full "
+                     f"{gap_text(r.get('vs', {}).get('full'))}")
+    ages = [r for r in report["results"] if r["task"] == "age" and "spread" in r["metrics"] and r["method"] not in ("mean",)]
+    if ages:
+        lines += ["", "Spread of the age predictions (their SD over the true ages' SD; 1: as wide as the truth, near 0: one age "
+                  "for everyone, the poster's narrow output range):", "", "| group | paradigm | method | spread | pearson r |", "|---|---|---|---|---|"]
+        lines += [f"| {r['group'].replace('_', ' ')} | {r['paradigm']} | {r['method']} | {_fmt(r, 'spread')} | {_fmt(r, 'pearson_r', False)} |"
+                  for r in ages if r["k"] is None]
+    return lines + [""]
 
 
 def group_tables(report: dict) -> list[str]:
@@ -158,7 +184,7 @@ def markdown(report: dict) -> str:
     lines += ["The best classical reader is chosen per task on the training scans' inner cross-validation (never on a test scan); "
               "`fmrilm - best classical` is the paired difference on the same test scans with its 95 % bootstrap CI (a negative "
               "MAE gap is fmrilm's win) and, for classes, McNemar's exact p. A target is met when its CI says so, not its point.", ""]
-    lines += shuffle_lines(report)
+    lines += shuffle_lines(report) + vlm_lines(report)
     for group in report["groups"]:
         header, rows = classical_rows(report, group)
         if rows:
@@ -302,11 +328,13 @@ def plots(report: dict, predictions: list[dict]) -> dict[str, bytes]:
         out["confusion.png"] = png_bytes(fig)
     if "age" in tasks:
         fig, ax = plt.subplots(figsize=(4, 4))
-        for i, (paradigm, method) in enumerate((("full", "fmrilm"), ("baseline", "fc_linear"), ("baseline", "planted_pattern"))):
+        shown = [("full", "fmrilm"), ("baseline", "fc_linear"), ("baseline", "planted_pattern")]
+        shown += [("vlm", q["method"]) for q in predictions if q["task"] == "age" and q["group"] == group and q["paradigm"] == "vlm"]
+        for i, (paradigm, method) in enumerate(shown):
             p = next((q for q in predictions if q["task"] == "age" and q["group"] == group and q["paradigm"] == paradigm
                       and q["method"] == method), None)
             if p:
-                ax.scatter(p["true"], p["pred"], s=14, alpha=0.7, color=f"C{i}", label=method if paradigm == "baseline" else "fmrilm full")
+                ax.scatter(p["true"], p["pred"], s=14, alpha=0.7, color=f"C{i}", label="fmrilm full" if method == "fmrilm" else method)
         lim = ax.get_xlim()
         ax.plot(lim, lim, "k:", lw=1)
         ax.set_xlabel("true age")

@@ -35,13 +35,15 @@ from fmrilm import storage
 from fmrilm.config import RunLocation, StageSpec
 from fmrilm.data.pipeline import DataSpec
 from fmrilm.data import splits
+from fmrilm.data import table
 from fmrilm.data.contract import AtlasMapping
 from fmrilm.data.instructions import QUESTIONS, REGRESSION, Labeller, answerable, fewshot_context, fit_labeller, question_prompt
 from fmrilm.eval import baselines, classical, metrics
 from fmrilm.errors import UserError
 from fmrilm.features import dynamics
 from fmrilm.eval.probes import answer_states, cv_probe, tokenizer_representations
-from fmrilm.eval.report import SHUFFLED
+from fmrilm.eval.report import SHUFFLED, VLM
+from fmrilm.eval.vlm import VLMAnswerer
 from fmrilm.artifacts.tokens import ScanBlocks, Shuffle
 
 log = logging.getLogger("fmrilm.eval")
@@ -75,6 +77,8 @@ class EvalSpec(StageSpec):
     calibration_scans: int = Field(16, ge=0, description="scans asked each question first, class-balanced, from the training "
                                    "subjects the instruct export held out of tuning (else any training scans): every answer's "
                                    "mean score over them is subtracted before the argmax (0: the raw argmax)")
+    vlm: list[str] = Field([], description="VLM baseline exports (jobs/baseline_vlm.yaml), each scored on the same held-out scans "
+                           "(paradigm vlm, method vlm:<family>:<run>) beside fmrilm and the classical readers")
     kshot: str | None = Field("./fmrilm-data/runs/kshot", description="the kshot stage's adapter set (its run folder): "
                               "the kshot_lora paradigm; null: that paradigm is skipped")
     fmri_steps: int | None = Field(None, ge=1, description="time steps of each scan's fMRI block in a prompt "
@@ -327,6 +331,7 @@ class Evaluation:
     readers: dict[str, dict]  # suffix ("" prompt time points, "_whole_scan") -> reader -> scan_id -> vector
     age_mean: float  # the training scans' mean age: the fallback of an unparsed age answer
     age_values: np.ndarray | None  # the whole ages seen in training: the constrained age answers
+    vlms: list = field(default_factory=list)  # fmrilm.eval.vlm.VLMAnswerer of each VLM export
     models: dict = field(default_factory=dict)
 
     def model(self, name: str):
@@ -370,6 +375,8 @@ def prepare(spec: EvalSpec) -> Evaluation:
         trained[f"the features build of {spec.data.root} (descriptor baselines)"] = features_split(spec.data.root, trained_on)
     if kshot is not None:
         trained[f"the k-shot adapters {spec.kshot}"] = kshot["split"]
+    vlms = [VLMAnswerer(uri, spec.data.root) for uri in spec.vlm]
+    trained |= {f"the VLM export {v.uri}": v.meta.get("split") for v in vlms}
     shuffled = {axis: blocks.shuffled(axis, spec.seed) for axis in spec.shuffles}
     meta = eval_meta(spec, set(blocks.codes), trained)
     check_contract(spec, pretrained_meta.get("contract"), set(meta["dataset"]), pretrained)
@@ -390,7 +397,7 @@ def prepare(spec: EvalSpec) -> Evaluation:
     age_values = np.arange(int(np.floor(ages.min())), int(np.ceil(ages.max())) + 1) if len(ages) else None
     return Evaluation(spec, pretrained, instruct_meta, kshot, blocks, shuffled, meta, train, groups, tasks, labeller, pool, pool_name,
                       read_descriptors(spec.data.root, None) if spec.baselines else pd.DataFrame(), fcs, whole, readers, float(ages.mean()),
-                      age_values)
+                      age_values, vlms)
 
 
 def baseline_inputs(spec: EvalSpec, blocks: ScanBlocks, scan_ids) -> tuple[dict, dict, dict]:
@@ -399,7 +406,7 @@ def baseline_inputs(spec: EvalSpec, blocks: ScanBlocks, scan_ids) -> tuple[dict,
     if not (spec.baselines or spec.probes):
         return {}, {}, {}
     seen = blocks.seen_timepoints(spec.fmri_steps)  # what the LM's prompt shows (all of it with the scan token)
-    series, networks = scan_series(spec, scan_ids)
+    series, networks = table.series_of(spec.data.root, scan_ids)
     shown = {s: x for s, (x, _) in series.items()} if seen is None else {s: prompt_part(x, tr, seen) for s, (x, tr) in series.items()}
     whole = {s: baselines.fc_matrix(x) for s, (x, _) in series.items()}
     fcs = whole if seen is None else {s: baselines.fc_matrix(x) for s, x in shown.items()}
@@ -434,7 +441,7 @@ class Recorder:
     def record(self, paradigm: str, method: str, out: dict, k=None, seed=None, extra: dict | None = None) -> None:
         task, y, spec = self.task, self.y, self.spec
         res = score(task, y, out["pred"], out.get("scores"), self.classes, spec.bootstrap, spec.seed)
-        if method == "fmrilm":  # majority/mean are constant by design
+        if method == "fmrilm" or method.startswith(VLM):  # majority/mean are constant by design
             greedy = out.get("decoding") != "expected"  # a constrained number needs no parsing; its parse rate is reported apart
             res["failures"] = metrics.failures(out["pred"], out.get("parse_rate") if greedy else None,
                                                None if task in REGRESSION else len(set(y)), y if task in REGRESSION else None)
@@ -502,6 +509,9 @@ def score_task(ev: Evaluation, rec: Recorder, task: str, group: str) -> None:
             few = baseline_predictions(task, train[train["scan_id"].isin(entry["scan_ids"])], test, labeller, pd.DataFrame(), ev.fcs, spec)
             if "fc_linear" in few:
                 rec.record("kshot_lora", "fc_linear", few["fc_linear"], k=k, seed=seed, extra=shots)
+    for vlm in (v for v in ev.vlms if v.knows(task)):
+        out = vlm.answer(task, test, labeller, ev.age_mean)
+        rec.record("vlm", vlm.name, out, extra={"model": vlm.uri} | {k: out[k] for k in ("parse_rate", "decoding") if k in out})
     if spec.baselines:
         for method, out in baseline_predictions(task, train, test, labeller, ev.descriptors, ev.fcs, spec, ev.whole, ev.readers).items():
             rec.record("baseline", method, out, extra={k: out[k] for k in ("reader", "cv_score") if out.get(k) is not None})
@@ -652,24 +662,6 @@ def mean_fd(scans: pd.DataFrame) -> list[float | None]:
     return out
 
 
-def scan_series(spec: EvalSpec, scan_ids) -> tuple[dict[str, tuple[np.ndarray, float]], dict[str, list[str] | None]]:
-    """Every listed scan's series read from the scan tables once, ``scan_id -> ([rois, time],
-    TR)``, and its ROIs' networks (``None`` where its dataset's manifest names none)."""
-    from fmrilm.data import table
-
-    want = set(scan_ids)
-    series, networks = {}, {}
-    for loc, manifest in table.find_datasets(spec.data.root):
-        found = table.read_series(loc, manifest, want)
-        try:
-            nets = table.networks_of(manifest)
-        except table.NetworkMapMissing:
-            nets = None
-        series |= found
-        networks |= {sid: nets for sid in found}
-    return series, networks
-
-
 def prompt_part(x: np.ndarray, tr: float, seen: dict) -> np.ndarray:
     """The time points of ``x [rois, time]`` an evaluation prompt shows the LM (resampled as the
     tokenizer was trained; :meth:`fmrilm.artifacts.tokens.ScanBlocks.seen_timepoints`)."""
@@ -682,13 +674,13 @@ def paired_gaps(task: str, y: np.ndarray, said: dict[tuple, tuple[dict, np.ndarr
     """Each LM result of one task and group gets ``vs``: its paired gap to ``best_classical``
     and to ``fc_linear`` on the same scans (:func:`fmrilm.eval.metrics.compare`; k-shot rows
     against FC + linear on the same k scans per class; shuffled-code rows also against the
-    unshuffled ``full`` answers)."""
+    unshuffled ``full`` answers; a VLM's rows also against fmrilm's ``full`` answers)."""
     for (paradigm, method, k, seed), (row, pred) in said.items():
-        if method != "fmrilm":
+        if method != "fmrilm" and not method.startswith(VLM):
             continue
         bases = ({"fc_linear": (paradigm, "fc_linear", k, seed)} if paradigm == "kshot_lora" else
                  {classical.BEST: ("baseline", classical.BEST, None, None), "fc_linear": ("baseline", "fc_linear", None, None)})
-        if paradigm.startswith(SHUFFLED):
+        if paradigm.startswith(SHUFFLED) or method.startswith(VLM):
             bases["full"] = ("full", "fmrilm", None, None)
         row["vs"] = {}
         for name, key in bases.items():
@@ -703,8 +695,6 @@ def _planted_pattern(task: str, tr: pd.DataFrame, y_tr: np.ndarray, test: pd.Dat
     """The synthetic generator's planted effect pattern read off each scan's FC, calibrated on the
     training scans (one dataset only). Not an upper bound: the generator's site effect and subject
     noise are not in it, so a model may beat it."""
-    from fmrilm.data import table
-
     effect = {"sex": "sex", "age": "age", "age_bin": "age"}.get(task)
     names = set(tr["dataset"]) | set(test["dataset"])
     if effect is None or len(names) != 1 or not fcs:

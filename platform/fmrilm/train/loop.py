@@ -51,7 +51,7 @@ def packed_collate():
 
 @torch.no_grad()
 def validation_losses(engine, shard, micro_batch: int, objectives: tuple[str, ...], weights: dict[int, float], device,
-                      number: NumberObjective | None = None, precision: str = "fp32") -> dict[str, float]:
+                      number: NumberObjective | None = None, precision: str = "fp32", loss_fn=forward_loss) -> dict[str, float]:
     """Mean loss and loss per objective over a (rank's) validation shard, averaged across ranks,
     as ``val/loss`` and ``val/loss/<objective>``; every rank takes part (ZeRO-3 gathers)."""
     from fmrilm.data.pipeline import torch_batches
@@ -64,7 +64,7 @@ def validation_losses(engine, shard, micro_batch: int, objectives: tuple[str, ..
         if not (batch["targets"] != -100).any():
             continue  # padding rows only
         with autocast(precision, device):
-            loss, parts = forward_loss(engine, {k: v.to(device) for k, v in batch.items()}, weights, number)
+            loss, parts = loss_fn(engine, {k: v.to(device) for k, v in batch.items()}, weights, number)
         for k, v in {"loss": loss, **{f"loss/{objectives[i]}": p for i, p in parts.items()}}.items():
             sums[k] = sums.get(k, 0.0) + v.item()
             counts[k] = counts.get(k, 0.0) + 1
@@ -83,7 +83,7 @@ class LMRecipeSpec(Protocol):
 
 
 def deepspeed_train(spec: LMRecipeSpec, model, config: dict, objectives: tuple[str, ...], weights: dict[int, float], static: dict,
-                    shape: dict, number: NumberObjective | None = None):
+                    shape: dict, number: NumberObjective | None = None, loss_fn=forward_loss):
     """The shared DeepSpeed loop of the LM stages on a Ray Train worker: optimizer and cosine
     schedule over the ``train`` dataset shard, resume from the run's newest checkpoint (refused
     when its recorded ``shape``, :func:`~fmrilm.train.checkpoints.shape_of` of the keys that size
@@ -91,7 +91,9 @@ def deepspeed_train(spec: LMRecipeSpec, model, config: dict, objectives: tuple[s
     ``log_every`` steps (plus ``static``), a checkpoint every ``checkpoint_every`` steps and at the
     end, with the losses over the ``val`` dataset shard at each checkpoint when
     ``config["has_val"]``; ``number`` adds the number-token loss (reported as
-    ``loss/<objectives[number.part]>``). Returns the DeepSpeed engine after the last step."""
+    ``loss/<objectives[number.part]>``). ``loss_fn(engine, batch, weights, number) -> (loss,
+    {objective id: loss})`` reads a batch (default: packed rows through
+    :func:`~fmrilm.models.fmri_lm.forward_loss`). Returns the DeepSpeed engine after the last step."""
     import deepspeed
     import ray.train
 
@@ -151,7 +153,8 @@ def deepspeed_train(spec: LMRecipeSpec, model, config: dict, objectives: tuple[s
             ray.train.report(metrics)
             return
         if val_shard is not None:
-            metrics |= validation_losses(engine, val_shard, spec.deepspeed.micro_batch_size, objectives, weights, device, number, precision)
+            metrics |= validation_losses(engine, val_shard, spec.deepspeed.micro_batch_size, objectives, weights, device, number, precision,
+                                         loss_fn)
         with tempfile.TemporaryDirectory(prefix="fmrilm-lm-ckpt-") as d:
             engine.save_checkpoint(d, tag="ds", client_state={"step": steps.done}, exclude_frozen_parameters=spec.lora.enabled)
             write_meta(d, {"step": steps.done, "shape": shape})
@@ -164,7 +167,7 @@ def deepspeed_train(spec: LMRecipeSpec, model, config: dict, objectives: tuple[s
                                collate_fn=packed_collate(), pin_memory=pin):
         pending_wait += time.perf_counter() - micro_end  # waiting for this batch (the input pipeline)
         with autocast(precision, device):
-            loss, parts = forward_loss(engine, {k: v.to(device, non_blocking=pin) for k, v in batch.items()}, weights, number)
+            loss, parts = loss_fn(engine, {k: v.to(device, non_blocking=pin) for k, v in batch.items()}, weights, number)
         engine.backward(loss)
         engine.step()
         micro_end = time.perf_counter()
@@ -176,7 +179,7 @@ def deepspeed_train(spec: LMRecipeSpec, model, config: dict, objectives: tuple[s
         if steps.done > 2:
             seconds += micro_end - last
             waited += pending_wait
-            tokens_done += int((batch["segments"] > 0).sum())
+            tokens_done += int((batch["segments"] > 0).sum() if "segments" in batch else batch["attention_mask"].sum())
         pending_wait = 0.0
         if steps.report_due():
             report()

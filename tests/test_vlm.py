@@ -1,0 +1,92 @@
+"""The VLM baseline's pure parts: scans rendered as images with a colour scale fitted on training
+scans only, tiny VLMs of two families built from configs in code, rows with the loss on the answer
+only, LoRA on the language model only, choices scored and answers generated."""
+
+import numpy as np
+import pytest
+import torch
+
+from fmrilm.features import images
+from fmrilm.models import vlm
+
+
+def _scans(n=4, rois=12, time=80, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((rois, time)) for _ in range(n)]
+
+
+def test_images_have_one_size_and_a_scale_from_training_scans_only():
+    train, test = _scans(), [np.random.default_rng(9).standard_normal((12, 200)) * 50]
+    scale = images.fit_scale(train)
+    assert scale.carpet[0] < 0 < scale.carpet[1] and -1 <= scale.fc[0] < scale.fc[1] <= 1
+    assert images.fit_scale(train) == scale and images.fit_scale(train + test) != scale  # a test scan would move it
+    assert images.ImageScale.from_dict(scale.as_dict()) == scale
+    for view, size in (("carpet", (16, 16)), ("fc", (16, 16)), ("both", (32, 16))):
+        assert images.render(train[0], view, scale, 16).size == size  # width, height
+        assert images.render(test[0], view, scale, 16).size == size  # another length, the same image size
+    both = np.asarray(images.render(train[0], "both", scale, 16))
+    assert (both[:, :16] == images.carpet(train[0], scale, 16)).all() and (both[:, 16:] == images.fc_heatmap(train[0], scale, 16)).all()
+    with pytest.raises(ValueError, match="unknown image view"):
+        images.render(train[0], "movie", scale, 16)
+
+
+def test_the_colours_follow_the_signal():
+    x = np.zeros((2, 40))
+    x[0] = np.sin(np.linspace(0, 12, 40))
+    x[1] = x[0]  # perfectly coupled
+    scale = images.ImageScale((-2.0, 2.0), (-1.0, 1.0))
+    fc = images.fc_heatmap(x, scale, 2)
+    assert int(fc[0, 1, 0]) > int(fc[0, 1, 2]) + 50  # off-diagonal +1: red
+    assert (fc[0, 0] > 200).all()  # the diagonal is set to 0: white
+
+
+@pytest.mark.parametrize("name", vlm.BUILTIN)
+def test_a_tiny_vlm_trains_on_the_answer_only_with_lora_on_its_language_model(name):
+    model, processor, info = vlm.load_vlm(name, image_size=16)
+    family = vlm.family_of(model)
+    assert not info["pretrained"] and info["family"] in vlm.FAMILIES
+    image = images.render(_scans(1)[0], "both", images.fit_scale(_scans()), 16)
+    row = vlm.encode(processor, family, image, "How old is this participant, in years?", "42", 96, objective=3)
+    answer = processor.tokenizer(" 42", add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id]
+    assert row["ids"].shape == row["targets"].shape == row["objective"].shape == (96,)
+    assert list(row["targets"][row["targets"] != -100]) == answer  # the answer and end of sequence, nothing of the prompt
+    assert set(row["objective"][row["targets"] != -100]) == {3} and set(row["objective"][row["targets"] == -100]) == {-1}
+    first = int(np.flatnonzero(row["targets"] != -100)[0])
+    assert row["ids"][first + 1] == answer[0]  # the target at a position is the next token
+    with pytest.raises(ValueError, match="does not fit seq_len"):
+        vlm.encode(processor, family, image, "How old?", "42", 8)
+
+    targets = vlm.language_targets(model)
+    assert targets and not any(s in t for t in targets for s in vlm.VISION_SIDE)
+    from fmrilm.models.lora import LoraSpec
+    from fmrilm.train.vlm import with_lora
+
+    tuned = with_lora(model, LoraSpec(enabled=True, r=4, alpha=8, dropout=0.0))
+    trainable = [n for n, p in tuned.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable) and not any(s in n for n in trainable for s in ("vision", "projector", "connector"))
+
+    batch = {k: torch.from_numpy(np.stack([v, v])) for k, v in row.items()}
+    loss_fn = vlm.vlm_loss(family)
+    opt = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=3e-2)
+    first_loss, parts = loss_fn(tuned, batch, {3: 1.0})
+    assert set(parts) == {3}
+    for _ in range(15):
+        loss, _ = loss_fn(tuned, batch, {3: 1.0})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first_loss.item() - 0.5  # it learns the answer (its first token; the end of sequence comes slower)
+    tuned.eval()
+    assert vlm.generate_answer(tuned, family, processor, image, "How old is this participant, in years?").startswith("42")
+    lp = vlm.answer_logprobs(tuned, family, processor, image, "How old is this participant, in years?", ["42", "17"])
+    assert lp[0] > lp[1]
+
+
+def test_unsupported_sources_fail_with_one_line(tmp_path):
+    from fmrilm.models.fmri_lm import BackboneError
+
+    with pytest.raises(BackboneError, match="text-only LM"):
+        vlm.load_vlm("tiny-gpt2")
+    with pytest.raises(BackboneError, match="not a Hugging Face model folder"):
+        vlm.load_vlm(str(tmp_path))
+    assert vlm.lora_pattern(["q_proj"]).endswith(r"\.(q_proj)$")
