@@ -12,7 +12,9 @@ Paradigms of the LM, each on the same test scans:
 * ``full``: the instruct stage's export (multi-task LoRA on every training subject);
   with ``shuffles``, asked again with each test scan's codes shuffled over time or over ROIs
   (paradigms ``full_shuffled_time`` / ``full_shuffled_rois``, each with its paired gap to the
-  unshuffled answers): a model that reads its codes falls.
+  unshuffled answers): a model that reads its codes falls;
+* ``vlm``: each VLM baseline export (``vlm``, :mod:`fmrilm.eval.vlm`) asked about the same scans
+  shown as images, with its paired gaps to fmrilm's full answers and to the best classical reader.
 
 Classification is constrained scoring over the allowed answers; the age number is generated and
 parsed. Baselines (:mod:`fmrilm.eval.baselines`) are fitted on every training subject. Every
@@ -34,8 +36,7 @@ from pydantic import Field, field_validator, model_validator
 from fmrilm import storage
 from fmrilm.config import RunLocation, StageSpec
 from fmrilm.data.pipeline import DataSpec
-from fmrilm.data import splits
-from fmrilm.data import table
+from fmrilm.data import splits, table
 from fmrilm.data.contract import AtlasMapping
 from fmrilm.data.instructions import QUESTIONS, REGRESSION, Labeller, answerable, fewshot_context, fit_labeller, question_prompt
 from fmrilm.eval import baselines, classical, metrics

@@ -7,6 +7,8 @@ is reported)."""
 
 from __future__ import annotations
 
+import posixpath
+
 import numpy as np
 import pandas as pd
 
@@ -29,16 +31,14 @@ class VLMAnswerer:
 
     @property
     def name(self) -> str:
-        """The method name of this export's rows: ``vlm:<family>:<run name>``."""
-        run = self.uri.rstrip("/").rsplit("/", 2)[-2] if self.uri.rstrip("/").endswith("/model") else self.uri.rstrip("/").rsplit("/", 1)[-1]
-        return f"vlm:{self.meta['family']}:{run}"
+        """The method name of this export's rows: ``vlm:<family>:<run name>`` (the folder above ``model/``)."""
+        path = self.uri.rstrip("/")
+        run = posixpath.dirname(path) if posixpath.basename(path) == "model" else path
+        return f"vlm:{self.meta['family']}:{posixpath.basename(run)}"
 
     def knows(self, task: str) -> bool:
         """Whether the export was tuned on ``task``."""
         return self.meta["tasks"].get(task, 0) > 0
-
-    def image(self, scan_id: str):
-        return self.images[scan_id]
 
     def render(self, scan_ids) -> None:
         """Render the scans not rendered yet (read from the dataset tables once)."""
@@ -59,11 +59,11 @@ class VLMAnswerer:
         self.render(test["scan_id"])
         question = QUESTIONS[task][0]
         if task in REGRESSION:
-            said = [parse_number(generate_answer(self.model, self.family, self.processor, self.image(s), question)) for s in test["scan_id"]]
+            said = [parse_number(generate_answer(self.model, self.family, self.processor, self.images[s], question)) for s in test["scan_id"]]
             parsed = [v for v in said if v is not None]
             return {"pred": np.asarray([fallback if v is None else v for v in said], float), "parse_rate": len(parsed) / max(1, len(said)),
                     "decoding": "greedy"}
         classes = labeller.classes[task]
-        scores = np.stack([answer_logprobs(self.model, self.family, self.processor, self.image(s), question, classes)
+        scores = np.stack([answer_logprobs(self.model, self.family, self.processor, self.images[s], question, classes)
                            for s in test["scan_id"]])
         return {"pred": np.array([classes[i] for i in scores.argmax(1)], dtype=object), "scores": scores}
