@@ -53,6 +53,7 @@ def test_a_tiny_vlm_trains_on_the_answer_only_with_lora_on_its_language_model(na
     assert set(row["objective"][row["targets"] != -100]) == {3} and set(row["objective"][row["targets"] == -100]) == {-1}
     first = int(np.flatnonzero(row["targets"] != -100)[0])
     assert row["ids"][first + 1] == answer[0]  # the target at a position is the next token
+    assert processor.tokenizer.eos_token_id not in row["ids"][: first + 1]  # no end of sequence before the answer
     with pytest.raises(ValueError, match="does not fit seq_len"):
         vlm.encode(processor, family, image, "How old?", "42", 8)
 

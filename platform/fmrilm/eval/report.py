@@ -128,7 +128,7 @@ def vlm_lines(report: dict) -> list[str]:
     if not vlms:
         return []
     lines = ["## Vision-language models shown the scans as images", "",
-             "Each `vlm:<family>:<run>` row is a VLM tuned with LoRA on the training scans rendered as images (`fmrilm run "
+             "Each `vlm:<family>:<run>` row is a VLM tuned on the training scans rendered as images (`fmrilm run "
              "jobs/baseline_vlm.yaml`), asked the same question about the same held-out scans. Its paired gap to fmrilm's full "
              "paradigm (VLM minus fmrilm; for MAE, negative is the VLM's win):", ""]
     for r in vlms:

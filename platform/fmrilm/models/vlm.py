@@ -165,8 +165,14 @@ def prompt_inputs(processor, family: Family, image, question: str) -> dict[str, 
     arrays (``attention_mask [L]``, ...) and the pixel inputs."""
     images = [[image]] if family.nested_images else [image]
     out = processor(text=[prompt_text(processor, question)], images=images, return_tensors="np")
-    arrays = {k: np.asarray(v)[0] for k, v in out.items() if k not in DROPPED}
-    return {"ids": np.asarray(out["input_ids"])[0].astype(np.int64), **arrays}
+    ids = np.asarray(out["input_ids"])[0].astype(np.int64)
+    tok = processor.tokenizer
+    # what the tokenizer adds around any text, where the template already has it or it cannot be: a second
+    # beginning-of-sequence (a template that writes its own), an end of sequence before the answer (word-piece's [SEP])
+    start = 1 if len(ids) > 1 and tok.bos_token_id is not None and ids[0] == ids[1] == tok.bos_token_id else 0
+    stop = len(ids) - 1 if tok.eos_token_id is not None and ids[-1] == tok.eos_token_id else len(ids)
+    arrays = {k: np.asarray(v)[0][start:stop] if k in PER_TOKEN else np.asarray(v)[0] for k, v in out.items() if k not in DROPPED}
+    return {"ids": ids[start:stop], **arrays}
 
 
 def encode(processor, family: Family, image, question: str, answer: str | None, seq_len: int | None, objective: int = 0) -> dict[str, np.ndarray]:
