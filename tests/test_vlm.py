@@ -90,6 +90,17 @@ def test_unsupported_sources_fail_with_one_line(tmp_path):
         vlm.load_vlm("tiny-gpt2")
     with pytest.raises(BackboneError, match="not a Hugging Face model folder"):
         vlm.load_vlm(str(tmp_path))
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1).save_pretrained(tmp_path)  # a folder of another family: refused from its config, no weights read
+    with pytest.raises(BackboneError, match="VLM family 'gpt2' is not supported"):
+        vlm.load_processor(str(tmp_path))
+    from fmrilm.train.vlm import VLMSpec, check
+
+    processor, family, info = check(VLMSpec(model="tiny-idefics3", render={"size": 16}))  # the driver's check: no weights
+    assert family.nested_images and info == {"source": "tiny-idefics3", "family": "idefics3", "pretrained": False}
+    with pytest.raises(BackboneError, match="no language-model modules"):
+        check(VLMSpec(model="tiny-llava", lora={"enabled": True, "target_modules": ["c_attn"]}))
     assert vlm.lora_pattern(["q_proj"]).endswith(r"\.(q_proj)$")
 
 

@@ -117,40 +117,75 @@ def tiny_vlm(name: str, seed: int = 0, image_size: int = 32):
     raise BackboneError(f"no built-in VLM {name!r}; built-ins: {list(BUILTIN)}")
 
 
-def load_vlm(source: str, seed: int = 0, image_size: int = 32, cache_dir: str | None = None):
-    """A VLM and its processor from a built-in name, a local folder, an ``s3://`` copy (synced once
-    per node) or a hub id; returns ``(model, processor, info)`` with ``info`` = ``{"source",
-    "family", "pretrained"}``. The processor's tokenizer always has a pad token."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+def _path(source: str, cache_dir: str | None) -> tuple[str, str]:
+    """``(kind, local folder or hub id)`` of a non-built-in VLM source."""
     from fmrilm.models.fmri_lm import backbone_path, locate_backbone
+
+    kind, _ = locate_backbone(source)
+    if kind in ("builtin", "offline"):
+        raise BackboneError(f"VLM {source}: a text-only LM; use an image-text-to-text model ({', '.join(BUILTIN)}, a folder, a URI)")
+    return kind, backbone_path(source, cache_dir)
+
+
+def load_processor(source: str, image_size: int = 32, cache_dir: str | None = None):
+    """A VLM's processor and config without its weights (what the driver needs to encode rows and
+    check LoRA targets): ``(processor, config, info)`` with ``info`` = ``{"source", "family",
+    "pretrained"}``. The family is checked before anything large is read; the processor's
+    tokenizer always has a pad token."""
+    from transformers import AutoConfig, AutoProcessor
+
+    if source in BUILTIN:
+        model, processor = tiny_vlm(source, 0, image_size)
+        config, pretrained = model.config, False
+    else:
+        kind, path = _path(source, cache_dir)
+        hint = " (hub ids need network access; use a local folder or an s3:// copy offline)" if kind == "hub" else ""
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise BackboneError(f"VLM {source}: cannot read its config: {err}{hint}") from err
+        family = family_of(config)
+        if family.needs:
+            import importlib.util
+
+            if importlib.util.find_spec(family.needs) is None:
+                raise BackboneError(f"VLM {source}: the {config.model_type} processor needs {family.needs}: install it")
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+        except (OSError, ValueError, AttributeError) as err:
+            raise BackboneError(f"VLM {source}: cannot load its processor: {err}{hint}") from err
+        pretrained = True
+    tok = processor.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return processor, config, {"source": source, "family": config.model_type, "pretrained": pretrained}
+
+
+def load_vlm(source: str, seed: int = 0, image_size: int = 32, cache_dir: str | None = None):
+    """A VLM with its weights and its processor from a built-in name (seeded random weights), a
+    local folder, an ``s3://`` copy (synced once per node) or a hub id: ``(model, processor,
+    info)`` (see :func:`load_processor`)."""
+    from transformers import AutoModelForImageTextToText
 
     if source in BUILTIN:
         model, processor = tiny_vlm(source, seed, image_size)
         log.warning("VLM %s: built from a config in code, NOT pretrained (tests and the synthetic comparison only)", source)
-        pretrained = False
-    else:
-        kind, _ = locate_backbone(source)
-        if kind in ("builtin", "offline"):
-            raise BackboneError(f"VLM {source}: a text-only LM; use an image-text-to-text model ({', '.join(BUILTIN)}, a folder, a URI)")
-        path = backbone_path(source, cache_dir)
-        try:
-            processor = AutoProcessor.from_pretrained(path)
-            model = AutoModelForImageTextToText.from_pretrained(path, torch_dtype=torch.float32)
-        except (OSError, ValueError, AttributeError) as err:
-            hint = " (hub ids need network access; use a local folder or an s3:// copy offline)" if kind == "hub" else ""
-            raise BackboneError(f"VLM {source}: cannot load an image-text-to-text model and its processor: {err}{hint}") from err
-        pretrained = True
-    family = family_of(model)
-    if family.needs:
-        import importlib.util
+        return model, processor, {"source": source, "family": model.config.model_type, "pretrained": False}
+    processor, _, info = load_processor(source, image_size, cache_dir)
+    _, path = _path(source, cache_dir)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, torch_dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"VLM {source}: cannot load an image-text-to-text model: {err}") from err
+    return model, processor, info
 
-        if importlib.util.find_spec(family.needs) is None:
-            raise BackboneError(f"VLM {source}: the {model.config.model_type} processor needs {family.needs}: install it")
-    tok = processor.tokenizer
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, processor, {"source": source, "family": model.config.model_type, "pretrained": pretrained}
+
+def skeleton(config):
+    """The model of ``config`` on the meta device (no weights): its module names, for LoRA checks."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
 
 
 def prompt_text(processor, question: str) -> str:

@@ -84,14 +84,15 @@ class VLMSpec(StageSpec):
 
 
 def check(spec: VLMSpec):
-    """Every check before a worker starts: the model and its processor load, its family is
-    supported, LoRA finds language-model modules. Returns ``(model, processor, info)``."""
-    from fmrilm.models.vlm import language_targets, load_vlm
+    """Every check before a worker starts, without loading the weights: the model's family is
+    supported, its processor loads, LoRA finds language-model modules. Returns ``(processor,
+    family, info)``."""
+    from fmrilm.models.vlm import family_of, language_targets, load_processor, skeleton
 
-    model, processor, info = load_vlm(spec.model, spec.train.seed, spec.render.size, spec.cache_dir)
+    processor, config, info = load_processor(spec.model, spec.render.size, spec.cache_dir)
     if spec.lora.enabled:
-        language_targets(model, spec.lora.target_modules)
-    return model, processor, info
+        language_targets(skeleton(config), spec.lora.target_modules)
+    return processor, family_of(config), info
 
 
 def question(task: str, paraphrases: bool, rng: np.random.Generator) -> str:
@@ -159,11 +160,7 @@ def model_shape(spec: VLMSpec) -> dict:
 
 def run(spec: VLMSpec) -> dict:
     """Check, render and encode the training rows, tune (or resume), export; returns metrics and the export's URI."""
-    from fmrilm.models.vlm import family_of
-
-    model, processor, info = check(spec)
-    family = family_of(model)
-    del model
+    processor, family, info = check(spec)
     runtime.init_ray()
     prepared = prepare(spec, processor, family)
     rows = prepared["rows"]
