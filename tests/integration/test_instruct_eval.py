@@ -102,7 +102,8 @@ def test_instruct_then_eval_report(pretrained):
     assert kshot(shots)["kept"] == 6  # the same run again keeps every adapter
     vlms = _vlm_baselines(pretrained)
     spec = EvalSpec(model=result["model"], data={"root": pretrained["data"], "datasets": ["cohort"]}, heldout_datasets=["other"], fmri_steps=2,
-                    seq_len=160, kshot=tuned["run"], bootstrap=50, shuffles=["rois"], vlm=vlms, run={"storage": pretrained["runs"], "name": "eval"})
+                    seq_len=160, kshot=tuned["run"], bootstrap=50, shuffles=["rois"], vlm=vlms, arms=[result["model"]],
+                    run={"storage": pretrained["runs"], "name": "eval"})
     report = evaluate(spec)
     methods = {(r["group"], r["task"], r["paradigm"], r["method"]) for r in report["results"]}
     for group in ("heldout_subjects", "heldout_dataset"):
@@ -139,7 +140,13 @@ def test_instruct_then_eval_report(pretrained):
             assert {r["task"] for r in rows} == {"sex", "age"} and all({"full", "best_classical"} <= set(r["vs"]) for r in rows), rows
     vlm_age = next(r for r in report["results"] if r["paradigm"] == "vlm" and r["task"] == "age")
     assert {"mae", "pearson_r", "spread"} <= set(vlm_age["metrics"]) and 0 <= vlm_age["parse_rate"] <= 1
-    assert "## Vision-language models shown the scans as images" in md and "| heldout subjects | vlm | vlm:llava:vlm-llava |" in md
+    assert "## Other arms: instruct exports and vision-language models" in md and "| heldout subjects | vlm | vlm:llava:vlm-llava |" in md
+    said = json.load(open(files["predictions.json"]))  # the instruct export again as an arm: asked and calibrated as the full paradigm
+    for task in ("sex", "age"):
+        full, arm = ([p for p in said if p["task"] == task and p["group"] == "heldout_subjects" and (p["paradigm"], p["method"]) == key]
+                     for key in (("full", "fmrilm"), ("arm", "arm:instruct")))
+        assert len(full) == len(arm) == 1 and arm[0]["pred"] == full[0]["pred"], (task, full, arm)
+    assert any(r["method"] == "arm:instruct" and "full" in r["vs"] for r in report["results"])
     shuffled = [r for r in report["results"] if r["paradigm"].startswith("full_shuffled_") and r["group"] == "heldout_subjects"]
     assert {(r["task"], r["paradigm"]) for r in shuffled} == {(t, "full_shuffled_rois") for t in ("sex", "age_bin", "age")}
     assert all("full" in r["vs"] for r in shuffled) and "## Codes shuffled at test time" in md

@@ -13,8 +13,10 @@ Paradigms of the LM, each on the same test scans:
   with ``shuffles``, asked again with each test scan's codes shuffled over time or over ROIs
   (paradigms ``full_shuffled_time`` / ``full_shuffled_rois``, each with its paired gap to the
   unshuffled answers): a model that reads its codes falls;
+* ``arm``: each other instruct export of ``arms`` (another backbone or input mode: the poster's
+  fMRI encoder + GPT-2 arm) asked like ``full``;
 * ``vlm``: each VLM baseline export (``vlm``, :mod:`fmrilm.eval.vlm`) asked about the same scans
-  shown as images, with its paired gaps to fmrilm's full answers and to the best classical reader.
+  shown as images. Arms and VLMs get paired gaps to fmrilm's full answers and to the best classical reader.
 
 Classification is constrained scoring over the allowed answers; the age number is generated and
 parsed. Baselines (:mod:`fmrilm.eval.baselines`) are fitted on every training subject. Every
@@ -43,7 +45,7 @@ from fmrilm.eval import baselines, classical, metrics
 from fmrilm.errors import UserError
 from fmrilm.features import dynamics
 from fmrilm.eval.probes import answer_states, cv_probe, tokenizer_representations
-from fmrilm.eval.report import SHUFFLED, VLM
+from fmrilm.eval.report import ARM, SHUFFLED, VLM
 from fmrilm.eval.vlm import VLMAnswerer
 from fmrilm.artifacts.tokens import ScanBlocks, Shuffle
 
@@ -80,6 +82,9 @@ class EvalSpec(StageSpec):
                                    "mean score over them is subtracted before the argmax (0: the raw argmax)")
     vlm: list[str] = Field([], description="VLM baseline exports (jobs/baseline_vlm.yaml), each scored on the same held-out scans "
                            "(paradigm vlm, method vlm:<family>:<run>) beside fmrilm and the classical readers")
+    arms: list[str] = Field([], description="other instruct exports asked like the full paradigm on the same scans (paradigm arm, "
+                            "method arm:<run>), each calibrated on the training subjects it held out of tuning: e.g. the poster's "
+                            "fMRI encoder + GPT-2 arm (jobs/baseline_encoder_lm.yaml, then jobs/instruct.yaml)")
     kshot: str | None = Field("./fmrilm-data/runs/kshot", description="the kshot stage's adapter set (its run folder): "
                               "the kshot_lora paradigm; null: that paradigm is skipped")
     fmri_steps: int | None = Field(None, ge=1, description="time steps of each scan's fMRI block in a prompt "
@@ -333,6 +338,7 @@ class Evaluation:
     age_mean: float  # the training scans' mean age: the fallback of an unparsed age answer
     age_values: np.ndarray | None  # the whole ages seen in training: the constrained age answers
     vlms: list = field(default_factory=list)  # fmrilm.eval.vlm.VLMAnswerer of each VLM export
+    arms: list = field(default_factory=list)  # Arm of each other instruct export
     models: dict = field(default_factory=dict)
 
     def model(self, name: str):
@@ -360,9 +366,51 @@ class Evaluation:
         return first_captions(read_captions(self.spec.data.root, None))
 
 
+@dataclass
+class Arm:
+    """Another instruct export of :attr:`EvalSpec.arms`: its metadata, pretrained base, fMRI blocks
+    (in its own vocabulary), the spec as it was tuned (``fmri_steps``), and the training subjects
+    it held out of tuning that calibrate its answers."""
+
+    uri: str
+    meta: dict
+    base: str
+    blocks: ScanBlocks
+    asked: EvalSpec
+    pool: pd.DataFrame | None = None
+    pool_name: str = ""
+    model: tuple | None = None
+
+    @classmethod
+    def read(cls, uri: str, spec: EvalSpec) -> "Arm":
+        from fmrilm.artifacts.lm import export_meta, root_export
+
+        meta = export_meta(uri)
+        base = root_export(uri)
+        asked = spec.model_copy(update={"fmri_steps": meta.get("fmri_steps") or spec.fmri_steps})
+        return cls(uri, meta, base, ScanBlocks(base, spec.data.root, spec.data.datasets, None), asked)
+
+    @property
+    def name(self) -> str:
+        """The method name of its rows: ``arm:<run name>`` (the folder above ``model/``)."""
+        import posixpath
+
+        path = self.uri.rstrip("/")
+        return ARM + posixpath.basename(posixpath.dirname(path) if posixpath.basename(path) == "model" else path)
+
+    def loaded(self) -> tuple:
+        """``(model, tokenizer)``, loaded on first use."""
+        from fmrilm.artifacts.lm import load_model
+
+        if self.model is None:
+            self.model = load_model(self.uri)[:2]
+        return self.model
+
+
 def prepare(spec: EvalSpec) -> Evaluation:
     """Everything before scoring: the checks (:func:`check`, no held-out scan of a subject any
     model trained on, the input contract), the blocks, the groups, and the baselines' inputs."""
+    from fmrilm.artifacts.lm import export_meta
     from fmrilm.features.store import features_split, read_descriptors
 
     spec, instruct_meta, pretrained, pretrained_meta, kshot = check(spec)
@@ -378,6 +426,9 @@ def prepare(spec: EvalSpec) -> Evaluation:
         trained[f"the k-shot adapters {spec.kshot}"] = kshot["split"]
     vlms = [VLMAnswerer(uri, spec.data.root) for uri in spec.vlm]
     trained |= {f"the VLM export {v.uri}": v.meta.get("split") for v in vlms}
+    arms = [Arm.read(uri, spec) for uri in spec.arms]
+    for arm in arms:
+        trained |= {f"the instruct export {arm.uri}": arm.meta.get("split"), f"the pretrained export {arm.base}": export_meta(arm.base).get("split")}
     shuffled = {axis: blocks.shuffled(axis, spec.seed) for axis in spec.shuffles}
     meta = eval_meta(spec, set(blocks.codes), trained)
     check_contract(spec, pretrained_meta.get("contract"), set(meta["dataset"]), pretrained)
@@ -393,12 +444,14 @@ def prepare(spec: EvalSpec) -> Evaluation:
     for task in sorted(set(spec.tasks) - set(tasks)):
         log.warning("task %s has fewer than two classes among the training scans: skipped", task)
     pool, pool_name = calibration_pool(spec, train, instruct_meta)
+    for arm in arms:
+        arm.pool, arm.pool_name = calibration_pool(spec, train, arm.meta)
     fcs, whole, readers = baseline_inputs(spec, blocks, meta[meta["group"] != "unused"]["scan_id"])
     ages = pd.to_numeric(train["age"], errors="coerce").dropna()
     age_values = np.arange(int(np.floor(ages.min())), int(np.ceil(ages.max())) + 1) if len(ages) else None
     return Evaluation(spec, pretrained, instruct_meta, kshot, blocks, shuffled, meta, train, groups, tasks, labeller, pool, pool_name,
                       read_descriptors(spec.data.root, None) if spec.baselines else pd.DataFrame(), fcs, whole, readers, float(ages.mean()),
-                      age_values, vlms)
+                      age_values, vlms, arms)
 
 
 def baseline_inputs(spec: EvalSpec, blocks: ScanBlocks, scan_ids) -> tuple[dict, dict, dict]:
@@ -442,7 +495,7 @@ class Recorder:
     def record(self, paradigm: str, method: str, out: dict, k=None, seed=None, extra: dict | None = None) -> None:
         task, y, spec = self.task, self.y, self.spec
         res = score(task, y, out["pred"], out.get("scores"), self.classes, spec.bootstrap, spec.seed)
-        if method == "fmrilm" or method.startswith(VLM):  # majority/mean are constant by design
+        if method == "fmrilm" or method.startswith((VLM, ARM)):  # majority/mean are constant by design
             greedy = out.get("decoding") != "expected"  # a constrained number needs no parsing; its parse rate is reported apart
             res["failures"] = metrics.failures(out["pred"], out.get("parse_rate") if greedy else None,
                                                None if task in REGRESSION else len(set(y)), y if task in REGRESSION else None)
@@ -482,15 +535,16 @@ def score_task(ev: Evaluation, rec: Recorder, task: str, group: str) -> None:
         return
     rec.open(task, group, test, y, labeller.classes.get(task, []))
     reference = calibration_rows(task, ev.pool, labeller, spec.calibration_scans, spec.seed)
-    calibration = {"calibration": {"scans": list(reference["scan_id"]), "from": ev.pool_name}} if len(reference) else {}
     context_pool = train[~train["scan_id"].isin(reference["scan_id"])]  # a reference scan is never its own example
 
-    def ask(model_name, k_context, seed, asked=spec, described=ev.descriptions, scans=ev.blocks, loaded=None):
+    def ask(model_name, k_context, seed, asked=spec, described=ev.descriptions, scans=ev.blocks, loaded=None, ref_rows=reference,
+            ref_from=ev.pool_name):
         model, tok = loaded or ev.model(model_name)
-        ref = task_prompts(task, reference, context_pool, labeller, k_context, seed) if len(reference) else None
+        ref = task_prompts(task, ref_rows, context_pool, labeller, k_context, seed) if len(ref_rows) else None
         out = Answerer(model, tok, scans, asked, described).answer(task, task_prompts(task, test, train, labeller, k_context, seed),
                                                                     labeller, ev.age_mean, ref, ev.age_values)
-        return out, {k: out[k] for k in ("parse_rate", "calibrated_on", "decoding") if k in out} | (calibration if ref is not None else {})
+        used = {"calibration": {"scans": list(ref_rows["scan_id"]), "from": ref_from}} if ref is not None else {}
+        return out, {k: out[k] for k in ("parse_rate", "calibrated_on", "decoding") if k in out} | used
 
     questions = [("zero_shot", "pretrained", 0, ev.blocks)] if "zero_shot" in spec.paradigms else []
     if "in_context" in spec.paradigms:
@@ -510,6 +564,11 @@ def score_task(ev: Evaluation, rec: Recorder, task: str, group: str) -> None:
             few = baseline_predictions(task, train[train["scan_id"].isin(entry["scan_ids"])], test, labeller, pd.DataFrame(), ev.fcs, spec)
             if "fc_linear" in few:
                 rec.record("kshot_lora", "fc_linear", few["fc_linear"], k=k, seed=seed, extra=shots)
+    for arm in ev.arms:
+        rows = calibration_rows(task, arm.pool, labeller, spec.calibration_scans, spec.seed)
+        out, extra = ask(None, 0, spec.seed, arm.asked, ev.described(bool(arm.meta.get("descriptions"))), arm.blocks, arm.loaded(),
+                         rows, arm.pool_name)
+        rec.record("arm", arm.name, out, extra=extra | {"model": arm.uri})
     for vlm in (v for v in ev.vlms if v.knows(task)):
         out = vlm.answer(task, test, labeller, ev.age_mean)
         rec.record("vlm", vlm.name, out, extra={"model": vlm.uri} | {k: out[k] for k in ("parse_rate", "decoding") if k in out})
@@ -677,11 +736,11 @@ def paired_gaps(task: str, y: np.ndarray, said: dict[tuple, tuple[dict, np.ndarr
     against FC + linear on the same k scans per class; shuffled-code rows also against the
     unshuffled ``full`` answers; a VLM's rows also against fmrilm's ``full`` answers)."""
     for (paradigm, method, k, seed), (row, pred) in said.items():
-        if method != "fmrilm" and not method.startswith(VLM):
+        if method != "fmrilm" and not method.startswith((VLM, ARM)):
             continue
         bases = ({"fc_linear": (paradigm, "fc_linear", k, seed)} if paradigm == "kshot_lora" else
                  {classical.BEST: ("baseline", classical.BEST, None, None), "fc_linear": ("baseline", "fc_linear", None, None)})
-        if paradigm.startswith(SHUFFLED) or method.startswith(VLM):
+        if paradigm.startswith(SHUFFLED) or method.startswith((VLM, ARM)):
             bases["full"] = ("full", "fmrilm", None, None)
         row["vs"] = {}
         for name, key in bases.items():
