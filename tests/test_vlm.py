@@ -131,3 +131,34 @@ def test_the_image_reaches_the_answer():
     model.eval()
     said = [vlm.answer_logprobs(model, family, processor, im, "What is the sex?", words).argmax() for im in shown]
     assert np.mean(np.array(said) == labels) >= 0.9
+
+
+def test_llama_vision_s_family_takes_the_same_path():
+    """Mllama (Llama-3.2-Vision, the poster's LLaMA): cross-attention masks padded with the row,
+    tiles batched, the loss on the answer, choices scored, LoRA only on the language model."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
+
+    from fmrilm.models.fmri_lm import minilm_tokenizer
+
+    tok = minilm_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+    processor = MllamaProcessor(image_processor=MllamaImageProcessor(size={"height": 32, "width": 32}, max_image_tiles=4), tokenizer=tok,
+                                chat_template=vlm.CHAT_TEMPLATE.replace("<image>", "<|image|>"))
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(MllamaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1, attention_heads=2, image_size=32,
+                           patch_size=16, max_num_tiles=4, vision_output_dim=64, intermediate_layers_indices=[0]),
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, cross_attention_layers=[1], pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<|image|>")))
+    family = vlm.family_of(model)
+    image = images.render(_scans(1)[0], "both", images.fit_scale(_scans()), 32)
+    row = vlm.encode(processor, family, image, "How old is this participant, in years?", "42", 64, objective=3)
+    assert row["cross_attention_mask"].shape[0] == 64 and row["ids"].shape == (64,)
+    batch = {k: torch.from_numpy(np.stack([v, v])) for k, v in row.items()}
+    loss, parts = vlm.vlm_loss(family)(model, batch, {3: 1.0})
+    assert set(parts) == {3} and torch.isfinite(loss)
+    assert vlm.answer_logprobs(model, family, processor, image, "How old is this participant, in years?", ["42", "17"]).shape == (2,)
+    targets = vlm.language_targets(model)
+    assert targets and all(t.startswith("model.language_model.") for t in targets)
