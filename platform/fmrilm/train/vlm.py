@@ -39,6 +39,7 @@ from fmrilm.models.lora import LoraSpec
 from fmrilm.train.checkpoints import DEEPSPEED_GLOBALS, shape_of
 from fmrilm.train.deepspeed import DeepSpeedSpec
 from fmrilm.train.faults import fault_plan
+from fmrilm.train.lm import to_dataset
 from fmrilm.train.optim import OptimSpec
 from fmrilm.train.specs import RunSpec, ScalingSpec, worker_spec
 from fmrilm.train.trainer import run_trainer
@@ -169,8 +170,6 @@ def run(spec: VLMSpec) -> dict:
               "has_val": False, "export_meta": {"scale": prepared["scale"].as_dict(), "classes": prepared["classes"],
                                                 "age_cuts": prepared["age_cuts"], "split": prepared["split"], "rows": prepared["counts"]}}
     config["shape"] = model_shape(VLMSpec(**config["spec"]))
-    from fmrilm.train.lm import to_dataset
-
     result = run_trainer(train_loop, config, spec.scaling, {"train": to_dataset(rows)}, spec.run, prepared["split"]["datasets"],
                          config["shape"], DEEPSPEED_GLOBALS)
     return {"metrics": dict(result.metrics or {}), "model": lm_artifact.location(spec.run.storage, spec.run.name),
