@@ -36,3 +36,10 @@ def test_a_damaged_export_is_one_line(full_export):
     os.remove(weights)
     with pytest.raises(lm.ExportDamaged):
         lm.load_exported(str(full_export))
+
+
+def test_an_export_s_run_name():
+    from fmrilm.artifacts.lm import run_of
+
+    assert run_of("s3://b/runs/vlm-llava/model") == run_of("./runs/vlm-llava/model/") == "vlm-llava"
+    assert run_of("/exports/my-arm") == "my-arm"  # a folder not named model: its own name

@@ -38,6 +38,14 @@ def location(run_storage: str, run_name: str) -> str:
     return storage.join(run_storage, run_name, "model")
 
 
+def run_of(uri: str) -> str:
+    """The run name of an export at ``<storage>/<run>/model`` (a folder not named ``model``: its own name)."""
+    import posixpath
+
+    path = uri.rstrip("/")
+    return posixpath.basename(posixpath.dirname(path) if posixpath.basename(path) == "model" else path)
+
+
 def write_folder(d: str, target: str, meta: dict, model, probe: dict, logits: torch.Tensor) -> None:
     """Complete the export whose model files lie in the local folder ``d`` (``write`` of the
     stage put them there) and replace ``target`` with it: ``inputs.safetensors`` when ``model``

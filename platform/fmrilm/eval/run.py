@@ -392,11 +392,10 @@ class Arm:
 
     @property
     def name(self) -> str:
-        """The method name of its rows: ``arm:<run name>`` (the folder above ``model/``)."""
-        import posixpath
+        """The method name of its rows: ``arm:<run name>``."""
+        from fmrilm.artifacts.lm import run_of
 
-        path = self.uri.rstrip("/")
-        return ARM + posixpath.basename(posixpath.dirname(path) if posixpath.basename(path) == "model" else path)
+        return ARM + run_of(self.uri)
 
     def loaded(self) -> tuple:
         """``(model, tokenizer)``, loaded on first use."""

@@ -7,8 +7,6 @@ is reported)."""
 
 from __future__ import annotations
 
-import posixpath
-
 import numpy as np
 import pandas as pd
 
@@ -31,10 +29,10 @@ class VLMAnswerer:
 
     @property
     def name(self) -> str:
-        """The method name of this export's rows: ``vlm:<family>:<run name>`` (the folder above ``model/``)."""
-        path = self.uri.rstrip("/")
-        run = posixpath.dirname(path) if posixpath.basename(path) == "model" else path
-        return f"vlm:{self.meta['family']}:{posixpath.basename(run)}"
+        """The method name of this export's rows: ``vlm:<family>:<run name>``."""
+        from fmrilm.artifacts.lm import run_of
+
+        return f"vlm:{self.meta['family']}:{run_of(self.uri)}"
 
     def knows(self, task: str) -> bool:
         """Whether the export was tuned on ``task``."""
