@@ -20,6 +20,11 @@ from fmrilm.eval.classical import BEST
 SHUFFLED = "full_shuffled_"  # the full paradigm on codes shuffled at test time (fmrilm.eval.run)
 VLM = "vlm:"  # the method names of VLM baseline exports: vlm:<family>:<run> (fmrilm.eval.vlm)
 ARM = "arm:"  # the method names of other instruct exports asked like the full paradigm: arm:<run> (fmrilm.eval.run)
+
+
+def answers(method: str) -> bool:
+    """Whether a result's method is a model answering questions (fmrilm, another arm, a VLM), not a baseline."""
+    return method == "fmrilm" or method.startswith((ARM, VLM))
 SHUFFLES_READ = ("over `time`, each ROI's codes permuted over the scan's time steps; over `rois`, each time step's codes permuted "
                  "over ROIs (the scan token's vector is kept). A model that reads its codes falls; one that does not stays where it was.")
 

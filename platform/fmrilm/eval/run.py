@@ -45,8 +45,9 @@ from fmrilm.eval import baselines, classical, metrics
 from fmrilm.errors import UserError
 from fmrilm.features import dynamics
 from fmrilm.eval.probes import answer_states, cv_probe, tokenizer_representations
-from fmrilm.eval.report import ARM, SHUFFLED, VLM
+from fmrilm.eval.report import ARM, SHUFFLED, VLM, answers
 from fmrilm.eval.vlm import VLMAnswerer
+from fmrilm.artifacts.vlm import export_meta as vlm_export_meta
 from fmrilm.artifacts.tokens import ScanBlocks, Shuffle
 
 log = logging.getLogger("fmrilm.eval")
@@ -423,8 +424,7 @@ def prepare(spec: EvalSpec) -> Evaluation:
         trained[f"the features build of {spec.data.root} (descriptor baselines)"] = features_split(spec.data.root, trained_on)
     if kshot is not None:
         trained[f"the k-shot adapters {spec.kshot}"] = kshot["split"]
-    vlms = [VLMAnswerer(uri, spec.data.root) for uri in spec.vlm]
-    trained |= {f"the VLM export {v.uri}": v.meta.get("split") for v in vlms}
+    trained |= {f"the VLM export {uri}": vlm_export_meta(uri).get("split") for uri in spec.vlm}
     arms = [Arm.read(uri, spec) for uri in spec.arms]
     for arm in arms:
         trained |= {f"the instruct export {arm.uri}": arm.meta.get("split"), f"the pretrained export {arm.base}": export_meta(arm.base).get("split")}
@@ -445,7 +445,11 @@ def prepare(spec: EvalSpec) -> Evaluation:
     pool, pool_name = calibration_pool(spec, train, instruct_meta)
     for arm in arms:
         arm.pool, arm.pool_name = calibration_pool(spec, train, arm.meta)
-    fcs, whole, readers = baseline_inputs(spec, blocks, meta[meta["group"] != "unused"]["scan_id"])
+    # every scan's series read once: the baselines, the probes and the VLMs' images
+    needed = spec.baselines or spec.probes or spec.vlm
+    series, networks = table.series_of(spec.data.root, meta[meta["group"] != "unused"]["scan_id"]) if needed else ({}, {})
+    fcs, whole, readers = baseline_inputs(spec, blocks, series, networks)
+    vlms = [VLMAnswerer(uri, series) for uri in spec.vlm]
     ages = pd.to_numeric(train["age"], errors="coerce").dropna()
     age_values = np.arange(int(np.floor(ages.min())), int(np.ceil(ages.max())) + 1) if len(ages) else None
     return Evaluation(spec, pretrained, instruct_meta, kshot, blocks, shuffled, meta, train, groups, tasks, labeller, pool, pool_name,
@@ -453,13 +457,13 @@ def prepare(spec: EvalSpec) -> Evaluation:
                       age_values, vlms, arms)
 
 
-def baseline_inputs(spec: EvalSpec, blocks: ScanBlocks, scan_ids) -> tuple[dict, dict, dict]:
-    """``(fcs, whole, readers)`` of the listed scans (see :class:`Evaluation`), read once; empty
-    when neither baselines nor probes are asked."""
+def baseline_inputs(spec: EvalSpec, blocks: ScanBlocks, series: dict[str, tuple[np.ndarray, float]],
+                    networks: dict[str, list[str] | None]) -> tuple[dict, dict, dict]:
+    """``(fcs, whole, readers)`` (see :class:`Evaluation`) of the scans' ``series`` (``scan_id ->
+    ([rois, time], TR)``) and their ROIs' ``networks``; empty when neither baselines nor probes are asked."""
     if not (spec.baselines or spec.probes):
         return {}, {}, {}
     seen = blocks.seen_timepoints(spec.fmri_steps)  # what the LM's prompt shows (all of it with the scan token)
-    series, networks = table.series_of(spec.data.root, scan_ids)
     shown = {s: x for s, (x, _) in series.items()} if seen is None else {s: prompt_part(x, tr, seen) for s, (x, tr) in series.items()}
     whole = {s: baselines.fc_matrix(x) for s, (x, _) in series.items()}
     fcs = whole if seen is None else {s: baselines.fc_matrix(x) for s, x in shown.items()}
@@ -494,7 +498,7 @@ class Recorder:
     def record(self, paradigm: str, method: str, out: dict, k=None, seed=None, extra: dict | None = None) -> None:
         task, y, spec = self.task, self.y, self.spec
         res = score(task, y, out["pred"], out.get("scores"), self.classes, spec.bootstrap, spec.seed)
-        if method == "fmrilm" or method.startswith((VLM, ARM)):  # majority/mean are constant by design
+        if answers(method):  # majority/mean are constant by design
             greedy = out.get("decoding") != "expected"  # a constrained number needs no parsing; its parse rate is reported apart
             res["failures"] = metrics.failures(out["pred"], out.get("parse_rate") if greedy else None,
                                                None if task in REGRESSION else len(set(y)), y if task in REGRESSION else None)
@@ -735,7 +739,7 @@ def paired_gaps(task: str, y: np.ndarray, said: dict[tuple, tuple[dict, np.ndarr
     against FC + linear on the same k scans per class; shuffled-code rows also against the
     unshuffled ``full`` answers; a VLM's rows also against fmrilm's ``full`` answers)."""
     for (paradigm, method, k, seed), (row, pred) in said.items():
-        if method != "fmrilm" and not method.startswith((VLM, ARM)):
+        if not answers(method):
             continue
         bases = ({"fc_linear": (paradigm, "fc_linear", k, seed)} if paradigm == "kshot_lora" else
                  {classical.BEST: ("baseline", classical.BEST, None, None), "fc_linear": ("baseline", "fc_linear", None, None)})

@@ -16,12 +16,12 @@ from fmrilm.data.instructions import QUESTIONS, REGRESSION, Labeller
 class VLMAnswerer:
     """One VLM export loaded once (its reload checked against the trained logits), answering the evaluation's questions."""
 
-    def __init__(self, uri: str, root: str):
+    def __init__(self, uri: str, series: dict[str, tuple[np.ndarray, float]]):
         from fmrilm.artifacts import vlm as artifact
         from fmrilm.features.images import ImageScale
         from fmrilm.models.vlm import family_of
 
-        self.uri, self.root = uri, root
+        self.uri, self.series = uri, series  # scan_id -> ([rois, time], TR): the evaluation's scans, read once
         self.model, self.processor, self.meta = artifact.load(uri)
         self.family = family_of(self.model)
         self.scale = ImageScale.from_dict(self.meta["scale"])
@@ -39,14 +39,11 @@ class VLMAnswerer:
         return self.meta["tasks"].get(task, 0) > 0
 
     def render(self, scan_ids) -> None:
-        """Render the scans not rendered yet (read from the dataset tables once)."""
-        from fmrilm.data.table import series_of
+        """Render the scans not rendered yet."""
         from fmrilm.features.images import render
 
-        want = [s for s in scan_ids if s not in self.images]
-        series, _ = series_of(self.root, want)
-        render_spec = self.meta["render"]
-        self.images |= {s: render(x, render_spec["view"], self.scale, render_spec["size"]) for s, (x, _) in series.items()}
+        view, size = self.meta["render"]["view"], self.meta["render"]["size"]
+        self.images |= {s: render(self.series[s][0], view, self.scale, size) for s in scan_ids if s not in self.images}
 
     def answer(self, task: str, test: pd.DataFrame, labeller: Labeller, fallback: float) -> dict:
         """Predictions for the ``test`` scans (``pred``; ``scores [n, classes]`` of a class

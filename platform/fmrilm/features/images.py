@@ -40,9 +40,11 @@ def zscore_rows(x: np.ndarray) -> np.ndarray:
 
 
 def connectivity(x: np.ndarray) -> np.ndarray:
-    """Pearson FC ``[rois, rois]`` of ``x [rois, time]``, the diagonal set to 0 (it would saturate the scale)."""
-    fc = np.corrcoef(zscore_rows(x))
-    fc = np.nan_to_num(fc)
+    """Pearson FC ``[rois, rois]`` of ``x [rois, time]`` (:func:`fmrilm.features.connectivity.pearson_fc`;
+    a flat ROI's row 0), the diagonal set to 0 (it would saturate the scale)."""
+    from fmrilm.features.connectivity import pearson_fc
+
+    fc = np.nan_to_num(pearson_fc(zscore_rows(x)))
     np.fill_diagonal(fc, 0.0)
     return fc
 
