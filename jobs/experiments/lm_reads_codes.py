@@ -6,12 +6,15 @@ points). The built-in decoder is fed only each scan's codes (no scan vector, no 
 the sex question; its calibrated answers on the test subjects are scored beside a logistic reader
 of the code histogram. Choices: how the LM's code rows start (``--rows projection``: today's
 random projection of the codebook; ``pca``: the leading principal axes of the training scans'
-code histograms), ``--frozen`` (the rows never train), ``--permute`` (the code order shuffled
-in every training example: a bag of tokens by construction) and ``--pool`` (the mean of the scan's
-code rows, through an MLP, added where the answer is predicted: a bag-of-tokens path inside the LM,
-built from its own code rows). Usage::
+code histograms; ``centroid``: no free rows, each code's row is a learned linear map of its
+centroid, the ROI pattern it stands for), ``--frozen`` (the rows never train), ``--permute`` (the
+code order shuffled in every training example: a bag of tokens by construction), ``--pool`` (the
+mean of the scan's code rows, through an MLP, added where the answer is predicted: a bag-of-tokens
+path inside the LM, built from its own code rows) and ``--levels`` (residual codes: level l codes
+what the levels before it left of each frame, a code of each level per TR, fed level after level
+within a TR like the ROIs of a time step). Usage::
 
-    python jobs/experiments/lm_reads_codes.py [--rows projection|pca] [--frozen] [--permute] [--pool] [--steps 400]
+    python jobs/experiments/lm_reads_codes.py [--rows projection|pca|centroid] [--frozen] [--permute] [--pool] [--levels 1] [--steps 400]
 """
 
 from __future__ import annotations
@@ -44,6 +47,44 @@ def pca_rows(codes: np.ndarray, train, k: int, text: torch.Tensor) -> torch.Tens
     return text.mean(0) + text.std(0) * z
 
 
+def residual_codes(frames: np.ndarray, train, k: int, levels: int):
+    """``frames [subjects, time, rois]`` -> ``(codes [subjects, levels, time] with level l's ids
+    offset by l * k, centroids [levels * k, rois], rebuilt frames)``: k-means on the training
+    frames, then on what each level leaves."""
+    from token_designs import kmeans_codes
+
+    rest, codes, cents = frames.copy(), [], []
+    for level in range(levels):
+        c, cent = kmeans_codes(rest, train, k, seed=level)
+        rest = rest - cent[c]
+        codes.append(c + level * k)
+        cents.append(cent)
+    return np.stack(codes, 1), np.concatenate(cents).astype(np.float32), frames - rest
+
+
+class CentroidRows(torch.nn.Module):
+    """A causal LM whose code ids (``codes``) are embedded as ``Linear(centroid)``: the row of a
+    code is a learned linear map of the ROI pattern it stands for (``centroids [codes, rois]``)."""
+
+    def __init__(self, lm, codes: range, centroids: torch.Tensor):
+        super().__init__()
+        table = lm.get_input_embeddings().weight
+        self.lm, self.codes = lm, codes
+        self.register_buffer("centroids", centroids)
+        self.proj = torch.nn.Linear(centroids.shape[1], table.shape[1])
+        with torch.no_grad():  # rows start at the text rows' scale
+            self.proj.weight.mul_(table.std().item() / (self.proj(centroids) - self.proj.bias).std().item())
+
+    def embed(self, input_ids):
+        is_code = (input_ids >= self.codes.start) & (input_ids < self.codes.stop)
+        rows = self.proj(self.centroids[(input_ids - self.codes.start).clamp(0, len(self.codes) - 1)])
+        return torch.where(is_code[..., None], rows, self.lm.get_input_embeddings()(input_ids))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0, **_):
+        return self.lm(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
 class PooledCodes(torch.nn.Module):
     """A causal LM plus the mean of each row's code embeddings (ids in ``codes``), projected by an
     MLP and added at ``scan_pos`` (where the answer is predicted). One example per packed row."""
@@ -68,7 +109,9 @@ class PooledCodes(torch.nn.Module):
 
 def main() -> None:
     from sklearn.metrics import balanced_accuracy_score
-    from token_designs import cohort, histogram, kmeans_codes, score
+    from token_designs import cohort, histogram, score
+
+    from fmrilm.features import dynamics
 
     from fmrilm.data.instructions import encode, question_prompt
     from fmrilm.data.lm_sequences import fmri_part, pack
@@ -77,7 +120,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--codes", type=int, default=256)
-    ap.add_argument("--rows", choices=["projection", "pca"], default="projection")
+    ap.add_argument("--rows", choices=["projection", "pca", "centroid"], default="projection")
+    ap.add_argument("--levels", type=int, default=1, help="residual code levels per TR")
     ap.add_argument("--frozen", action="store_true")
     ap.add_argument("--permute", action="store_true")
     ap.add_argument("--pool", action="store_true")
@@ -86,37 +130,44 @@ def main() -> None:
     args = ap.parse_args()
     start = time.time()
     x, y, _, train, test = cohort("science")
-    codes, centroids = kmeans_codes(x.transpose(0, 2, 1), train, args.codes)  # [subjects, time]
-    reader = score(histogram(codes, args.codes), y, train, test)
+    codes, centroids, rebuilt = residual_codes(x.transpose(0, 2, 1), train, args.codes, args.levels)  # [subjects, levels, time]
+    size = args.codes * args.levels
+    reader = score(histogram(codes, size), y, train, test)
+    rebuilt_fc = score([dynamics.fc(f.T) for f in rebuilt], y, train, test)
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     lm, tok, _ = load_backbone("tiny-gpt2", seed=args.seed)
-    vocab = add_fmri_vocab(lm, tok, args.codes)
-    init_code_embeddings(lm, vocab, torch.from_numpy(centroids).float())
+    vocab = add_fmri_vocab(lm, tok, size)
+    init_code_embeddings(lm, vocab, torch.from_numpy(centroids))
     table = lm.get_input_embeddings().weight
-    rows = slice(vocab.first_code_id, vocab.first_code_id + args.codes)
+    rows = slice(vocab.first_code_id, vocab.first_code_id + size)
     if args.rows == "pca":
         with torch.no_grad():
-            table[rows] = pca_rows(codes, train, args.codes, table[: vocab.base_vocab].detach())
+            table[rows] = pca_rows(codes, train, size, table[: vocab.base_vocab].detach())
     if args.frozen:
         keep = torch.ones(table.shape[0], 1)
         keep[rows] = 0
         table.register_hook(lambda g: g * keep)
     word = {"M": "Male", "F": "Female"}
-    model = PooledCodes(lm, range(rows.start, rows.stop)) if args.pool else lm
+    if args.rows == "centroid":
+        if args.pool:
+            raise SystemExit("--rows centroid has no free code rows to pool: leave --pool out")
+        model = CentroidRows(lm, range(rows.start, rows.stop), torch.from_numpy(centroids))
+    else:
+        model = PooledCodes(lm, range(rows.start, rows.stop)) if args.pool else lm
     where = np.zeros(1, np.float32) if args.pool else None  # a placeholder vector: marks where the answer is predicted
 
     def example(i, order=None, with_answer=True):
-        c = codes[i] if order is None else codes[i][order]
-        part = lambda _: fmri_part(c[None, :], vocab.first_code_id, vocab.open_id, vocab.close_id, scan=where)  # noqa: E731
+        c = codes[i] if order is None else codes[i][:, order]
+        part = lambda _: fmri_part(c, vocab.first_code_id, vocab.open_id, vocab.close_id, scan=where)  # noqa: E731
         return encode(question_prompt("s", QUESTION), " " + word[y[i]] if with_answer else "", part, tok, with_answer=with_answer)
 
     length = len(example(train[0]).ids) + 4
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.1)
     model.train()
     for _ in range(args.steps):
-        batch = [example(i, rng.permutation(codes.shape[1]) if args.permute else None) for i in rng.choice(train, 32, replace=False)]
+        batch = [example(i, rng.permutation(codes.shape[2]) if args.permute else None) for i in rng.choice(train, 32, replace=False)]
         loss, _ = forward_loss(model, {k: torch.from_numpy(v) for k, v in pack(batch, length, tok.pad_token_id).items()}, {0: 1.0})
         opt.zero_grad()
         loss.backward()
@@ -127,9 +178,9 @@ def main() -> None:
         return score_choices(model, [example(i, with_answer=False) for i in group], CHOICES, tok, length)
 
     pred = np.array([CHOICES[i].strip()[0] for i in calibrated_choices(scores(test), scores(train[:64]))])
-    print(json.dumps({"rows": args.rows, "frozen": args.frozen, "permute": args.permute, "pool": args.pool, "steps": args.steps,
-                      "lm_balanced_accuracy": round(float(balanced_accuracy_score(y[test], pred)), 3),
-                      "histogram_logistic": round(reader, 3), "final_loss": round(loss.item(), 3), "seconds": round(time.time() - start)}))
+    print(json.dumps({"rows": args.rows, "levels": args.levels, "frozen": args.frozen, "permute": args.permute, "pool": args.pool,
+                      "steps": args.steps, "lm_balanced_accuracy": round(float(balanced_accuracy_score(y[test], pred)), 3),
+                      "histogram_logistic": round(reader, 3), "rebuilt_fc_logistic": round(rebuilt_fc, 3), "final_loss": round(loss.item(), 3), "seconds": round(time.time() - start)}))
 
 
 if __name__ == "__main__":
