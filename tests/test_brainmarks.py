@@ -24,12 +24,13 @@ from fmrilm.models.tokenizer_objective import TokenizerObjective
 def tiny_export(path, rois: int = 400, atlas: str = "schaefer400", target_tr: float | None = 2.0, layout: str = "roi") -> str:
     """A tiny untrained tokenizer written as a training run writes its artifact."""
     torch.manual_seed(0)
-    model = TokenizerConfig(layout=layout, patch=4, width=16, depth=1, heads=2, code_dim=8, num_codes=16, max_rois=rois, max_patches=8)
+    patch, stride = (16, 4) if layout == "connectivity" else (4, 16)  # a connectivity token covers the window, one every stride
+    model = TokenizerConfig(layout=layout, patch=patch, width=16, depth=1, heads=2, code_dim=8, num_codes=16, max_rois=rois, max_patches=8)
     objective = TokenizerObjective(model, AlignmentConfig(domain_weight=0, contrastive_weight=0), 8)
     manifest = {"dataset": "tiny", "atlas": atlas, "n_rois": rois, "tr": [0.72], "version": "v1"}
     cfg = {"model": asdict(model), "alignment": asdict(AlignmentConfig(domain_weight=0, contrastive_weight=0)), "text_dim": 8,
-           "data": {"window": 16, "stride": 16, "normalise": True, "target_tr": target_tr}, "step": 0, "run": "tiny", "split": None,
-           "contract": input_contract([manifest], 16, 16, 4, True, target_tr)}
+           "data": {"window": 16, "stride": stride, "normalise": True, "target_tr": target_tr}, "step": 0, "run": "tiny", "split": None,
+           "contract": input_contract([manifest], 16, stride, patch, True, target_tr)}
     return artifact.write(str(path), objective.eval(), cfg)
 
 
@@ -54,7 +55,7 @@ def test_the_export_checks_the_space(tmp_path):
     native = tiny_export(tmp_path / "native", target_tr=None)
     assert bm.record(native, "tiny", "schaefer400", SPACES)["tr"] == 0.72  # one native TR: its patches' duration
     state = tiny_export(tmp_path / "state", layout="state")
-    with pytest.raises(bm.BrainmarksError, match="whole-brain state tokens .* model.layout=roi"):
+    with pytest.raises(bm.BrainmarksError, match="whole-brain tokens .* model.layout=roi"):
         bm.record(state, "tiny", "schaefer400", SPACES)
 
 

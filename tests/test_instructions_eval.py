@@ -154,12 +154,34 @@ def test_scan_codes_joins_non_overlapping_windows_of_each_scan():
         rows.append({"scan_id": "s", "start": start, "n_rois": 3, "n_patches": 2, "codes": codes.ravel().tolist(),
                      "features": np.full((3, 2, 4), start, np.float32).ravel().tolist(), "_codes": codes})
     table = pd.DataFrame(rows).sample(frac=1, random_state=0)  # any row order
-    codes, feats = scan_codes(table.drop(columns="_codes"), window=32)
+    codes, feats = scan_codes(table.drop(columns="_codes"), hop=32)
     want = np.concatenate([rows[0]["_codes"], rows[2]["_codes"]], axis=1)
     assert (codes["s"] == want).all() and feats["s"].shape == (3, 4, 4)
     assert (feats["s"][:, :2] == 0).all() and (feats["s"][:, 2:] == 32).all()
-    codes, feats = scan_codes(table.drop(columns=["_codes", "features"]), window=32)
+    codes, feats = scan_codes(table.drop(columns=["_codes", "features"]), hop=32)
     assert codes["s"].shape == (3, 4) and feats == {}
+
+
+def test_a_connectivity_tokenizer_gives_a_token_for_every_window(tmp_path):
+    """Its scans' code sequences take every window (``stride`` apart), their rebuilt FC is the
+    mean of the windows' rebuilt correlations, and the stage refuses a patch shorter than the window."""
+    from fmrilm.artifacts import tokenizer as artifact
+    from fmrilm.artifacts.tokens import CodeDecoder, scan_codes, token_hop
+    from fmrilm.train.tokenizer import TokenizerStageSpec
+    from tests.test_brainmarks import tiny_export
+
+    uri = tiny_export(tmp_path / "conn", rois=5, layout="connectivity")
+    cfg = artifact.read_config(uri)
+    assert token_hop(cfg) == 4 and token_hop(artifact.read_config(tiny_export(tmp_path / "roi", rois=5))) == 16
+    rows = [{"scan_id": "s", "start": start, "n_rois": 5, "n_channels": 1, "n_patches": 1, "codes": [start % 16]} for start in range(0, 40, 4)]
+    codes, _ = scan_codes(pd.DataFrame(rows), hop=token_hop(cfg))
+    assert codes["s"].tolist() == [[start % 16 for start in range(0, 40, 4)]]
+    decoder = CodeDecoder(uri, cfg, {"s": 5})
+    model = artifact.load_tokenizer(uri)[0]
+    want = model.decode(torch.from_numpy(codes["s"].T[:, :, None].copy()), 5).mean(0).numpy()
+    np.testing.assert_allclose(decoder.fc("s", codes["s"]), want[np.triu_indices(5, 1)], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="codes each window whole: set model.patch=30"):
+        TokenizerStageSpec(model={"layout": "connectivity", "patch": 10}, data={"window": 30, "stride": 2})
 
 
 def test_packed_scoring_equals_one_sequence_at_a_time(tiny):

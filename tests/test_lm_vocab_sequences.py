@@ -294,5 +294,5 @@ def test_the_scan_token_needs_per_roi_tokens(tmp_path):
     from tests.test_brainmarks import tiny_export
 
     uri = tiny_export(tmp_path / "state", rois=8, layout="state")
-    with pytest.raises(ConfigError, match="whole-brain state tokens .* set scan_token=false"):
+    with pytest.raises(ConfigError, match="whole-brain tokens .* set scan_token=false"):
         check(PretrainSpec(tokenizer=uri, backbone={"source": "tiny-gpt2"}))

@@ -155,10 +155,61 @@ def test_state_layout_has_one_whole_brain_code_per_patch_for_any_rois():
     assert not torch.equal(m.tokenize_with_features(x)[1], m.tokenize_with_features(x2)[1])
 
 
+def test_connectivity_layout_codes_each_window_whole_and_rebuilds_its_correlations():
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(layout="connectivity", patch=20, width=16, heads=2, depth=1, code_dim=8, num_codes=16)
+    m = FMRITokenizer(cfg)
+    assert m.patch_embed is None and m.to_patch is None  # no waveform in or out: every weight trains (DDP)
+    for rois in (3, 11):
+        x = torch.randn(4, rois, 20)
+        out = m(x)
+        assert out.codes.shape == (4, 1, 1) and out.features.shape == (4, 1, 16) and out.recon.shape == (4, rois, rois)
+        target = m.target(x)
+        torch.testing.assert_close(target, target.transpose(1, 2))
+        torch.testing.assert_close(torch.diagonal(target, dim1=1, dim2=2), torch.ones(4, rois))
+        torch.testing.assert_close(target[0, 0, 1], torch.corrcoef(x[0, :2])[0, 1])
+        torch.testing.assert_close(torch.diagonal(out.recon, dim1=1, dim2=2), torch.ones(4, rois))  # a correlation matrix
+    x = torch.randn(2, 5, 20)
+    m.eval()
+    x2 = x[:, [1, 0, 2, 3, 4]]  # the spatial projections know which ROI is which
+    assert not torch.equal(m.tokenize_with_features(x)[1], m.tokenize_with_features(x2)[1])
+    with pytest.raises(ValueError, match="spectrum_weight"):
+        FMRITokenizer(TokenizerConfig(layout="connectivity", patch=20, spectrum_weight=1.0))
+
+
+def test_connectivity_codes_name_the_coupling_not_the_waveform():
+    """Windows of two groups that differ only in whether ROIs 0 and 1 move together or apart:
+    after a little training their codes differ, and the correlation rebuilt from the codes alone
+    has each group's sign for that pair."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+
+    def windows(sign, n=64):
+        common = torch.randn(n, 1, 24, generator=g)
+        x = torch.randn(n, 6, 24, generator=g)
+        x[:, :2] = torch.cat([common, sign * common], 1) + 0.3 * torch.randn(n, 2, 24, generator=g)
+        return x
+
+    m = FMRITokenizer(TokenizerConfig(layout="connectivity", patch=24, width=32, heads=2, depth=1, code_dim=8, num_codes=8))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(150):
+        x = torch.cat([windows(1.0), windows(-1.0)])
+        out = m(x)
+        loss = F.mse_loss(out.recon, m.target(x)) + out.quant.commitment_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    together, apart = m.tokenize(windows(1.0)).flatten(), m.tokenize(windows(-1.0)).flatten()
+    assert not set(together.tolist()) & set(apart.tolist())
+    assert m.decode(together[:8, None, None], 6)[:, 0, 1].min() > 0.5
+    assert m.decode(apart[:8, None, None], 6)[:, 0, 1].max() < -0.5
+
+
 def test_decode_rebuilds_the_forward_pass_from_codes_alone():
     torch.manual_seed(0)
-    for layout in ("roi", "state"):
-        m = FMRITokenizer(TokenizerConfig(layout=layout, patch=4, width=16, heads=2, depth=1, code_dim=8, num_codes=16)).eval()
+    for layout, patch in (("roi", 4), ("state", 4), ("connectivity", 16)):
+        m = FMRITokenizer(TokenizerConfig(layout=layout, patch=patch, width=16, heads=2, depth=1, code_dim=8, num_codes=16)).eval()
         x = torch.randn(3, 6, 16)
         out = m(x)
         torch.testing.assert_close(m.decode(out.codes, rois=6), out.recon)

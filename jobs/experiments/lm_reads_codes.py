@@ -1,20 +1,23 @@
 """What a tiny LM makes of a bag of codes: does the LM read as much as a linear model of its tokens?
 
-The science cohort (as ``token_designs.py``: z-scored scans, 480 training / 160 test subjects)
-coded by a k-means brain-state codebook (one of ``--codes`` codes per TR, fitted on training time
-points). The built-in decoder is fed only each scan's codes (no scan vector, no features) and asked
-the sex question; its calibrated answers on the test subjects are scored beside a logistic reader
-of the code histogram. Choices: how the LM's code rows start (``--rows projection``: today's
+The science cohort (as ``token_designs.py``: z-scored scans, 480 training / 160 test subjects;
+``--cohort dynamics``: 300 / 100, the diagnosis question) coded by a k-means codebook fitted on
+the training subjects (``--codes`` codes). The built-in decoder is fed only each scan's codes (no
+scan vector, no features) and asked the sex (diagnosis) question; its calibrated answers on the
+test subjects are scored beside logistic readers of the code histogram and of the FC rebuilt
+from the codes. Choices: how the LM's code rows start (``--rows projection``: today's
 random projection of the codebook; ``pca``: the leading principal axes of the training scans'
 code histograms; ``centroid``: no free rows, each code's row is a learned linear map of its
-centroid, the ROI pattern it stands for), ``--frozen`` (the rows never train), ``--permute`` (the
+centroid, the pattern it stands for), ``--tokens`` (``state``: a code per TR for the brain's
+pattern; ``connectivity``: a code per sliding window of 30 TRs, every 2, for the window's FC),
+``--frozen`` (the rows never train), ``--permute`` (the
 code order shuffled in every training example: a bag of tokens by construction), ``--pool`` (the
 mean of the scan's code rows, through an MLP, added where the answer is predicted: a bag-of-tokens
 path inside the LM, built from its own code rows) and ``--levels`` (residual codes: level l codes
 what the levels before it left of each frame, a code of each level per TR, fed level after level
 within a TR like the ROIs of a time step). Usage::
 
-    python jobs/experiments/lm_reads_codes.py [--rows projection|pca|centroid] [--frozen] [--permute] [--pool] [--levels 1] [--steps 400]
+    python jobs/experiments/lm_reads_codes.py [--tokens state|connectivity] [--rows projection|pca|centroid] [--frozen] [--permute] [--pool] [--levels 1] [--steps 400]
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-QUESTION = "What is the sex of this participant?"
-CHOICES = [" Male", " Female"]
+QUESTIONS = {"science": ("What is the sex of this participant?", {"M": "Male", "F": "Female"}),
+             "dynamics": ("What is this participant's diagnosis?", {"Case": "Case", "Control": "Control"})}
 
 
 def pca_rows(codes: np.ndarray, train, k: int, text: torch.Tensor) -> torch.Tensor:
@@ -47,19 +50,19 @@ def pca_rows(codes: np.ndarray, train, k: int, text: torch.Tensor) -> torch.Tens
     return text.mean(0) + text.std(0) * z
 
 
-def residual_codes(frames: np.ndarray, train, k: int, levels: int):
-    """``frames [subjects, time, rois]`` -> ``(codes [subjects, levels, time] with level l's ids
-    offset by l * k, centroids [levels * k, rois], rebuilt frames)``: k-means on the training
-    frames, then on what each level leaves."""
+def residual_codes(vectors: np.ndarray, train, k: int, levels: int):
+    """``vectors [subjects, tokens, dim]`` -> ``(codes [subjects, levels, tokens] with level l's ids
+    offset by l * k, centroids [levels * k, dim], rebuilt vectors)``: k-means on the training
+    vectors, then on what each level leaves."""
     from token_designs import kmeans_codes
 
-    rest, codes, cents = frames.copy(), [], []
+    rest, codes, cents = vectors.copy(), [], []
     for level in range(levels):
         c, cent = kmeans_codes(rest, train, k, seed=level)
         rest = rest - cent[c]
         codes.append(c + level * k)
         cents.append(cent)
-    return np.stack(codes, 1), np.concatenate(cents).astype(np.float32), frames - rest
+    return np.stack(codes, 1), np.concatenate(cents).astype(np.float32), vectors - rest
 
 
 class CentroidRows(torch.nn.Module):
@@ -109,7 +112,7 @@ class PooledCodes(torch.nn.Module):
 
 def main() -> None:
     from sklearn.metrics import balanced_accuracy_score
-    from token_designs import cohort, histogram, score
+    from token_designs import cohort, histogram, score, window_fc
 
     from fmrilm.features import dynamics
 
@@ -121,7 +124,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--codes", type=int, default=256)
     ap.add_argument("--rows", choices=["projection", "pca", "centroid"], default="projection")
-    ap.add_argument("--levels", type=int, default=1, help="residual code levels per TR")
+    ap.add_argument("--levels", type=int, default=1, help="residual code levels per token")
+    ap.add_argument("--tokens", choices=["state", "connectivity"], default="state")
+    ap.add_argument("--cohort", choices=["science", "dynamics"], default="science", help="science: sex; dynamics: diagnosis")
     ap.add_argument("--frozen", action="store_true")
     ap.add_argument("--permute", action="store_true")
     ap.add_argument("--pool", action="store_true")
@@ -129,11 +134,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     start = time.time()
-    x, y, _, train, test = cohort("science")
-    codes, centroids, rebuilt = residual_codes(x.transpose(0, 2, 1), train, args.codes, args.levels)  # [subjects, levels, time]
+    x, y, _, train, test = cohort(args.cohort)
+    question, word = QUESTIONS[args.cohort]
+    choices = [" " + w for w in word.values()]
+    vectors = x.transpose(0, 2, 1) if args.tokens == "state" else window_fc(x, 30, 2)  # [subjects, tokens, dim]
+    codes, centroids, rebuilt = residual_codes(vectors, train, args.codes, args.levels)  # [subjects, levels, tokens]
     size = args.codes * args.levels
     reader = score(histogram(codes, size), y, train, test)
-    rebuilt_fc = score([dynamics.fc(f.T) for f in rebuilt], y, train, test)
+    rebuilt_fc = score([dynamics.fc(f.T) for f in rebuilt] if args.tokens == "state" else rebuilt.mean(1), y, train, test)
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -149,7 +157,6 @@ def main() -> None:
         keep = torch.ones(table.shape[0], 1)
         keep[rows] = 0
         table.register_hook(lambda g: g * keep)
-    word = {"M": "Male", "F": "Female"}
     if args.rows == "centroid":
         if args.pool:
             raise SystemExit("--rows centroid has no free code rows to pool: leave --pool out")
@@ -161,7 +168,7 @@ def main() -> None:
     def example(i, order=None, with_answer=True):
         c = codes[i] if order is None else codes[i][:, order]
         part = lambda _: fmri_part(c, vocab.first_code_id, vocab.open_id, vocab.close_id, scan=where)  # noqa: E731
-        return encode(question_prompt("s", QUESTION), " " + word[y[i]] if with_answer else "", part, tok, with_answer=with_answer)
+        return encode(question_prompt("s", question), " " + word[y[i]] if with_answer else "", part, tok, with_answer=with_answer)
 
     length = len(example(train[0]).ids) + 4
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.1)
@@ -175,10 +182,11 @@ def main() -> None:
     model.eval()
 
     def scores(group):
-        return score_choices(model, [example(i, with_answer=False) for i in group], CHOICES, tok, length)
+        return score_choices(model, [example(i, with_answer=False) for i in group], choices, tok, length)
 
-    pred = np.array([CHOICES[i].strip()[0] for i in calibrated_choices(scores(test), scores(train[:64]))])
-    print(json.dumps({"rows": args.rows, "levels": args.levels, "frozen": args.frozen, "permute": args.permute, "pool": args.pool,
+    label = {w: k for k, w in word.items()}
+    pred = np.array([label[choices[i].strip()] for i in calibrated_choices(scores(test), scores(train[:64]))])
+    print(json.dumps({"cohort": args.cohort, "tokens": args.tokens, "rows": args.rows, "levels": args.levels, "frozen": args.frozen, "permute": args.permute, "pool": args.pool,
                       "steps": args.steps, "lm_balanced_accuracy": round(float(balanced_accuracy_score(y[test], pred)), 3),
                       "histogram_logistic": round(reader, 3), "rebuilt_fc_logistic": round(rebuilt_fc, 3), "final_loss": round(loss.item(), 3), "seconds": round(time.time() - start)}))
 

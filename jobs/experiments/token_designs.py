@@ -7,15 +7,23 @@ a logistic reader on the training subjects, scored on the test subjects (balance
 * ``roi patch P``: one code per ROI and patch of P TRs (the tokenizer's ``roi`` layout);
 * ``brain state``: one code per TR for the whole brain (the ``state`` layout);
 * ``network``: one code per network and TR (a code per network's ROIs);
+* ``connectivity state``: one code per sliding window (``--conn-window`` TRs, every
+  ``--conn-stride``) for the window's whole FC (the dynamic-FC states of Allen et al. 2014): the
+  codes name coupling patterns, so a bag of them is read linearly as FC;
+* ``learned connectivity``: a VQ autoencoder of window FC (``--conn-steps``): the encoder takes
+  the log-variances of learned spatial projections of the window (``log v'Cv``: quadratic forms
+  of its FC, defined for any ROI count by ROI position), the decoder rebuilds the window's FC as
+  the correlation of learned per-ROI vectors modulated by the code; loss: MSE on the FC;
 * ``learned state``: the tokenizer's ``state`` layout itself, trained here without Ray
   (``--steps``; no alignment), coded with its nearest-code search.
 
 Each design is read two ways: the histogram of a scan's codes (a bag of tokens: what a reader
 that ignores order sees) and the FC of the signal rebuilt from the codes alone (codebook
-centroids, or the learned decoder): the coupling the codes keep. The offline codebooks are
+centroids, or the learned decoder; for connectivity states the mean of the codes' FC centroids):
+the coupling the codes keep. The offline codebooks are
 k-means on the raw (z-scored) values. Usage::
 
-    python jobs/experiments/token_designs.py [--cohort science|dynamics] [--steps 3000] [--out DIR]
+    python jobs/experiments/token_designs.py [--cohort science|dynamics] [--steps 3000] [--only NAME] [--out DIR]
 """
 
 from __future__ import annotations
@@ -76,26 +84,133 @@ def histogram(codes: np.ndarray, k: int) -> np.ndarray:
     return np.stack([np.bincount(c.ravel(), minlength=k) / c.size for c in codes])
 
 
-def designs(x, nets, train, steps: int):
-    """Yields ``(design, (tokens per scan, histogram features, rebuilt signal [subjects, rois, time]))``."""
+def window_fc(x: np.ndarray, width: int, stride: int) -> np.ndarray:
+    """``x [subjects, rois, time]`` -> the FC upper triangle of each sliding window: ``[subjects, windows, pairs]``."""
+    starts = range(0, x.shape[2] - width + 1, stride)
+    w = np.stack([x[:, :, s : s + width] for s in starts], 1)  # [subjects, windows, rois, width]
+    w = (w - w.mean(-1, keepdims=True)) / (w.std(-1, keepdims=True) + 1e-8)
+    iu = np.triu_indices(x.shape[1], 1)
+    return (np.einsum("nwrt,nwqt->nwrq", w, w) / width)[:, :, iu[0], iu[1]].astype(np.float32)
+
+
+def fcs(signals: np.ndarray) -> np.ndarray:
+    from fmrilm.features import dynamics
+
+    return np.stack([dynamics.fc(s) for s in signals])
+
+
+def designs(x, nets, train, steps: int, conn_window: int = 30, conn_stride: int = 2, conn_steps: int = 0):
+    """Yields ``(design, thunk)``; the thunk gives ``(tokens per scan, histogram features, FC
+    rebuilt from the codes [subjects, pairs])``."""
     n, r, t = x.shape
     for patch, k in ((16, 128), (4, 128)):
-        v = x[:, :, : t // patch * patch].reshape(n, r * (t // patch), patch)
-        codes, cent = kmeans_codes(v, train, k)
-        yield f"roi patch {patch} (k-means {k})", (v.shape[1], histogram(codes, k), cent[codes].reshape(n, r, -1))
+        def roi(patch=patch, k=k):
+            v = x[:, :, : t // patch * patch].reshape(n, r * (t // patch), patch)
+            codes, cent = kmeans_codes(v, train, k)
+            return v.shape[1], histogram(codes, k), fcs(cent[codes].reshape(n, r, -1))
+        yield f"roi patch {patch} (k-means {k})", roi
     frames = x.transpose(0, 2, 1)
     for k in (256, 1024):
-        codes, cent = kmeans_codes(frames, train, k)
-        yield f"brain state, 1 TR (k-means {k})", (t, histogram(codes, k), cent[codes].transpose(0, 2, 1))
+        def state(k=k):
+            codes, cent = kmeans_codes(frames, train, k)
+            return t, histogram(codes, k), fcs(cent[codes].transpose(0, 2, 1))
+        yield f"brain state, 1 TR (k-means {k})", state
+    for k in (64, 256):
+        def conn(k=k):
+            wfc = window_fc(x, conn_window, conn_stride)
+            codes, cent = kmeans_codes(wfc, train, k)
+            return wfc.shape[1], histogram(codes, k), cent[codes].mean(1)
+        yield f"connectivity state, {conn_window} TRs every {conn_stride} (k-means {k})", conn
     groups = [np.flatnonzero(np.asarray(nets) == g) for g in dict.fromkeys(nets)]
-    rebuilt, hists = np.zeros_like(x), []
-    for g in groups:
-        codes, cent = kmeans_codes(frames[:, :, g], train, 16)
-        rebuilt[:, g, :] = cent[codes].transpose(0, 2, 1)
-        hists.append(histogram(codes, 16))
-    yield "network, 1 TR (k-means 16 per network)", (t * len(groups), np.hstack(hists), rebuilt)
+
+    def network():
+        rebuilt, hists = np.zeros_like(x), []
+        for g in groups:
+            codes, cent = kmeans_codes(frames[:, :, g], train, 16)
+            rebuilt[:, g, :] = cent[codes].transpose(0, 2, 1)
+            hists.append(histogram(codes, 16))
+        return t * len(groups), np.hstack(hists), fcs(rebuilt)
+    yield "network, 1 TR (k-means 16 per network)", network
     if steps:
-        yield "learned state, 1 TR (256 codes)", learned_state(x, train, steps)
+        yield "learned state, 1 TR (256 codes)", lambda: learned_state(x, train, steps)
+    if conn_steps:
+        yield f"learned connectivity, {conn_window} TRs every {conn_stride} (256 codes)", lambda: learned_connectivity(
+            x, train, conn_steps, conn_window, conn_stride)
+
+
+class ConnectivityVQ:
+    """The ``learned connectivity`` design's model (see the module docstring)."""
+
+    def __init__(self, rois: int, k: int, width: int = 64, code_dim: int = 32):
+        import torch
+
+        from fmrilm.models.quantizer import VectorQuantizer
+
+        nn = torch.nn
+        self.spatial = nn.Parameter(torch.randn(rois, width) / rois**0.5)
+        self.encoder = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, code_dim))
+        self.quantizer = VectorQuantizer(k, code_dim, dead_threshold=0.5)
+        self.decoder = nn.Sequential(nn.Linear(code_dim, width), nn.GELU(), nn.Linear(width, width))
+        self.roi_out = nn.Parameter(torch.randn(rois, width))
+        self.modules = nn.ModuleList([self.encoder, self.quantizer, self.decoder])
+
+    def parameters(self):
+        return [self.spatial, self.roi_out, *self.modules.parameters()]
+
+    def features(self, w):
+        """``w [batch, rois, time]`` z-scored windows -> ``[batch, code_dim]``."""
+        import torch
+
+        proj = torch.einsum("brt,rw->btw", w, self.spatial)
+        return self.encoder(torch.log(proj.pow(2).mean(1) + 1e-4))
+
+    def fc(self, quantized):
+        """``[batch, code_dim]`` -> the rebuilt window FC ``[batch, rois, rois]``."""
+        import torch
+
+        a = self.roi_out[None] * self.decoder(quantized)[:, None]  # [batch, rois, width]
+        a = a - a.mean(-1, keepdim=True)
+        a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        return torch.einsum("brw,bqw->brq", a, a)
+
+
+def learned_connectivity(x, train, steps: int, window: int, stride: int, k: int = 256):
+    """:class:`ConnectivityVQ` trained ``steps`` steps of 64 training windows; every window of
+    every scan coded (``stride`` apart)."""
+    import torch
+
+    torch.manual_seed(0)
+    n, r, t = x.shape
+    z = (x - x.mean(2, keepdims=True)) / x.std(2, keepdims=True)
+    starts = np.arange(0, t - window + 1, stride)
+    model = ConnectivityVQ(r, k)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    rng = np.random.default_rng(0)
+    iu = np.triu_indices(r, 1)
+
+    def batch(subjects, begins):
+        w = np.stack([z[i, :, s : s + window] for i, s in zip(subjects, begins)])
+        w = (w - w.mean(2, keepdims=True)) / (w.std(2, keepdims=True) + 1e-8)
+        return torch.from_numpy(w.astype(np.float32))
+
+    model.modules.train()
+    for _ in range(steps):
+        w = batch(rng.choice(train, 64), rng.choice(starts, 64))
+        target = torch.einsum("brt,bqt->brq", w, w) / window
+        q = model.quantizer(model.features(w))
+        loss = (model.fc(q.quantized) - target)[:, iu[0], iu[1]].pow(2).mean() + q.commitment_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.modules.eval()
+    codes, rebuilt = [], []
+    with torch.no_grad():
+        for i in range(n):
+            w = batch([i] * len(starts), starts)
+            c = model.quantizer.nearest(torch.nn.functional.normalize(model.features(w), dim=-1))
+            codes.append(c.numpy())
+            rebuilt.append(model.fc(model.quantizer.codebook[c]).mean(0)[iu[0], iu[1]].numpy())
+    return len(starts), histogram(np.stack(codes), k), np.stack(rebuilt)
 
 
 def learned_state(x, train, steps: int, window: int = 32, k: int = 256):
@@ -125,7 +240,7 @@ def learned_state(x, train, steps: int, window: int = 32, k: int = 256):
         c = tok.tokenize(torch.stack([scan[:, j * window : (j + 1) * window] for j in range(nw)]))  # [windows, 1, window]
         codes.append(c.reshape(-1).numpy())
         rebuilt.append(tok.decode(c, x.shape[1]).permute(1, 0, 2).reshape(x.shape[1], -1).numpy())
-    return nw * window, histogram(np.stack(codes), k), np.stack(rebuilt)
+    return nw * window, histogram(np.stack(codes), k), fcs(np.stack(rebuilt))
 
 
 def main() -> None:
@@ -134,6 +249,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cohort", choices=["science", "dynamics"], default="science")
     ap.add_argument("--steps", type=int, default=3000, help="training steps of the learned state tokenizer (0: skip it)")
+    ap.add_argument("--only", default="", help="run only the designs whose name starts with this")
+    ap.add_argument("--conn-window", type=int, default=30)
+    ap.add_argument("--conn-stride", type=int, default=2)
+    ap.add_argument("--conn-steps", type=int, default=2000, help="training steps of the learned connectivity tokenizer (0: skip it)")
     ap.add_argument("--out", default="./fmrilm-data/experiments/token_designs")
     args = ap.parse_args()
     t0 = time.time()
@@ -146,12 +265,15 @@ def main() -> None:
           "| reader / design | tokens per scan | histogram (or reader) | FC of the signal rebuilt from codes |\n|---|---|---|---|")
     for n, t, h, d in rows:
         print(f"| {n} | | {h:.3f} | |", flush=True)
-    for name, (tokens, hist, rebuilt) in designs(x, nets, train, args.steps):
-        rows.append((name, tokens, score(hist, y, train, test), score([dynamics.fc(s) for s in rebuilt], y, train, test)))
+    for name, make in designs(x, nets, train, args.steps, args.conn_window, args.conn_stride, args.conn_steps):
+        if not name.startswith(args.only):
+            continue
+        tokens, hist, rebuilt_fc = make()
+        rows.append((name, tokens, score(hist, y, train, test), score(rebuilt_fc, y, train, test)))
         print(f"| {name} | {tokens} | {rows[-1][2]:.3f} | {rows[-1][3]:.3f} |", flush=True)
     print(f"\n{time.time() - t0:.0f} s")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.cohort}.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.cohort}{'-' + args.only.replace(' ', '_') if args.only else ''}.json"), "w") as f:
         json.dump([dict(zip(("design", "tokens", "histogram", "rebuilt_fc"), r)) for r in rows], f, indent=1)
 
 

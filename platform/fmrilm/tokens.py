@@ -23,7 +23,7 @@ from pydantic import Field
 from fmrilm import runtime, storage
 from fmrilm.artifacts import tokenizer as artifact
 from fmrilm.config import StageSpec
-from fmrilm.artifacts.tokens import CodeDecoder, read_tokens, scan_codes, scan_rois
+from fmrilm.artifacts.tokens import CodeDecoder, read_tokens, scan_codes, scan_rois, token_hop
 from fmrilm.data.pipeline import PipelineSpec, build_windows
 
 log = logging.getLogger("fmrilm.tokens")
@@ -125,7 +125,7 @@ def held_out_probes(tokens_uri: str, data: PipelineSpec, tokenizer_uri: str, cfg
     held = index[index["split"].isin(splits)]
     tokens = read_tokens(tokens_uri)
     tokens = tokens[tokens["scan_id"].isin(held["scan_id"])]
-    codes, feats = scan_codes(tokens, cfg["data"]["window"])
+    codes, feats = scan_codes(tokens, token_hop(cfg))
     decoder = CodeDecoder(tokenizer_uri, cfg, scan_rois(tokens))
     rows = []
     for task, column in (("sex", "sex"), ("age", "age")):

@@ -67,7 +67,7 @@ def record(tokenizer_uri: str, name: str, space: str | None, spaces: dict[str, i
         raise BrainmarksError(f"--name {name!r}: letters, digits and _ only (it becomes the model name {PREFIX}<name>)")
     cfg = artifact.read_config(tokenizer_uri)
     if cfg["model"].get("layout", "roi") != "roi":
-        raise BrainmarksError(f"tokenizer {tokenizer_uri} has whole-brain state tokens (model.layout={cfg['model']['layout']}); "
+        raise BrainmarksError(f"tokenizer {tokenizer_uri} has whole-brain tokens (model.layout={cfg['model']['layout']}); "
                               "Brainmarks reads per-ROI encoder features: export a tokenizer with model.layout=roi")
     contract = cfg.get("contract") or {}
     space = space or contract.get("atlas")

@@ -16,26 +16,33 @@ from fmrilm.errors import UserError
 
 
 class CodeDecoder:
-    """``decoder(scan_id, codes [channels, steps])`` -> the signal ``[rois, steps * patch]`` the
-    tokenizer artifact's decoder (``cfg``: its config) rebuilds from the codes alone (the model is
-    loaded on first use)."""
+    """``decoder.fc(scan_id, codes [channels, steps])`` -> the FC upper triangle of what the
+    tokenizer artifact's decoder (``cfg``: its config) rebuilds from the codes alone: of the
+    signal ``[rois, steps * patch]``, or in the connectivity layout the mean of the rebuilt
+    windows' correlations (the model is loaded on first use)."""
 
     def __init__(self, tokenizer_uri: str, cfg: dict, rois: dict[str, int]):
         self.uri, self.rois = tokenizer_uri, rois
         self.num_codes = cfg["model"]["num_codes"]
         self.per_window = cfg["data"]["window"] // cfg["model"]["patch"]
+        self.connectivity = cfg["model"].get("layout") == "connectivity"
         self.model = None
 
-    def __call__(self, scan_id: str, codes: np.ndarray) -> np.ndarray:
+    def fc(self, scan_id: str, codes: np.ndarray) -> np.ndarray:
         import torch
+
+        from fmrilm.features.dynamics import fc
 
         if self.model is None:
             self.model = artifact.load_tokenizer(self.uri)[0]
         c, steps = codes.shape
         n = self.per_window
         windows = torch.from_numpy(np.asarray(codes[:, : steps // n * n], np.int64).reshape(c, -1, n).transpose(1, 0, 2).copy())
-        signal = self.model.decode(windows, self.rois[scan_id])  # [windows, rois, time]
-        return signal.permute(1, 0, 2).reshape(signal.shape[1], -1).numpy()
+        rebuilt = self.model.decode(windows, self.rois[scan_id]).numpy()  # [windows, rois, time] or [windows, rois, rois]
+        if self.connectivity:
+            mean = rebuilt.mean(0)
+            return mean[np.triu_indices(mean.shape[0], 1)]
+        return fc(rebuilt.transpose(1, 0, 2).reshape(rebuilt.shape[1], -1))
 
 
 def scan_rois(tokens) -> dict[str, int]:
@@ -78,10 +85,18 @@ def tokens_for(tokenizer_uri: str, tokens_uri: str | None = None, need_features:
     return tokens, uri
 
 
-def scan_codes(tokens, window: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per scan of a tokens table (pandas), the codes of consecutive non-overlapping windows
-    joined along time, ``scan_id -> [channels, steps]`` (code indices), and, when the table has
-    them, the encoder features the same way, ``scan_id -> [channels, steps, width]``."""
+def token_hop(cfg: dict) -> int:
+    """Time points between the windows whose codes follow each other in a scan's sequence, for a
+    tokenizer config: its window (roi and state layouts: windows side by side), or its stride
+    (connectivity layout: a token for every window)."""
+    return cfg["data"]["stride"] if cfg["model"].get("layout") == "connectivity" else cfg["data"]["window"]
+
+
+def scan_codes(tokens, hop: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per scan of a tokens table (pandas), the codes of its windows at least ``hop`` time points
+    apart (:func:`token_hop`) joined along time, ``scan_id -> [channels, steps]`` (code indices),
+    and, when the table has them, the encoder features the same way, ``scan_id -> [channels,
+    steps, width]``."""
     has_feats = "features" in tokens.columns
     channels = "n_channels" if "n_channels" in tokens.columns else "n_rois"  # tables before the state layout
     codes, feats = {}, {}
@@ -93,7 +108,7 @@ def scan_codes(tokens, window: int) -> tuple[dict[str, np.ndarray], dict[str, np
                 blocks.append(np.asarray(row.codes).reshape(c, row.n_patches))
                 if has_feats:
                     fblocks.append(np.asarray(row.features, np.float32).reshape(c, row.n_patches, -1))
-                end = row.start + window
+                end = row.start + hop
         codes[scan_id] = np.concatenate(blocks, axis=1)
         if has_feats:
             feats[scan_id] = np.concatenate(fblocks, axis=1)
@@ -117,17 +132,23 @@ class ScanBlocks:
         self.scan_token, self.scan_dim = bool(meta.get("scan_dim")), meta.get("scan_dim")
         tokens, self.tokens_uri = tokens_for(meta["tokenizer"], tokens_uri, need_features=self.features or self.scan_token)
         self.tokenizer_cfg = artifact.read_config(meta["tokenizer"])
-        self.codes, self.feats = scan_codes(tokens, self.tokenizer_cfg["data"]["window"])
+        self.codes, self.feats = scan_codes(tokens, token_hop(self.tokenizer_cfg))
         self.decoder = CodeDecoder(meta["tokenizer"], self.tokenizer_cfg, scan_rois(tokens))
         self.vectors = scan_vectors(self.feats) if self.scan_token else {}
 
     def seen_timepoints(self, steps: int) -> dict | None:
-        """What a prompt of ``steps`` time steps shows of a scan: ``timepoints`` (one step is one
-        patch of the tokenizer) counted after resampling to ``target_tr`` (None: the native TR);
-        ``None`` (the whole scan) when the scan token summarises all of it."""
+        """What a prompt of ``steps`` time steps shows of a scan: ``timepoints`` (a step is one patch
+        of the tokenizer; in the connectivity layout a window, each ``stride`` after the last)
+        counted after resampling to ``target_tr`` (None: the native TR); ``None`` (the whole scan)
+        when the scan token summarises all of it."""
         if self.scan_token:
             return None
-        return {"timepoints": steps * self.tokenizer_cfg["model"]["patch"], "target_tr": self.tokenizer_cfg["data"]["target_tr"]}
+        cfg = self.tokenizer_cfg
+        if cfg["model"].get("layout") == "connectivity":
+            seen = cfg["data"]["window"] + (steps - 1) * cfg["data"]["stride"]
+        else:
+            seen = steps * cfg["model"]["patch"]
+        return {"timepoints": seen, "target_tr": cfg["data"]["target_tr"]}
 
     def part(self, scan_id: str, steps: int):
         if scan_id not in self.codes:
@@ -150,8 +171,8 @@ class ScanBlocks:
         import copy
 
         if axis == "rois" and self.tokenizer_cfg["model"].get("layout", "roi") != "roi":
-            raise UserError("codes shuffled over ROIs need one code per ROI, but the tokenizer has one whole-brain code per patch "
-                            "(model.layout=state): shuffle over time only")
+            raise UserError("codes shuffled over ROIs need one code per ROI, but the tokenizer has one whole-brain code per step "
+                            f"(model.layout={self.tokenizer_cfg['model']['layout']}): shuffle over time only")
         rng = np.random.default_rng(seed)
         out = copy.copy(self)
         out.codes, out.feats = {}, {}

@@ -27,18 +27,17 @@ def code_histogram(codes: np.ndarray, num_codes: int) -> np.ndarray:
 def tokenizer_representations(ids: list[str], codes: dict[str, np.ndarray], feats: dict[str, np.ndarray], decoder,
                               vectors: dict[str, np.ndarray] | None = None) -> dict:
     """What a linear probe reads of the tokenizer's outputs for scans ``ids``, name -> a function
-    giving ``[scans, dim]``: how often each code occurs (a bag of tokens), the FC of the signal
-    the tokenizer's decoder rebuilds from the codes alone (the coupling the codes keep; in the
-    roi layout carried by which codes co-occur), and, with per-ROI encoder features, the scan
+    giving ``[scans, dim]``: how often each code occurs (a bag of tokens), the FC of what the
+    tokenizer's decoder rebuilds from the codes alone (the coupling the codes keep; in the roi
+    layout carried by which codes co-occur), and, with per-ROI encoder features, the scan
     vector (``vectors`` where already computed). A representation whose shape differs between
     scans (several atlases) is left out."""
-    from fmrilm.features.dynamics import fc
     from fmrilm.models.scan_token import scan_vector
 
     reps = {}
     if len({codes[s].shape for s in ids}) == 1:
         reps["codes: histogram"] = lambda: np.stack([code_histogram(codes[s], decoder.num_codes) for s in ids])
-        reps["codes: decoded FC"] = lambda: np.stack([fc(decoder(s, codes[s])) for s in ids])
+        reps["codes: decoded FC"] = lambda: np.stack([decoder.fc(s, codes[s]) for s in ids])
     if feats and len({feats[s].shape[0] for s in ids}) == 1 and feats[ids[0]].shape[0] > 1:  # per-ROI features (roi layout)
         vectors = vectors or {}
         reps["scan vector (encoder features)"] = lambda: np.stack([vectors[s] if s in vectors else scan_vector(feats[s]) for s in ids])

@@ -22,9 +22,11 @@ def window_metrics(objective: TokenizerObjective, shard, batch_size: int, text_t
     """Held-out metrics over a (rank's) window shard, summed across ranks when a process group is
     up: R^2 (mean over windows x ROIs), MSE, code perplexity/usage, domain-classifier accuracy
     against ``text_tokens [n, text_dim]`` (when the objective has its head), and FC preservation
-    (per scan, the Pearson r between the upper triangles of the input's and the decoded signal's
-    FC over the scan's windows stitched together; mean over scans). Keys start with ``val/``."""
-    from fmrilm.features.connectivity import fc_preservation, stitch
+    (per scan, the Pearson r between the upper triangles of the input's FC over the scan's windows
+    stitched together and of the decoded signal's, or in the connectivity layout of the mean of
+    the decoded windows' correlations; mean over scans). R^2 and MSE are of what the tokenizer
+    rebuilds (:meth:`~fmrilm.models.tokenizer.FMRITokenizer.target`). Keys start with ``val/``."""
+    from fmrilm.features.connectivity import fc_agreement, fc_preservation, signal_fc, stitch
 
     objective.eval()
     tok = objective.tokenizer
@@ -39,12 +41,13 @@ def window_metrics(objective: TokenizerObjective, shard, batch_size: int, text_t
         keep = valid.cpu().numpy()
         x = x[valid]
         out = tok(x)
+        target = tok.target(x)
         for sid, start, xi, ri in zip(np.asarray(batch["scan_id"])[keep], np.asarray(batch["start"])[keep], x.cpu().numpy(),
                                       out.recon.cpu().numpy()):
             scans.setdefault(str(sid), []).append((int(start), xi, ri))
-        r2 = r2_per_roi(x, out.recon)
+        r2 = r2_per_roi(target, out.recon)
         sums["r2"] += float(r2.sum())
-        sums["mse"] += float(((out.recon - x) ** 2).mean(-1).sum())
+        sums["mse"] += float(((out.recon - target) ** 2).mean(-1).sum())
         sums["n"] += r2.numel()
         counts += torch.bincount(out.codes.flatten(), minlength=tok.cfg.num_codes).double()
         if objective.align is not None and text_tokens is not None:
@@ -53,7 +56,11 @@ def window_metrics(objective: TokenizerObjective, shard, batch_size: int, text_t
             sums["dom_correct"] += float(acc) * 2 * k
             sums["dom_n"] += 2 * k
     for windows in scans.values():  # the windows this rank holds of each scan, stitched
-        sums["fc_r"] += fc_preservation(stitch([(s, xi) for s, xi, _ in windows]), stitch([(s, ri) for s, _, ri in windows]))
+        inputs = stitch([(s, xi) for s, xi, _ in windows])
+        if tok.cfg.layout == "connectivity":
+            sums["fc_r"] += fc_agreement(signal_fc(inputs), np.mean([ri for _, _, ri in windows], axis=0))
+        else:
+            sums["fc_r"] += fc_preservation(inputs, stitch([(s, ri) for s, _, ri in windows]))
         sums["fc_n"] += 1
     sums = sum_across_ranks(sums, device)
     if dist.is_available() and dist.is_initialized():

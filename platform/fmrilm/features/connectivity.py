@@ -65,19 +65,27 @@ def stitch(windows: list[tuple[int, np.ndarray]]) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def fc_preservation(inputs: np.ndarray, decoded: np.ndarray) -> float:
-    """Pearson r between the upper triangles (no diagonal) of the FC of ``inputs`` and of
-    ``decoded`` (``[rois, time]`` each, the same shape): 1 when the decoded signal keeps every
-    region pair's coupling in proportion."""
-    def fc(ts):
-        ts = np.asarray(ts, np.float64)
-        ts = ts - ts.mean(1, keepdims=True)
-        norm = np.linalg.norm(ts, axis=1, keepdims=True)
-        z = np.divide(ts, norm, out=np.zeros_like(ts), where=norm > 1e-12)  # a constant ROI correlates with nothing
-        return z @ z.T
+def signal_fc(ts: np.ndarray) -> np.ndarray:
+    """Pearson FC of ``ts [rois, time]`` in numpy, ``[rois, rois]``; a constant ROI correlates
+    with nothing (a zero row)."""
+    ts = np.asarray(ts, np.float64)
+    ts = ts - ts.mean(1, keepdims=True)
+    norm = np.linalg.norm(ts, axis=1, keepdims=True)
+    z = np.divide(ts, norm, out=np.zeros_like(ts), where=norm > 1e-12)
+    return z @ z.T
 
-    iu = np.triu_indices(inputs.shape[0], 1)
-    a, b = fc(inputs)[iu], fc(decoded)[iu]
+
+def fc_agreement(fc_a: np.ndarray, fc_b: np.ndarray) -> float:
+    """Pearson r between the upper triangles (no diagonal) of two ``[rois, rois]`` FC matrices
+    (0 when either is flat)."""
+    iu = np.triu_indices(fc_a.shape[0], 1)
+    a, b = np.asarray(fc_a, np.float64)[iu], np.asarray(fc_b, np.float64)[iu]
     if a.std() < 1e-12 or b.std() < 1e-12:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def fc_preservation(inputs: np.ndarray, decoded: np.ndarray) -> float:
+    """:func:`fc_agreement` of the FC of ``inputs`` and of ``decoded`` (``[rois, time]`` each, the
+    same shape): 1 when the decoded signal keeps every region pair's coupling in proportion."""
+    return fc_agreement(signal_fc(inputs), signal_fc(decoded))

@@ -13,11 +13,19 @@
   ROI out of the state with a second learned vector per ROI. A code names a
   whole-brain pattern, so the coupling between regions is in each code and the histogram of a
   scan's codes carries its connectivity; the order of the codes carries the dynamics.
+* ``connectivity``: one token per window for the window's coupling (``channels = 1``, one patch:
+  ``patch`` = the window), a connectivity-state code (the dynamic-FC states of Allen et al. 2014).
+  The encoder takes the log-variances of ``width`` learned spatial projections of the window's
+  standardised signal (``log v'Cv`` of its correlation ``C``: any number of ROIs, a learned
+  vector per ROI); the decoder rebuilds the window's correlation matrix as the correlation of
+  a learned vector per ROI modulated by the code. A scan's bag of codes, read linearly, is its
+  FC; their order is how the coupling moves. Windows ``stride`` apart give a token each.
 
 Tokens are projected to the code dimension and quantized; the decoder (same transformer)
-reconstructs the normalised signal of every ROI and patch, and optionally its amplitude spectrum
-(NeuroLM). Any number of ROIs up to ``max_rois`` and of patches up to ``max_patches`` works with
-the same weights. :meth:`FMRITokenizer.decode` rebuilds a signal from codes alone.
+reconstructs :meth:`FMRITokenizer.target`: the normalised signal of every ROI and patch (and
+optionally its amplitude spectrum, NeuroLM), or the window's correlation matrix in the
+connectivity layout. Any number of ROIs up to ``max_rois`` and of patches up to ``max_patches``
+works with the same weights. :meth:`FMRITokenizer.decode` rebuilds that target from codes alone.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ class TokenizerConfig:
     """Sizes of the tokenizer (defaults: a small model that trains on a CPU). A plain dataclass:
     the job spec (``model:`` of a tokenizer spec) validates it, bounds included."""
 
-    layout: Literal["roi", "state"] = "roi"  # roi: a token per ROI and patch; state: a whole-brain token per patch
+    layout: Literal["roi", "state", "connectivity"] = "roi"  # a token per ROI and patch / per patch / per window
     patch: Annotated[int, Ge(1)] = 16  # timepoints per patch
     width: Annotated[int, Ge(8)] = 64  # transformer width
     depth: Annotated[int, Ge(1)] = 2  # encoder layers (the decoder has the same)
@@ -58,7 +66,7 @@ class TokenizerConfig:
 
 @dataclass
 class TokenizerOutput:
-    recon: torch.Tensor  # [batch, rois, time]
+    recon: torch.Tensor  # the target rebuilt: [batch, rois, time], or [batch, rois, rois] (connectivity layout)
     codes: torch.Tensor  # [batch, channels, patches]; channels = rois (roi layout) or 1 (state)
     features: torch.Tensor  # [batch, channels * patches, width] encoder features (pre-quantization)
     quant: QuantizerOutput
@@ -79,7 +87,8 @@ class FMRITokenizer(nn.Module):
         if cfg.width % cfg.heads:
             raise ValueError(f"tokenizer width {cfg.width} must be divisible by heads {cfg.heads}")
         self.cfg = cfg
-        self.patch_embed = nn.Linear(cfg.patch, cfg.width)
+        signal = cfg.layout != "connectivity"  # the connectivity layout neither embeds nor rebuilds a patch's waveform
+        self.patch_embed = nn.Linear(cfg.patch, cfg.width) if signal else None
         self.roi_embed = nn.Embedding(cfg.max_rois, cfg.width)
         self.time_embed = nn.Embedding(cfg.max_patches, cfg.width)
         self.encoder = _encoder(cfg)
@@ -89,10 +98,14 @@ class FMRITokenizer(nn.Module):
         self.from_code = nn.Linear(cfg.code_dim, cfg.width)
         self.decoder = _encoder(cfg)
         self.dec_norm = nn.LayerNorm(cfg.width)
-        self.to_patch = nn.Linear(cfg.width, cfg.patch)
+        self.to_patch = nn.Linear(cfg.width, cfg.patch) if signal else None
         self.to_spectrum = nn.Linear(cfg.width, cfg.patch // 2 + 1) if cfg.spectrum_weight > 0 else None
         nn.init.normal_(self.roi_embed.weight, std=0.02)
-        if cfg.layout == "state":  # ROI weights of the set encoder (roi_embed) and of the read-out to each ROI (roi_out)
+        if cfg.layout == "connectivity":
+            if cfg.spectrum_weight > 0:
+                raise ValueError("the connectivity layout rebuilds correlations, not a signal: set spectrum_weight to 0")
+            self.variance_embed = nn.Linear(cfg.width, cfg.width)  # log-variances of the spatial projections -> a token
+        if cfg.layout != "roi":  # ROI weights of the set encoder / spatial projections (roi_embed) and of the read-out (roi_out)
             self.roi_out = nn.Embedding(cfg.max_rois, cfg.width)
             self.state_out = nn.Linear(cfg.width, cfg.width)
             nn.init.normal_(self.roi_embed.weight, std=1.0)
@@ -100,7 +113,7 @@ class FMRITokenizer(nn.Module):
         nn.init.normal_(self.time_embed.weight, std=0.02)
 
     def channels(self, rois: int) -> int:
-        """Code channels per patch for ``rois`` ROIs: ``rois`` (roi layout) or 1 (state layout)."""
+        """Code channels per patch for ``rois`` ROIs: ``rois`` (roi layout) or 1 (state, connectivity)."""
         return rois if self.cfg.layout == "roi" else 1
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,9 +128,9 @@ class FMRITokenizer(nn.Module):
 
     def _positions(self, c: int, n: int, device) -> torch.Tensor:
         """Position embedding of ``c`` channels x ``n`` patches, channel-major ``[c * n, width]``
-        (the state layout's single channel carries no ROI embedding)."""
+        (a single-channel layout carries no ROI embedding)."""
         times = self.time_embed(torch.arange(n, device=device))[None, :, :]
-        if self.cfg.layout == "state":
+        if self.cfg.layout != "roi":
             return times.reshape(n, -1)
         rois = self.roi_embed(torch.arange(c, device=device))[:, None, :]
         return (rois + times).reshape(c * n, -1)
@@ -132,11 +145,24 @@ class FMRITokenizer(nn.Module):
                 h = layer(h)
         return h
 
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """What the decoder rebuilds of windows ``x [batch, rois, time]``: ``x`` itself, or its
+        correlation matrix ``[batch, rois, rois]`` in the connectivity layout."""
+        return window_fc(x) if self.cfg.layout == "connectivity" else x
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder features ``[batch, channels * patches, width]`` of windows ``[batch, rois, time]``."""
         patches = self.patchify(x)
         b, r, n, _ = patches.shape
-        if self.cfg.layout == "state":  # set encoder: each ROI's patch embedding weighted by its ROI vector, summed / sqrt(rois)
+        if self.cfg.layout == "connectivity":
+            if n != 1:
+                raise ValueError(f"the connectivity layout codes a window whole: a window of {x.shape[-1]} time points needs patch "
+                                 f"{x.shape[-1]}, not {self.cfg.patch}")  # log-variances of learned spatial projections: log v'Cv per vector v
+            z = x - x.mean(-1, keepdim=True)
+            z = z / z.pow(2).mean(-1, keepdim=True).add(1e-8).sqrt()
+            proj = torch.einsum("brt,rw->btw", z, self.roi_embed.weight[:r]) / r**0.5
+            tokens = self.variance_embed(torch.log(proj.pow(2).mean(1) + 1e-4))[:, None, :]
+        elif self.cfg.layout == "state":  # set encoder: each ROI's patch embedding weighted by its ROI vector, summed / sqrt(rois)
             roi = self.roi_embed(torch.arange(r, device=x.device))[None, :, None, :]
             tokens = (self.patch_embed(patches) * roi).sum(1) / r**0.5
         else:
@@ -150,10 +176,20 @@ class FMRITokenizer(nn.Module):
         c = self.channels(r)
         h = self.from_code(quantized).reshape(-1, c * n, self.cfg.width) + self._positions(c, n, quantized.device)
         h = self.dec_norm(self._layers(self.decoder, h))
-        if self.cfg.layout == "state":  # read each ROI out of the brain state with its own weights
+        if self.cfg.layout != "roi":  # read each ROI out of the state with its own weights
             roi = self.roi_out(torch.arange(r, device=h.device))[None, :, None, :]
             return self.state_out(h)[:, None] * roi
         return h.reshape(-1, r, n, self.cfg.width)
+
+    def _rebuild(self, h: torch.Tensor, t: int) -> torch.Tensor:
+        """The target from decoder states ``[batch, rois, patches, width]``: the signal
+        ``[batch, rois, t]``, or (connectivity) the correlation of the ROIs' vectors ``[batch, rois, rois]``."""
+        if self.cfg.layout == "connectivity":
+            a = h[:, :, 0].float()
+            a = a - a.mean(-1, keepdim=True)
+            a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            return a @ a.transpose(1, 2)
+        return self.to_patch(h).reshape(h.shape[0], h.shape[1], t)
 
     def forward(self, x: torch.Tensor) -> TokenizerOutput:
         """Encode, quantize, decode windows ``[batch, rois, time]``."""
@@ -163,7 +199,7 @@ class FMRITokenizer(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # code search and EMA updates in fp32 under any autocast
             quant = self.quantizer(self.to_code(feats.float()).reshape(-1, self.cfg.code_dim))
         h = self._decode(quant.quantized, r, n)
-        recon = self.to_patch(h).reshape(b, r, t)
+        recon = self._rebuild(h, t)
         spectrum_loss = torch.zeros((), device=x.device)
         if self.to_spectrum is not None:
             target = torch.fft.rfft(self.patchify(x), dim=-1).abs()
@@ -172,13 +208,14 @@ class FMRITokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, rois: int) -> torch.Tensor:
-        """The signal ``[batch, rois, patches * patch]`` rebuilt from code ids
-        ``[batch, channels, patches]`` alone: what the codes keep of the input."""
+        """The target rebuilt from code ids ``[batch, channels, patches]`` alone (what the codes
+        keep of the input): the signal ``[batch, rois, patches * patch]``, or (connectivity) each
+        window's correlation matrix ``[batch, rois, rois]``."""
         b, c, n = codes.shape
         if c != self.channels(rois):
             raise ValueError(f"{c} code channels do not fit {rois} ROIs in the {self.cfg.layout} layout")
         h = self._decode(self.quantizer.codebook[codes.reshape(-1)], rois, n)
-        return self.to_patch(h).reshape(b, rois, n * self.cfg.patch)
+        return self._rebuild(h, n * self.cfg.patch)
 
     @torch.no_grad()
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,8 +232,17 @@ class FMRITokenizer(nn.Module):
         return self.quantizer.nearest(z).reshape(b, c, n), feats.reshape(b, c, n, -1)
 
 
+def window_fc(x: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each window's ROIs: ``[batch, rois, time]`` -> ``[batch, rois, rois]``
+    (a constant ROI correlates with nothing, itself included)."""
+    z = x.float() - x.float().mean(-1, keepdim=True)
+    z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return z @ z.transpose(1, 2)
+
+
 def r2_per_roi(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """R^2 of each (window, ROI) over time: ``[batch, rois, time]`` x2 -> ``[batch, rois]``."""
+    """R^2 of each (window, ROI) along the last axis (time, or a correlation row):
+    ``[batch, rois, time]`` x2 -> ``[batch, rois]``."""
     sse = ((x - recon) ** 2).sum(-1)
     sst = ((x - x.mean(-1, keepdim=True)) ** 2).sum(-1)
     return 1 - sse / sst.clamp_min(1e-8)

@@ -26,9 +26,10 @@ class TokenizerObjective(nn.Module):
         ``caption_mask [batch]`` and ``groups`` (scan ids: windows of one scan share a caption).
         Returns ``{"loss": scalar, "terms": {name: detached scalar}, "codes": [batch, rois, patches]}``."""
         out = self.tokenizer(x)
+        target = self.tokenizer.target(x)
         w = valid.float()
         n = w.sum().clamp_min(1)
-        mse = (((out.recon - x) ** 2).mean(dim=(1, 2)) * w).sum() / n
+        mse = (((out.recon - target) ** 2).mean(dim=(1, 2)) * w).sum() / n
         loss = mse + out.quant.commitment_loss + self.tokenizer.cfg.spectrum_weight * out.spectrum_loss
         terms = {"recon_mse": mse.detach(), "commitment": out.quant.commitment_loss.detach(), "spectrum": out.spectrum_loss.detach()}
         if self.align is not None and self.align_cfg.domain_weight > 0 and text_tokens is not None:
@@ -39,7 +40,7 @@ class TokenizerObjective(nn.Module):
             con = self.align.contrastive_loss(out.features, caption_emb, groups, caption_mask & valid)
             loss = loss + self.align_cfg.contrastive_weight * con
             terms["contrastive_loss"] = con.detach()
-        r2 = r2_per_roi(x, out.recon).mean(dim=1)
+        r2 = r2_per_roi(target, out.recon).mean(dim=1)
         terms |= {"r2": ((r2 * w).sum() / n).detach(), "perplexity": out.quant.perplexity.detach(),
                   "used_fraction": out.quant.used_fraction.detach(), "restarted": torch.tensor(float(out.quant.restarted))}
         return {"loss": loss, "terms": terms, "codes": out.codes}

@@ -140,9 +140,10 @@ def check(spec: PretrainSpec) -> dict:
 
     locate_backbone(spec.backbone.source)
     cfg = read_config(spec.tokenizer)
-    if spec.scan_token and cfg["model"].get("layout", "roi") == "state":
+    layout = cfg["model"].get("layout", "roi")
+    if spec.scan_token and layout != "roi":
         raise ConfigError(f"the scan token is the connectivity of per-ROI encoder features, and the tokenizer {spec.tokenizer} "
-                          "has whole-brain state tokens (model.layout=state): set scan_token=false")
+                          f"has whole-brain tokens (model.layout={layout}): set scan_token=false")
     check_inputs(cfg.get("contract"), spec.data.root, spec.data.datasets, f"tokenizer {spec.tokenizer}")
     k = cfg["model"]["num_codes"]
     if k > MAX_CODES:
@@ -216,7 +217,7 @@ def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
     of scan vectors (``scan_scale``: ``(mean, std)``)."""
     from fmrilm.features.store import read_captions
     from fmrilm.models.scan_token import standardiser
-    from fmrilm.artifacts.tokens import scan_codes, tokens_for
+    from fmrilm.artifacts.tokens import scan_codes, token_hop, tokens_for
 
     tokens, tokens_uri = tokens_for(spec.tokenizer, spec.tokens, need_features=spec.input_mode == "features" or spec.scan_token)
     split, record = training_split(spec, art_cfg)
@@ -228,7 +229,7 @@ def prepare_sequences(spec: PretrainSpec, art_cfg: dict) -> dict:
 
     tok = text_tokenizer(spec)
     vocab = extend_tokenizer(tok, art_cfg["model"]["num_codes"])  # the same ids the workers' add_fmri_vocab assigns
-    codes, feats = scan_codes(tokens, art_cfg["data"]["window"])
+    codes, feats = scan_codes(tokens, token_hop(art_cfg))
     vectors = scan_vectors(feats) if spec.scan_token else {}
     feats = feats if spec.input_mode == "features" else {}
     world = spec.scaling.num_workers

@@ -66,6 +66,8 @@ class TokenizerStageSpec(StageSpec):
 
     @model_validator(mode="after")
     def _window_fits_patches(self):
+        if self.model.layout == "connectivity" and self.model.patch != self.data.window:
+            raise ValueError(f"model.layout=connectivity codes each window whole: set model.patch={self.data.window} (data.window)")
         if self.data.window % self.model.patch:
             raise ValueError(f"data.window ({self.data.window}) must be a multiple of model.patch ({self.model.patch})")
         if self.data.window // self.model.patch > self.model.max_patches:
