@@ -67,7 +67,7 @@ class TokenizerConfig:
 @dataclass
 class TokenizerOutput:
     recon: torch.Tensor  # the target rebuilt: [batch, rois, time], or [batch, rois, rois] (connectivity layout)
-    codes: torch.Tensor  # [batch, channels, patches]; channels = rois (roi layout) or 1 (state)
+    codes: torch.Tensor  # [batch, channels, patches]; channels = rois (roi layout) or 1 (state, connectivity)
     features: torch.Tensor  # [batch, channels * patches, width] encoder features (pre-quantization)
     quant: QuantizerOutput
     spectrum_loss: torch.Tensor  # scalar (0 when off)
@@ -154,10 +154,10 @@ class FMRITokenizer(nn.Module):
         """Encoder features ``[batch, channels * patches, width]`` of windows ``[batch, rois, time]``."""
         patches = self.patchify(x)
         b, r, n, _ = patches.shape
-        if self.cfg.layout == "connectivity":
+        if self.cfg.layout == "connectivity":  # log-variances of learned spatial projections: log v'Cv per ROI vector v
             if n != 1:
                 raise ValueError(f"the connectivity layout codes a window whole: a window of {x.shape[-1]} time points needs patch "
-                                 f"{x.shape[-1]}, not {self.cfg.patch}")  # log-variances of learned spatial projections: log v'Cv per vector v
+                                 f"{x.shape[-1]}, not {self.cfg.patch}")
             z = x - x.mean(-1, keepdim=True)
             z = z / z.pow(2).mean(-1, keepdim=True).add(1e-8).sqrt()
             proj = torch.einsum("brt,rw->btw", z, self.roi_embed.weight[:r]) / r**0.5
@@ -185,10 +185,7 @@ class FMRITokenizer(nn.Module):
         """The target from decoder states ``[batch, rois, patches, width]``: the signal
         ``[batch, rois, t]``, or (connectivity) the correlation of the ROIs' vectors ``[batch, rois, rois]``."""
         if self.cfg.layout == "connectivity":
-            a = h[:, :, 0].float()
-            a = a - a.mean(-1, keepdim=True)
-            a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            return a @ a.transpose(1, 2)
+            return window_fc(h[:, :, 0])
         return self.to_patch(h).reshape(h.shape[0], h.shape[1], t)
 
     def forward(self, x: torch.Tensor) -> TokenizerOutput:
