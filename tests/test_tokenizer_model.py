@@ -68,6 +68,21 @@ def test_kmeans_init_finds_the_clusters():
     assert c.shape == (5, 3) and torch.allclose(c.norm(dim=1), torch.ones(5))
 
 
+def test_kmeans_init_waits_for_as_many_vectors_as_codes():
+    """One token per window gives a step few vectors: the codebook is fitted once 16 codes have
+    seen 16 vectors, not duplicated from the first 4."""
+    torch.manual_seed(3)
+    centers = F.normalize(torch.randn(16, 8), dim=-1)
+    vq = VectorQuantizer(16, 8).train()
+    start = vq.codebook.clone()
+    for step in range(4):
+        vq(centers[4 * step : 4 * step + 4] + 0.01 * torch.randn(4, 8))
+        assert bool(vq.initialized) == (step == 3)
+        if step < 3:
+            assert torch.equal(vq.codebook, start) and vq.usage.sum() == 0  # nothing updated before the fit
+    assert (vq.codebook @ centers.T).max(dim=0).values.min() > 0.9  # every centre has its own code
+
+
 def test_dead_codes_are_restarted_from_the_batch():
     torch.manual_seed(2)
     vq = _vq(k=8, dim=3, decay=0.5, dead_threshold=0.3).train()

@@ -1,5 +1,9 @@
 """Vector quantizer: l2-normalised codebook, EMA updates, k-means init, dead-code restarts.
 
+The k-means initialisation waits until training has shown the quantizer at least as many vectors
+as it has codes (a tokenizer with one token per window sees ``batch`` vectors a step): until then
+vectors are coded against the provisional random codebook and nothing is updated.
+
 Codes and inputs live on the unit sphere; the nearest code is the one of highest cosine
 similarity. Training updates the codebook by exponential moving averages of assignment counts
 and assigned-vector sums (no codebook gradient); under ``torch.distributed`` the counts and sums
@@ -83,6 +87,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("embed_sum", self.codebook.clone())
         self.register_buffer("usage", torch.zeros(num_codes))  # total assignments seen in training
         self.register_buffer("initialized", torch.tensor(False))
+        self._pending: list[torch.Tensor] = []  # training vectors held for the k-means initialisation
 
     @torch.no_grad()
     def init_codebook(self, z: torch.Tensor) -> None:
@@ -126,11 +131,14 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize ``z [n, dim]`` (normalised here); EMA/k-means/restarts only in training."""
         z = F.normalize(z, dim=-1)
-        if self.training and not bool(self.initialized):
-            self.init_codebook(z)
+        if self.training and not bool(self.initialized):  # every rank holds as many vectors a step: they init together
+            self._pending.append(z.detach())
+            if sum(len(p) for p in self._pending) >= self.num_codes:
+                self.init_codebook(torch.cat(self._pending))
+                self._pending = []
         codes = self.nearest(z.detach())
         counts = _all_reduce(torch.bincount(codes, minlength=self.num_codes).float())
-        restarted = self._ema_update(z.detach(), codes, counts) if self.training else 0
+        restarted = self._ema_update(z.detach(), codes, counts) if self.training and bool(self.initialized) else 0
         q = self.codebook[codes]
         commitment = self.beta * F.mse_loss(z, q.detach())
         quantized = z + (q - z).detach()
