@@ -104,7 +104,9 @@ class FMRITokenizer(nn.Module):
         if cfg.layout == "connectivity":
             if cfg.spectrum_weight > 0:
                 raise ValueError("the connectivity layout rebuilds correlations, not a signal: set spectrum_weight to 0")
-            self.variance_embed = nn.Linear(cfg.width, cfg.width)  # log-variances of the spatial projections -> a token
+            # log-variances of the spatial projections -> a token, normalised per window first: their profile over the
+            # projections is the coupling
+            self.variance_embed = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, cfg.width))
         if cfg.layout != "roi":  # ROI weights of the set encoder / spatial projections (roi_embed) and of the read-out (roi_out)
             self.roi_out = nn.Embedding(cfg.max_rois, cfg.width)
             self.state_out = nn.Linear(cfg.width, cfg.width)
@@ -149,6 +151,17 @@ class FMRITokenizer(nn.Module):
         """What the decoder rebuilds of windows ``x [batch, rois, time]``: ``x`` itself, or its
         correlation matrix ``[batch, rois, rois]`` in the connectivity layout."""
         return window_fc(x) if self.cfg.layout == "connectivity" else x
+
+    def target_scale(self, target: torch.Tensor) -> torch.Tensor:
+        """What the reconstruction error of ``target`` (:meth:`target`) is divided by in training: 1
+        for the normalised signal; in the connectivity layout the variance of the batch's
+        off-diagonal correlations (about 0.05 for 30-TR windows), so the commitment and alignment
+        weights weigh against the same unit reconstruction loss in every layout (at the raw
+        scale the commitment pinned every window to one code)."""
+        if self.cfg.layout != "connectivity" or not len(target):
+            return target.new_ones(())
+        off = ~torch.eye(target.shape[-1], dtype=torch.bool, device=target.device)
+        return target[:, off].detach().var().clamp_min(1e-4)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder features ``[batch, channels * patches, width]`` of windows ``[batch, rois, time]``."""
