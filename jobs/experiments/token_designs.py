@@ -10,10 +10,8 @@ a logistic reader on the training subjects, scored on the test subjects (balance
 * ``connectivity state``: one code per sliding window (``--conn-window`` TRs, every
   ``--conn-stride``) for the window's whole FC (the dynamic-FC states of Allen et al. 2014): the
   codes name coupling patterns, so a bag of them is read linearly as FC;
-* ``learned connectivity``: a VQ autoencoder of window FC (``--conn-steps``): the encoder takes
-  the log-variances of learned spatial projections of the window (``log v'Cv``: quadratic forms
-  of its FC, defined for any ROI count by ROI position), the decoder rebuilds the window's FC as
-  the correlation of learned per-ROI vectors modulated by the code; loss: MSE on the FC;
+* ``learned connectivity``: the tokenizer's ``connectivity`` layout itself (a code per window for
+  its FC), trained here without Ray (``--conn-steps``; no alignment);
 * ``learned state``: the tokenizer's ``state`` layout itself, trained here without Ray
   (``--steps``; no alignment), coded with its nearest-code search.
 
@@ -138,78 +136,36 @@ def designs(x, nets, train, steps: int, conn_window: int = 30, conn_stride: int 
             x, train, conn_steps, conn_window, conn_stride)
 
 
-class ConnectivityVQ:
-    """The ``learned connectivity`` design's model (see the module docstring)."""
-
-    def __init__(self, rois: int, k: int, width: int = 64, code_dim: int = 32):
-        import torch
-
-        from fmrilm.models.quantizer import VectorQuantizer
-
-        nn = torch.nn
-        self.spatial = nn.Parameter(torch.randn(rois, width) / rois**0.5)
-        self.encoder = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, code_dim))
-        self.quantizer = VectorQuantizer(k, code_dim, dead_threshold=0.5)
-        self.decoder = nn.Sequential(nn.Linear(code_dim, width), nn.GELU(), nn.Linear(width, width))
-        self.roi_out = nn.Parameter(torch.randn(rois, width))
-        self.modules = nn.ModuleList([self.encoder, self.quantizer, self.decoder])
-
-    def parameters(self):
-        return [self.spatial, self.roi_out, *self.modules.parameters()]
-
-    def features(self, w):
-        """``w [batch, rois, time]`` z-scored windows -> ``[batch, code_dim]``."""
-        import torch
-
-        proj = torch.einsum("brt,rw->btw", w, self.spatial)
-        return self.encoder(torch.log(proj.pow(2).mean(1) + 1e-4))
-
-    def fc(self, quantized):
-        """``[batch, code_dim]`` -> the rebuilt window FC ``[batch, rois, rois]``."""
-        import torch
-
-        a = self.roi_out[None] * self.decoder(quantized)[:, None]  # [batch, rois, width]
-        a = a - a.mean(-1, keepdim=True)
-        a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        return torch.einsum("brw,bqw->brq", a, a)
-
-
 def learned_connectivity(x, train, steps: int, window: int, stride: int, k: int = 256):
-    """:class:`ConnectivityVQ` trained ``steps`` steps of 64 training windows; every window of
-    every scan coded (``stride`` apart)."""
+    """The tokenizer's ``connectivity`` layout (patch = ``window``) trained ``steps`` steps of 64
+    training windows without Ray (no alignment); every window of every scan coded (``stride``
+    apart); the rebuilt FC is the mean of the windows' rebuilt correlations."""
     import torch
 
+    from fmrilm.models.alignment import AlignmentConfig
+    from fmrilm.models.tokenizer import TokenizerConfig
+    from fmrilm.models.tokenizer_objective import TokenizerObjective
+
     torch.manual_seed(0)
-    n, r, t = x.shape
-    z = (x - x.mean(2, keepdims=True)) / x.std(2, keepdims=True)
-    starts = np.arange(0, t - window + 1, stride)
-    model = ConnectivityVQ(r, k)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    objective = TokenizerObjective(TokenizerConfig(layout="connectivity", patch=window, num_codes=k), AlignmentConfig(domain_weight=0.0), 1)
+    opt = torch.optim.AdamW(objective.parameters(), 1e-3)
     rng = np.random.default_rng(0)
-    iu = np.triu_indices(r, 1)
-
-    def batch(subjects, begins):
-        w = np.stack([z[i, :, s : s + window] for i, s in zip(subjects, begins)])
-        w = (w - w.mean(2, keepdims=True)) / (w.std(2, keepdims=True) + 1e-8)
-        return torch.from_numpy(w.astype(np.float32))
-
-    model.modules.train()
+    xt = torch.from_numpy(x)
+    starts = np.arange(0, x.shape[2] - window + 1, stride)
     for _ in range(steps):
-        w = batch(rng.choice(train, 64), rng.choice(starts, 64))
-        target = torch.einsum("brt,bqt->brq", w, w) / window
-        q = model.quantizer(model.features(w))
-        loss = (model.fc(q.quantized) - target)[:, iu[0], iu[1]].pow(2).mean() + q.commitment_loss
+        batch = torch.stack([xt[i, :, s : s + window] for i, s in zip(rng.choice(train, 64), rng.choice(starts, 64))])
+        loss = objective(batch, torch.ones(64, dtype=torch.bool))["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.modules.eval()
+    tok = objective.tokenizer.eval()
+    iu = np.triu_indices(x.shape[1], 1)
     codes, rebuilt = [], []
     with torch.no_grad():
-        for i in range(n):
-            w = batch([i] * len(starts), starts)
-            c = model.quantizer.nearest(torch.nn.functional.normalize(model.features(w), dim=-1))
-            codes.append(c.numpy())
-            rebuilt.append(model.fc(model.quantizer.codebook[c]).mean(0)[iu[0], iu[1]].numpy())
+        for scan in xt:
+            c = tok.tokenize(torch.stack([scan[:, s : s + window] for s in starts]))  # [windows, 1, 1]
+            codes.append(c.reshape(-1).numpy())
+            rebuilt.append(tok.decode(c, x.shape[1]).mean(0).numpy()[iu])
     return len(starts), histogram(np.stack(codes), k), np.stack(rebuilt)
 
 
