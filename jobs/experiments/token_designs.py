@@ -97,7 +97,7 @@ def fcs(signals: np.ndarray) -> np.ndarray:
     return np.stack([dynamics.fc(s) for s in signals])
 
 
-def designs(x, nets, train, steps: int, conn_window: int = 30, conn_stride: int = 2, conn_steps: int = 0):
+def designs(x, nets, train, steps: int, conn_window: int = 30, conn_stride: int = 2, conn_steps: int = 0, conn_domain: float = 0.0):
     """Yields ``(design, thunk)``; the thunk gives ``(tokens per scan, histogram features, FC
     rebuilt from the codes [subjects, pairs])``."""
     n, r, t = x.shape
@@ -133,28 +133,33 @@ def designs(x, nets, train, steps: int, conn_window: int = 30, conn_stride: int 
         yield "learned state, 1 TR (256 codes)", lambda: learned_state(x, train, steps)
     if conn_steps:
         yield f"learned connectivity, {conn_window} TRs every {conn_stride} (256 codes)", lambda: learned_connectivity(
-            x, train, conn_steps, conn_window, conn_stride)
+            x, train, conn_steps, conn_window, conn_stride, domain_weight=conn_domain)
 
 
-def learned_connectivity(x, train, steps: int, window: int, stride: int, k: int = 256):
+def learned_connectivity(x, train, steps: int, window: int, stride: int, k: int = 256, domain_weight: float = 0.0):
     """The tokenizer's ``connectivity`` layout (patch = ``window``) trained ``steps`` steps of 64
-    training windows without Ray (no alignment); every window of every scan coded (``stride``
-    apart); the rebuilt FC is the mean of the windows' rebuilt correlations."""
+    training windows without Ray (with ``domain_weight``, the domain classifier against the
+    built-in text corpus's MiniLM token embeddings, on the DANN schedule); every window of every
+    scan coded (``stride`` apart); the rebuilt FC is the mean of the windows' rebuilt correlations.
+    Prints the codes used."""
     import torch
 
-    from fmrilm.models.alignment import AlignmentConfig
+    from fmrilm.models.alignment import AlignmentConfig, dann_coefficient
+    from fmrilm.models.text import FALLBACK_CORPUS, embed_texts
     from fmrilm.models.tokenizer import TokenizerConfig
     from fmrilm.models.tokenizer_objective import TokenizerObjective
 
     torch.manual_seed(0)
-    objective = TokenizerObjective(TokenizerConfig(layout="connectivity", patch=window, num_codes=k), AlignmentConfig(domain_weight=0.0), 1)
+    text = torch.from_numpy(np.asarray(embed_texts(FALLBACK_CORPUS, "minilm")[0], np.float32)) if domain_weight else None
+    objective = TokenizerObjective(TokenizerConfig(layout="connectivity", patch=window, num_codes=k), AlignmentConfig(domain_weight=domain_weight),
+                                   text.shape[1] if domain_weight else 1)
     opt = torch.optim.AdamW(objective.parameters(), 1e-3)
     rng = np.random.default_rng(0)
     xt = torch.from_numpy(x)
     starts = np.arange(0, x.shape[2] - window + 1, stride)
-    for _ in range(steps):
+    for step in range(steps):
         batch = torch.stack([xt[i, :, s : s + window] for i, s in zip(rng.choice(train, 64), rng.choice(starts, 64))])
-        loss = objective(batch, torch.ones(64, dtype=torch.bool))["loss"]
+        loss = objective(batch, torch.ones(64, dtype=torch.bool), dann_coefficient(step / steps), text)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -166,6 +171,7 @@ def learned_connectivity(x, train, steps: int, window: int, stride: int, k: int 
             c = tok.tokenize(torch.stack([scan[:, s : s + window] for s in starts]))  # [windows, 1, 1]
             codes.append(c.reshape(-1).numpy())
             rebuilt.append(tok.decode(c, x.shape[1]).mean(0).numpy()[iu])
+    print(f"  learned connectivity (domain weight {domain_weight}): {len(np.unique(codes))} of {k} codes used", flush=True)
     return len(starts), histogram(np.stack(codes), k), np.stack(rebuilt)
 
 
@@ -209,6 +215,7 @@ def main() -> None:
     ap.add_argument("--conn-window", type=int, default=30)
     ap.add_argument("--conn-stride", type=int, default=2)
     ap.add_argument("--conn-steps", type=int, default=2000, help="training steps of the learned connectivity tokenizer (0: skip it)")
+    ap.add_argument("--conn-domain-weight", type=float, default=0.0, help="its domain classifier's weight (0: no alignment)")
     ap.add_argument("--out", default="./fmrilm-data/experiments/token_designs")
     args = ap.parse_args()
     t0 = time.time()
@@ -221,7 +228,7 @@ def main() -> None:
           "| reader / design | tokens per scan | histogram (or reader) | FC of the signal rebuilt from codes |\n|---|---|---|---|")
     for n, t, h, d in rows:
         print(f"| {n} | | {h:.3f} | |", flush=True)
-    for name, make in designs(x, nets, train, args.steps, args.conn_window, args.conn_stride, args.conn_steps):
+    for name, make in designs(x, nets, train, args.steps, args.conn_window, args.conn_stride, args.conn_steps, args.conn_domain_weight):
         if not name.startswith(args.only):
             continue
         tokens, hist, rebuilt_fc = make()

@@ -201,6 +201,10 @@ def run(spec: TokenizerStageSpec) -> dict:
     """Train (or resume) the tokenizer and export its artifact; returns the final metrics and
     the artifact URI."""
     runtime.init_ray()
+    if spec.model.layout == "connectivity" and spec.alignment.domain_weight > 0:
+        log.warning("model.layout=connectivity with the domain classifier (alignment.domain_weight=%g): with one token a window "
+                    "its reversed gradient has collapsed the codebook to a few codes in every run so far (docs/stages.md); "
+                    "alignment.domain_weight=0 keeps them", spec.alignment.domain_weight)
     world = spec.scaling.num_workers
     found = selected_datasets(spec.data)
     index = scan_index(spec.data, found)
