@@ -1,5 +1,5 @@
 """Reductions over ranks: the identity without a process group; over two gloo ranks on loopback,
-sums and means of keys that only some ranks saw."""
+sums and means of keys that only some ranks saw, and the quantizer's codebook fitted together."""
 
 import socket
 
@@ -32,3 +32,34 @@ def test_two_ranks_reduce_to_the_same_sums_and_means():
     mp.spawn(_worker, args=(port, results), nprocs=2)
     for rank in (0, 1):
         assert results[rank] == ({"x": 3.0}, {"a": 1.5, "b": 3.0})
+
+
+def _quantizer_worker(rank, port, results):
+    import torch
+    import torch.distributed as dist
+
+    from fmrilm.models.quantizer import VectorQuantizer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)
+        vq = VectorQuantizer(16, 4).train()
+        ready = []
+        for _ in range(6):  # rank 1 alone would hold 16 vectors after 3 steps, rank 0 after 6
+            vq(torch.randn(3 if rank == 0 else 7, 4))
+            ready.append(bool(vq.initialized))
+        results[rank] = (ready, vq.codebook.tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_codebook_is_fitted_at_the_same_step_on_every_rank():
+    """The k-means initialisation waits for rank 0's vectors: ranks holding unequal counts still
+    fit together (a rank alone in a collective would hang) and keep one codebook."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_quantizer_worker, args=(port, results), nprocs=2)
+    assert results[0][0] == results[1][0] == [False] * 5 + [True]
+    assert results[0][1] == results[1][1]

@@ -131,9 +131,10 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize ``z [n, dim]`` (normalised here); EMA/k-means/restarts only in training."""
         z = F.normalize(z, dim=-1)
-        if self.training and not bool(self.initialized):  # every rank holds as many vectors a step: they init together
+        if self.training and not bool(self.initialized):
             self._pending.append(z.detach())
-            if sum(len(p) for p in self._pending) >= self.num_codes:
+            held = torch.tensor(float(sum(len(p) for p in self._pending)), device=z.device)
+            if float(_broadcast(held)) >= self.num_codes:  # rank 0's count (its vectors are fitted): every rank inits at once
                 self.init_codebook(torch.cat(self._pending))
                 self._pending = []
         codes = self.nearest(z.detach())
