@@ -10,10 +10,10 @@ random projection of the codebook; ``pca``: the leading principal axes of the tr
 code histograms; ``centroid``: no free rows, each code's row is a learned linear map of its
 centroid, the pattern it stands for), ``--tokens`` (``state``: a code per TR for the brain's
 pattern; ``connectivity``: a code per sliding window of 30 TRs, every 2, for the window's FC),
-``--frozen`` (the rows never train), ``--permute`` (the
-code order shuffled in every training example: a bag of tokens by construction), ``--pool`` (the
-mean of the scan's code rows, through an MLP, added where the answer is predicted: a bag-of-tokens
-path inside the LM, built from its own code rows) and ``--levels`` (residual codes: level l codes
+``--frozen`` (the rows never train), ``--permute`` (the code order shuffled in every training
+example: a bag of tokens by construction), ``--pool`` (the mean of the scan's code rows, through
+an MLP, added where the answer is predicted: a bag-of-tokens path inside the LM, built from its own
+code rows) and ``--levels`` (residual codes: level l codes
 what the levels before it left of each frame, a code of each level per TR, fed level after level
 within a TR like the ROIs of a time step). Usage::
 
@@ -67,7 +67,8 @@ def residual_codes(vectors: np.ndarray, train, k: int, levels: int):
 
 class CentroidRows(torch.nn.Module):
     """A causal LM whose code ids (``codes``) are embedded as ``Linear(centroid)``: the row of a
-    code is a learned linear map of the ROI pattern it stands for (``centroids [codes, rois]``)."""
+    code is a learned linear map of the pattern it stands for (``centroids [codes, dim]``: an ROI
+    pattern, or a window's FC)."""
 
     def __init__(self, lm, codes: range, centroids: torch.Tensor):
         super().__init__()
