@@ -25,7 +25,7 @@ class CodeDecoder:
         self.uri, self.rois = tokenizer_uri, rois
         self.num_codes = cfg["model"]["num_codes"]
         self.per_window = cfg["data"]["window"] // cfg["model"]["patch"]
-        self.connectivity = cfg["model"].get("layout") == "connectivity"
+        self.connectivity = window_tokens(cfg)
         self.model = None
 
     def fc(self, scan_id: str, codes: np.ndarray) -> np.ndarray:
@@ -85,11 +85,17 @@ def tokens_for(tokenizer_uri: str, tokens_uri: str | None = None, need_features:
     return tokens, uri
 
 
+def window_tokens(cfg: dict) -> bool:
+    """Whether a tokenizer config codes each window whole (the connectivity layout: a token a
+    window, windows ``stride`` apart) rather than in patches side by side."""
+    return cfg["model"].get("layout") == "connectivity"
+
+
 def token_hop(cfg: dict) -> int:
     """Time points between the windows whose codes follow each other in a scan's sequence, for a
     tokenizer config: its window (roi and state layouts: windows side by side), or its stride
     (connectivity layout: a token for every window)."""
-    return cfg["data"]["stride"] if cfg["model"].get("layout") == "connectivity" else cfg["data"]["window"]
+    return cfg["data"]["stride"] if window_tokens(cfg) else cfg["data"]["window"]
 
 
 def scan_codes(tokens, hop: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -144,8 +150,8 @@ class ScanBlocks:
         if self.scan_token:
             return None
         cfg = self.tokenizer_cfg
-        if cfg["model"].get("layout") == "connectivity":
-            seen = cfg["data"]["window"] + (steps - 1) * cfg["data"]["stride"]
+        if window_tokens(cfg):
+            seen = cfg["data"]["window"] + (steps - 1) * token_hop(cfg)
         else:
             seen = steps * cfg["model"]["patch"]
         return {"timepoints": seen, "target_tr": cfg["data"]["target_tr"]}

@@ -20,13 +20,14 @@ from fmrilm.eval.classical import BEST
 SHUFFLED = "full_shuffled_"  # the full paradigm on codes shuffled at test time (fmrilm.eval.run)
 VLM = "vlm:"  # the method names of VLM baseline exports: vlm:<family>:<run> (fmrilm.eval.vlm)
 ARM = "arm:"  # the method names of other instruct exports asked like the full paradigm: arm:<run> (fmrilm.eval.run)
+SHUFFLES_READ = ("over `time`, each ROI's codes permuted over the scan's time steps; over `rois`, each time step's codes permuted "
+                 "over ROIs (the scan token's vector is kept). A model that reads its codes falls; one that does not stays where it was.")
 
 
 def answers(method: str) -> bool:
     """Whether a result's method is a model answering questions (fmrilm, another arm, a VLM), not a baseline."""
     return method == "fmrilm" or method.startswith((ARM, VLM))
-SHUFFLES_READ = ("over `time`, each ROI's codes permuted over the scan's time steps; over `rois`, each time step's codes permuted "
-                 "over ROIs (the scan token's vector is kept). A model that reads its codes falls; one that does not stays where it was.")
+
 
 HEADLINE = {"classification": "balanced_accuracy", "regression": "mae"}
 
@@ -84,10 +85,10 @@ def table_rows(report: dict, group: str) -> tuple[list[str], list[list[str]]]:
                     few = [r for r in results if r["task"] == task and r["paradigm"] == paradigm and r["k"] == k and r["method"] == "fc_linear"]
                     cells = [cols[0], "-", "-", _over_seeds(few, key) + " (same k scans)" if few else "-"] + ["-"] * (len(cols) - 2)
                 rows.append([task, key, name, _over_seeds(same, key), *cells])
-        vlms = [r for r in results if r["task"] == task and r["method"].startswith((ARM, VLM))]
-        for r in vlms:  # another arm's or a VLM's answer sits in the fmrilm column of its own row
+        others = [r for r in results if r["task"] == task and r["method"].startswith((ARM, VLM))]
+        for r in others:  # another arm's or a VLM's answer sits in the fmrilm column of its own row
             rows.append([task, key, r["method"], _fmt(r, key), cols[0], best_cell, gap_text(r.get("vs", {}).get(BEST)), *cols[1:]])
-        if not lm and not vlms:
+        if not lm and not others:
             rows.append([task, key, "(baselines only)", "-", cols[0], best_cell, "-", *cols[1:]])
     return header, rows
 
@@ -131,15 +132,15 @@ def vlm_lines(report: dict) -> list[str]:
     """The section on the other arms and the VLM baselines (rows named ``arm:<run>`` and
     ``vlm:<family>:<run>`` in the tables): each one's paired gap to fmrilm's full paradigm, and the
     spread of every method's age predictions."""
-    vlms = [r for r in report["results"] if r["method"].startswith((ARM, VLM))]
-    if not vlms:
+    others = [r for r in report["results"] if r["method"].startswith((ARM, VLM))]
+    if not others:
         return []
     lines = ["## Other arms: instruct exports and vision-language models", "",
              "Each `arm:<run>` row is another instruct export (another backbone or input mode, e.g. the fMRI encoder + GPT-2 "
              "arm) asked like the full paradigm; each `vlm:<family>:<run>` row a VLM tuned on the training scans rendered as "
              "images (`fmrilm run jobs/baseline_vlm.yaml`); both answer the same questions about the same held-out scans. Their "
              "paired gaps to fmrilm's full paradigm (arm minus fmrilm; for MAE, negative is the arm's win):", ""]
-    for r in vlms:
+    for r in others:
         lines.append(f"- {r['task']} / {r['group'].replace('_', ' ')} / {r['method']}: {_fmt(r, headline(r['task']))}; vs fmrilm full "
                      f"{gap_text(r.get('vs', {}).get('full'))}")
     ages = [r for r in report["results"] if r["task"] == "age" and "spread" in r["metrics"] and r["method"] not in ("mean",)]

@@ -152,16 +152,16 @@ class FMRITokenizer(nn.Module):
         correlation matrix ``[batch, rois, rois]`` in the connectivity layout."""
         return window_fc(x) if self.cfg.layout == "connectivity" else x
 
-    def target_scale(self, target: torch.Tensor) -> torch.Tensor:
+    def target_scale(self, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """What the reconstruction error of ``target`` (:meth:`target`) is divided by in training: 1
-        for the normalised signal; in the connectivity layout the variance of the batch's
+        for the normalised signal; in the connectivity layout the variance of the ``valid`` rows'
         off-diagonal correlations (about 0.05 for 30-TR windows), so the commitment and alignment
         weights weigh against the same unit reconstruction loss in every layout (at the raw
         scale the commitment pinned every window to one code)."""
-        if self.cfg.layout != "connectivity" or not len(target):
+        if self.cfg.layout != "connectivity" or not bool(valid.any()):
             return target.new_ones(())
         off = ~torch.eye(target.shape[-1], dtype=torch.bool, device=target.device)
-        return target[:, off].detach().var().clamp_min(1e-4)
+        return target[valid][:, off].detach().var().clamp_min(1e-4)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder features ``[batch, channels * patches, width]`` of windows ``[batch, rois, time]``."""

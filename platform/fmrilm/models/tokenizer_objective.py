@@ -29,7 +29,7 @@ class TokenizerObjective(nn.Module):
         target = self.tokenizer.target(x)
         w = valid.float()
         n = w.sum().clamp_min(1)
-        mse = (((out.recon - target) ** 2).mean(dim=(1, 2)) * w).sum() / n / self.tokenizer.target_scale(target[valid])
+        mse = (((out.recon - target) ** 2).mean(dim=(1, 2)) * w).sum() / n / self.tokenizer.target_scale(target, valid)
         loss = mse + out.quant.commitment_loss + self.tokenizer.cfg.spectrum_weight * out.spectrum_loss
         terms = {"recon_mse": mse.detach(), "commitment": out.quant.commitment_loss.detach(), "spectrum": out.spectrum_loss.detach()}
         if self.align is not None and self.align_cfg.domain_weight > 0 and text_tokens is not None:
