@@ -80,7 +80,7 @@ def test_a_checkpoints_shape_records_the_models_dataclasses():
 
 def test_one_stage_table_names_every_job_and_the_quickstart_chain():
     from fmrilm.quickstart import QuickstartSpec
-    from fmrilm.registry import JOBS, PIPELINE, SWEEPABLE, chain_paths, load_job
+    from fmrilm.registry import JOBS, PIPELINE, SWEEPABLE, chain_paths, load_job, own_stages
     from fmrilm.tune.sweep import stage_of
 
     for kind, job in JOBS.items():
@@ -93,6 +93,12 @@ def test_one_stage_table_names_every_job_and_the_quickstart_chain():
     assert chain_paths("eval", "s3://b/q", "-x") == ["data.root=s3://b/q/datasets", "model=s3://b/q/runs/instruct-x/model",
                                                     "kshot=s3://b/q/runs/kshot-x", "run.storage=s3://b/q/runs", "run.name=eval-x"]
     assert chain_paths("tokenize", "s3://b/q", "-x") == ["data.root=s3://b/q/datasets", "tokenizer=s3://b/q/runs/tokenizer/tokenizer"]
+    # a variant with its own tokenizer runs the tokenizer and what reads it under its tag; its LM reads that one
+    assert own_stages({"tokenizer", "instruct"}) == {"tokenizer", "tokenize"} and own_stages({"pretrain"}) == set()
+    own = {"tokenizer": "-t", "tokenize": "-t"}  # variants x and y share the tokenizer run named tokenizer-t
+    assert chain_paths("tokenizer", "s3://b/q", "-x", own)[-1] == "run.name=tokenizer-t"
+    assert chain_paths("pretrain", "s3://b/q", "-y", own)[1:] == ["tokenizer=s3://b/q/runs/tokenizer-t/tokenizer", "run.storage=s3://b/q/runs",
+                                                                  "run.name=pretrain-y"]
     for stage in PIPELINE[1:]:
         load_job(f"jobs/{stage}.yaml", chain_paths(stage, "s3://b/q", "-x"), stage)  # every key exists in its spec
     assert all(callable(stage_of(name).check) for name in SWEEPABLE)

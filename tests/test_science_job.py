@@ -5,7 +5,7 @@ import pytest
 
 from fmrilm.data.instructions import with_descriptions
 from fmrilm.eval.probes import code_histogram, cv_probe
-from fmrilm.science import ScienceSpec, ablation, markdown, met, targets, variant_overrides
+from fmrilm.science import ScienceSpec, ablation, markdown, met, probe_rows, targets, variant_overrides
 
 
 def _res(task, paradigm, method, value, key, ci=None, k=None, **extra):
@@ -60,6 +60,15 @@ def test_ablation_table_and_markdown():
     assert "| codes_only | 0.520" in text and "Targets" in text and met(summary)
     assert any(r["variant"] == "baseline: best_classical" for r in rows)
     assert rows[0]["fc_same_points"]["value"] == 0.91  # FC + logistic on the variant's own prompt time points
+    assert rows[0]["in_context"]["value"] == 0.55 and rows[0]["zero_shot"] is None
+    probed = {"scan_token": _report() | {"probes": [
+        {"task": "sex", "group": "heldout_subjects", "representation": "LM answer state: pretrained", "n": 160, "metrics": {"balanced_accuracy": 0.61}},
+        {"task": "age", "group": "heldout_subjects", "representation": "LM answer state: pretrained", "n": 160, "metrics": {"pearson_r": 0.4}},
+        {"task": "sex", "group": "val", "representation": "fc (whole scan)", "n": 9, "metrics": {"balanced_accuracy": 0.9}}]}}
+    probes = probe_rows(probed)
+    assert probes[0]["pretrained LM's answer state"] == {"sex": 0.61, "age": 0.4} and probes[0]["FC (whole scan)"] == {"sex": None, "age": None}
+    text = markdown(summary | {"probes": probes})
+    assert "| scan_token | - | - | - | 0.610 / 0.400 | - | - |" in text
 
 
 def test_codes_shuffled_at_test_time_have_rows_with_their_paired_fall():
@@ -170,6 +179,17 @@ def test_variants_add_to_the_shared_overrides():
 
     with pytest.raises(ConfigError, match="headline"):
         check(ScienceSpec(headline="nope"))
+
+
+def test_variants_with_the_same_tokenizer_settings_share_one_tokenizer_run():
+    from fmrilm.science import plan
+
+    conn = ["model.layout=connectivity"]
+    variants = {"scan_token": {}, "tokens": {"tokenizer": conn, "pretrain": ["scan_token=false"]},
+                "tokens_no_text": {"tokenizer": list(conn), "pretrain": ["objectives={fmri_fmri: 1.0}"]}, "other": {"tokenizer": ["model.patch=8"]}}
+    own = {c["variant"]: c["own"] for c in plan(ScienceSpec(variants=variants, dynamics=None))}
+    assert own == {"scan_token": {}, "tokens": {"tokenize": "-tokens", "tokenizer": "-tokens"},
+                   "tokens_no_text": {"tokenize": "-tokens", "tokenizer": "-tokens"}, "other": {"tokenize": "-other", "tokenizer": "-other"}}
 
 
 def test_select_runs_some_variants_headline_first():

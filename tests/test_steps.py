@@ -1,5 +1,6 @@
 """The step skeleton both training recipes share: the plan of a run, the batches left after a
-resume (none trained twice, none skipped), the report and checkpoint cadence, running means."""
+resume (none trained twice, none skipped), the report and checkpoint cadence, the console's
+progress lines, running means."""
 
 from fmrilm.train.optim import OptimSpec
 from fmrilm.train.steps import Running, Steps
@@ -29,6 +30,8 @@ def _trained(steps: Steps, shard: Shard, batch: int, epochs: int, micro: int = 1
 def test_a_plan_caps_at_max_steps_and_counts_accumulated_batches_as_one_step():
     assert (Steps.plan(10, 4, OptimSpec(epochs=3)).per_epoch, Steps.plan(10, 4, OptimSpec(epochs=3)).total) == (3, 9)
     assert Steps.plan(10, 4, OptimSpec(epochs=3, max_steps=5)).total == 5
+    none = Steps.plan(10, 4, OptimSpec(epochs=3, max_steps=0))  # the initialised model, exported untrained
+    assert none.total == 0 and _trained(none, Shard(10), 4, 3) == []
     assert Steps.plan(16, 2 * 4, OptimSpec(epochs=2)).per_epoch == 2  # micro-batch 2, gradient accumulation 4
 
 
@@ -52,6 +55,19 @@ def test_reports_follow_log_and_checkpoint_cadence_and_the_last_step_reports_onc
         due.append((step, steps.report_due(), steps.checkpoint_due()))
     assert [s for s, report, _ in due if report] == [4, 5, 8]  # 10 is the final report's
     assert [s for s, _, ckpt in due if ckpt] == [5, 10] and steps.checkpoint_due(final=True)
+
+
+def test_progress_lines_come_about_every_tenth_of_the_run_and_at_its_end():
+    steps = Steps(per_epoch=100, total=100, log_every=5, checkpoint_every=50)
+    lines = {}
+    for step in range(5, 101, 5):
+        steps.done = step
+        line = steps.progress({"loss": 0.5, "val/r2": 0.25, "lr": 1e-3, "resumed": True})
+        if line:
+            lines[step] = line
+    assert list(lines) == [15, 25, 35, 45, 55, 65, 75, 85, 95, 100]  # the first report (step 5) starts the clock
+    assert lines[15].startswith("step 15/100 (15%), loss 0.500, val/r2 0.250, ") and "min left" in lines[15]
+    assert "lr" not in lines[15] and "left" not in lines[100]
 
 
 def test_running_means_average_each_value_over_its_own_steps():

@@ -49,6 +49,8 @@ class QuickstartSpec(Strict):
     overrides: dict[str, list[str]] = Field({}, description="stage -> key=value applied to that stage's spec")
     tag: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", description="suffix of the LM stages' run names (pretrain<tag>, "
                      "instruct<tag>, eval<tag>): several LM variants then share one data, features and tokenizer chain")
+    own: dict[Stage, str] = Field({}, description="shared stages this chain runs its own way -> the suffix of their run names (a "
+                                  "variant with its own tokenizer: tokenizer and tokenize; `fmrilm.registry.own_stages`)")
     use_ray: bool = True
 
 
@@ -64,7 +66,7 @@ def check(spec: QuickstartSpec) -> list:
     jobs = []
     for stage in (s for s in STAGES if s in spec.stages and s != "ingest"):
         uri = spec.specs.get(stage, f"jobs/{stage}.yaml")
-        job, fn, _ = load_job(uri, [*chain_paths(stage, spec.storage, spec.tag), *spec.overrides.get(stage, [])], stage)
+        job, fn, _ = load_job(uri, [*chain_paths(stage, spec.storage, spec.tag, spec.own), *spec.overrides.get(stage, [])], stage)
         jobs.append((stage, job, fn))
     evaluation = next((job for stage, job, _ in jobs if stage == "eval"), None)
     if evaluation is not None and "kshot_lora" not in evaluation.paradigms:  # nothing would read the adapters
@@ -90,7 +92,7 @@ def run(spec: QuickstartSpec) -> dict:
                        "note": ", ".join(f"{k}: {v['rows']} scans" for k, v in tables.items())})
     for i, (stage, job, fn) in enumerate(jobs):
         chain = _hash(chain + config.dump(job))
-        marker = done_dir.join(f"{run_name(stage, spec.tag)}.json")
+        marker = done_dir.join(f"{run_name(stage, spec.tag, spec.own)}.json")
         previous = json.loads(storage.read_text(marker)) if storage.exists(marker) else None
         start = time.perf_counter()
         if previous and previous.get("hash") == chain:

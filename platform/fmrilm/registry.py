@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 from pydantic import Field
 
@@ -70,14 +70,29 @@ PIPELINE: tuple[str, ...] = ("ingest", "features", "tokenizer", "tokenize", "pre
 SWEEPABLE: dict[str, str] = {k: j.sweep_metric for k, j in JOBS.items() if j.sweep_metric}
 
 
-def run_name(stage: str, tag: str = "") -> str:
-    """A stage's run name in a chain: the stage, plus the variant's ``tag`` for per-variant stages."""
-    return stage + (tag if JOBS[stage].per_variant else "")
+def run_name(stage: str, tag: str = "", own: Mapping[str, str] | None = None) -> str:
+    """A stage's run name in a chain: the stage, plus the variant's ``tag`` for per-variant stages,
+    or the suffix ``own`` gives a shared stage the variant runs its own way (:func:`own_stages`)."""
+    return stage + (tag if JOBS[stage].per_variant else (own or {}).get(stage, ""))
 
 
-def chain_paths(stage: str, root: str, tag: str = "") -> list[str]:
+def own_stages(changed: set[str]) -> frozenset[str]:
+    """The shared stages a variant must run under its own tag when it changes the settings of
+    ``changed``: those of them that are shared, and every stage reading one of them (tokenize
+    reads the tokenizer), so that no variant's output overwrites another's."""
+    own = {s for s in changed if s in JOBS and not JOBS[s].per_variant}
+    grew = True
+    while grew:
+        more = {s for s in PIPELINE if s in JOBS and not JOBS[s].per_variant and set(JOBS[s].inputs.values()) & own}
+        grew = not more <= own
+        own |= more
+    return frozenset(own)
+
+
+def chain_paths(stage: str, root: str, tag: str = "", own: Mapping[str, str] | None = None) -> list[str]:
     """The overrides that put a stage's data, inputs and run under a chain's storage ``root``
-    (``<root>/datasets``, ``<root>/runs``): each input is the output of the stage named for it."""
+    (``<root>/datasets``, ``<root>/runs``): each input is the output of the stage named for it
+    (named by :func:`run_name`)."""
     from fmrilm import storage
 
     runs = storage.join(root, "runs")
@@ -85,9 +100,9 @@ def chain_paths(stage: str, root: str, tag: str = "") -> list[str]:
     paths = [f"data.root={storage.join(root, 'datasets')}"]
     for key, producer in job.inputs.items():
         output = [JOBS[producer].output] if JOBS[producer].output else []
-        paths.append(f"{key}={storage.join(runs, run_name(producer, tag), *output)}")
+        paths.append(f"{key}={storage.join(runs, run_name(producer, tag, own), *output)}")
     if job.writes_run:
-        paths += [f"run.storage={runs}", f"run.name={run_name(stage, tag)}"]
+        paths += [f"run.storage={runs}", f"run.name={run_name(stage, tag, own)}"]
     return paths
 
 

@@ -89,17 +89,17 @@ class ScienceSpec(Strict):
 
 def variant_overrides(spec: ScienceSpec, name: str, repeat: int = 0, dynamics: bool = False) -> dict[str, list[str]]:
     """Per-stage overrides of one variant: the shared ones, the dynamics cohort's (``dynamics``),
-    then the variant's (and, for the ablations, :attr:`ScienceSpec.ablation_eval`); a repeat
+    for the ablations :attr:`ScienceSpec.ablation_eval`, then the variant's own; a repeat
     ``r > 0`` seeds the LM stages' initialisation and data order with ``r``."""
     out = {stage: list(v) for stage, v in spec.overrides.items()}
     for stage, extra in (spec.dynamics_overrides.items() if dynamics else ()):
-        out.setdefault(stage, []).extend(extra)
-    for stage, extra in spec.variants[name].items():
         out.setdefault(stage, []).extend(extra)
     if name != spec.headline:
         for item in spec.ablation_eval:
             stage, _, kv = item.partition(".")
             out.setdefault(stage, []).append(kv)
+    for stage, extra in spec.variants[name].items():
+        out.setdefault(stage, []).extend(extra)
     if repeat:
         for stage in ("pretrain", "instruct"):
             out.setdefault(stage, []).append(f"train.seed={repeat}")
@@ -121,15 +121,31 @@ def cohorts(spec: ScienceSpec) -> dict[str, tuple[SynthParams, str]]:
 
 
 def plan(spec: ScienceSpec) -> list[dict]:
-    """The chains to run, in order: ``{"cohort", "variant", "repeat", "tag"}``; every selected
+    """The chains to run, in order: ``{"cohort", "variant", "repeat", "tag", "own"}``; every selected
     variant once on the main cohort (headline first), the headline's repeats, then the headline
     on the fresh seed and on the dynamics cohort (and their repeats)."""
     out = []
     for cohort in cohorts(spec):
         for name in selected(spec) if cohort == "main" else [spec.headline]:
             for r in range(spec.repeats if name == spec.headline else 1):
-                out.append({"cohort": cohort, "variant": name, "repeat": r, "tag": f"-{name}" + (f"-r{r}" if r else "")})
+                out.append({"cohort": cohort, "variant": name, "repeat": r, "tag": f"-{name}" + (f"-r{r}" if r else ""),
+                            "own": own_runs(spec, name)})
     return out
+
+
+def own_runs(spec: ScienceSpec, name: str) -> dict[str, str]:
+    """The shared stages variant ``name`` runs its own way (it overrides a shared stage such as the
+    tokenizer: that stage and those reading it, :func:`fmrilm.registry.own_stages`) -> the suffix
+    of their run names: the first variant's name with the same overrides of those stages, so
+    that variants differing only in their LM stages share one tokenizer."""
+    from fmrilm.registry import own_stages
+
+    own = own_stages(set(spec.variants[name]))
+    if not own:
+        return {}
+    mine = {s: spec.variants[name].get(s) for s in own}
+    owner = next(v for v, stages in spec.variants.items() if {s: stages.get(s) for s in own} == mine)
+    return {s: f"-{owner}" for s in sorted(own)}
 
 
 def check(spec: ScienceSpec) -> None:
@@ -162,7 +178,7 @@ def run(spec: ScienceSpec) -> dict:
         params, root = where[c["cohort"]]
         out = run_chain(QuickstartSpec(storage=root, synth=params, split=spec.split, neurolib=[], stages=list(STAGES),
                                        overrides=variant_overrides(spec, c["variant"], c["repeat"], c["cohort"] == "dynamics"),
-                                       tag=c["tag"]))
+                                       tag=c["tag"], own=c["own"]))
         c |= {"report": out["report"], "stages": out["stages"]}
     report = summarise(spec, chains)
     report["seconds"] = time.perf_counter() - start
@@ -248,8 +264,9 @@ def targets(report: dict, t: Targets, group: str = "heldout_subjects") -> list[d
 
 
 def ablation(reports: dict[str, dict], group: str = "heldout_subjects") -> list[dict]:
-    """One row per variant: sex balanced accuracy and AUC, age MAE and r (full paradigm) and FC +
-    logistic's sex balanced accuracy on the time points the variant's prompts show; a row per
+    """One row per variant: sex balanced accuracy and AUC, age MAE and r (full paradigm), FC +
+    logistic's sex balanced accuracy on the time points the variant's prompts show, and the sex
+    balanced accuracy of the zero-shot and in-context paradigms where it ran them; a row per
     shuffle of a variant's codes at test time, with the paired difference of its sex balanced
     accuracy from the unshuffled answers (``shuffle_gap``); the baselines of the same test
     subjects as rows of their own (from the first report)."""
@@ -262,6 +279,8 @@ def ablation(reports: dict[str, dict], group: str = "heldout_subjects") -> list[
                     for task, key in (("sex", "balanced_accuracy"), ("sex", "auc"), ("age", "mae"), ("age", "pearson_r"))}
             if paradigm == "full":  # FC + logistic on the time points this variant's prompts show (the whole scan with the scan token)
                 pick["fc_same_points"] = _value(next(iter(_find(res, group, "sex", "baseline", "fc_linear")), None), "balanced_accuracy")
+                for other in ("zero_shot", "in_context"):  # the pretrained export asked directly, and with examples in its prompt
+                    pick[other] = _value(next(iter(_find(res, group, "sex", other)), None), "balanced_accuracy")
                 rows.append({"variant": name, **pick})
             else:
                 gap = (next(iter(_find(res, group, "sex", paradigm)), None) or {}).get("vs", {}).get("full")
@@ -273,6 +292,24 @@ def ablation(reports: dict[str, dict], group: str = "heldout_subjects") -> list[
                              ("age", "pearson_r", method)):
             pick[key] = _value(next(iter(_find(first, group, task, "baseline", m)), None), key)
         rows.append({"variant": f"baseline: {method}", **pick})
+    return rows
+
+
+PROBED = {"tokenizer: codes: histogram": "codes (histogram)", "tokenizer: codes: decoded FC": "FC rebuilt from the codes",
+          "tokenizer: scan vector (encoder features)": "scan vector alone", "LM answer state: pretrained": "pretrained LM's answer state",
+          "LM answer state: instruct": "tuned LM's answer state", "fc (whole scan)": "FC (whole scan)"}
+
+
+def probe_rows(reports: dict[str, dict], group: str = "heldout_subjects") -> list[dict]:
+    """Per variant, what a cross-validated linear probe reads of each representation the chain
+    passes a scan through (:data:`PROBED`, from each evaluation's probes): sex balanced accuracy
+    and age r, ``None`` where it was not probed."""
+    rows = []
+    for name, rep in reports.items():
+        found = {(p["representation"], p["task"]): p["metrics"] for p in rep.get("probes", []) if p["group"] == group}
+        rows.append({"variant": name, **{label: {"sex": found.get((rep_name, "sex"), {}).get("balanced_accuracy"),
+                                                 "age": found.get((rep_name, "age"), {}).get("pearson_r")}
+                                         for rep_name, label in PROBED.items()}})
     return rows
 
 
@@ -314,7 +351,8 @@ def summarise(spec: ScienceSpec, chains: list[dict]) -> dict:
     dyn = [c for c in chains if c["cohort"] == "dynamics"]
     name = lambda c: f"{c['variant']}" + (f" (repeat {c['repeat']})" if c["repeat"] else "") + (f" [{c['cohort']}]" if c["cohort"] != "main" else "")  # noqa: E731
     out = {"spec": spec.model_dump(mode="json"), "groups": head["groups"], "headline": spec.headline,
-           "targets": targets(head, spec.targets), "ablation": ablation(first), "headline_rows": headline_rows(head),
+           "targets": targets(head, spec.targets), "ablation": ablation(first), "probes": probe_rows(first),
+           "headline_rows": headline_rows(head),
            "spread": spread([c["report"] for c in main if c["variant"] == spec.headline]),
            "reports": {name(c): c["report"]["files"]["report.md"] for c in chains},
            "stages": {name(c): [{k: s[k] for k in ("stage", "status", "seconds")} for s in c["stages"]] for c in chains}}
@@ -378,12 +416,19 @@ def markdown(report: dict) -> str:
             lines += [""] + _spread_table(d["spread"])
     lines += ["", "## What carries the signal (full paradigm, held-out subjects)", "",
               "| variant | sex balanced accuracy | sex AUC | age MAE (y) | age r | sex: FC + logistic on the prompt's time points "
-              "| sex: shuffled minus unshuffled (paired) |", "|---|---|---|---|---|---|---|"]
+              "| sex: shuffled minus unshuffled (paired) | sex zero-shot | sex in-context |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["ablation"]:
         lines.append(f"| {r['variant']} | {_cell(r['balanced_accuracy'])} | {_cell(r['auc'])} | {_cell(r['mae'], 2)} | {_cell(r['pearson_r'])} "
-                     f"| {_cell(r.get('fc_same_points'))} | {gap_text(r['shuffle_gap']) if r.get('shuffle_gap') else '-'} |")
+                     f"| {_cell(r.get('fc_same_points'))} | {gap_text(r['shuffle_gap']) if r.get('shuffle_gap') else '-'} "
+                     f"| {_cell(r.get('zero_shot'))} | {_cell(r.get('in_context'))} |")
     if any("shuffle_gap" in r for r in report["ablation"]):
         lines += ["", f"Codes shuffled at test time: {SHUFFLES_READ}"]
+    if report.get("probes"):
+        lines += ["", "## What a linear probe reads of each representation (held-out subjects; sex balanced accuracy / age r)", "",
+                  "Cross-validated on the test scans alone: where the signal is lost along the chain, not the model's answers.", "",
+                  "| variant | " + " | ".join(PROBED.values()) + " |", "|---|" + "---|" * len(PROBED)]
+        for r in report["probes"]:
+            lines.append(f"| {r['variant']} | " + " | ".join(_probe_cell(r[label]) for label in PROBED.values()) + " |")
     lines += ["", "## Time per stage (s)", "", "| variant | " + " | ".join(_stage_names(report)) + " |",
               "|---|" + "---|" * len(_stage_names(report))]
     for name, st in report["stages"].items():
@@ -394,6 +439,12 @@ def markdown(report: dict) -> str:
         lines += ["", f"Whole job: {report['seconds'] / 60:.1f} min."]
     lines += ["", "## Each variant's evaluation report", ""] + [f"- {n}: `{u}`" for n, u in report["reports"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _probe_cell(v: dict) -> str:
+    if v["sex"] is None and v["age"] is None:
+        return "-"
+    return " / ".join("-" if x is None else f"{x:.3f}" for x in (v["sex"], v["age"]))
 
 
 def _headline_table(rows: list[dict]) -> list[str]:

@@ -149,12 +149,16 @@ def deepspeed_train(spec: LMRecipeSpec, model, config: dict, objectives: tuple[s
                               "input_wait_fraction": waited / seconds if seconds else 0.0,
                               "torch_threads": torch.get_num_threads(), "precision": precision, **peak_memory(on_gpu), **static}
         running.clear()
-        if not steps.checkpoint_due(final):
-            ray.train.report(metrics)
-            return
-        if val_shard is not None:
+        checkpoint_now = steps.checkpoint_due(final)
+        if checkpoint_now and val_shard is not None:
             metrics |= validation_losses(engine, val_shard, spec.deepspeed.micro_batch_size, objectives, weights, device, number, precision,
                                          loss_fn)
+        line = steps.progress(metrics)
+        if line and rank == 0:
+            log.info("%s %s", spec.run.name, line)
+        if not checkpoint_now:
+            ray.train.report(metrics)
+            return
         with tempfile.TemporaryDirectory(prefix="fmrilm-lm-ckpt-") as d:
             engine.save_checkpoint(d, tag="ds", client_state={"step": steps.done}, exclude_frozen_parameters=spec.lora.enabled)
             write_meta(d, {"step": steps.done, "shape": shape})

@@ -21,7 +21,8 @@ class OptimSpec(Strict):
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (and validations)")
     log_every: int = Field(10, ge=1, description="steps between metric reports")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps in total")
+    max_steps: int | None = Field(None, ge=0, description="stop after this many steps in total (0: no step, the initialised "
+                                  "model is exported: the no-pretraining ablation)")
     seed: int = 0
 
 

@@ -1,11 +1,13 @@
 """The step skeleton every training recipe shares (the tokenizer's, the LM stages'): how many
 optimizer steps a run has, the batches left after a resume, when a step reports and when it
-checkpoints, and the per-step values averaged between two reports. The recipes keep what differs:
-the model, the optimizer step, what a report holds and how a checkpoint is written."""
+checkpoints, the console's progress line, and the per-step values averaged between two reports. The
+recipes keep what differs: the model, the optimizer step, what a report holds and how a checkpoint
+is written."""
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -22,13 +24,15 @@ class Steps:
     log_every: int
     checkpoint_every: int
     done: int = 0
+    _clock: tuple[int, float] | None = field(default=None, repr=False)  # (step, time) of the first report
+    _shown: int = field(default=0, repr=False)  # the step of the last progress line
 
     @classmethod
     def plan(cls, rows_per_rank: int, rows_per_step: int, train: OptimSpec) -> "Steps":
         """The steps of a run over ``rows_per_rank`` rows, ``rows_per_step`` rows per optimizer
         step (batch x gradient accumulation), ``train.epochs`` epochs capped at ``train.max_steps``."""
         per_epoch = max(1, math.ceil(rows_per_rank / rows_per_step))
-        total = min(train.epochs * per_epoch, train.max_steps or 10**12)
+        total = min(train.epochs * per_epoch, 10**12 if train.max_steps is None else train.max_steps)
         return cls(per_epoch, total, train.log_every, train.checkpoint_every)
 
     @property
@@ -59,6 +63,25 @@ class Steps:
         """Whether this step reports: every ``log_every`` and ``checkpoint_every`` steps, except
         the last one, which the final report covers."""
         return self.done < self.total and (self.done % self.log_every == 0 or self.checkpoint_due())
+
+    def progress(self, metrics: dict, parts: int = 10) -> str | None:
+        """The console's line on a report about every ``1 / parts`` of the run and at its end: step of
+        total, the loss and validation figures in ``metrics``, minutes spent and left (from the pace
+        since the first report); ``None`` between. The first call (the first report) only starts the clock."""
+        now = time.perf_counter()
+        if self._clock is None:
+            self._clock, self._shown = (self.done, now), self.done
+            return None
+        first, started = self._clock
+        if self.done < self.total and self.done - self._shown < max(1, self.total // parts):
+            return None
+        spent = now - started
+        left = spent / max(1, self.done - first) * (self.total - self.done)
+        figures = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                            if (k == "loss" or k.startswith("val/")) and isinstance(v, (int, float)) and not isinstance(v, bool))
+        self._shown = self.done
+        return (f"step {self.done}/{self.total} ({self.done / max(1, self.total):.0%})" + (f", {figures}" if figures else "")
+                + f", {spent / 60:.1f} min" + (f", about {left / 60:.1f} min left" if self.done < self.total else ""))
 
 
 @dataclass

@@ -155,6 +155,9 @@ def train_loop(config: dict) -> None:
         metrics |= {f"codebook/{k}": v for k, v in objective.tokenizer.quantizer.stats().items() if isinstance(v, (int, float))}
         metrics_log.log(metrics, steps.done)
         running.clear()
+        line = steps.progress(metrics)
+        if line and rank == 0:
+            log.info("tokenizer %s", line)
         if checkpoint_now:
             with checkpoint_dir() as d:
                 if rank == 0:
