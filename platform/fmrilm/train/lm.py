@@ -432,7 +432,8 @@ def summary(result: dict) -> list[str]:
     """Lines a person reads after :func:`run`; the first is the headline (losses per objective)."""
     m = result["metrics"]
     losses = ", ".join(f"{k} {m[k]:.3f}" for k in ("loss/fmri_text", "loss/fmri_fmri", "loss/text_text", "loss", "val/loss", "tokens_per_s") if k in m)
-    lines = [f"{losses} (step {m.get('step')})",
+    trained = f"{losses} (step {m.get('step')})" if m.get("step") != 0 else "not trained (train.max_steps=0): the initialised model, exported"
+    lines = [trained,
              f"model: {result['model']} ({result['sequences']} packed sequences, examples per objective {result['objective_examples']}; "
              f"code embeddings init: {m.get('code_init')})"]
     if m.get("pretrained_backbone") is False:
