@@ -62,12 +62,12 @@ def test_progress_lines_come_about_every_tenth_of_the_run_and_at_its_end():
     lines = {}
     for step in range(5, 101, 5):
         steps.done = step
-        line = steps.progress({"loss": 0.5, "val/r2": 0.25, "lr": 1e-3, "resumed": True})
+        line = steps.progress({"loss": 0.5, "val/r2": 0.25, "val/mse": 0.1, "lr": 1e-3, "precision": "fp32"})
         if line:
             lines[step] = line
     assert list(lines) == [15, 25, 35, 45, 55, 65, 75, 85, 95, 100]  # the first report (step 5) starts the clock
     assert lines[15].startswith("step 15/100 (15%), loss 0.500, val/r2 0.250, ") and "min left" in lines[15]
-    assert "lr" not in lines[15] and "left" not in lines[100]
+    assert "lr" not in lines[15] and "mse" not in lines[15] and "left" not in lines[100]
 
 
 def test_running_means_average_each_value_over_its_own_steps():

@@ -13,6 +13,8 @@ from typing import Iterator
 
 from fmrilm.train.optim import OptimSpec
 
+PROGRESS_FIGURES = ("loss", "val/loss", "val/r2", "val/fc_preservation", "val/perplexity")  # what a progress line shows, where reported
+
 
 @dataclass
 class Steps:
@@ -66,7 +68,7 @@ class Steps:
 
     def progress(self, metrics: dict, parts: int = 10) -> str | None:
         """The console's line on a report about every ``1 / parts`` of the run and at its end: step of
-        total, the loss and validation figures in ``metrics``, minutes spent and left (from the pace
+        total, the figures of :data:`PROGRESS_FIGURES` in ``metrics``, minutes spent and left (from the pace
         since the first report); ``None`` between. The first call (the first report) only starts the clock."""
         now = time.perf_counter()
         if self._clock is None:
@@ -77,8 +79,7 @@ class Steps:
             return None
         spent = now - started
         left = spent / max(1, self.done - first) * (self.total - self.done)
-        figures = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                            if (k == "loss" or k.startswith("val/")) and isinstance(v, (int, float)) and not isinstance(v, bool))
+        figures = ", ".join(f"{k} {metrics[k]:.3f}" for k in PROGRESS_FIGURES if isinstance(metrics.get(k), (int, float)))
         self._shown = self.done
         return (f"step {self.done}/{self.total} ({self.done / max(1, self.total):.0%})" + (f", {figures}" if figures else "")
                 + f", {spent / 60:.1f} min" + (f", about {left / 60:.1f} min left" if self.done < self.total else ""))
