@@ -13,6 +13,7 @@ written whole, never cut or wrapped at a width.
 
 from __future__ import annotations
 
+import builtins
 import io
 import logging
 import os
@@ -156,15 +157,30 @@ def worker_setup() -> None:
 @contextmanager
 def library_prints(name: str):
     """What a library prints (not logs) to stdout inside this block goes to the logger ``name`` at
-    DEBUG instead (DeepSpeed prints "... built successfully" on every CPU start); verbose: printed."""
+    DEBUG instead (DeepSpeed prints "... built successfully" on every CPU start); verbose: printed.
+    Inside the block ``print`` is the plain one: a host's patched print (Ray Train's workers log
+    every print at INFO on the root logger, on the console) would show the line anyway."""
     if verbose():
         yield
         return
     caught = io.StringIO()
-    with redirect_stdout(caught):
-        yield
+    patched = builtins.print
+    builtins.print = _plain_print
+    try:
+        with redirect_stdout(caught):
+            yield
+    finally:
+        builtins.print = patched
     for line in caught.getvalue().splitlines():
         logging.getLogger(name).debug(line)
+
+
+def _plain_print(*values, sep: str | None = " ", end: str | None = "\n", file=None, flush: bool = False) -> None:
+    """``print`` as Python defines it (what :func:`library_prints` puts back for its block)."""
+    stream = sys.stdout if file is None else file
+    stream.write((" " if sep is None else sep).join(map(str, values)) + ("\n" if end is None else end))
+    if flush:
+        stream.flush()
 
 
 def route_ray_logs() -> None:
