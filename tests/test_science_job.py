@@ -179,6 +179,8 @@ def test_variants_add_to_the_shared_overrides():
 
     with pytest.raises(ConfigError, match="headline"):
         check(ScienceSpec(headline="nope"))
+    with pytest.raises(ConfigError, match="variant 'x' overrides \\['features'\\]"):
+        check(ScienceSpec(variants={**ScienceSpec().variants, "x": {"features": ["ica_components=3"]}}))
 
 
 def test_variants_with_the_same_tokenizer_settings_share_one_tokenizer_run():

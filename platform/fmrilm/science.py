@@ -154,6 +154,14 @@ def check(spec: ScienceSpec) -> None:
     unknown = sorted(set(spec.select or []) - set(spec.variants))
     if unknown:
         raise ConfigError(f"science: select names unknown variant(s) {unknown}; variants are {sorted(spec.variants)}")
+    from fmrilm.registry import JOBS
+
+    for name, stages in spec.variants.items():
+        # a stage writing no run of its own and reading none (features) writes into the dataset folders
+        in_place = sorted(s for s in stages if s in JOBS and not JOBS[s].writes_run and not JOBS[s].inputs)
+        if in_place:
+            raise ConfigError(f"science: variant {name!r} overrides {in_place}, whose output every variant reads in place (the "
+                              f"dataset folders): set those under overrides, for every variant")
     if spec.headline not in selected(spec):
         raise ConfigError(f"science: headline {spec.headline!r} is not one of the variants to run {selected(spec)}")
 
