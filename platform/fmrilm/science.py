@@ -12,6 +12,11 @@ variant, :mod:`fmrilm.quickstart`) and differ in what reaches the LM:
 * ``descriptions``: the codes plus each scan's description (a caption) as prompt text, its own
   paradigm, never the headline.
 
+``jobs/science.yaml`` adds variants run apart with ``select``: a pretrained SmolLM2, and ``tokens``
+(the whole scan as connectivity-state codes, no scan vector) with its ablations without
+pretraining and without the text objectives. A variant that overrides a shared stage (the
+tokenizer) runs it, and the stages reading it, under its own name (:func:`own_runs`).
+
 Every variant is evaluated on the same held-out test subjects beside majority and FC + linear
 (on the time points the prompt shows, and the whole scan). Nothing is tuned on them: the
 settings are fixed in the spec before the run. Writes ``science.json`` and ``science.md``
