@@ -96,10 +96,7 @@ def test_what_a_library_prints_goes_to_the_log(monkeypatch, capsys, caplog):
             print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
     assert "built successfully" not in capsys.readouterr().out
     assert any("built successfully" in r.getMessage() for r in caplog.records)
-    # a host's patched print (Ray Train's workers log every print on the root logger) is bypassed in the block, then restored
-    logged = []
-    monkeypatch.setattr("builtins.print", lambda *a, **k: logged.append(a))
-    with console.library_prints("deepspeed"):
-        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
-    print("after")
-    assert logged == [("after",)] and "built successfully" not in capsys.readouterr().out
+    # Ray Train patches its workers' print to log on the root logger, past the redirect: the quiet set-up turns that off there
+    from fmrilm import runtime
+
+    assert console.QUIET_ENV["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and "RAY_TRAIN_ENABLE_PRINT_PATCH" in runtime.FORWARDED_ENV

@@ -13,7 +13,6 @@ written whole, never cut or wrapped at a width.
 
 from __future__ import annotations
 
-import builtins
 import io
 import logging
 import os
@@ -33,7 +32,8 @@ OURS = "fmrilm"
 # actors (Ray Train's DatasetManager warns of a Ray Data option Ray itself sets).
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
              "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_LOG_LEVEL": "ERROR",
-             "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
+             "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # Ray Train's workers log every print on their root logger, past library_prints
 _announced = False
 _log_path: str | None = None
 
@@ -158,29 +158,15 @@ def worker_setup() -> None:
 def library_prints(name: str):
     """What a library prints (not logs) to stdout inside this block goes to the logger ``name`` at
     DEBUG instead (DeepSpeed prints "... built successfully" on every CPU start); verbose: printed.
-    Inside the block ``print`` is the plain one: a host's patched print (Ray Train's workers log
-    every print at INFO on the root logger, on the console) would show the line anyway."""
+    In Ray Train's workers this needs their print unpatched (``QUIET_ENV``)."""
     if verbose():
         yield
         return
     caught = io.StringIO()
-    patched = builtins.print
-    builtins.print = _plain_print
-    try:
-        with redirect_stdout(caught):
-            yield
-    finally:
-        builtins.print = patched
+    with redirect_stdout(caught):
+        yield
     for line in caught.getvalue().splitlines():
         logging.getLogger(name).debug(line)
-
-
-def _plain_print(*values, sep: str | None = " ", end: str | None = "\n", file=None, flush: bool = False) -> None:
-    """``print`` as Python defines it (what :func:`library_prints` puts back for its block)."""
-    stream = sys.stdout if file is None else file
-    stream.write((" " if sep is None else sep).join(map(str, values)) + ("\n" if end is None else end))
-    if flush:
-        stream.flush()
 
 
 def route_ray_logs() -> None:

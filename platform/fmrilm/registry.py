@@ -80,12 +80,10 @@ def own_stages(changed: set[str]) -> frozenset[str]:
     """The shared stages a variant must run under its own tag when it changes the settings of
     ``changed``: those of them that are shared, and every stage reading one of them (tokenize
     reads the tokenizer), so that no variant's output overwrites another's."""
-    own = {s for s in changed if s in JOBS and not JOBS[s].per_variant}
-    grew = True
-    while grew:
-        more = {s for s in PIPELINE if s in JOBS and not JOBS[s].per_variant and set(JOBS[s].inputs.values()) & own}
-        grew = not more <= own
-        own |= more
+    own: set[str] = set()
+    for s in PIPELINE:  # in pipeline order: a stage's inputs come before it
+        if s in JOBS and not JOBS[s].per_variant and (s in changed or set(JOBS[s].inputs.values()) & own):
+            own.add(s)
     return frozenset(own)
 
 
