@@ -57,17 +57,23 @@ def test_reports_follow_log_and_checkpoint_cadence_and_the_last_step_reports_onc
     assert [s for s, _, ckpt in due if ckpt] == [5, 10] and steps.checkpoint_due(final=True)
 
 
-def test_progress_lines_come_about_every_tenth_of_the_run_and_at_its_end():
+def test_progress_lines_come_at_most_every_tenth_of_the_run_and_half_minute_and_at_its_end():
     steps = Steps(per_epoch=100, total=100, log_every=5, checkpoint_every=50)
     lines = {}
     for step in range(5, 101, 5):
         steps.done = step
-        line = steps.progress({"loss": 0.5, "val/r2": 0.25, "val/mse": 0.1, "lr": 1e-3, "precision": "fp32"})
+        line = steps.progress({"loss": 0.5, "val/r2": 0.25, "val/mse": 0.1, "lr": 1e-3, "precision": "fp32"}, now=step * 60.0)
         if line:
             lines[step] = line
     assert list(lines) == [15, 25, 35, 45, 55, 65, 75, 85, 95, 100]  # the first report (step 5) starts the clock
     assert lines[15].startswith("step 15/100 (15%), loss 0.500, val/r2 0.250, ") and "min left" in lines[15]
     assert "lr" not in lines[15] and "mse" not in lines[15] and "left" not in lines[100]
+    fast = Steps(per_epoch=100, total=100, log_every=5, checkpoint_every=50)  # a short run: its end, not a line a tenth
+    shown = []
+    for step in range(5, 101, 5):
+        fast.done = step
+        shown += [step] if fast.progress({"loss": 0.5}, now=step * 0.1) else []
+    assert shown == [100]
 
 
 def test_running_means_average_each_value_over_its_own_steps():

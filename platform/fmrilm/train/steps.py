@@ -28,6 +28,7 @@ class Steps:
     done: int = 0
     _clock: tuple[int, float] | None = field(default=None, repr=False)  # (step, time) of the first report
     _shown: int = field(default=0, repr=False)  # the step of the last progress line
+    _shown_at: float = field(default=0.0, repr=False)  # and its time
 
     @classmethod
     def plan(cls, rows_per_rank: int, rows_per_step: int, train: OptimSpec) -> "Steps":
@@ -66,21 +67,22 @@ class Steps:
         the last one, which the final report covers."""
         return self.done < self.total and (self.done % self.log_every == 0 or self.checkpoint_due())
 
-    def progress(self, metrics: dict, parts: int = 10) -> str | None:
-        """The console's line on a report about every ``1 / parts`` of the run and at its end: step of
-        total, the figures of :data:`PROGRESS_FIGURES` in ``metrics``, minutes spent and left (from the pace
-        since the first report); ``None`` between. The first call (the first report) only starts the clock."""
-        now = time.perf_counter()
+    def progress(self, metrics: dict, parts: int = 10, every_s: float = 30.0, now: float | None = None) -> str | None:
+        """The console's line on a report at most every ``1 / parts`` of the run and ``every_s``
+        seconds, and at its end: step of total, the figures of :data:`PROGRESS_FIGURES` in
+        ``metrics``, minutes spent and left (from the pace since the first report); ``None``
+        between. The first call (the first report) only starts the clock; ``now``: the time (tests)."""
+        now = time.perf_counter() if now is None else now
         if self._clock is None:
-            self._clock, self._shown = (self.done, now), self.done
+            self._clock, self._shown, self._shown_at = (self.done, now), self.done, now
             return None
         first, started = self._clock
-        if self.done < self.total and self.done - self._shown < max(1, self.total // parts):
+        if self.done < self.total and (self.done - self._shown < max(1, self.total // parts) or now - self._shown_at < every_s):
             return None
         spent = now - started
         left = spent / max(1, self.done - first) * (self.total - self.done)
         figures = ", ".join(f"{k} {metrics[k]:.3f}" for k in PROGRESS_FIGURES if isinstance(metrics.get(k), (int, float)))
-        self._shown = self.done
+        self._shown, self._shown_at = self.done, now
         return (f"step {self.done}/{self.total} ({self.done / max(1, self.total):.0%})" + (f", {figures}" if figures else "")
                 + f", {spent / 60:.1f} min" + (f", about {left / 60:.1f} min left" if self.done < self.total else ""))
 
