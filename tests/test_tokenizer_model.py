@@ -221,6 +221,59 @@ def test_connectivity_codes_name_the_coupling_not_the_waveform():
     assert m.decode(apart[:8, None, None], 6)[:, 0, 1].max() < -0.5
 
 
+def test_a_centered_quantizer_codes_deviations_from_the_mean_of_its_first_vectors():
+    """Vectors that share a large common part: centred, the k-means initialisation (from
+    ``init_vectors``, not the first batch) tells the two deviations apart; uncentred every vector
+    points the same way."""
+    torch.manual_seed(0)
+    common, dev = torch.tensor([10.0, 0, 0, 0]), torch.tensor([0, 1.0, -1.0, 0])
+    batch = lambda: torch.cat([common + dev + 0.05 * torch.randn(8, 4), common - dev + 0.05 * torch.randn(8, 4)])  # noqa: E731
+    vq = VectorQuantizer(2, 4, init_vectors=32, centered=True).train()
+    vq(batch())
+    assert not bool(vq.initialized)  # 16 of 32 vectors held
+    vq(batch())
+    assert bool(vq.initialized)
+    torch.testing.assert_close(vq.center, common, atol=0.05, rtol=0)
+    assert vq.scale.item() == pytest.approx(dev.norm().item(), rel=0.05)
+    codes = vq.eval()(batch()).codes
+    assert set(codes[:8].tolist()).isdisjoint(codes[8:].tolist())
+    torch.testing.assert_close(vq.directions(vq.center[None] + dev), F.normalize(dev[None], dim=-1))
+
+
+def test_the_fc_encoder_codes_a_window_by_its_correlations_and_learns_only_a_length_per_code():
+    """``encoder="fc"``: the code vector is the window's correlation triangle; windows whose ROIs 0
+    and 1 move together or apart fall on different codes, and the correlation rebuilt from a
+    code alone has its group's sign."""
+    g = torch.Generator().manual_seed(1)
+
+    def windows(sign, n=64):
+        common = torch.randn(n, 1, 24, generator=g)
+        x = torch.randn(n, 6, 24, generator=g)
+        x[:, :2] = torch.cat([common, sign * common], 1) + 0.3 * torch.randn(n, 2, 24, generator=g)
+        return x
+
+    m = FMRITokenizer(TokenizerConfig(layout="connectivity", encoder="fc", rois=6, patch=24, num_codes=8)).train()
+    assert [n for n, _ in m.named_parameters()] == ["log_length"]
+    for _ in range(2):  # the k-means initialisation waits for 16 x 8 windows
+        out = m(torch.cat([windows(1.0), windows(-1.0)]))
+    assert bool(m.quantizer.initialized) and out.codes.shape == (128, 1, 1) and out.recon.shape == (128, 6, 6)
+    x = windows(1.0, 4)
+    i, j = torch.triu_indices(6, 6, 1)
+    torch.testing.assert_close(m.encode(x)[:, 0], m.target(x)[:, i, j])
+    m.eval()
+    together, apart = m.tokenize(windows(1.0)).flatten(), m.tokenize(windows(-1.0)).flatten()
+    assert not set(together.tolist()) & set(apart.tolist())
+    rebuilt = m.decode(together[:8, None, None], 6)
+    torch.testing.assert_close(torch.diagonal(rebuilt, dim1=1, dim2=2), torch.ones(8, 6))
+    assert rebuilt[:, 0, 1].min() > 0.5 and m.decode(apart[:8, None, None], 6)[:, 0, 1].max() < -0.5
+    with pytest.raises(ValueError, match="6 ROIs"):
+        m.tokenize(torch.randn(2, 5, 24))
+    with pytest.raises(ValueError, match="layout 'connectivity'"):
+        FMRITokenizer(TokenizerConfig(layout="state", encoder="fc", rois=6))
+    with pytest.raises(ValueError, match="model.rois"):
+        FMRITokenizer(TokenizerConfig(layout="connectivity", encoder="fc", patch=24))
+
+
 def test_decode_rebuilds_the_forward_pass_from_codes_alone():
     torch.manual_seed(0)
     for layout, patch in (("roi", 4), ("state", 4), ("connectivity", 16)):

@@ -1,8 +1,12 @@
 """Vector quantizer: l2-normalised codebook, EMA updates, k-means init, dead-code restarts.
 
-The k-means initialisation waits until training has shown the quantizer at least as many vectors
-as it has codes (a tokenizer with one token per window sees ``batch`` vectors a step): until then
-vectors are coded against the provisional random codebook and nothing is updated.
+The k-means initialisation waits until training has shown the quantizer ``init_vectors`` vectors
+(by default as many as it has codes; a tokenizer with one token per window sees ``batch`` vectors
+a step): until then vectors are coded against the provisional random codebook and nothing is
+updated. A ``centered`` quantizer compares directions from the mean of those first vectors (a
+buffer fixed at the initialisation) rather than from the origin: inputs whose common part
+dominates their length (a window's correlations, mostly the group's connectivity) are told apart
+by how they deviate from it; ``scale`` keeps the deviations' mean length.
 
 Codes and inputs live on the unit sphere; the nearest code is the one of highest cosine
 similarity. Training updates the codebook by exponential moving averages of assignment counts
@@ -78,26 +82,39 @@ class VectorQuantizer(nn.Module):
     """EMA vector quantizer over ``[n, dim]`` inputs; see the module docstring."""
 
     def __init__(self, num_codes: int, dim: int, beta: float = 1.0, decay: float = 0.99,
-                 dead_threshold: float = 1e-3, kmeans_iters: int = 10, eps: float = 1e-5):
+                 dead_threshold: float = 1e-3, kmeans_iters: int = 10, eps: float = 1e-5,
+                 init_vectors: int | None = None, centered: bool = False):
         super().__init__()
         self.num_codes, self.dim, self.beta, self.decay = num_codes, dim, beta, decay
         self.dead_threshold, self.kmeans_iters, self.eps = dead_threshold, kmeans_iters, eps
+        self.init_vectors, self.centered = max(init_vectors or num_codes, num_codes), centered
         self.register_buffer("codebook", F.normalize(torch.randn(num_codes, dim), dim=-1))
         self.register_buffer("cluster_size", torch.ones(num_codes))
         self.register_buffer("embed_sum", self.codebook.clone())
         self.register_buffer("usage", torch.zeros(num_codes))  # total assignments seen in training
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("center", torch.zeros(dim))  # subtracted before normalising (centered: set at the initialisation)
+        self.register_buffer("scale", torch.ones(()))  # mean length of the centred vectors at the initialisation
         self._pending: list[torch.Tensor] = []  # training vectors held for the k-means initialisation
 
     @torch.no_grad()
     def init_codebook(self, z: torch.Tensor) -> None:
-        """k-means initialisation from a batch of unit vectors (rank 0's result on every rank)."""
-        centroids = spherical_kmeans(z.detach().float().cpu(), self.num_codes, self.kmeans_iters).to(z.device)
+        """k-means initialisation from a batch of input vectors ``[n, dim]`` (rank 0's result on
+        every rank); a centered quantizer first takes their mean as its centre."""
+        z = z.detach().float()
+        if self.centered:
+            self.center.copy_(_broadcast(z.mean(0).contiguous()))
+            self.scale.copy_(_broadcast((z - self.center).norm(dim=-1).mean().reshape(())))
+        centroids = spherical_kmeans(self.directions(z).cpu(), self.num_codes, self.kmeans_iters).to(z.device)
         centroids = _broadcast(centroids.contiguous())
         self.codebook.copy_(centroids)
         self.embed_sum.copy_(centroids)
         self.cluster_size.fill_(1.0)
         self.initialized.fill_(True)
+
+    def directions(self, z: torch.Tensor) -> torch.Tensor:
+        """Inputs ``[n, dim]`` as the unit vectors codes are matched against (less the centre)."""
+        return F.normalize(z - self.center, dim=-1)
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Code ids ``[n]`` of unit vectors ``z [n, dim]`` (highest cosine similarity)."""
@@ -129,14 +146,14 @@ class VectorQuantizer(nn.Module):
         return n_dead
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        """Quantize ``z [n, dim]`` (normalised here); EMA/k-means/restarts only in training."""
-        z = F.normalize(z, dim=-1)
+        """Quantize ``z [n, dim]`` (as :meth:`directions`); EMA/k-means/restarts only in training."""
         if self.training and not bool(self.initialized):
             self._pending.append(z.detach())
             held = torch.tensor(float(sum(len(p) for p in self._pending)), device=z.device)
-            if float(_broadcast(held)) >= self.num_codes:  # rank 0's count (its vectors are fitted): every rank inits at once
+            if float(_broadcast(held)) >= self.init_vectors:  # rank 0's count (its vectors are fitted): every rank inits at once
                 self.init_codebook(torch.cat(self._pending))
                 self._pending = []
+        z = self.directions(z)
         codes = self.nearest(z.detach())
         counts = _all_reduce(torch.bincount(codes, minlength=self.num_codes).float())
         restarted = self._ema_update(z.detach(), codes, counts) if self.training and bool(self.initialized) else 0

@@ -20,6 +20,12 @@
   vector per ROI); the decoder rebuilds the window's correlation matrix as the correlation of
   a learned vector per ROI modulated by the code. A scan's bag of codes, read linearly, is its
   FC; their order is how the coupling moves. Windows ``stride`` apart give a token each.
+  With ``encoder="fc"`` nothing is learned between the window and its code: the code vector is
+  the window's correlations themselves (the upper triangle, ``rois * (rois - 1) / 2`` values,
+  for the ``rois`` of one atlas), compared by their direction from the mean of the training
+  windows (a centred quantizer initialised by k-means on ``16 * num_codes`` windows, then EMA),
+  and a code is rebuilt as that mean plus its centroid at a learned length per code: the
+  dynamic-FC states of Allen et al. 2014 as a codebook.
 
 Tokens are projected to the code dimension and quantized; the decoder (same transformer)
 reconstructs :meth:`FMRITokenizer.target`: the normalised signal of every ROI and patch (and
@@ -48,6 +54,8 @@ class TokenizerConfig:
     the job spec (``model:`` of a tokenizer spec) validates it, bounds included."""
 
     layout: Literal["roi", "state", "connectivity"] = "roi"  # a token per ROI and patch / per patch / per window
+    encoder: Literal["learned", "fc"] = "learned"  # connectivity layout: a learned encoder, or the window's correlations themselves
+    rois: Annotated[int, Ge(0)] = 0  # encoder "fc": the atlas' ROIs (its codebook lives in their pairs' space; 0 = set by the stage)
     patch: Annotated[int, Ge(1)] = 16  # timepoints per patch
     width: Annotated[int, Ge(8)] = 64  # transformer width
     depth: Annotated[int, Ge(1)] = 2  # encoder layers (the decoder has the same)
@@ -87,6 +95,9 @@ class FMRITokenizer(nn.Module):
         if cfg.width % cfg.heads:
             raise ValueError(f"tokenizer width {cfg.width} must be divisible by heads {cfg.heads}")
         self.cfg = cfg
+        if cfg.encoder == "fc":
+            self._init_fc_states(cfg)
+            return
         signal = cfg.layout != "connectivity"  # the connectivity layout neither embeds nor rebuilds a patch's waveform
         self.patch_embed = nn.Linear(cfg.patch, cfg.width) if signal else None
         self.roi_embed = nn.Embedding(cfg.max_rois, cfg.width)
@@ -113,6 +124,35 @@ class FMRITokenizer(nn.Module):
             nn.init.normal_(self.roi_embed.weight, std=1.0)
             nn.init.normal_(self.roi_out.weight, std=1.0)
         nn.init.normal_(self.time_embed.weight, std=0.02)
+
+    def _init_fc_states(self, cfg: TokenizerConfig) -> None:
+        """The ``encoder="fc"`` model: a centred quantizer over the window's correlations and a
+        learned log-length per code (its only parameters)."""
+        if cfg.layout != "connectivity":
+            raise ValueError(f"encoder 'fc' codes a window's correlations: it needs layout 'connectivity', not {cfg.layout!r}")
+        if cfg.rois < 2:
+            raise ValueError("encoder 'fc' needs the atlas' ROI count (model.rois): its codebook lives in their pairs' space")
+        pairs = cfg.rois * (cfg.rois - 1) // 2
+        self.quantizer = VectorQuantizer(cfg.num_codes, pairs, cfg.beta, cfg.ema_decay, cfg.dead_threshold,
+                                         init_vectors=16 * cfg.num_codes, centered=True)
+        self.log_length = nn.Parameter(torch.zeros(cfg.num_codes))
+
+    @property
+    def fc_states(self) -> bool:
+        """Whether codes are the window's correlations themselves (``encoder="fc"``)."""
+        return self.cfg.encoder == "fc"
+
+    def _fc_rebuild(self, directions: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Correlation matrices ``[n, rois, rois]`` of code directions ``[n, pairs]`` (centred, unit):
+        the centre plus each direction at its code's learned length."""
+        q = self.quantizer
+        upper = q.center + q.scale * self.log_length[codes].exp()[:, None] * directions
+        r = self.cfg.rois
+        i, j = torch.triu_indices(r, r, 1, device=upper.device)
+        m = torch.eye(r, device=upper.device).repeat(len(upper), 1, 1)
+        m[:, i, j] = upper
+        m[:, j, i] = upper
+        return m
 
     def channels(self, rois: int) -> int:
         """Code channels per patch for ``rois`` ROIs: ``rois`` (roi layout) or 1 (state, connectivity)."""
@@ -167,6 +207,12 @@ class FMRITokenizer(nn.Module):
         """Encoder features ``[batch, channels * patches, width]`` of windows ``[batch, rois, time]``."""
         patches = self.patchify(x)
         b, r, n, _ = patches.shape
+        if self.fc_states:  # the window's correlations themselves, [batch, 1, pairs]
+            if n != 1 or r != self.cfg.rois:
+                raise ValueError(f"encoder 'fc' codes whole windows of {self.cfg.rois} ROIs ({self.cfg.patch} time points), "
+                                 f"not {r} ROIs x {x.shape[-1]} time points")
+            i, j = torch.triu_indices(r, r, 1, device=x.device)
+            return window_fc(x)[:, i, j][:, None, :]
         if self.cfg.layout == "connectivity":  # log-variances of learned spatial projections: log v'Cv per ROI vector v
             if n != 1:
                 raise ValueError(f"the connectivity layout codes a window whole: a window of {x.shape[-1]} time points needs patch "
@@ -207,7 +253,10 @@ class FMRITokenizer(nn.Module):
         n = t // self.cfg.patch
         feats = self.encode(x)
         with torch.autocast(x.device.type, enabled=False):  # code search and EMA updates in fp32 under any autocast
-            quant = self.quantizer(self.to_code(feats.float()).reshape(-1, self.cfg.code_dim))
+            quant = self.quantizer(self._code_inputs(feats.float()))
+        if self.fc_states:
+            recon = self._fc_rebuild(quant.quantized, quant.codes)
+            return TokenizerOutput(recon, quant.codes.reshape(b, 1, 1), feats, quant, torch.zeros((), device=x.device))
         h = self._decode(quant.quantized, r, n)
         recon = self._rebuild(h, t)
         spectrum_loss = torch.zeros((), device=x.device)
@@ -224,6 +273,9 @@ class FMRITokenizer(nn.Module):
         b, c, n = codes.shape
         if c != self.channels(rois):
             raise ValueError(f"{c} code channels do not fit {rois} ROIs in the {self.cfg.layout} layout")
+        if self.fc_states:
+            flat = codes.reshape(-1)
+            return self._fc_rebuild(self.quantizer.codebook[flat], flat)
         h = self._decode(self.quantizer.codebook[codes.reshape(-1)], rois, n)
         return self._rebuild(h, n * self.cfg.patch)
 
@@ -238,8 +290,13 @@ class FMRITokenizer(nn.Module):
         b, r, t = x.shape
         c, n = self.channels(r), t // self.cfg.patch
         feats = self.encode(x)
-        z = F.normalize(self.to_code(feats).reshape(b * c * n, -1), dim=-1)
+        z = self.quantizer.directions(self._code_inputs(feats))
         return self.quantizer.nearest(z).reshape(b, c, n), feats.reshape(b, c, n, -1)
+
+    def _code_inputs(self, feats: torch.Tensor) -> torch.Tensor:
+        """What the quantizer codes, ``[tokens, code_dim]`` (``[tokens, pairs]`` with the fc
+        encoder), of encoder features ``[batch, tokens, width]``."""
+        return feats.reshape(-1, feats.shape[-1]) if self.fc_states else self.to_code(feats).reshape(-1, self.cfg.code_dim)
 
 
 def window_fc(x: torch.Tensor) -> torch.Tensor:

@@ -144,6 +144,9 @@ def check(spec: PretrainSpec) -> dict:
     if spec.scan_token and layout != "roi":
         raise ConfigError(f"the scan token is the connectivity of per-ROI encoder features, and the tokenizer {spec.tokenizer} "
                           f"has whole-brain tokens (model.layout={layout}): set scan_token=false")
+    if spec.input_mode == "features" and cfg["model"].get("encoder", "learned") == "fc":
+        raise ConfigError(f"input_mode=features reads learned encoder features, and the tokenizer {spec.tokenizer} codes the "
+                          "window's correlations themselves (model.encoder=fc): set input_mode=tokens")
     check_inputs(cfg.get("contract"), spec.data.root, spec.data.datasets, f"tokenizer {spec.tokenizer}")
     k = cfg["model"]["num_codes"]
     if k > MAX_CODES:

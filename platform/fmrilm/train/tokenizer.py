@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Literal
 
 import torch
@@ -27,6 +27,7 @@ from fmrilm.config import StageSpec, Strict
 from fmrilm.data import splits, table
 from fmrilm.data.contract import input_contract, signal_summary
 from fmrilm.data.pipeline import PipelineSpec, dataset_versions, sample_windows, scan_index, selected_datasets, train_datasets
+from fmrilm.errors import UserError
 from fmrilm.eval.tokenizer import window_metrics
 from fmrilm.features.text_bank import text_inputs
 from fmrilm.models.alignment import AlignmentConfig, dann_coefficient
@@ -72,7 +73,21 @@ class TokenizerStageSpec(StageSpec):
             raise ValueError(f"data.window ({self.data.window}) must be a multiple of model.patch ({self.model.patch})")
         if self.data.window // self.model.patch > self.model.max_patches:
             raise ValueError("data.window / model.patch exceeds model.max_patches")
+        if self.model.encoder == "fc" and self.model.layout != "connectivity":
+            raise ValueError("model.encoder=fc codes a window's correlations: set model.layout=connectivity")
+        if self.model.encoder == "fc" and self.alignment.enabled:
+            raise ValueError("model.encoder=fc learns no encoder for the alignment to act on: set alignment.domain_weight=0 "
+                             "and alignment.contrastive_weight=0")
         return self
+
+    def with_rois(self, rois: int) -> TokenizerStageSpec:
+        """This spec with ``model.rois`` set to the data's ``rois`` where the fc encoder needs it
+        (its codebook lives in their pairs' space); one clear line where the spec names others."""
+        if self.model.encoder != "fc" or self.model.rois == rois:
+            return self
+        if self.model.rois:
+            raise UserError(f"model.rois={self.model.rois}, but the data has {rois} ROIs: leave model.rois out (the stage reads it from the data)")
+        return self.model_copy(update={"model": replace(self.model, rois=rois)})
 
 
 # ---------------------------------------------------------------- worker side
@@ -136,7 +151,8 @@ def train_loop(config: dict) -> None:
         resumed = {"resumed_from_step": steps.done, "resumed_codebook_sum": float(objective.tokenizer.quantizer.codebook.sum())}
         if rank == 0:
             log.info("resumed at step %d from %s", steps.done, ckpt.path)
-    model = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": True})
+    unused = spec.model.encoder != "fc"  # the learned layouts leave some weights out of some steps; the fc encoder's one weight never
+    model = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": unused})
     if text_tokens is not None:
         text_tokens = text_tokens.to(ray.train.torch.get_device())
     train_shard = ray.train.get_dataset_shard("train")
@@ -191,7 +207,7 @@ def train_loop(config: dict) -> None:
 def check(spec: TokenizerStageSpec) -> None:
     """Checks before any worker starts: the datasets the spec reads exist and share an atlas."""
     found = selected_datasets(spec.data)
-    training_contract(spec, [m for _, m in found])
+    spec.with_rois(training_contract(spec, [m for _, m in found])["n_rois"])
 
 
 def training_contract(spec: TokenizerStageSpec, manifests: list[dict]) -> dict:
@@ -214,6 +230,7 @@ def run(spec: TokenizerStageSpec) -> dict:
     split_rec = training_split(spec, index, found)
     trained = set(index.loc[index["split"] == "train", "dataset"])
     contract = training_contract(spec, [m for _, m in found if m["dataset"] in trained] or [m for _, m in found])
+    spec = spec.with_rois(contract["n_rois"])
     contract["signal"] = signal_summary(sample_windows(spec.data, "train"))  # what a distribution shift is measured against
     has_val = bool(index.loc[index["split"] == "val", "n_windows"].sum())
     if not has_val:
