@@ -12,6 +12,8 @@ a logistic reader on the training subjects, scored on the test subjects (balance
   codes name coupling patterns, so a bag of them is read linearly as FC;
 * ``learned connectivity``: the tokenizer's ``connectivity`` layout itself (a code per window for
   its FC), trained here without Ray (``--conn-steps``; no alignment);
+* ``fc-state tokenizer``: the same layout with ``model.encoder=fc`` (the window's correlations
+  themselves, a centred quantizer: k-means on 16 x 256 windows, then EMA), ``--conn-steps`` steps;
 * ``learned state``: the tokenizer's ``state`` layout itself, trained here without Ray
   (``--steps``; no alignment), coded with its nearest-code search.
 
@@ -134,14 +136,17 @@ def designs(x, nets, train, steps: int, conn_window: int = 30, conn_stride: int 
     if conn_steps:
         yield f"learned connectivity, {conn_window} TRs every {conn_stride} (256 codes)", lambda: learned_connectivity(
             x, train, conn_steps, conn_window, conn_stride, domain_weight=conn_domain)
+        yield f"fc-state tokenizer, {conn_window} TRs every {conn_stride} (256 codes)", lambda: learned_connectivity(
+            x, train, conn_steps, conn_window, conn_stride, encoder="fc")
 
 
-def learned_connectivity(x, train, steps: int, window: int, stride: int, k: int = 256, domain_weight: float = 0.0):
-    """The tokenizer's ``connectivity`` layout (patch = ``window``) trained ``steps`` steps of 64
-    training windows without Ray (with ``domain_weight``, the domain classifier against the
-    built-in text corpus's MiniLM token embeddings, on the DANN schedule); every window of every
-    scan coded (``stride`` apart); the rebuilt FC is the mean of the windows' rebuilt correlations.
-    Prints the codes used."""
+def learned_connectivity(x, train, steps: int, window: int, stride: int, k: int = 256, domain_weight: float = 0.0,
+                         encoder: str = "learned"):
+    """The tokenizer's ``connectivity`` layout (patch = ``window``, ``encoder``) trained ``steps``
+    steps of 64 training windows without Ray (with ``domain_weight``, the domain classifier
+    against the built-in text corpus's MiniLM token embeddings, on the DANN schedule); every
+    window of every scan coded (``stride`` apart); the rebuilt FC is the mean of the windows'
+    rebuilt correlations. Prints the codes used."""
     import torch
 
     from fmrilm.models.alignment import AlignmentConfig, dann_coefficient
@@ -151,8 +156,8 @@ def learned_connectivity(x, train, steps: int, window: int, stride: int, k: int 
 
     torch.manual_seed(0)
     text = torch.from_numpy(np.asarray(embed_texts(FALLBACK_CORPUS, "minilm")[0], np.float32)) if domain_weight else None
-    objective = TokenizerObjective(TokenizerConfig(layout="connectivity", patch=window, num_codes=k), AlignmentConfig(domain_weight=domain_weight),
-                                   text.shape[1] if domain_weight else 1)
+    cfg = TokenizerConfig(layout="connectivity", encoder=encoder, rois=x.shape[1] if encoder == "fc" else 0, patch=window, num_codes=k)
+    objective = TokenizerObjective(cfg, AlignmentConfig(domain_weight=domain_weight), text.shape[1] if domain_weight else 1)
     opt = torch.optim.AdamW(objective.parameters(), 1e-3)
     rng = np.random.default_rng(0)
     xt = torch.from_numpy(x)
@@ -171,7 +176,7 @@ def learned_connectivity(x, train, steps: int, window: int, stride: int, k: int 
             c = tok.tokenize(torch.stack([scan[:, s : s + window] for s in starts]))  # [windows, 1, 1]
             codes.append(c.reshape(-1).numpy())
             rebuilt.append(tok.decode(c, x.shape[1]).mean(0).numpy()[iu])
-    print(f"  learned connectivity (domain weight {domain_weight}): {len(np.unique(codes))} of {k} codes used", flush=True)
+    print(f"  {encoder} connectivity (domain weight {domain_weight}): {len(np.unique(codes))} of {k} codes used", flush=True)
     return len(starts), histogram(np.stack(codes), k), np.stack(rebuilt)
 
 

@@ -385,12 +385,12 @@ def code_pairs(spec: PretrainSpec, policy: SplitPolicy | None = None, max_window
 
     objective, cfg = artifact.load_objective(spec.tokenizer)
     if objective.align is None:
-        log.info("codebook init: the tokenizer has no alignment head; fMRI embeddings start at the mean text embedding")
+        log.info("codebook init: the tokenizer has no alignment head; fMRI rows start as a random projection of the codebook")
         return None
     runtime.init_ray()
     ds, n = build_windows(artifact.windows_like(PipelineSpec(root=spec.data.root, datasets=spec.data.datasets, split=policy), cfg), "train")
     if n == 0:
-        log.info("codebook init: no training windows; fMRI embeddings start at the mean text embedding")
+        log.info("codebook init: no training windows; fMRI rows start as a random projection of the codebook")
         return None
     tok = objective.tokenizer
     xs, ys = [], []
