@@ -192,6 +192,14 @@ def test_connectivity_layout_codes_each_window_whole_and_rebuilds_its_correlatio
         FMRITokenizer(TokenizerConfig(layout="connectivity", patch=20, spectrum_weight=1.0))
 
 
+def coupling_windows(sign: float, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` windows ``[n, 6 rois, 24]`` whose ROIs 0 and 1 move together (``sign`` 1) or apart (-1)."""
+    common = torch.randn(n, 1, 24, generator=g)
+    x = torch.randn(n, 6, 24, generator=g)
+    x[:, :2] = torch.cat([common, sign * common], 1) + 0.3 * torch.randn(n, 2, 24, generator=g)
+    return x
+
+
 def test_connectivity_codes_name_the_coupling_not_the_waveform():
     """Windows of two groups that differ only in whether ROIs 0 and 1 move together or apart:
     after a little training their codes differ, and the correlation rebuilt from the codes alone
@@ -200,10 +208,7 @@ def test_connectivity_codes_name_the_coupling_not_the_waveform():
     g = torch.Generator().manual_seed(1)
 
     def windows(sign, n=64):
-        common = torch.randn(n, 1, 24, generator=g)
-        x = torch.randn(n, 6, 24, generator=g)
-        x[:, :2] = torch.cat([common, sign * common], 1) + 0.3 * torch.randn(n, 2, 24, generator=g)
-        return x
+        return coupling_windows(sign, n, g)
 
     m = FMRITokenizer(TokenizerConfig(layout="connectivity", patch=24, width=32, heads=2, depth=1, code_dim=8, num_codes=8))
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
@@ -238,6 +243,7 @@ def test_a_centered_quantizer_codes_deviations_from_the_mean_of_its_first_vector
     codes = vq.eval()(batch()).codes
     assert set(codes[:8].tolist()).isdisjoint(codes[8:].tolist())
     torch.testing.assert_close(vq.directions(vq.center[None] + dev), F.normalize(dev[None], dim=-1))
+    assert {"center", "scale"} <= set(vq.state_dict()) and not {"center", "scale"} & set(VectorQuantizer(2, 4).state_dict())  # older checkpoints load
 
 
 def test_the_fc_encoder_codes_a_window_by_its_correlations_and_learns_only_a_length_per_code():
@@ -247,10 +253,7 @@ def test_the_fc_encoder_codes_a_window_by_its_correlations_and_learns_only_a_len
     g = torch.Generator().manual_seed(1)
 
     def windows(sign, n=64):
-        common = torch.randn(n, 1, 24, generator=g)
-        x = torch.randn(n, 6, 24, generator=g)
-        x[:, :2] = torch.cat([common, sign * common], 1) + 0.3 * torch.randn(n, 2, 24, generator=g)
-        return x
+        return coupling_windows(sign, n, g)
 
     m = FMRITokenizer(TokenizerConfig(layout="connectivity", encoder="fc", rois=6, patch=24, num_codes=8)).train()
     assert [n for n, _ in m.named_parameters()] == ["log_length"]

@@ -93,8 +93,10 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("embed_sum", self.codebook.clone())
         self.register_buffer("usage", torch.zeros(num_codes))  # total assignments seen in training
         self.register_buffer("initialized", torch.tensor(False))
-        self.register_buffer("center", torch.zeros(dim))  # subtracted before normalising (centered: set at the initialisation)
-        self.register_buffer("scale", torch.ones(()))  # mean length of the centred vectors at the initialisation
+        # subtracted before normalising, and the centred vectors' mean length: set at the initialisation of a centered
+        # quantizer (saved only by one: an uncentred quantizer's are constants, and its older checkpoints lack them)
+        self.register_buffer("center", torch.zeros(dim), persistent=centered)
+        self.register_buffer("scale", torch.ones(()), persistent=centered)
         self._pending: list[torch.Tensor] = []  # training vectors held for the k-means initialisation
 
     @torch.no_grad()
