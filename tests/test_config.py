@@ -134,3 +134,20 @@ def test_every_stage_spec_has_one_shape_and_old_keys_name_their_replacement():
         with pytest.raises(ConfigError) as err:
             load_job(spec, [override])
         assert message in str(err.value) and len(str(err.value).splitlines()) == 2, str(err.value)
+
+
+def test_the_fc_encoder_spec_takes_its_rois_from_the_data_and_refuses_alignment():
+    from fmrilm.errors import UserError
+    from fmrilm.train.tokenizer import TokenizerStageSpec
+
+    fc = {"model": {"layout": "connectivity", "encoder": "fc", "patch": 30}, "data": {"window": 30, "stride": 2}}
+    with pytest.raises(ConfigError, match="alignment.domain_weight=0"):
+        config.build(TokenizerStageSpec, fc)
+    spec = config.build(TokenizerStageSpec, fc | {"alignment": {"domain_weight": 0.0}})
+    assert spec.with_rois(42).model.rois == 42 and spec.with_rois(42).with_rois(42).model.rois == 42
+    with pytest.raises(UserError, match="model.rois=42, but the data has 7 ROIs"):
+        spec.with_rois(42).with_rois(7)
+    with pytest.raises(ConfigError, match="model.layout=connectivity"):
+        config.build(TokenizerStageSpec, {"model": {"encoder": "fc"}, "alignment": {"domain_weight": 0.0}})
+    learned = config.build(TokenizerStageSpec, {})
+    assert learned.with_rois(42) is learned  # the learned encoders take any ROI count
