@@ -38,7 +38,8 @@ class TokenizeSpec(StageSpec):
     out: str | None = Field(None, description="tokens table folder (default: <artifact>/../tokens)")
     batch_size: int = Field(64, ge=1)
     workers: int = Field(1, ge=1, description="tokenizer replicas (actors)")
-    features: bool = Field(True, description="also store encoder features (the LM's scan token and features input mode need them)")
+    features: bool = Field(True, description="also store encoder features (the LM's scan token and features input mode need them; "
+                           "a tokenizer with model.encoder=fc has none: its input is the window's FC)")
     use_window_from_artifact: bool = True
     probes: bool = Field(True, description="linear probes of sex and age on the held-out scans' codes and scan vectors, "
                          "written into the table's manifest.json")
@@ -97,15 +98,16 @@ def run(spec: TokenizeSpec) -> dict:
     runtime.init_ray()
     warnings = artifact.check_inputs(data, cfg, loc.uri)
     ds, n = build_windows(data, None)
+    features = spec.features and cfg["model"].get("encoder", "learned") != "fc"  # an fc tokenizer's features are the window FC itself
     out = storage.resolve(spec.out or artifact.tokens_location(spec.tokenizer))
     storage.delete_dir(out)  # a re-run replaces the table
     ds = ds.select_columns(["x", "scan_id", "subject_id", "start"]).map_batches(
-        TokenizeBatch, fn_constructor_kwargs={"artifact_uri": loc.uri, "features": spec.features}, batch_size=spec.batch_size,
+        TokenizeBatch, fn_constructor_kwargs={"artifact_uri": loc.uri, "features": features}, batch_size=spec.batch_size,
         compute=ActorPoolStrategy(size=spec.workers), num_cpus=1, batch_format="numpy",
         runtime_env={"env_vars": runtime.forwarded_env()})  # the actors read the artifact from this process's storage
     ds.write_parquet(out.path, filesystem=out.fs)
     summary = {"tokens": out.uri, "windows": n, "artifact": loc.uri, "window": data.window, "stride": data.stride,
-               "num_codes": cfg["model"]["num_codes"], "features": spec.features, "width": cfg["model"]["width"], "input_warnings": warnings}
+               "num_codes": cfg["model"]["num_codes"], "features": features, "width": cfg["model"]["width"], "input_warnings": warnings}
     if spec.probes:
         summary["probes"] = held_out_probes(out.uri, data, loc.uri, cfg)
     storage.write_text(out.join("manifest.json"), json.dumps(summary, indent=1))
