@@ -151,3 +151,7 @@ def test_the_fc_encoder_spec_takes_its_rois_from_the_data_and_refuses_alignment(
         config.build(TokenizerStageSpec, {"model": {"encoder": "fc"}, "alignment": {"domain_weight": 0.0}})
     learned = config.build(TokenizerStageSpec, {})
     assert learned.with_rois(42) is learned  # the learned encoders take any ROI count
+    assert spec.short_of_codebook_init(10_000) is None and learned.short_of_codebook_init(10) is None
+    short = config.build(TokenizerStageSpec, fc | {"model": fc["model"] | {"num_codes": 256}, "alignment": {"domain_weight": 0.0},
+                                                   "train": {"max_steps": 60, "batch_size": 32}, "scaling": {"num_workers": 2}})
+    assert "seen 4096 windows" in short.short_of_codebook_init(10_000) and "3840 (60 steps)" in short.short_of_codebook_init(10_000)

@@ -80,6 +80,18 @@ class TokenizerStageSpec(StageSpec):
                              "and alignment.contrastive_weight=0")
         return self
 
+    def short_of_codebook_init(self, rows_per_rank: int) -> str | None:
+        """Why a run of ``rows_per_rank`` training windows a worker ends before the fc encoder's
+        k-means initialisation (16 x ``num_codes`` windows over all workers), else ``None``."""
+        if self.model.encoder != "fc":
+            return None
+        steps = Steps.plan(rows_per_rank, self.train.batch_size, self.train).total
+        seen, need = steps * self.train.batch_size * self.scaling.num_workers, 16 * self.model.num_codes
+        if seen >= need:
+            return None
+        return (f"model.encoder=fc fits its codebook once it has seen {need} windows (16 x model.num_codes), and this run shows it "
+                f"{seen} ({steps} steps): it would export a random codebook; raise train.max_steps or train.epochs")
+
     def with_rois(self, rois: int) -> TokenizerStageSpec:
         """This spec with ``model.rois`` set to the data's ``rois`` where the fc encoder needs it
         (its codebook lives in their pairs' space); one clear line where the spec names others."""
@@ -244,6 +256,9 @@ def run(spec: TokenizerStageSpec) -> dict:
     config = {"spec": worker_spec(spec), "text_tokens": text_tokens, "captions": caption_emb, "text_dim": text_dim,
               "rows_per_rank": math.ceil(rows / world), "has_val": "val" in prepared["datasets"],
               "fault": fault_plan()}
+    short = spec.short_of_codebook_init(config["rows_per_rank"])
+    if short:
+        log.warning("%s", short)
     worker = TokenizerStageSpec(**config["spec"])  # the spec as the workers see it (local paths absolute)
     config["shape"] = shape_of(model=worker.model, alignment=worker.alignment, text_dim=text_dim)
     with table.reading(found):  # `fmrilm data gc` keeps the versions this run streams
