@@ -23,7 +23,7 @@ from pydantic import Field
 from fmrilm import runtime, storage
 from fmrilm.artifacts import tokenizer as artifact
 from fmrilm.config import StageSpec
-from fmrilm.artifacts.tokens import CodeDecoder, read_tokens, scan_codes, scan_rois, token_hop
+from fmrilm.artifacts.tokens import CodeDecoder, fc_encoder, read_tokens, scan_codes, scan_rois, token_hop
 from fmrilm.data.pipeline import PipelineSpec, build_windows
 
 log = logging.getLogger("fmrilm.tokens")
@@ -98,7 +98,7 @@ def run(spec: TokenizeSpec) -> dict:
     runtime.init_ray()
     warnings = artifact.check_inputs(data, cfg, loc.uri)
     ds, n = build_windows(data, None)
-    features = spec.features and cfg["model"].get("encoder", "learned") != "fc"  # an fc tokenizer's features are the window FC itself
+    features = spec.features and not fc_encoder(cfg)  # an fc tokenizer's features would be the window FC itself
     out = storage.resolve(spec.out or artifact.tokens_location(spec.tokenizer))
     storage.delete_dir(out)  # a re-run replaces the table
     ds = ds.select_columns(["x", "scan_id", "subject_id", "start"]).map_batches(

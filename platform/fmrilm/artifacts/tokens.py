@@ -91,6 +91,12 @@ def window_tokens(cfg: dict) -> bool:
     return cfg["model"].get("layout") == "connectivity"
 
 
+def fc_encoder(cfg: dict) -> bool:
+    """Whether a tokenizer config codes the window's correlations themselves (``model.encoder=fc``:
+    no learned encoder features)."""
+    return cfg["model"].get("encoder", "learned") == "fc"
+
+
 def token_hop(cfg: dict) -> int:
     """Time points between the windows whose codes follow each other in a scan's sequence, for a
     tokenizer config: its window (roi and state layouts: windows side by side), or its stride

@@ -48,6 +48,9 @@ from torch import nn
 from fmrilm.models.quantizer import QuantizerOutput, VectorQuantizer
 
 
+FC_INIT_PER_CODE = 16  # the fc encoder's k-means initialisation waits for this many windows per code
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
     """Sizes of the tokenizer (defaults: a small model that trains on a CPU). A plain dataclass:
@@ -134,7 +137,7 @@ class FMRITokenizer(nn.Module):
             raise ValueError("encoder 'fc' needs the atlas' ROI count (model.rois): its codebook lives in their pairs' space")
         pairs = cfg.rois * (cfg.rois - 1) // 2
         self.quantizer = VectorQuantizer(cfg.num_codes, pairs, cfg.beta, cfg.ema_decay, cfg.dead_threshold,
-                                         init_vectors=16 * cfg.num_codes, centered=True)
+                                         init_vectors=FC_INIT_PER_CODE * cfg.num_codes, centered=True)
         self.log_length = nn.Parameter(torch.zeros(cfg.num_codes))
 
     @property

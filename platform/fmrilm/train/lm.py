@@ -137,6 +137,7 @@ def check_inputs(contract: dict | None, data: str, datasets: list[str] | None, m
 def check(spec: PretrainSpec) -> dict:
     """Every check that can fail before a worker starts; returns the tokenizer artifact's config."""
     from fmrilm.artifacts.tokenizer import read_config
+    from fmrilm.artifacts.tokens import fc_encoder
 
     locate_backbone(spec.backbone.source)
     cfg = read_config(spec.tokenizer)
@@ -144,7 +145,7 @@ def check(spec: PretrainSpec) -> dict:
     if spec.scan_token and layout != "roi":
         raise ConfigError(f"the scan token is the connectivity of per-ROI encoder features, and the tokenizer {spec.tokenizer} "
                           f"has whole-brain tokens (model.layout={layout}): set scan_token=false")
-    if spec.input_mode == "features" and cfg["model"].get("encoder", "learned") == "fc":
+    if spec.input_mode == "features" and fc_encoder(cfg):
         raise ConfigError(f"input_mode=features reads learned encoder features, and the tokenizer {spec.tokenizer} codes the "
                           "window's correlations themselves (model.encoder=fc): set input_mode=tokens")
     check_inputs(cfg.get("contract"), spec.data.root, spec.data.datasets, f"tokenizer {spec.tokenizer}")

@@ -31,7 +31,7 @@ from fmrilm.errors import UserError
 from fmrilm.eval.tokenizer import window_metrics
 from fmrilm.features.text_bank import text_inputs
 from fmrilm.models.alignment import AlignmentConfig, dann_coefficient
-from fmrilm.models.tokenizer import TokenizerConfig
+from fmrilm.models.tokenizer import FC_INIT_PER_CODE, TokenizerConfig
 from fmrilm.models.tokenizer_objective import TokenizerObjective
 from fmrilm.train.checkpoints import check_shape, checkpoint_dir, checkpoint_name, load_state, resume, save_state, shape_of
 from fmrilm.train.faults import fault_plan, inject_fault
@@ -82,14 +82,14 @@ class TokenizerStageSpec(StageSpec):
 
     def short_of_codebook_init(self, rows_per_rank: int) -> str | None:
         """Why a run of ``rows_per_rank`` training windows a worker ends before the fc encoder's
-        k-means initialisation (16 x ``num_codes`` windows over all workers), else ``None``."""
+        k-means initialisation (``FC_INIT_PER_CODE`` x ``num_codes`` windows over all workers), else ``None``."""
         if self.model.encoder != "fc":
             return None
         steps = Steps.plan(rows_per_rank, self.train.batch_size, self.train).total
-        seen, need = steps * self.train.batch_size * self.scaling.num_workers, 16 * self.model.num_codes
+        seen, need = steps * self.train.batch_size * self.scaling.num_workers, FC_INIT_PER_CODE * self.model.num_codes
         if seen >= need:
             return None
-        return (f"model.encoder=fc fits its codebook once it has seen {need} windows (16 x model.num_codes), and this run shows it "
+        return (f"model.encoder=fc fits its codebook once it has seen {need} windows ({FC_INIT_PER_CODE} x model.num_codes), and this run shows it "
                 f"{seen} ({steps} steps): it would export a random codebook; raise train.max_steps or train.epochs")
 
     def with_rois(self, rois: int) -> TokenizerStageSpec:
